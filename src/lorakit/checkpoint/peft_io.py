@@ -1,0 +1,245 @@
+"""Adapters on disk in PEFT's format: the one place PEFT's key names and config fields live.
+
+A folder holds `adapter_model.safetensors` and `adapter_config.json`. Keys are
+`base_model.model.<module path>.lora_A.weight` / `.lora_B.weight` (`.lora_embedding_A` /
+`.lora_embedding_B` for embeddings), `base_model.model.<path>.<param>` for modules saved in full,
+and the trained biases under their own names. Only safetensors is read: a pickled `.bin` runs code
+when loaded, so it is refused unless the caller says it trusts the file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lorakit.config import ConfigError, LoraConfig
+from lorakit.lora.adapters import in_saved_module, adapter_config, delete_adapter, lora_layers, saved_modules
+from lorakit.lora.inject import inject
+
+log = logging.getLogger(__name__)
+
+PREFIX = "base_model.model."
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+# PEFT options whose adapters our LoRA would compute differently: refuse rather than mis-load.
+UNSUPPORTED_WHEN_SET = ("use_dora", "lora_bias", "layers_to_transform", "target_parameters", "use_qalora")
+
+
+class AdapterError(ValueError):
+    """An adapter folder cannot be read, written, or does not fit the model."""
+
+
+def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """The live tensors of adapter `name`, keyed by their PEFT names."""
+    config = adapter_config(model, name)
+    out: dict[str, torch.Tensor] = {}
+    for path, layer in lora_layers(model):
+        if name not in layer.adapters:
+            continue
+        adapter = layer.adapters[name]
+        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if layer.kind == "embedding" else (
+            "lora_A.weight",
+            "lora_B.weight",
+        )
+        out[f"{PREFIX}{path}.{a_key}"] = adapter.A
+        out[f"{PREFIX}{path}.{b_key}"] = adapter.B
+        if config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
+            out[f"{PREFIX}{path}.base_layer.bias"] = layer.base_layer.bias
+    for path, wrapper in saved_modules(model):
+        if name in wrapper.copies:
+            for key, tensor in wrapper.copies[name].state_dict(keep_vars=True).items():
+                out[f"{PREFIX}{path}.{key}"] = tensor
+    if config.bias == "all":
+        for param_name, param in model.named_parameters():
+            if param_name.endswith("bias") and not in_saved_module(param_name):
+                out.setdefault(f"{PREFIX}{param_name}", param)
+    return out
+
+
+def peft_config_dict(model: nn.Module, name: str) -> dict:
+    """adapter_config.json's fields for adapter `name`, as PEFT writes them."""
+    config = adapter_config(model, name)
+    fields = asdict(config)
+    fields["target_modules"] = (
+        config.target_modules if isinstance(config.target_modules, str) else sorted(config.target_modules)
+    )
+    fields["init_lora_weights"] = True  # the saved tensors are what counts; PEFT must not re-initialise
+    return {
+        "peft_type": "LORA",
+        **fields,
+        "fan_in_fan_out": any(layer.kind == "conv1d" for _, layer in lora_layers(model) if name in layer.adapters),
+        "inference_mode": True,
+        "use_dora": False,
+        "lora_bias": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "revision": None,
+    }
+
+
+def save_adapter(model: nn.Module, directory: str | Path, name: str = "default") -> Path:
+    """Write adapter `name` as a PEFT adapter folder; each file lands whole or not at all.
+
+    Raises:
+        AdapterError: the adapter holds no LoRA tensors, or a classifier's head would not be saved.
+    """
+    directory = Path(directory)
+    live = adapter_tensors(model, name)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in live.items()}
+    config = peft_config_dict(model, name)
+    _check_before_save(model, name, tensors)
+    if adapter_config(model, name).init_lora_weights == "pissa":
+        tensors, config = _pissa_as_lora(model, name, tensors, config)
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_atomic(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    _write_atomic(directory / CONFIG_NAME, lambda p: p.write_text(text, encoding="utf-8"))
+    return directory
+
+
+def _check_before_save(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    if not any(".lora_" in k for k in tensors):
+        raise AdapterError(f"adapter '{name}' has no LoRA tensors to save; was inject() called on this model?")
+    # A fresh adapter's update is zero through B (through A for embeddings, as PEFT initialises them).
+    updates = [v for k, v in tensors.items() if k.endswith(("lora_B.weight", "lora_embedding_A"))]
+    if adapter_config(model, name).init_lora_weights in (True, "gaussian") and not any(t.any() for t in updates):
+        log.warning("adapter '%s': its update is still zero, so it changes nothing (was it trained?)", name)
+    if type(model).__name__.endswith("ForSequenceClassification") and not any(
+        name in w.copies for _, w in saved_modules(model)
+    ):
+        raise AdapterError(
+            f"adapter '{name}' is for a {type(model).__name__} but its classifier head is not saved; "
+            "set lora.modules_to_save (e.g. ['classifier']) or lora.task_type: SEQ_CLS"
+        )
+
+
+def _pissa_as_lora(model, name, tensors, config):
+    """Re-express a PiSSA adapter relative to the original W, so it loads on an unmodified base.
+
+    The base now holds W - s B0 A0; with trained A, B the model computes W + s (B A - B0 A0), which
+    is a plain LoRA of rank 2r: A' = [A; A0], B' = [B, -B0], same scale s.
+    """
+    for path, layer in lora_layers(model):
+        adapter = layer.adapters[name] if name in layer.adapters else None
+        if adapter is None or not hasattr(adapter, "A0"):
+            continue
+        a_key, b_key = f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
+        tensors[a_key] = torch.cat([tensors[a_key], adapter.A0.cpu()], dim=0)
+        tensors[b_key] = torch.cat([tensors[b_key], -adapter.B0.cpu()], dim=1)
+    grow = math.sqrt(2) if config["use_rslora"] else 2.0  # keeps alpha / r (or / sqrt r) unchanged
+    config = {
+        **config,
+        "r": 2 * config["r"],
+        "lora_alpha": config["lora_alpha"] * grow,
+        "rank_pattern": {k: 2 * v for k, v in config["rank_pattern"].items()},
+        "alpha_pattern": {k: v * grow for k, v in config["alpha_pattern"].items()},
+    }
+    return tensors, config
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_adapter_config(directory: str | Path) -> LoraConfig:
+    """The LoraConfig of a PEFT adapter folder, whoever wrote it."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterError(f"{path}: not found; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterError(f"{path}: not valid JSON ({err})") from None
+    if data.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{path}: peft_type is {data.get('peft_type')!r}; lorakit reads LORA adapters")
+    for key in UNSUPPORTED_WHEN_SET:
+        if data.get(key) not in (None, False, [], {}):
+            raise AdapterError(f"{path}: '{key}' is set ({data[key]!r}); lorakit does not support it")
+    known = {k: v for k, v in data.items() if k in LoraConfig.field_names() and v is not None}
+    known.setdefault("target_modules", None)
+    known["init_lora_weights"] = True  # loading overwrites A and B; never re-run PiSSA on load
+    try:
+        return LoraConfig(**known)
+    except (ConfigError, TypeError) as err:
+        raise AdapterError(f"{path}: {err}") from None
+
+
+def read_adapter_weights(directory: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter folder. Safetensors only, unless `trust_pickle` is given."""
+    directory = Path(directory)
+    path = directory / WEIGHTS_NAME
+    if path.is_file():
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise AdapterError(f"{path}: not a readable safetensors file ({err})") from None
+    pickled = [directory / n for n in PICKLE_NAMES if (directory / n).is_file()]
+    if pickled and not trust_pickle:
+        raise AdapterError(
+            f"{pickled[0]}: refusing a pickled adapter (loading pickle can run code); convert it to "
+            f"{WEIGHTS_NAME}, or pass trust_pickle=True if you trust its source"
+        )
+    if pickled:
+        return torch.load(pickled[0], map_location="cpu", weights_only=True)
+    raise AdapterError(f"{path}: not found")
+
+
+@torch.no_grad()
+def load_adapter(
+    model: nn.Module, directory: str | Path, name: str = "default", trust_pickle: bool = False
+) -> LoraConfig:
+    """Add the adapter in `directory` (written by lorakit or PEFT) to `model` as `name`.
+
+    Every LoRA tensor the model expects must be in the file with the same shape, and every tensor
+    in the file must have a place in the model; otherwise nothing is loaded and the first mismatch
+    is named.
+    """
+    config = read_adapter_config(directory)
+    tensors = read_adapter_weights(directory, trust_pickle)
+    try:
+        inject(model, config, name)
+    except ConfigError as err:
+        raise AdapterError(f"{directory}: does not fit this {type(model).__name__}: {err}") from None
+    try:
+        _copy_into(model, name, tensors, Path(directory))
+    except AdapterError:
+        delete_adapter(model, name)
+        raise
+    return adapter_config(model, name)
+
+
+def _copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    expected = adapter_tensors(model, name)
+    base_params = {f"{PREFIX}{k}": v for k, v in model.named_parameters()}
+    missing = [k for k in expected if k not in tensors and ".lora_" in k]
+    if missing:
+        raise AdapterError(f"{directory}: the model expects {missing[0]} but the adapter file lacks it")
+    plan = []
+    for key, value in tensors.items():
+        target = expected.get(key, base_params.get(key))
+        if target is None:
+            raise AdapterError(f"{directory}: {key} has no place in this {type(model).__name__}")
+        if tuple(target.shape) != tuple(value.shape):
+            raise AdapterError(
+                f"{directory}: {key} has shape {tuple(value.shape)} but the model needs {tuple(target.shape)}"
+            )
+        plan.append((target, value))
+    for target, value in plan:
+        target.copy_(value.to(target.dtype))

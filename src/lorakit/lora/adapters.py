@@ -1,0 +1,85 @@
+"""Several named adapters on one base: list, switch, disable and delete them."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.lora.layer import LoraLayer, SavedModule
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
+    """(name, layer) for every LoraLayer in the model."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def saved_modules(model: nn.Module) -> list[tuple[str, SavedModule]]:
+    """(name, wrapper) for every module trained in full per adapter."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SavedModule)]
+
+
+def adapter_config(model: nn.Module, name: str) -> LoraConfig:
+    configs = getattr(model, "lora_configs", {})
+    if name not in configs:
+        raise KeyError(f"no adapter '{name}' on this model; it has: {', '.join(configs) or 'none'}")
+    return configs[name]
+
+
+def set_adapter(model: nn.Module, name: str | list[str]) -> None:
+    """Make `name` (or several names, applied together) the active adapter(s); only they train."""
+    names = [name] if isinstance(name, str) else list(name)
+    for n in names:
+        adapter_config(model, n)
+    for _, layer in lora_layers(model):
+        layer.active = [n for n in names if n in layer.adapters]
+        for adapter_name, adapter in layer.adapters.items():
+            adapter.requires_grad_(adapter_name in names)
+    for _, wrapper in saved_modules(model):
+        wrapper.active = next((n for n in names if n in wrapper.copies), None)
+        for copy_name, copy in wrapper.copies.items():
+            copy.requires_grad_(copy_name == wrapper.active)
+    _set_bias_trainable(model, {adapter_config(model, n).bias for n in names})
+
+
+def _set_bias_trainable(model: nn.Module, modes: set[str]) -> None:
+    if "all" in modes:
+        for param_name, param in model.named_parameters():
+            if param_name.endswith("bias") and not in_saved_module(param_name):
+                param.requires_grad_(True)
+    elif "lora_only" in modes:
+        for _, layer in lora_layers(model):
+            if getattr(layer.base_layer, "bias", None) is not None:
+                layer.base_layer.bias.requires_grad_(True)
+
+
+@contextmanager
+def disable_adapters(model: nn.Module):
+    """Run the bare base inside the block (merged adapters are unmerged first, as in PEFT)."""
+    modules = [m for _, m in lora_layers(model)] + [m for _, m in saved_modules(model)]
+    for module in modules:
+        module.disabled = True
+    try:
+        yield model
+    finally:
+        for module in modules:
+            module.disabled = False
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter `name` everywhere; layers left with no adapter stay wrapped and act as the base."""
+    adapter_config(model, name)
+    for _, layer in lora_layers(model):
+        if name in layer.adapters:
+            layer.delete_adapter(name)
+    for _, wrapper in saved_modules(model):
+        if name in wrapper.copies:
+            del wrapper.copies[name]
+            wrapper.active = None if wrapper.active == name else wrapper.active
+    model.lora_configs = {k: v for k, v in model.lora_configs.items() if k != name}
+
+
+def in_saved_module(param_name: str) -> bool:
+    """Saved modules train through their per-adapter copy, never through the original."""
+    return ".copies." in param_name or ".original_module." in param_name

@@ -1,0 +1,154 @@
+"""Adapters cross between lorakit and PEFT 0.21 in both directions with the same logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+import lorakit
+from lorakit.checkpoint.peft_io import CONFIG_NAME, WEIGHTS_NAME, AdapterError
+from conftest import TINY_MODELS, logits_of, perturb, tiny_bert_classifier, tiny_gpt2, tiny_llama
+
+TOL = 1e-5
+
+# (tiny model, lorakit/PEFT config fields): Linear targets, GPT-2 Conv1D, a saved head, rsLoRA, a rank_pattern.
+CASES = {
+    "llama-linear": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "qwen2-defaults": ("qwen2", dict(r=4, lora_alpha=16, target_modules=lorakit.inject.__globals__["LLAMA_TARGETS"])),
+    "gpt2-conv1d": ("gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"])),
+    "bert-head": ("bert", dict(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"])),
+    "llama-rslora": ("llama", dict(r=8, lora_alpha=4, use_rslora=True, target_modules=["k_proj", "o_proj"])),
+    "llama-rank-pattern": (
+        "llama",
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"], rank_pattern={"up_proj": 2}, alpha_pattern={"up_proj": 3}),
+    ),
+    "llama-embedding": ("llama", dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])),
+    "bert-bias": ("bert", dict(r=2, lora_alpha=4, target_modules=["query"], bias="lora_only", modules_to_save=["classifier"])),
+}
+
+
+def _train_a_little(model, ids: torch.Tensor, steps: int = 3) -> None:
+    """A few real optimizer steps, so the saved adapter is a trained one (non-zero B)."""
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    for _ in range(steps):
+        out = model(input_ids=ids)
+        loss = out.logits.float().pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_lorakit_adapter_loads_in_peft_with_same_logits(case, tmp_path, input_ids):
+    arch, fields = CASES[case]
+    model = lorakit.inject(TINY_MODELS[arch](), lorakit.LoraConfig(**fields))
+    _train_a_little(model, input_ids)
+    expected = logits_of(model, input_ids)
+    lorakit.save_adapter(model, tmp_path)
+
+    peft_model = PeftModel.from_pretrained(TINY_MODELS[arch](), tmp_path).eval()
+    got = logits_of(peft_model, input_ids)
+    assert (expected - logits_of(TINY_MODELS[arch](), input_ids)).abs().max() > 1e-3  # it did train
+    assert (got - expected).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_peft_adapter_loads_in_lorakit_with_same_logits(case, tmp_path, input_ids):
+    arch, fields = CASES[case]
+    peft_model = get_peft_model(TINY_MODELS[arch](), PeftLoraConfig(**fields, init_lora_weights=False)).eval()
+    with torch.no_grad():  # perturb everything trainable, heads and biases included
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    expected = logits_of(peft_model, input_ids)
+    peft_model.save_pretrained(tmp_path)
+
+    model = TINY_MODELS[arch]()
+    lorakit.load_adapter(model, tmp_path)
+    assert (logits_of(model, input_ids) - expected).abs().max().item() <= TOL
+
+
+def test_saved_files_use_peft_names_and_fields(tmp_path):
+    model = lorakit.inject(tiny_gpt2(), lorakit.LoraConfig(r=2, target_modules=["c_attn"]))
+    perturb(model)
+    lorakit.save_adapter(model, tmp_path)
+    keys = set(load_file(tmp_path / WEIGHTS_NAME))
+    assert "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight" in keys
+    assert "base_model.model.transformer.h.1.attn.c_attn.lora_B.weight" in keys
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert config["peft_type"] == "LORA" and config["fan_in_fan_out"] is True
+    assert config["r"] == 2 and config["target_modules"] == ["c_attn"]
+
+
+def test_pickled_adapter_is_refused_unless_trusted(tmp_path):
+    source = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
+    perturb(source)
+    lorakit.save_adapter(source, tmp_path)
+    tensors = load_file(tmp_path / WEIGHTS_NAME)
+    (tmp_path / WEIGHTS_NAME).unlink()
+    torch.save(tensors, tmp_path / "adapter_model.bin")
+
+    with pytest.raises(AdapterError, match="refusing a pickled adapter"):
+        lorakit.load_adapter(tiny_llama(), tmp_path)
+    model = tiny_llama()
+    lorakit.load_adapter(model, tmp_path, trust_pickle=True)
+    ids = torch.arange(3, 13)[None]
+    assert torch.allclose(logits_of(model, ids), logits_of(source, ids), atol=TOL)
+
+
+def test_adapter_for_another_base_names_the_first_mismatch(tmp_path):
+    source = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
+    perturb(source)
+    lorakit.save_adapter(source, tmp_path)
+    tensors = load_file(tmp_path / WEIGHTS_NAME)
+    key = sorted(tensors)[0]
+    tensors[key] = torch.zeros(2, 48)  # as if trained on a wider model
+    save_file(tensors, tmp_path / WEIGHTS_NAME)
+
+    model = tiny_llama()
+    with pytest.raises(AdapterError, match=r"has shape \(2, 48\) but the model needs \(2, 32\)"):
+        lorakit.load_adapter(model, tmp_path)
+    assert not lorakit.lora.adapters.lora_layers(model) or not model.lora_configs  # nothing half-loaded
+
+    with pytest.raises(AdapterError, match="does not fit this GPT2LMHeadModel"):
+        lorakit.load_adapter(tiny_gpt2(), tmp_path)
+
+
+def test_truncated_safetensors_is_a_clear_error(tmp_path):
+    source = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
+    lorakit.save_adapter(source, tmp_path)
+    data = (tmp_path / WEIGHTS_NAME).read_bytes()
+    (tmp_path / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
+    with pytest.raises(AdapterError, match="not a readable safetensors file"):
+        lorakit.load_adapter(tiny_llama(), tmp_path)
+
+
+def test_classifier_without_saved_head_is_refused(tmp_path):
+    model = lorakit.inject(tiny_bert_classifier(), lorakit.LoraConfig(r=2, target_modules=["query"]))
+    with pytest.raises(AdapterError, match="classifier head is not saved"):
+        lorakit.save_adapter(model, tmp_path)
+    assert not (tmp_path / WEIGHTS_NAME).exists()
+
+
+def test_untrained_adapter_is_warned_about(tmp_path, caplog):
+    model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
+    lorakit.save_adapter(model, tmp_path)
+    assert "still zero" in caplog.text
+
+
+def test_pissa_adapter_saves_as_plain_lora_for_the_original_base(tmp_path, input_ids):
+    model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa"))
+    _train_a_little(model, input_ids)
+    expected = logits_of(model, input_ids)
+    lorakit.save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["r"] == 8
+    peft_model = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    assert (logits_of(peft_model, input_ids) - expected).abs().max().item() <= TOL
