@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m lorakit demo
+	$(PY) examples/ros2/make_data.py runs/ros2-data
+	$(PY) -m lorakit train examples/ros2/config.yaml
 
 test: setup
 	$(PY) -m pytest -q

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import re
+import types
+import typing
 from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
 
 BIAS_CHOICES = ("none", "all", "lora_only")
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS")
@@ -92,3 +99,243 @@ def _pattern_value(patterns: dict, module_name: str, default):
         if re.match(rf"(.*\.)?({key})$", module_name):
             return value
     return default
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how they become token sequences."""
+
+    train_file: str | None = _help("JSONL, JSON, CSV or TSV file of training examples", default=None)
+    eval_file: str | None = _help("held-out examples; if unset, eval_size of the training file is split off", default=None)
+    hf_dataset: str | None = _help("a Hugging Face `datasets` name to load instead of train_file", default=None)
+    format: str | None = _help("instruction | alpaca | chat | text_label; detected from the first record if unset", default=None)
+    template: str = _help("prompt template: seed, alpaca, chat, or a custom string with {instruction}", default="seed")
+    max_length: int = _help("longest sequence in tokens; longer examples are truncated and counted", default=256)
+    eval_size: float = _help("share (or count, if >= 1) of the training file held out when no eval_file", default=0.1)
+    text_column: str = _help("text column of a text/label set", default="text")
+    text_pair_column: str | None = _help("second text column (sentence pairs)", default=None)
+    label_column: str = _help("label column of a text/label set", default="label")
+    max_train_examples: int | None = _help("use only the first N training examples (after shuffling)", default=None)
+    max_eval_examples: int | None = _help("use only the first N eval examples", default=None)
+
+
+@dataclass
+class TrainConfig:
+    """The training loop's knobs; names follow transformers' TrainingArguments where one exists."""
+
+    output_dir: str = _help("run folder: adapter/, checkpoints/, metrics.jsonl, curves.png", default="runs/train")
+    epochs: float = _help("passes over the training set (ignored when max_steps > 0)", default=1.0)
+    max_steps: int = _help("optimizer steps; > 0 overrides epochs", default=0)
+    batch_size: int = _help("examples per micro-batch and device", default=8)
+    grad_accum: int = _help("micro-batches per optimizer step", default=1)
+    lr: float = _help("peak learning rate", default=2e-4)
+    weight_decay: float = _help("AdamW weight decay (not applied to biases and norms)", default=0.0)
+    warmup_ratio: float = _help("share of steps spent warming the learning rate up from 0", default=0.0)
+    scheduler: str = _help("cosine | linear | constant", default="cosine")
+    max_grad_norm: float = _help("gradient clipping norm; 0 disables", default=1.0)
+    optimizer: str = _help("adamw | adamw_8bit | paged_adamw_8bit", default="adamw")
+    loraplus_lr_ratio: float = _help("LoRA+: B learns this many times faster than A; 1 disables", default=1.0)
+    logging_steps: int = _help("log every N optimizer steps", default=10)
+    eval_strategy: str = _help("no | steps | epoch", default="epoch")
+    eval_steps: int = _help("evaluate every N steps when eval_strategy is steps", default=100)
+    save_strategy: str = _help("no | steps | epoch", default="epoch")
+    save_steps: int = _help("checkpoint every N steps when save_strategy is steps", default=100)
+    save_total_limit: int | None = _help("keep at most N checkpoints (the best is always kept)", default=2)
+    metric_for_best: str = _help("eval metric that picks the best checkpoint", default="eval_loss")
+    greater_is_better: bool | None = _help("whether a larger metric is better; inferred from its name if unset", default=None)
+    precision: str = _help("fp32 | bf16 | fp16 (bf16/fp16 on GPU; fp32 on CPU)", default="fp32")
+    gradient_checkpointing: bool = _help("recompute activations in backward to save memory", default=False)
+    seed: int = _help("seed for initialisation, shuffling and dropout", default=0)
+    resume: bool = _help("continue from the latest checkpoint in output_dir", default=False)
+    progress: bool = _help("show a progress bar", default=True)
+
+
+@dataclass
+class EvalConfig:
+    """What is measured after training, beside the loss."""
+
+    task: str | None = _help("task scorer for generated outputs: ros2, or none", default=None)
+    max_new_tokens: int = _help("generation budget per example", default=64)
+    batch_size: int = _help("prompts per generation batch", default=32)
+    compare_base: bool = _help("also score the base model without the adapter", default=True)
+    samples: int = _help("example generations to print", default=5)
+
+
+@dataclass
+class RunConfig:
+    """A whole run: model, adapter shape, data, loop, evaluation."""
+
+    model: str = _help("built-in name (smollm2-135m-instruct, minilm-l6), folder, .gguf file or Hub id", default="smollm2-135m-instruct")
+    task: str = _help("causal_lm | seq_cls", default="causal_lm")
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "the adapter"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "the examples"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the loop"})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "evaluation"})
+
+    def __post_init__(self) -> None:
+        problems = run_problems(self)
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+CHOICES = {
+    ("RunConfig", "task"): ("causal_lm", "seq_cls"),
+    ("DataConfig", "format"): (None, "instruction", "alpaca", "chat", "text_label"),
+    ("TrainConfig", "scheduler"): ("cosine", "linear", "constant"),
+    ("TrainConfig", "optimizer"): ("adamw", "adamw_8bit", "paged_adamw_8bit"),
+    ("TrainConfig", "eval_strategy"): ("no", "steps", "epoch"),
+    ("TrainConfig", "save_strategy"): ("no", "steps", "epoch"),
+    ("TrainConfig", "precision"): ("fp32", "bf16", "fp16"),
+    ("EvalConfig", "task"): (None, "ros2"),
+}
+POSITIVE = {"max_length", "batch_size", "grad_accum", "logging_steps", "eval_steps", "save_steps", "max_new_tokens"}
+
+
+def run_problems(run: "RunConfig") -> list[str]:
+    """Choice and range problems across the sections (types are checked when the YAML is read)."""
+    out = []
+    for section_name in ("data", "train", "eval"):
+        section = getattr(run, section_name)
+        for f in fields(section):
+            value = getattr(section, f.name)
+            allowed = CHOICES.get((type(section).__name__, f.name))
+            if allowed and value not in allowed:
+                shown = ", ".join(str(a) for a in allowed if a is not None)
+                out.append(f"{section_name}.{f.name}: given {value!r}, expected one of {shown}")
+            if f.name in POSITIVE and (not isinstance(value, int) or value <= 0):
+                out.append(f"{section_name}.{f.name}: given {value!r}, expected a positive integer")
+    if run.task not in CHOICES[("RunConfig", "task")]:
+        out.append(f"task: given {run.task!r}, expected causal_lm or seq_cls")
+    if run.train.lr <= 0:
+        out.append(f"train.lr: given {run.train.lr!r}, expected a positive number")
+    if not 0 <= run.train.warmup_ratio < 1:
+        out.append(f"train.warmup_ratio: given {run.train.warmup_ratio!r}, expected a number in [0, 1)")
+    return out
+
+
+# -- reading: YAML -> dotted CLI overrides -> typed dataclasses, every problem reported at once --------
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config, apply `--section.key value` overrides, and validate it.
+
+    Raises:
+        ConfigError: one message listing every unknown key, wrong type or value out of range.
+    """
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (model, lora, data, train, eval)")
+    for key, value in parse_overrides(overrides or []):
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--{key}: '{part}' is not a section")
+        node[leaf] = value
+    problems: list[str] = []
+    kwargs = _typed_fields(RunConfig, raw, "", problems)
+    if problems:
+        raise ConfigError(f"{path or 'config'}: " + "; ".join(problems))
+    try:
+        return RunConfig(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{path or 'config'}: {err}") from None
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, object]]:
+    """['--train.lr', '2e-4', '--lora.r=4'] -> [('train.lr', 0.0002), ('lora.r', 4)]; values read as YAML."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"override {arg!r}: expected --section.key VALUE")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        elif i + 1 < len(args):
+            key, value = arg[2:], args[i + 1]
+            i += 2
+        else:
+            raise ConfigError(f"override {arg}: missing its value")
+        out.append((key.replace("-", "_"), yaml.safe_load(value)))
+    return out
+
+
+def _typed_fields(cls, raw: dict, prefix: str, problems: list[str]) -> dict:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; known: {', '.join(sorted(known))}"
+            problems.append(f"{prefix}{key}: unknown key{hint}")
+    out = {}
+    for name in known & set(raw):
+        hint, value, where = hints[name], raw[name], f"{prefix}{name}"
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                problems.append(f"{where}: expected a mapping, given {value!r}")
+                continue
+            sub = _typed_fields(hint, value, f"{where}.", problems)
+            try:
+                out[name] = hint(**sub)
+            except ConfigError as err:
+                problems.append(str(err))
+            continue
+        value = _coerce(value, hint)
+        if not _matches(value, hint):
+            problems.append(f"{where}: given {value!r}, expected {_type_name(hint)}")
+        out[name] = value
+    return out
+
+
+def _coerce(value, hint):
+    """YAML reads `1e-3` as a string; accept it where a float is expected."""
+    if isinstance(value, str) and _matches(1.0, hint) and not _matches(value, hint):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if isinstance(value, int) and not isinstance(value, bool) and hint is float:
+        return float(value)
+    return value
+
+
+def _matches(value, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_matches(v, args[1]) for v in value.values())
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint) -> str:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", str(hint)).replace("list", "a list").replace("dict", "a mapping")
+
+
+def to_dict(config) -> dict:
+    """A plain dict of a config, for saving beside checkpoints."""
+    return dataclasses.asdict(config)

@@ -225,6 +225,12 @@ def load_adapter(
     return adapter_config(model, name)
 
 
+@torch.no_grad()
+def restore_adapter_weights(model: nn.Module, name: str, directory: str | Path) -> None:
+    """Overwrite the tensors of an existing adapter `name` with those saved in `directory`."""
+    _copy_into(model, name, read_adapter_weights(directory), Path(directory))
+
+
 def _copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], directory: Path) -> None:
     expected = adapter_tensors(model, name)
     base_params = {f"{PREFIX}{k}": v for k, v in model.named_parameters()}

@@ -1,0 +1,32 @@
+"""Write the ROS 2 instruction→command splits (train.jsonl, test.jsonl) to a folder.
+
+Usage: ``python examples/ros2/make_data.py [OUT_DIR] [--n-train 2000] [--n-test 200] [--seed 0]``.
+The files are generated, never committed; see ``lorakit.tasks.ros2`` for the grammar and split rule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from lorakit.tasks.ros2 import DEFAULT_SIZES, write_splits
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("out_dir", nargs="?", type=Path, default=Path("runs/ros2-data"),
+                        help="folder to write into (default: runs/ros2-data)")
+    parser.add_argument("--n-train", type=int, default=DEFAULT_SIZES["train"], help="training records")
+    parser.add_argument("--n-test", type=int, default=DEFAULT_SIZES["test"], help="test records")
+    parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for split, path in write_splits(args.out_dir, args.n_train, args.n_test, args.seed).items():
+        print(f"{split}: {path}")
+
+
+if __name__ == "__main__":
+    main()

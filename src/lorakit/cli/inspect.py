@@ -1,0 +1,42 @@
+"""`lorakit inspect DIR`: what an adapter folder holds."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+EXAMPLES = """examples:
+  lorakit inspect runs/ros2-demo/adapter
+"""
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "inspect",
+        help="summarise a PEFT-format adapter folder",
+        description="Print an adapter's config, its modules and ranks, its size and whether it was trained.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("adapter", help="a PEFT-format adapter folder")
+    parser.set_defaults(run=run)
+
+
+def run(args, _overrides) -> int:
+    from lorakit.checkpoint.peft_io import WEIGHTS_NAME, read_adapter_config, read_adapter_weights
+
+    config = read_adapter_config(args.adapter)
+    tensors = read_adapter_weights(args.adapter)
+    lora = {k: v for k, v in tensors.items() if ".lora_" in k}
+    modules = sorted({k.rsplit(".lora_", 1)[0].removeprefix("base_model.model.") for k in lora})
+    ranks = sorted({v.shape[0] for k, v in lora.items() if k.endswith(("lora_A.weight", "lora_embedding_A"))})
+    trained = any(v.any() for k, v in lora.items() if k.endswith(("lora_B.weight", "lora_embedding_A")))
+    size = (Path(args.adapter) / WEIGHTS_NAME).stat().st_size
+    print(f"adapter: {args.adapter}")
+    print(f"base model: {config.base_model_name_or_path}")
+    print(f"task: {config.task_type}   r: {config.r}   alpha: {config.lora_alpha}   rslora: {config.use_rslora}")
+    print(f"target modules: {config.target_modules}   modules to save: {config.modules_to_save}")
+    print(f"LoRA modules: {len(modules)}   ranks: {ranks}   tensors: {len(tensors)}")
+    print(f"parameters: {sum(v.numel() for v in tensors.values()):,d}   file: {size / 1e6:.2f} MB")
+    print(f"trained (non-zero update): {'yes' if trained else 'no'}")
+    return 0

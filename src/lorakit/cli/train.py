@@ -1,0 +1,35 @@
+"""`lorakit train CONFIG.yaml [--section.key VALUE ...]`"""
+
+from __future__ import annotations
+
+import argparse
+
+EXAMPLES = """examples:
+  lorakit train examples/ros2/config.yaml
+  lorakit train examples/ros2/config.yaml --train.lr 5e-4 --lora.r 16
+  lorakit train examples/ros2/config.yaml --train.resume true     # continue from the last checkpoint
+"""
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "train",
+        help="fine-tune a model with LoRA from a YAML config",
+        description="Fine-tune with LoRA as the YAML config says. Any key can be overridden as --section.key VALUE.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", help="YAML run config (sections: model, task, lora, data, train, eval)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    parser.set_defaults(run=run, accepts_overrides=True)
+
+
+def run(args, overrides: list[str]) -> int:
+    from lorakit.config import load_run_config
+    from lorakit.run import run_causal_lm
+
+    if args.resume:
+        overrides = [*overrides, "--train.resume", "true"]
+    config = load_run_config(args.config, overrides)
+    run_causal_lm(config)
+    return 0

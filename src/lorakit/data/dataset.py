@@ -1,0 +1,58 @@
+"""From a run's data section to tokenised train and eval examples."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from lorakit.config import DataConfig
+from lorakit.data.formats import DataError, load_hf_dataset, load_records, validate_records
+from lorakit.data.masking import TokenizeStats, tokenize_dataset
+from lorakit.data.split import train_test_split
+from lorakit.data.templates import get_template
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedData:
+    train: list[dict[str, Any]]  # tokenised: input_ids, labels, attention_mask
+    eval: list[dict[str, Any]]
+    eval_records: list[dict[str, Any]]  # the raw eval records, for generation-based scoring
+    template: Any
+    stats: dict[str, TokenizeStats] = field(default_factory=dict)
+
+
+def read_records(config: DataConfig, seed: int) -> tuple[list[dict], list[dict], str]:
+    """Raw (train, eval) records and their format, with the split and size limits applied."""
+    if config.hf_dataset:
+        train = load_hf_dataset(config.hf_dataset, "train")
+    elif config.train_file:
+        train = load_records(config.train_file)
+    else:
+        raise DataError("data.train_file: not set; give a JSONL/JSON/CSV/TSV file (or data.hf_dataset)")
+    fmt = validate_records(train, config.format, config.train_file)
+    if config.eval_file:
+        evaluation = load_records(config.eval_file)
+        validate_records(evaluation, fmt, config.eval_file)
+    else:
+        size = int(config.eval_size) if config.eval_size >= 1 else config.eval_size
+        train, evaluation = train_test_split(train, size, seed)
+    if config.max_train_examples:
+        train = random.Random(seed).sample(train, min(len(train), config.max_train_examples))
+    if config.max_eval_examples:
+        evaluation = evaluation[: config.max_eval_examples]
+    return train, evaluation, fmt
+
+
+def prepare_data(config: DataConfig, tokenizer, seed: int) -> PreparedData:
+    """Read, split, render and tokenise a causal-LM run's examples (loss on the response only)."""
+    train_records, eval_records, _ = read_records(config, seed)
+    template = get_template(config.template, tokenizer)
+    train, train_stats = tokenize_dataset(tokenizer, train_records, template, config.max_length)
+    evaluation, eval_stats = tokenize_dataset(tokenizer, eval_records, template, config.max_length)
+    if not train:
+        raise DataError(f"{config.train_file}: no example kept a response token within max_length {config.max_length}")
+    return PreparedData(train, evaluation, eval_records, template, {"train": train_stats, "eval": eval_stats})

@@ -1,0 +1,218 @@
+"""Tokenise (prompt, response) pairs and mask the prompt out of the loss.
+
+The prompt and the response are tokenised separately and their ids concatenated, so the
+boundary between them is a position, never found by searching ids. Labels are ``-100`` on every
+prompt position and the token id on every response position, including the EOS appended to the
+response: masking by position keeps EOS labelled even when ``pad_token_id == eos_token_id`` (the
+first seed masked by comparing ids with the pad id, which masked every EOS, so its model never
+learned to stop).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from lorakit.data.formats import DataError, where
+from lorakit.data.templates import ChatTemplate, PromptTemplate, get_template
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+"""Label value ``torch.nn.CrossEntropyLoss`` skips."""
+
+
+@dataclass
+class TokenizeStats:
+    """Counts from :func:`tokenize_dataset`."""
+
+    examples: int = 0
+    """Examples kept."""
+    truncated: int = 0
+    """Kept examples cut to ``max_length`` (prompt start and/or response end)."""
+    response_truncated: int = 0
+    """Kept examples whose response end (and so its EOS) was cut."""
+    dropped: int = 0
+    """Examples left out because no label token remained."""
+    prompt_tokens: int = 0
+    """Prompt (masked) tokens in the kept examples, after truncation."""
+    response_tokens: int = 0
+    """Response (labelled) tokens in the kept examples, EOS included."""
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def tokenize_example(
+    tokenizer: Any,
+    prompt: str,
+    response: str,
+    max_length: int,
+    add_eos: bool = True,
+    *,
+    prompt_has_special_tokens: bool = False,
+) -> dict[str, Any]:
+    """Tokenise one example with the prompt masked out of the labels.
+
+    Special tokens the tokenizer adds in front of a sequence (BOS) go once at the start of the
+    prompt; nothing is added between prompt and response, and tokens it would add at the end are
+    not used (the EOS is appended explicitly). When the example is longer than ``max_length`` the
+    prompt loses tokens from its start (after BOS) so the response stays whole; if the response
+    alone does not fit, the prompt keeps at most its last ``max_length // 2`` tokens and the
+    response loses its end, EOS included.
+
+    Args:
+        tokenizer: a transformers tokenizer.
+        prompt: the rendered prompt text.
+        response: the response text.
+        max_length: the most tokens the example may have.
+        add_eos: append ``tokenizer.eos_token_id`` to the response (labelled, so generation stops).
+        prompt_has_special_tokens: the prompt text already holds BOS etc. (a rendered chat
+            template), so none are added.
+
+    Returns:
+        ``input_ids``, ``labels``, ``attention_mask`` (lists of ints), ``truncated`` and
+        ``response_truncated`` (bools). ``labels`` may hold no label at all (empty response);
+        the caller decides whether to drop the example.
+
+    Raises:
+        ValueError: ``max_length`` is not a positive int, or ``add_eos`` with no EOS token.
+    """
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+    prefix = [] if prompt_has_special_tokens else special_prefix_ids(tokenizer)
+    body = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if add_eos:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("add_eos=True but the tokenizer has no eos_token; set one or pass add_eos=False")
+        response_ids = [*response_ids, tokenizer.eos_token_id]
+
+    truncated = response_truncated = False
+    if len(prefix) + len(body) + len(response_ids) > max_length:
+        truncated = True
+        room = max_length - len(prefix)  # positions left for prompt body + response
+        if len(response_ids) < room:
+            body = body[len(body) - (room - len(response_ids)) :]  # keep the prompt's end
+        else:
+            response_truncated = True
+            keep = min(len(body), max(0, max_length // 2 - len(prefix)))
+            body = body[len(body) - keep :] if keep else []
+            response_ids = response_ids[: max(0, room - len(body))]
+        # a prefix longer than max_length (never in practice) is cut too, so the bound holds
+        prefix = prefix[:max_length]
+
+    input_ids = [*prefix, *body, *response_ids]
+    labels = [IGNORE_INDEX] * (len(prefix) + len(body)) + list(response_ids)
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": [1] * len(input_ids),
+        "truncated": truncated,
+        "response_truncated": response_truncated,
+    }
+
+
+def tokenize_dataset(
+    tokenizer: Any,
+    records: Iterable[dict[str, Any]],
+    template: str | PromptTemplate | ChatTemplate,
+    max_length: int,
+    *,
+    add_eos: bool = True,
+) -> tuple[list[dict[str, Any]], TokenizeStats]:
+    """Render and tokenise every record; drop examples left with no label token.
+
+    Chat records always go through the tokenizer's chat template, whatever ``template`` names;
+    ``template`` applies to instruction and alpaca records (``"chat"`` sends those through the
+    chat template too).
+
+    Args:
+        tokenizer: a transformers tokenizer.
+        records: validated records (see ``formats.validate_records``).
+        template: a template name, custom format string or template object (``get_template``).
+        max_length: the most tokens an example may have.
+        add_eos: append EOS to every response.
+
+    Returns:
+        The kept examples (as :func:`tokenize_example` returns them) and the counts.
+
+    Raises:
+        DataError: a record the template cannot render (the message names ``file:line``).
+    """
+    template = get_template(template, tokenizer)
+    chat: ChatTemplate | None = template if isinstance(template, ChatTemplate) else None
+    examples: list[dict[str, Any]] = []
+    stats = TokenizeStats()
+    for record in records:
+        renderer = template
+        if "messages" in record:
+            chat = chat or ChatTemplate(tokenizer)
+            renderer = chat
+        prompt, response = renderer.render(record)
+        example = tokenize_example(
+            tokenizer,
+            prompt,
+            response,
+            max_length,
+            add_eos,
+            prompt_has_special_tokens=renderer.special_tokens_in_prompt,
+        )
+        n_labels = sum(label != IGNORE_INDEX for label in example["labels"])
+        if n_labels == 0:
+            stats.dropped += 1
+            logger.debug("%s: dropped, no response token within max_length=%d", where(record), max_length)
+            continue
+        examples.append(example)
+        stats.examples += 1
+        stats.truncated += example["truncated"]
+        stats.response_truncated += example["response_truncated"]
+        stats.response_tokens += n_labels
+        stats.prompt_tokens += len(example["labels"]) - n_labels
+    _log_stats(stats, max_length)
+    if not examples:
+        raise DataError(
+            f"no example has a response token left (dropped {stats.dropped}); "
+            f"expected non-empty responses and a max_length (now {max_length}) above the prompt lengths"
+        )
+    return examples, stats
+
+
+def special_prefix_ids(tokenizer: Any) -> list[int]:
+    """The special token ids the tokenizer puts before a single sequence (usually ``[bos]`` or ``[]``).
+
+    Found by tokenising a probe text with and without special tokens and taking what precedes
+    the plain ids; suffix tokens (an EOS some tokenizers append) are left out on purpose.
+    """
+    probe = "a"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return list(full[:start])
+    return []  # the post-processor rewrites the text itself; add nothing rather than guess
+
+
+def _log_stats(stats: TokenizeStats, max_length: int) -> None:
+    logger.info(
+        "tokenised %d examples (%d prompt + %d response tokens); %d truncated to %d tokens, %d dropped",
+        stats.examples,
+        stats.prompt_tokens,
+        stats.response_tokens,
+        stats.truncated,
+        max_length,
+        stats.dropped,
+    )
+    if stats.response_truncated:
+        logger.warning(
+            "%d responses were cut at max_length=%d and lost their EOS; "
+            "raise max_length so the model learns to stop",
+            stats.response_truncated,
+            max_length,
+        )
+    if stats.dropped:
+        logger.warning(
+            "%d examples were dropped: no response token fit in max_length=%d", stats.dropped, max_length
+        )

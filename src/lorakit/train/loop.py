@@ -1,0 +1,194 @@
+"""The training loop: fetch, forward, backward, step, log, evaluate, save. One loop for every run."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lorakit.checkpoint.peft_io import restore_adapter_weights, save_adapter
+from lorakit.checkpoint.resume import checkpoint_dir, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from lorakit.config import TrainConfig
+from lorakit.data.collate import pad_batch
+from lorakit.train.loss import causal_lm_loss_sum, label_token_count
+from lorakit.train.metrics import MetricsLog
+from lorakit.train.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+ADAPTER = "default"
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_eval: dict
+    best_metric: float | None
+    best_checkpoint: str | None
+    adapter_dir: str
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The example order of one epoch: a fixed function of (seed, epoch), so resume can replay it."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
+class Batches:
+    """Micro-batch `i` of the whole run, computed from its index alone (exact resume needs no state)."""
+
+    def __init__(self, examples: list[dict], batch_size: int, pad_token_id: int, seed: int):
+        self.examples, self.batch_size, self.pad_token_id, self.seed = examples, batch_size, pad_token_id, seed
+        self.per_epoch = math.ceil(len(examples) / batch_size)
+        self._orders: dict[int, list[int]] = {}
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        epoch, within = divmod(index, self.per_epoch)
+        if epoch not in self._orders:
+            self._orders = {epoch: epoch_order(len(self.examples), self.seed, epoch)}
+        ids = self._orders[epoch][within * self.batch_size : (within + 1) * self.batch_size]
+        return pad_batch([self.examples[i] for i in ids], self.pad_token_id)
+
+
+def evaluate_loss(model: nn.Module, examples: list[dict], batch_size: int, pad_token_id: int, device) -> float:
+    """Mean token cross-entropy over the labelled tokens of `examples`."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            batch = pad_batch(examples[start : start + batch_size], pad_token_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            total += causal_lm_loss_sum(model, batch).item()
+            tokens += label_token_count(batch["labels"])
+    model.train(was_training)
+    return total / max(tokens, 1)
+
+
+def _better(value: float, best: float | None, greater: bool) -> bool:
+    return best is None or (value > best if greater else value < best)
+
+
+def train(
+    model: nn.Module,
+    train_examples: list[dict],
+    eval_examples: list[dict],
+    config: TrainConfig,
+    pad_token_id: int,
+    run_state: dict | None = None,
+) -> TrainResult:
+    """Train the active adapter of `model` in place; return what happened.
+
+    The loss of an optimizer step is the sum of token losses over all of its accumulated
+    micro-batches divided by their total label-token count, so each token weighs the same.
+    At the end the best checkpoint's adapter (by `metric_for_best`) is loaded back into the
+    model and written to `<output_dir>/adapter/`.
+    """
+    out = Path(config.output_dir)
+    device = next(p for p in model.parameters()).device
+    seed_everything(config.seed)
+    batches = Batches(train_examples, config.batch_size, pad_token_id, config.seed)
+    steps_per_epoch = math.ceil(batches.per_epoch / config.grad_accum)
+    total_steps = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.epochs * steps_per_epoch))
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config, total_steps)
+    greater = config.greater_is_better
+    if greater is None:
+        greater = not any(w in config.metric_for_best for w in ("loss", "perplexity"))
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    start_step, best, best_path = 0, None, None
+    checkpoints = list_checkpoints(out) if config.resume else []
+    if checkpoints:
+        state = load_checkpoint(checkpoints[-1], model, ADAPTER, optimizer, scheduler)
+        start_step, best = state["step"], state.get("best_metric")
+        best_path = Path(state["best_checkpoint"]) if state.get("best_checkpoint") else None
+        log.info("resumed from %s at step %d", checkpoints[-1], start_step)
+    metrics = MetricsLog(out, resume=bool(checkpoints))
+    if checkpoints:
+        metrics.truncate_after(start_step)
+
+    def evaluate(step: int) -> dict:
+        result = {"eval_loss": evaluate_loss(model, eval_examples, config.batch_size, pad_token_id, device)}
+        metrics.write(kind="eval", step=step, **result)
+        return result
+
+    def checkpoint(step: int, result: dict | None) -> None:
+        nonlocal best, best_path
+        path = checkpoint_dir(out, step)
+        value = (result or {}).get(config.metric_for_best)
+        if value is not None and _better(value, best, greater):
+            best, best_path = value, path
+        state = {"best_metric": best, "best_checkpoint": str(best_path) if best_path else None, **(run_state or {})}
+        save_checkpoint(out, step, model, ADAPTER, optimizer, scheduler, state)
+        prune_checkpoints(out, config.save_total_limit, {p for p in (best_path, path) if p})
+
+    model.train()
+    started, window_tokens, window_start = time.time(), 0, time.time()
+    last_eval: dict = {}
+    bar = tqdm(total=total_steps, initial=start_step, disable=not config.progress, desc="train", dynamic_ncols=True)
+    for step in range(start_step + 1, total_steps + 1):
+        micro = [batches[(step - 1) * config.grad_accum + i] for i in range(config.grad_accum)]
+        micro = [{k: v.to(device) for k, v in b.items()} for b in micro]
+        n_labels = sum(label_token_count(b["labels"]) for b in micro)
+        step_loss = 0.0
+        for batch in micro:
+            loss = causal_lm_loss_sum(model, batch) / max(n_labels, 1)
+            loss.backward()
+            step_loss += loss.item()
+            window_tokens += int(batch["attention_mask"].sum())
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        if step % config.logging_steps == 0 or step == total_steps:
+            elapsed = time.time() - window_start
+            lr = scheduler.get_last_lr()[0]
+            metrics.write(kind="train", step=step, loss=step_loss, lr=lr, tokens_per_s=window_tokens / max(elapsed, 1e-9))
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{window_tokens / max(elapsed, 1e-9):.0f}")
+            window_tokens, window_start = 0, time.time()
+        bar.update(1)
+
+        epoch_end = step % steps_per_epoch == 0 or step == total_steps
+        due_eval = (config.eval_strategy == "steps" and step % config.eval_steps == 0) or (
+            config.eval_strategy == "epoch" and epoch_end
+        )
+        result = evaluate(step) if due_eval and eval_examples else None
+        last_eval = result or last_eval
+        due_save = (config.save_strategy == "steps" and step % config.save_steps == 0) or (
+            config.save_strategy == "epoch" and epoch_end
+        )
+        if due_save:
+            checkpoint(step, result)
+    bar.close()
+
+    if best_path is not None:  # keep-best: the model leaves with the best checkpoint's adapter
+        restore_adapter_weights(model, ADAPTER, best_path)
+    adapter_dir = save_adapter(model, out / "adapter", ADAPTER)
+    metrics.plot()
+    return TrainResult(
+        steps=total_steps,
+        final_eval=last_eval,
+        best_metric=best,
+        best_checkpoint=str(best_path) if best_path else None,
+        adapter_dir=str(adapter_dir),
+        seconds=time.time() - started,
+        history=metrics.events(),
+    )

@@ -1,0 +1,49 @@
+"""Causal-LM loss computed only where there are labels.
+
+The output head turns each hidden state into vocab-sized logits; for instruction tuning most
+positions (the prompt, the padding) carry no label, so their logits are wasted. We run the
+trunk, pick the hidden states whose *next* token is labelled, and apply the head and the
+cross-entropy to those rows only, in chunks, so a (tokens x vocab) tensor is never built whole.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.data.masking import IGNORE_INDEX
+
+# Families whose logits are exactly head(trunk(x)): no softcapping or logit scaling to reproduce.
+PLAIN_HEAD_TYPES = {"llama", "qwen2", "qwen3", "mistral", "gpt2", "smollm3", "phi3"}
+CHUNK_ROWS = 1024
+
+
+def label_token_count(labels: torch.Tensor) -> int:
+    """Tokens that carry a label after the one-position shift of causal LM."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum (not mean) of token cross-entropies over labelled positions of `batch`.
+
+    Summing lets the caller divide by the label count of a whole accumulation window, so every
+    token weighs the same however the tokens fall into micro-batches.
+    """
+    labels = batch["labels"]
+    model_inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    if getattr(model.config, "model_type", None) not in PLAIN_HEAD_TYPES:
+        logits = model(**model_inputs).logits[:, :-1]
+        return F.cross_entropy(
+            logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+    hidden = model.base_model(**model_inputs).last_hidden_state[:, :-1]  # (B, T-1, d)
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    rows, row_targets = hidden[keep], targets[keep]  # (N, d), (N,)
+    head = model.get_output_embeddings()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, rows.shape[0], CHUNK_ROWS):
+        logits = head(rows[start : start + CHUNK_ROWS]).float()  # (chunk, vocab)
+        total = total + F.cross_entropy(logits, row_targets[start : start + CHUNK_ROWS], reduction="sum")
+    return total

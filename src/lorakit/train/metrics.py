@@ -1,0 +1,63 @@
+"""metrics.jsonl (one JSON object per logged event) and curves.png drawn from it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class MetricsLog:
+    """Appends events to `<run>/metrics.jsonl`; `plot()` draws the curves from that file."""
+
+    def __init__(self, run_dir: str | Path, resume: bool = False):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            self.path.write_text("", encoding="utf-8")
+
+    def write(self, **event) -> None:
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(event, sort_keys=True) + "\n")
+
+    def events(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def truncate_after(self, step: int) -> None:
+        """Drop events past `step`, so a resumed run does not log the same steps twice."""
+        kept = [e for e in self.events() if e.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(e, sort_keys=True) + "\n" for e in kept), encoding="utf-8")
+
+    def plot(self, path: str | Path | None = None) -> Path:
+        """Loss (train and eval) and every other eval metric against the step, as a PNG."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        events = self.events()
+        train = [(e["step"], e["loss"]) for e in events if e.get("kind") == "train"]
+        evals = [e for e in events if e.get("kind") == "eval"]
+        others = sorted({k for e in evals for k in e if k.startswith("eval_") and k != "eval_loss"})
+        fig, axes = plt.subplots(1, 1 + bool(others), figsize=(6 + 5 * bool(others), 4), squeeze=False)
+        ax = axes[0][0]
+        if train:
+            ax.plot(*zip(*train), label="train loss")
+        if evals:
+            ax.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-", label="eval loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+        if others:
+            ax2 = axes[0][1]
+            for key in others:
+                points = [(e["step"], e[key]) for e in evals if key in e]
+                ax2.plot(*zip(*points), "o-", label=key)
+            ax2.set_xlabel("step")
+            ax2.legend()
+        fig.tight_layout()
+        out = Path(path) if path else self.path.with_name("curves.png")
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        return out

