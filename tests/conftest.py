@@ -72,3 +72,45 @@ def perturb(model, name: str = "default", std: float = 0.05, seed: int = 0) -> N
         for param_name, param in model.named_parameters():
             if f".adapters.{name}." in param_name or f".copies.{name}." in param_name:
                 param.add_(torch.randn(param.shape, generator=generator) * std)
+
+
+def tiny_tokenizer(sentences: list[str], vocab_size: int = 300):
+    """A byte-level BPE trained on `sentences` (any text still encodes, byte by byte); pad is EOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(sentences, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+
+
+TOY_TASK = [  # instruction -> output pairs a tiny model can memorise in a few dozen steps
+    {"instruction": f"say {word}", "output": f"{word} {word}"}
+    for word in ["red", "green", "blue", "black", "white", "pink", "gold", "grey"]
+]
+
+
+def toy_model_folder(path, seed: int = 0):
+    """A tiny Llama and a tokenizer for TOY_TASK, saved as a model folder `lorakit` can load."""
+    from lorakit.data.templates import SEED_TEMPLATE
+
+    texts = [SEED_TEMPLATE.format(**r) + r["output"] for r in TOY_TASK]
+    tokenizer = tiny_tokenizer(texts)
+    torch.manual_seed(seed)
+    config = LlamaConfig(  # untied head, wide init: LoRA on a random tiny model needs both to learn fast
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2,
+        tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+TOY_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]

@@ -78,7 +78,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     if not names:
         have = sorted({n.split(".")[-1] for n, m in model.named_modules() if layer_kind(m) is not None})
         wanted = [targets] if isinstance(targets, str) else targets
-        close = sorted({c for t in wanted for c in difflib.get_close_matches(t, have, n=3, cutoff=0.4)})
+        close = list(dict.fromkeys(c for t in wanted for c in difflib.get_close_matches(t, have, n=3, cutoff=0.4)))
         raise ConfigError(
             f"lora.target_modules: {targets!r} matched no module of {type(model).__name__}; "
             f"closest names it has: {', '.join(close or have[:8])}"

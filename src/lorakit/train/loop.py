@@ -79,6 +79,21 @@ def evaluate_loss(model: nn.Module, examples: list[dict], batch_size: int, pad_t
     return total / max(tokens, 1)
 
 
+def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]]) -> float:
+    """Backpropagate one optimizer step's micro-batches; return the step's mean token loss.
+
+    Each micro-batch's loss sum is divided by the label count of the whole window, so the
+    gradient equals that of one big batch, however the tokens fall into micro-batches.
+    """
+    n_labels = max(sum(label_token_count(b["labels"]) for b in micro_batches), 1)
+    total = 0.0
+    for batch in micro_batches:
+        loss = causal_lm_loss_sum(model, batch) / n_labels
+        loss.backward()
+        total += loss.item()
+    return total
+
+
 def _better(value: float, best: float | None, greater: bool) -> bool:
     return best is None or (value > best if greater else value < best)
 
@@ -145,13 +160,8 @@ def train(
     for step in range(start_step + 1, total_steps + 1):
         micro = [batches[(step - 1) * config.grad_accum + i] for i in range(config.grad_accum)]
         micro = [{k: v.to(device) for k, v in b.items()} for b in micro]
-        n_labels = sum(label_token_count(b["labels"]) for b in micro)
-        step_loss = 0.0
-        for batch in micro:
-            loss = causal_lm_loss_sum(model, batch) / max(n_labels, 1)
-            loss.backward()
-            step_loss += loss.item()
-            window_tokens += int(batch["attention_mask"].sum())
+        step_loss = accumulate_gradients(model, micro)
+        window_tokens += sum(int(b["attention_mask"].sum()) for b in micro)
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.max_grad_norm)
         optimizer.step()

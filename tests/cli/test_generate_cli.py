@@ -1,0 +1,62 @@
+"""`lorakit generate` batch mode equals one-at-a-time generation; `inspect` and `merge` run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+import lorakit
+from lorakit.infer.generate import GenerationConfig, generate
+from lorakit.models import load_causal_lm, load_tokenizer
+from conftest import TOY_TARGETS, perturb, toy_model_folder
+
+WORDS = ["red", "green", "blue", "black", "white", "pink", "gold", "grey", "tan", "navy"]
+
+
+def test_batched_generation_equals_one_at_a_time(tmp_path):
+    folder = toy_model_folder(tmp_path / "model")
+    model = lorakit.inject(load_causal_lm(folder), lorakit.LoraConfig(r=4, target_modules=TOY_TARGETS))
+    perturb(model, std=0.2)
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    instructions = [f"say {' '.join(WORDS[: 1 + i % 7])} {i}" for i in range(50)]  # lengths differ: left padding
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"instruction": t, "id": i}) + "\n" for i, t in enumerate(instructions)))
+
+    subprocess.run(
+        [sys.executable, "-m", "lorakit", "generate", "--model", str(folder), "--adapter", str(tmp_path / "adapter"),
+         "--template", "seed", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
+         "--max-new-tokens", "12", "--batch-size", "64"],
+        check=True,
+    )
+    batched = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in batched] == list(range(50))  # fields are kept, order too
+
+    tokenizer = load_tokenizer(folder)
+    reference = load_causal_lm(folder)
+    lorakit.load_adapter(reference, tmp_path / "adapter")
+    prompts = [f"### Instruction:\n{t}\n\n### Command:\n" for t in instructions]
+    alone = generate(reference, tokenizer, prompts, GenerationConfig(max_new_tokens=12, batch_size=1))
+    assert [r["output"] for r in batched] == alone
+    assert len(set(alone)) > 5  # not a degenerate constant output
+
+
+def test_inspect_and_merge(tmp_path):
+    folder = toy_model_folder(tmp_path / "model")
+    model = lorakit.inject(load_causal_lm(folder), lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    perturb(model)
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    ids = torch.arange(3, 15)[None]
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+
+    shown = subprocess.run([sys.executable, "-m", "lorakit", "inspect", str(tmp_path / "adapter")],
+                           capture_output=True, text=True, check=True).stdout
+    assert "LoRA modules: 4   ranks: [4]" in shown and "trained (non-zero update): yes" in shown
+
+    subprocess.run([sys.executable, "-m", "lorakit", "merge", "--model", str(folder), "--adapter",
+                    str(tmp_path / "adapter"), "--output", str(tmp_path / "merged")], check=True)
+    with torch.no_grad():
+        merged = load_causal_lm(tmp_path / "merged")(input_ids=ids).logits
+    assert (merged - expected).abs().max() <= 1e-5
