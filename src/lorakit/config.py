@@ -115,6 +115,11 @@ class DataConfig:
     text_column: str = _help("text column of a text/label set", default="text")
     text_pair_column: str | None = _help("second text column (sentence pairs)", default=None)
     label_column: str = _help("label column of a text/label set", default="label")
+    label_names: list[str] | None = _help(
+        "display names for the labels, in the order of their sorted values (e.g. [negative, positive])", default=None
+    )
+    packing: bool = _help("put several examples in one row (no padding); the loss is unchanged", default=False)
+    pack_length: int = _help("longest packed row in tokens", default=512)
     max_train_examples: int | None = _help("use only the first N training examples (after shuffling)", default=None)
     max_eval_examples: int | None = _help("use only the first N eval examples", default=None)
 
@@ -188,7 +193,7 @@ CHOICES = {
     ("TrainConfig", "precision"): ("fp32", "bf16", "fp16"),
     ("EvalConfig", "task"): (None, "ros2"),
 }
-POSITIVE = {"max_length", "batch_size", "grad_accum", "logging_steps", "eval_steps", "save_steps", "max_new_tokens"}
+POSITIVE = {"pack_length", "max_length", "batch_size", "grad_accum", "logging_steps", "eval_steps", "save_steps", "max_new_tokens"}
 
 
 def run_problems(run: "RunConfig") -> list[str]:

@@ -199,3 +199,8 @@ def _gguf_cache_name(path: Path) -> str:
         digest.update(f.read(1 << 20))
     stem = re.sub(r"[^\w.-]", "_", path.stem)
     return f"{stem}-{digest.hexdigest()[:12]}"
+
+
+def default_device() -> torch.device:
+    """The GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

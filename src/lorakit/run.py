@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
 
 from lorakit.config import RunConfig, to_dict
+from lorakit.data.classification import read_classification, tokenize_classification
 from lorakit.data.dataset import prepare_data
 from lorakit.infer.score import score_generations
 from lorakit.lora.inject import inject, trainable_counts, trainable_report
-from lorakit.models import load_causal_lm, load_tokenizer
+from lorakit.models import default_device, load_causal_lm, load_sequence_classifier, load_tokenizer
 from lorakit.train.loop import seed_everything, train
+from lorakit.train.objectives import CausalLMObjective, ClassificationObjective
 
 log = logging.getLogger(__name__)
 # The second seed's rule of thumb: fine-tuning needs at least about 1e-5 training tokens per parameter.
@@ -29,14 +32,21 @@ def data_sufficiency(train_tokens: int, trainable: int, total: int) -> str:
     return line
 
 
-def run_causal_lm(run: RunConfig, echo=print) -> dict:
-    """Fine-tune a causal LM as `run` says; print progress through `echo`; return the summary."""
-    out = Path(run.train.output_dir)
+def run(config: RunConfig, echo=print) -> dict:
+    """Fine-tune as `config` says (causal LM or classification); print through `echo`; return the summary."""
+    out = Path(config.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "run_config.yaml").write_text(yaml.safe_dump(to_dict(run), sort_keys=False), encoding="utf-8")
-    seed_everything(run.train.seed)
+    (out / "run_config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+    seed_everything(config.train.seed)
+    summary = (run_classification if config.task == "seq_cls" else run_causal_lm)(config, echo)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    return summary
+
+
+def run_causal_lm(run: RunConfig, echo=print) -> dict:
+    """Instruction-tune a causal LM; score generations before and after when `eval.task` is set."""
     tokenizer = load_tokenizer(run.model)
-    model = load_causal_lm(run.model)
+    model = load_causal_lm(run.model).to(default_device())
     data = prepare_data(run.data, tokenizer, run.train.seed)
     stats = data.stats["train"]
     echo(
@@ -53,7 +63,8 @@ def run_causal_lm(run: RunConfig, echo=print) -> dict:
     echo(trainable_report(model))
     trainable, total = trainable_counts(model)
     echo(data_sufficiency(stats.prompt_tokens + stats.response_tokens, trainable, total))
-    result = train(model, data.train, data.eval, run.train, tokenizer.pad_token_id, {"model": run.model})
+    objective = CausalLMObjective(tokenizer.pad_token_id, run.data.pack_length if run.data.packing else None)
+    result = train(model, data.train, data.eval, run.train, objective, {"model": run.model})
     write_run_card(result.adapter_dir, template=run.data.template, task=run.eval.task, model=run.model)
     summary.update(steps=result.steps, seconds=round(result.seconds, 1), adapter=result.adapter_dir,
                    eval=result.final_eval, best_checkpoint=result.best_checkpoint)
@@ -64,8 +75,39 @@ def run_causal_lm(run: RunConfig, echo=print) -> dict:
         echo(f"adapter: {_scores_line(summary['adapter_scores'])}")
         for sample in summary["adapter_scores"]["samples"]:
             echo(f"  {sample['instruction']!r}\n    -> {sample['prediction']}\n    ref {sample['reference']}")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     return summary
+
+
+def run_classification(run: RunConfig, echo=print) -> dict:
+    """LoRA plus a fully trained head on a text/label set; keep the best checkpoint by dev accuracy."""
+    train_records, eval_records, labels = read_classification(run.data, run.train.seed)
+    tokenizer = load_tokenizer(run.model)
+    model = load_sequence_classifier(run.model, len(labels.values)).to(default_device())
+    model.config.id2label = dict(enumerate(labels.names))
+    model.config.label2id = {n: i for i, n in enumerate(labels.names)}
+    train_examples = tokenize_classification(tokenizer, train_records, run.data, labels)
+    eval_examples = tokenize_classification(tokenizer, eval_records, run.data, labels)
+    echo(f"data: {len(train_examples)} train / {len(eval_examples)} eval examples; labels: {', '.join(labels.names)}")
+
+    lora = run.lora if run.lora.task_type else replace(run.lora, task_type="SEQ_CLS")
+    inject(model, lora)
+    echo(trainable_report(model))
+    trainable, total = trainable_counts(model)
+    echo(data_sufficiency(sum(len(e["input_ids"]) for e in train_examples), trainable, total))
+    objective = ClassificationObjective(tokenizer.pad_token_id, len(labels.values))
+    result = train(model, train_examples, eval_examples, run.train, objective, {"model": run.model})
+    write_run_card(
+        result.adapter_dir, task="seq_cls", model=run.model, labels=labels.names, max_length=run.data.max_length
+    )
+    echo(f"trained {result.steps} steps in {result.seconds:.0f} s; adapter in {result.adapter_dir}")
+    best = result.best_metric if result.best_metric is not None else result.final_eval.get("eval_accuracy")
+    echo(f"best {run.train.metric_for_best}: {best}")
+    trainable_share = trainable / total
+    return {
+        "model": run.model, "steps": result.steps, "seconds": round(result.seconds, 1), "adapter": result.adapter_dir,
+        "best_metric": best, "eval": result.final_eval, "trainable_share": trainable_share,
+        "best_checkpoint": result.best_checkpoint,
+    }
 
 
 def write_run_card(adapter_dir: str | Path, **fields) -> None:

@@ -14,6 +14,7 @@ from lorakit.infer.generate import GenerationConfig, generate
 from lorakit.models import load_causal_lm, load_tokenizer
 from lorakit.train.loop import accumulate_gradients, train
 from lorakit.train.loss import causal_lm_loss_sum, label_token_count
+from lorakit.train.objectives import CausalLMObjective
 from lorakit.train.optim import lr_factor
 from conftest import TINY_MODELS, TOY_TARGETS, TOY_TASK, toy_model_folder
 
@@ -51,10 +52,10 @@ def test_accumulated_micro_batches_give_the_big_batch_gradient():
         examples.append({"input_ids": ids, "labels": [-100] * n_prompt + ids[n_prompt:], "attention_mask": [1] * len(ids)})
     params = [p for p in model.parameters() if p.requires_grad]
 
-    accumulate_gradients(model, [pad_batch(examples, 0)])
+    accumulate_gradients(model, [pad_batch(examples, 0)], CausalLMObjective(0))
     big = [p.grad.clone() for p in params]
     model.zero_grad()
-    accumulate_gradients(model, [pad_batch(examples[:2], 0), pad_batch(examples[2:], 0)])
+    accumulate_gradients(model, [pad_batch(examples[:2], 0), pad_batch(examples[2:], 0)], CausalLMObjective(0))
     assert max((a - p.grad).abs().max().item() for a, p in zip(big, params)) <= 1e-5
     assert label_token_count(pad_batch(examples, 0)["labels"]) == 2 + 7 + 9 + 1  # every response token; the shift only drops position 0
 
@@ -78,7 +79,7 @@ def test_a_toy_task_is_learned_and_generation_stops_at_eos(tmp_path):
         output_dir=str(tmp_path / "run"), max_steps=120, batch_size=4, lr=1e-2, warmup_ratio=0.05,
         eval_strategy="no", save_strategy="no", progress=False, logging_steps=20,
     )
-    result = train(model, examples, examples, config, tokenizer.pad_token_id)
+    result = train(model, examples, examples, config, CausalLMObjective(tokenizer.pad_token_id))
     losses = [e["loss"] for e in result.history if e["kind"] == "train"]
     assert losses[-1] < 0.1 * losses[0]
 

@@ -48,11 +48,11 @@ def load_for_inference(args):
     """(model, tokenizer, template) for --model/--adapter/--template."""
     from lorakit.checkpoint.peft_io import load_adapter
     from lorakit.data.templates import get_template
-    from lorakit.models import load_causal_lm, load_tokenizer
+    from lorakit.models import default_device, load_causal_lm, load_tokenizer
     from lorakit.run import read_run_card
 
     tokenizer = load_tokenizer(args.model)
-    model = load_causal_lm(args.model)
+    model = load_causal_lm(args.model).to(default_device())
     if args.adapter:
         load_adapter(model, args.adapter)
     spec = args.template or read_run_card(args.adapter).get("template") or ("chat" if tokenizer.chat_template else "raw")

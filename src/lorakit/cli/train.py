@@ -26,10 +26,10 @@ def add_parser(commands) -> None:
 
 def run(args, overrides: list[str]) -> int:
     from lorakit.config import load_run_config
-    from lorakit.run import run_causal_lm
+    from lorakit.run import run as run_training
 
     if args.resume:
         overrides = [*overrides, "--train.resume", "true"]
     config = load_run_config(args.config, overrides)
-    run_causal_lm(config)
+    run_training(config)
     return 0

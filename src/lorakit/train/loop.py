@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -17,8 +18,6 @@ from tqdm.auto import tqdm
 from lorakit.checkpoint.peft_io import restore_adapter_weights, save_adapter
 from lorakit.checkpoint.resume import checkpoint_dir, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from lorakit.config import TrainConfig
-from lorakit.data.collate import pad_batch
-from lorakit.train.loss import causal_lm_loss_sum, label_token_count
 from lorakit.train.metrics import MetricsLog
 from lorakit.train.optim import build_optimizer, build_scheduler
 
@@ -51,8 +50,8 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 class Batches:
     """Micro-batch `i` of the whole run, computed from its index alone (exact resume needs no state)."""
 
-    def __init__(self, examples: list[dict], batch_size: int, pad_token_id: int, seed: int):
-        self.examples, self.batch_size, self.pad_token_id, self.seed = examples, batch_size, pad_token_id, seed
+    def __init__(self, examples: list[dict], batch_size: int, collate, seed: int):
+        self.examples, self.batch_size, self.collate, self.seed = examples, batch_size, collate, seed
         self.per_epoch = math.ceil(len(examples) / batch_size)
         self._orders: dict[int, list[int]] = {}
 
@@ -61,37 +60,64 @@ class Batches:
         if epoch not in self._orders:
             self._orders = {epoch: epoch_order(len(self.examples), self.seed, epoch)}
         ids = self._orders[epoch][within * self.batch_size : (within + 1) * self.batch_size]
-        return pad_batch([self.examples[i] for i in ids], self.pad_token_id)
+        return self.collate([self.examples[i] for i in ids])
 
 
-def evaluate_loss(model: nn.Module, examples: list[dict], batch_size: int, pad_token_id: int, device) -> float:
-    """Mean token cross-entropy over the labelled tokens of `examples`."""
-    was_training = model.training
-    model.eval()
-    total, tokens = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(examples), batch_size):
-            batch = pad_batch(examples[start : start + batch_size], pad_token_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            total += causal_lm_loss_sum(model, batch).item()
-            tokens += label_token_count(batch["labels"])
-    model.train(was_training)
-    return total / max(tokens, 1)
-
-
-def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]]) -> float:
+def accumulate_gradients(
+    model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], objective, precision: Precision | None = None
+) -> float:
     """Backpropagate one optimizer step's micro-batches; return the step's mean token loss.
 
     Each micro-batch's loss sum is divided by the label count of the whole window, so the
     gradient equals that of one big batch, however the tokens fall into micro-batches.
     """
-    n_labels = max(sum(label_token_count(b["labels"]) for b in micro_batches), 1)
+    precision = precision or Precision()
+    count = max(sum(objective.count(b) for b in micro_batches), 1)
     total = 0.0
     for batch in micro_batches:
-        loss = causal_lm_loss_sum(model, batch) / n_labels
-        loss.backward()
+        with precision.autocast():
+            loss = objective.loss_sum(model, batch) / count
+        precision.backward(loss)
         total += loss.item()
     return total
+
+
+class Precision:
+    """Mixed precision on CUDA (bf16, or fp16 with loss scaling); plain fp32 elsewhere.
+
+    On this kind of CPU bf16 matmuls are far slower than fp32, so a bf16/fp16 request off-GPU
+    falls back to fp32 with a warning rather than silently running 100x slower.
+    """
+
+    def __init__(self, requested: str = "fp32", device: torch.device | None = None):
+        on_cuda = device is not None and device.type == "cuda"
+        if requested != "fp32" and not on_cuda:
+            log.warning("train.precision %s needs a GPU; training in fp32 on %s", requested, device)
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(requested) if on_cuda else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.dtype is torch.float16 else None
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=self.dtype) if self.dtype else contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self, optimizer, params, max_grad_norm: float) -> None:
+        """Unscale, clip and step; with fp16 a step whose gradients overflowed is skipped."""
+        if self.scaler:
+            self.scaler.unscale_(optimizer)
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        if self.scaler:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Non-pad tokens of a batch, packed or padded."""
+    return int(batch["real_tokens"]) if "real_tokens" in batch else int(batch["attention_mask"].sum())
 
 
 def _better(value: float, best: float | None, greater: bool) -> bool:
@@ -103,7 +129,7 @@ def train(
     train_examples: list[dict],
     eval_examples: list[dict],
     config: TrainConfig,
-    pad_token_id: int,
+    objective,
     run_state: dict | None = None,
 ) -> TrainResult:
     """Train the active adapter of `model` in place; return what happened.
@@ -116,10 +142,12 @@ def train(
     out = Path(config.output_dir)
     device = next(p for p in model.parameters()).device
     seed_everything(config.seed)
-    batches = Batches(train_examples, config.batch_size, pad_token_id, config.seed)
+    batches = Batches(train_examples, config.batch_size, objective.collate, config.seed)
     steps_per_epoch = math.ceil(batches.per_epoch / config.grad_accum)
     total_steps = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.epochs * steps_per_epoch))
     optimizer = build_optimizer(model, config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    precision = Precision(config.precision, device)
     scheduler = build_scheduler(optimizer, config, total_steps)
     greater = config.greater_is_better
     if greater is None:
@@ -139,7 +167,9 @@ def train(
         metrics.truncate_after(start_step)
 
     def evaluate(step: int) -> dict:
-        result = {"eval_loss": evaluate_loss(model, eval_examples, config.batch_size, pad_token_id, device)}
+        model.eval()
+        result = objective.evaluate(model, eval_examples, config.batch_size, device)
+        model.train()
         metrics.write(kind="eval", step=step, **result)
         return result
 
@@ -160,19 +190,18 @@ def train(
     for step in range(start_step + 1, total_steps + 1):
         micro = [batches[(step - 1) * config.grad_accum + i] for i in range(config.grad_accum)]
         micro = [{k: v.to(device) for k, v in b.items()} for b in micro]
-        step_loss = accumulate_gradients(model, micro)
-        window_tokens += sum(int(b["attention_mask"].sum()) for b in micro)
-        if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.max_grad_norm)
-        optimizer.step()
+        step_loss = accumulate_gradients(model, micro, objective, precision)
+        window_tokens += sum(real_tokens(b) for b in micro)
+        precision.step(optimizer, trainable, config.max_grad_norm)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         if step % config.logging_steps == 0 or step == total_steps:
             elapsed = time.time() - window_start
             lr = scheduler.get_last_lr()[0]
-            metrics.write(kind="train", step=step, loss=step_loss, lr=lr, tokens_per_s=window_tokens / max(elapsed, 1e-9))
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{window_tokens / max(elapsed, 1e-9):.0f}")
+            speed = window_tokens / max(elapsed, 1e-9)
+            metrics.write(kind="train", step=step, loss=step_loss, lr=lr, tokens_per_s=speed, **objective.train_metrics())
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
             window_tokens, window_start = 0, time.time()
         bar.update(1)
 

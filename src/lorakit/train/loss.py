@@ -32,6 +32,7 @@ def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torc
     """
     labels = batch["labels"]
     model_inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    model_inputs["use_cache"] = False  # a cache would also switch off transformers' packed-sequence masking
     if getattr(model.config, "model_type", None) not in PLAIN_HEAD_TYPES:
         logits = model(**model_inputs).logits[:, :-1]
         return F.cross_entropy(

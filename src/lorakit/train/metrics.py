@@ -39,7 +39,12 @@ class MetricsLog:
         events = self.events()
         train = [(e["step"], e["loss"]) for e in events if e.get("kind") == "train"]
         evals = [e for e in events if e.get("kind") == "eval"]
-        others = sorted({k for e in evals for k in e if k.startswith("eval_") and k != "eval_loss"})
+        others = sorted(
+            {k for e in evals for k, v in e.items() if k.startswith("eval_") and k != "eval_loss" and _number(v)}
+        )
+        train_accuracy = [(e["step"], e["accuracy"]) for e in events if e.get("kind") == "train" and "accuracy" in e]
+        if train_accuracy:
+            others.append("train_accuracy")
         fig, axes = plt.subplots(1, 1 + bool(others), figsize=(6 + 5 * bool(others), 4), squeeze=False)
         ax = axes[0][0]
         if train:
@@ -52,8 +57,8 @@ class MetricsLog:
         if others:
             ax2 = axes[0][1]
             for key in others:
-                points = [(e["step"], e[key]) for e in evals if key in e]
-                ax2.plot(*zip(*points), "o-", label=key)
+                points = train_accuracy if key == "train_accuracy" else [(e["step"], e[key]) for e in evals if key in e]
+                ax2.plot(*zip(*points), "-" if key == "train_accuracy" else "o-", label=key)
             ax2.set_xlabel("step")
             ax2.legend()
         fig.tight_layout()
@@ -61,3 +66,7 @@ class MetricsLog:
         fig.savefig(out, dpi=100)
         plt.close(fig)
         return out
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -1,0 +1,176 @@
+"""Training throughput and memory: PEFT + Trainer (seed recipe, dynamic padding) against lorakit.
+
+    python bench/train_throughput.py [--model smollm2-135m-instruct] [--steps 8] [--warmup 2] [--batch 8]
+
+Each variant runs in its own child process (so each peak RSS is its own), on the same model, the
+same ROS 2 examples in the same order, r=8 on all seven projections, the same batch and steps:
+  a  PEFT + transformers Trainer, the first seed's recipe: padding="max_length" (256) and labels
+     masked by comparing ids with the pad id
+  b  PEFT + Trainer with dynamic padding (pad to the longest of each batch), prompt masked
+  c  lorakit: packed rows, head on labelled positions only
+Steps after warm-up are timed; "real tokens" are non-pad tokens. The machine's fp32 GEMM rate is
+measured here too, and c is reported as a fraction of the ceiling it implies (model FLOPs per
+token / GEMM rate). Prints a table and the ratios; writes runs/bench/train_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SEED_MAX_LENGTH = 256
+
+
+def examples(tokenizer, n: int) -> list[dict]:
+    """ROS 2 records tokenised the lorakit way (prompt masked, EOS kept): the common input of all variants."""
+    from lorakit.data.masking import tokenize_dataset
+    from lorakit.tasks.ros2 import make_split
+
+    out, _ = tokenize_dataset(tokenizer, make_split("train", n, seed=0), "seed", 128)
+    return out
+
+
+def run_peft(args, recipe: str) -> dict:
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from lorakit.data.collate import pad_batch
+    from lorakit.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    data = examples(tokenizer, args.batch * (args.steps + args.warmup))
+    if recipe == "seed":  # the first seed: pad every example to 256, then mask labels by the pad id
+        rows = []
+        for e in data:
+            ids = e["input_ids"] + [tokenizer.pad_token_id] * (SEED_MAX_LENGTH - len(e["input_ids"]))
+            labels = [-100 if t == tokenizer.pad_token_id else t for t in ids]
+            rows.append({"input_ids": ids, "labels": labels, "attention_mask": [int(i < len(e["input_ids"])) for i in range(len(ids))]})
+        data = rows
+    real = []
+
+    def collate(batch):
+        out = pad_batch(batch, tokenizer.pad_token_id)
+        real.append(int(out["attention_mask"].sum()))
+        return out
+
+    model = get_peft_model(load_causal_lm(args.model), LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+    stamps = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *_, **__):
+            stamps.append(time.perf_counter())
+
+    training = TrainingArguments(
+        output_dir=str(Path(args.out).parent / f"peft-{recipe}"), per_device_train_batch_size=args.batch,
+        max_steps=args.steps + args.warmup, learning_rate=2e-4, logging_strategy="no", save_strategy="no",
+        eval_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
+        remove_unused_columns=False, dataloader_num_workers=0, seed=0,
+    )
+    trainer = Trainer(model=model, args=training, train_dataset=data, data_collator=collate, callbacks=[Clock()])
+    trainer.train()
+    return _result(stamps, real, args)
+
+
+def run_lorakit(args) -> dict:
+    import lorakit
+    from lorakit.models import load_causal_lm, load_tokenizer
+    from lorakit.train.loop import accumulate_gradients, real_tokens
+    from lorakit.train.objectives import CausalLMObjective
+
+    tokenizer = load_tokenizer(args.model)
+    data = examples(tokenizer, args.batch * (args.steps + args.warmup))
+    model = lorakit.inject(load_causal_lm(args.model), lorakit.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+    model.train()
+    objective = CausalLMObjective(tokenizer.pad_token_id, pack_length=256)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    stamps, real = [], []
+    for step in range(args.steps + args.warmup):
+        batch = objective.collate(data[step * args.batch : (step + 1) * args.batch])
+        real.append(real_tokens(batch))
+        accumulate_gradients(model, [batch], objective)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        stamps.append(time.perf_counter())
+    return _result(stamps, real, args)
+
+
+def _result(stamps: list[float], real: list[int], args) -> dict:
+    timed = slice(args.warmup, args.warmup + args.steps)
+    seconds = stamps[args.warmup + args.steps - 1] - stamps[args.warmup - 1]
+    tokens = sum(real[timed])
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"real_tokens_per_s": tokens / seconds, "seconds": seconds, "real_tokens": tokens, "peak_rss_mb": peak_mb}
+
+
+def gemm_gflops(size: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def flops_per_token(model_name: str) -> float:
+    """A LoRA step's cost per token: forward, backward through activations, LoRA weight grads: ~4 x 2 x params."""
+    from lorakit.models import load_causal_lm
+
+    params = sum(p.numel() for p in load_causal_lm(model_name).parameters())
+    return 4 * 2 * params
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--out", default="runs/bench/train_throughput.json")
+    parser.add_argument("--variant", choices=["a", "b", "c"], help=argparse.SUPPRESS)  # set in the children
+    args = parser.parse_args()
+    if args.variant:
+        torch.manual_seed(0)
+        result = {"a": lambda: run_peft(args, "seed"), "b": lambda: run_peft(args, "dynamic"), "c": lambda: run_lorakit(args)}[args.variant]()
+        print("RESULT " + json.dumps(result))
+        return
+
+    rows = {}
+    for variant in "abc":
+        cmd = [sys.executable, __file__, "--variant", variant, *sys.argv[1:]]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            sys.exit(f"variant {variant} failed:\n{proc.stderr[-3000:]}")
+        rows[variant] = json.loads(line[len("RESULT "):])
+    gemm = gemm_gflops()
+    ceiling = gemm * 1e9 / flops_per_token(args.model)
+    names = {"a": "PEFT + Trainer, seed recipe (max_length 256)", "b": "PEFT + Trainer, dynamic padding", "c": "lorakit"}
+    print(f"{'variant':<48} {'real tok/s':>10} {'peak RSS MB':>12}")
+    for key, row in rows.items():
+        print(f"{names[key]:<48} {row['real_tokens_per_s']:>10.1f} {row['peak_rss_mb']:>12.0f}")
+    summary = {
+        "c_over_a": rows["c"]["real_tokens_per_s"] / rows["a"]["real_tokens_per_s"],
+        "c_over_b": rows["c"]["real_tokens_per_s"] / rows["b"]["real_tokens_per_s"],
+        "memory_c_over_b": rows["c"]["peak_rss_mb"] / rows["b"]["peak_rss_mb"],
+        "gemm_gflops": gemm,
+        "ceiling_tokens_per_s": ceiling,
+        "c_fraction_of_ceiling": rows["c"]["real_tokens_per_s"] / ceiling,
+    }
+    for key, value in summary.items():
+        print(f"{key:<24} {value:.3f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows, **summary}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

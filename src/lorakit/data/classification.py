@@ -1,0 +1,110 @@
+"""Text/label data sets for sequence classification: read, check, tokenise, pad.
+
+Labels may be ints or strings; the label set comes from the training records (numeric labels in
+numeric order, others in sorted order), and an eval record whose label the training data never
+showed is an error naming its row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lorakit.config import DataConfig
+from lorakit.data.collate import pad_batch
+from lorakit.data.formats import DataError, load_records, where
+from lorakit.data.split import train_test_split
+
+
+@dataclass
+class LabelSet:
+    values: list[str]  # label values as they appear in the data (as strings), in id order
+    names: list[str]  # display names, in id order
+
+    def id_of(self, value: Any, at: str) -> int:
+        key = _label_key(value)
+        if key not in self._index:
+            raise DataError(
+                f"{at}: label {value!r} was not seen in the training data (known: {', '.join(self.values)})"
+            )
+        return self._index[key]
+
+    def __post_init__(self) -> None:
+        self._index = {v: i for i, v in enumerate(self.values)}
+
+
+def _label_key(value: Any) -> str:
+    return str(value).strip()
+
+
+def check_text_label(records: list[dict], config: DataConfig, source: str | None) -> None:
+    """Every record has a non-empty text (and pair) column and a label; one line per problem."""
+    columns = [config.text_column] + ([config.text_pair_column] if config.text_pair_column else [])
+    for record in records:
+        at = where(record, source)
+        for column in columns:
+            if column not in record:
+                raise DataError(f"{at}: column '{column}' is missing (have: {', '.join(_public(record))})")
+            if not isinstance(record[column], str) or not record[column].strip():
+                raise DataError(f"{at}: column '{column}' is empty (expected text)")
+        if config.label_column not in record or _label_key(record[config.label_column]) == "":
+            raise DataError(f"{at}: column '{config.label_column}' is missing or empty (expected a label)")
+
+
+def label_set(records: list[dict], config: DataConfig) -> LabelSet:
+    keys = {_label_key(r[config.label_column]) for r in records}
+    numeric = all(k.lstrip("-").isdigit() for k in keys)
+    values = sorted(keys, key=int) if numeric else sorted(keys)
+    names = config.label_names or values
+    if len(names) != len(values):
+        raise DataError(f"data.label_names: {len(names)} names for {len(values)} labels ({', '.join(values)})")
+    return LabelSet(values, list(names))
+
+
+def read_classification(config: DataConfig, seed: int) -> tuple[list[dict], list[dict], LabelSet]:
+    """(train, eval, labels) records from the data section, checked."""
+    if not config.train_file:
+        raise DataError("data.train_file: not set; give a TSV/CSV/JSONL file with text and label columns")
+    train = load_records(config.train_file)
+    check_text_label(train, config, config.train_file)
+    if config.eval_file:
+        evaluation = load_records(config.eval_file)
+        check_text_label(evaluation, config, config.eval_file)
+    else:
+        size = int(config.eval_size) if config.eval_size >= 1 else config.eval_size
+        train, evaluation = train_test_split(train, size, seed)
+    labels = label_set(train, config)
+    if config.max_train_examples:
+        train = train_test_split(train, config.max_train_examples, seed)[1]
+    if config.max_eval_examples:
+        evaluation = evaluation[: config.max_eval_examples]
+    return train, evaluation, labels
+
+
+def tokenize_classification(tokenizer, records: list[dict], config: DataConfig, labels: LabelSet) -> list[dict]:
+    """input_ids/attention_mask (token_type_ids for pairs) truncated to max_length, and the label id."""
+    texts = [r[config.text_column] for r in records]
+    pairs = [r[config.text_pair_column] for r in records] if config.text_pair_column else None
+    enc = tokenizer(texts, pairs, truncation=True, max_length=config.max_length)
+    out = []
+    for i, record in enumerate(records):
+        example = {k: enc[k][i] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+        example["label"] = labels.id_of(record[config.label_column], where(record, config.train_file))
+        out.append(example)
+    return out
+
+
+def pad_classification_batch(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Pad to the longest example of this batch (not to max_length); labels as a (B,) tensor."""
+    batch = pad_batch(examples, pad_token_id)
+    if "token_type_ids" in examples[0]:
+        width = batch["input_ids"].shape[1]
+        batch["token_type_ids"] = torch.tensor([e["token_type_ids"] + [0] * (width - len(e["token_type_ids"])) for e in examples])
+    batch["labels"] = torch.tensor([e["label"] for e in examples])
+    return batch
+
+
+def _public(record: dict) -> list[str]:
+    return [k for k in record if not k.startswith("_")]
