@@ -1,6 +1,7 @@
 """Training throughput and memory: PEFT + Trainer (seed recipe, dynamic padding) against lorakit.
 
     python bench/train_throughput.py [--model smollm2-135m-instruct] [--steps 8] [--warmup 2] [--batch 8]
+                                     [--curve-steps 50]
 
 Each variant runs in its own child process (so each peak RSS is its own), on the same model, the
 same ROS 2 examples in the same order, r=8 on all seven projections, the same batch and steps:
@@ -8,7 +9,9 @@ same ROS 2 examples in the same order, r=8 on all seven projections, the same ba
      masked by comparing ids with the pad id
   b  PEFT + Trainer with dynamic padding (pad to the longest of each batch), prompt masked
   c  lorakit: packed rows, head on labelled positions only
-Steps after warm-up are timed; "real tokens" are non-pad tokens. The machine's fp32 GEMM rate is
+Steps after warm-up are timed; "real tokens" are non-pad tokens. b and c run --curve-steps steps
+from the same initial adapter (b writes it, c loads it), the same data order and the same linear
+schedule, and their per-step losses are compared. The machine's fp32 GEMM rate is
 measured here too, and c is reported as a fraction of the ceiling it implies (model FLOPs per
 token / GEMM rate). Prints a table and the ratios; writes runs/bench/train_throughput.json.
 """
@@ -21,6 +24,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -41,13 +45,19 @@ def examples(tokenizer, n: int) -> list[dict]:
 
 def run_peft(args, recipe: str) -> dict:
     from peft import LoraConfig, get_peft_model
+    from torch.utils.data import SequentialSampler
     from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class InOrderTrainer(Trainer):  # the examples in the given order, as lorakit's variant takes them
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
 
     from lorakit.data.collate import pad_batch
     from lorakit.models import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
-    data = examples(tokenizer, args.batch * (args.steps + args.warmup))
+    steps = _steps(args, recipe == "dynamic")
+    data = examples(tokenizer, args.batch * steps)
     if recipe == "seed":  # the first seed: pad every example to 256, then mask labels by the pad id
         rows = []
         for e in data:
@@ -63,6 +73,7 @@ def run_peft(args, recipe: str) -> dict:
         return out
 
     model = get_peft_model(load_causal_lm(args.model), LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+    model.save_pretrained(_init_dir(args))  # the starting adapter c will load, so both curves start alike
     stamps = []
 
     class Clock(TrainerCallback):
@@ -71,45 +82,94 @@ def run_peft(args, recipe: str) -> dict:
 
     training = TrainingArguments(
         output_dir=str(Path(args.out).parent / f"peft-{recipe}"), per_device_train_batch_size=args.batch,
-        max_steps=args.steps + args.warmup, learning_rate=2e-4, logging_strategy="no", save_strategy="no",
+        max_steps=steps, learning_rate=2e-4, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
+        optim="adamw_torch", max_grad_norm=1.0, logging_strategy="steps", logging_steps=1, save_strategy="no",
         eval_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
         remove_unused_columns=False, dataloader_num_workers=0, seed=0,
     )
-    trainer = Trainer(model=model, args=training, train_dataset=data, data_collator=collate, callbacks=[Clock()])
+    trainer = InOrderTrainer(model=model, args=training, train_dataset=data, data_collator=collate, callbacks=[Clock()])
+    sampler = RssSampler()
     trainer.train()
-    return _result(stamps, real, args)
+    rss = sampler.stop()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return _result(stamps, real, args, losses, rss)
 
 
 def run_lorakit(args) -> dict:
     import lorakit
     from lorakit.models import load_causal_lm, load_tokenizer
+    from lorakit.config import TrainConfig
     from lorakit.train.loop import accumulate_gradients, real_tokens
     from lorakit.train.objectives import CausalLMObjective
+    from lorakit.train.optim import build_optimizer, build_scheduler
 
     tokenizer = load_tokenizer(args.model)
-    data = examples(tokenizer, args.batch * (args.steps + args.warmup))
-    model = lorakit.inject(load_causal_lm(args.model), lorakit.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+    steps = _steps(args, True)
+    data = examples(tokenizer, args.batch * steps)
+    model = load_causal_lm(args.model)
+    lorakit.load_adapter(model, _init_dir(args))  # PEFT's initial adapter (variant b wrote it)
     model.train()
     objective = CausalLMObjective(tokenizer.pad_token_id, pack_length=256)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    stamps, real = [], []
-    for step in range(args.steps + args.warmup):
+    config = TrainConfig(lr=2e-4, scheduler="linear", warmup_ratio=0.0, max_grad_norm=1.0)
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config, steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    stamps, real, losses = [], [], []
+    sampler = RssSampler()
+    for step in range(steps):
         batch = objective.collate(data[step * args.batch : (step + 1) * args.batch])
         real.append(real_tokens(batch))
-        accumulate_gradients(model, [batch], objective)
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        losses.append(accumulate_gradients(model, [batch], objective))
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         stamps.append(time.perf_counter())
-    return _result(stamps, real, args)
+    rss = sampler.stop()
+    return _result(stamps, real, args, losses, rss)
 
 
-def _result(stamps: list[float], real: list[int], args) -> dict:
-    timed = slice(args.warmup, args.warmup + args.steps)
-    seconds = stamps[args.warmup + args.steps - 1] - stamps[args.warmup - 1]
-    tokens = sum(real[timed])
+def _steps(args, with_curve: bool) -> int:
+    return max(args.steps + args.warmup, args.curve_steps if with_curve else 0)
+
+
+def _init_dir(args) -> str:
+    return str(Path(args.out).parent / "initial-adapter")
+
+
+class RssSampler:
+    """The largest resident set seen while training, sampled every 20 ms from /proc (Linux)."""
+
+    def __init__(self):
+        self.peak = self.start = _rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, _rss_mb())
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        return {"rss_before_training_mb": self.start, "training_peak_rss_mb": self.peak}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _result(stamps: list[float], real: list[int], args, losses: list[float], rss: dict) -> dict:
+    """Throughput over every step after warm-up (the collate call of step i logs real[i])."""
+    seconds = stamps[-1] - stamps[args.warmup - 1]
+    tokens = sum(real[args.warmup : len(stamps)])
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"real_tokens_per_s": tokens / seconds, "seconds": seconds, "real_tokens": tokens, "peak_rss_mb": peak_mb}
+    return {
+        "real_tokens_per_s": tokens / seconds, "seconds": seconds, "real_tokens": tokens, "peak_rss_mb": peak_mb,
+        **rss, "steps": len(stamps), "losses": losses,
+    }
 
 
 def gemm_gflops(size: int = 2048, repeats: int = 10) -> float:
@@ -135,6 +195,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--curve-steps", type=int, default=50, help="steps of b and c whose losses are compared")
     parser.add_argument("--out", default="runs/bench/train_throughput.json")
     parser.add_argument("--variant", choices=["a", "b", "c"], help=argparse.SUPPRESS)  # set in the children
     args = parser.parse_args()
@@ -155,17 +216,22 @@ def main() -> None:
     gemm = gemm_gflops()
     ceiling = gemm * 1e9 / flops_per_token(args.model)
     names = {"a": "PEFT + Trainer, seed recipe (max_length 256)", "b": "PEFT + Trainer, dynamic padding", "c": "lorakit"}
-    print(f"{'variant':<48} {'real tok/s':>10} {'peak RSS MB':>12}")
+    print(f"{'variant':<48} {'real tok/s':>10} {'peak RSS MB':>12} {'training peak RSS MB':>21}")
     for key, row in rows.items():
-        print(f"{names[key]:<48} {row['real_tokens_per_s']:>10.1f} {row['peak_rss_mb']:>12.0f}")
+        print(f"{names[key]:<48} {row['real_tokens_per_s']:>10.1f} {row['peak_rss_mb']:>12.0f} {row['training_peak_rss_mb']:>21.0f}")
     summary = {
         "c_over_a": rows["c"]["real_tokens_per_s"] / rows["a"]["real_tokens_per_s"],
         "c_over_b": rows["c"]["real_tokens_per_s"] / rows["b"]["real_tokens_per_s"],
         "memory_c_over_b": rows["c"]["peak_rss_mb"] / rows["b"]["peak_rss_mb"],
+        "training_memory_c_over_b": rows["c"]["training_peak_rss_mb"] / rows["b"]["training_peak_rss_mb"],
         "gemm_gflops": gemm,
         "ceiling_tokens_per_s": ceiling,
         "c_fraction_of_ceiling": rows["c"]["real_tokens_per_s"] / ceiling,
     }
+    curve_b, curve_c = rows["b"]["losses"], rows["c"]["losses"]
+    n = min(len(curve_b), len(curve_c), args.curve_steps)
+    summary["curve_steps"] = n
+    summary["curve_max_relative_gap"] = max(abs(c - b) / abs(b) for b, c in zip(curve_b[:n], curve_c[:n]))
     for key, value in summary.items():
         print(f"{key:<24} {value:.3f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from lorakit.infer.score import score_generations
 from lorakit.lora.inject import inject, trainable_counts, trainable_report
 from lorakit.models import default_device, load_causal_lm, load_sequence_classifier, load_tokenizer
 from lorakit.train.loop import seed_everything, train
+from lorakit.train.metrics import MetricsLog
 from lorakit.train.objectives import CausalLMObjective, ClassificationObjective
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ def run_causal_lm(run: RunConfig, echo=print) -> dict:
     if run.eval.task:
         summary["adapter_scores"] = score_generations(model, tokenizer, data.eval_records, data.template, run.eval)
         echo(f"adapter: {_scores_line(summary['adapter_scores'])}")
+        _log_task_scores(run.train.output_dir, summary.get("base"), summary["adapter_scores"], result.steps)
         for sample in summary["adapter_scores"]["samples"]:
             echo(f"  {sample['instruction']!r}\n    -> {sample['prediction']}\n    ref {sample['reference']}")
     return summary
@@ -108,6 +110,15 @@ def run_classification(run: RunConfig, echo=print) -> dict:
         "best_metric": best, "eval": result.final_eval, "trainable_share": trainable_share,
         "best_checkpoint": result.best_checkpoint,
     }
+
+
+def _log_task_scores(run_dir: str, base: dict | None, adapter: dict, steps: int) -> None:
+    """Put the generation scores (base at step 0, adapter at the end) into metrics.jsonl and the plot."""
+    metrics = MetricsLog(run_dir, resume=True)
+    for step, scores in ((0, base), (steps, adapter)):
+        if scores:
+            metrics.write(kind="eval", step=step, **{f"eval_{k}": v for k, v in scores.items() if isinstance(v, float)})
+    metrics.plot()
 
 
 def write_run_card(adapter_dir: str | Path, **fields) -> None:

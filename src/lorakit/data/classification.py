@@ -15,7 +15,7 @@ import torch
 from lorakit.config import DataConfig
 from lorakit.data.collate import pad_batch
 from lorakit.data.formats import DataError, load_records, where
-from lorakit.data.split import train_test_split
+from lorakit.data.dataset import with_eval_split
 
 
 @dataclass
@@ -69,17 +69,10 @@ def read_classification(config: DataConfig, seed: int) -> tuple[list[dict], list
         raise DataError("data.train_file: not set; give a TSV/CSV/JSONL file with text and label columns")
     train = load_records(config.train_file)
     check_text_label(train, config, config.train_file)
-    if config.eval_file:
-        evaluation = load_records(config.eval_file)
-        check_text_label(evaluation, config, config.eval_file)
-    else:
-        size = int(config.eval_size) if config.eval_size >= 1 else config.eval_size
-        train, evaluation = train_test_split(train, size, seed)
-    labels = label_set(train, config)
-    if config.max_train_examples:
-        train = train_test_split(train, config.max_train_examples, seed)[1]
-    if config.max_eval_examples:
-        evaluation = evaluation[: config.max_eval_examples]
+    labels = label_set(train, config)  # from the whole training file, before any hold-out or limit
+    train, evaluation = with_eval_split(
+        config, train, lambda records, source: check_text_label(records, config, source), seed
+    )
     return train, evaluation, labels
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,17 +33,23 @@ def read_records(config: DataConfig, seed: int) -> tuple[list[dict], list[dict],
     else:
         raise DataError("data.train_file: not set; give a JSONL/JSON/CSV/TSV file (or data.hf_dataset)")
     fmt = validate_records(train, config.format, config.train_file)
+    train, evaluation = with_eval_split(config, train, lambda records, source: validate_records(records, fmt, source), seed)
+    return train, evaluation, fmt
+
+
+def with_eval_split(config: DataConfig, train: list[dict], check, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, eval): eval_file's records (checked with `check`) or a seeded hold-out; then the size limits."""
     if config.eval_file:
         evaluation = load_records(config.eval_file)
-        validate_records(evaluation, fmt, config.eval_file)
+        check(evaluation, config.eval_file)
     else:
         size = int(config.eval_size) if config.eval_size >= 1 else config.eval_size
         train, evaluation = train_test_split(train, size, seed)
-    if config.max_train_examples:
-        train = random.Random(seed).sample(train, min(len(train), config.max_train_examples))
+    if config.max_train_examples and config.max_train_examples < len(train):
+        train = train_test_split(train, config.max_train_examples, seed)[1]
     if config.max_eval_examples:
         evaluation = evaluation[: config.max_eval_examples]
-    return train, evaluation, fmt
+    return train, evaluation
 
 
 def prepare_data(config: DataConfig, tokenizer, seed: int) -> PreparedData:

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.lora.fused import fused_lora_linear
+
 try:  # GPT-2's Conv1D is a Linear with a transposed weight.
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a hard dependency
@@ -81,6 +83,7 @@ class LoraLayer(nn.Module):
         self.active: list[str] = []  # adapters applied in forward, in order
         self.merged: list[str] = []  # adapters currently folded into the base weight
         self.disabled = False
+        self.fused = True  # the lean autograd path (lora/fused.py) where it applies
         base_layer.requires_grad_(False)
 
     # -- shape of the base ------------------------------------------------------------------
@@ -189,6 +192,8 @@ class LoraLayer(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disabled and self.merged:
             self.unmerge()
+        if self._can_fuse():
+            return self._fused_forward(x)
         out = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return out
@@ -196,6 +201,28 @@ class LoraLayer(nn.Module):
             if name not in self.merged:
                 out = out + self._adapter_output(self.adapters[name], x).to(out.dtype)
         return out
+
+    def _can_fuse(self) -> bool:
+        """One active unmerged adapter on a plain float Linear/Conv1D whose weight and bias are frozen."""
+        base = self.base_layer
+        return (
+            self.fused
+            and not self.disabled
+            and self.kind in ("linear", "conv1d")
+            and type(base) in (nn.Linear, Conv1D)
+            and len(self.active) == 1
+            and not self.merged
+            and not base.weight.requires_grad
+            and (base.bias is None or not base.bias.requires_grad)
+        )
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        adapter = self.adapters[self.active[0]]
+        weight = self.base_layer.weight if self.kind == "linear" else self.base_layer.weight.T  # (out, in)
+        p = adapter.dropout.p if isinstance(adapter.dropout, nn.Dropout) else 0.0
+        return fused_lora_linear(
+            x.to(adapter.A.dtype), weight, self.base_layer.bias, adapter.A, adapter.B, adapter.scaling, p, self.training
+        )
 
     def _adapter_output(self, adapter: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "embedding":

@@ -49,8 +49,9 @@ class MetricsLog:
         ax = axes[0][0]
         if train:
             ax.plot(*zip(*train), label="train loss")
-        if evals:
-            ax.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-", label="eval loss")
+        losses = [(e["step"], e["eval_loss"]) for e in evals if "eval_loss" in e]
+        if losses:
+            ax.plot(*zip(*losses), "o-", label="eval loss")
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.legend()
