@@ -99,3 +99,19 @@ def test_bad_rows_name_the_row(tmp_path, train_rows, dev_rows, message):
         from lorakit.data.classification import tokenize_classification
 
         tokenize_classification(load_tokenizer("minilm-l6"), dev, config, labels)
+
+
+@pytest.mark.slow
+def test_batch_mode_writes_label_and_probability_beside_each_record(sst2_run, tmp_path):
+    import json
+
+    rows = [{"text": "a gorgeous , witty movie", "id": 1}, {"text": "a dull , lifeless mess", "id": 2}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    subprocess.run(
+        [sys.executable, "-m", "lorakit", "classify", "--model", "minilm-l6", "--adapter", sst2_run["adapter"],
+         "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")],
+        check=True, capture_output=True, timeout=300,
+    )
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in out] == [1, 2] and all(0.5 <= r["probability"] <= 1 for r in out)
+    assert [r["label"] for r in out] == ["positive", "negative"]

@@ -13,10 +13,10 @@ from lorakit.lora.layer import LoraLayer
 from conftest import TINY_MODELS
 
 
-def _grads(layer: LoraLayer, x: torch.Tensor, fused: bool, seed: int):
+def _grads(layer: LoraLayer, x: torch.Tensor, fused: bool):
+    """Output and gradients of a dropout-free layer on one path."""
     layer.fused = fused
     x = x.clone().requires_grad_(True)
-    torch.manual_seed(seed)  # same dropout mask draw order is not guaranteed, so compare with p=0 or eval
     y = layer(x)
     (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
     adapter = layer.adapters["a"]
@@ -31,7 +31,7 @@ def test_fused_matches_plain_autograd(base):
     layer.add_adapter("a", r=3, alpha=6, init=False)
     assert layer._can_fuse()
     x = torch.randn(2, 5, 12)
-    plain, fused = _grads(layer, x, False, 0), _grads(layer, x, True, 0)
+    plain, fused = _grads(layer, x, False), _grads(layer, x, True)
     for a, b in zip(plain, fused):
         assert (a - b).abs().max().item() <= 1e-5
 

@@ -60,7 +60,7 @@ def load_classifier(model_name: str, adapter: str):
 
 
 def run(args, _overrides) -> int:
-    from lorakit.data.formats import DataError, load_records
+    from lorakit.data.formats import DataError, load_records, public_fields
     from lorakit.infer.classify import classify
 
     if args.input and not args.output:
@@ -79,7 +79,7 @@ def run(args, _overrides) -> int:
                 raise DataError(f"{args.input}:{record.get('_line')}: field '{args.text_field}' is missing or empty")
         results = label([r[args.text_field] for r in records])
         lines = [
-            json.dumps({**{k: v for k, v in r.items() if not k.startswith("_")}, "label": o["label"],
+            json.dumps({**public_fields(r), "label": o["label"],
                         "probability": round(o["probability"], 6)}, ensure_ascii=False)
             for r, o in zip(records, results)
         ]

@@ -61,7 +61,7 @@ def load_for_inference(args):
 
 
 def run(args, _overrides) -> int:
-    from lorakit.data.formats import DataError, load_records
+    from lorakit.data.formats import DataError, load_records, public_fields
     from lorakit.infer.generate import GenerationConfig, generate
 
     if args.input and not args.output:
@@ -71,7 +71,7 @@ def run(args, _overrides) -> int:
     for record in records:
         if not isinstance(record.get("instruction"), str):
             raise DataError(f"{args.input}:{record.get('_line', '?')}: field 'instruction' is missing (expected a string)")
-    prompts = [template.render({**_public(r), "output": ""})[0] for r in records]
+    prompts = [template.render({**public_fields(r), "output": ""})[0] for r in records]
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
         batch_size=args.batch_size, add_special_tokens=not getattr(template, "special_tokens_in_prompt", False),
@@ -80,11 +80,7 @@ def run(args, _overrides) -> int:
     if args.prompt:
         print(outputs[0])
         return 0
-    lines = [json.dumps({**_public(r), "output": o}, ensure_ascii=False) for r, o in zip(records, outputs)]
+    lines = [json.dumps({**public_fields(r), "output": o}, ensure_ascii=False) for r, o in zip(records, outputs)]
     Path(args.output).write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"wrote {len(lines)} records to {args.output}")
     return 0
-
-
-def _public(record: dict) -> dict:
-    return {k: v for k, v in record.items() if not k.startswith("_")}
