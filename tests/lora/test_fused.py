@@ -47,7 +47,6 @@ def test_fused_dropout_gradients_match_the_mask_it_drew():
     y.sum().backward()
     torch.manual_seed(3)
     keep = torch.rand_like(x) >= 0.5  # the same draw the function made
-    dropped = (x * keep / 0.5).detach().requires_grad_(True)
     A, B = adapter.A.detach().clone().requires_grad_(True), adapter.B.detach().clone().requires_grad_(True)
     x2 = x.detach().clone().requires_grad_(True)
     ref = layer.base_layer(x2) + ((x2 * keep / 0.5) @ A.T) @ B.T * adapter.scaling

@@ -278,7 +278,7 @@ def test_write_splits_writes_jsonl(tmp_path):
         f"{TWIST} '{{linear: {{x: .5}}}}'",  # no leading digit
         f"{TWIST} '{{angular: {{z: 0.79}}, linear: {{x: 0.3}}}}'",  # wrong order
         f"{TWIST} '{{linear:{{x:0.5}}}}'",  # spacing inside the message
-        f"ros2 topic pub /cmd_vel geometry_msgs/Twist '{{linear: {{x: 0.5}}}}'",  # ROS 1 type name
+        "ros2 topic pub /cmd_vel geometry_msgs/Twist '{linear: {x: 0.5}}'",  # ROS 1 type name
         f"{NAV} '{{pose: {{pose: {{position: {{x: 2.0}}}}}}}}'",  # no y
         f"{NAV} '{{pose: {{position: {{x: 2.0, y: 3.0}}}}}}'",  # one pose level
         "ros2 topic list now",
