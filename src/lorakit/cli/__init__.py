@@ -15,8 +15,8 @@ USER_ERRORS = (ConfigError, DataError, AdapterError, ModelNotFoundError, FileNot
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lorakit.cli import eval as eval_cmd
     from lorakit.cli import classify, generate, inspect, merge, train
+    from lorakit.cli import eval as eval_cmd
 
     parser = argparse.ArgumentParser(
         prog="lorakit",

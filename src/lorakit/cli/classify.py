@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
+
+from lorakit.cli.parsing import subcommand
 
 EXAMPLES = """examples:
   lorakit classify --model minilm-l6 --adapter runs/sst2/adapter --text "a gorgeous, witty, seductive movie"
@@ -23,12 +24,12 @@ DEMO_TEXTS = [
 
 
 def add_parser(commands) -> None:
-    parser = commands.add_parser(
+    parser = subcommand(
+        commands,
         "classify",
         help="label texts with a classification adapter, with confidences",
         description="Print each text's label and its probability. --interactive reads lines until EOF.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=EXAMPLES,
     )
     parser.add_argument("--model", required=True, help="the adapter's base: built-in name, folder or Hub id")
     parser.add_argument("--adapter", required=True, help="a PEFT-format SEQ_CLS adapter folder (with its head)")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 from lorakit.cli.generate import add_model_arguments, load_for_inference
+from lorakit.cli.parsing import subcommand
 
 EXAMPLES = """examples:
   lorakit eval --model smollm2-135m-instruct --adapter runs/ros2-demo/adapter --data runs/ros2-data/test.jsonl --task ros2
@@ -14,12 +14,12 @@ EXAMPLES = """examples:
 
 
 def add_parser(commands) -> None:
-    parser = commands.add_parser(
+    parser = subcommand(
+        commands,
         "eval",
         help="score generations against references (exact match, task validity)",
         description="Greedy-generate a response for every record of --data and score it against its reference.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=EXAMPLES,
     )
     add_model_arguments(parser)
     parser.add_argument("--data", required=True, help="JSONL/JSON/CSV file of instruction/output records")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
+
+from lorakit.cli.parsing import subcommand
 
 EXAMPLES = """examples:
   lorakit generate --model smollm2-135m-instruct --adapter runs/ros2-demo/adapter --prompt "Move forward at 0.5 m/s"
@@ -15,13 +16,13 @@ EXAMPLES = """examples:
 
 
 def add_parser(commands) -> None:
-    parser = commands.add_parser(
+    parser = subcommand(
+        commands,
         "generate",
         help="generate with a base model and optionally an adapter",
         description="Generate responses. Instructions are wrapped in the adapter's prompt template "
         "(or --template); batch mode reads {\"instruction\": ...} lines and writes them back with \"output\".",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=EXAMPLES,
     )
     add_model_arguments(parser)
     source = parser.add_mutually_exclusive_group(required=True)

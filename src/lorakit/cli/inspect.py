@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
+
+from lorakit.cli.parsing import subcommand
 
 EXAMPLES = """examples:
   lorakit inspect runs/ros2-demo/adapter
@@ -11,12 +12,12 @@ EXAMPLES = """examples:
 
 
 def add_parser(commands) -> None:
-    parser = commands.add_parser(
+    parser = subcommand(
+        commands,
         "inspect",
         help="summarise a PEFT-format adapter folder",
         description="Print an adapter's config, its modules and ranks, its size and whether it was trained.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=EXAMPLES,
     )
     parser.add_argument("adapter", help="a PEFT-format adapter folder")
     parser.set_defaults(run=run)

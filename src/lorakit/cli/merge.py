@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
+from lorakit.cli.parsing import subcommand
 
 EXAMPLES = """examples:
   lorakit merge --model smollm2-135m-instruct --adapter runs/ros2-demo/adapter --output runs/ros2-merged
@@ -10,13 +10,13 @@ EXAMPLES = """examples:
 
 
 def add_parser(commands) -> None:
-    parser = commands.add_parser(
+    parser = subcommand(
+        commands,
         "merge",
         help="fold an adapter into its base and save a plain model",
         description="Merge the adapter into the base weights and save a plain transformers model "
         "(loadable with from_pretrained, no lorakit or PEFT needed).",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=EXAMPLES,
     )
     parser.add_argument("--model", required=True, help="the adapter's base: built-in name, folder, .gguf or Hub id")
     parser.add_argument("--adapter", required=True, help="a PEFT-format adapter folder")

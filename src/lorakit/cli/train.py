@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
+from lorakit.cli.parsing import subcommand
 
 EXAMPLES = """examples:
   lorakit train examples/ros2/config.yaml
@@ -12,12 +12,12 @@ EXAMPLES = """examples:
 
 
 def add_parser(commands) -> None:
-    parser = commands.add_parser(
+    parser = subcommand(
+        commands,
         "train",
         help="fine-tune a model with LoRA from a YAML config",
         description="Fine-tune with LoRA as the YAML config says. Any key can be overridden as --section.key VALUE.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=EXAMPLES,
     )
     parser.add_argument("config", help="YAML run config (sections: model, task, lora, data, train, eval)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
