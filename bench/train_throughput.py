@@ -8,7 +8,9 @@ same ROS 2 examples in the same order, r=8 on all seven projections, the same ba
   a  PEFT + transformers Trainer, the first seed's recipe: padding="max_length" (256) and labels
      masked by comparing ids with the pad id
   b  PEFT + Trainer with dynamic padding (pad to the longest of each batch), prompt masked
-  c  lorakit: packed rows, head on labelled positions only
+  c  lorakit: packed rows, head on labelled positions only, fused LoRA/SwiGLU, grouped attention
+  d  lorakit as c, each packed row its own forward (train.max_tokens_per_forward = pack length):
+     the same gradient with half the activations held at once
 Steps after warm-up are timed; "real tokens" are non-pad tokens. b and c run --curve-steps steps
 from the same initial adapter (b writes it, c loads it), the same data order and the same linear
 schedule, and their per-step losses are compared. The machine's fp32 GEMM rate is
@@ -30,8 +32,15 @@ from pathlib import Path
 
 import torch
 
+VARIANTS = {
+    "a": "PEFT + Trainer, seed recipe (max_length 256)",
+    "b": "PEFT + Trainer, dynamic padding",
+    "c": "lorakit",
+    "d": "lorakit, one packed row per forward",
+}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SEED_MAX_LENGTH = 256
+PACK_LENGTH = 256
 
 
 def examples(tokenizer, n: int) -> list[dict]:
@@ -95,10 +104,11 @@ def run_peft(args, recipe: str) -> dict:
     return _result(stamps, real, args, losses, rss)
 
 
-def run_lorakit(args) -> dict:
+def run_lorakit(args, max_tokens_per_forward: int = 0) -> dict:
     import lorakit
     from lorakit.models import load_causal_lm, load_tokenizer
     from lorakit.config import TrainConfig
+    from lorakit.train.lean import release_freed_memory, use_fused_paths
     from lorakit.train.loop import accumulate_gradients, real_tokens
     from lorakit.train.objectives import CausalLMObjective
     from lorakit.train.optim import build_optimizer, build_scheduler
@@ -109,8 +119,13 @@ def run_lorakit(args) -> dict:
     model = load_causal_lm(args.model)
     lorakit.load_adapter(model, _init_dir(args))  # PEFT's initial adapter (variant b wrote it)
     model.train()
-    objective = CausalLMObjective(tokenizer.pad_token_id, pack_length=256)
-    config = TrainConfig(lr=2e-4, scheduler="linear", warmup_ratio=0.0, max_grad_norm=1.0)
+    objective = CausalLMObjective(tokenizer.pad_token_id, pack_length=PACK_LENGTH)
+    config = TrainConfig(
+        lr=2e-4, scheduler="linear", warmup_ratio=0.0, max_grad_norm=1.0, max_tokens_per_forward=max_tokens_per_forward
+    )
+    use_fused_paths(model, config.fused)  # what train() switches on, as it does
+    if config.release_memory:
+        release_freed_memory()
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, steps)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -119,7 +134,7 @@ def run_lorakit(args) -> dict:
     for step in range(steps):
         batch = objective.collate(data[step * args.batch : (step + 1) * args.batch])
         real.append(real_tokens(batch))
-        losses.append(accumulate_gradients(model, [batch], objective))
+        losses.append(accumulate_gradients(model, [batch], objective, max_tokens=config.max_tokens_per_forward))
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
@@ -197,16 +212,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--curve-steps", type=int, default=50, help="steps of b and c whose losses are compared")
     parser.add_argument("--out", default="runs/bench/train_throughput.json")
-    parser.add_argument("--variant", choices=["a", "b", "c"], help=argparse.SUPPRESS)  # set in the children
+    parser.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)  # set in the children
     args = parser.parse_args()
     if args.variant:
         torch.manual_seed(0)
-        result = {"a": lambda: run_peft(args, "seed"), "b": lambda: run_peft(args, "dynamic"), "c": lambda: run_lorakit(args)}[args.variant]()
+        result = {
+            "a": lambda: run_peft(args, "seed"), "b": lambda: run_peft(args, "dynamic"),
+            "c": lambda: run_lorakit(args), "d": lambda: run_lorakit(args, max_tokens_per_forward=PACK_LENGTH),
+        }[args.variant]()
         print("RESULT " + json.dumps(result))
         return
 
     rows = {}
-    for variant in "abc":
+    for variant in VARIANTS:
         cmd = [sys.executable, __file__, "--variant", variant, *sys.argv[1:]]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
@@ -215,23 +233,20 @@ def main() -> None:
         rows[variant] = json.loads(line[len("RESULT "):])
     gemm = gemm_gflops()
     ceiling = gemm * 1e9 / flops_per_token(args.model)
-    names = {"a": "PEFT + Trainer, seed recipe (max_length 256)", "b": "PEFT + Trainer, dynamic padding", "c": "lorakit"}
-    print(f"{'variant':<48} {'real tok/s':>10} {'peak RSS MB':>12} {'training peak RSS MB':>21}")
+    print(f"{'variant':<56} {'real tok/s':>10} {'peak RSS MB':>12} {'training peak RSS MB':>21}")
     for key, row in rows.items():
-        print(f"{names[key]:<48} {row['real_tokens_per_s']:>10.1f} {row['peak_rss_mb']:>12.0f} {row['training_peak_rss_mb']:>21.0f}")
-    summary = {
-        "c_over_a": rows["c"]["real_tokens_per_s"] / rows["a"]["real_tokens_per_s"],
-        "c_over_b": rows["c"]["real_tokens_per_s"] / rows["b"]["real_tokens_per_s"],
-        "memory_c_over_b": rows["c"]["peak_rss_mb"] / rows["b"]["peak_rss_mb"],
-        "training_memory_c_over_b": rows["c"]["training_peak_rss_mb"] / rows["b"]["training_peak_rss_mb"],
-        "gemm_gflops": gemm,
-        "ceiling_tokens_per_s": ceiling,
-        "c_fraction_of_ceiling": rows["c"]["real_tokens_per_s"] / ceiling,
-    }
-    curve_b, curve_c = rows["b"]["losses"], rows["c"]["losses"]
-    n = min(len(curve_b), len(curve_c), args.curve_steps)
-    summary["curve_steps"] = n
-    summary["curve_max_relative_gap"] = max(abs(c - b) / abs(b) for b, c in zip(curve_b[:n], curve_c[:n]))
+        print(f"{key}  {VARIANTS[key]:<53} {row['real_tokens_per_s']:>10.1f} {row['peak_rss_mb']:>12.0f} {row['training_peak_rss_mb']:>21.0f}")
+    summary = {"gemm_gflops": gemm, "ceiling_tokens_per_s": ceiling}
+    for ours in "cd":
+        speed, peak = rows[ours]["real_tokens_per_s"], rows[ours]["peak_rss_mb"]
+        summary[f"{ours}_over_a"] = speed / rows["a"]["real_tokens_per_s"]
+        summary[f"{ours}_over_b"] = speed / rows["b"]["real_tokens_per_s"]
+        summary[f"memory_{ours}_over_b"] = peak / rows["b"]["peak_rss_mb"]
+        summary[f"{ours}_fraction_of_ceiling"] = speed / ceiling
+        curve_b, curve = rows["b"]["losses"], rows[ours]["losses"]
+        n = min(len(curve_b), len(curve), args.curve_steps)
+        summary[f"{ours}_curve_steps"] = n
+        summary[f"{ours}_curve_max_relative_gap"] = max(abs(c - b) / abs(b) for b, c in zip(curve_b[:n], curve[:n]))
     for key, value in summary.items():
         print(f"{key:<24} {value:.3f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

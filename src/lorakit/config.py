@@ -150,6 +150,14 @@ class TrainConfig:
     greater_is_better: bool | None = _help("whether a larger metric is better; inferred from its name if unset", default=None)
     precision: str = _help("fp32 | bf16 | fp16 (bf16/fp16 on GPU; fp32 on CPU)", default="fp32")
     gradient_checkpointing: bool = _help("recompute activations in backward to save memory", default=False)
+    fused: bool = _help("fused LoRA kernels (linear, SwiGLU MLP) and grouped attention without key/value copies:"
+                        " same math, less memory", default=True)
+    group_by_length: bool = _help("batch examples of similar length together (less padding; shuffled in groups"
+                                  " of 50 batches, as transformers' group_by_length)", default=False)
+    max_tokens_per_forward: int = _help("run each micro-batch through the model in row groups of at most this many"
+                                        " tokens (same gradient, less activation memory); 0: whole", default=0)
+    release_memory: bool = _help("let the allocator return freed activation memory to the OS at once (Linux),"
+                                 " so peak memory follows what training holds", default=True)
     seed: int = _help("seed for initialisation, shuffling and dropout", default=0)
     resume: bool = _help("continue from the latest checkpoint in output_dir", default=False)
     progress: bool = _help("show a progress bar", default=True)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lorakit.data.collate import pad_batch
+from lorakit.data.collate import pad_batch, split_rows
 from lorakit.data.masking import IGNORE_INDEX
 
 PAD = 0
@@ -70,3 +70,13 @@ def test_no_examples_and_mixed_labels():
         pad_batch([EXAMPLES[0], {"input_ids": [1]}], pad_token_id=PAD)
     with pytest.raises(ValueError, match="an example has 2 labels for 3 input_ids"):
         pad_batch([{"input_ids": [1, 2, 3], "labels": [1, 2]}], pad_token_id=PAD)
+
+
+def test_split_rows_bounds_tokens_and_keeps_every_row():
+    batch = {"input_ids": torch.arange(40).view(5, 8), "labels": torch.arange(40).view(5, 8), "real_tokens": torch.tensor(33)}
+    pieces = split_rows(batch, 17)  # two rows of 8 per piece
+    assert [p["input_ids"].shape[0] for p in pieces] == [2, 2, 1]
+    assert torch.equal(torch.cat([p["input_ids"] for p in pieces]), batch["input_ids"])
+    assert all("real_tokens" not in p for p in pieces)
+    assert split_rows(batch, 0) == [batch] and split_rows(batch, 1000) == [batch]
+    assert len(split_rows(batch, 3)) == 5  # a row longer than the bound is a piece of its own

@@ -29,7 +29,7 @@ def _grads(layer: LoraLayer, x: torch.Tensor, fused: bool):
 def test_fused_matches_plain_autograd(base):
     layer = LoraLayer(base)
     layer.add_adapter("a", r=3, alpha=6, init=False)
-    assert layer._can_fuse()
+    assert layer.can_fuse()
     x = torch.randn(2, 5, 12)
     plain, fused = _grads(layer, x, False), _grads(layer, x, True)
     for a, b in zip(plain, fused):
@@ -71,4 +71,4 @@ def test_whole_model_gradients_fused_vs_plain(input_ids):
 
 def test_bias_training_falls_back_to_the_plain_path():
     model = lorakit.inject(TINY_MODELS["gpt2"](), lorakit.LoraConfig(r=2, bias="lora_only"))
-    assert not any(layer._can_fuse() for _, layer in lora_layers(model))
+    assert not any(layer.can_fuse() for _, layer in lora_layers(model))

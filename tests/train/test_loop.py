@@ -30,8 +30,10 @@ def _batch(vocab: int = 128) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+@pytest.mark.parametrize("chunk_rows", [256, 3])
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
-def test_head_on_labelled_positions_only_gives_the_full_loss(arch):
+def test_head_on_labelled_positions_only_gives_the_full_loss(arch, chunk_rows, monkeypatch):
+    monkeypatch.setattr("lorakit.train.loss.CHUNK_ROWS", chunk_rows)  # 3: several chunks, the last one short
     model = lorakit.inject(TINY_MODELS[arch](), lorakit.LoraConfig(r=2, init_lora_weights=False))
     batch = _batch()
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -57,7 +59,10 @@ def test_accumulated_micro_batches_give_the_big_batch_gradient():
     model.zero_grad()
     accumulate_gradients(model, [pad_batch(examples[:2], 0), pad_batch(examples[2:], 0)], CausalLMObjective(0))
     assert max((a - p.grad).abs().max().item() for a, p in zip(big, params)) <= 1e-5
-    assert label_token_count(pad_batch(examples, 0)["labels"]) == 2 + 7 + 9 + 1  # every response token; the shift only drops position 0
+    assert label_token_count(pad_batch(examples, 0)["labels"]) == 2 + 7 + 9 + 1
+    model.zero_grad()
+    accumulate_gradients(model, [pad_batch(examples, 0)], CausalLMObjective(0), max_tokens=20)  # rows of 13: 1 a piece
+    assert max((a - p.grad).abs().max().item() for a, p in zip(big, params)) <= 1e-5  # every response token; the shift only drops position 0
 
 
 def test_schedule_warms_up_then_decays():

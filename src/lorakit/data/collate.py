@@ -89,3 +89,18 @@ def _check_options(
     multiple = pad_to_multiple_of
     if multiple is not None and (isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1):
         raise ValueError(f"pad_to_multiple_of must be a positive int or None, got {pad_to_multiple_of!r}")
+
+
+def split_rows(batch: dict[str, torch.Tensor], max_tokens: int) -> list[dict[str, torch.Tensor]]:
+    """Cut a batch along its rows into pieces of at most `max_tokens` (rows x length) each.
+
+    A row is never cut, so a row longer than `max_tokens` is a piece of its own; 0 keeps the
+    batch whole. Per-row tensors are sliced; per-batch scalars (`real_tokens`) stay with the whole.
+    """
+    rows, width = batch["input_ids"].shape
+    per_piece = max(1, max_tokens // width) if max_tokens > 0 else rows
+    if per_piece >= rows:
+        return [batch]
+    return [
+        {k: v[start : start + per_piece] for k, v in batch.items() if v.dim() > 0} for start in range(0, rows, per_piece)
+    ]

@@ -11,6 +11,9 @@ Backward, with g = dL/dy:
     du    = s g B                      (..., r)
     dL/dA = du^T drop(x)               (r, in)
     dL/dx = g W + (du A) * mask / (1 - p)
+
+`lora_forward` / `lora_backward` are the two halves, shared with the fused SwiGLU MLP
+(lora/fused_mlp.py), so the LoRA math exists once.
 """
 
 from __future__ import annotations
@@ -19,16 +22,38 @@ import torch
 import torch.nn.functional as F
 
 
+def lora_forward(x, weight, bias, A, B, scaling: float, p: float, training: bool):
+    """y = x W^T + b + s (drop(x) A^T) B^T; returns (y, u, keep) where u = drop(x) A^T, keep the bool mask."""
+    keep = None
+    dropped = x
+    if p > 0 and training:
+        keep = torch.rand_like(x) >= p  # bool: a quarter of the memory of the dropped copy
+        dropped = x * keep / (1 - p)
+    u = dropped @ A.T  # (..., r)
+    y = F.linear(x, weight, bias) + (u @ B.T) * scaling
+    return y, u, keep
+
+
+def lora_backward(grad, x, weight, A, B, u, keep, scaling: float, p: float, need_grad_x: bool = True):
+    """(dL/dx or None, dL/dA, dL/dB) for `lora_forward`, given g = dL/dy."""
+    g2 = grad.reshape(-1, grad.shape[-1])  # (N, out)
+    grad_B = scaling * g2.T @ u.reshape(-1, u.shape[-1])  # (out, r)
+    du = scaling * grad @ B  # (..., r)
+    dropped = x if keep is None else x * keep / (1 - p)
+    grad_A = du.reshape(-1, du.shape[-1]).T @ dropped.reshape(-1, x.shape[-1])  # (r, in)
+    grad_x = None
+    if need_grad_x:
+        through_lora = du @ A
+        if keep is not None:
+            through_lora = through_lora * keep / (1 - p)
+        grad_x = grad @ weight + through_lora
+    return grad_x, grad_A, grad_B
+
+
 class FusedLoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, scaling: float, p: float, training: bool):
-        keep = None
-        dropped = x
-        if p > 0 and training:
-            keep = torch.rand_like(x) >= p  # bool: a quarter of the memory of the dropped copy
-            dropped = x * keep / (1 - p)
-        u = dropped @ A.T  # (..., r)
-        y = F.linear(x, weight, bias) + (u @ B.T) * scaling
+        y, u, keep = lora_forward(x, weight, bias, A, B, scaling, p, training)
         ctx.save_for_backward(x, weight, A, B, u, keep)
         ctx.scaling, ctx.p = scaling, p
         return y
@@ -36,18 +61,9 @@ class FusedLoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, A, B, u, keep = ctx.saved_tensors
-        s = ctx.scaling
-        g2 = grad.reshape(-1, grad.shape[-1])  # (N, out)
-        grad_B = s * g2.T @ u.reshape(-1, u.shape[-1])  # (out, r)
-        du = s * grad @ B  # (..., r)
-        dropped = x if keep is None else x * keep / (1 - ctx.p)
-        grad_A = du.reshape(-1, du.shape[-1]).T @ dropped.reshape(-1, x.shape[-1])  # (r, in)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            through_lora = du @ A
-            if keep is not None:
-                through_lora = through_lora * keep / (1 - ctx.p)
-            grad_x = grad @ weight + through_lora
+        grad_x, grad_A, grad_B = lora_backward(
+            grad, x, weight, A, B, u, keep, ctx.scaling, ctx.p, need_grad_x=ctx.needs_input_grad[0]
+        )
         return grad_x, None, None, grad_A, grad_B, None, None, None
 
 

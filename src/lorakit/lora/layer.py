@@ -192,7 +192,7 @@ class LoraLayer(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disabled and self.merged:
             self.unmerge()
-        if self._can_fuse():
+        if self.can_fuse():
             return self._fused_forward(x)
         out = self.base_layer(x, *args, **kwargs)
         if self.disabled:
@@ -202,7 +202,7 @@ class LoraLayer(nn.Module):
                 out = out + self._adapter_output(self.adapters[name], x).to(out.dtype)
         return out
 
-    def _can_fuse(self) -> bool:
+    def can_fuse(self) -> bool:
         """One active unmerged adapter on a plain float Linear/Conv1D whose weight and bias are frozen."""
         base = self.base_layer
         return (
@@ -216,13 +216,16 @@ class LoraLayer(nn.Module):
             and (base.bias is None or not base.bias.requires_grad)
         )
 
-    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fused_parts(self) -> tuple:
+        """(weight as (out, in), bias, A, B, scaling, dropout p) of the one adapter the fused path applies."""
         adapter = self.adapters[self.active[0]]
         weight = self.base_layer.weight if self.kind == "linear" else self.base_layer.weight.T  # (out, in)
         p = adapter.dropout.p if isinstance(adapter.dropout, nn.Dropout) else 0.0
-        return fused_lora_linear(
-            x.to(adapter.A.dtype), weight, self.base_layer.bias, adapter.A, adapter.B, adapter.scaling, p, self.training
-        )
+        return weight, self.base_layer.bias, adapter.A, adapter.B, adapter.scaling, p
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias, A, B, scaling, p = self.fused_parts()
+        return fused_lora_linear(x.to(A.dtype), weight, bias, A, B, scaling, p, self.training)
 
     def _adapter_output(self, adapter: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "embedding":

@@ -18,6 +18,9 @@ from tqdm.auto import tqdm
 from lorakit.checkpoint.peft_io import restore_adapter_weights, save_adapter
 from lorakit.checkpoint.resume import checkpoint_dir, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from lorakit.config import TrainConfig
+from lorakit.data.collate import split_rows
+from lorakit.train.length_grouping import length_grouped
+from lorakit.train.lean import release_freed_memory, use_fused_paths
 from lorakit.train.metrics import MetricsLog
 from lorakit.train.optim import build_optimizer, build_scheduler
 
@@ -50,31 +53,41 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 class Batches:
     """Micro-batch `i` of the whole run, computed from its index alone (exact resume needs no state)."""
 
-    def __init__(self, examples: list[dict], batch_size: int, collate, seed: int):
+    def __init__(self, examples: list[dict], batch_size: int, collate, seed: int, group_by_length: bool = False):
         self.examples, self.batch_size, self.collate, self.seed = examples, batch_size, collate, seed
         self.per_epoch = math.ceil(len(examples) / batch_size)
+        self.lengths = [len(e["input_ids"]) for e in examples] if group_by_length else None
         self._orders: dict[int, list[int]] = {}
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         epoch, within = divmod(index, self.per_epoch)
         if epoch not in self._orders:
-            self._orders = {epoch: epoch_order(len(self.examples), self.seed, epoch)}
+            order = epoch_order(len(self.examples), self.seed, epoch)
+            if self.lengths is not None:
+                order = length_grouped(order, self.lengths, self.batch_size, self.seed * 100_003 + epoch)
+            self._orders = {epoch: order}
         ids = self._orders[epoch][within * self.batch_size : (within + 1) * self.batch_size]
         return self.collate([self.examples[i] for i in ids])
 
 
 def accumulate_gradients(
-    model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], objective, precision: Precision | None = None
+    model: nn.Module,
+    micro_batches: list[dict[str, torch.Tensor]],
+    objective,
+    precision: Precision | None = None,
+    max_tokens: int = 0,
 ) -> float:
     """Backpropagate one optimizer step's micro-batches; return the step's mean token loss.
 
     Each micro-batch's loss sum is divided by the label count of the whole window, so the
-    gradient equals that of one big batch, however the tokens fall into micro-batches.
+    gradient equals that of one big batch, however the tokens fall into micro-batches. With
+    `max_tokens`, each micro-batch runs through the model in row groups of at most that many
+    tokens (same gradient, a fraction of the activation memory).
     """
     precision = precision or Precision()
     count = max(sum(objective.count(b) for b in micro_batches), 1)
     total = 0.0
-    for batch in micro_batches:
+    for batch in (piece for b in micro_batches for piece in split_rows(b, max_tokens)):
         with precision.autocast():
             loss = objective.loss_sum(model, batch) / count
         precision.backward(loss)
@@ -142,7 +155,7 @@ def train(
     out = Path(config.output_dir)
     device = next(p for p in model.parameters()).device
     seed_everything(config.seed)
-    batches = Batches(train_examples, config.batch_size, objective.collate, config.seed)
+    batches = Batches(train_examples, config.batch_size, objective.collate, config.seed, config.group_by_length)
     steps_per_epoch = math.ceil(batches.per_epoch / config.grad_accum)
     total_steps = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.epochs * steps_per_epoch))
     optimizer = build_optimizer(model, config)
@@ -154,6 +167,9 @@ def train(
         greater = not any(w in config.metric_for_best for w in ("loss", "perplexity"))
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    log.info("lean path: %s", use_fused_paths(model, config.fused))
+    if config.release_memory:
+        release_freed_memory()
 
     start_step, best, best_path = 0, None, None
     checkpoints = list_checkpoints(out) if config.resume else []
@@ -190,7 +206,7 @@ def train(
     for step in range(start_step + 1, total_steps + 1):
         micro = [batches[(step - 1) * config.grad_accum + i] for i in range(config.grad_accum)]
         micro = [{k: v.to(device) for k, v in b.items()} for b in micro]
-        step_loss = accumulate_gradients(model, micro, objective, precision)
+        step_loss = accumulate_gradients(model, micro, objective, precision, config.max_tokens_per_forward)
         window_tokens += sum(real_tokens(b) for b in micro)
         precision.step(optimizer, trainable, config.max_grad_norm)
         scheduler.step()

@@ -16,7 +16,7 @@ from lorakit.data.masking import IGNORE_INDEX
 
 # Families whose logits are exactly head(trunk(x)): no softcapping or logit scaling to reproduce.
 PLAIN_HEAD_TYPES = {"llama", "qwen2", "qwen3", "mistral", "gpt2", "smollm3", "phi3"}
-CHUNK_ROWS = 1024
+CHUNK_ROWS = 256
 
 
 def label_token_count(labels: torch.Tensor) -> int:
@@ -43,8 +43,40 @@ def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torc
     keep = targets != IGNORE_INDEX
     rows, row_targets = hidden[keep], targets[keep]  # (N, d), (N,)
     head = model.get_output_embeddings()
+    if isinstance(head, nn.Linear) and head.bias is None and not head.weight.requires_grad:
+        return HeadCrossEntropy.apply(rows, head.weight, row_targets)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, rows.shape[0], CHUNK_ROWS):
         logits = head(rows[start : start + CHUNK_ROWS]).float()  # (chunk, vocab)
         total = total + F.cross_entropy(logits, row_targets[start : start + CHUNK_ROWS], reduction="sum")
     return total
+
+
+class HeadCrossEntropy(torch.autograd.Function):
+    """sum_i CE(W h_i, t_i) for a frozen head W, with dL/dh computed chunk by chunk in forward.
+
+    Autograd through the head would keep every chunk's (rows x vocab) logits and softmax until
+    backward; here each chunk's logits live only inside the loop, and what is kept is dL/dh,
+    the size of the hidden states:  dL/dh_i = (softmax(W h_i) - onehot(t_i)) W.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, weight, targets):
+        total = rows.new_zeros((), dtype=torch.float32)
+        want_grad = ctx.needs_input_grad[0]  # forward runs with grad mode off: ask autograd instead
+        grad_rows = torch.empty_like(rows) if want_grad else None
+        for start in range(0, rows.shape[0], CHUNK_ROWS):
+            chunk, chunk_targets = rows[start : start + CHUNK_ROWS], targets[start : start + CHUNK_ROWS]
+            logits = (chunk @ weight.T).float()  # (chunk, vocab)
+            total += F.cross_entropy(logits, chunk_targets, reduction="sum")
+            if want_grad:
+                probs = logits.softmax(-1)
+                probs[torch.arange(len(chunk_targets)), chunk_targets] -= 1
+                grad_rows[start : start + CHUNK_ROWS] = (probs @ weight.float()).to(rows.dtype)
+        ctx.save_for_backward(grad_rows)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        (grad_rows,) = ctx.saved_tensors
+        return grad_rows * grad.to(grad_rows.dtype), None, None
