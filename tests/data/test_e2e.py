@@ -122,3 +122,13 @@ def test_train_parts_through_the_data_config():
     assert fmt == "instruction" and len(train) == 300 and len(evaluation) == 20
     assert train == read_records(config, seed=0)[0]  # the sample is seeded, so reproducible
     assert train[0]["instruction"].startswith("name: ") and train[0]["output"]
+
+
+def test_the_example_config_is_valid_and_under_one_percent():
+    from lorakit.config import load_run_config
+
+    config = load_run_config(Path(__file__).resolve().parents[2] / "examples" / "e2e" / "config.yaml")
+    assert config.data.format == "e2e" and config.train.max_minutes == 55
+    # r on all seven SmolLM2-135M projections: 30 layers x r x (in + out) summed over q, k, v, o, gate, up, down.
+    per_layer = sum(a + b for a, b in [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)])
+    assert 30 * config.lora.r * per_layer / (134_515_008 + 30 * config.lora.r * per_layer) < 0.01

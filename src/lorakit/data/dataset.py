@@ -34,7 +34,10 @@ def read_records(config: DataConfig, seed: int) -> tuple[list[dict], list[dict],
     else:
         raise DataError("data.train_file: not set; give a JSONL/JSON/CSV/TSV file (or data.hf_dataset)")
     fmt = validate_records(train, fmt, config.train_file)
-    check = lambda records, source: validate_records(records, fmt, source)  # noqa: E731
+
+    def check(records: list[dict], source: str) -> None:
+        validate_records(records, fmt, source)
+
     train, evaluation = with_eval_split(config, train, check, seed, load)
     return train, evaluation, fmt
 
