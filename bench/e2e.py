@@ -94,7 +94,7 @@ def main() -> None:
     tokenised = aligned_references(test, read_lora_format(data / "lora_format" / "test.txt"), "lora_format/test.txt")
     tokenizer = load_tokenizer(config.model)
     model = load_causal_lm(config.model).to(default_device())
-    load_adapter(model, adapter_dir)
+    rank = load_adapter(model, adapter_dir).r
     template = get_template(config.data.template, tokenizer)
     prompts = [template.render({"instruction": p, "output": ""})[0] for p in test.prompts]
     trainable = trainable_params(adapter_dir)
@@ -103,7 +103,7 @@ def main() -> None:
     result = {"model": config.model, "adapter": adapter_dir, "test_mrs": len(test), "test_references": len(rows) if
               args.test_mrs is None else sum(map(len, test.references)), "trainable_params": trainable,
               "trainable_percent": round(100 * trainable / total, 3), "train": {k: summary.get(k) for k in ("steps", "seconds", "eval", "best_checkpoint")},
-              "train_pairs": config.data.max_train_examples, "decodings": {}}
+              "train_pairs": config.data.max_train_examples if not args.adapter else None, "decodings": {}}
     table_rows = list(PAPER_ROWS)
     for name, generation in decodings(args).items():
         t0 = time.time()
@@ -112,14 +112,15 @@ def main() -> None:
         scores = score_e2e(preds, test.references, tokenised)
         (out / f"predictions-{name}.txt").write_text("\n".join(preds) + "\n", encoding="utf-8")
         result["decodings"][name] = {**scores, "decode_seconds": round(seconds, 1), "config": vars(generation)}
-        table_rows.append({"method": f"{config.model} LoRA r={config.lora.r}, {name} (ours)",
+        table_rows.append({"method": f"{config.model} LoRA r={rank}, {name} (ours)",
                            "trainable": f"{trainable / 1e6:.2f}M", **scores})
     result["wall_seconds"] = round(time.time() - started, 1)
     (out / "bench.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
     subset = "all 630" if args.test_mrs is None else f"the first {len(test)} of 630 (file order)"
-    print(f"\nE2E NLG test set: {subset} MRs, {result['test_references']} references; "
-          f"trained {summary.get('steps')} steps in {summary.get('seconds')} s on {config.data.max_train_examples} pairs; "
+    trained = (f"trained {summary['steps']} steps in {summary['seconds']} s on {config.data.max_train_examples} pairs; "
+               if not args.adapter else f"adapter {adapter_dir}; ")
+    print(f"\nE2E NLG test set: {subset} MRs, {result['test_references']} references; {trained}"
           f"trainable {trainable:,d} = {result['trainable_percent']}% of {total:,d}")
     print(table(table_rows))
     for name, scores in result["decodings"].items():

@@ -29,3 +29,10 @@ def test_no_repeat_ngram_size_blocks_repeats(tmp_path):
     ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in free]
     assert any(len(set(i)) < len(i) for i in ids)  # an untrained model repeats itself...
     assert blocked != free  # ...and blocking every repeated token changes what it writes
+
+
+def test_stop_strings_cut_after_leading_whitespace():
+    from lorakit.infer.generate import _cut
+
+    assert _cut("\n\nThe Vaults is a pub.\nA: more", ("\n",)) == "The Vaults is a pub."
+    assert _cut("red red</s>", ("</s>", "\n")) == "red red"

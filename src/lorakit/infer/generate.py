@@ -77,6 +77,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], config: Generation
 
 
 def _cut(text: str, stops: tuple[str, ...]) -> str:
+    text = text.lstrip()  # a stop string (say a line break) before any text does not end the output
     for stop in stops:
         if stop in text:
             text = text[: text.index(stop)]
