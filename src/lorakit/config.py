@@ -108,7 +108,11 @@ class DataConfig:
     train_file: str | None = _help("JSONL, JSON, CSV or TSV file of training examples", default=None)
     eval_file: str | None = _help("held-out examples; if unset, eval_size of the training file is split off", default=None)
     hf_dataset: str | None = _help("a Hugging Face `datasets` name to load instead of train_file", default=None)
-    format: str | None = _help("instruction | alpaca | chat | text_label; detected from the first record if unset", default=None)
+    format: str | None = _help(
+        "instruction | alpaca | chat | text_label | e2e (official E2E NLG CSVs; a glob joins the train parts); "
+        "detected from the first record if unset",
+        default=None,
+    )
     template: str = _help("prompt template: seed, alpaca, chat, or a custom string with {instruction}", default="seed")
     max_length: int = _help("longest sequence in tokens; longer examples are truncated and counted", default=256)
     eval_size: float = _help("share (or count, if >= 1) of the training file held out when no eval_file", default=0.1)
@@ -131,6 +135,11 @@ class TrainConfig:
     output_dir: str = _help("run folder: adapter/, checkpoints/, metrics.jsonl, curves.png", default="runs/train")
     epochs: float = _help("passes over the training set (ignored when max_steps > 0)", default=1.0)
     max_steps: int = _help("optimizer steps; > 0 overrides epochs", default=0)
+    max_minutes: float | None = _help(
+        "time budget: stop after the first step past this many minutes of training, then evaluate and save "
+        "(the schedule still spans epochs/max_steps, so size those to fit)",
+        default=None,
+    )
     batch_size: int = _help("examples per micro-batch and device", default=8)
     grad_accum: int = _help("micro-batches per optimizer step", default=1)
     lr: float = _help("peak learning rate", default=2e-4)
@@ -167,7 +176,7 @@ class TrainConfig:
 class EvalConfig:
     """What is measured after training, beside the loss."""
 
-    task: str | None = _help("task scorer for generated outputs: ros2, or none", default=None)
+    task: str | None = _help("task scorer for generated outputs: ros2, e2e (BLEU, ROUGE-L per distinct prompt), or none", default=None)
     max_new_tokens: int = _help("generation budget per example", default=64)
     batch_size: int = _help("prompts per generation batch", default=32)
     compare_base: bool = _help("also score the base model without the adapter", default=True)
@@ -193,13 +202,13 @@ class RunConfig:
 
 CHOICES = {
     ("RunConfig", "task"): ("causal_lm", "seq_cls"),
-    ("DataConfig", "format"): (None, "instruction", "alpaca", "chat", "text_label"),
+    ("DataConfig", "format"): (None, "instruction", "alpaca", "chat", "text_label", "e2e"),
     ("TrainConfig", "scheduler"): ("cosine", "linear", "constant"),
     ("TrainConfig", "optimizer"): ("adamw", "adamw_8bit", "paged_adamw_8bit"),
     ("TrainConfig", "eval_strategy"): ("no", "steps", "epoch"),
     ("TrainConfig", "save_strategy"): ("no", "steps", "epoch"),
     ("TrainConfig", "precision"): ("fp32", "bf16", "fp16"),
-    ("EvalConfig", "task"): (None, "ros2"),
+    ("EvalConfig", "task"): (None, "ros2", "e2e"),
 }
 POSITIVE = {"pack_length", "max_length", "batch_size", "grad_accum", "logging_steps", "eval_steps", "save_steps", "max_new_tokens"}
 
@@ -221,6 +230,8 @@ def run_problems(run: "RunConfig") -> list[str]:
         out.append(f"task: given {run.task!r}, expected causal_lm or seq_cls")
     if run.train.lr <= 0:
         out.append(f"train.lr: given {run.train.lr!r}, expected a positive number")
+    if run.train.max_minutes is not None and run.train.max_minutes <= 0:
+        out.append(f"train.max_minutes: given {run.train.max_minutes!r}, expected a positive number of minutes or null")
     if not 0 <= run.train.warmup_ratio < 1:
         out.append(f"train.warmup_ratio: given {run.train.warmup_ratio!r}, expected a number in [0, 1)")
     return out

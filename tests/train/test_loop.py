@@ -98,3 +98,19 @@ def test_a_toy_task_is_learned_and_generation_stops_at_eos(tmp_path):
     assert ids[-1].item() == tokenizer.eos_token_id and len(ids) < 20
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+
+
+def test_time_budget_stops_then_evaluates_and_saves(tmp_path):
+    folder = toy_model_folder(tmp_path / "model")
+    tokenizer, model = load_tokenizer(folder), load_causal_lm(folder)
+    examples, _ = tokenize_dataset(tokenizer, TOY_TASK, "seed", max_length=64)
+    lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=TOY_TARGETS))
+    config = TrainConfig(
+        output_dir=str(tmp_path / "run"), max_steps=100_000, max_minutes=0.02, batch_size=4,  # a 1.2 s budget
+        eval_strategy="steps", eval_steps=50_000, save_strategy="steps", save_steps=50_000, progress=False,
+    )
+    result = train(model, examples, examples, config, CausalLMObjective(tokenizer.pad_token_id))
+    assert 0 < result.steps < 100_000 and result.seconds < 30
+    assert "eval_loss" in result.final_eval  # the stopping step was evaluated...
+    assert int(result.best_checkpoint.rsplit("-", 1)[1]) == result.steps  # ...and saved, so keep-best sees it
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()

@@ -26,21 +26,35 @@ class PreparedData:
 
 def read_records(config: DataConfig, seed: int) -> tuple[list[dict], list[dict], str]:
     """Raw (train, eval) records and their format, with the split and size limits applied."""
+    load, fmt = file_reader(config.format)
     if config.hf_dataset:
         train = load_hf_dataset(config.hf_dataset, "train")
     elif config.train_file:
-        train = load_records(config.train_file)
+        train = load(config.train_file)
     else:
         raise DataError("data.train_file: not set; give a JSONL/JSON/CSV/TSV file (or data.hf_dataset)")
-    fmt = validate_records(train, config.format, config.train_file)
-    train, evaluation = with_eval_split(config, train, lambda records, source: validate_records(records, fmt, source), seed)
+    fmt = validate_records(train, fmt, config.train_file)
+
+    def check(records: list[dict], source: str) -> None:
+        validate_records(records, fmt, source)
+
+    train, evaluation = with_eval_split(config, train, check, seed, load)
     return train, evaluation, fmt
 
 
-def with_eval_split(config: DataConfig, train: list[dict], check, seed: int) -> tuple[list[dict], list[dict]]:
+def file_reader(fmt: str | None):
+    """(reader, record format) for `data.format`: data sets with their own file layout bring a reader."""
+    if fmt == "e2e":  # official E2E NLG CSVs -> instruction records (lorakit.data.e2e)
+        from lorakit.data.e2e import read_e2e_records
+
+        return read_e2e_records, "instruction"
+    return load_records, fmt
+
+
+def with_eval_split(config: DataConfig, train: list[dict], check, seed: int, load=load_records) -> tuple[list[dict], list[dict]]:
     """(train, eval): eval_file's records (checked with `check`) or a seeded hold-out; then the size limits."""
     if config.eval_file:
-        evaluation = load_records(config.eval_file)
+        evaluation = load(config.eval_file)
         check(evaluation, config.eval_file)
     else:
         size = int(config.eval_size) if config.eval_size >= 1 else config.eval_size

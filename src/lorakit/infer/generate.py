@@ -17,6 +17,9 @@ class GenerationConfig:
     batch_size: int = 32
     stop: tuple[str, ...] = ()
     add_special_tokens: bool = True  # False when prompts already hold BOS etc. (chat templates)
+    num_beams: int = 1  # > 1: beam search (greedy beams; temperature must be 0)
+    length_penalty: float = 1.0  # beam search: score / length**length_penalty; < 1 favours shorter outputs
+    no_repeat_ngram_size: int = 0  # > 0: no n-gram of this size appears twice in an output
 
 
 def stop_token_ids(tokenizer, model: nn.Module) -> list[int]:
@@ -30,6 +33,9 @@ def stop_token_ids(tokenizer, model: nn.Module) -> list[int]:
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: list[str], config: GenerationConfig | None = None) -> list[str]:
     """Complete each prompt; returns only the new text, cut at EOS or the first stop string.
+
+    Greedy by default; temperature > 0 samples; num_beams > 1 runs beam search (the LoRA paper's
+    E2E decoding is num_beams=10, length_penalty=0.9, no_repeat_ngram_size=4).
 
     Prompts are batched `config.batch_size` at a time with left padding, so a batch gives the
     same greedy outputs as one prompt at a time.
@@ -46,6 +52,9 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], config: Generation
             chunk = prompts[start : start + config.batch_size]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=config.add_special_tokens).to(device)
             sampling = config.temperature > 0
+            beams = {"num_beams": config.num_beams, "length_penalty": config.length_penalty} if config.num_beams > 1 else {}
+            if config.no_repeat_ngram_size > 0:
+                beams["no_repeat_ngram_size"] = config.no_repeat_ngram_size
             if sampling:
                 torch.manual_seed(config.seed + start)
             out = model.generate(
@@ -57,6 +66,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], config: Generation
                 top_k=None,
                 eos_token_id=stop_token_ids(tokenizer, model),
                 pad_token_id=tokenizer.pad_token_id,
+                **beams,
             )
             new_tokens = out[:, enc["input_ids"].shape[1] :]
             outputs += [_cut(t, config.stop) for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
@@ -67,6 +77,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], config: Generation
 
 
 def _cut(text: str, stops: tuple[str, ...]) -> str:
+    text = text.lstrip()  # a stop string (say a line break) before any text does not end the output
     for stop in stops:
         if stop in text:
             text = text[: text.index(stop)]

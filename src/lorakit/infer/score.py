@@ -14,12 +14,23 @@ def task_scorer(task: str | None):
         from lorakit.tasks import ros2
 
         return ros2.score
+    if task == "e2e":
+        from lorakit.tasks import e2e
+
+        return e2e.score
     return lambda preds, refs: {"exact_match": sum(p.strip() == r.strip() for p, r in zip(preds, refs)) / len(refs)}
 
 
 def score_generations(model: nn.Module, tokenizer, records: list[dict], template, config: EvalConfig) -> dict:
-    """Greedy-generate a response for each record; return the task's scores and a few samples."""
+    """Greedy-generate a response for each record; return the task's scores and a few samples.
+
+    For a multi-reference task (E2E: several references per meaning representation) each distinct
+    prompt is generated once and scored against all of its records' references.
+    """
+    scorer = task_scorer(config.task)
     pairs = [template.render(r) for r in records]
+    if getattr(scorer, "multi_reference", False):
+        pairs, records = _group_by_prompt(pairs, records)
     prompts, refs = [p for p, _ in pairs], [ref for _, ref in pairs]
     generation = GenerationConfig(
         max_new_tokens=config.max_new_tokens,
@@ -27,9 +38,23 @@ def score_generations(model: nn.Module, tokenizer, records: list[dict], template
         add_special_tokens=not getattr(template, "special_tokens_in_prompt", False),
     )
     preds = generate(model, tokenizer, prompts, generation)
-    scores = task_scorer(config.task)(preds, refs)
+    scores = scorer(preds, refs)
     samples = [
-        {"instruction": r.get("instruction", prompts[i]), "reference": refs[i], "prediction": preds[i]}
+        {"instruction": r.get("instruction", prompts[i]), "reference": _first(refs[i]), "prediction": preds[i]}
         for i, r in enumerate(records[: config.samples])
     ]
     return {**scores, "samples": samples}
+
+
+def _group_by_prompt(pairs: list[tuple[str, str]], records: list[dict]) -> tuple[list, list[dict]]:
+    """[(prompt, [every reference of that prompt])] in order of first appearance, and one record per prompt."""
+    grouped: dict[str, list[str]] = {}
+    first: dict[str, dict] = {}
+    for (prompt, ref), record in zip(pairs, records):
+        grouped.setdefault(prompt, []).append(ref)
+        first.setdefault(prompt, record)
+    return list(grouped.items()), list(first.values())
+
+
+def _first(ref: str | list[str]) -> str:
+    return ref if isinstance(ref, str) else ref[0]

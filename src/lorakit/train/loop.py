@@ -203,6 +203,8 @@ def train(
     started, window_tokens, window_start = time.time(), 0, time.time()
     last_eval: dict = {}
     bar = tqdm(total=total_steps, initial=start_step, disable=not config.progress, desc="train", dynamic_ncols=True)
+    deadline = started + 60 * config.max_minutes if config.max_minutes else None
+    step = start_step
     for step in range(start_step + 1, total_steps + 1):
         micro = [batches[(step - 1) * config.grad_accum + i] for i in range(config.grad_accum)]
         micro = [{k: v.to(device) for k, v in b.items()} for b in micro]
@@ -212,7 +214,9 @@ def train(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        if step % config.logging_steps == 0 or step == total_steps:
+        out_of_time = deadline is not None and time.time() >= deadline and step < total_steps
+        last = step == total_steps or out_of_time
+        if step % config.logging_steps == 0 or last:
             elapsed = time.time() - window_start
             lr = scheduler.get_last_lr()[0]
             speed = window_tokens / max(elapsed, 1e-9)
@@ -221,17 +225,20 @@ def train(
             window_tokens, window_start = 0, time.time()
         bar.update(1)
 
-        epoch_end = step % steps_per_epoch == 0 or step == total_steps
-        due_eval = (config.eval_strategy == "steps" and step % config.eval_steps == 0) or (
+        epoch_end = step % steps_per_epoch == 0 or last
+        due_eval = (config.eval_strategy == "steps" and (step % config.eval_steps == 0 or out_of_time)) or (
             config.eval_strategy == "epoch" and epoch_end
         )
         result = evaluate(step) if due_eval and eval_examples else None
         last_eval = result or last_eval
-        due_save = (config.save_strategy == "steps" and step % config.save_steps == 0) or (
+        due_save = (config.save_strategy == "steps" and (step % config.save_steps == 0 or out_of_time)) or (
             config.save_strategy == "epoch" and epoch_end
         )
         if due_save:
             checkpoint(step, result)
+        if out_of_time:  # train.max_minutes: a budget, not a schedule; the last step was evaluated and saved
+            log.warning("train.max_minutes %g reached after step %d of %d; stopping", config.max_minutes, step, total_steps)
+            break
     bar.close()
 
     if best_path is not None:  # keep-best: the model leaves with the best checkpoint's adapter
@@ -239,7 +246,7 @@ def train(
     adapter_dir = save_adapter(model, out / "adapter", ADAPTER)
     metrics.plot()
     return TrainResult(
-        steps=total_steps,
+        steps=step,
         final_eval=last_eval,
         best_metric=best,
         best_checkpoint=str(best_path) if best_path else None,

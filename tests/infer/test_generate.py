@@ -1,0 +1,38 @@
+"""Batched generation on a tiny model: beam search with left padding, n-gram blocking."""
+
+from __future__ import annotations
+
+from lorakit.infer.generate import GenerationConfig, generate
+from lorakit.models import load_causal_lm, load_tokenizer
+from conftest import toy_model_folder
+
+PROMPTS = ["### Instruction:\nsay red\n\n### Command:\n", "### Instruction:\nsay a long gold and grey thing\n\n### Command:\n",
+           "say", "### Instruction:\nsay pink\n\n"]
+
+
+def test_beam_search_in_a_left_padded_batch_equals_one_prompt_at_a_time(tmp_path):
+    folder = toy_model_folder(tmp_path / "model")
+    tokenizer, model = load_tokenizer(folder), load_causal_lm(folder)
+    beams = dict(max_new_tokens=10, num_beams=4, length_penalty=0.9, no_repeat_ngram_size=2)
+    batched = generate(model, tokenizer, PROMPTS, GenerationConfig(batch_size=4, **beams))
+    alone = generate(model, tokenizer, PROMPTS, GenerationConfig(batch_size=1, **beams))
+    assert batched == alone
+    greedy = generate(model, tokenizer, PROMPTS, GenerationConfig(max_new_tokens=10))
+    assert batched != greedy  # the options reach transformers' generate
+
+
+def test_no_repeat_ngram_size_blocks_repeats(tmp_path):
+    folder = toy_model_folder(tmp_path / "model")
+    tokenizer, model = load_tokenizer(folder), load_causal_lm(folder)
+    free = generate(model, tokenizer, PROMPTS, GenerationConfig(max_new_tokens=16))
+    blocked = generate(model, tokenizer, PROMPTS, GenerationConfig(max_new_tokens=16, no_repeat_ngram_size=1))
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in free]
+    assert any(len(set(i)) < len(i) for i in ids)  # an untrained model repeats itself...
+    assert blocked != free  # ...and blocking every repeated token changes what it writes
+
+
+def test_stop_strings_cut_after_leading_whitespace():
+    from lorakit.infer.generate import _cut
+
+    assert _cut("\n\nThe Vaults is a pub.\nA: more", ("\n",)) == "The Vaults is a pub."
+    assert _cut("red red</s>", ("</s>", "\n")) == "red red"
