@@ -6,11 +6,10 @@ import pytest
 import torch
 
 import lorakit
+from conftest import TOY_TARGETS, perturb, toy_model_folder
 from lorakit.infer.generate import GenerationConfig, generate
 from lorakit.infer.multi_adapter import Request, generate_mixed
 from lorakit.models import load_causal_lm, load_tokenizer
-
-from conftest import TOY_TARGETS, perturb, toy_model_folder
 
 NAMES = ["a", "b", "c", "d"]
 PROMPTS = ["say red", "say green and", "### Instruction:\nsay blue", "gold", "say pink pink", "white grey"]
@@ -23,7 +22,9 @@ def toy(tmp_path_factory):
     folder = toy_model_folder(root / "model")
     model = load_causal_lm(folder)
     for seed, name in enumerate(NAMES):
-        lorakit.inject(model, lorakit.LoraConfig(r=2 + 2 * seed, lora_alpha=8, target_modules=TOY_TARGETS), name)
+        lorakit.inject(
+            model, lorakit.LoraConfig(r=2 + 2 * seed, lora_alpha=8, target_modules=TOY_TARGETS), name
+        )
         perturb(model, name, std=0.3, seed=seed)
         lorakit.save_adapter(model, root / name, name)
     return folder, root
@@ -81,7 +82,9 @@ def test_stop_strings_streaming_and_sampling(toy):
     pieces: list[str] = []
     greedy = Request(prompt, "a", 16, stop=(stop,))
     sampled = [Request(prompt, "b", 8, temperature=0.9, top_p=0.8, seed=s) for s in (1, 1, 2)]
-    got = generate_mixed(model, tokenizer, [greedy, *sampled], on_text=lambda i, t: pieces.append(t) if i == 0 else None)
+    got = generate_mixed(
+        model, tokenizer, [greedy, *sampled], on_text=lambda i, t: pieces.append(t) if i == 0 else None
+    )
     assert got[0].text == full.text[: full.text.index(stop)] and got[0].finish_reason == "stop"
     assert "".join(pieces) == got[0].text  # the stream never shows part of a stop string
     assert got[1].token_ids == got[2].token_ids  # same seed, same tokens, whatever else is in the batch
@@ -95,8 +98,9 @@ def test_cancel_and_bad_requests(toy):
     model = load_causal_lm(folder)
     lorakit.load_adapter(model, root / "a", "a")
     prompt = tokenizer("say red")["input_ids"]
-    got = generate_mixed(model, tokenizer, [Request(prompt, "a", 20), Request(prompt, None, 20)],
-                         on_text=lambda i, t: i != 0)
+    got = generate_mixed(
+        model, tokenizer, [Request(prompt, "a", 20), Request(prompt, None, 20)], on_text=lambda i, t: i != 0
+    )
     assert got[0].finish_reason == "cancelled" and len(got[0].token_ids) == 1
     assert len(got[1].token_ids) == 20 or got[1].finish_reason == "stop"
     with pytest.raises(ValueError, match="max_tokens"):

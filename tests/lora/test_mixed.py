@@ -6,9 +6,8 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.lora.mixed import row_adapters
-
 from conftest import TINY_MODELS, logits_of, perturb
+from lorakit.lora.mixed import row_adapters
 
 
 def with_adapters(arch: str, ranks: dict[str, int], targets=None):
@@ -54,10 +53,8 @@ def test_embedding_adapters_and_row_selection():
 
 def test_refuses_unknown_and_merged_adapters():
     model = with_adapters("llama", {"a": 4})
-    with pytest.raises(KeyError, match="no adapter 'zzz'"):
-        with row_adapters(model, ["zzz"]):
-            pass
+    with pytest.raises(KeyError, match="no adapter 'zzz'"), row_adapters(model, ["zzz"]):
+        pass
     lorakit.merge_adapters(model)
-    with pytest.raises(ValueError, match="unmerged"):
-        with row_adapters(model, ["a"]):
-            pass
+    with pytest.raises(ValueError, match="unmerged"), row_adapters(model, ["a"]):
+        pass

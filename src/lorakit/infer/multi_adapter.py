@@ -35,6 +35,7 @@ class Request:
     top_p: float = 1.0
     seed: int = 0
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # generate exactly max_tokens tokens (benchmarks)
 
 
 @dataclass
@@ -57,7 +58,7 @@ class _Row:
     finish_reason: str | None = None
 
     def push(self, token: int, eos: set[int], tokenizer) -> None:
-        if token in eos:
+        if token in eos and not self.request.ignore_eos:
             self.finish_reason = "stop"
             return
         self.tokens.append(token)
@@ -113,7 +114,9 @@ def generate_mixed(
             raise ValueError(f"request {i}: needs a non-empty prompt and max_tokens >= 1")
     device = next(model.parameters()).device
     eos = set(stop_token_ids(tokenizer, model))
-    rows = [_Row(r, torch.Generator(device).manual_seed(r.seed) if r.temperature > 0 else None) for r in requests]
+    rows = [
+        _Row(r, torch.Generator(device).manual_seed(r.seed) if r.temperature > 0 else None) for r in requests
+    ]
     ids, mask = _left_pad([r.prompt_ids for r in requests], _pad_id(tokenizer, eos), device)
     position = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L): left padding does not shift positions
     cache = DynamicCache(config=model.config)
@@ -123,7 +126,11 @@ def generate_mixed(
         with row_adapters(model, [r.adapter for r in requests], strategy) as state:
             live = list(range(len(rows)))  # request index of each batch row
             logits = model(
-                input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, logits_to_keep=1
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=position,
+                past_key_values=cache,
+                logits_to_keep=1,
             ).logits[:, -1]
             while True:
                 tokens = next_tokens(
@@ -132,7 +139,11 @@ def generate_mixed(
                     [rows[i].request.top_p for i in live],
                     [rows[i].generator for i in live],
                 )
-                keep = [b for b, i in enumerate(live) if _step(rows[i], i, int(tokens[b]), eos, tokenizer, on_text)]
+                keep = [
+                    b
+                    for b, i in enumerate(live)
+                    if _step(rows[i], i, int(tokens[b]), eos, tokenizer, on_text)
+                ]
                 if not keep:
                     break
                 if len(keep) < len(live):  # finished rows leave the batch and the cache
@@ -144,7 +155,10 @@ def generate_mixed(
                 mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
                 position = position[:, -1:] + 1
                 logits = model(
-                    input_ids=tokens[:, None], attention_mask=mask, position_ids=position, past_key_values=cache
+                    input_ids=tokens[:, None],
+                    attention_mask=mask,
+                    position_ids=position,
+                    past_key_values=cache,
                 ).logits[:, -1]
     finally:
         model.train(was_training)

@@ -6,9 +6,10 @@ For a LoRA layer with base weight W and the adapters a_1..a_n used in the batch,
 
 Two ways to compute the LoRA term, chosen per batch (`strategy`):
 
-    gathered  stack the batch's adapters once, ranks padded with zeros and the scale folded into B:
-              A* (n+1, r_max, in), B* (n+1, out, r_max), slot 0 all zeros ("no adapter"); per
-              forward gather A*[idx] (B, r_max, in), B*[idx] (B, out, r_max) and do two bmm's.
+    gathered  once per batch and layer, stack the batch's adapters with ranks padded by zeros and
+              the scale folded into B, slot 0 all zeros ("no adapter"), and gather one copy per
+              row: A^T (B, in, r_max), s B^T (B, r_max, out); every forward is then two bmm's.
+              Rows that leave the batch are dropped from the copies.
     grouped   for each adapter, run its rows (index_select) through it and add the result back.
 
 Zero padding changes nothing: the padded rows of A and columns of B contribute exact zeros. The
@@ -40,7 +41,7 @@ class RowAdapters:
             raise ValueError(f"strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
         self.strategy = strategy
         self.distinct = sorted({n for n in names if n is not None})  # slot k+1 holds distinct[k]
-        self._stacks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(layer) -> (A*, B*)
+        self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(layer) -> per-row A^T, s B^T
         self.names: list[str | None] = []
         self.index = torch.zeros(0, dtype=torch.long)
         self._set_rows(list(names))
@@ -58,6 +59,9 @@ class RowAdapters:
     def select(self, keep: list[int]) -> None:
         """Keep only the rows at positions `keep` (in that order)."""
         self._set_rows([self.names[i] for i in keep])
+        for key, (A_rows, B_rows) in self._rows.items():
+            index = torch.tensor(keep, device=A_rows.device)
+            self._rows[key] = (A_rows[index], B_rows[index])
 
     # -- the LoRA term --------------------------------------------------------------------------
     def forward(self, layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -88,27 +92,27 @@ class RowAdapters:
         return out
 
     def _gathered(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        A, B = self._stack(layer)  # (n+1, r, in), (n+1, out, r)
-        index = self.index.to(A.device)
-        x3 = x.to(A.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
-        u = torch.bmm(x3, A[index].transpose(1, 2))  # (B, T, r)
-        out = torch.bmm(u, B[index].transpose(1, 2))  # (B, T, out)
+        A_rows, B_rows = self._rows_of(layer)  # (B, in, r), (B, r, out)
+        x3 = x.to(A_rows.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
+        out = torch.bmm(torch.bmm(x3, A_rows), B_rows)  # (B, T, r) -> (B, T, out)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
-    def _stack(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rows_of(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's A^T and s B^T for this layer, gathered once per batch (kept until rows change)."""
         key = id(layer)
-        if key not in self._stacks:
-            present = [layer.adapters[n] if n in layer.adapters else None for n in self.distinct]
+        if key not in self._rows:
+            present = [layer.adapters[n] if n in layer.adapters else None for n in self.distinct]  # noqa: SIM401 (ModuleDict has no get)
             ref = next(a for a in present if a is not None).A
             r_max = max(a.r for a in present if a is not None)
-            A = ref.new_zeros((len(present) + 1, r_max, layer.in_features))
-            B = ref.new_zeros((len(present) + 1, layer.out_features, r_max))
+            A = ref.new_zeros((len(present) + 1, layer.in_features, r_max))  # slot 0: no adapter
+            B = ref.new_zeros((len(present) + 1, r_max, layer.out_features))
             for slot, adapter in enumerate(present, start=1):
                 if adapter is not None:
-                    A[slot, : adapter.r] = adapter.A.detach()
-                    B[slot, :, : adapter.r] = adapter.B.detach() * adapter.scaling
-            self._stacks[key] = (A, B)
-        return self._stacks[key]
+                    A[slot, :, : adapter.r] = adapter.A.detach().T
+                    B[slot, : adapter.r] = adapter.B.detach().T * adapter.scaling
+            index = self.index.to(A.device)
+            self._rows[key] = (A[index], B[index])
+        return self._rows[key]
 
 
 @contextmanager
