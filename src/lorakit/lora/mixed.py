@@ -41,7 +41,9 @@ class RowAdapters:
             raise ValueError(f"strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
         self.strategy = strategy
         self.distinct = sorted({n for n in names if n is not None})  # slot k+1 holds distinct[k]
-        self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(layer) -> per-row A^T, s B^T
+        self._rows: dict[
+            int, tuple[torch.Tensor, torch.Tensor] | None
+        ] = {}  # id(layer) -> per-row A^T, s B^T
         self.names: list[str | None] = []
         self.index = torch.zeros(0, dtype=torch.long)
         self._set_rows(list(names))
@@ -59,9 +61,10 @@ class RowAdapters:
     def select(self, keep: list[int]) -> None:
         """Keep only the rows at positions `keep` (in that order)."""
         self._set_rows([self.names[i] for i in keep])
-        for key, (A_rows, B_rows) in self._rows.items():
-            index = torch.tensor(keep, device=A_rows.device)
-            self._rows[key] = (A_rows[index], B_rows[index])
+        index = torch.tensor(keep)
+        for key, rows in self._rows.items():
+            if rows is not None:
+                self._rows[key] = (rows[0][index.to(rows[0].device)], rows[1][index.to(rows[0].device)])
 
     # -- the LoRA term --------------------------------------------------------------------------
     def forward(self, layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -72,11 +75,10 @@ class RowAdapters:
 
     def lora_term(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """sum over rows of s B A x for each row's adapter, shape (B, ..., out); None if no row has one."""
-        if not any(name in layer.adapters for name, _ in self.groups):
-            return None
-        if self.strategy == "grouped" or layer.kind == "embedding" or len(self.groups) == 1:
-            return self._grouped(layer, x)
-        return self._gathered(layer, x)
+        if self.strategy == "gathered" and layer.kind != "embedding" and len(self.groups) > 1:
+            rows = self._rows_of(layer)
+            return None if rows is None else self._gathered(x, *rows)
+        return self._grouped(layer, x)
 
     def _grouped(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         out = None
@@ -91,17 +93,22 @@ class RowAdapters:
             out.index_add_(0, rows.to(x.device), part)
         return out
 
-    def _gathered(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        A_rows, B_rows = self._rows_of(layer)  # (B, in, r), (B, r, out)
+    @staticmethod
+    def _gathered(x: torch.Tensor, A_rows: torch.Tensor, B_rows: torch.Tensor) -> torch.Tensor:
+        """x (B, ..., in) with A_rows (B, in, r) and B_rows (B, r, out) -> (B, ..., out)."""
         x3 = x.to(A_rows.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
         out = torch.bmm(torch.bmm(x3, A_rows), B_rows)  # (B, T, r) -> (B, T, out)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
-    def _rows_of(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's A^T and s B^T for this layer, gathered once per batch (kept until rows change)."""
+    def _rows_of(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Each row's A^T and s B^T for this layer, gathered once per batch (kept until rows change);
+        None when no adapter of the batch is on this layer."""
         key = id(layer)
         if key not in self._rows:
             present = [layer.adapters[n] if n in layer.adapters else None for n in self.distinct]  # noqa: SIM401 (ModuleDict has no get)
+            if all(a is None for a in present):
+                self._rows[key] = None
+                return None
             ref = next(a for a in present if a is not None).A
             r_max = max(a.r for a in present if a is not None)
             A = ref.new_zeros((len(present) + 1, layer.in_features, r_max))  # slot 0: no adapter
