@@ -41,6 +41,8 @@ def toy(tmp_path_factory):
         lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=TOY_TARGETS), name)
         perturb(model, name, std=0.3, seed=seed)
         lorakit.save_adapter(model, root / "adapters" / name, name)
+    head = lorakit.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    lorakit.save_adapter(lorakit.inject(load_causal_lm(folder), head), root / "adapters" / "headed")
     return folder, root / "adapters"
 
 
@@ -164,7 +166,7 @@ def test_hot_load_and_unload(server, client, reference, toy, tmp_path):
     # Paths must stay inside the adapters root, symlinks resolved.
     outside = toy[1].parent / "model"
     (toy[1] / "sneaky").symlink_to(outside, target_is_directory=True)
-    for path in ["../model", str(outside), "sneaky", "missing"]:
+    for path in ["../model", str(outside), "sneaky", "missing", "headed"]:
         reply = manage.post("/adapters", json={"name": "x", "path": path})
         assert reply.status_code == 400 and reply.json()["error"]["param"] == "path", path
     assert manage.post("/adapters", json={"name": "../x", "path": "a"}).status_code == 400

@@ -14,7 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from lorakit.checkpoint.peft_io import load_adapter
-from lorakit.lora.adapters import delete_adapter
+from lorakit.lora.adapters import delete_adapter, saved_modules
 
 log = logging.getLogger(__name__)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -42,7 +42,7 @@ class AdapterRegistry:
         """Load a startup adapter (any path the operator gave on the command line)."""
         self._check_name(name)
         with self.lock:
-            load_adapter(self.model, directory, name)
+            self._load(name, directory)
             self.paths[name] = str(directory)
         log.info("adapter %s loaded from %s", name, directory)
 
@@ -56,12 +56,20 @@ class AdapterRegistry:
                     409, f"adapter '{name}' is already loaded; DELETE /v1/adapters/{name} first", "name"
                 )
             try:
-                load_adapter(self.model, folder, name)
+                self._load(name, folder)
             except (ValueError, OSError) as err:  # AdapterError is a ValueError
                 raise RegistryError(400, f"cannot load adapter '{name}': {err}", "path") from None
             self.paths[name] = str(folder)
         log.info("adapter %s loaded from %s", name, folder)
         return folder
+
+    def _load(self, name: str, folder: str | Path) -> None:
+        load_adapter(self.model, folder, name)
+        if any(name in wrapper.copies for _, wrapper in saved_modules(self.model)):
+            delete_adapter(self.model, name)  # a per-adapter head cannot differ per row of a batch
+            raise RegistryError(
+                400, f"adapter '{name}' has modules_to_save; the server runs LoRA-only adapters", "path"
+            )
 
     def unload(self, name: str) -> None:
         with self.lock:
