@@ -107,3 +107,21 @@ def test_cancel_and_bad_requests(toy):
         generate_mixed(model, tokenizer, [Request(prompt, "a", 0)])
     with torch.no_grad(), pytest.raises(KeyError):
         generate_mixed(model, tokenizer, [Request(prompt, "nope", 3)])
+
+
+def test_eos_ends_a_row(toy):
+    folder, root = toy
+    tokenizer = load_tokenizer(folder)
+    model = load_causal_lm(folder)
+    lorakit.load_adapter(model, root / "a", "a")
+    prompt = tokenizer("say red")["input_ids"]
+    full = generate_mixed(model, tokenizer, [Request(prompt, "a", 10), Request(prompt, None, 10)])
+    eos = full[0].token_ids[3]
+    model.generation_config.eos_token_id = eos  # as if the adapter had learnt to stop there
+    got = generate_mixed(model, tokenizer, [Request(prompt, "a", 10), Request(prompt, None, 10)])
+
+    def until_eos(ids: list[int]) -> list[int]:
+        return ids[: ids.index(eos)] if eos in ids else ids
+
+    assert got[0].finish_reason == "stop" and got[0].token_ids == until_eos(full[0].token_ids)
+    assert got[1].token_ids == until_eos(full[1].token_ids)  # the other row runs on undisturbed
