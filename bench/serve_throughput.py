@@ -12,7 +12,7 @@ non-zero B, so they differ), saved once as PEFT folders that both libraries load
   mixed-N    spread over all N adapters (lorakit, gathered; and grouped: one LoRA matmul per adapter)
   peft-mixed PEFT's mixed batch, generate(..., adapter_names=[...])
   peft-switch PEFT, set_adapter then generate per group of requests sharing an adapter
-Each variant runs once to warm up, then --repeats times; the best time counts. Prints generated
+Each variant runs --warmup times untimed, then --repeats times; the best time counts. Prints generated
 tokens/s and the ratios the issue asks for; writes runs/bench/serve_throughput.json.
 """
 
@@ -55,13 +55,16 @@ def prompts(tokenizer, n: int) -> list[str]:
     return [f"### Instruction:\n{r['instruction']}\n\n### Command:\n" for r in make_split("test", n, seed=0)]
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
+def timed(fn, args, label: str) -> float:
+    """Best wall time of --repeats runs of fn after --warmup untimed ones."""
+    for _ in range(args.warmup):
+        fn()
     best = float("inf")
-    for _ in range(repeats):
+    for _ in range(args.repeats):
         start = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - start)
+    print(f"  measured {label:<20} {best:.2f} s", flush=True)  # as it goes: a long run shows progress
     return best
 
 
@@ -79,13 +82,15 @@ def run_lorakit(args, root: Path, names: list[str], texts: list[str]) -> dict[st
         return lambda: generate_mixed(model, tokenizer, requests, strategy=strategy)
 
     merged = lorakit.merge_and_unload(_with_adapters(load_causal_lm(args.model), root, names[:1]))
-    times["merged"] = timed(run(merged, [None] * len(ids)), args.repeats)
-    times["merged-hf"] = timed(lambda: _hf_generate(merged, tokenizer, texts, args.new_tokens), args.repeats)
+    times["merged"] = timed(run(merged, [None] * len(ids)), args, "merged")
+    times["merged-hf"] = timed(
+        lambda: _hf_generate(merged, tokenizer, texts, args.new_tokens), args, "merged-hf"
+    )
     model = _with_adapters(load_causal_lm(args.model), root, names)
     for k in sorted({min(4, len(names)), len(names)}):
         spread = [names[i % k] for i in range(len(ids))]
-        times[f"mixed-{k}"] = timed(run(model, spread), args.repeats)
-        times[f"mixed-{k}-grouped"] = timed(run(model, spread, "grouped"), args.repeats)
+        times[f"mixed-{k}"] = timed(run(model, spread), args, f"mixed-{k}")
+        times[f"mixed-{k}-grouped"] = timed(run(model, spread, "grouped"), args, f"mixed-{k}-grouped")
     return times
 
 
@@ -126,7 +131,9 @@ def run_peft(args, root: Path, names: list[str], texts: list[str]) -> dict[str, 
     spread = [names[i % len(names)] for i in range(len(texts))]
     times = {
         "peft-mixed": timed(
-            lambda: _hf_generate(model, tokenizer, texts, args.new_tokens, adapter_names=spread), args.repeats
+            lambda: _hf_generate(model, tokenizer, texts, args.new_tokens, adapter_names=spread),
+            args,
+            "peft-mixed",
         )
     }
 
@@ -135,7 +142,7 @@ def run_peft(args, root: Path, names: list[str], texts: list[str]) -> dict[str, 
             model.set_adapter(name)
             _hf_generate(model, tokenizer, [t for t, a in zip(texts, spread) if a == name], args.new_tokens)
 
-    times["peft-switch"] = timed(switching, args.repeats)
+    times["peft-switch"] = timed(switching, args, "peft-switch")
     return times
 
 
@@ -149,6 +156,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before each variant")
     parser.add_argument("--skip-peft", action="store_true", help="lorakit variants only")
     parser.add_argument("--output", default="runs/bench/serve_throughput.json")
     args = parser.parse_args()
