@@ -15,7 +15,7 @@ USER_ERRORS = (ConfigError, DataError, AdapterError, ModelNotFoundError, FileNot
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lorakit.cli import classify, generate, inspect, merge, train
+    from lorakit.cli import classify, generate, inspect, merge, serve, train
     from lorakit.cli import eval as eval_cmd
 
     parser = argparse.ArgumentParser(
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (train, generate, classify, eval_cmd, merge, inspect):
+    for module in (train, generate, classify, eval_cmd, merge, inspect, serve):
         module.add_parser(commands)
     return parser
 

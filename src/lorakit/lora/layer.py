@@ -84,6 +84,7 @@ class LoraLayer(nn.Module):
         self.merged: list[str] = []  # adapters currently folded into the base weight
         self.disabled = False
         self.fused = True  # the lean autograd path (lora/fused.py) where it applies
+        self.row_adapters = None  # a lora.mixed.RowAdapters while a mixed-adapter batch runs
         base_layer.requires_grad_(False)
 
     # -- shape of the base ------------------------------------------------------------------
@@ -192,6 +193,8 @@ class LoraLayer(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disabled and self.merged:
             self.unmerge()
+        if self.row_adapters is not None and not self.disabled:
+            return self.row_adapters.forward(self, x, *args, **kwargs)
         if self.can_fuse():
             return self._fused_forward(x)
         out = self.base_layer(x, *args, **kwargs)
@@ -208,6 +211,7 @@ class LoraLayer(nn.Module):
         return (
             self.fused
             and not self.disabled
+            and self.row_adapters is None
             and self.kind in ("linear", "conv1d")
             and type(base) in (nn.Linear, Conv1D)
             and len(self.active) == 1

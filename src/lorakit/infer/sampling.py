@@ -1,0 +1,47 @@
+"""Pick the next token of each row: greedy, or temperature and top-p (nucleus) sampling per row."""
+
+from __future__ import annotations
+
+import torch
+
+
+def nucleus_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Probabilities over the smallest set of tokens whose mass reaches `top_p`, at `temperature`.
+
+    Args:
+        logits: (V,) scores of one row.
+    Returns:
+        (V,) probabilities, zero outside the nucleus (the most likely token is always kept).
+    """
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(descending=True)
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens ranked above each one
+    sorted_probs[mass_before >= top_p] = 0.0
+    return torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+
+
+def next_tokens(
+    logits: torch.Tensor,
+    temperatures: list[float],
+    top_ps: list[float],
+    generators: list[torch.Generator | None],
+) -> torch.Tensor:
+    """The next token of every row.
+
+    Args:
+        logits: (B, V) scores of the last position.
+        temperatures: per row; 0 means greedy (argmax, as transformers' greedy search).
+        top_ps: per row, in (0, 1].
+        generators: per row; each sampled row draws from its own generator, so its tokens do not
+            depend on which other requests share the batch.
+    Returns:
+        (B,) token ids.
+    """
+    tokens = logits.argmax(dim=-1)  # (B,)
+    for i, temperature in enumerate(temperatures):
+        if temperature > 0:
+            probs = nucleus_probs(logits[i], temperature, top_ps[i])
+            tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
+    return tokens

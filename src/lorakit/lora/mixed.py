@@ -1,0 +1,150 @@
+"""Mixed-adapter batches: row i of a batch goes through adapter a_i (or none) in one forward pass.
+
+For a LoRA layer with base weight W and the adapters a_1..a_n used in the batch,
+
+    h_i = W x_i + s_{a_i} B_{a_i} A_{a_i} x_i
+
+Two ways to compute the LoRA term, chosen per batch (`strategy`):
+
+    gathered  once per batch and layer, stack the batch's adapters with ranks padded by zeros and
+              the scale folded into B, slot 0 all zeros ("no adapter"), and gather one copy per
+              row: A^T (B, in, r_max), s B^T (B, r_max, out); every forward is then two bmm's.
+              Rows that leave the batch are dropped from the copies.
+    grouped   for each adapter, run its rows (index_select) through it and add the result back.
+
+Zero padding changes nothing: the padded rows of A and columns of B contribute exact zeros. The
+gathered path is the one for linear and GPT-2 Conv1D layers; embedding layers always use the
+grouped path. `row_adapters(model, names)` turns it on for every LoraLayer and off again after.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from lorakit.lora.adapters import adapter_config, lora_layers, saved_modules
+
+STRATEGIES = ("gathered", "grouped")
+
+
+class RowAdapters:
+    """Which adapter each row of the batch uses; shared by every LoraLayer while it is set.
+
+    `names` holds one adapter name (or None) per row. `select(keep)` drops rows from the batch
+    (finished requests), so the generation loop can shrink the batch between steps.
+    """
+
+    def __init__(self, names: list[str | None], strategy: str = "gathered"):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
+        self.strategy = strategy
+        self.distinct = sorted({n for n in names if n is not None})  # slot k+1 holds distinct[k]
+        self._rows: dict[
+            int, tuple[torch.Tensor, torch.Tensor] | None
+        ] = {}  # id(layer) -> per-row A^T, s B^T
+        self.names: list[str | None] = []
+        self.index = torch.zeros(0, dtype=torch.long)
+        self._set_rows(list(names))
+
+    def _set_rows(self, names: list[str | None]) -> None:
+        self.names = names
+        slot = {n: k + 1 for k, n in enumerate(self.distinct)}
+        self.index = torch.tensor([slot.get(n, 0) for n in names], dtype=torch.long)  # (B,)
+        self.groups = [
+            (name, torch.tensor([i for i, n in enumerate(names) if n == name], dtype=torch.long))
+            for name in self.distinct
+            if name in names
+        ]
+
+    def select(self, keep: list[int]) -> None:
+        """Keep only the rows at positions `keep` (in that order)."""
+        self._set_rows([self.names[i] for i in keep])
+        index = torch.tensor(keep)
+        for key, rows in self._rows.items():
+            if rows is not None:
+                self._rows[key] = (rows[0][index.to(rows[0].device)], rows[1][index.to(rows[0].device)])
+
+    # -- the LoRA term --------------------------------------------------------------------------
+    def forward(self, layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """A LoraLayer's forward while this state is set: base output plus each row's LoRA term."""
+        out = layer.base_layer(x, *args, **kwargs)
+        term = self.lora_term(layer, x)
+        return out if term is None else out + term.to(out.dtype)
+
+    def lora_term(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """sum over rows of s B A x for each row's adapter, shape (B, ..., out); None if no row has one."""
+        if self.strategy == "gathered" and layer.kind != "embedding" and len(self.groups) > 1:
+            rows = self._rows_of(layer)
+            return None if rows is None else self._gathered(x, *rows)
+        return self._grouped(layer, x)
+
+    def _grouped(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        out = None
+        for name, rows in self.groups:
+            if name not in layer.adapters:
+                continue
+            if len(rows) == len(self.names):  # every row uses it: no gather, no scatter
+                return layer._adapter_output(layer.adapters[name], x)
+            part = layer._adapter_output(layer.adapters[name], x.index_select(0, rows.to(x.device)))
+            if out is None:
+                out = part.new_zeros((x.shape[0], *part.shape[1:]))
+            out.index_add_(0, rows.to(x.device), part)
+        return out
+
+    @staticmethod
+    def _gathered(x: torch.Tensor, A_rows: torch.Tensor, B_rows: torch.Tensor) -> torch.Tensor:
+        """x (B, ..., in) with A_rows (B, in, r) and B_rows (B, r, out) -> (B, ..., out)."""
+        x3 = x.to(A_rows.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
+        out = torch.bmm(torch.bmm(x3, A_rows), B_rows)  # (B, T, r) -> (B, T, out)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def _rows_of(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Each row's A^T and s B^T for this layer, gathered once per batch (kept until rows change);
+        None when no adapter of the batch is on this layer."""
+        key = id(layer)
+        if key not in self._rows:
+            present = [layer.adapters[n] if n in layer.adapters else None for n in self.distinct]  # noqa: SIM401 (ModuleDict has no get)
+            if all(a is None for a in present):
+                self._rows[key] = None
+                return None
+            ref = next(a for a in present if a is not None).A
+            r_max = max(a.r for a in present if a is not None)
+            A = ref.new_zeros((len(present) + 1, layer.in_features, r_max))  # slot 0: no adapter
+            B = ref.new_zeros((len(present) + 1, r_max, layer.out_features))
+            for slot, adapter in enumerate(present, start=1):
+                if adapter is not None:
+                    A[slot, :, : adapter.r] = adapter.A.detach().T
+                    B[slot, : adapter.r] = adapter.B.detach().T * adapter.scaling
+            index = self.index.to(A.device)
+            self._rows[key] = (A[index], B[index])
+        return self._rows[key]
+
+
+@contextmanager
+def row_adapters(model: nn.Module, names: list[str | None], strategy: str = "gathered"):
+    """Inside the block, row i of every batch the model sees uses adapter `names[i]` (None: the base).
+
+    Yields the `RowAdapters` state; call `.select(keep)` on it when rows leave the batch.
+
+    Raises:
+        KeyError: a name is not an adapter of the model.
+        ValueError: an adapter is merged, or one of the named adapters carries modules_to_save
+            (a per-adapter head cannot differ per row).
+    """
+    for name in {n for n in names if n is not None}:
+        adapter_config(model, name)
+        if any(name in w.copies for _, w in saved_modules(model)):
+            raise ValueError(f"adapter '{name}' has modules_to_save; mixed batches support LoRA layers only")
+    layers = [layer for _, layer in lora_layers(model)]
+    if any(layer.merged for layer in layers):
+        raise ValueError("a mixed-adapter batch needs unmerged adapters; call unmerge_adapters(model) first")
+    state = RowAdapters(names, strategy)
+    for layer in layers:
+        layer.row_adapters = state
+    try:
+        yield state
+    finally:
+        for layer in layers:
+            layer.row_adapters = None

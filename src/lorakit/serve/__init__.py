@@ -1,0 +1,1 @@
+"""An OpenAI-compatible HTTP server for one base model and many LoRA adapters (`lorakit serve`)."""

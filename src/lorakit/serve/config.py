@@ -1,0 +1,56 @@
+"""The server's settings and limits, each with its help text (the CLI flags are made from them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from lorakit.config import ConfigError
+
+
+def _help(text: str, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class ServeConfig:
+    host: str = _help("address to listen on; 127.0.0.1 keeps the server on this machine", default="127.0.0.1")
+    port: int = _help("TCP port (0: any free port)", default=8000)
+    served_model_name: str | None = _help(
+        "the base model's name in the API (default: the --model value)", default=None
+    )
+    api_key: str | None = _help(
+        "clients must send 'Authorization: Bearer KEY' (default: $LORAKIT_API_KEY); without a key, "
+        "adapters cannot be loaded or unloaded",
+        default=None,
+    )
+    adapters_root: str | None = _help(
+        "folder that POST /v1/adapters may load from (paths are resolved, symlinks too, and must stay inside)",
+        default=None,
+    )
+    max_batch: int = _help("most requests run together in one batch", default=16)
+    batch_wait_ms: float = _help(
+        "how long the worker waits for more requests before starting a batch", default=5.0
+    )
+    max_prompt_tokens: int = _help("longest prompt accepted, in tokens", default=2048)
+    max_tokens: int = _help("largest max_tokens a request may ask for", default=1024)
+    max_body_bytes: int = _help("largest request body accepted, in bytes", default=1_000_000)
+
+    def __post_init__(self) -> None:
+        problems = [
+            f"{name} must be >= {low} (got {getattr(self, name)})"
+            for name, low in [
+                ("port", 0),
+                ("max_batch", 1),
+                ("batch_wait_ms", 0),
+                ("max_prompt_tokens", 1),
+                ("max_tokens", 1),
+                ("max_body_bytes", 1),
+            ]
+            if getattr(self, name) < low
+        ]
+        if problems:
+            raise ConfigError("serve: " + "; ".join(problems))
+
+    @classmethod
+    def help_of(cls, name: str) -> str:
+        return next(f.metadata["help"] for f in fields(cls) if f.name == name)

@@ -1,0 +1,184 @@
+"""OpenAI's request and response shapes: read a JSON body into `Request`s, write the replies.
+
+Only what lorakit can honour is accepted; a field it cannot honour (n > 1, logprobs, token-id
+prompts) is refused with a 400 naming the field rather than silently ignored. Fields it does not
+know are ignored, as OpenAI's own server does for new client fields.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import ClassVar
+
+from lorakit.infer.multi_adapter import Completion, Request
+from lorakit.serve.config import ServeConfig
+
+
+class ApiError(Exception):
+    """An error reply: HTTP status, message, and the OpenAI error type and param."""
+
+    TYPES: ClassVar[dict[int, str]] = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        403: "permission_error",
+        404: "not_found_error",
+        409: "invalid_request_error",
+        413: "invalid_request_error",
+    }
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.param, self.code = status, param, code
+
+    def body(self) -> dict:
+        kind = self.TYPES.get(self.status, "server_error")
+        return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Ask:
+    """A parsed completion or chat request: the model it names, its prompts and whether it streams."""
+
+    model: str
+    prompts: list[str]
+    chat: bool
+    stream: bool
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    stop: tuple[str, ...]
+
+
+def parse_ask(body, chat: bool, limits: ServeConfig, render_chat) -> Ask:
+    """Validate a /v1/completions (chat=False) or /v1/chat/completions body."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    model = _get(body, "model", str, required=True)
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(_is_message(m) for m in messages):
+            raise ApiError(400, "'messages' must be a non-empty list of {role, content: string}", "messages")
+        prompts = [render_chat(messages)]
+    else:
+        prompt = body.get("prompt")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ApiError(400, "'prompt' must be a string or a non-empty list of strings", "prompt")
+    if _get(body, "n", int, default=1) != 1:
+        raise ApiError(400, "only n=1 is supported", "n")
+    if body.get("logprobs") not in (None, False, 0):
+        raise ApiError(400, "logprobs are not supported", "logprobs")
+    limit_key = (
+        "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    )
+    max_tokens = _get(body, limit_key, int, default=16 if not chat else min(256, limits.max_tokens))
+    if not 1 <= max_tokens <= limits.max_tokens:
+        raise ApiError(
+            400, f"'{limit_key}' must be between 1 and {limits.max_tokens} (got {max_tokens})", limit_key
+        )
+    temperature = float(_get(body, "temperature", (int, float), default=1.0))
+    top_p = float(_get(body, "top_p", (int, float), default=1.0))
+    if not 0 <= temperature <= 2:
+        raise ApiError(400, f"'temperature' must be between 0 and 2 (got {temperature})", "temperature")
+    if not 0 < top_p <= 1:
+        raise ApiError(400, f"'top_p' must be in (0, 1] (got {top_p})", "top_p")
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else (stop or [])
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop")
+    return Ask(
+        model=model,
+        prompts=prompts,
+        chat=chat,
+        stream=bool(_get(body, "stream", bool, default=False)),
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=_get(body, "seed", int, default=0),
+        stop=tuple(stop),
+    )
+
+
+def _get(body: dict, key: str, kind, default=None, required: bool = False):
+    value = body.get(key)
+    if value is None:
+        if required:
+            raise ApiError(400, f"'{key}' is required", key)
+        return default
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else "number"
+        raise ApiError(400, f"'{key}' must be a {names} (got {type(value).__name__})", key)
+    return value
+
+
+def _is_message(m) -> bool:
+    return isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+
+
+def to_requests(ask: Ask, adapter: str | None, prompt_ids: list[list[int]]) -> list[Request]:
+    return [
+        Request(ids, adapter, ask.max_tokens, ask.temperature, ask.top_p, ask.seed, ask.stop)
+        for ids in prompt_ids
+    ]
+
+
+# -- replies ------------------------------------------------------------------------------------
+def new_id(chat: bool) -> str:
+    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+
+
+def finish(reason: str | None) -> str | None:
+    return None if reason is None else ("length" if reason == "length" else "stop")
+
+
+def reply(ask: Ask, rid: str, completions: list[Completion]) -> dict:
+    """The whole (non-streamed) reply."""
+    prompt_tokens = sum(c.prompt_tokens for c in completions)
+    generated = sum(len(c.token_ids) for c in completions)
+    if ask.chat:
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": c.text},
+                "finish_reason": finish(c.finish_reason),
+            }
+            for i, c in enumerate(completions)
+        ]
+    else:
+        choices = [
+            {"index": i, "text": c.text, "logprobs": None, "finish_reason": finish(c.finish_reason)}
+            for i, c in enumerate(completions)
+        ]
+    return {
+        "id": rid,
+        "object": "chat.completion" if ask.chat else "text_completion",
+        "created": int(time.time()),
+        "model": ask.model,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": generated,
+            "total_tokens": prompt_tokens + generated,
+        },
+    }
+
+
+def chunk(
+    ask: Ask, rid: str, index: int, text: str | None, reason: str | None = None, role: bool = False
+) -> dict:
+    """One streamed piece: new text of choice `index`, or its finish reason."""
+    if ask.chat:
+        delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
+        choice = {"index": index, "delta": delta, "finish_reason": finish(reason)}
+    else:
+        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish(reason)}
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk" if ask.chat else "text_completion",
+        "created": int(time.time()),
+        "model": ask.model,
+        "choices": [choice],
+    }

@@ -1,0 +1,104 @@
+"""The adapters a server holds: load one from inside the allowed root, unload one, list them.
+
+The model is shared with the generation worker, so every change happens under `lock`, which the
+worker holds while a batch runs: an adapter is never added or removed in the middle of a batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from pathlib import Path
+
+from torch import nn
+
+from lorakit.checkpoint.peft_io import load_adapter
+from lorakit.lora.adapters import delete_adapter, saved_modules
+
+log = logging.getLogger(__name__)
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class RegistryError(Exception):
+    """A load or unload that cannot be done; `status` is the HTTP status it maps to."""
+
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.param = status, param
+
+
+class AdapterRegistry:
+    def __init__(self, model: nn.Module, base_name: str, root: str | Path | None = None):
+        self.model, self.base_name = model, base_name
+        self.root = Path(root).resolve() if root is not None else None
+        self.paths: dict[str, str] = {}  # adapter name -> folder it came from
+        self.lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        return list(self.paths)
+
+    def add(self, name: str, directory: str | Path) -> None:
+        """Load a startup adapter (any path the operator gave on the command line)."""
+        self._check_name(name)
+        with self.lock:
+            self._load(name, directory)
+            self.paths[name] = str(directory)
+        log.info("adapter %s loaded from %s", name, directory)
+
+    def load(self, name: str, path: str) -> Path:
+        """Load adapter `name` from `path`, which must resolve inside the adapters root."""
+        self._check_name(name)
+        folder = self.resolve(path)
+        with self.lock:
+            if name in self.paths:
+                raise RegistryError(
+                    409, f"adapter '{name}' is already loaded; DELETE /v1/adapters/{name} first", "name"
+                )
+            try:
+                self._load(name, folder)
+            except (ValueError, OSError) as err:  # AdapterError is a ValueError
+                raise RegistryError(400, f"cannot load adapter '{name}': {err}", "path") from None
+            self.paths[name] = str(folder)
+        log.info("adapter %s loaded from %s", name, folder)
+        return folder
+
+    def _load(self, name: str, folder: str | Path) -> None:
+        load_adapter(self.model, folder, name)
+        if any(name in wrapper.copies for _, wrapper in saved_modules(self.model)):
+            delete_adapter(self.model, name)  # a per-adapter head cannot differ per row of a batch
+            raise RegistryError(
+                400, f"adapter '{name}' has modules_to_save; the server runs LoRA-only adapters", "path"
+            )
+
+    def unload(self, name: str) -> None:
+        with self.lock:
+            if name not in self.paths:
+                raise RegistryError(404, f"adapter '{name}' is not loaded", "name")
+            delete_adapter(self.model, name)
+            del self.paths[name]
+        log.info("adapter %s unloaded", name)
+
+    def resolve(self, path: str) -> Path:
+        """The real folder `path` names (relative paths are taken from the root); refuse anything outside it."""
+        if self.root is None:
+            raise RegistryError(403, "loading adapters is off: start the server with --adapters-root DIR")
+        if not isinstance(path, str) or not path or "\x00" in path:
+            raise RegistryError(400, "'path' must be a non-empty string", "path")
+        folder = (self.root / path).resolve()  # resolves '..' and every symlink on the way
+        if not folder.is_relative_to(self.root):
+            raise RegistryError(400, f"path '{path}' is outside the adapters root", "path")
+        if not folder.is_dir():
+            raise RegistryError(
+                400, f"path '{path}' is not an adapter folder under the adapters root", "path"
+            )
+        return folder
+
+    def _check_name(self, name: str) -> None:
+        if not isinstance(name, str) or not NAME.match(name) or name == self.base_name:
+            raise RegistryError(
+                400,
+                f"adapter name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
+                "not the base model's name",
+                "name",
+            )

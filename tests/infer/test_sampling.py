@@ -1,0 +1,24 @@
+"""Per-row next-token choice: greedy rows take the argmax, sampled rows keep to their nucleus."""
+
+from __future__ import annotations
+
+import torch
+
+from lorakit.infer.sampling import next_tokens, nucleus_probs
+
+
+def test_nucleus_keeps_the_smallest_set_reaching_top_p():
+    logits = torch.log(torch.tensor([0.05, 0.5, 0.3, 0.15]))
+    probs = nucleus_probs(logits, temperature=1.0, top_p=0.75)
+    assert probs.nonzero().flatten().tolist() == [1, 2]  # 0.5 + 0.3 reaches 0.75; 0.5 alone does not
+    assert nucleus_probs(logits, 1.0, 0.1).nonzero().flatten().tolist() == [1]  # the top token always stays
+    assert torch.allclose(nucleus_probs(logits, 1.0, 1.0), logits.softmax(-1))
+
+
+def test_rows_choose_independently():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [0.0, 3.0, 1.0], [5.0, 0.0, 0.0]])
+    gens = [None, torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)]
+    draws = [next_tokens(logits, [0.0, 1.0, 2.0], [1.0, 0.5, 1.0], gens).tolist() for _ in range(20)]
+    assert all(d[0] == 1 for d in draws)  # greedy
+    assert all(d[1] == 1 for d in draws)  # top_p 0.5: only the top token is in the nucleus
+    assert len({d[2] for d in draws}) > 1  # hot sampling does vary

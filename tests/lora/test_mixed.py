@@ -1,0 +1,60 @@
+"""Mixed-adapter batches at the layer level: each row's logits equal those of its adapter alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lorakit
+from conftest import TINY_MODELS, logits_of, perturb
+from lorakit.lora.mixed import row_adapters
+
+
+def with_adapters(arch: str, ranks: dict[str, int], targets=None):
+    model = TINY_MODELS[arch]()
+    for seed, (name, r) in enumerate(ranks.items()):
+        lorakit.inject(model, lorakit.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets), name)
+        perturb(model, name, std=0.2, seed=seed)
+    return model
+
+
+def alone(model, name, ids):
+    if name is None:
+        with lorakit.disable_adapters(model):
+            return logits_of(model, ids)
+    lorakit.set_adapter(model, name)
+    return logits_of(model, ids)
+
+
+@pytest.mark.parametrize("strategy", ["gathered", "grouped"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_each_row_gets_its_own_adapter(arch, strategy):
+    model = with_adapters(arch, {"a": 4, "b": 8, "c": 2})  # different ranks: zero padding must not matter
+    names = ["b", None, "a", "c", "a"]
+    ids = torch.randint(3, 128, (len(names), 7), generator=torch.Generator().manual_seed(0))
+    with row_adapters(model, names, strategy):
+        mixed = logits_of(model, ids)
+    for row, name in enumerate(names):
+        expected = alone(model, name, ids[row : row + 1])
+        torch.testing.assert_close(mixed[row : row + 1], expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(alone(model, "a", ids[:1]), alone(model, "b", ids[:1]), atol=1e-3)
+
+
+def test_embedding_adapters_and_row_selection():
+    model = with_adapters("llama", {"a": 4, "b": 4}, targets=["embed_tokens", "q_proj", "down_proj"])
+    ids = torch.randint(3, 128, (3, 5), generator=torch.Generator().manual_seed(1))
+    with row_adapters(model, ["a", "b", "a"]) as state:
+        state.select([2, 1])  # rows leave the batch: the rest keep their adapters
+        mixed = logits_of(model, ids[[2, 1]])
+    torch.testing.assert_close(mixed[:1], alone(model, "a", ids[2:3]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mixed[1:], alone(model, "b", ids[1:2]), rtol=1e-4, atol=1e-5)
+    assert all(layer.row_adapters is None for _, layer in lorakit.lora.adapters.lora_layers(model))
+
+
+def test_refuses_unknown_and_merged_adapters():
+    model = with_adapters("llama", {"a": 4})
+    with pytest.raises(KeyError, match="no adapter 'zzz'"), row_adapters(model, ["zzz"]):
+        pass
+    lorakit.merge_adapters(model)
+    with pytest.raises(ValueError, match="unmerged"), row_adapters(model, ["a"]):
+        pass

@@ -1,0 +1,211 @@
+"""The real server on a loopback port, driven by the official `openai` client (and httpx for raw HTTP)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+import lorakit
+from conftest import TOY_TARGETS, perturb, toy_model_folder
+from lorakit.infer.generate import GenerationConfig, generate
+from lorakit.models import load_causal_lm, load_tokenizer
+from lorakit.serve.app import build_app
+from lorakit.serve.config import ServeConfig
+
+KEY = "test-key"
+NAMES = ["a", "b", "c", "d"]
+PROMPTS = ["say red", "say green", "### Instruction:\nsay blue", "gold and", "say pink pink", "white"]
+CHAT = (
+    "{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n\n{% endfor %}"
+    "{% if add_generation_prompt %}### assistant:\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """A toy model folder with a chat template, and five saved adapters under an adapters root."""
+    root = tmp_path_factory.mktemp("serve")
+    folder = toy_model_folder(root / "model")
+    tokenizer = load_tokenizer(folder)
+    tokenizer.chat_template = CHAT
+    tokenizer.save_pretrained(folder)
+    model = load_causal_lm(folder)
+    for seed, name in enumerate([*NAMES, "late"]):
+        lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=TOY_TARGETS), name)
+        perturb(model, name, std=0.3, seed=seed)
+        lorakit.save_adapter(model, root / "adapters" / name, name)
+    head = lorakit.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    lorakit.save_adapter(lorakit.inject(load_causal_lm(folder), head), root / "adapters" / "headed")
+    return folder, root / "adapters"
+
+
+class Server:
+    """uvicorn in a thread on a free loopback port."""
+
+    def __init__(self, app):
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/v1"
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(toy):
+    folder, adapters = toy
+    config = ServeConfig(
+        api_key=KEY,
+        adapters_root=str(adapters),
+        max_batch=16,
+        batch_wait_ms=100,
+        max_prompt_tokens=60,
+        max_tokens=40,
+        max_body_bytes=4000,
+        served_model_name="toy",
+    )
+    app = build_app(str(folder), {n: str(adapters / n) for n in NAMES}, config)
+    with Server(app) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url, api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def reference(toy):
+    """reference(adapter, prompt, max_tokens): transformers' generate alone on the merged model."""
+    folder, adapters = toy
+    tokenizer, models = load_tokenizer(folder), {}
+
+    def run(adapter, prompt, max_tokens, special_tokens=True):
+        if adapter not in models:
+            model = load_causal_lm(folder)
+            if adapter is not None:
+                lorakit.load_adapter(model, adapters / adapter)
+                lorakit.merge_and_unload(model)
+            models[adapter] = model
+        config = GenerationConfig(max_new_tokens=max_tokens, add_special_tokens=special_tokens)
+        return generate(models[adapter], tokenizer, [prompt], config)[0]
+
+    return run
+
+
+def test_models_and_completions_by_adapter(client, reference):
+    assert [m.id for m in client.models.list().data] == ["toy", *NAMES]
+    for model in ["toy", "b"]:
+        got = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=10, temperature=0)
+        assert got.choices[0].text.strip() == reference(None if model == "toy" else model, PROMPTS[0], 10)
+        assert got.model == model and got.usage.completion_tokens <= 10
+
+
+def test_chat_and_streaming(client, reference):
+    messages = [{"role": "user", "content": "say red"}]
+    whole = client.chat.completions.create(model="a", messages=messages, max_tokens=12, temperature=0)
+    text = whole.choices[0].message.content
+    rendered = "### user:\nsay red\n\n### assistant:\n"
+    assert text.strip() == reference("a", rendered, 12, special_tokens=False)
+    pieces = list(
+        client.chat.completions.create(
+            model="a", messages=messages, max_tokens=12, temperature=0, stream=True
+        )
+    )
+    assert "".join(p.choices[0].delta.content or "" for p in pieces) == text
+    assert pieces[-1].choices[0].finish_reason in ("stop", "length")
+    streamed = client.completions.create(
+        model="c", prompt=PROMPTS[1], max_tokens=8, temperature=0, stream=True
+    )
+    assert "".join(p.choices[0].text for p in streamed).strip() == reference("c", PROMPTS[1], 8)
+
+
+def test_sixteen_concurrent_requests_over_four_adapters(server, client, reference):
+    plan = [(NAMES[i % 4], PROMPTS[i % len(PROMPTS)], 6 + i % 5) for i in range(16)]
+
+    def ask(item):
+        adapter, prompt, max_tokens = item
+        return client.completions.create(model=adapter, prompt=prompt, max_tokens=max_tokens, temperature=0)
+
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(ask, plan))
+    for (adapter, prompt, max_tokens), got in zip(plan, replies):
+        assert got.choices[0].text.strip() == reference(adapter, prompt, max_tokens), (adapter, prompt)
+    assert server.app.state.scheduler.largest_batch > 4  # they did share batches
+
+
+def test_hot_load_and_unload(server, client, reference, toy, tmp_path):
+    manage = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert manage.post("/adapters", json={"name": "late", "path": "late"}).status_code == 200
+    got = client.completions.create(model="late", prompt=PROMPTS[2], max_tokens=8, temperature=0)
+    assert got.choices[0].text.strip() == reference("late", PROMPTS[2], 8)
+    assert "late" in [m.id for m in client.models.list().data]
+    assert manage.post("/adapters", json={"name": "late", "path": "late"}).status_code == 409
+    assert manage.delete("/adapters/late").status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="late", prompt=PROMPTS[2], max_tokens=8)
+    assert manage.delete("/adapters/late").status_code == 404
+    # Paths must stay inside the adapters root, symlinks resolved.
+    outside = toy[1].parent / "model"
+    (toy[1] / "sneaky").symlink_to(outside, target_is_directory=True)
+    for path in ["../model", str(outside), "sneaky", "missing", "headed"]:
+        reply = manage.post("/adapters", json={"name": "x", "path": path})
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == "path", path
+    assert manage.post("/adapters", json={"name": "../x", "path": "a"}).status_code == 400
+    for headers in [{}, {"Authorization": "Bearer wrong"}]:
+        reply = httpx.post(f"{server.url}/adapters", json={"name": "late", "path": "late"}, headers=headers)
+        assert reply.status_code == 401 and reply.json()["error"]["type"] == "authentication_error"
+        assert httpx.delete(f"{server.url}/adapters/a", headers=headers).status_code == 401
+
+
+def test_error_paths(server, client):
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url, api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="nope", prompt="say red", max_tokens=4)
+    bad = [
+        {"prompt": "say red", "max_tokens": 41},  # over --max-tokens
+        {"prompt": "say red " * 40, "max_tokens": 4},  # over --max-prompt-tokens
+        {"prompt": "x" * 5000, "max_tokens": 4},  # over --max-body-bytes
+        {"prompt": "say red", "max_tokens": 4, "n": 2},
+        {"prompt": "say red", "max_tokens": 4, "temperature": 5},
+    ]
+    for fields in bad:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model="a", **fields)
+        assert err.value.status_code == 400 and err.value.body["type"] == "invalid_request_error"
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    for body in [b'{"model": "a", "prompt": ', b"\xff\xfe", b"[1, 2]"]:
+        reply = httpx.post(f"{server.url}/completions", content=body, headers=headers)
+        assert reply.status_code == 400 and "error" in reply.json()
+    assert client.completions.create(model="a", prompt="say red", max_tokens=3, temperature=0).choices
+
+
+def test_client_disconnecting_mid_stream(server, client):
+    body = {"model": "b", "prompt": "say red", "max_tokens": 40, "temperature": 0, "stream": True}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", f"{server.url}/completions", json=body, headers=headers, timeout=60) as reply:
+        first = next(line for line in reply.iter_lines() if line.startswith("data: "))
+        assert "choices" in json.loads(first[6:])
+    # The client is gone: its row leaves the batch early, and the server goes on serving.
+    got = client.completions.create(model="b", prompt="say red", max_tokens=5, temperature=0)
+    assert got.choices[0].finish_reason in ("stop", "length")
+    assert server.app.state.scheduler.cancelled == 1
