@@ -10,8 +10,9 @@ from lorakit.checkpoint.peft_io import AdapterError
 from lorakit.config import ConfigError
 from lorakit.data.formats import DataError
 from lorakit.models import ModelNotFoundError
+from lorakit.train.guard import DivergenceError
 
-USER_ERRORS = (ConfigError, DataError, AdapterError, ModelNotFoundError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, AdapterError, ModelNotFoundError, FileNotFoundError, DivergenceError)
 
 
 def build_parser() -> argparse.ArgumentParser:

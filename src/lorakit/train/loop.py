@@ -16,8 +16,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lorakit.checkpoint.peft_io import restore_adapter_weights, save_adapter
-from lorakit.checkpoint.resume import checkpoint_dir, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from lorakit.checkpoint.resume import (
+    checkpoint_dir,
+    latest_good_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from lorakit.config import TrainConfig
+from lorakit.train.guard import DivergenceError, DivergenceGuard
 from lorakit.train.metrics import MetricsLog
 from lorakit.train.optim import build_optimizer, build_scheduler
 
@@ -102,17 +109,28 @@ class Precision:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def step(self, optimizer, params, max_grad_norm: float) -> None:
-        """Unscale, clip and step; with fp16 a step whose gradients overflowed is skipped."""
+    def clip(self, optimizer, params, max_grad_norm: float) -> float:
+        """Unscale and clip the gradients (0: no clipping); return their norm before clipping."""
         if self.scaler:
             self.scaler.unscale_(optimizer)
-        if max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        return float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf))
+
+    def apply(self, optimizer) -> None:
+        """Step after `clip`; with fp16 a step whose gradients overflowed is skipped."""
         if self.scaler:
             self.scaler.step(optimizer)
             self.scaler.update()
         else:
             optimizer.step()
+
+    def skip(self) -> None:
+        """Drop a clipped step without applying it (the scaler still closes its step)."""
+        if self.scaler:
+            self.scaler.update()
+
+    def step(self, optimizer, params, max_grad_norm: float) -> None:
+        self.clip(optimizer, params, max_grad_norm)
+        self.apply(optimizer)
 
 
 def real_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -156,15 +174,19 @@ def train(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     start_step, best, best_path = 0, None, None
-    checkpoints = list_checkpoints(out) if config.resume else []
-    if checkpoints:
-        state = load_checkpoint(checkpoints[-1], model, ADAPTER, optimizer, scheduler)
+    resume_from = latest_good_checkpoint(out) if config.resume else None
+    state: dict = {}
+    if resume_from:
+        state = load_checkpoint(resume_from, model, ADAPTER, optimizer, scheduler, precision.scaler)
         start_step, best = state["step"], state.get("best_metric")
         best_path = Path(state["best_checkpoint"]) if state.get("best_checkpoint") else None
-        log.info("resumed from %s at step %d", checkpoints[-1], start_step)
-    metrics = MetricsLog(out, resume=bool(checkpoints))
-    if checkpoints:
+        log.info("resumed from %s at step %d", resume_from, start_step)
+    metrics = MetricsLog(out, resume=bool(resume_from))
+    if resume_from:
         metrics.truncate_after(start_step)
+    guard = DivergenceGuard(config, metrics, precision.scaler)
+    guard.load_state_dict(state.get("guard", {}))
+    guard.remember(start_step, model, optimizer, scheduler)
 
     def evaluate(step: int) -> dict:
         model.eval()
@@ -179,26 +201,46 @@ def train(
         value = (result or {}).get(config.metric_for_best)
         if value is not None and _better(value, best, greater):
             best, best_path = value, path
-        state = {"best_metric": best, "best_checkpoint": str(best_path) if best_path else None, **(run_state or {})}
-        save_checkpoint(out, step, model, ADAPTER, optimizer, scheduler, state)
+        state = {
+            "best_metric": best, "best_checkpoint": str(best_path) if best_path else None,
+            "guard": guard.state_dict(), **(run_state or {}),
+        }
+        save_checkpoint(out, step, model, ADAPTER, optimizer, scheduler, state, precision.scaler)
+        guard.remember(step, model, optimizer, scheduler)
         prune_checkpoints(out, config.save_total_limit, {p for p in (best_path, path) if p})
 
     model.train()
     started, window_tokens, window_start = time.time(), 0, time.time()
     last_eval: dict = {}
     bar = tqdm(total=total_steps, initial=start_step, disable=not config.progress, desc="train", dynamic_ncols=True)
-    for step in range(start_step + 1, total_steps + 1):
+    step = start_step
+    while step < total_steps:
+        step += 1
         micro = [batches[(step - 1) * config.grad_accum + i] for i in range(config.grad_accum)]
         micro = [{k: v.to(device) for k, v in b.items()} for b in micro]
         step_loss = accumulate_gradients(model, micro, objective, precision)
         window_tokens += sum(real_tokens(b) for b in micro)
-        precision.step(optimizer, trainable, config.max_grad_norm)
+        grad_norm = precision.clip(optimizer, trainable, config.max_grad_norm)
+        problem = guard.problem(step_loss, grad_norm)
+        if problem:  # divergence: do not take this step; go back to the last good state
+            precision.skip()
+            optimizer.zero_grad(set_to_none=True)
+            try:
+                step = guard.rollback(step, problem, model, optimizer, scheduler)
+            except DivergenceError as err:
+                save_adapter(model, out / "adapter", ADAPTER)
+                raise DivergenceError(f"{err}; its adapter is in {out / 'adapter'}; try a lower train.lr") from None
+            bar.n = step
+            continue
+        guard.scale_lr(optimizer, step)
+        precision.apply(optimizer)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        guard.accept(step, step_loss)
 
         if step % config.logging_steps == 0 or step == total_steps:
             elapsed = time.time() - window_start
-            lr = scheduler.get_last_lr()[0]
+            lr = scheduler.get_last_lr()[0] * guard.lr_factor(step + 1)
             speed = window_tokens / max(elapsed, 1e-9)
             metrics.write(kind="train", step=step, loss=step_loss, lr=lr, tokens_per_s=speed, **objective.train_metrics())
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
