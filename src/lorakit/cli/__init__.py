@@ -12,7 +12,8 @@ from lorakit.data.formats import DataError
 from lorakit.models import ModelNotFoundError
 from lorakit.train.guard import DivergenceError
 
-USER_ERRORS = (ConfigError, DataError, AdapterError, ModelNotFoundError, FileNotFoundError, DivergenceError)
+# OSError: a folder that cannot be written, a full disk: one line, not a traceback.
+USER_ERRORS = (ConfigError, DataError, AdapterError, ModelNotFoundError, DivergenceError, OSError)
 
 
 def build_parser() -> argparse.ArgumentParser:
