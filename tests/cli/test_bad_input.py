@@ -271,3 +271,30 @@ def test_sigint_during_a_save_leaves_every_checkpoint_whole(toy, run_dir, tmp_pa
     ], err
     assert not caught.exists() and not [p for p in root.iterdir() if p.name.startswith(".")]
     assert all(manifest_problem(p) is None for p in good)  # older ones, and the interrupted one if it landed
+
+
+def _full_disk(limit_bytes: int):
+    """In the child: files may grow to `limit_bytes` only, and writing past it fails (EFBIG), as on a full disk."""
+
+    def limit() -> None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return limit
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_earlier_checkpoints_stay_whole(toy, run_dir, tmp_path):
+    before = fingerprint(run_dir)
+    config = write_config(tmp_path / "config.yaml", toy, train={"output_dir": str(run_dir), "max_steps": 6})
+    proc = subprocess.run(
+        lorakit_process("train", str(config), "--resume"), capture_output=True, text=True, timeout=300,
+        preexec_fn=_full_disk(8_000),  # the config and metrics fit; the step-6 checkpoint's adapter does not
+    )
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("lorakit")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"lorakit train: error: {run_dir / 'checkpoints' / '.tmp-step-000006-'}")
+    assert "adapter_model.safetensors: could not be written (" in lines[0] and "File too large" in lines[0]
+    assert_intact(run_dir, before)
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]

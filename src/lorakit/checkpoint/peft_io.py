@@ -154,6 +154,8 @@ def _write_atomic(path: Path, write) -> None:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except SafetensorError as err:  # a full disk or a write error inside safetensors' own writer
+        raise AdapterError(f"{path}: could not be written ({err})") from None
     finally:
         tmp.unlink(missing_ok=True)
 
