@@ -66,11 +66,16 @@ def _final_eval_loss(run_dir: Path, steps: int, every: int) -> float:
     return evals[-1]["eval_loss"]
 
 
-def _kill_at_step(proc: subprocess.Popen, run_dir: Path, step: int, extra_s: float) -> None:
-    """SIGKILL once the run has logged `step` (plus a random delay), wherever it is then."""
+def _kill_at_step(proc: subprocess.Popen, log: Path, step: int, extra_s: float) -> None:
+    """SIGKILL once this process has done `step` (and at least one step), plus a random delay.
+
+    Progress is read from the process's own progress bar in `log`, not from metrics.jsonl, which
+    still holds the steps an earlier attempt logged past its last checkpoint.
+    """
     deadline = time.time() + 240
     while proc.poll() is None and time.time() < deadline:
-        if any(e["kind"] == "train" and e["step"] >= step for e in _events(run_dir)):
+        done = [int(n) for n in re.findall(r"\| *(\d+)/\d+ \[", log.read_text(errors="replace"))]
+        if done and max(done) >= max(step, done[0] + 1):
             break
         time.sleep(0.01)
     time.sleep(extra_s)
@@ -83,7 +88,9 @@ def _kill_during_save(proc: subprocess.Popen, run_dir: Path) -> Path:
     deadline = time.time() + 240
     while proc.poll() is None and time.time() < deadline:
         root = run_dir / "checkpoints"
-        temps = [p for p in root.iterdir() if p.name.startswith(".tmp-step-")] if root.is_dir() else []
+        names = [p.name for p in root.iterdir()] if root.is_dir() else []
+        # this process's temporary folder, not one an earlier attempt left behind
+        temps = [root / n for n in names if n.startswith(".tmp-step-") and n.endswith(f"-{proc.pid}")]
         if temps:
             os.kill(proc.pid, signal.SIGSTOP)  # frozen: is the save still under way?
             if temps[0].exists():
@@ -120,13 +127,15 @@ def test_five_sigkills_at_random_moments_resume_to_the_same_adapter(toy_run, tmp
         args = ("--resume",) if i else ()
         with log.open("w") as err:
             proc = subprocess.Popen(
-                lorakit_cmd("-v", "train", str(toy_run), "--train.output_dir", str(broken), *short, *args), stderr=err
+                lorakit_cmd("-v", "train", str(toy_run), "--train.output_dir", str(broken), *short, *args,
+                            "--train.progress", "true"),  # the bar tells this attempt's step
+                stderr=err,
             )
             if moment == "during a save":
                 half = _kill_during_save(proc, broken)
                 assert half.is_dir() and not (half / "manifest.json").exists()  # a half-written checkpoint
             else:
-                _kill_at_step(proc, broken, *moment)
+                _kill_at_step(proc, log, *moment)
         assert not (broken / "adapter").exists(), f"attempt {i} finished before its kill"
 
     expected.append(_newest_whole(broken))

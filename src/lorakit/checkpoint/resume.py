@@ -114,7 +114,7 @@ def latest_good_checkpoint(run_dir: str | Path) -> Path | None:
             return path
         skipped.append((path, problem))
     for bad, why in skipped:
-        log.warning("skipping damaged checkpoint %s (%s); no good checkpoint is left, starting afresh", bad, why)
+        log.warning("skipping damaged checkpoint %s (%s); no good one is left, starting afresh", bad, why)
     return None
 
 
@@ -128,8 +128,10 @@ def remove_stale_temps(run_dir: str | Path) -> None:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, model: nn.Module, adapter_name: str, optimizer, scheduler, scaler=None) -> dict:
-    """Restore adapter, optimizer, scheduler, grad scaler and every RNG from `path`; return its trainer state."""
+def load_checkpoint(
+    path: Path, model: nn.Module, adapter_name: str, optimizer, scheduler, scaler=None
+) -> dict:
+    """Restore adapter, optimizer, scheduler, grad scaler and every RNG from `path`; return its state."""
     restore_adapter_weights(model, adapter_name, path)
     blob = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])

@@ -137,13 +137,13 @@ class DivergenceGuard:
         self.diverged_at = max(self.diverged_at, step) if self.in_a_row > 1 else step
         self.lowered_until = good.step + self.config.rollback_lr_steps
         log.warning(
-            "step %d: %s; rolled back to step %d, learning rate x %g until step %d (rollback %d of %d in a row)",
+            "step %d: %s; rolled back to step %d, learning rate x %g until step %d (rollback %d of %d)",
             step, problem, good.step, self.config.rollback_lr_factor, self.lowered_until,
             self.in_a_row, self.config.max_rollbacks,
         )
         self._event(
-            kind="rollback", step=step, reason=problem, to_step=good.step, lr_factor=self.config.rollback_lr_factor,
-            until_step=self.lowered_until, in_a_row=self.in_a_row,
+            kind="rollback", step=step, reason=problem, to_step=good.step,
+            lr_factor=self.config.rollback_lr_factor, until_step=self.lowered_until, in_a_row=self.in_a_row,
         )
         return good.step
 

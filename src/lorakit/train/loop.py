@@ -113,7 +113,9 @@ class Precision:
         """Unscale and clip the gradients (0: no clipping); return their norm before clipping."""
         if self.scaler:
             self.scaler.unscale_(optimizer)
-        return float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf))
+        if max_grad_norm > 0:
+            return float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+        return float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
 
     def apply(self, optimizer) -> None:
         """Step after `clip`; with fp16 a step whose gradients overflowed is skipped."""
@@ -129,6 +131,7 @@ class Precision:
             self.scaler.update()
 
     def step(self, optimizer, params, max_grad_norm: float) -> None:
+        """`clip` then `apply`, for callers that do not look at the gradient norm."""
         self.clip(optimizer, params, max_grad_norm)
         self.apply(optimizer)
 
@@ -229,7 +232,8 @@ def train(
                 step = guard.rollback(step, problem, model, optimizer, scheduler)
             except DivergenceError as err:
                 save_adapter(model, out / "adapter", ADAPTER)
-                raise DivergenceError(f"{err}; its adapter is in {out / 'adapter'}; try a lower train.lr") from None
+                hint = f"its adapter is in {out / 'adapter'}; try a lower train.lr"
+                raise DivergenceError(f"{err}; {hint}") from None
             bar.n = step
             continue
         guard.scale_lr(optimizer, step)
