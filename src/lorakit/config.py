@@ -169,6 +169,19 @@ class TrainConfig:
                                  " so peak memory follows what training holds", default=True)
     seed: int = _help("seed for initialisation, shuffling and dropout", default=0)
     resume: bool = _help("continue from the latest checkpoint in output_dir", default=False)
+    guard: bool = _help(
+        "divergence guard: on a NaN/inf loss or gradient norm (or a loss spike) roll back to the last good state",
+        default=True,
+    )
+    spike_factor: float = _help(
+        "a step loss above this many times the mean of the last spike_window losses counts as divergence; "
+        "0 disables (the default: near-zero fine-tuning losses make such ratios noisy)",
+        default=0.0,
+    )
+    spike_window: int = _help("how many recent step losses the spike test averages", default=20)
+    rollback_lr_factor: float = _help("after a rollback the learning rate is multiplied by this, in (0, 1]", default=0.1)
+    rollback_lr_steps: int = _help("for this many steps after the step rolled back to", default=20)
+    max_rollbacks: int = _help("stop the run when it diverges again after this many rollbacks in a row", default=3)
     progress: bool = _help("show a progress bar", default=True)
 
 
@@ -210,7 +223,10 @@ CHOICES = {
     ("TrainConfig", "precision"): ("fp32", "bf16", "fp16"),
     ("EvalConfig", "task"): (None, "ros2", "e2e"),
 }
-POSITIVE = {"pack_length", "max_length", "batch_size", "grad_accum", "logging_steps", "eval_steps", "save_steps", "max_new_tokens"}
+POSITIVE = {
+    "pack_length", "max_length", "batch_size", "grad_accum", "logging_steps", "eval_steps", "save_steps",
+    "max_new_tokens", "spike_window",
+}
 
 
 def run_problems(run: "RunConfig") -> list[str]:
@@ -234,6 +250,19 @@ def run_problems(run: "RunConfig") -> list[str]:
         out.append(f"train.max_minutes: given {run.train.max_minutes!r}, expected a positive number of minutes or null")
     if not 0 <= run.train.warmup_ratio < 1:
         out.append(f"train.warmup_ratio: given {run.train.warmup_ratio!r}, expected a number in [0, 1)")
+    out += _guard_problems(run.train)
+    return out
+
+
+def _guard_problems(train: TrainConfig) -> list[str]:
+    out = []
+    if not 0 < train.rollback_lr_factor <= 1:
+        out.append(f"train.rollback_lr_factor: given {train.rollback_lr_factor!r}, expected a number in (0, 1]")
+    if train.spike_factor != 0 and train.spike_factor <= 1:
+        out.append(f"train.spike_factor: given {train.spike_factor!r}, expected 0 (off) or a number above 1")
+    for name in ("rollback_lr_steps", "max_rollbacks"):
+        if getattr(train, name) < 0:
+            out.append(f"train.{name}: given {getattr(train, name)!r}, expected an integer >= 0")
     return out
 
 

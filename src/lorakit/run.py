@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from lorakit.config import RunConfig, to_dict
+from lorakit.config import ConfigError, RunConfig, to_dict
 from lorakit.data.classification import read_classification, tokenize_classification
 from lorakit.data.dataset import prepare_data
 from lorakit.infer.score import score_generations
@@ -36,8 +36,11 @@ def data_sufficiency(train_tokens: int, trainable: int, total: int) -> str:
 def run(config: RunConfig, echo=print) -> dict:
     """Fine-tune as `config` says (causal LM or classification); print through `echo`; return the summary."""
     out = Path(config.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run_config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+    try:  # fail before loading anything when the run folder cannot be written
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run_config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"train.output_dir: cannot write to {out} ({err.strerror}); expected a writable folder") from None
     seed_everything(config.train.seed)
     summary = (run_classification if config.task == "seq_cls" else run_causal_lm)(config, echo)
     (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")

@@ -127,7 +127,7 @@ def test_truncated_safetensors_is_a_clear_error(tmp_path):
     lorakit.save_adapter(source, tmp_path)
     data = (tmp_path / WEIGHTS_NAME).read_bytes()
     (tmp_path / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
-    with pytest.raises(AdapterError, match="not a readable safetensors file"):
+    with pytest.raises(AdapterError, match=r"is truncated \(\d+ bytes, its header needs \d+\); expected a complete"):
         lorakit.load_adapter(tiny_llama(), tmp_path)
 
 

@@ -1,9 +1,11 @@
-"""`lorakit train` end to end on a tiny model: a real process, killed and resumed; config errors."""
+"""`lorakit train` end to end on a tiny model: a real process, killed five times and resumed; config errors."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +16,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+from lorakit.checkpoint.manifest import manifest_problem
+from lorakit.checkpoint.resume import list_checkpoints
 from conftest import TOY_TARGETS, TOY_TASK, toy_model_folder
 
 
@@ -44,31 +48,109 @@ def toy_run(tmp_path_factory):
     return path
 
 
-def _final_eval_loss(run_dir: Path) -> float:
-    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = [e for e in events if e["kind"] == "eval"]
-    assert [e["step"] for e in evals] == list(range(10, 301, 10))  # each eval logged once, resumed or not
+def _events(run_dir: Path) -> list[dict]:
+    """metrics.jsonl as written so far (a line being appended may be cut: skip it)."""
+    path = run_dir / "metrics.jsonl"
+    out = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass
+    return out
+
+
+def _final_eval_loss(run_dir: Path, steps: int, every: int) -> float:
+    evals = [e for e in _events(run_dir) if e["kind"] == "eval"]
+    assert [e["step"] for e in evals] == list(range(every, steps + 1, every))  # each eval logged once
     return evals[-1]["eval_loss"]
 
 
-def test_a_killed_run_resumes_to_the_same_result(toy_run, tmp_path):
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
-    subprocess.run(lorakit_cmd("train", str(toy_run), "--train.output_dir", str(whole)), check=True)
+def _kill_at_step(proc: subprocess.Popen, log: Path, step: int, extra_s: float) -> None:
+    """SIGKILL once this process has done `step` (and at least one step), plus a random delay.
 
-    proc = subprocess.Popen(lorakit_cmd("train", str(toy_run), "--train.output_dir", str(broken)))
-    second = broken / "checkpoints" / "step-000020"
-    deadline = time.time() + 120
-    while not second.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
+    Progress is read from the process's own progress bar in `log`, not from metrics.jsonl, which
+    still holds the steps an earlier attempt logged past its last checkpoint.
+    """
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline:
+        done = [int(n) for n in re.findall(r"\| *(\d+)/\d+ \[", log.read_text(errors="replace"))]
+        if done and max(done) >= max(step, done[0] + 1):
+            break
+        time.sleep(0.01)
+    time.sleep(extra_s)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert second.exists() and not (broken / "adapter").exists(), "the run was not stopped mid-way"
 
-    subprocess.run(lorakit_cmd("train", str(toy_run), "--train.output_dir", str(broken), "--resume"), check=True)
-    assert abs(_final_eval_loss(broken) - _final_eval_loss(whole)) <= 1e-4
+
+def _kill_during_save(proc: subprocess.Popen, run_dir: Path) -> Path:
+    """SIGKILL while a checkpoint is being written; return the temporary folder it leaves."""
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline:
+        root = run_dir / "checkpoints"
+        names = [p.name for p in root.iterdir()] if root.is_dir() else []
+        # this process's temporary folder, not one an earlier attempt left behind
+        temps = [root / n for n in names if n.startswith(".tmp-step-") and n.endswith(f"-{proc.pid}")]
+        if temps:
+            os.kill(proc.pid, signal.SIGSTOP)  # frozen: is the save still under way?
+            if temps[0].exists():
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return temps[0]
+            os.kill(proc.pid, signal.SIGCONT)
+    raise AssertionError("the run never reached a checkpoint write")
+
+
+def _newest_whole(run_dir: Path) -> Path | None:
+    whole = [p for p in list_checkpoints(run_dir) if manifest_problem(p) is None]
+    return whole[-1] if whole else None
+
+
+@pytest.mark.slow
+def test_five_sigkills_at_random_moments_resume_to_the_same_adapter(toy_run, tmp_path):
+    steps, every = 40, 10
+    short = ["--train.max_steps", str(steps), "--train.save_steps", "4", "--train.eval_steps", str(every),
+             "--train.logging_steps", "1"]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    subprocess.run(lorakit_cmd("-v", "train", str(toy_run), "--train.output_dir", str(whole), *short), check=True)
+
+    rng = random.Random(7)
+    targets = sorted(rng.sample(range(3, steps - 10), 4))
+    moments = [(t, rng.uniform(0.0, 0.05)) for t in targets]
+    moments.insert(2, "during a save")
+    expected, logs = [], []  # the checkpoint each resume must take: the newest one that is whole
+    for i, moment in enumerate(moments):
+        if i:
+            expected.append(_newest_whole(broken))
+        log = tmp_path / f"attempt-{i}.log"
+        logs.append(log)
+        args = ("--resume",) if i else ()
+        with log.open("w") as err:
+            proc = subprocess.Popen(
+                lorakit_cmd("-v", "train", str(toy_run), "--train.output_dir", str(broken), *short, *args,
+                            "--train.progress", "true"),  # the bar tells this attempt's step
+                stderr=err,
+            )
+            if moment == "during a save":
+                half = _kill_during_save(proc, broken)
+                assert half.is_dir() and not (half / "manifest.json").exists()  # a half-written checkpoint
+            else:
+                _kill_at_step(proc, log, *moment)
+        assert not (broken / "adapter").exists(), f"attempt {i} finished before its kill"
+
+    expected.append(_newest_whole(broken))
+    final_log = tmp_path / "final.log"
+    with final_log.open("w") as err:
+        subprocess.run(lorakit_cmd("-v", "train", str(toy_run), "--train.output_dir", str(broken), *short, "--resume"),
+                       stderr=err, check=True)
+    resumed = [re.search(r"resumed from (\S+) at step", p.read_text()) for p in [*logs[1:], final_log]]
+    assert [Path(m.group(1)) if m else None for m in resumed] == expected
+    assert not [p for p in (broken / "checkpoints").iterdir() if p.name.startswith(".")]
+
     a = load_file(whole / "adapter" / "adapter_model.safetensors")
     b = load_file(broken / "adapter" / "adapter_model.safetensors")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert abs(_final_eval_loss(broken, steps, every) - _final_eval_loss(whole, steps, every)) <= 1e-6
     assert len(list((broken / "checkpoints").iterdir())) <= 3  # save_total_limit, the best included
 
 

@@ -170,7 +170,7 @@ def test_examples_with_no_label_left_are_dropped_and_counted(tok):
 
 
 def test_all_dropped_is_an_error(tok):
-    with pytest.raises(DataError, match=r"no example has a response token left \(dropped 1\)"):
+    with pytest.raises(DataError, match=r"<records>: no example has a response token left within max_length 64 \(dropped 1\)"):
         tokenize_dataset(tok, [{"instruction": "a", "output": ""}], "seed", max_length=64, add_eos=False)
 
 

@@ -154,6 +154,8 @@ def _write_atomic(path: Path, write) -> None:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except SafetensorError as err:  # a full disk or a write error inside safetensors' own writer
+        raise AdapterError(f"{path}: could not be written ({err})") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -189,7 +191,7 @@ def read_adapter_weights(directory: str | Path, trust_pickle: bool = False) -> d
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as err:
-            raise AdapterError(f"{path}: not a readable safetensors file ({err})") from None
+            raise AdapterError(f"{path}: {_unreadable(path, err)}") from None
     pickled = [directory / n for n in PICKLE_NAMES if (directory / n).is_file()]
     if pickled and not trust_pickle:
         raise AdapterError(
@@ -199,6 +201,28 @@ def read_adapter_weights(directory: str | Path, trust_pickle: bool = False) -> d
     if pickled:
         return torch.load(pickled[0], map_location="cpu", weights_only=True)
     raise AdapterError(f"{path}: not found")
+
+
+def _unreadable(path: Path, err: Exception) -> str:
+    """Why a safetensors file did not load, in words: a pickle in disguise, truncated, or damaged."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        size = os.fstat(fh.fileno()).st_size
+        if head.startswith((b"\x80", b"PK\x03\x04")):  # a pickle stream, or torch.save's zip of one
+            return (
+                "is a pickle (torch.save) file, not safetensors; refused, since loading pickle can run code; "
+                "expected a safetensors file (convert it with safetensors.torch.save_file)"
+            )
+        needed = 8 + int.from_bytes(head, "little") if len(head) == 8 else 8
+        if needed <= size:
+            try:
+                header = json.loads(fh.read(needed - 8))
+                needed += max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, TypeError, KeyError, IndexError):
+                pass
+    if needed > size:
+        return f"is truncated ({size} bytes, its header needs {needed}); expected a complete safetensors file"
+    return f"not a readable safetensors file ({err})"
 
 
 @torch.no_grad()
@@ -213,15 +237,16 @@ def load_adapter(
     """
     config = read_adapter_config(directory)
     tensors = read_adapter_weights(directory, trust_pickle)
+    made_for = f" (the adapter was trained on {config.base_model_name_or_path})" if config.base_model_name_or_path else ""
     try:
         inject(model, config, name)
     except ConfigError as err:
-        raise AdapterError(f"{directory}: does not fit this {type(model).__name__}: {err}") from None
+        raise AdapterError(f"{directory}: does not fit this {type(model).__name__}{made_for}: {err}") from None
     try:
         _copy_into(model, name, tensors, Path(directory))
-    except AdapterError:
+    except AdapterError as err:
         delete_adapter(model, name)
-        raise
+        raise AdapterError(f"{err}{made_for}") from None
     return adapter_config(model, name)
 
 

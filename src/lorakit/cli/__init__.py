@@ -10,8 +10,10 @@ from lorakit.checkpoint.peft_io import AdapterError
 from lorakit.config import ConfigError
 from lorakit.data.formats import DataError
 from lorakit.models import ModelNotFoundError
+from lorakit.train.guard import DivergenceError
 
-USER_ERRORS = (ConfigError, DataError, AdapterError, ModelNotFoundError, FileNotFoundError)
+# OSError: a folder that cannot be written, a full disk: one line, not a traceback.
+USER_ERRORS = (ConfigError, DataError, AdapterError, ModelNotFoundError, DivergenceError, OSError)
 
 
 def build_parser() -> argparse.ArgumentParser:

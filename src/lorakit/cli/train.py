@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from lorakit.cli.parsing import subcommand
 
 EXAMPLES = """examples:
@@ -31,5 +33,16 @@ def run(args, overrides: list[str]) -> int:
     if args.resume:
         overrides = [*overrides, "--train.resume", "true"]
     config = load_run_config(args.config, overrides)
-    run_training(config)
+    try:
+        run_training(config)
+    except KeyboardInterrupt:
+        print(f"lorakit train: interrupted; {_where_to_resume(config.train.output_dir)}", file=sys.stderr)
+        return 130
     return 0
+
+
+def _where_to_resume(run_dir: str) -> str:
+    from lorakit.checkpoint.resume import latest_good_checkpoint
+
+    last = latest_good_checkpoint(run_dir)
+    return f"the last complete checkpoint is {last}; continue with --resume" if last else "no checkpoint was written"

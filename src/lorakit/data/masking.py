@@ -146,7 +146,9 @@ def tokenize_dataset(
     chat: ChatTemplate | None = template if isinstance(template, ChatTemplate) else None
     examples: list[dict[str, Any]] = []
     stats = TokenizeStats()
+    source = first_cut = None
     for record in records:
+        source = source or where(record).rsplit(":", 1)[0]
         renderer = template
         if "messages" in record:
             chat = chat or ChatTemplate(tokenizer)
@@ -169,13 +171,14 @@ def tokenize_dataset(
         stats.examples += 1
         stats.truncated += example["truncated"]
         stats.response_truncated += example["response_truncated"]
+        first_cut = first_cut or (where(record) if example["response_truncated"] else None)
         stats.response_tokens += n_labels
         stats.prompt_tokens += len(example["labels"]) - n_labels
-    _log_stats(stats, max_length)
+    _log_stats(stats, max_length, first_cut)
     if not examples:
         raise DataError(
-            f"no example has a response token left (dropped {stats.dropped}); "
-            f"expected non-empty responses and a max_length (now {max_length}) above the prompt lengths"
+            f"{source or '<records>'}: no example has a response token left within max_length {max_length} "
+            f"(dropped {stats.dropped}); expected non-empty responses and a data.max_length above the prompt lengths"
         )
     return examples, stats
 
@@ -195,7 +198,7 @@ def special_prefix_ids(tokenizer: Any) -> list[int]:
     return []  # the post-processor rewrites the text itself; add nothing rather than guess
 
 
-def _log_stats(stats: TokenizeStats, max_length: int) -> None:
+def _log_stats(stats: TokenizeStats, max_length: int, first_cut: str | None = None) -> None:
     logger.info(
         "tokenised %d examples (%d prompt + %d response tokens); %d truncated to %d tokens, %d dropped",
         stats.examples,
@@ -207,8 +210,9 @@ def _log_stats(stats: TokenizeStats, max_length: int) -> None:
     )
     if stats.response_truncated:
         logger.warning(
-            "%d responses were cut at max_length=%d and lost their EOS; "
-            "raise max_length so the model learns to stop",
+            "%s: %d responses were cut at data.max_length=%d and lost their EOS (this one first); "
+            "raise data.max_length so the model learns to stop",
+            first_cut,
             stats.response_truncated,
             max_length,
         )

@@ -16,11 +16,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lorakit.checkpoint.peft_io import restore_adapter_weights, save_adapter
-from lorakit.checkpoint.resume import checkpoint_dir, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from lorakit.checkpoint.resume import (
+    checkpoint_dir,
+    latest_good_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from lorakit.config import TrainConfig
 from lorakit.data.collate import split_rows
-from lorakit.train.length_grouping import length_grouped
+from lorakit.train.guard import DivergenceError, DivergenceGuard
 from lorakit.train.lean import release_freed_memory, use_fused_paths
+from lorakit.train.length_grouping import length_grouped
 from lorakit.train.metrics import MetricsLog
 from lorakit.train.optim import build_optimizer, build_scheduler
 
@@ -115,17 +122,31 @@ class Precision:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def step(self, optimizer, params, max_grad_norm: float) -> None:
-        """Unscale, clip and step; with fp16 a step whose gradients overflowed is skipped."""
+    def clip(self, optimizer, params, max_grad_norm: float) -> float:
+        """Unscale and clip the gradients (0: no clipping); return their norm before clipping."""
         if self.scaler:
             self.scaler.unscale_(optimizer)
         if max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            return float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+        return float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+
+    def apply(self, optimizer) -> None:
+        """Step after `clip`; with fp16 a step whose gradients overflowed is skipped."""
         if self.scaler:
             self.scaler.step(optimizer)
             self.scaler.update()
         else:
             optimizer.step()
+
+    def skip(self) -> None:
+        """Drop a clipped step without applying it (the scaler still closes its step)."""
+        if self.scaler:
+            self.scaler.update()
+
+    def step(self, optimizer, params, max_grad_norm: float) -> None:
+        """`clip` then `apply`, for callers that do not look at the gradient norm."""
+        self.clip(optimizer, params, max_grad_norm)
+        self.apply(optimizer)
 
 
 def real_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -172,15 +193,19 @@ def train(
         release_freed_memory()
 
     start_step, best, best_path = 0, None, None
-    checkpoints = list_checkpoints(out) if config.resume else []
-    if checkpoints:
-        state = load_checkpoint(checkpoints[-1], model, ADAPTER, optimizer, scheduler)
+    resume_from = latest_good_checkpoint(out) if config.resume else None
+    state: dict = {}
+    if resume_from:
+        state = load_checkpoint(resume_from, model, ADAPTER, optimizer, scheduler, precision.scaler)
         start_step, best = state["step"], state.get("best_metric")
         best_path = Path(state["best_checkpoint"]) if state.get("best_checkpoint") else None
-        log.info("resumed from %s at step %d", checkpoints[-1], start_step)
-    metrics = MetricsLog(out, resume=bool(checkpoints))
-    if checkpoints:
+        log.info("resumed from %s at step %d", resume_from, start_step)
+    metrics = MetricsLog(out, resume=bool(resume_from))
+    if resume_from:
         metrics.truncate_after(start_step)
+    guard = DivergenceGuard(config, metrics, precision.scaler)
+    guard.load_state_dict(state.get("guard", {}))
+    guard.remember(start_step, model, optimizer, scheduler)
 
     def evaluate(step: int) -> dict:
         model.eval()
@@ -195,8 +220,12 @@ def train(
         value = (result or {}).get(config.metric_for_best)
         if value is not None and _better(value, best, greater):
             best, best_path = value, path
-        state = {"best_metric": best, "best_checkpoint": str(best_path) if best_path else None, **(run_state or {})}
-        save_checkpoint(out, step, model, ADAPTER, optimizer, scheduler, state)
+        state = {
+            "best_metric": best, "best_checkpoint": str(best_path) if best_path else None,
+            "guard": guard.state_dict(), **(run_state or {}),
+        }
+        save_checkpoint(out, step, model, ADAPTER, optimizer, scheduler, state, precision.scaler)
+        guard.remember(step, model, optimizer, scheduler)
         prune_checkpoints(out, config.save_total_limit, {p for p in (best_path, path) if p})
 
     model.train()
@@ -205,20 +234,36 @@ def train(
     bar = tqdm(total=total_steps, initial=start_step, disable=not config.progress, desc="train", dynamic_ncols=True)
     deadline = started + 60 * config.max_minutes if config.max_minutes else None
     step = start_step
-    for step in range(start_step + 1, total_steps + 1):
+    while step < total_steps:
+        step += 1
         micro = [batches[(step - 1) * config.grad_accum + i] for i in range(config.grad_accum)]
         micro = [{k: v.to(device) for k, v in b.items()} for b in micro]
         step_loss = accumulate_gradients(model, micro, objective, precision, config.max_tokens_per_forward)
         window_tokens += sum(real_tokens(b) for b in micro)
-        precision.step(optimizer, trainable, config.max_grad_norm)
+        grad_norm = precision.clip(optimizer, trainable, config.max_grad_norm)
+        problem = guard.problem(step_loss, grad_norm)
+        if problem:  # divergence: do not take this step; go back to the last good state
+            precision.skip()
+            optimizer.zero_grad(set_to_none=True)
+            try:
+                step = guard.rollback(step, problem, model, optimizer, scheduler)
+            except DivergenceError as err:
+                save_adapter(model, out / "adapter", ADAPTER)
+                hint = f"its adapter is in {out / 'adapter'}; try a lower train.lr"
+                raise DivergenceError(f"{err}; {hint}") from None
+            bar.n = step
+            continue
+        guard.scale_lr(optimizer, step)
+        precision.apply(optimizer)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        guard.accept(step, step_loss)
 
         out_of_time = deadline is not None and time.time() >= deadline and step < total_steps
         last = step == total_steps or out_of_time
         if step % config.logging_steps == 0 or last:
             elapsed = time.time() - window_start
-            lr = scheduler.get_last_lr()[0]
+            lr = scheduler.get_last_lr()[0] * guard.lr_factor(step + 1)
             speed = window_tokens / max(elapsed, 1e-9)
             metrics.write(kind="train", step=step, loss=step_loss, lr=lr, tokens_per_s=speed, **objective.train_metrics())
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
