@@ -131,8 +131,13 @@ class TrainConfig:
     output_dir: str = _help("run folder: adapter/, checkpoints/, metrics.jsonl, curves.png", default="runs/train")
     epochs: float = _help("passes over the training set (ignored when max_steps > 0)", default=1.0)
     max_steps: int = _help("optimizer steps; > 0 overrides epochs", default=0)
-    batch_size: int = _help("examples per micro-batch and device", default=8)
+    batch_size: int = _help("examples per micro-batch and process (device), as in HF Trainer and PEFT", default=8)
     grad_accum: int = _help("micro-batches per optimizer step", default=1)
+    global_batch_size: int | None = _help(
+        "examples per optimizer step over all processes; if set, grad_accum = this / (batch_size x processes), "
+        "so the same config gives the same run on any process count",
+        default=None,
+    )
     lr: float = _help("peak learning rate", default=2e-4)
     weight_decay: float = _help("AdamW weight decay (not applied to biases and norms)", default=0.0)
     warmup_ratio: float = _help("share of steps spent warming the learning rate up from 0", default=0.0)
@@ -152,6 +157,8 @@ class TrainConfig:
     gradient_checkpointing: bool = _help("recompute activations in backward to save memory", default=False)
     seed: int = _help("seed for initialisation, shuffling and dropout", default=0)
     resume: bool = _help("continue from the latest checkpoint in output_dir", default=False)
+    ddp_timeout: float = _help("seconds a process waits for the others at a collective before the run stops", default=1800)
+    fsdp: bool = _help("shard the frozen base across GPUs with FSDP (bases too large for one GPU; needs CUDA)", default=False)
     progress: bool = _help("show a progress bar", default=True)
 
 
@@ -213,6 +220,10 @@ def run_problems(run: "RunConfig") -> list[str]:
         out.append(f"task: given {run.task!r}, expected causal_lm or seq_cls")
     if run.train.lr <= 0:
         out.append(f"train.lr: given {run.train.lr!r}, expected a positive number")
+    if run.train.global_batch_size is not None and run.train.global_batch_size <= 0:
+        out.append(f"train.global_batch_size: given {run.train.global_batch_size!r}, expected a positive integer")
+    if run.train.ddp_timeout <= 0:
+        out.append(f"train.ddp_timeout: given {run.train.ddp_timeout!r}, expected a positive number of seconds")
     if not 0 <= run.train.warmup_ratio < 1:
         out.append(f"train.warmup_ratio: given {run.train.warmup_ratio!r}, expected a number in [0, 1)")
     return out

@@ -1,6 +1,9 @@
-"""`lorakit train CONFIG.yaml [--section.key VALUE ...]`"""
+"""`lorakit train CONFIG.yaml [--nproc N] [--section.key VALUE ...]`"""
 
 from __future__ import annotations
+
+import os
+import sys
 
 from lorakit.cli.parsing import subcommand
 
@@ -8,6 +11,9 @@ EXAMPLES = """examples:
   lorakit train examples/ros2/config.yaml
   lorakit train examples/ros2/config.yaml --train.lr 5e-4 --lora.r 16
   lorakit train examples/ros2/config.yaml --train.resume true     # continue from the last checkpoint
+  lorakit train examples/ros2/config.yaml --nproc 2                # data parallel: runs torchrun for you
+  torchrun --nproc_per_node 2 -m lorakit train examples/ros2/config.yaml       # the same
+  accelerate launch --multi_gpu --num_processes 2 -m lorakit train examples/ros2/config.yaml
 """
 
 
@@ -16,20 +22,51 @@ def add_parser(commands) -> None:
         commands,
         "train",
         help="fine-tune a model with LoRA from a YAML config",
-        description="Fine-tune with LoRA as the YAML config says. Any key can be overridden as --section.key VALUE.",
+        description="Fine-tune with LoRA as the YAML config says. Any key can be overridden as --section.key VALUE. "
+        "Under torchrun or accelerate launch each process trains on its share of every global batch "
+        "(train.batch_size is per process).",
         examples=EXAMPLES,
     )
     parser.add_argument("config", help="YAML run config (sections: model, task, lora, data, train, eval)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    parser.add_argument(
+        "--nproc", type=int, default=1, help="processes on this machine: starts `torchrun --standalone` with them"
+    )
     parser.set_defaults(run=run, accepts_overrides=True)
 
 
 def run(args, overrides: list[str]) -> int:
-    from lorakit.config import load_run_config
+    from lorakit.config import ConfigError, load_run_config
     from lorakit.run import run as run_training
+    from lorakit.train.distributed import ProcessLost, is_lost_contact, launched_world
 
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc: given {args.nproc}, expected a positive number of processes")
+    if args.nproc > 1 and launched_world().size == 1:
+        return _exec_torchrun(args, overrides)
     if args.resume:
         overrides = [*overrides, "--train.resume", "true"]
     config = load_run_config(args.config, overrides)
-    run_training(config)
+    rank = launched_world().rank
+    try:
+        run_training(config)
+    except (ProcessLost, RuntimeError) as err:
+        if not (isinstance(err, ProcessLost) or is_lost_contact(err)):
+            raise
+        print(
+            f"lorakit train: error: rank {rank} stopped: {str(err).splitlines()[0]}; the run can continue "
+            f"from its last checkpoint in {config.train.output_dir}/checkpoints with --resume",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _exec_torchrun(args, overrides: list[str]) -> int:
+    """Replace this process by torchrun running the same command once per process (never returns)."""
+    command = ["train", args.config, *(["--resume"] if args.resume else []), *overrides]
+    if args.verbose:
+        command.insert(0, "--verbose")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}"]
+    os.execv(sys.executable, [*launcher, "-m", "lorakit", *command])
     return 0

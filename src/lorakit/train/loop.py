@@ -17,9 +17,11 @@ from tqdm.auto import tqdm
 
 from lorakit.checkpoint.peft_io import restore_adapter_weights, save_adapter
 from lorakit.checkpoint.resume import checkpoint_dir, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
-from lorakit.config import TrainConfig
+from lorakit.config import ConfigError, TrainConfig
+from lorakit.train.distributed import DataParallel, World, barrier, current_world, grad_accum_for, shard
 from lorakit.train.metrics import MetricsLog
 from lorakit.train.optim import build_optimizer, build_scheduler
+from lorakit.train.sampling import Batches, check_position, epoch_order  # noqa: F401  (epoch_order: re-exported)
 
 log = logging.getLogger(__name__)
 ADAPTER = "default"
@@ -42,44 +44,35 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The example order of one epoch: a fixed function of (seed, epoch), so resume can replay it."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-
-
-class Batches:
-    """Micro-batch `i` of the whole run, computed from its index alone (exact resume needs no state)."""
-
-    def __init__(self, examples: list[dict], batch_size: int, collate, seed: int):
-        self.examples, self.batch_size, self.collate, self.seed = examples, batch_size, collate, seed
-        self.per_epoch = math.ceil(len(examples) / batch_size)
-        self._orders: dict[int, list[int]] = {}
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        epoch, within = divmod(index, self.per_epoch)
-        if epoch not in self._orders:
-            self._orders = {epoch: epoch_order(len(self.examples), self.seed, epoch)}
-        ids = self._orders[epoch][within * self.batch_size : (within + 1) * self.batch_size]
-        return self.collate([self.examples[i] for i in ids])
-
-
 def accumulate_gradients(
-    model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], objective, precision: Precision | None = None
+    model: nn.Module,
+    micro_batches: list[dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], float]],
+    objective,
+    precision: Precision | None = None,
+    parallel: DataParallel | None = None,
 ) -> float:
     """Backpropagate one optimizer step's micro-batches; return the step's mean token loss.
 
     Each micro-batch's loss sum is divided by the label count of the whole window, so the
-    gradient equals that of one big batch, however the tokens fall into micro-batches.
+    gradient equals that of one big batch, however the tokens fall into micro-batches. Across
+    processes the window is the global batch: the count is all-reduced, and each loss is
+    multiplied by the process count because DDP averages the processes' gradients. A
+    (batch, weight) pair with weight 0 is a stand-in that only keeps the processes in step.
     """
     precision = precision or Precision()
-    count = max(sum(objective.count(b) for b in micro_batches), 1)
+    parallel = parallel or DataParallel(model, objective, World())
+    pairs = [b if isinstance(b, tuple) else (b, 1.0) for b in micro_batches]
+    (count,) = parallel.sum(sum(objective.count(b) * w for b, w in pairs))
+    scale = parallel.world.size / max(count, 1)
     total = 0.0
-    for batch in micro_batches:
-        with precision.autocast():
-            loss = objective.loss_sum(model, batch) / count
-        precision.backward(loss)
+    for i, (batch, weight) in enumerate(pairs):
+        with parallel.sync(now=i == len(pairs) - 1):
+            with precision.autocast():
+                loss = parallel.loss_sum(batch) * (scale * weight)
+            precision.backward(loss)
         total += loss.item()
-    return total
+    (total,) = parallel.sum(total)
+    return total / parallel.world.size
 
 
 class Precision:
@@ -102,12 +95,12 @@ class Precision:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def step(self, optimizer, params, max_grad_norm: float) -> None:
-        """Unscale, clip and step; with fp16 a step whose gradients overflowed is skipped."""
+    def step(self, optimizer, params, max_grad_norm: float, clip=torch.nn.utils.clip_grad_norm_) -> None:
+        """Unscale, clip (with `clip(params, max_norm)`) and step; with fp16 an overflowed step is skipped."""
         if self.scaler:
             self.scaler.unscale_(optimizer)
         if max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            clip(params, max_grad_norm)
         if self.scaler:
             self.scaler.step(optimizer)
             self.scaler.update()
@@ -142,9 +135,14 @@ def train(
     out = Path(config.output_dir)
     device = next(p for p in model.parameters()).device
     seed_everything(config.seed)
-    batches = Batches(train_examples, config.batch_size, objective.collate, config.seed)
-    steps_per_epoch = math.ceil(batches.per_epoch / config.grad_accum)
+    world = current_world()  # one process, or this rank of a torchrun / accelerate launch
+    batches = Batches(train_examples, config.batch_size, grad_accum_for(config, world), objective.collate,
+                      config.seed, world)
+    steps_per_epoch = batches.steps_per_epoch
     total_steps = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.epochs * steps_per_epoch))
+    if config.fsdp and config.eval_strategy != "no":
+        raise ConfigError("train.fsdp: evaluation under FSDP is not supported yet; set train.eval_strategy no")
+    parallel = DataParallel(model, objective, world, config.fsdp)  # before the optimizer: FSDP re-wraps params
     optimizer = build_optimizer(model, config)
     trainable = [p for p in model.parameters() if p.requires_grad]
     precision = Precision(config.precision, device)
@@ -158,17 +156,19 @@ def train(
     start_step, best, best_path = 0, None, None
     checkpoints = list_checkpoints(out) if config.resume else []
     if checkpoints:
-        state = load_checkpoint(checkpoints[-1], model, ADAPTER, optimizer, scheduler)
+        with parallel.full_params(writeback=True):
+            state = load_checkpoint(checkpoints[-1], model, ADAPTER, optimizer, scheduler)
+        check_position(state, batches, checkpoints[-1])
         start_step, best = state["step"], state.get("best_metric")
         best_path = Path(state["best_checkpoint"]) if state.get("best_checkpoint") else None
         log.info("resumed from %s at step %d", checkpoints[-1], start_step)
-    metrics = MetricsLog(out, resume=bool(checkpoints))
+    metrics = MetricsLog(out, resume=bool(checkpoints), enabled=world.main)  # only rank 0 writes
     if checkpoints:
         metrics.truncate_after(start_step)
 
     def evaluate(step: int) -> dict:
         model.eval()
-        result = objective.evaluate(model, eval_examples, config.batch_size, device)
+        result = objective.evaluate(model, shard(eval_examples, world), config.batch_size, device)
         model.train()
         metrics.write(kind="eval", step=step, **result)
         return result
@@ -179,27 +179,30 @@ def train(
         value = (result or {}).get(config.metric_for_best)
         if value is not None and _better(value, best, greater):
             best, best_path = value, path
-        state = {"best_metric": best, "best_checkpoint": str(best_path) if best_path else None, **(run_state or {})}
-        save_checkpoint(out, step, model, ADAPTER, optimizer, scheduler, state)
-        prune_checkpoints(out, config.save_total_limit, {p for p in (best_path, path) if p})
+        state = {"best_metric": best, "best_checkpoint": str(best_path) if best_path else None, **(run_state or {}),
+                 "global_batch": batches.global_batch, "processes": world.size}
+        with parallel.full_params():
+            if world.main:
+                save_checkpoint(out, step, model, ADAPTER, optimizer, scheduler, state)
+                prune_checkpoints(out, config.save_total_limit, {p for p in (best_path, path) if p})
+        barrier()
 
     model.train()
     started, window_tokens, window_start = time.time(), 0, time.time()
     last_eval: dict = {}
-    bar = tqdm(total=total_steps, initial=start_step, disable=not config.progress, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=start_step, disable=not (config.progress and world.main), desc="train", dynamic_ncols=True)
     for step in range(start_step + 1, total_steps + 1):
-        micro = [batches[(step - 1) * config.grad_accum + i] for i in range(config.grad_accum)]
-        micro = [{k: v.to(device) for k, v in b.items()} for b in micro]
-        step_loss = accumulate_gradients(model, micro, objective, precision)
-        window_tokens += sum(real_tokens(b) for b in micro)
-        precision.step(optimizer, trainable, config.max_grad_norm)
+        micro = [({k: v.to(device) for k, v in b.items()}, weight) for b, weight in batches[step - 1]]
+        step_loss = accumulate_gradients(model, micro, objective, precision, parallel)
+        window_tokens += sum(real_tokens(b) for b, weight in micro if weight)
+        precision.step(optimizer, trainable, config.max_grad_norm, parallel.clip)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         if step % config.logging_steps == 0 or step == total_steps:
             elapsed = time.time() - window_start
             lr = scheduler.get_last_lr()[0]
-            speed = window_tokens / max(elapsed, 1e-9)
+            speed = parallel.sum(window_tokens)[0] / max(elapsed, 1e-9)
             metrics.write(kind="train", step=step, loss=step_loss, lr=lr, tokens_per_s=speed, **objective.train_metrics())
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
             window_tokens, window_start = 0, time.time()
@@ -219,8 +222,11 @@ def train(
     bar.close()
 
     if best_path is not None:  # keep-best: the model leaves with the best checkpoint's adapter
-        restore_adapter_weights(model, ADAPTER, best_path)
-    adapter_dir = save_adapter(model, out / "adapter", ADAPTER)
+        with parallel.full_params(writeback=True):
+            restore_adapter_weights(model, ADAPTER, best_path)
+    with parallel.full_params():
+        adapter_dir = save_adapter(model, out / "adapter", ADAPTER) if world.main else out / "adapter"
+    barrier()
     metrics.plot()
     return TrainResult(
         steps=total_steps,
