@@ -38,7 +38,7 @@ def add_parser(commands) -> None:
 def run(args, overrides: list[str]) -> int:
     from lorakit.config import ConfigError, load_run_config
     from lorakit.run import run as run_training
-    from lorakit.train.distributed import ProcessLost, is_lost_contact, launched_world
+    from lorakit.train.distributed import ProcessLost, is_lost_contact, launched_world, short_reason
 
     if args.nproc < 1:
         raise ConfigError(f"--nproc: given {args.nproc}, expected a positive number of processes")
@@ -53,9 +53,10 @@ def run(args, overrides: list[str]) -> int:
     except (ProcessLost, RuntimeError) as err:
         if not (isinstance(err, ProcessLost) or is_lost_contact(err)):
             raise
+        what = str(err) if isinstance(err, ProcessLost) else f"lost contact with another process ({short_reason(err)})"
         print(
-            f"lorakit train: error: rank {rank} stopped: {str(err).splitlines()[0]}; the run can continue "
-            f"from its last checkpoint in {config.train.output_dir}/checkpoints with --resume",
+            f"lorakit train: error: rank {rank} stopped: {what}; the run can continue from its last "
+            f"checkpoint in {config.train.output_dir}/checkpoints with --resume, on any process count",
             file=sys.stderr,
         )
         return 1

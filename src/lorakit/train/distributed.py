@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 from dataclasses import dataclass
 from datetime import timedelta
@@ -236,3 +237,9 @@ def is_lost_contact(err: BaseException) -> bool:
     return launched_world().size > 1 and any(
         w in text for w in ("connection closed", "connection reset", "timed out", "gloo", "nccl", "broken pipe")
     )
+
+
+def short_reason(err: BaseException) -> str:
+    """The gist of a backend error: its first sentence, without the C++ source location."""
+    text = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", str(err).strip().splitlines()[0] if str(err).strip() else "")
+    return text.split(". ")[0] or type(err).__name__
