@@ -36,11 +36,24 @@ def toy_config(tmp_path_factory) -> Path:
     config = {
         "model": str(model),
         "lora": {"r": 4, "lora_alpha": 8, "target_modules": TOY_TARGETS},
-        "data": {"train_file": str(root / "train.jsonl"), "eval_file": str(root / "eval.jsonl"), "max_length": 64},
+        "data": {
+            "train_file": str(root / "train.jsonl"),
+            "eval_file": str(root / "eval.jsonl"),
+            "max_length": 64,
+        },
         "train": {
-            "max_steps": 20, "batch_size": 2, "global_batch_size": 4, "lr": 5e-3, "warmup_ratio": 0.1,
-            "logging_steps": 1, "eval_strategy": "steps", "eval_steps": 10, "save_strategy": "steps",
-            "save_steps": 10, "progress": False, "ddp_timeout": 60,
+            "max_steps": 20,
+            "batch_size": 2,
+            "global_batch_size": 4,
+            "lr": 5e-3,
+            "warmup_ratio": 0.1,
+            "logging_steps": 1,
+            "eval_strategy": "steps",
+            "eval_steps": 10,
+            "save_strategy": "steps",
+            "save_steps": 10,
+            "progress": False,
+            "ddp_timeout": 60,
         },
     }
     path = root / "config.yaml"
@@ -56,8 +69,14 @@ def one_process(toy_config, tmp_path_factory) -> Path:
 
 
 def _train(launcher: list[str], config: Path, out: Path, *extra: str) -> None:
-    proc = subprocess.run([*launcher, str(config), "--train.output_dir", str(out), *extra], env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [*launcher, str(config), "--train.output_dir", str(out), *extra],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -96,9 +115,22 @@ def test_two_processes_under_torchrun_equal_one(toy_config, one_process, tmp_pat
 def test_two_processes_under_accelerate_launch_equal_one(toy_config, one_process, tmp_path):
     # accelerate's --cpu runs one process; --multi_gpu hands N processes to torchrun, and on a
     # machine without CUDA lorakit then joins them with gloo.
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                  "--main_process_port", str(_free_port())]
+    accelerate = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+    ]
     _train([*accelerate, *LORAKIT], toy_config, tmp_path / "acc")
     _assert_same_run(one_process, tmp_path / "acc")
 
@@ -108,7 +140,10 @@ def test_a_killed_rank_stops_the_run_and_one_process_resumes_it(toy_config, tmp_
     longer = ["--train.max_steps", "30"]  # time to kill it after its first checkpoint
     proc = subprocess.Popen(
         [sys.executable, *LORAKIT, str(toy_config), "--nproc", "2", "--train.output_dir", str(out), *longer],
-        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     first = out / "checkpoints" / "step-000010"
     deadline = time.time() + 120
@@ -121,7 +156,9 @@ def test_a_killed_rank_stops_the_run_and_one_process_resumes_it(toy_config, tmp_
     assert time.time() - killed_at < 60  # the gloo connection drops at once; torchrun ends the rest
     assert proc.returncode != 0 and not (out / "adapter").exists(), "the run was not stopped mid-way"
     # rank 0 sees the dropped connection (or, if torchrun's SIGTERM comes first, says that) in one line
-    message = [line for line in stderr.splitlines() if line.startswith("lorakit train: error: rank 0 stopped:")]
+    message = [
+        line for line in stderr.splitlines() if line.startswith("lorakit train: error: rank 0 stopped:")
+    ]
     assert message and "--resume" in message[0], stderr[-3000:]
 
     _train([sys.executable, *LORAKIT], toy_config, out, *longer, "--resume")  # 1 process: grad_accum 2

@@ -30,7 +30,10 @@ def add_parser(commands) -> None:
     parser.add_argument("config", help="YAML run config (sections: model, task, lora, data, train, eval)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     parser.add_argument(
-        "--nproc", type=int, default=1, help="processes on this machine: starts `torchrun --standalone` with them"
+        "--nproc",
+        type=int,
+        default=1,
+        help="processes on this machine: starts `torchrun --standalone` with them",
     )
     parser.set_defaults(run=run, accepts_overrides=True)
 
@@ -53,7 +56,11 @@ def run(args, overrides: list[str]) -> int:
     except (ProcessLost, RuntimeError) as err:
         if not (isinstance(err, ProcessLost) or is_lost_contact(err)):
             raise
-        what = str(err) if isinstance(err, ProcessLost) else f"lost contact with another process ({short_reason(err)})"
+        what = (
+            str(err)
+            if isinstance(err, ProcessLost)
+            else f"lost contact with another process ({short_reason(err)})"
+        )
         print(
             f"lorakit train: error: rank {rank} stopped: {what}; the run can continue from its last "
             f"checkpoint in {config.train.output_dir}/checkpoints with --resume, on any process count",
@@ -68,6 +75,12 @@ def _exec_torchrun(args, overrides: list[str]) -> int:
     command = ["train", args.config, *(["--resume"] if args.resume else []), *overrides]
     if args.verbose:
         command.insert(0, "--verbose")
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={args.nproc}",
+    ]
     os.execv(sys.executable, [*launcher, "-m", "lorakit", *command])
     return 0

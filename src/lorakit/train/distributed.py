@@ -212,7 +212,9 @@ def _wrap_ddp(loss: LossOf, world: World) -> nn.Module:
     on_gpu = next(loss.parameters()).device.type == "cuda"
     # init_sync=False: broadcasting a frozen multi-GB base at start-up would be wasted time; the
     # buffers (rotary tables) are constants, so they need no sync in every forward either.
-    return DDP(loss, device_ids=[world.local_rank] if on_gpu else None, forward_sync_buffers=False, init_sync=False)
+    return DDP(
+        loss, device_ids=[world.local_rank] if on_gpu else None, forward_sync_buffers=False, init_sync=False
+    )
 
 
 def _wrap_fsdp(loss: LossOf) -> nn.Module:
@@ -225,8 +227,12 @@ def _wrap_fsdp(loss: LossOf) -> nn.Module:
     names = set(getattr(loss.model, "_no_split_modules", None) or [])
     blocks = {type(m) for m in loss.model.modules() if type(m).__name__ in names}
     # use_orig_params: the frozen base and the trainable LoRA tensors can share one flat parameter.
-    return FSDP(loss, auto_wrap_policy=ModuleWrapPolicy(blocks), use_orig_params=True,
-                device_id=torch.cuda.current_device())
+    return FSDP(
+        loss,
+        auto_wrap_policy=ModuleWrapPolicy(blocks),
+        use_orig_params=True,
+        device_id=torch.cuda.current_device(),
+    )
 
 
 def is_lost_contact(err: BaseException) -> bool:
@@ -235,11 +241,14 @@ def is_lost_contact(err: BaseException) -> bool:
         return True
     text = str(err).lower()
     return launched_world().size > 1 and any(
-        w in text for w in ("connection closed", "connection reset", "timed out", "gloo", "nccl", "broken pipe")
+        w in text
+        for w in ("connection closed", "connection reset", "timed out", "gloo", "nccl", "broken pipe")
     )
 
 
 def short_reason(err: BaseException) -> str:
     """The gist of a backend error: its first sentence, without the C++ source location."""
-    text = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", str(err).strip().splitlines()[0] if str(err).strip() else "")
+    text = re.sub(
+        r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", str(err).strip().splitlines()[0] if str(err).strip() else ""
+    )
     return text.split(". ")[0] or type(err).__name__

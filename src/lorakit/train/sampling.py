@@ -33,8 +33,15 @@ class Batches:
     nothing to the loss or the gradient.
     """
 
-    def __init__(self, examples: list[dict], batch_size: int, grad_accum: int, collate, seed: int,
-                 world: World | None = None):
+    def __init__(
+        self,
+        examples: list[dict],
+        batch_size: int,
+        grad_accum: int,
+        collate,
+        seed: int,
+        world: World | None = None,
+    ):
         self.examples, self.batch_size, self.grad_accum = examples, batch_size, grad_accum
         self.collate, self.seed, self.world = collate, seed, world or World()
         self.global_batch = batch_size * grad_accum * self.world.size
@@ -76,7 +83,8 @@ def check_position(state: dict, batches: Batches, checkpoint) -> None:
         return
     per_step = batches.batch_size * batches.world.size
     fix = (
-        f"set --train.global_batch_size {saved}" if saved % per_step == 0
+        f"set --train.global_batch_size {saved}"
+        if saved % per_step == 0
         else f"choose batch_size and grad_accum so that batch_size x {batches.world.size} processes x grad_accum = {saved}"
     )
     raise ConfigError(
