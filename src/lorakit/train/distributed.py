@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import signal
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -60,7 +61,7 @@ def launched_world() -> World:
 
 
 def init_from_env(timeout_s: float = 1800) -> World:
-    """Join the process group the launcher set up; a no-op for a single process.
+    """Join the process group the launcher set up; a no-op outside a launcher.
 
     Args:
         timeout_s: how long a collective waits for the other processes before this one gives up
@@ -70,13 +71,14 @@ def init_from_env(timeout_s: float = 1800) -> World:
         This process's `World`.
     """
     world = launched_world()
-    if world.size == 1 or dist.is_initialized():
+    if "WORLD_SIZE" not in os.environ or dist.is_initialized():  # not under a launcher (or joined already)
         return current_world()
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         torch.cuda.set_device(world.local_rank)  # so "cuda" (default_device) is this process's GPU
     dist.init_process_group("nccl" if on_gpu else "gloo", timeout=timedelta(seconds=timeout_s))
-    signal.signal(signal.SIGTERM, _stopped_by_launcher)
+    if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
+        signal.signal(signal.SIGTERM, _stopped_by_launcher)
     log.info("rank %d of %d joined the process group (%s)", world.rank, world.size, dist.get_backend())
     return world
 
