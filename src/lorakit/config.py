@@ -222,6 +222,8 @@ def run_problems(run: "RunConfig") -> list[str]:
         out.append(f"train.lr: given {run.train.lr!r}, expected a positive number")
     if run.train.global_batch_size is not None and run.train.global_batch_size <= 0:
         out.append(f"train.global_batch_size: given {run.train.global_batch_size!r}, expected a positive integer")
+    if run.train.fsdp and run.train.eval_strategy != "no":
+        out.append("train.fsdp: evaluation under FSDP is not supported yet; set train.eval_strategy no")
     if run.train.ddp_timeout <= 0:
         out.append(f"train.ddp_timeout: given {run.train.ddp_timeout!r}, expected a positive number of seconds")
     if not 0 <= run.train.warmup_ratio < 1:

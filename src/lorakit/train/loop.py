@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from lorakit.checkpoint.peft_io import restore_adapter_weights, save_adapter
 from lorakit.checkpoint.resume import checkpoint_dir, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
-from lorakit.config import ConfigError, TrainConfig
+from lorakit.config import TrainConfig
 from lorakit.train.distributed import DataParallel, World, barrier, current_world, grad_accum_for, shard
 from lorakit.train.metrics import MetricsLog
 from lorakit.train.optim import build_optimizer, build_scheduler
@@ -140,8 +140,6 @@ def train(
                       config.seed, world)
     steps_per_epoch = batches.steps_per_epoch
     total_steps = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.epochs * steps_per_epoch))
-    if config.fsdp and config.eval_strategy != "no":
-        raise ConfigError("train.fsdp: evaluation under FSDP is not supported yet; set train.eval_strategy no")
     parallel = DataParallel(model, objective, world, config.fsdp)  # before the optimizer: FSDP re-wraps params
     optimizer = build_optimizer(model, config)
     trainable = [p for p in model.parameters() if p.requires_grad]
