@@ -34,6 +34,7 @@ from torch import nn
 from lorakit.config import ConfigError
 
 log = logging.getLogger(__name__)
+_joined: dict = {}  # what init_from_env set up, so shutdown undoes only that
 
 
 class ProcessLost(RuntimeError):
@@ -77,8 +78,9 @@ def init_from_env(timeout_s: float = 1800) -> World:
     if on_gpu:
         torch.cuda.set_device(world.local_rank)  # so "cuda" (default_device) is this process's GPU
     dist.init_process_group("nccl" if on_gpu else "gloo", timeout=timedelta(seconds=timeout_s))
+    _joined["group"] = True
     if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
-        signal.signal(signal.SIGTERM, _stopped_by_launcher)
+        _joined["sigterm"] = signal.signal(signal.SIGTERM, _stopped_by_launcher)
     log.info("rank %d of %d joined the process group (%s)", world.rank, world.size, dist.get_backend())
     return world
 
@@ -94,8 +96,11 @@ def current_world() -> World:
 
 
 def shutdown() -> None:
-    if dist.is_initialized():
+    """Leave the process group `init_from_env` joined (one the caller made itself is left alone)."""
+    if _joined.pop("group", False) and dist.is_initialized():
         dist.destroy_process_group()
+    if "sigterm" in _joined:
+        signal.signal(signal.SIGTERM, _joined.pop("sigterm"))
 
 
 def barrier() -> None:
