@@ -140,8 +140,13 @@ class TrainConfig:
         "(the schedule still spans epochs/max_steps, so size those to fit)",
         default=None,
     )
-    batch_size: int = _help("examples per micro-batch and device", default=8)
+    batch_size: int = _help("examples per micro-batch and process (device), as in HF Trainer and PEFT", default=8)
     grad_accum: int = _help("micro-batches per optimizer step", default=1)
+    global_batch_size: int | None = _help(
+        "examples per optimizer step over all processes; if set, grad_accum = this / (batch_size x processes), "
+        "so the same config gives the same run on any process count",
+        default=None,
+    )
     lr: float = _help("peak learning rate", default=2e-4)
     weight_decay: float = _help("AdamW weight decay (not applied to biases and norms)", default=0.0)
     warmup_ratio: float = _help("share of steps spent warming the learning rate up from 0", default=0.0)
@@ -182,6 +187,8 @@ class TrainConfig:
     rollback_lr_factor: float = _help("after a rollback the learning rate is multiplied by this, in (0, 1]", default=0.1)
     rollback_lr_steps: int = _help("for this many steps after the step rolled back to", default=20)
     max_rollbacks: int = _help("stop the run when it diverges again after this many rollbacks in a row", default=3)
+    ddp_timeout: float = _help("seconds a process waits for the others at a collective before the run stops", default=1800)
+    fsdp: bool = _help("shard the frozen base across GPUs with FSDP (bases too large for one GPU; needs CUDA)", default=False)
     progress: bool = _help("show a progress bar", default=True)
 
 
@@ -248,6 +255,12 @@ def run_problems(run: "RunConfig") -> list[str]:
         out.append(f"train.lr: given {run.train.lr!r}, expected a positive number")
     if run.train.max_minutes is not None and run.train.max_minutes <= 0:
         out.append(f"train.max_minutes: given {run.train.max_minutes!r}, expected a positive number of minutes or null")
+    if run.train.global_batch_size is not None and run.train.global_batch_size <= 0:
+        out.append(f"train.global_batch_size: given {run.train.global_batch_size!r}, expected a positive integer")
+    if run.train.fsdp and run.train.eval_strategy != "no":
+        out.append("train.fsdp: evaluation under FSDP is not supported yet; set train.eval_strategy no")
+    if run.train.ddp_timeout <= 0:
+        out.append(f"train.ddp_timeout: given {run.train.ddp_timeout!r}, expected a positive number of seconds")
     if not 0 <= run.train.warmup_ratio < 1:
         out.append(f"train.warmup_ratio: given {run.train.warmup_ratio!r}, expected a number in [0, 1)")
     out += _guard_problems(run.train)

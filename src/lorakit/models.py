@@ -124,9 +124,16 @@ def load_tokenizer(name_or_path: NameOrPath) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_causal_lm(name_or_path: NameOrPath, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Load a causal language model (`AutoModelForCausalLM`) in `dtype`."""
-    return AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), dtype=dtype)
+def load_causal_lm(
+    name_or_path: NameOrPath, dtype: torch.dtype = torch.float32, device_map: str | None = None
+) -> PreTrainedModel:
+    """Load a causal language model (`AutoModelForCausalLM`) in `dtype`.
+
+    `device_map="auto"` spreads the layers over every visible GPU (then CPU memory) through
+    accelerate, for inference with a base too large for one GPU; the model is then already placed.
+    """
+    extra = {"device_map": device_map} if device_map else {}
+    return AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), dtype=dtype, **extra)
 
 
 def load_sequence_classifier(

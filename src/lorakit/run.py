@@ -15,6 +15,7 @@ from lorakit.data.dataset import prepare_data
 from lorakit.infer.score import score_generations
 from lorakit.lora.inject import inject, trainable_counts, trainable_report
 from lorakit.models import default_device, load_causal_lm, load_sequence_classifier, load_tokenizer
+from lorakit.train import distributed
 from lorakit.train.loop import seed_everything, train
 from lorakit.train.metrics import MetricsLog
 from lorakit.train.objectives import CausalLMObjective, ClassificationObjective
@@ -34,17 +35,31 @@ def data_sufficiency(train_tokens: int, trainable: int, total: int) -> str:
 
 
 def run(config: RunConfig, echo=print) -> dict:
-    """Fine-tune as `config` says (causal LM or classification); print through `echo`; return the summary."""
+    """Fine-tune as `config` says (causal LM or classification); print through `echo`; return the summary.
+
+    Under torchrun or accelerate launch every process runs this; rank 0 alone prints and writes.
+    """
+    world = distributed.init_from_env(config.train.ddp_timeout)
+    echo = echo if world.main else _silent
     out = Path(config.train.output_dir)
-    try:  # fail before loading anything when the run folder cannot be written
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "run_config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"train.output_dir: cannot write to {out} ({err.strerror}); expected a writable folder") from None
+    if world.main:
+        try:  # fail before loading anything when the run folder cannot be written
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "run_config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+        except OSError as err:
+            raise ConfigError(f"train.output_dir: cannot write to {out} ({err.strerror}); expected a writable folder") from None
     seed_everything(config.train.seed)
-    summary = (run_classification if config.task == "seq_cls" else run_causal_lm)(config, echo)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    try:
+        summary = (run_classification if config.task == "seq_cls" else run_causal_lm)(config, echo)
+    finally:
+        distributed.shutdown()
+    if world.main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     return summary
+
+
+def _silent(*args, **kwargs) -> None:
+    """`echo` on every process but rank 0."""
 
 
 def run_causal_lm(run: RunConfig, echo=print) -> dict:
@@ -59,7 +74,8 @@ def run_causal_lm(run: RunConfig, echo=print) -> dict:
     )
 
     summary: dict = {"model": run.model}
-    if run.eval.task and run.eval.compare_base:
+    main = distributed.current_world().main  # generation scoring runs on rank 0 only
+    if main and run.eval.task and run.eval.compare_base:
         summary["base"] = score_generations(model, tokenizer, data.eval_records, data.template, run.eval)
         echo(f"base model: {_scores_line(summary['base'])}")
 
@@ -69,12 +85,13 @@ def run_causal_lm(run: RunConfig, echo=print) -> dict:
     echo(data_sufficiency(stats.prompt_tokens + stats.response_tokens, trainable, total))
     objective = CausalLMObjective(tokenizer.pad_token_id, run.data.pack_length if run.data.packing else None)
     result = train(model, data.train, data.eval, run.train, objective, {"model": run.model})
-    write_run_card(result.adapter_dir, template=run.data.template, task=run.eval.task, model=run.model)
+    if main:
+        write_run_card(result.adapter_dir, template=run.data.template, task=run.eval.task, model=run.model)
     summary.update(steps=result.steps, seconds=round(result.seconds, 1), adapter=result.adapter_dir,
                    eval=result.final_eval, best_checkpoint=result.best_checkpoint)
     echo(f"trained {result.steps} steps in {result.seconds:.0f} s; adapter in {result.adapter_dir}")
 
-    if run.eval.task:
+    if main and run.eval.task:
         summary["adapter_scores"] = score_generations(model, tokenizer, data.eval_records, data.template, run.eval)
         echo(f"adapter: {_scores_line(summary['adapter_scores'])}")
         _log_task_scores(run.train.output_dir, summary.get("base"), summary["adapter_scores"], result.steps)
@@ -101,9 +118,10 @@ def run_classification(run: RunConfig, echo=print) -> dict:
     echo(data_sufficiency(sum(len(e["input_ids"]) for e in train_examples), trainable, total))
     objective = ClassificationObjective(tokenizer.pad_token_id, len(labels.values))
     result = train(model, train_examples, eval_examples, run.train, objective, {"model": run.model})
-    write_run_card(
-        result.adapter_dir, task="seq_cls", model=run.model, labels=labels.names, max_length=run.data.max_length
-    )
+    if distributed.current_world().main:
+        write_run_card(
+            result.adapter_dir, task="seq_cls", model=run.model, labels=labels.names, max_length=run.data.max_length
+        )
     echo(f"trained {result.steps} steps in {result.seconds:.0f} s; adapter in {result.adapter_dir}")
     best = result.best_metric if result.best_metric is not None else result.final_eval.get("eval_accuracy")
     echo(f"best {run.train.metric_for_best}: {best}")

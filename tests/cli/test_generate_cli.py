@@ -60,3 +60,20 @@ def test_inspect_and_merge(tmp_path):
     with torch.no_grad():
         merged = load_causal_lm(tmp_path / "merged")(input_ids=ids).logits
     assert (merged - expected).abs().max() <= 1e-5
+
+
+def test_device_map_auto_gives_the_same_output(tmp_path, capsys):
+    """`--device-map auto` loads through accelerate's placement (here all on the CPU; several GPUs unchecked)."""
+    from lorakit.cli import main
+
+    folder = toy_model_folder(tmp_path / "model")
+    model = lorakit.inject(load_causal_lm(folder), lorakit.LoraConfig(r=4, target_modules=TOY_TARGETS))
+    perturb(model, std=0.2)
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    args = ["generate", "--model", str(folder), "--adapter", str(tmp_path / "adapter"), "--template", "seed",
+            "--prompt", "say red green", "--max-new-tokens", "12"]
+    outputs = []
+    for extra in ([], ["--device-map", "auto"]):
+        assert main([*args, *extra]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[0].strip()

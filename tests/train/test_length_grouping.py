@@ -25,10 +25,10 @@ def test_length_grouped_is_a_permutation_with_tight_batches():
 
 
 def test_batches_group_by_length_covers_each_epoch_once():
-    from lorakit.train.loop import Batches
+    from lorakit.train.sampling import Batches
 
     examples = [{"input_ids": [0] * n} for n in [3, 90, 4, 88, 5, 91, 2, 87]]
-    batches = Batches(examples, 2, collate=lambda b: [len(e["input_ids"]) for e in b], seed=0, group_by_length=True)
-    epoch = [batches[i] for i in range(batches.per_epoch)]
+    batches = Batches(examples, 2, 1, lambda b: [len(e["input_ids"]) for e in b], seed=0, group_by_length=True)
+    epoch = [batch for i in range(batches.steps_per_epoch) for batch, _weight in batches[i]]
     assert sorted(n for b in epoch for n in b) == sorted(len(e["input_ids"]) for e in examples)
     assert all(max(b) - min(b) <= 3 for b in epoch)  # short with short, long with long

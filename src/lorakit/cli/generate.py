@@ -12,6 +12,7 @@ EXAMPLES = """examples:
   lorakit generate --model smollm2-135m-instruct --adapter runs/ros2-demo/adapter \\
       --input instructions.jsonl --output commands.jsonl      # one batch per --batch-size lines
   lorakit generate --model smollm2-135m-instruct --template chat --prompt "What is the capital of France?"
+  lorakit generate --model Qwen/Qwen2.5-7B-Instruct --device-map auto --prompt "..."   # layers over all GPUs
 """
 
 
@@ -43,6 +44,9 @@ def add_model_arguments(parser) -> None:
     parser.add_argument(
         "--template", help="seed, alpaca, chat, raw, or a format string with {instruction}; default: the adapter's"
     )
+    parser.add_argument(
+        "--device-map", help="'auto' spreads the base over all GPUs (accelerate's device_map); default: one device"
+    )
 
 
 def load_for_inference(args):
@@ -53,7 +57,10 @@ def load_for_inference(args):
     from lorakit.run import read_run_card
 
     tokenizer = load_tokenizer(args.model)
-    model = load_causal_lm(args.model).to(default_device())
+    device_map = getattr(args, "device_map", None)
+    model = load_causal_lm(args.model, device_map=device_map)
+    if not device_map:
+        model = model.to(default_device())
     if args.adapter:
         load_adapter(model, args.adapter)
     spec = args.template or read_run_card(args.adapter).get("template") or ("chat" if tokenizer.chat_template else "raw")

@@ -1,7 +1,8 @@
-"""`lorakit train CONFIG.yaml [--section.key VALUE ...]`"""
+"""`lorakit train CONFIG.yaml [--nproc N] [--section.key VALUE ...]`"""
 
 from __future__ import annotations
 
+import os
 import sys
 
 from lorakit.cli.parsing import subcommand
@@ -10,6 +11,9 @@ EXAMPLES = """examples:
   lorakit train examples/ros2/config.yaml
   lorakit train examples/ros2/config.yaml --train.lr 5e-4 --lora.r 16
   lorakit train examples/ros2/config.yaml --train.resume true     # continue from the last checkpoint
+  lorakit train examples/ros2/config.yaml --nproc 2                # data parallel: runs torchrun for you
+  torchrun --nproc_per_node 2 -m lorakit train examples/ros2/config.yaml       # the same
+  accelerate launch --multi_gpu --num_processes 2 -m lorakit train examples/ros2/config.yaml
 """
 
 
@@ -18,27 +22,70 @@ def add_parser(commands) -> None:
         commands,
         "train",
         help="fine-tune a model with LoRA from a YAML config",
-        description="Fine-tune with LoRA as the YAML config says. Any key can be overridden as --section.key VALUE.",
+        description="Fine-tune with LoRA as the YAML config says. Any key can be overridden as --section.key VALUE. "
+        "Under torchrun or accelerate launch each process trains on its share of every global batch "
+        "(train.batch_size is per process).",
         examples=EXAMPLES,
     )
     parser.add_argument("config", help="YAML run config (sections: model, task, lora, data, train, eval)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="processes on this machine: starts `torchrun --standalone` with them",
+    )
     parser.set_defaults(run=run, accepts_overrides=True)
 
 
 def run(args, overrides: list[str]) -> int:
-    from lorakit.config import load_run_config
+    from lorakit.config import ConfigError, load_run_config
     from lorakit.run import run as run_training
+    from lorakit.train.distributed import ProcessLost, is_lost_contact, launched_world, short_reason
 
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc: given {args.nproc}, expected a positive number of processes")
+    if args.nproc > 1 and launched_world().size == 1:
+        return _exec_torchrun(args, overrides)
     if args.resume:
         overrides = [*overrides, "--train.resume", "true"]
     config = load_run_config(args.config, overrides)
+    rank = launched_world().rank
     try:
         run_training(config)
     except KeyboardInterrupt:
         print(f"lorakit train: interrupted; {_where_to_resume(config.train.output_dir)}", file=sys.stderr)
         return 130
+    except (ProcessLost, RuntimeError) as err:
+        if not (isinstance(err, ProcessLost) or is_lost_contact(err)):
+            raise
+        what = (
+            str(err)
+            if isinstance(err, ProcessLost)
+            else f"lost contact with another process ({short_reason(err)})"
+        )
+        print(
+            f"lorakit train: error: rank {rank} stopped: {what}; the run can continue from its last "
+            f"checkpoint in {config.train.output_dir}/checkpoints with --resume, on any process count",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+def _exec_torchrun(args, overrides: list[str]) -> int:
+    """Replace this process by torchrun running the same command once per process (never returns)."""
+    command = ["train", args.config, *(["--resume"] if args.resume else []), *overrides]
+    if args.verbose:
+        command.insert(0, "--verbose")
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={args.nproc}",
+    ]
+    os.execv(sys.executable, [*launcher, "-m", "lorakit", *command])
 
 
 def _where_to_resume(run_dir: str) -> str:

@@ -25,11 +25,12 @@ from lorakit.checkpoint.resume import (
 )
 from lorakit.config import TrainConfig
 from lorakit.data.collate import split_rows
+from lorakit.train.distributed import DataParallel, World, barrier, current_world, grad_accum_for, shard
 from lorakit.train.guard import DivergenceError, DivergenceGuard
 from lorakit.train.lean import release_freed_memory, use_fused_paths
-from lorakit.train.length_grouping import length_grouped
 from lorakit.train.metrics import MetricsLog
 from lorakit.train.optim import build_optimizer, build_scheduler
+from lorakit.train.sampling import Batches, check_position, epoch_order  # noqa: F401  (epoch_order: re-exported)
 
 log = logging.getLogger(__name__)
 ADAPTER = "default"
@@ -52,54 +53,39 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The example order of one epoch: a fixed function of (seed, epoch), so resume can replay it."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-
-
-class Batches:
-    """Micro-batch `i` of the whole run, computed from its index alone (exact resume needs no state)."""
-
-    def __init__(self, examples: list[dict], batch_size: int, collate, seed: int, group_by_length: bool = False):
-        self.examples, self.batch_size, self.collate, self.seed = examples, batch_size, collate, seed
-        self.per_epoch = math.ceil(len(examples) / batch_size)
-        self.lengths = [len(e["input_ids"]) for e in examples] if group_by_length else None
-        self._orders: dict[int, list[int]] = {}
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        epoch, within = divmod(index, self.per_epoch)
-        if epoch not in self._orders:
-            order = epoch_order(len(self.examples), self.seed, epoch)
-            if self.lengths is not None:
-                order = length_grouped(order, self.lengths, self.batch_size, self.seed * 100_003 + epoch)
-            self._orders = {epoch: order}
-        ids = self._orders[epoch][within * self.batch_size : (within + 1) * self.batch_size]
-        return self.collate([self.examples[i] for i in ids])
-
-
 def accumulate_gradients(
     model: nn.Module,
-    micro_batches: list[dict[str, torch.Tensor]],
+    micro_batches: list[dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], float]],
     objective,
     precision: Precision | None = None,
+    parallel: DataParallel | None = None,
     max_tokens: int = 0,
 ) -> float:
     """Backpropagate one optimizer step's micro-batches; return the step's mean token loss.
 
     Each micro-batch's loss sum is divided by the label count of the whole window, so the
-    gradient equals that of one big batch, however the tokens fall into micro-batches. With
-    `max_tokens`, each micro-batch runs through the model in row groups of at most that many
-    tokens (same gradient, a fraction of the activation memory).
+    gradient equals that of one big batch, however the tokens fall into micro-batches. Across
+    processes the window is the global batch: the count is all-reduced, and each loss is
+    multiplied by the process count because DDP averages the processes' gradients. A
+    (batch, weight) pair with weight 0 is a stand-in that only keeps the processes in step.
+    With `max_tokens`, each micro-batch runs through the model in row groups of at most that
+    many tokens (same gradient, a fraction of the activation memory).
     """
     precision = precision or Precision()
-    count = max(sum(objective.count(b) for b in micro_batches), 1)
+    parallel = parallel or DataParallel(model, objective, World())
+    pairs = [b if isinstance(b, tuple) else (b, 1.0) for b in micro_batches]
+    (count,) = parallel.sum(sum(objective.count(b) * w for b, w in pairs))
+    scale = parallel.world.size / max(count, 1)
     total = 0.0
-    for batch in (piece for b in micro_batches for piece in split_rows(b, max_tokens)):
-        with precision.autocast():
-            loss = objective.loss_sum(model, batch) / count
-        precision.backward(loss)
+    pieces = [(piece, weight) for batch, weight in pairs for piece in split_rows(batch, max_tokens)]
+    for i, (batch, weight) in enumerate(pieces):
+        with parallel.sync(now=i == len(pieces) - 1):
+            with precision.autocast():
+                loss = parallel.loss_sum(batch) * (scale * weight)
+            precision.backward(loss)
         total += loss.item()
-    return total
+    (total,) = parallel.sum(total)
+    return total / parallel.world.size
 
 
 class Precision:
@@ -122,12 +108,12 @@ class Precision:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def clip(self, optimizer, params, max_grad_norm: float) -> float:
-        """Unscale and clip the gradients (0: no clipping); return their norm before clipping."""
+    def clip(self, optimizer, params, max_grad_norm: float, clip=torch.nn.utils.clip_grad_norm_) -> float:
+        """Unscale and clip the gradients with `clip(params, max_norm)` (0: no clipping); return their norm."""
         if self.scaler:
             self.scaler.unscale_(optimizer)
         if max_grad_norm > 0:
-            return float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+            return float(clip(params, max_grad_norm))
         return float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
 
     def apply(self, optimizer) -> None:
@@ -176,9 +162,12 @@ def train(
     out = Path(config.output_dir)
     device = next(p for p in model.parameters()).device
     seed_everything(config.seed)
-    batches = Batches(train_examples, config.batch_size, objective.collate, config.seed, config.group_by_length)
-    steps_per_epoch = math.ceil(batches.per_epoch / config.grad_accum)
+    world = current_world()  # one process, or this rank of a torchrun / accelerate launch
+    batches = Batches(train_examples, config.batch_size, grad_accum_for(config, world), objective.collate,
+                      config.seed, world, config.group_by_length)
+    steps_per_epoch = batches.steps_per_epoch
     total_steps = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.epochs * steps_per_epoch))
+    parallel = DataParallel(model, objective, world, config.fsdp)  # before the optimizer: FSDP re-wraps params
     optimizer = build_optimizer(model, config)
     trainable = [p for p in model.parameters() if p.requires_grad]
     precision = Precision(config.precision, device)
@@ -196,11 +185,13 @@ def train(
     resume_from = latest_good_checkpoint(out) if config.resume else None
     state: dict = {}
     if resume_from:
-        state = load_checkpoint(resume_from, model, ADAPTER, optimizer, scheduler, precision.scaler)
+        with parallel.full_params(writeback=True):
+            state = load_checkpoint(resume_from, model, ADAPTER, optimizer, scheduler, precision.scaler)
+        check_position(state, batches, resume_from)
         start_step, best = state["step"], state.get("best_metric")
         best_path = Path(state["best_checkpoint"]) if state.get("best_checkpoint") else None
         log.info("resumed from %s at step %d", resume_from, start_step)
-    metrics = MetricsLog(out, resume=bool(resume_from))
+    metrics = MetricsLog(out, resume=bool(resume_from), enabled=world.main)  # only rank 0 writes
     if resume_from:
         metrics.truncate_after(start_step)
     guard = DivergenceGuard(config, metrics, precision.scaler)
@@ -209,7 +200,7 @@ def train(
 
     def evaluate(step: int) -> dict:
         model.eval()
-        result = objective.evaluate(model, eval_examples, config.batch_size, device)
+        result = objective.evaluate(model, shard(eval_examples, world), config.batch_size, device)
         model.train()
         metrics.write(kind="eval", step=step, **result)
         return result
@@ -223,24 +214,27 @@ def train(
         state = {
             "best_metric": best, "best_checkpoint": str(best_path) if best_path else None,
             "guard": guard.state_dict(), **(run_state or {}),
+            "global_batch": batches.global_batch, "processes": world.size,
         }
-        save_checkpoint(out, step, model, ADAPTER, optimizer, scheduler, state, precision.scaler)
+        with parallel.full_params():
+            if world.main:
+                save_checkpoint(out, step, model, ADAPTER, optimizer, scheduler, state, precision.scaler)
+                prune_checkpoints(out, config.save_total_limit, {p for p in (best_path, path) if p})
+        barrier()
         guard.remember(step, model, optimizer, scheduler)
-        prune_checkpoints(out, config.save_total_limit, {p for p in (best_path, path) if p})
 
     model.train()
     started, window_tokens, window_start = time.time(), 0, time.time()
     last_eval: dict = {}
-    bar = tqdm(total=total_steps, initial=start_step, disable=not config.progress, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=start_step, disable=not (config.progress and world.main), desc="train", dynamic_ncols=True)
     deadline = started + 60 * config.max_minutes if config.max_minutes else None
     step = start_step
     while step < total_steps:
         step += 1
-        micro = [batches[(step - 1) * config.grad_accum + i] for i in range(config.grad_accum)]
-        micro = [{k: v.to(device) for k, v in b.items()} for b in micro]
-        step_loss = accumulate_gradients(model, micro, objective, precision, config.max_tokens_per_forward)
-        window_tokens += sum(real_tokens(b) for b in micro)
-        grad_norm = precision.clip(optimizer, trainable, config.max_grad_norm)
+        micro = [({k: v.to(device) for k, v in b.items()}, weight) for b, weight in batches[step - 1]]
+        step_loss = accumulate_gradients(model, micro, objective, precision, parallel, config.max_tokens_per_forward)
+        window_tokens += sum(real_tokens(b) for b, weight in micro if weight)
+        grad_norm = precision.clip(optimizer, trainable, config.max_grad_norm, parallel.clip)
         problem = guard.problem(step_loss, grad_norm)
         if problem:  # divergence: do not take this step; go back to the last good state
             precision.skip()
@@ -248,7 +242,8 @@ def train(
             try:
                 step = guard.rollback(step, problem, model, optimizer, scheduler)
             except DivergenceError as err:
-                save_adapter(model, out / "adapter", ADAPTER)
+                if world.main:
+                    save_adapter(model, out / "adapter", ADAPTER)
                 hint = f"its adapter is in {out / 'adapter'}; try a lower train.lr"
                 raise DivergenceError(f"{err}; {hint}") from None
             bar.n = step
@@ -264,7 +259,7 @@ def train(
         if step % config.logging_steps == 0 or last:
             elapsed = time.time() - window_start
             lr = scheduler.get_last_lr()[0] * guard.lr_factor(step + 1)
-            speed = window_tokens / max(elapsed, 1e-9)
+            speed = parallel.sum(window_tokens)[0] / max(elapsed, 1e-9)
             metrics.write(kind="train", step=step, loss=step_loss, lr=lr, tokens_per_s=speed, **objective.train_metrics())
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
             window_tokens, window_start = 0, time.time()
@@ -287,8 +282,11 @@ def train(
     bar.close()
 
     if best_path is not None:  # keep-best: the model leaves with the best checkpoint's adapter
-        restore_adapter_weights(model, ADAPTER, best_path)
-    adapter_dir = save_adapter(model, out / "adapter", ADAPTER)
+        with parallel.full_params(writeback=True):
+            restore_adapter_weights(model, ADAPTER, best_path)
+    with parallel.full_params():
+        adapter_dir = save_adapter(model, out / "adapter", ADAPTER) if world.main else out / "adapter"
+    barrier()
     metrics.plot()
     return TrainResult(
         steps=step,

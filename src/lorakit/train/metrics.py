@@ -9,28 +9,37 @@ from pathlib import Path
 class MetricsLog:
     """Appends events to `<run>/metrics.jsonl`; `plot()` draws the curves from that file."""
 
-    def __init__(self, run_dir: str | Path, resume: bool = False):
+    def __init__(self, run_dir: str | Path, resume: bool = False, enabled: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled  # False on the processes of a data-parallel run other than rank 0
+        if not enabled:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not resume:
             self.path.write_text("", encoding="utf-8")
 
     def write(self, **event) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(event, sort_keys=True) + "\n")
 
     def events(self) -> list[dict]:
-        if not self.path.is_file():
+        if not self.enabled or not self.path.is_file():
             return []
         return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
     def truncate_after(self, step: int) -> None:
         """Drop events past `step`, so a resumed run does not log the same steps twice."""
+        if not self.enabled:
+            return
         kept = [e for e in self.events() if e.get("step", 0) <= step]
         self.path.write_text("".join(json.dumps(e, sort_keys=True) + "\n" for e in kept), encoding="utf-8")
 
-    def plot(self, path: str | Path | None = None) -> Path:
+    def plot(self, path: str | Path | None = None) -> Path | None:
         """Loss (train and eval) and every other eval metric against the step, as a PNG."""
+        if not self.enabled:
+            return None
         import matplotlib
 
         matplotlib.use("Agg")

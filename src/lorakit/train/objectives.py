@@ -14,6 +14,7 @@ from torch import nn
 from lorakit.data.classification import pad_classification_batch
 from lorakit.data.collate import pad_batch
 from lorakit.data.packing import pack_batch
+from lorakit.train.distributed import all_reduce_sum, all_reduce_tensor
 from lorakit.train.loss import causal_lm_loss_sum, label_token_count
 
 
@@ -46,6 +47,7 @@ class CausalLMObjective:
             batch = {k: v.to(device) for k, v in self.collate(examples[start : start + batch_size]).items()}
             total += self.loss_sum(model, batch).item()
             count += self.count(batch)
+        total, count = all_reduce_sum(total, count)  # each process evaluated its shard
         return {"eval_loss": total / max(count, 1)}
 
 
@@ -75,7 +77,8 @@ class ClassificationObjective:
 
     def train_metrics(self) -> dict:
         """Training accuracy since the last call (the loop logs it with the loss)."""
-        out = {"accuracy": self._correct / self._seen} if self._seen else {}
+        correct, seen = all_reduce_sum(self._correct, self._seen)
+        out = {"accuracy": correct / seen} if seen else {}
         self._correct = self._seen = 0
         return out
 
@@ -89,7 +92,9 @@ class ClassificationObjective:
             total += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
             for true, pred in zip(batch["labels"].tolist(), logits.argmax(-1).tolist()):
                 confusion[true, pred] += 1
-        return {"eval_loss": total / max(len(examples), 1), **classification_metrics(confusion)}
+        (total,) = all_reduce_sum(total)  # each process evaluated its shard
+        confusion = all_reduce_tensor(confusion)
+        return {"eval_loss": total / max(int(confusion.sum()), 1), **classification_metrics(confusion)}
 
 
 def classification_metrics(confusion: torch.Tensor) -> dict:
