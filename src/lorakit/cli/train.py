@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from lorakit.cli.parsing import subcommand
+from lorakit.cli.parsing import add_quantization_flags, subcommand
 
 EXAMPLES = """examples:
   lorakit train examples/ros2/config.yaml
   lorakit train examples/ros2/config.yaml --train.lr 5e-4 --lora.r 16
   lorakit train examples/ros2/config.yaml --train.resume true     # continue from the last checkpoint
+  lorakit train examples/ros2/config.yaml --load-in-4bit --train.gradient_checkpointing true   # QLoRA
 """
 
 
@@ -21,6 +22,7 @@ def add_parser(commands) -> None:
     )
     parser.add_argument("config", help="YAML run config (sections: model, task, lora, data, train, eval)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    add_quantization_flags(parser)
     parser.set_defaults(run=run, accepts_overrides=True)
 
 
@@ -30,6 +32,8 @@ def run(args, overrides: list[str]) -> int:
 
     if args.resume:
         overrides = [*overrides, "--train.resume", "true"]
+    if args.bits:
+        overrides = [*overrides, "--quantization.bits", str(args.bits)]
     config = load_run_config(args.config, overrides)
     run_training(config)
     return 0
