@@ -182,6 +182,22 @@ class QuantizationConfig:
         default=None,
     )
 
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every invalid field, each as 'quantization.<field>: given X, expected Y'."""
+        allowed = {"bits": (None, 4, 8), "type": ("nf4", "fp4"), "compute_dtype": (None, "bf16", "fp16", "fp32")}
+        out = []
+        for name, choices in allowed.items():
+            value = getattr(self, name)
+            if value not in choices or isinstance(value, bool):
+                shown = ", ".join(str(c) for c in choices if c is not None)
+                out.append(f"quantization.{name}: given {value!r}, expected one of {shown}")
+        return out
+
 
 @dataclass
 class RunConfig:
@@ -210,9 +226,6 @@ CHOICES = {
     ("TrainConfig", "save_strategy"): ("no", "steps", "epoch"),
     ("TrainConfig", "precision"): ("fp32", "bf16", "fp16"),
     ("EvalConfig", "task"): (None, "ros2"),
-    ("QuantizationConfig", "bits"): (None, 4, 8),
-    ("QuantizationConfig", "type"): ("nf4", "fp4"),
-    ("QuantizationConfig", "compute_dtype"): (None, "bf16", "fp16", "fp32"),
 }
 POSITIVE = {"pack_length", "max_length", "batch_size", "grad_accum", "logging_steps", "eval_steps", "save_steps", "max_new_tokens"}
 
@@ -220,7 +233,7 @@ POSITIVE = {"pack_length", "max_length", "batch_size", "grad_accum", "logging_st
 def run_problems(run: "RunConfig") -> list[str]:
     """Choice and range problems across the sections (types are checked when the YAML is read)."""
     out = []
-    for section_name in ("data", "train", "eval", "quantization"):
+    for section_name in ("data", "train", "eval"):
         section = getattr(run, section_name)
         for f in fields(section):
             value = getattr(section, f.name)

@@ -12,7 +12,7 @@ from lorakit.lora.adapters import lora_layers
 from lorakit.lora.merge import merge_and_unload
 from lorakit.models import load_causal_lm
 from lorakit.quant import dequantize_model, is_quantized, quantize_model, weight_bytes_report
-from conftest import TINY_MODELS, TOY_TARGETS, logits_of, perturb, toy_model_folder
+from conftest import TINY_MODELS, TOY_TARGETS, bnb_load, logits_of, perturb, toy_model_folder
 
 NF4 = QuantizationConfig(bits=4)
 
@@ -43,21 +43,6 @@ def test_lora_wraps_a_quantised_base_without_the_fused_path(input_ids):
     with lorakit.disable_adapters(model):
         base = logits_of(model, input_ids)
     assert (logits_of(model, input_ids) - base).abs().max() > 1e-3  # the adapter acts on the 4-bit base
-
-
-def bnb_load(folder, bits: int = 4):
-    """The same folder loaded the transformers way: BitsAndBytesConfig at load time, fp32 compute."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    config = BitsAndBytesConfig(
-        load_in_4bit=bits == 4, load_in_8bit=bits == 8, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, dtype=torch.float32, device_map="cpu")
-    for module in model.modules():  # the repacking for CPU inference that quantize_linear also turns off
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-    return model.eval()
 
 
 @pytest.mark.parametrize("bits", [4, 8])
