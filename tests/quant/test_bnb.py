@@ -7,7 +7,13 @@ import torch
 from torch import nn
 
 from lorakit.config import QuantizationConfig
-from lorakit.quant.bnb import dequantized_weight, full_precision_bytes, is_quantized, quantize_linear, weight_bytes
+from lorakit.quant.bnb import (
+    dequantized_weight,
+    full_precision_bytes,
+    is_quantized,
+    quantize_linear,
+    weight_bytes,
+)
 
 
 def _linear(in_features=576, out_features=1536, bias=True) -> nn.Linear:

@@ -29,12 +29,18 @@ def test_loftq_shrinks_the_initial_gap_to_the_full_precision_model(input_ids):
     loftq_loss, loftq_logits, loftq = _gaps("loftq", 1, input_ids)
     more_loss, more_logits, _ = _gaps("loftq", 3, input_ids)
     assert all(is_quantized(layer.base_layer) for _, layer in lorakit.lora.adapters.lora_layers(loftq))
-    print(f"initial |loss gap| to fp32: plain QLoRA {plain_loss:.2e}, LoftQ(1) {loftq_loss:.2e}, LoftQ(3) {more_loss:.2e}")
-    print(f"initial max |logit gap|:    plain QLoRA {plain_logits:.2e}, LoftQ(1) {loftq_logits:.2e}, LoftQ(3) {more_logits:.2e}")
+    print(
+        f"initial |loss gap| to fp32: plain QLoRA {plain_loss:.2e}, LoftQ(1) {loftq_loss:.2e}, LoftQ(3) {more_loss:.2e}"
+    )
+    print(
+        f"initial max |logit gap|:    plain QLoRA {plain_logits:.2e}, LoftQ(1) {loftq_logits:.2e}, LoftQ(3) {more_logits:.2e}"
+    )
     assert loftq_logits < 0.7 * plain_logits and more_logits < 0.7 * plain_logits
     assert loftq_loss < plain_loss and more_loss < plain_loss
     # One round keeps the ordinary quantised base, so the saved adapter fits any NF4 load of the model.
-    for (_, a), (_, b) in zip(lorakit.lora.adapters.lora_layers(plain), lorakit.lora.adapters.lora_layers(loftq)):
+    for (_, a), (_, b) in zip(
+        lorakit.lora.adapters.lora_layers(plain), lorakit.lora.adapters.lora_layers(loftq)
+    ):
         assert torch.equal(a.base_layer.weight.data, b.base_layer.weight.data)
 
 
@@ -47,7 +53,9 @@ def test_loftq_needs_a_quantised_base(tmp_path):
 
 def test_quantization_config_errors_name_the_key():
     with pytest.raises(ConfigError) as err:
-        load_run_config(None, ["--quantization.bits", "3", "--quantization.type", "int4", "--lora.loftq_iter", "0"])
+        load_run_config(
+            None, ["--quantization.bits", "3", "--quantization.type", "int4", "--lora.loftq_iter", "0"]
+        )
     message = str(err.value)
     assert "quantization.bits: given 3, expected one of 4, 8" in message
     assert "quantization.type: given 'int4', expected one of nf4, fp4" in message

@@ -21,7 +21,9 @@ def test_linear_layers_are_quantised_and_the_rest_stays_fp32():
     model = quantize_model(TINY_MODELS["llama"](), NF4)
     quantised = {n for n, m in model.named_modules() if is_quantized(m)}
     assert len(quantised) == 2 * 7 and all(n.endswith("_proj") for n in quantised)
-    assert not is_quantized(model.lm_head) and model.lm_head.weight is model.model.embed_tokens.weight  # tied, fp32
+    assert (
+        not is_quantized(model.lm_head) and model.lm_head.weight is model.model.embed_tokens.weight
+    )  # tied, fp32
     for name, param in model.named_parameters():
         if not any(name.startswith(q + ".") for q in quantised):
             assert param.dtype == torch.float32, name
@@ -30,7 +32,9 @@ def test_linear_layers_are_quantised_and_the_rest_stays_fp32():
 
 def test_classifier_head_stays_full_precision():
     model = quantize_model(TINY_MODELS["bert"](), QuantizationConfig(bits=8))
-    assert not is_quantized(model.classifier) and is_quantized(model.bert.encoder.layer[0].attention.self.query)
+    assert not is_quantized(model.classifier) and is_quantized(
+        model.bert.encoder.layer[0].attention.self.query
+    )
 
 
 def test_lora_wraps_a_quantised_base_without_the_fused_path(input_ids):

@@ -84,11 +84,20 @@ def quantize_linear(linear: nn.Linear, config: QuantizationConfig) -> nn.Linear:
     has_bias = linear.bias is not None
     if config.bits == 4:
         new = lib.nn.Linear4bit(
-            linear.in_features, linear.out_features, bias=has_bias, compute_dtype=compute_dtype(config, device),
-            compress_statistics=config.double_quant, quant_type=config.type, device="meta",
+            linear.in_features,
+            linear.out_features,
+            bias=has_bias,
+            compute_dtype=compute_dtype(config, device),
+            compress_statistics=config.double_quant,
+            quant_type=config.type,
+            device="meta",
         )
         new.weight = lib.nn.Params4bit(
-            weight.cpu(), requires_grad=False, compress_statistics=config.double_quant, quant_type=config.type, module=new
+            weight.cpu(),
+            requires_grad=False,
+            compress_statistics=config.double_quant,
+            quant_type=config.type,
+            module=new,
         )
         # On AVX512-BF16 CPUs bitsandbytes repacks the weight for inference on the first no-grad
         # eval forward, rounding its scales to bf16: train and eval outputs would then differ
@@ -96,8 +105,12 @@ def quantize_linear(linear: nn.Linear, config: QuantizationConfig) -> nn.Linear:
         new.support_avx512bf16_for_cpu = False
     else:
         new = lib.nn.Linear8bitLt(
-            linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False,
-            threshold=INT8_THRESHOLD, device="meta",
+            linear.in_features,
+            linear.out_features,
+            bias=has_bias,
+            has_fp16_weights=False,
+            threshold=INT8_THRESHOLD,
+            device="meta",
         )
         new.weight = lib.nn.Int8Params(weight.cpu(), requires_grad=False, has_fp16_weights=False)
     if has_bias:
@@ -142,7 +155,9 @@ def full_precision_bytes(module: nn.Module) -> int:
 def to_plain_linear(module: nn.Module) -> nn.Linear:
     """A float32 nn.Linear computing what the quantised `module` computes (up to the compute dtype)."""
     weight = dequantized_weight(module)
-    plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device=weight.device)
+    plain = nn.Linear(
+        module.in_features, module.out_features, bias=module.bias is not None, device=weight.device
+    )
     plain.weight.data.copy_(weight)
     if module.bias is not None:
         plain.bias.data.copy_(module.bias.detach().float())

@@ -57,7 +57,9 @@ def logit_gap(label: str, reference: list[torch.Tensor], other: list[torch.Tenso
 
 
 def merge_with_report(
-    model: nn.Module, batches: list[dict[str, torch.Tensor]], full_precision: Callable[[], nn.Module] | None = None
+    model: nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    full_precision: Callable[[], nn.Module] | None = None,
 ) -> tuple[nn.Module, list[LogitGap]]:
     """Merge `model` (adapter on a quantised base) in fp32; measure the gap; optionally merge into W.
 

@@ -21,7 +21,13 @@ from torch import nn
 from lorakit.config import QuantizationConfig
 from lorakit.lora.inject import CLASSIFIER_HEADS
 from lorakit.lora.layer import LoraLayer
-from lorakit.quant.bnb import full_precision_bytes, is_quantized, quantize_linear, to_plain_linear, weight_bytes
+from lorakit.quant.bnb import (
+    full_precision_bytes,
+    is_quantized,
+    quantize_linear,
+    to_plain_linear,
+    weight_bytes,
+)
 from lorakit.quant.loftq import loftq_adapters, loftq_layer
 
 log = logging.getLogger(__name__)
@@ -130,7 +136,11 @@ class WeightBytes:
         )
 
     def as_dict(self) -> dict:
-        return {**self.__dict__, "linear_ratio": round(self.linear_ratio, 4), "model_ratio": round(self.model_ratio, 4)}
+        return {
+            **self.__dict__,
+            "linear_ratio": round(self.linear_ratio, 4),
+            "model_ratio": round(self.model_ratio, 4),
+        }
 
 
 def weight_bytes_report(model: nn.Module) -> WeightBytes:
