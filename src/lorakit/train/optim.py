@@ -48,11 +48,12 @@ def build_8bit_optimizer(groups: list[dict], config: TrainConfig) -> torch.optim
     Tensors under 4,096 elements keep 32-bit moments (bitsandbytes' `min_8bit_size`). Paging moves
     the moments to CPU memory under GPU memory pressure; on a CPU it is plain AdamW8bit.
     """
+    from lorakit.quant.bnb import bnb
+
     try:
-        from lorakit.quant.bnb import bnb
+        lib = bnb()
     except ImportError:
         raise ConfigError(f"train.optimizer: {config.optimizer} needs bitsandbytes: pip install bitsandbytes") from None
-    lib = bnb()
     paged = config.optimizer == "paged_adamw_8bit"
     if paged and not any(p.is_cuda for g in groups for p in g["params"]):
         warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
