@@ -42,9 +42,11 @@ class LoraConfig:
     )
     use_rslora: bool = _help("scale by lora_alpha / sqrt(r) instead of lora_alpha / r", default=False)
     init_lora_weights: bool | str = _help(
-        "True (Kaiming A, zero B), 'gaussian', 'pissa' (A, B from the top-r SVD of W), False (random)",
+        "True (Kaiming A, zero B), 'gaussian', 'pissa' (A, B from the top-r SVD of W), 'loftq' (A, B from "
+        "the quantisation error of a quantised base; needs quantization.bits), False (random)",
         default=True,
     )
+    loftq_iter: int = _help("LoftQ: alternating quantise/SVD rounds; 1 keeps the plain quantised base", default=1)
     rank_pattern: dict[str, int] = _help("per-module rank overrides: {name pattern: r}", default_factory=dict)
     alpha_pattern: dict[str, float] = _help(
         "per-module alpha overrides: {name pattern: alpha}", default_factory=dict
@@ -70,11 +72,13 @@ class LoraConfig:
             out.append(f"lora.lora_dropout: given {self.lora_dropout!r}, expected a number in [0, 1)")
         if self.bias not in BIAS_CHOICES:
             out.append(f"lora.bias: given {self.bias!r}, expected one of {', '.join(BIAS_CHOICES)}")
-        if self.init_lora_weights not in (True, False, "gaussian", "pissa"):
+        if self.init_lora_weights not in (True, False, "gaussian", "pissa", "loftq"):
             out.append(
                 f"lora.init_lora_weights: given {self.init_lora_weights!r}, "
-                "expected true, false, 'gaussian' or 'pissa'"
+                "expected true, false, 'gaussian', 'pissa' or 'loftq'"
             )
+        if isinstance(self.loftq_iter, bool) or not isinstance(self.loftq_iter, int) or self.loftq_iter <= 0:
+            out.append(f"lora.loftq_iter: given {self.loftq_iter!r}, expected a positive integer")
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             out.append(f"lora.task_type: given {self.task_type!r}, expected one of {', '.join(TASK_TYPES)}")
         for key, value in self.rank_pattern.items():
@@ -204,6 +208,35 @@ class EvalConfig:
 
 
 @dataclass
+class QuantizationConfig:
+    """QLoRA: the base's linear layers stored in 4 or 8 bits (bitsandbytes); the adapters train in fp32."""
+
+    bits: int | None = _help("4 (NF4/FP4 Linear4bit), 8 (LLM.int8 Linear8bitLt), or null for a full-precision base", default=None)
+    type: str = _help("4-bit data type: nf4 (QLoRA's normal float) or fp4", default="nf4")
+    double_quant: bool = _help("4-bit: store the block scales in 8 bits too (~0.37 bits per weight less)", default=True)
+    compute_dtype: str | None = _help(
+        "dtype of the quantised matmuls: bf16 | fp16 | fp32; unset: bf16 on CUDA, fp32 on CPU (bf16 is slow there)",
+        default=None,
+    )
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every invalid field, each as 'quantization.<field>: given X, expected Y'."""
+        allowed = {"bits": (None, 4, 8), "type": ("nf4", "fp4"), "compute_dtype": (None, "bf16", "fp16", "fp32")}
+        out = []
+        for name, choices in allowed.items():
+            value = getattr(self, name)
+            if value not in choices or isinstance(value, bool):
+                shown = ", ".join(str(c) for c in choices if c is not None)
+                out.append(f"quantization.{name}: given {value!r}, expected one of {shown}")
+        return out
+
+
+@dataclass
 class RunConfig:
     """A whole run: model, adapter shape, data, loop, evaluation."""
 
@@ -213,6 +246,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "the examples"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the loop"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "evaluation"})
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig, metadata={"help": "QLoRA base"})
 
     def __post_init__(self) -> None:
         problems = run_problems(self)
@@ -261,6 +295,8 @@ def run_problems(run: "RunConfig") -> list[str]:
         out.append("train.fsdp: evaluation under FSDP is not supported yet; set train.eval_strategy no")
     if run.train.ddp_timeout <= 0:
         out.append(f"train.ddp_timeout: given {run.train.ddp_timeout!r}, expected a positive number of seconds")
+    if run.lora.init_lora_weights == "loftq" and run.quantization.bits is None:
+        out.append("lora.init_lora_weights: 'loftq' needs a quantised base; set quantization.bits to 4 or 8")
     if not 0 <= run.train.warmup_ratio < 1:
         out.append(f"train.warmup_ratio: given {run.train.warmup_ratio!r}, expected a number in [0, 1)")
     out += _guard_problems(run.train)

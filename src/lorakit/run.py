@@ -15,6 +15,7 @@ from lorakit.data.dataset import prepare_data
 from lorakit.infer.score import score_generations
 from lorakit.lora.inject import inject, trainable_counts, trainable_report
 from lorakit.models import default_device, load_causal_lm, load_sequence_classifier, load_tokenizer
+from lorakit.quant.model import quantize_model, weight_bytes_report
 from lorakit.train import distributed
 from lorakit.train.loop import seed_everything, train
 from lorakit.train.metrics import MetricsLog
@@ -66,6 +67,8 @@ def run_causal_lm(run: RunConfig, echo=print) -> dict:
     """Instruction-tune a causal LM; score generations before and after when `eval.task` is set."""
     tokenizer = load_tokenizer(run.model)
     model = load_causal_lm(run.model).to(default_device())
+    if run.lora.init_lora_weights != "loftq":  # LoftQ quantises after inject, from the full-precision weights
+        quantize_model(model, run.quantization)
     data = prepare_data(run.data, tokenizer, run.train.seed)
     stats = data.stats["train"]
     echo(
@@ -80,13 +83,15 @@ def run_causal_lm(run: RunConfig, echo=print) -> dict:
         echo(f"base model: {_scores_line(summary['base'])}")
 
     inject(model, run.lora)
+    summary["weight_bytes"] = _quantize_after_inject(model, run, echo)
     echo(trainable_report(model))
     trainable, total = trainable_counts(model)
     echo(data_sufficiency(stats.prompt_tokens + stats.response_tokens, trainable, total))
     objective = CausalLMObjective(tokenizer.pad_token_id, run.data.pack_length if run.data.packing else None)
     result = train(model, data.train, data.eval, run.train, objective, {"model": run.model})
     if main:
-        write_run_card(result.adapter_dir, template=run.data.template, task=run.eval.task, model=run.model)
+        write_run_card(result.adapter_dir, template=run.data.template, task=run.eval.task, model=run.model,
+                       quantization=to_dict(run.quantization) if run.quantization.bits else None)
     summary.update(steps=result.steps, seconds=round(result.seconds, 1), adapter=result.adapter_dir,
                    eval=result.final_eval, best_checkpoint=result.best_checkpoint)
     echo(f"trained {result.steps} steps in {result.seconds:.0f} s; adapter in {result.adapter_dir}")
@@ -113,6 +118,7 @@ def run_classification(run: RunConfig, echo=print) -> dict:
 
     lora = run.lora if run.lora.task_type else replace(run.lora, task_type="SEQ_CLS")
     inject(model, lora)
+    _quantize_after_inject(model, run, echo)
     echo(trainable_report(model))
     trainable, total = trainable_counts(model)
     echo(data_sufficiency(sum(len(e["input_ids"]) for e in train_examples), trainable, total))
@@ -131,6 +137,16 @@ def run_classification(run: RunConfig, echo=print) -> dict:
         "best_metric": best, "eval": result.final_eval, "trainable_share": trainable_share,
         "best_checkpoint": result.best_checkpoint,
     }
+
+
+def _quantize_after_inject(model, run: RunConfig, echo) -> dict | None:
+    """QLoRA: quantise what is still full precision (everything, for LoftQ) and report the bytes."""
+    if run.quantization.bits is None:
+        return None
+    quantize_model(model, run.quantization)
+    report = weight_bytes_report(model)
+    echo(report.line())
+    return report.as_dict()
 
 
 def _log_task_scores(run_dir: str, base: dict | None, adapter: dict, steps: int) -> None:

@@ -74,6 +74,7 @@ def peft_config_dict(model: nn.Module, name: str) -> dict:
         config.target_modules if isinstance(config.target_modules, str) else sorted(config.target_modules)
     )
     fields["init_lora_weights"] = True  # the saved tensors are what counts; PEFT must not re-initialise
+    del fields["loftq_iter"]  # PEFT keeps LoftQ settings in loftq_config, used only to initialise
     return {
         "peft_type": "LORA",
         **fields,

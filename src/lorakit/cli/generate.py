@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lorakit.cli.parsing import subcommand
+from lorakit.cli.parsing import add_quantization_flags, subcommand
 
 EXAMPLES = """examples:
   lorakit generate --model smollm2-135m-instruct --adapter runs/ros2-demo/adapter --prompt "Move forward at 0.5 m/s"
@@ -47,6 +47,7 @@ def add_model_arguments(parser) -> None:
     parser.add_argument(
         "--device-map", help="'auto' spreads the base over all GPUs (accelerate's device_map); default: one device"
     )
+    add_quantization_flags(parser)
 
 
 def load_for_inference(args):
@@ -61,11 +62,29 @@ def load_for_inference(args):
     model = load_causal_lm(args.model, device_map=device_map)
     if not device_map:
         model = model.to(default_device())
+    quantize_for_cli(model, args.bits, args.adapter)
     if args.adapter:
         load_adapter(model, args.adapter)
     spec = args.template or read_run_card(args.adapter).get("template") or ("chat" if tokenizer.chat_template else "raw")
     template = get_template("{instruction}" if spec == "raw" else spec, tokenizer)
     return model, tokenizer, template
+
+
+def quantize_for_cli(model, bits: int | None, adapter: str | None) -> None:
+    """Quantise the base as --load-in-4bit/8bit say; note when the adapter was trained on another base."""
+    import sys
+
+    from lorakit.config import QuantizationConfig
+    from lorakit.quant import quantize_model
+    from lorakit.run import read_run_card
+
+    card = read_run_card(adapter)  # written by `lorakit train`; absent for adapters from elsewhere
+    trained = (card.get("quantization") or {}).get("bits")
+    if card and trained != bits:
+        base, flag = (f"{trained}-bit", f"--load-in-{trained}bit") if trained else ("full-precision", "no --load-in flag")
+        print(f"note: the adapter was trained on a {base} base; {flag} reproduces it", file=sys.stderr)
+    if bits:
+        quantize_model(model, QuantizationConfig(bits=bits))
 
 
 def run(args, _overrides) -> int:

@@ -1,11 +1,14 @@
-"""`lorakit merge --model M --adapter DIR --output DIR`"""
+"""`lorakit merge --model M --adapter DIR --output DIR [--load-in-4bit [--base-full-precision]]`"""
 
 from __future__ import annotations
 
-from lorakit.cli.parsing import subcommand
+from lorakit.cli.parsing import add_quantization_flags, subcommand
 
 EXAMPLES = """examples:
   lorakit merge --model smollm2-135m-instruct --adapter runs/ros2-demo/adapter --output runs/ros2-merged
+  lorakit merge --model smollm2-135m-instruct --adapter runs/ros2-qlora/adapter --output runs/ros2-qlora-merged \\
+      --load-in-4bit                          # dequantise the NF4 base, merge in fp32, report the logit gap
+  lorakit merge ... --load-in-4bit --base-full-precision   # merge into the original fp32 base instead
 """
 
 
@@ -15,24 +18,52 @@ def add_parser(commands) -> None:
         "merge",
         help="fold an adapter into its base and save a plain model",
         description="Merge the adapter into the base weights and save a plain transformers model "
-        "(loadable with from_pretrained, no lorakit or PEFT needed).",
+        "(loadable with from_pretrained, no lorakit or PEFT needed). With --load-in-4bit/8bit the "
+        "adapter is applied to the quantised base it was trained on; the base is dequantised, the "
+        "adapter merged in fp32, and the logit gap to the adapter-on-quantised-base is reported.",
         examples=EXAMPLES,
     )
     parser.add_argument("--model", required=True, help="the adapter's base: built-in name, folder, .gguf or Hub id")
     parser.add_argument("--adapter", required=True, help="a PEFT-format adapter folder")
     parser.add_argument("--output", required=True, help="folder for the merged model and its tokenizer")
+    add_quantization_flags(parser)
+    parser.add_argument(
+        "--base-full-precision", action="store_true",
+        help="with --load-in-4bit/8bit: merge into the original full-precision base instead of the dequantised "
+        "one (and report that gap too)",
+    )
     parser.set_defaults(run=run)
 
 
 def run(args, _overrides) -> int:
     from lorakit.checkpoint.peft_io import load_adapter
+    from lorakit.cli.generate import quantize_for_cli
+    from lorakit.config import ConfigError
     from lorakit.lora.merge import merge_and_unload
     from lorakit.models import load_causal_lm, load_tokenizer
+    from lorakit.quant.merge import GAP_PROMPTS, merge_with_report
 
+    if args.base_full_precision and not args.bits:
+        raise ConfigError("--base-full-precision compares against a quantised base: add --load-in-4bit or --load-in-8bit")
+    tokenizer = load_tokenizer(args.model)
     model = load_causal_lm(args.model)
+    quantize_for_cli(model, args.bits, args.adapter)
     load_adapter(model, args.adapter)
-    merged = merge_and_unload(model)
+    if args.bits:
+
+        def full_precision():
+            base = load_causal_lm(args.model)
+            load_adapter(base, args.adapter)
+            return base
+
+        batches = [dict(tokenizer(p, return_tensors="pt", return_token_type_ids=False)) for p in GAP_PROMPTS]
+        merged, gaps = merge_with_report(model, batches, full_precision if args.base_full_precision else None)
+        print(f"logits on {len(GAP_PROMPTS)} prompts, against the adapter on the {args.bits}-bit base:")
+        for gap in gaps:
+            print(f"  {gap.line()}")
+    else:
+        merged = merge_and_unload(model)
     merged.save_pretrained(args.output)
-    load_tokenizer(args.model).save_pretrained(args.output)
+    tokenizer.save_pretrained(args.output)
     print(f"merged model written to {args.output}")
     return 0

@@ -9,3 +9,12 @@ def subcommand(commands, name: str, help: str, description: str, examples: str) 
     return commands.add_parser(
         name, help=help, description=description, epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+
+
+def add_quantization_flags(parser: argparse.ArgumentParser) -> None:
+    """--load-in-4bit / --load-in-8bit: the base's linear layers quantised by bitsandbytes (QLoRA)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--load-in-4bit", dest="bits", action="store_const", const=4,
+                       help="quantise the base's linear layers to NF4 with double quantisation (QLoRA)")
+    group.add_argument("--load-in-8bit", dest="bits", action="store_const", const=8,
+                       help="quantise the base's linear layers to 8 bits (LLM.int8)")

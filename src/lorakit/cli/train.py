@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from lorakit.cli.parsing import subcommand
+from lorakit.cli.parsing import add_quantization_flags, subcommand
 
 EXAMPLES = """examples:
   lorakit train examples/ros2/config.yaml
@@ -14,6 +14,7 @@ EXAMPLES = """examples:
   lorakit train examples/ros2/config.yaml --nproc 2                # data parallel: runs torchrun for you
   torchrun --nproc_per_node 2 -m lorakit train examples/ros2/config.yaml       # the same
   accelerate launch --multi_gpu --num_processes 2 -m lorakit train examples/ros2/config.yaml
+  lorakit train examples/ros2/config.yaml --load-in-4bit --train.gradient_checkpointing true   # QLoRA
 """
 
 
@@ -35,6 +36,7 @@ def add_parser(commands) -> None:
         default=1,
         help="processes on this machine: starts `torchrun --standalone` with them",
     )
+    add_quantization_flags(parser)
     parser.set_defaults(run=run, accepts_overrides=True)
 
 
@@ -49,6 +51,8 @@ def run(args, overrides: list[str]) -> int:
         return _exec_torchrun(args, overrides)
     if args.resume:
         overrides = [*overrides, "--train.resume", "true"]
+    if args.bits:
+        overrides = [*overrides, "--quantization.bits", str(args.bits)]
     config = load_run_config(args.config, overrides)
     rank = launched_world().rank
     try:

@@ -154,7 +154,12 @@ def _wrap_saved_modules(model: nn.Module, config: LoraConfig, adapter_name: str)
 def trainable_counts(model: nn.Module) -> tuple[int, int]:
     """(trainable parameters, all parameters), counted once each even when tied."""
     params = {id(p): p for p in model.parameters()}.values()
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    return sum(p.numel() for p in params if p.requires_grad), sum(_weights_in(p) for p in params)
+
+
+def _weights_in(param) -> int:
+    """bitsandbytes packs two 4-bit weights per byte: count weights, not bytes."""
+    return param.numel() * 2 if type(param).__name__ == "Params4bit" else param.numel()
 
 
 def trainable_report(model: nn.Module) -> str:

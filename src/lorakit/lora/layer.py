@@ -32,7 +32,7 @@ try:  # GPT-2's Conv1D is a Linear with a transposed weight.
 except ImportError:  # pragma: no cover - transformers is a hard dependency
     Conv1D = ()
 
-INIT_CHOICES = (True, False, "gaussian", "pissa")
+INIT_CHOICES = (True, False, "gaussian", "pissa", "loftq")  # loftq: set later by lorakit.quant
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -173,6 +173,11 @@ class LoraLayer(nn.Module):
     def _add_to_weight(self, delta: torch.Tensor) -> None:
         """Add an (out, in) update to the base weight, whatever its layout."""
         weight = self.base_layer.weight
+        if not weight.is_floating_point():  # bitsandbytes packs 4/8-bit weights into integer tensors
+            raise TypeError(
+                f"cannot merge into a quantised {type(self.base_layer).__name__} (weight stored as {weight.dtype}); "
+                "dequantise first with lorakit.quant.dequantize_model(model) (merge_and_unload does it for you)"
+            )
         weight.add_((delta if self.kind == "linear" else delta.T).to(weight.dtype))
 
     def merge(self, names: list[str] | None = None) -> None:

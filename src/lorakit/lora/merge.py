@@ -30,7 +30,12 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
     The result is an ordinary transformers model: `save_pretrained` writes a checkpoint that
     `from_pretrained` loads without lorakit. Saved modules (a trained head) keep the active copy.
+    A quantised (QLoRA) base is dequantised to fp32 first, and the adapters merged in fp32.
     """
+    if any(not layer.base_layer.weight.is_floating_point() for _, layer in lora_layers(model)):
+        from lorakit.quant import dequantize_model  # imports bitsandbytes: only when needed
+
+        dequantize_model(model)
     for name, layer in lora_layers(model):
         layer.merge()
         _set_submodule(model, name, layer.base_layer)

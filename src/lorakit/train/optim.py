@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 
 import torch
 from torch import nn
 
 from lorakit.config import ConfigError, TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
@@ -35,12 +39,27 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
         raise ConfigError("nothing to train: the model has no parameter with requires_grad")
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
+    return build_8bit_optimizer(groups, config)
+
+
+def build_8bit_optimizer(groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
+    """bitsandbytes' AdamW with its two moments stored in 8 bits (blockwise), same betas and eps as `adamw`.
+
+    Tensors under 4,096 elements keep 32-bit moments (bitsandbytes' `min_8bit_size`). Paging moves
+    the moments to CPU memory under GPU memory pressure; on a CPU it is plain AdamW8bit.
+    """
+    from lorakit.quant.bnb import bnb
+
     try:
-        import bitsandbytes as bnb
+        lib = bnb()
     except ImportError:
         raise ConfigError(f"train.optimizer: {config.optimizer} needs bitsandbytes: pip install bitsandbytes") from None
-    cls = bnb.optim.PagedAdamW8bit if config.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
-    return cls(groups, lr=config.lr)
+    paged = config.optimizer == "paged_adamw_8bit"
+    if paged and not any(p.is_cuda for g in groups for p in g["params"]):
+        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+        log.info("paged_adamw_8bit pages only GPU memory; on CPU it runs as adamw_8bit")
+    cls = lib.optim.PagedAdamW8bit if paged else lib.optim.AdamW8bit
+    return cls(groups, lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
