@@ -9,8 +9,9 @@ same ROS 2 examples in the same order, r=8 on all seven projections, the same ba
      masked by comparing ids with the pad id
   b  PEFT + Trainer with dynamic padding (pad to the longest of each batch), prompt masked
   c  lorakit: packed rows, head on labelled positions only, fused LoRA/SwiGLU, grouped attention
-  d  lorakit as c, each packed row its own forward (train.max_tokens_per_forward = pack length):
-     the same gradient with half the activations held at once
+  d  lorakit's memory mode: as c, plus each packed row its own forward (train.max_tokens_per_forward
+     = pack length: the same gradient, half the activations held at once) and train.release_memory
+     (the allocator hands freed blocks back at once): less memory, less speed
 Steps after warm-up are timed; "real tokens" are non-pad tokens. b and c run --curve-steps steps
 from the same initial adapter (b writes it, c loads it), the same data order and the same linear
 schedule, and their per-step losses are compared. The machine's fp32 GEMM rate is
@@ -36,7 +37,7 @@ VARIANTS = {
     "a": "PEFT + Trainer, seed recipe (max_length 256)",
     "b": "PEFT + Trainer, dynamic padding",
     "c": "lorakit",
-    "d": "lorakit, one packed row per forward",
+    "d": "lorakit, memory mode (a row per forward, release_memory)",
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SEED_MAX_LENGTH = 256
@@ -104,7 +105,7 @@ def run_peft(args, recipe: str) -> dict:
     return _result(stamps, real, args, losses, rss)
 
 
-def run_lorakit(args, max_tokens_per_forward: int = 0) -> dict:
+def run_lorakit(args, memory_mode: bool = False) -> dict:
     import lorakit
     from lorakit.models import load_causal_lm, load_tokenizer
     from lorakit.config import TrainConfig
@@ -121,7 +122,8 @@ def run_lorakit(args, max_tokens_per_forward: int = 0) -> dict:
     model.train()
     objective = CausalLMObjective(tokenizer.pad_token_id, pack_length=PACK_LENGTH)
     config = TrainConfig(
-        lr=2e-4, scheduler="linear", warmup_ratio=0.0, max_grad_norm=1.0, max_tokens_per_forward=max_tokens_per_forward
+        lr=2e-4, scheduler="linear", warmup_ratio=0.0, max_grad_norm=1.0,
+        max_tokens_per_forward=PACK_LENGTH if memory_mode else 0, release_memory=memory_mode,
     )
     use_fused_paths(model, config.fused)  # what train() switches on, as it does
     if config.release_memory:
@@ -218,7 +220,7 @@ def main() -> None:
         torch.manual_seed(0)
         result = {
             "a": lambda: run_peft(args, "seed"), "b": lambda: run_peft(args, "dynamic"),
-            "c": lambda: run_lorakit(args), "d": lambda: run_lorakit(args, max_tokens_per_forward=PACK_LENGTH),
+            "c": lambda: run_lorakit(args), "d": lambda: run_lorakit(args, memory_mode=True),
         }[args.variant]()
         print("RESULT " + json.dumps(result))
         return
