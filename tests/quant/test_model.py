@@ -42,7 +42,7 @@ def test_lora_wraps_a_quantised_base_without_the_fused_path(input_ids):
     lorakit.inject(model, lorakit.LoraConfig(r=4))
     perturb(model)
     layers = lora_layers(model)
-    assert all(is_quantized(layer.base_layer) and not layer._can_fuse() for _, layer in layers)
+    assert all(is_quantized(layer.base_layer) and not layer.can_fuse() for _, layer in layers)
     assert all(layer.adapters["default"].A.dtype == torch.float32 for _, layer in layers)
     with lorakit.disable_adapters(model):
         base = logits_of(model, input_ids)
