@@ -72,3 +72,11 @@ def test_whole_model_gradients_fused_vs_plain(input_ids):
 def test_bias_training_falls_back_to_the_plain_path():
     model = lorakit.inject(TINY_MODELS["gpt2"](), lorakit.LoraConfig(r=2, bias="lora_only"))
     assert not any(layer.can_fuse() for _, layer in lora_layers(model))
+
+
+def test_autocast_falls_back_to_the_plain_path():
+    layer = LoraLayer(nn.Linear(8, 4))
+    layer.add_adapter("a", r=2, alpha=2, init=False)
+    assert layer.can_fuse()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not layer.can_fuse()  # the fused backward assumes one dtype throughout

@@ -223,6 +223,7 @@ class LoraLayer(nn.Module):
             and not self.merged
             and not base.weight.requires_grad
             and (base.bias is None or not base.bias.requires_grad)
+            and not torch.is_autocast_enabled(base.weight.device.type)  # its backward does its own dtypes
         )
 
     def fused_parts(self) -> tuple:
