@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from lorakit.checkpoint.peft_io import load_adapter, read_adapter_weights
-from lorakit.config import load_run_config
+from lorakit.config_loading import load_run_config
 from lorakit.data.e2e import aligned_references, group_references, read_e2e_csv, read_lora_format
 from lorakit.data.templates import get_template
 from lorakit.infer.generate import GenerationConfig, generate

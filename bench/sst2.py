@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from lorakit.config import load_run_config
+from lorakit.config_loading import load_run_config
 from lorakit.run import run
 
 

@@ -125,7 +125,7 @@ def test_train_parts_through_the_data_config():
 
 
 def test_the_example_config_is_valid_and_under_one_percent():
-    from lorakit.config import load_run_config
+    from lorakit.config_loading import load_run_config
 
     config = load_run_config(Path(__file__).resolve().parents[2] / "examples" / "e2e" / "config.yaml")
     assert config.data.format == "e2e" and config.train.max_minutes == 55

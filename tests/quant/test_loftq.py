@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.config import ConfigError, QuantizationConfig, load_run_config
+from lorakit.config import ConfigError, QuantizationConfig
+from lorakit.config_loading import load_run_config
 from lorakit.quant import is_quantized, quantize_model
 from conftest import TINY_MODELS
 

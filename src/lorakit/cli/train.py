@@ -41,7 +41,8 @@ def add_parser(commands) -> None:
 
 
 def run(args, overrides: list[str]) -> int:
-    from lorakit.config import ConfigError, load_run_config
+    from lorakit.config import ConfigError
+    from lorakit.config_loading import load_run_config
     from lorakit.run import run as run_training
     from lorakit.train.distributed import ProcessLost, is_lost_contact, launched_world, short_reason
 
