@@ -129,3 +129,24 @@ def bnb_load(folder, bits: int = 4):
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
     return model.eval()
+
+
+def write_file(folder, name: str, content: str | bytes):
+    """Write a data file byte for byte (no newline translation); returns its path."""
+    path = folder / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8", newline="")
+    return path
+
+
+def data_error_of(call, *args, **kwargs) -> str:
+    """The message of the DataError that call(*args) raises, checked to be one line."""
+    from lorakit.data.formats import DataError
+
+    with pytest.raises(DataError) as info:
+        call(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message, f"error spans lines: {message!r}"
+    return message

@@ -4,7 +4,8 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from lorakit.data.formats import DataError
+from conftest import data_error_of
+
 from lorakit.data.templates import (
     ALPACA_NO_INPUT_TEMPLATE,
     ALPACA_TEMPLATE,
@@ -35,13 +36,6 @@ def tiny_tokenizer(chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedToken
     if chat_template is not None:
         tok.chat_template = chat_template
     return tok
-
-
-def error_of(call, *args) -> str:
-    with pytest.raises(DataError) as info:
-        call(*args)
-    assert "\n" not in str(info.value)
-    return str(info.value)
 
 
 # --------------------------------------------------------------------------- format-string templates
@@ -82,12 +76,12 @@ def test_alpaca_without_input_uses_the_no_input_prompt(extra):
 
 def test_seed_refuses_to_drop_a_set_input():
     record = {"instruction": "a", "input": "context", "output": "b", "_source": "d.jsonl", "_line": 7}
-    message = error_of(get_template("seed").render, record)
+    message = data_error_of(get_template("seed").render, record)
     assert message.startswith("d.jsonl:7: field 'input' is set but template 'seed' has no {input}")
 
 
 def test_missing_field_names_file_and_line():
-    message = error_of(get_template("seed").render, {"instruction": "a", "_source": "d.jsonl", "_line": 3})
+    message = data_error_of(get_template("seed").render, {"instruction": "a", "_source": "d.jsonl", "_line": 3})
     assert message == "d.jsonl:3: field 'output' is missing (expected a string)"
 
 
@@ -117,19 +111,19 @@ def test_custom_with_literal_braces():
     ],
 )
 def test_bad_template_specs(spec, expected):
-    assert error_of(get_template, spec).startswith(expected)
+    assert data_error_of(get_template, spec).startswith(expected)
 
 
 def test_chat_needs_a_turn_before_the_reply():
     record = {"messages": [{"role": "assistant", "content": "x"}], "_source": "c.jsonl", "_line": 2}
-    assert error_of(ChatTemplate(tiny_tokenizer()).render, record) == (
+    assert data_error_of(ChatTemplate(tiny_tokenizer()).render, record) == (
         "c.jsonl:2: expected at least one message (system or user) before the assistant's"
     )
 
 
 def test_prompt_template_rejects_chat_records():
     record = {"messages": [{"role": "assistant", "content": "x"}], "_source": "c.jsonl", "_line": 1}
-    assert error_of(get_template("alpaca").render, record) == (
+    assert data_error_of(get_template("alpaca").render, record) == (
         "c.jsonl:1: a chat record cannot use template 'alpaca'; use template 'chat'"
     )
 
@@ -164,15 +158,15 @@ def test_instruction_record_through_chat_template():
 
 
 def test_chat_needs_a_chat_template():
-    message = error_of(get_template, "chat", tiny_tokenizer(chat_template=None))
+    message = data_error_of(get_template, "chat", tiny_tokenizer(chat_template=None))
     assert message.startswith("template 'chat' needs a tokenizer with a chat_template")
-    assert error_of(get_template, "chat").startswith("template 'chat' needs the tokenizer")
+    assert data_error_of(get_template, "chat").startswith("template 'chat' needs the tokenizer")
 
 
 def test_chat_template_errors_name_the_record():
     tok = tiny_tokenizer("{{ raise_exception('roles must alternate') }}")
     record = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}
     record.update(_source="c.jsonl", _line=9)
-    message = error_of(ChatTemplate(tok).render, record)
+    message = data_error_of(ChatTemplate(tok).render, record)
     assert message.startswith("c.jsonl:9: the tokenizer's chat template rejected the conversation")
     assert "roles must alternate" in message

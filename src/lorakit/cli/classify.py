@@ -61,7 +61,8 @@ def load_classifier(model_name: str, adapter: str):
 
 
 def run(args, _overrides) -> int:
-    from lorakit.data.formats import DataError, load_records, public_fields
+    from lorakit.data.files import load_records
+    from lorakit.data.formats import DataError, public_fields
     from lorakit.infer.classify import classify
 
     if args.input and not args.output:

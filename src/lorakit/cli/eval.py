@@ -31,7 +31,8 @@ def add_parser(commands) -> None:
 
 def run(args, _overrides) -> int:
     from lorakit.config import EvalConfig
-    from lorakit.data.formats import load_records, validate_records
+    from lorakit.data.files import load_records
+    from lorakit.data.formats import validate_records
     from lorakit.infer.score import score_generations
     from lorakit.run import read_run_card
 

@@ -88,7 +88,8 @@ def quantize_for_cli(model, bits: int | None, adapter: str | None) -> None:
 
 
 def run(args, _overrides) -> int:
-    from lorakit.data.formats import DataError, load_records, public_fields
+    from lorakit.data.files import load_records
+    from lorakit.data.formats import DataError, public_fields
     from lorakit.infer.generate import GenerationConfig, generate
 
     if args.input and not args.output:

@@ -10,14 +10,8 @@ Typical use::
 """
 
 from lorakit.data.collate import pad_batch
-from lorakit.data.formats import (
-    DataError,
-    detect_format,
-    load_hf_dataset,
-    load_records,
-    register_validator,
-    validate_records,
-)
+from lorakit.data.files import load_hf_dataset, load_records
+from lorakit.data.formats import DataError, detect_format, register_validator, validate_records
 from lorakit.data.masking import IGNORE_INDEX, TokenizeStats, tokenize_dataset, tokenize_example
 from lorakit.data.split import train_test_split
 from lorakit.data.templates import (

@@ -14,7 +14,8 @@ import torch
 
 from lorakit.config import DataConfig
 from lorakit.data.collate import pad_batch
-from lorakit.data.formats import DataError, load_records, where
+from lorakit.data.files import load_records
+from lorakit.data.formats import DataError, where
 from lorakit.data.dataset import with_eval_split
 
 

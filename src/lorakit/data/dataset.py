@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lorakit.config import DataConfig
-from lorakit.data.formats import DataError, load_hf_dataset, load_records, validate_records
+from lorakit.data.files import load_hf_dataset, load_records
+from lorakit.data.formats import DataError, validate_records
 from lorakit.data.masking import TokenizeStats, tokenize_dataset
 from lorakit.data.split import train_test_split
 from lorakit.data.templates import get_template
