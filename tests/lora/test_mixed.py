@@ -58,3 +58,15 @@ def test_refuses_unknown_and_merged_adapters():
     lorakit.merge_adapters(model)
     with pytest.raises(ValueError, match="unmerged"), row_adapters(model, ["a"]):
         pass
+
+
+def test_in_place_and_autograd_paths_agree():
+    # Without autograd the LoRA term is added in place (baddbmm_); with it, out of place.
+    model = with_adapters("llama", {"a": 4, "b": 8})
+    ids = torch.randint(3, 128, (3, 6), generator=torch.Generator().manual_seed(2))
+    with row_adapters(model, ["a", "b", None]):
+        with torch.no_grad():
+            in_place = model(ids).logits
+        with_grad = model(ids).logits
+    torch.testing.assert_close(in_place, with_grad.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(in_place[:1], alone(model, "a", ids[:1]), rtol=1e-4, atol=1e-5)
