@@ -70,3 +70,28 @@ def test_in_place_and_autograd_paths_agree():
         with_grad = model(ids).logits
     torch.testing.assert_close(in_place, with_grad.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(in_place[:1], alone(model, "a", ids[:1]), rtol=1e-4, atol=1e-5)
+
+
+def test_siblings_share_one_down_projection_and_survive_row_selection():
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = with_adapters("llama", {"a": 4, "b": 8}, targets=targets)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    ids = torch.randint(3, 128, (3, 6), generator=torch.Generator().manual_seed(3))
+    with row_adapters(model, ["a", "b", "a"]) as state:
+        logits_of(model, ids)
+        down = {name: state._rows[id(getattr(attn, name))][0] for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        assert down["q_proj"] is down["k_proj"] is down["v_proj"] is not down["o_proj"]
+        assert down["q_proj"].A_rows.shape == (3, 32, 3 * 8)  # ranks padded to 8, three siblings
+        assert state._rows[id(mlp.gate_proj)][0] is state._rows[id(mlp.up_proj)][0]
+        # A sibling handed a tensor of its own computes its own product.
+        x, y = torch.randn(2, 3, 2, 32, generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            q_then_k = attn.q_proj(x), attn.k_proj(y)
+        state.select([2, 1])
+        mixed = logits_of(model, ids[[2, 1]])
+    torch.testing.assert_close(mixed[:1], alone(model, "a", ids[2:3]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mixed[1:], alone(model, "b", ids[1:2]), rtol=1e-4, atol=1e-5)
+    lorakit.set_adapter(model, "b")  # row 1 went through adapter b
+    with torch.no_grad():
+        torch.testing.assert_close(q_then_k[1][1], attn.k_proj(y[1]), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(q_then_k[0][1], attn.q_proj(x[1]), rtol=1e-4, atol=1e-5)

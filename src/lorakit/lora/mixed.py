@@ -14,7 +14,9 @@ Two ways to compute the LoRA term, chosen per batch (`strategy`):
 
 Zero padding changes nothing: the padded rows of A and columns of B contribute exact zeros. The
 gathered path is the one for linear and GPT-2 Conv1D layers; embedding layers always use the
-grouped path. `row_adapters(model, names)` turns it on for every LoraLayer and off again after.
+grouped path. Sibling layers fed the same input (q/k/v, gate/up: `SHARED_INPUT`) share one
+down-projection: their per-row A^T are concatenated, x A^T runs once for all of them, and each
+takes its slice; a sibling that is handed a different tensor computes its own. `row_adapters(model, names)` turns it on for every LoraLayer and off again after.
 """
 
 from __future__ import annotations
@@ -27,6 +29,30 @@ from torch import nn
 from lorakit.lora.adapters import adapter_config, lora_layers, saved_modules
 
 STRATEGIES = ("gathered", "grouped")
+# Children of one module that transformers' attention and MLP blocks call on the same tensor.
+SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
+
+
+class _Down:
+    """x A^T for one layer or a group of siblings fed the same x: A_rows (B, in, sum of r), and the
+    last input seen with its product, so each sibling after the first only slices it."""
+
+    def __init__(self, A_rows: torch.Tensor):
+        self.A_rows = A_rows
+        self._x: torch.Tensor | None = None
+        self._version = -1
+        self._h: torch.Tensor | None = None
+
+    def of(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """x (B, ..., in) -> x A^T restricted to columns start:stop, shape (B, T, stop - start)."""
+        if x is not self._x or x._version != self._version:
+            self._h = torch.bmm(x.to(self.A_rows.dtype).reshape(x.shape[0], -1, x.shape[-1]), self.A_rows)
+            self._x, self._version = x, x._version
+        return self._h if stop - start == self._h.shape[-1] else self._h[..., start:stop]
+
+    def select(self, index: torch.Tensor) -> None:
+        self.A_rows = self.A_rows[index.to(self.A_rows.device)]
+        self._x = self._h = None
 
 
 class RowAdapters:
@@ -36,14 +62,15 @@ class RowAdapters:
     (finished requests), so the generation loop can shrink the batch between steps.
     """
 
-    def __init__(self, names: list[str | None], strategy: str = "gathered"):
+    def __init__(
+        self, names: list[str | None], strategy: str = "gathered", siblings: dict[int, list[nn.Module]] | None = None
+    ):
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
         self.strategy = strategy
         self.distinct = sorted({n for n in names if n is not None})  # slot k+1 holds distinct[k]
-        self._rows: dict[
-            int, tuple[torch.Tensor, torch.Tensor] | None
-        ] = {}  # id(layer) -> per-row A^T, s B^T
+        self.siblings = siblings or {}  # id(layer) -> the layers sharing its input (itself included)
+        self._rows: dict[int, tuple[_Down, int, int, torch.Tensor] | None] = {}  # id(layer) -> down, cols, s B^T
         self.names: list[str | None] = []
         self.index = torch.zeros(0, dtype=torch.long)
         self._set_rows(list(names))
@@ -62,9 +89,12 @@ class RowAdapters:
         """Keep only the rows at positions `keep` (in that order)."""
         self._set_rows([self.names[i] for i in keep])
         index = torch.tensor(keep)
+        for down in {id(rows[0]): rows[0] for rows in self._rows.values() if rows is not None}.values():
+            down.select(index)
         for key, rows in self._rows.items():
             if rows is not None:
-                self._rows[key] = (rows[0][index.to(rows[0].device)], rows[1][index.to(rows[0].device)])
+                down, start, stop, B_rows = rows
+                self._rows[key] = (down, start, stop, B_rows[index.to(B_rows.device)])
 
     # -- the LoRA term --------------------------------------------------------------------------
     def forward(self, layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -90,37 +120,70 @@ class RowAdapters:
         return out
 
     @staticmethod
-    def _add_gathered(out: torch.Tensor, x: torch.Tensor, A_rows: torch.Tensor, B_rows: torch.Tensor) -> torch.Tensor:
-        """out + (x A_rows) B_rows row by row: x (B, ..., in), A_rows (B, in, r), B_rows (B, r, out).
+    def _add_gathered(out: torch.Tensor, x: torch.Tensor, down: _Down, start: int, stop: int, B_rows: torch.Tensor):
+        """out + (x A^T) s B^T row by row: x (B, ..., in), this layer's columns of the down-projection
+        (B, T, r), B_rows (B, r, out).
 
         Without autograd the add rides on the second matmul, in place (baddbmm_): one op fewer and
         no temporary per layer, which is most of what a decode step's LoRA term costs.
         """
-        h = torch.bmm(x.to(A_rows.dtype).reshape(x.shape[0], -1, x.shape[-1]), A_rows)  # (B, T, r)
+        h = down.of(x, start, stop)  # (B, T, r)
         if torch.is_grad_enabled() or out.dtype != B_rows.dtype or not out.is_contiguous():
             return out + torch.bmm(h, B_rows).reshape(out.shape).to(out.dtype)
         return out.view(out.shape[0], -1, out.shape[-1]).baddbmm_(h, B_rows).view(out.shape)
 
-    def _rows_of(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Each row's A^T and s B^T for this layer, gathered once per batch (kept until rows change);
-        None when no adapter of the batch is on this layer."""
+    def _rows_of(self, layer: nn.Module) -> tuple[_Down, int, int, torch.Tensor] | None:
+        """This layer's down-projection (its own, or shared with its siblings), its columns in it,
+        and each row's s B^T; gathered once per batch (kept until rows change). None when no adapter
+        of the batch is on this layer."""
         key = id(layer)
         if key not in self._rows:
-            present = [layer.adapters[n] if n in layer.adapters else None for n in self.distinct]  # noqa: SIM401 (ModuleDict has no get)
-            if all(a is None for a in present):
-                self._rows[key] = None
-                return None
-            ref = next(a for a in present if a is not None).A
-            r_max = max(a.r for a in present if a is not None)
-            A = ref.new_zeros((len(present) + 1, layer.in_features, r_max))  # slot 0: no adapter
-            B = ref.new_zeros((len(present) + 1, r_max, layer.out_features))
-            for slot, adapter in enumerate(present, start=1):
-                if adapter is not None:
-                    A[slot, :, : adapter.r] = adapter.A.detach().T
-                    B[slot, : adapter.r] = adapter.B.detach().T * adapter.scaling
-            index = self.index.to(A.device)
-            self._rows[key] = (A[index], B[index])
+            group = self.siblings.get(key, [layer])
+            stacks = [self._stacked(member) for member in group]
+            present = [(member, A, B) for member, (A, B) in zip(group, stacks) if A is not None]
+            for member, (A, _) in zip(group, stacks):
+                if A is None:
+                    self._rows[id(member)] = None
+            if present:
+                index = self.index.to(present[0][1].device)
+                down = _Down(torch.cat([A[index] for _, A, _ in present], dim=-1))  # (B, in, sum r)
+                start = 0
+                for member, A, B in present:
+                    self._rows[id(member)] = (down, start, start + A.shape[-1], B[index])
+                    start += A.shape[-1]
         return self._rows[key]
+
+    def _stacked(self, layer: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The batch's adapters on this layer stacked by slot, ranks zero-padded, the scale folded
+        into B: A^T (n + 1, in, r_max), s B^T (n + 1, r_max, out), slot 0 zeros; (None, None) if none."""
+        present = [layer.adapters[n] if n in layer.adapters else None for n in self.distinct]  # noqa: SIM401 (ModuleDict has no get)
+        if all(a is None for a in present):
+            return None, None
+        ref = next(a for a in present if a is not None).A
+        r_max = max(a.r for a in present if a is not None)
+        A = ref.new_zeros((len(present) + 1, layer.in_features, r_max))  # slot 0: no adapter
+        B = ref.new_zeros((len(present) + 1, r_max, layer.out_features))
+        for slot, adapter in enumerate(present, start=1):
+            if adapter is not None:
+                A[slot, :, : adapter.r] = adapter.A.detach().T
+                B[slot, : adapter.r] = adapter.B.detach().T * adapter.scaling
+        return A, B
+
+
+def sibling_layers(named_layers: list[tuple[str, nn.Module]]) -> dict[int, list[nn.Module]]:
+    """id(layer) -> the LoraLayers of its `SHARED_INPUT` group under the same parent (linear or Conv1D
+    layers with the same in_features), for layers that have siblings."""
+    groups: dict[tuple[str, int], list[nn.Module]] = {}
+    for name, layer in named_layers:
+        parent, _, leaf = name.rpartition(".")
+        for k, members in enumerate(SHARED_INPUT):
+            if leaf in members and layer.kind != "embedding":
+                groups.setdefault((parent, k), []).append(layer)
+    out = {}
+    for members in groups.values():
+        if len(members) > 1 and len({m.in_features for m in members}) == 1:
+            out.update({id(m): members for m in members})
+    return out
 
 
 @contextmanager
@@ -138,10 +201,11 @@ def row_adapters(model: nn.Module, names: list[str | None], strategy: str = "gat
         adapter_config(model, name)
         if any(name in w.copies for _, w in saved_modules(model)):
             raise ValueError(f"adapter '{name}' has modules_to_save; mixed batches support LoRA layers only")
-    layers = [layer for _, layer in lora_layers(model)]
+    named = lora_layers(model)
+    layers = [layer for _, layer in named]
     if any(layer.merged for layer in layers):
         raise ValueError("a mixed-adapter batch needs unmerged adapters; call unmerge_adapters(model) first")
-    state = RowAdapters(names, strategy)
+    state = RowAdapters(names, strategy, sibling_layers(named))
     for layer in layers:
         layer.row_adapters = state
     try:
