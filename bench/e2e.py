@@ -66,6 +66,14 @@ def trainable_params(adapter_dir: str) -> int:
     return sum(t.numel() for t in read_adapter_weights(adapter_dir).values())
 
 
+def pairs_seen(config, summary: dict) -> int:
+    """Train pairs the run went through: steps x examples per step, at most the sample's epochs
+    (train.max_minutes can stop a run before its last step)."""
+    per_step = config.train.batch_size * config.train.grad_accum
+    sample = config.data.max_train_examples
+    return summary["steps"] * per_step if sample is None else min(summary["steps"] * per_step, int(sample * config.train.epochs))
+
+
 def table(rows: list[dict]) -> str:
     """The paper's layout: Method | # trainable params | BLEU | NIST | METEOR | ROUGE-L | CIDEr."""
     head = ["Method", "# trainable params", "BLEU", "NIST", "METEOR", "ROUGE-L", "CIDEr"]
@@ -103,7 +111,8 @@ def main() -> None:
     result = {"model": config.model, "adapter": adapter_dir, "test_mrs": len(test), "test_references": len(rows) if
               args.test_mrs is None else sum(map(len, test.references)), "trainable_params": trainable,
               "trainable_percent": round(100 * trainable / total, 3), "train": {k: summary.get(k) for k in ("steps", "seconds", "eval", "best_checkpoint")},
-              "train_pairs": config.data.max_train_examples if not args.adapter else None, "decodings": {}}
+              "train_sample": config.data.max_train_examples if not args.adapter else None,
+              "train_pairs_seen": pairs_seen(config, summary) if not args.adapter else None, "decodings": {}}
     table_rows = list(PAPER_ROWS)
     for name, generation in decodings(args).items():
         t0 = time.time()
@@ -118,7 +127,8 @@ def main() -> None:
     (out / "bench.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
     subset = "all 630" if args.test_mrs is None else f"the first {len(test)} of 630 (file order)"
-    trained = (f"trained {summary['steps']} steps in {summary['seconds']} s on {config.data.max_train_examples} pairs; "
+    trained = (f"trained {summary['steps']} steps in {summary['seconds']} s: {result['train_pairs_seen']:,d} pairs "
+               f"of a {config.data.max_train_examples:,d}-pair sample; "
                if not args.adapter else f"adapter {adapter_dir}; ")
     print(f"\nE2E NLG test set: {subset} MRs, {result['test_references']} references; {trained}"
           f"trainable {trainable:,d} = {result['trainable_percent']}% of {total:,d}")

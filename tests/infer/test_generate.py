@@ -36,3 +36,19 @@ def test_stop_strings_cut_after_leading_whitespace():
 
     assert _cut("\n\nThe Vaults is a pub.\nA: more", ("\n",)) == "The Vaults is a pub."
     assert _cut("red red</s>", ("</s>", "\n")) == "red red"
+
+
+def test_no_repeat_ngram_blocks_repeats_of_the_output_not_of_the_prompt():
+    import torch
+    from transformers import NoRepeatNGramLogitsProcessor
+
+    from lorakit.infer.generate import NewTokensNoRepeatNGram
+
+    prompt, generated = [1, 2, 3, 4], [5, 6, 7, 5, 6, 1, 2]  # the output ends "1 2"
+    ids = torch.tensor([prompt + generated])
+    scores = torch.zeros(1, 10)
+    ours = NewTokensNoRepeatNGram(3, len(prompt))(ids, scores.clone())
+    theirs = NoRepeatNGramLogitsProcessor(3)(ids, scores.clone())
+    assert theirs[0, 3] == -float("inf") and ours[0, 3] == 0  # "1 2 3" is only in the prompt
+    ids = torch.tensor([prompt + generated[:5]])  # now the output ends "5 6", seen before as "5 6 7"
+    assert NewTokensNoRepeatNGram(3, len(prompt))(ids, scores.clone())[0, 7] == -float("inf")

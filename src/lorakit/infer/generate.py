@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import LogitsProcessor, LogitsProcessorList, NoRepeatNGramLogitsProcessor
 
 
 @dataclass
@@ -19,7 +20,7 @@ class GenerationConfig:
     add_special_tokens: bool = True  # False when prompts already hold BOS etc. (chat templates)
     num_beams: int = 1  # > 1: beam search (greedy beams; temperature must be 0)
     length_penalty: float = 1.0  # beam search: score / length**length_penalty; < 1 favours shorter outputs
-    no_repeat_ngram_size: int = 0  # > 0: no n-gram of this size appears twice in an output
+    no_repeat_ngram_size: int = 0  # > 0: no n-gram of this size appears twice in the generated text (the prompt aside)
 
 
 def stop_token_ids(tokenizer, model: nn.Module) -> list[int]:
@@ -54,7 +55,8 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], config: Generation
             sampling = config.temperature > 0
             beams = {"num_beams": config.num_beams, "length_penalty": config.length_penalty} if config.num_beams > 1 else {}
             if config.no_repeat_ngram_size > 0:
-                beams["no_repeat_ngram_size"] = config.no_repeat_ngram_size
+                rule = NewTokensNoRepeatNGram(config.no_repeat_ngram_size, enc["input_ids"].shape[1])
+                beams["logits_processor"] = LogitsProcessorList([rule])
             if sampling:
                 torch.manual_seed(config.seed + start)
             out = model.generate(
@@ -74,6 +76,22 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], config: Generation
         tokenizer.padding_side = side
         model.train(was_training)
     return outputs
+
+
+class NewTokensNoRepeatNGram(LogitsProcessor):
+    """transformers' no-repeat-n-gram rule on the generated tokens only.
+
+    transformers' own `no_repeat_ngram_size` also counts the prompt's n-grams, so a data-to-text
+    output could not repeat four words of its input ("near the Crowne Plaza Hotel"); the LoRA
+    paper's decoder (loralib's gpt2_beam) blocks repeats within the output.
+    """
+
+    def __init__(self, ngram_size: int, prompt_length: int):
+        self.rule = NoRepeatNGramLogitsProcessor(ngram_size)
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return self.rule(input_ids[:, self.prompt_length :], scores)
 
 
 def _cut(text: str, stops: tuple[str, ...]) -> str:
