@@ -16,7 +16,8 @@ Zero padding changes nothing: the padded rows of A and columns of B contribute e
 gathered path is the one for linear and GPT-2 Conv1D layers; embedding layers always use the
 grouped path. Sibling layers fed the same input (q/k/v, gate/up: `SHARED_INPUT`) share one
 down-projection: their per-row A^T are concatenated, x A^T runs once for all of them, and each
-takes its slice; a sibling that is handed a different tensor computes its own. `row_adapters(model, names)` turns it on for every LoraLayer and off again after.
+takes its slice; a sibling that is handed a different tensor computes its own.
+`row_adapters(model, names)` turns all this on for every LoraLayer and off again after.
 """
 
 from __future__ import annotations
@@ -124,8 +125,8 @@ class RowAdapters:
         """out + (x A^T) s B^T row by row: x (B, ..., in), this layer's columns of the down-projection
         (B, T, r), B_rows (B, r, out).
 
-        Without autograd the add rides on the second matmul, in place (baddbmm_): one op fewer and
-        no temporary per layer, which is most of what a decode step's LoRA term costs.
+        Without autograd the add rides on the second matmul, in place (baddbmm_): one op and one
+        temporary fewer per layer and decode step.
         """
         h = down.of(x, start, stop)  # (B, T, r)
         if torch.is_grad_enabled() or out.dtype != B_rows.dtype or not out.is_contiguous():
