@@ -80,20 +80,15 @@ def _gaps(stdout: str) -> list[float]:
     return [float(m) for m in re.findall(r"max \|logit diff\| ([0-9.e+-]+)", stdout)]
 
 
+def merge_args(model, run, out, *extra: str) -> list[str]:
+    return ["merge", "--model", str(model), "--adapter", str(run / "adapter"), "--output", str(out), *extra]
+
+
 def test_merge_on_the_4bit_base_reports_the_gap_and_saves_a_plain_model(qlora_run, tmp_path):
     model, run, _ = qlora_run
     out = tmp_path / "merged"
     proc = subprocess.run(
-        lorakit_cmd(
-            "merge",
-            "--model",
-            str(model),
-            "--adapter",
-            str(run / "adapter"),
-            "--output",
-            str(out),
-            "--load-in-4bit",
-        ),
+        lorakit_cmd(*merge_args(model, run, out, "--load-in-4bit")),
         capture_output=True,
         text=True,
         check=False,
@@ -118,16 +113,5 @@ def test_base_full_precision_needs_a_quantised_base(qlora_run, tmp_path, capsys)
     from lorakit.cli import main
 
     model, run, _ = qlora_run
-    code = main(
-        [
-            "merge",
-            "--model",
-            str(model),
-            "--adapter",
-            str(run / "adapter"),
-            "--output",
-            str(tmp_path / "x"),
-            "--base-full-precision",
-        ]
-    )
+    code = main(merge_args(model, run, tmp_path / "x", "--base-full-precision"))
     assert code == 2 and "add --load-in-4bit or --load-in-8bit" in capsys.readouterr().err

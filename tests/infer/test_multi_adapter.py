@@ -45,12 +45,18 @@ def merged_output(model, tokenizer, prompt: str, max_tokens: int) -> str:
     return generate(model, tokenizer, [prompt], config)[0]
 
 
+
+def loaded(toy, names):
+    """The toy base with the named adapters loaded, and its tokenizer."""
+    folder, root = toy
+    model = load_causal_lm(folder)
+    for name in names:
+        lorakit.load_adapter(model, root / name, name)
+    return load_tokenizer(folder), model
+
 def test_mixed_batch_equals_merged_single_requests(toy):
     folder, root = toy
-    tokenizer = load_tokenizer(folder)
-    model = load_causal_lm(folder)
-    for name in NAMES:
-        lorakit.load_adapter(model, root / name, name)
+    tokenizer, model = loaded(toy, NAMES)
     plan = [("a", 12), ("b", 5), (None, 9), ("c", 12), ("d", 3), ("a", 7), ("b", 12), ("d", 10)]
     requests = [
         Request(tokenizer(PROMPTS[i % len(PROMPTS)])["input_ids"], adapter, max_tokens)
@@ -70,11 +76,7 @@ def test_mixed_batch_equals_merged_single_requests(toy):
 
 
 def test_stop_strings_streaming_and_sampling(toy):
-    folder, root = toy
-    tokenizer = load_tokenizer(folder)
-    model = load_causal_lm(folder)
-    for name in NAMES[:2]:
-        lorakit.load_adapter(model, root / name, name)
+    tokenizer, model = loaded(toy, NAMES[:2])
     prompt = tokenizer("say red")["input_ids"]
     full = generate_mixed(model, tokenizer, [Request(prompt, "a", 16)])[0]
     assert full.finish_reason == "length" and len(full.text) > 4
@@ -93,10 +95,7 @@ def test_stop_strings_streaming_and_sampling(toy):
 
 
 def test_cancel_and_bad_requests(toy):
-    folder, root = toy
-    tokenizer = load_tokenizer(folder)
-    model = load_causal_lm(folder)
-    lorakit.load_adapter(model, root / "a", "a")
+    tokenizer, model = loaded(toy, ["a"])
     prompt = tokenizer("say red")["input_ids"]
     got = generate_mixed(
         model, tokenizer, [Request(prompt, "a", 20), Request(prompt, None, 20)], on_text=lambda i, t: i != 0
@@ -110,10 +109,7 @@ def test_cancel_and_bad_requests(toy):
 
 
 def test_eos_ends_a_row(toy):
-    folder, root = toy
-    tokenizer = load_tokenizer(folder)
-    model = load_causal_lm(folder)
-    lorakit.load_adapter(model, root / "a", "a")
+    tokenizer, model = loaded(toy, ["a"])
     prompt = tokenizer("say red")["input_ids"]
     full = generate_mixed(model, tokenizer, [Request(prompt, "a", 10), Request(prompt, None, 10)])
     eos = full[0].token_ids[3]
