@@ -2,6 +2,7 @@
 
     python bench/serve_throughput.py [--model smollm2-135m-instruct] [--adapters 16] [--requests 16]
                                      [--new-tokens 32] [--rank 8] [--repeats 2] [--skip-peft]
+                                     [--device cuda|cpu]
 
 The same --requests ROS 2 prompts (left-padded, greedy, exactly --new-tokens new tokens each) in
 one batch, on the same base, with --adapters rank-r adapters on all seven projections (random
@@ -12,8 +13,9 @@ non-zero B, so they differ), saved once as PEFT folders that both libraries load
   mixed-N    spread over all N adapters (lorakit, gathered; and grouped: one LoRA matmul per adapter)
   peft-mixed PEFT's mixed batch, generate(..., adapter_names=[...])
   peft-switch PEFT, set_adapter then generate per group of requests sharing an adapter
-Each variant runs --warmup times untimed, then --repeats times; the best time counts. Prints generated
-tokens/s and the ratios the issue asks for; writes runs/bench/serve_throughput.json.
+Each variant runs --warmup times untimed, then --repeats times; the best time counts. Models run on
+--device (the GPU when there is one). Prints generated tokens/s and the ratios the issue asks for;
+writes runs/bench/serve_throughput.json.
 """
 
 from __future__ import annotations
@@ -61,11 +63,18 @@ def timed(fn, args, label: str) -> float:
         fn()
     best = float("inf")
     for _ in range(args.repeats):
+        _sync(args.device)
         start = time.perf_counter()
         fn()
+        _sync(args.device)
         best = min(best, time.perf_counter() - start)
     print(f"  measured {label:<20} {best:.2f} s", flush=True)  # as it goes: a long run shows progress
     return best
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def run_lorakit(args, root: Path, names: list[str], texts: list[str]) -> dict[str, float]:
@@ -81,12 +90,12 @@ def run_lorakit(args, root: Path, names: list[str], texts: list[str]) -> dict[st
         requests = [Request(p, a, args.new_tokens, ignore_eos=True) for p, a in zip(ids, adapters)]
         return lambda: generate_mixed(model, tokenizer, requests, strategy=strategy)
 
-    merged = lorakit.merge_and_unload(_with_adapters(load_causal_lm(args.model), root, names[:1]))
+    merged = lorakit.merge_and_unload(_with_adapters(load_causal_lm(args.model), root, names[:1])).to(args.device)
     times["merged"] = timed(run(merged, [None] * len(ids)), args, "merged")
     times["merged-hf"] = timed(
         lambda: _hf_generate(merged, tokenizer, texts, args.new_tokens), args, "merged-hf"
     )
-    model = _with_adapters(load_causal_lm(args.model), root, names)
+    model = _with_adapters(load_causal_lm(args.model), root, names).to(args.device)
     for k in sorted({min(4, len(names)), len(names)}):
         spread = [names[i % k] for i in range(len(ids))]
         times[f"mixed-{k}"] = timed(run(model, spread), args, f"mixed-{k}")
@@ -104,7 +113,7 @@ def _with_adapters(model, root: Path, names: list[str]):
 
 def _hf_generate(model, tokenizer, texts: list[str], new_tokens: int, **kwargs):
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    enc = tokenizer(texts, return_tensors="pt", padding=True).to(model.device)
     tokenizer.padding_side = side
     with torch.no_grad():  # min_new_tokens: every row makes exactly new_tokens tokens, as ignore_eos does
         return model.generate(
@@ -124,7 +133,7 @@ def run_peft(args, root: Path, names: list[str], texts: list[str]) -> dict[str, 
 
     tokenizer = load_tokenizer(args.model)
     model = PeftModel.from_pretrained(
-        load_causal_lm(args.model), root / names[0], adapter_name=names[0]
+        load_causal_lm(args.model).to(args.device), root / names[0], adapter_name=names[0]
     ).eval()
     for name in names[1:]:
         model.load_adapter(root / name, adapter_name=name)
@@ -158,8 +167,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before each variant")
     parser.add_argument("--skip-peft", action="store_true", help="lorakit variants only")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: the GPU when there is one)")
     parser.add_argument("--output", default="runs/bench/serve_throughput.json")
     args = parser.parse_args()
+    from lorakit.models import default_device
+
+    args.device = args.device or str(default_device())
     torch.manual_seed(0)
 
     from lorakit.models import load_tokenizer
@@ -173,7 +186,8 @@ def main() -> None:
     tokens = args.requests * args.new_tokens
     rates = {k: tokens / v for k, v in times.items()}
     print(
-        f"{args.model}: {args.requests} requests x {args.new_tokens} new tokens, {args.adapters} rank-{args.rank} adapters"
+        f"{args.model} on {_device_name(args.device)}: {args.requests} requests x {args.new_tokens} new tokens, "
+        f"{args.adapters} rank-{args.rank} adapters"
     )
     for key, rate in rates.items():
         print(f"  {key:<20} {rate:8.1f} tok/s   ({times[key]:.2f} s)")
@@ -186,9 +200,16 @@ def main() -> None:
         print(f"  {key:<28} {value:6.2f}x")
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"args": vars(args), "threads": torch.get_num_threads(), "tokens_per_s": rates, "ratios": ratios}
+    record = {
+        "args": vars(args), "device": _device_name(args.device), "threads": torch.get_num_threads(),
+        "tokens_per_s": rates, "ratios": ratios,
+    }
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
 
 
 if __name__ == "__main__":

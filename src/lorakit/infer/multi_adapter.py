@@ -139,11 +139,8 @@ def generate_mixed(
                     [rows[i].request.top_p for i in live],
                     [rows[i].generator for i in live],
                 )
-                keep = [
-                    b
-                    for b, i in enumerate(live)
-                    if _step(rows[i], i, int(tokens[b]), eos, tokenizer, on_text)
-                ]
+                chosen = tokens.tolist()  # one device-to-host copy per step, not one per row
+                keep = [b for b, i in enumerate(live) if _step(rows[i], i, chosen[b], eos, tokenizer, on_text)]
                 if not keep:
                     break
                 if len(keep) < len(live):  # finished rows leave the batch and the cache
