@@ -52,6 +52,17 @@ def test_mlp_falls_back_when_an_adapter_is_merged(input_ids):
         assert not torch.allclose(base, expected, atol=1e-3)
 
 
+def test_merge_and_unload_of_a_fused_model_runs_the_plain_mlp(input_ids):
+    """After training (which fuses the MLPs) a merged, unloaded model has plain Linear projections."""
+    model = lorakit.inject(TINY_MODELS["llama"](), lorakit.LoraConfig(r=4, init_lora_weights=False)).eval()
+    with torch.no_grad():
+        expected = model(input_ids=input_ids).logits
+        fuse_swiglu_mlps(model)
+        lorakit.merge_and_unload(model)
+        assert not lora_layers(model)
+        assert torch.allclose(model(input_ids=input_ids).logits, expected, atol=1e-4)
+
+
 def test_unfuse_restores_the_class_forward():
     model = lorakit.inject(TINY_MODELS["llama"](), lorakit.LoraConfig(r=2))
     fuse_swiglu_mlps(model)

@@ -10,7 +10,8 @@ the same math as the fused linear (lora/fused.py).
 
 `fuse_swiglu_mlps(model)` switches it on for every Llama/Qwen/Mistral-style MLP whose three
 projections are LoRA layers on the fused path; at each call the MLP checks that this still holds
-(an adapter merged, disabled, several active...) and otherwise runs its own forward unchanged.
+(an adapter merged, disabled, several active...) and otherwise runs its own forward unchanged; once
+its projections are plain layers again (`merge_and_unload`) it drops the fused path for good.
 `unfuse_swiglu_mlps(model)` switches it off again.
 """
 
@@ -79,6 +80,9 @@ class _FusedForward:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         layers = [getattr(self.module, name) for name in PROJECTIONS]
+        if not all(isinstance(layer, LoraLayer) for layer in layers):  # unloaded (merge_and_unload): for good
+            del self.module.forward
+            return type(self.module).forward(self.module, x)
         if not all(layer.can_fuse() and layer.base_layer.bias is None for layer in layers):
             return type(self.module).forward(self.module, x)
         parts = [part for layer in layers for part in layer.fused_parts()]
