@@ -13,7 +13,8 @@ from lorakit.lora.mixed import row_adapters
 def with_adapters(arch: str, ranks: dict[str, int], targets=None):
     model = TINY_MODELS[arch]()
     for seed, (name, r) in enumerate(ranks.items()):
-        lorakit.inject(model, lorakit.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets), name)
+        config = lorakit.LoraConfig(r=r, lora_alpha=(2 + seed) * r, target_modules=targets)  # scalings differ too
+        lorakit.inject(model, config, name)
         perturb(model, name, std=0.2, seed=seed)
     return model
 
@@ -26,10 +27,11 @@ def alone(model, name, ids):
     return logits_of(model, ids)
 
 
+@pytest.mark.parametrize("ranks", [(4, 8, 2), (4, 4, 4)], ids=["ranks-differ", "ranks-equal"])
 @pytest.mark.parametrize("strategy", ["gathered", "grouped"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_each_row_gets_its_own_adapter(arch, strategy):
-    model = with_adapters(arch, {"a": 4, "b": 8, "c": 2})  # different ranks: zero padding must not matter
+def test_each_row_gets_its_own_adapter(arch, strategy, ranks):
+    model = with_adapters(arch, dict(zip("abc", ranks)))  # different ranks: zero padding must not matter
     names = ["b", None, "a", "c", "a"]
     ids = torch.randint(3, 128, (len(names), 7), generator=torch.Generator().manual_seed(0))
     with row_adapters(model, names, strategy):

@@ -25,11 +25,13 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lorakit.lora.adapters import adapter_config, lora_layers, saved_modules
 
 STRATEGIES = ("gathered", "grouped")
+_UNSET = object()
 # Children of one module that transformers' attention and MLP blocks call on the same tensor.
 SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
 
@@ -40,6 +42,7 @@ class _Down:
 
     def __init__(self, A_rows: torch.Tensor):
         self.A_rows = A_rows
+        self.width = A_rows.shape[-1]
         self._x: torch.Tensor | None = None
         self._version = -1
         self._h: torch.Tensor | None = None
@@ -47,9 +50,12 @@ class _Down:
     def of(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """x (B, ..., in) -> x A^T restricted to columns start:stop, shape (B, T, stop - start)."""
         if x is not self._x or x._version != self._version:
-            self._h = torch.bmm(x.to(self.A_rows.dtype).reshape(x.shape[0], -1, x.shape[-1]), self.A_rows)
+            rows = x if x.dim() == 3 else x.reshape(x.shape[0], -1, x.shape[-1])
+            if rows.dtype != self.A_rows.dtype:
+                rows = rows.to(self.A_rows.dtype)
+            self._h = torch.bmm(rows, self.A_rows)
             self._x, self._version = x, x._version
-        return self._h if stop - start == self._h.shape[-1] else self._h[..., start:stop]
+        return self._h if stop - start == self.width else self._h[..., start:stop]
 
     def select(self, index: torch.Tensor) -> None:
         self.A_rows = self.A_rows[index.to(self.A_rows.device)]
@@ -100,7 +106,10 @@ class RowAdapters:
     # -- the LoRA term --------------------------------------------------------------------------
     def forward(self, layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """A LoraLayer's forward while this state is set: base output plus each row's LoRA term."""
-        out = layer.base_layer(x, *args, **kwargs)
+        base = layer.base_layer
+        # A plain Linear called directly: decoding runs this once per layer and step, and the module
+        # call's own overhead is a sizeable part of a batch-of-16 decode step.
+        out = F.linear(x, base.weight, base.bias) if type(base) is nn.Linear else base(x, *args, **kwargs)
         if self.strategy == "gathered" and layer.kind != "embedding" and len(self.groups) > 1:
             rows = self._rows_of(layer)
             return out if rows is None else self._add_gathered(out, x, *rows)
@@ -131,6 +140,8 @@ class RowAdapters:
         h = down.of(x, start, stop)  # (B, T, r)
         if torch.is_grad_enabled() or out.dtype != B_rows.dtype or not out.is_contiguous():
             return out + torch.bmm(h, B_rows).reshape(out.shape).to(out.dtype)
+        if out.dim() == 3:
+            return out.baddbmm_(h, B_rows)
         return out.view(out.shape[0], -1, out.shape[-1]).baddbmm_(h, B_rows).view(out.shape)
 
     def _rows_of(self, layer: nn.Module) -> tuple[_Down, int, int, torch.Tensor] | None:
@@ -138,20 +149,22 @@ class RowAdapters:
         and each row's s B^T; gathered once per batch (kept until rows change). None when no adapter
         of the batch is on this layer."""
         key = id(layer)
-        if key not in self._rows:
-            group = self.siblings.get(key, [layer])
-            stacks = [self._stacked(member) for member in group]
-            present = [(member, A, B) for member, (A, B) in zip(group, stacks) if A is not None]
-            for member, (A, _) in zip(group, stacks):
-                if A is None:
-                    self._rows[id(member)] = None
-            if present:
-                index = self.index.to(present[0][1].device)
-                down = _Down(torch.cat([A[index] for _, A, _ in present], dim=-1))  # (B, in, sum r)
-                start = 0
-                for member, A, B in present:
-                    self._rows[id(member)] = (down, start, start + A.shape[-1], B[index])
-                    start += A.shape[-1]
+        rows = self._rows.get(key, _UNSET)
+        if rows is not _UNSET:
+            return rows
+        group = self.siblings.get(key, [layer])
+        stacks = [self._stacked(member) for member in group]
+        present = [(member, A, B) for member, (A, B) in zip(group, stacks) if A is not None]
+        for member, (A, _) in zip(group, stacks):
+            if A is None:
+                self._rows[id(member)] = None
+        if present:
+            index = self.index.to(present[0][1].device)
+            down = _Down(torch.cat([A[index] for _, A, _ in present], dim=-1))  # (B, in, sum r)
+            start = 0
+            for member, A, B in present:
+                self._rows[id(member)] = (down, start, start + A.shape[-1], B[index])
+                start += A.shape[-1]
         return self._rows[key]
 
     def _stacked(self, layer: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -162,6 +175,11 @@ class RowAdapters:
             return None, None
         ref = next(a for a in present if a is not None).A
         r_max = max(a.r for a in present if a is not None)
+        if all(a is not None and a.r == r_max for a in present):  # the common case: a few ops, not 2 per adapter
+            A = torch.stack([ref.new_zeros((layer.in_features, r_max)), *(a.A.detach().T for a in present)])
+            B = torch.stack([ref.new_zeros((r_max, layer.out_features)), *(a.B.detach().T for a in present)])
+            scales = torch.tensor([0.0, *(a.scaling for a in present)], dtype=B.dtype)
+            return A, B.mul_(scales.to(B.device)[:, None, None])
         A = ref.new_zeros((len(present) + 1, layer.in_features, r_max))  # slot 0: no adapter
         B = ref.new_zeros((len(present) + 1, r_max, layer.out_features))
         for slot, adapter in enumerate(present, start=1):
