@@ -13,31 +13,35 @@ from conftest import TINY_MODELS
 
 
 def _gaps(init, iters: int, ids) -> tuple[float, float, torch.nn.Module]:
-    """(|loss - fp32 loss|, max |logit - fp32 logit|) at the start, and the quantised model."""
+    """(mean and max |logit - fp32 logit|) at the start, and the quantised model.
+
+    Not the loss gap: a difference of two means, its sign cancellations made LoftQ(3) look worse than
+    plain QLoRA on another CPU (7e-4 against 2e-4) while its logits were closer everywhere.
+    """
     full = TINY_MODELS["llama"]()
     with torch.no_grad():
-        reference = full(input_ids=ids, labels=ids)
+        reference = full(input_ids=ids)
     model = TINY_MODELS["llama"]()
     lorakit.inject(model, lorakit.LoraConfig(r=8, init_lora_weights=init, loftq_iter=iters))
     quantize_model(model, QuantizationConfig(bits=4))  # after inject: LoftQ needs the fp32 weights
     with torch.no_grad():
-        out = model(input_ids=ids, labels=ids)
-    return abs(out.loss - reference.loss).item(), (out.logits - reference.logits).abs().max().item(), model
+        gap = (model(input_ids=ids).logits - reference.logits).abs()
+    return gap.mean().item(), gap.max().item(), model
 
 
 def test_loftq_shrinks_the_initial_gap_to_the_full_precision_model(input_ids):
-    plain_loss, plain_logits, plain = _gaps(True, 1, input_ids)
-    loftq_loss, loftq_logits, loftq = _gaps("loftq", 1, input_ids)
-    more_loss, more_logits, _ = _gaps("loftq", 3, input_ids)
+    plain_mean, plain_logits, plain = _gaps(True, 1, input_ids)
+    loftq_mean, loftq_logits, loftq = _gaps("loftq", 1, input_ids)
+    more_mean, more_logits, _ = _gaps("loftq", 3, input_ids)
     assert all(is_quantized(layer.base_layer) for _, layer in lorakit.lora.adapters.lora_layers(loftq))
     print(
-        f"initial |loss gap| to fp32: plain QLoRA {plain_loss:.2e}, LoftQ(1) {loftq_loss:.2e}, LoftQ(3) {more_loss:.2e}"
+        f"initial mean |logit gap|:   plain QLoRA {plain_mean:.2e}, LoftQ(1) {loftq_mean:.2e}, LoftQ(3) {more_mean:.2e}"
     )
     print(
         f"initial max |logit gap|:    plain QLoRA {plain_logits:.2e}, LoftQ(1) {loftq_logits:.2e}, LoftQ(3) {more_logits:.2e}"
     )
     assert loftq_logits < 0.7 * plain_logits and more_logits < 0.7 * plain_logits
-    assert loftq_loss < plain_loss and more_loss < plain_loss
+    assert loftq_mean < 0.7 * plain_mean and more_mean < loftq_mean
     # One round keeps the ordinary quantised base, so the saved adapter fits any NF4 load of the model.
     for (_, a), (_, b) in zip(
         lorakit.lora.adapters.lora_layers(plain), lorakit.lora.adapters.lora_layers(loftq)
