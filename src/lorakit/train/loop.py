@@ -15,22 +15,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lorakit.checkpoint.peft_io import restore_adapter_weights, save_adapter
-from lorakit.checkpoint.resume import (
-    checkpoint_dir,
-    latest_good_checkpoint,
-    load_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
-)
+from lorakit.checkpoint.peft_io import save_adapter
 from lorakit.config import TrainConfig
 from lorakit.data.collate import split_rows
+from lorakit.train.checkpoints import RunCheckpoints, due
 from lorakit.train.distributed import DataParallel, World, barrier, current_world, grad_accum_for, shard
 from lorakit.train.guard import DivergenceError, DivergenceGuard
 from lorakit.train.lean import release_freed_memory, use_fused_paths
 from lorakit.train.metrics import MetricsLog
 from lorakit.train.optim import build_optimizer, build_scheduler
-from lorakit.train.sampling import Batches, check_position, epoch_order  # noqa: F401  (epoch_order: re-exported)
+from lorakit.train.sampling import Batches, epoch_order  # noqa: F401  (epoch_order: re-exported)
 
 log = logging.getLogger(__name__)
 ADAPTER = "default"
@@ -140,10 +134,6 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(batch["real_tokens"]) if "real_tokens" in batch else int(batch["attention_mask"].sum())
 
 
-def _better(value: float, best: float | None, greater: bool) -> bool:
-    return best is None or (value > best if greater else value < best)
-
-
 def train(
     model: nn.Module,
     train_examples: list[dict],
@@ -172,27 +162,12 @@ def train(
     trainable = [p for p in model.parameters() if p.requires_grad]
     precision = Precision(config.precision, device)
     scheduler = build_scheduler(optimizer, config, total_steps)
-    greater = config.greater_is_better
-    if greater is None:
-        greater = not any(w in config.metric_for_best for w in ("loss", "perplexity"))
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    log.info("lean path: %s", use_fused_paths(model, config.fused))
-    if config.release_memory:
-        release_freed_memory()
+    _prepare_model(model, config)
 
-    start_step, best, best_path = 0, None, None
-    resume_from = latest_good_checkpoint(out) if config.resume else None
-    state: dict = {}
-    if resume_from:
-        with parallel.full_params(writeback=True):
-            state = load_checkpoint(resume_from, model, ADAPTER, optimizer, scheduler, precision.scaler)
-        check_position(state, batches, resume_from)
-        start_step, best = state["step"], state.get("best_metric")
-        best_path = Path(state["best_checkpoint"]) if state.get("best_checkpoint") else None
-        log.info("resumed from %s at step %d", resume_from, start_step)
-    metrics = MetricsLog(out, resume=bool(resume_from), enabled=world.main)  # only rank 0 writes
-    if resume_from:
+    checkpoints = RunCheckpoints(out, config, ADAPTER, parallel, world, batches, precision.scaler, run_state)
+    start_step, state = checkpoints.resume(model, optimizer, scheduler)
+    metrics = MetricsLog(out, resume=bool(state), enabled=world.main)  # only rank 0 writes
+    if state:
         metrics.truncate_after(start_step)
     guard = DivergenceGuard(config, metrics, precision.scaler)
     guard.load_state_dict(state.get("guard", {}))
@@ -204,24 +179,6 @@ def train(
         model.train()
         metrics.write(kind="eval", step=step, **result)
         return result
-
-    def checkpoint(step: int, result: dict | None) -> None:
-        nonlocal best, best_path
-        path = checkpoint_dir(out, step)
-        value = (result or {}).get(config.metric_for_best)
-        if value is not None and _better(value, best, greater):
-            best, best_path = value, path
-        state = {
-            "best_metric": best, "best_checkpoint": str(best_path) if best_path else None,
-            "guard": guard.state_dict(), **(run_state or {}),
-            "global_batch": batches.global_batch, "processes": world.size,
-        }
-        with parallel.full_params():
-            if world.main:
-                save_checkpoint(out, step, model, ADAPTER, optimizer, scheduler, state, precision.scaler)
-                prune_checkpoints(out, config.save_total_limit, {p for p in (best_path, path) if p})
-        barrier()
-        guard.remember(step, model, optimizer, scheduler)
 
     model.train()
     started, window_tokens, window_start = time.time(), 0, time.time()
@@ -237,15 +194,7 @@ def train(
         grad_norm = precision.clip(optimizer, trainable, config.max_grad_norm, parallel.clip)
         problem = guard.problem(step_loss, grad_norm)
         if problem:  # divergence: do not take this step; go back to the last good state
-            precision.skip()
-            optimizer.zero_grad(set_to_none=True)
-            try:
-                step = guard.rollback(step, problem, model, optimizer, scheduler)
-            except DivergenceError as err:
-                if world.main:
-                    save_adapter(model, out / "adapter", ADAPTER)
-                hint = f"its adapter is in {out / 'adapter'}; try a lower train.lr"
-                raise DivergenceError(f"{err}; {hint}") from None
+            step = _roll_back(step, problem, guard, precision, model, optimizer, scheduler, out, world)
             bar.n = step
             continue
         guard.scale_lr(optimizer, step)
@@ -266,24 +215,17 @@ def train(
         bar.update(1)
 
         epoch_end = step % steps_per_epoch == 0 or last
-        due_eval = (config.eval_strategy == "steps" and (step % config.eval_steps == 0 or out_of_time)) or (
-            config.eval_strategy == "epoch" and epoch_end
-        )
+        due_eval = due(config.eval_strategy, config.eval_steps, step, epoch_end, out_of_time)
         result = evaluate(step) if due_eval and eval_examples else None
         last_eval = result or last_eval
-        due_save = (config.save_strategy == "steps" and (step % config.save_steps == 0 or out_of_time)) or (
-            config.save_strategy == "epoch" and epoch_end
-        )
-        if due_save:
-            checkpoint(step, result)
+        if due(config.save_strategy, config.save_steps, step, epoch_end, out_of_time):
+            checkpoints.save(step, result, model, optimizer, scheduler, guard)
         if out_of_time:  # train.max_minutes: a budget, not a schedule; the last step was evaluated and saved
             log.warning("train.max_minutes %g reached after step %d of %d; stopping", config.max_minutes, step, total_steps)
             break
     bar.close()
 
-    if best_path is not None:  # keep-best: the model leaves with the best checkpoint's adapter
-        with parallel.full_params(writeback=True):
-            restore_adapter_weights(model, ADAPTER, best_path)
+    checkpoints.restore_best(model)  # keep-best: the model leaves with the best checkpoint's adapter
     with parallel.full_params():
         adapter_dir = save_adapter(model, out / "adapter", ADAPTER) if world.main else out / "adapter"
     barrier()
@@ -291,9 +233,36 @@ def train(
     return TrainResult(
         steps=step,
         final_eval=last_eval,
-        best_metric=best,
-        best_checkpoint=str(best_path) if best_path else None,
+        best_metric=checkpoints.best,
+        best_checkpoint=str(checkpoints.best_path) if checkpoints.best_path else None,
         adapter_dir=str(adapter_dir),
         seconds=time.time() - started,
         history=metrics.events(),
     )
+
+
+def _prepare_model(model: nn.Module, config: TrainConfig) -> None:
+    """Gradient checkpointing, the fused paths, and the allocator, as the config asks."""
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    log.info("lean path: %s", use_fused_paths(model, config.fused))
+    if config.release_memory:
+        release_freed_memory()
+
+
+def _roll_back(step: int, problem: str, guard: DivergenceGuard, precision: Precision, model: nn.Module,
+               optimizer, scheduler, out: Path, world) -> int:
+    """Drop the diverged step and return to the guard's last good state; returns the step to go on from.
+
+    Raises:
+        DivergenceError: it diverged again after train.max_rollbacks rollbacks; the adapter is saved first.
+    """
+    precision.skip()
+    optimizer.zero_grad(set_to_none=True)
+    try:
+        return guard.rollback(step, problem, model, optimizer, scheduler)
+    except DivergenceError as err:
+        if world.main:
+            save_adapter(model, out / "adapter", ADAPTER)
+        hint = f"its adapter is in {out / 'adapter'}; try a lower train.lr"
+        raise DivergenceError(f"{err}; {hint}") from None
