@@ -182,3 +182,15 @@ def chunk(
         "model": ask.model,
         "choices": [choice],
     }
+
+
+def model_list(base_name: str, adapters: dict[str, str]) -> dict:
+    """GET /v1/models: the base (no parent) and each adapter (its folder as root, the base as parent)."""
+    created = int(time.time())
+    entries = [{"id": base_name, "object": "model", "created": created, "owned_by": "lorakit",
+                "root": base_name, "parent": None}]
+    entries += [
+        {"id": name, "object": "model", "created": created, "owned_by": "lorakit", "root": path, "parent": base_name}
+        for name, path in adapters.items()
+    ]
+    return {"object": "list", "data": entries}

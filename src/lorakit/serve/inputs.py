@@ -1,0 +1,80 @@
+"""What the server checks in a client's request before it reaches the model: the API key, the body's
+size and JSON, the chat template's rendering, and the prompt's token count against the limits.
+
+Every refusal is an `ApiError` (OpenAI's JSON error shape, with its HTTP status).
+"""
+
+from __future__ import annotations
+
+import copy
+import hmac
+import json
+
+from fastapi import Request
+
+from lorakit.serve.config import ServeConfig
+from lorakit.serve.protocol import ApiError, Ask
+
+
+class Inputs:
+    """The checks, with the server's own copy of the tokenizer (the worker thread decodes with the other)."""
+
+    def __init__(self, config: ServeConfig, tokenizer, context: int | None):
+        self.config = config
+        self.tokenizer = copy.deepcopy(tokenizer)
+        self.context = context  # the model's max_position_embeddings, if it has one
+
+    def authorize(self, request: Request, manage: bool = False) -> None:
+        """401 without the right `Authorization: Bearer KEY`; 403 for adapter management without a key set."""
+        key = self.config.api_key
+        if manage and key is None:
+            raise ApiError(403, "adapter management is off: start the server with --api-key KEY")
+        if key is None:
+            return
+        sent = request.headers.get("authorization", "")
+        if not hmac.compare_digest(sent.encode(), f"Bearer {key}".encode()):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
+
+    async def read_json(self, request: Request):
+        """The body as JSON, read no further than `max_body_bytes` whatever Content-Length says."""
+        limit = self.config.max_body_bytes
+        too_large = ApiError(400, f"the request body is over {limit} bytes", code="body_too_large")
+        declared = request.headers.get("content-length", "0")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        data = bytearray()
+        async for part in request.stream():
+            data += part
+            if len(data) > limit:
+                raise too_large
+        try:
+            return json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ApiError(400, f"the request body is not valid JSON ({err})", code="invalid_json") from None
+
+    def render_chat(self, messages: list[dict]) -> str:
+        if not self.tokenizer.chat_template:
+            raise ApiError(400, "this model has no chat template; use /v1/completions", "messages")
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as err:  # noqa: BLE001 - a template may raise anything (e.g. on an unknown role)
+            raise ApiError(400, f"the chat template rejected the messages: {err}", "messages") from None
+
+    def tokenize(self, ask: Ask) -> list[list[int]]:
+        """Each prompt's ids, within max_prompt_tokens and, with max_tokens, within the model's context."""
+        param = "messages" if ask.chat else "prompt"
+        limit = self.config.max_prompt_tokens
+        out = []
+        for text in ask.prompts:
+            ids = self.tokenizer(text, add_special_tokens=not ask.chat)["input_ids"]
+            if not 1 <= len(ids) <= limit:
+                raise ApiError(400, f"the prompt has {len(ids)} tokens; allowed: 1 to {limit}", param)
+            if self.context and len(ids) + ask.max_tokens > self.context:
+                raise ApiError(
+                    400,
+                    f"prompt ({len(ids)} tokens) + max_tokens ({ask.max_tokens}) is over the model's "
+                    f"context of {self.context} tokens",
+                    param,
+                )
+            out.append(ids)
+        return out
