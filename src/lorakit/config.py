@@ -187,7 +187,8 @@ class TrainConfig:
     rollback_lr_steps: int = _help("for this many steps after the step rolled back to", default=20)
     max_rollbacks: int = _help("stop the run when it diverges again after this many rollbacks in a row", default=3)
     ddp_timeout: float = _help("seconds a process waits for the others at a collective before the run stops", default=1800)
-    fsdp: bool = _help("shard the frozen base across GPUs with FSDP (bases too large for one GPU; needs CUDA)", default=False)
+    fsdp: bool = _help("shard the frozen base across GPUs with FSDP (bases too large for one GPU; needs CUDA;"
+                       " experimental: it failed at its second step on the one GPU it was tried on)", default=False)
     progress: bool = _help("show a progress bar", default=True)
 
 
