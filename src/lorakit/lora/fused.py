@@ -30,23 +30,28 @@ def lora_forward(x, weight, bias, A, B, scaling: float, p: float, training: bool
         keep = torch.rand_like(x) >= p  # bool: a quarter of the memory of the dropped copy
         dropped = x * keep / (1 - p)
     u = dropped @ A.T  # (..., r)
-    y = F.linear(x, weight, bias) + (u @ B.T) * scaling
+    y = F.linear(x, weight, bias)
+    # The LoRA term rides on the up-projection's GEMM (addmm_ with alpha = s): no (tokens x out)
+    # temporaries for s * (u B^T) and the sum, each a full pass over the output.
+    y.view(-1, y.shape[-1]).addmm_(u.reshape(-1, u.shape[-1]), B.T, alpha=scaling)
     return y, u, keep
 
 
 def lora_backward(grad, x, weight, A, B, u, keep, scaling: float, p: float, need_grad_x: bool = True):
     """(dL/dx or None, dL/dA, dL/dB) for `lora_forward`, given g = dL/dy."""
+    # The scale goes on the r-wide products, never on a (tokens x features) tensor.
     g2 = grad.reshape(-1, grad.shape[-1])  # (N, out)
-    grad_B = scaling * g2.T @ u.reshape(-1, u.shape[-1])  # (out, r)
-    du = scaling * grad @ B  # (..., r)
+    grad_B = (g2.T @ u.reshape(-1, u.shape[-1])).mul_(scaling)  # (out, r)
+    du = (grad @ B).mul_(scaling)  # (..., r)
     dropped = x if keep is None else x * keep / (1 - p)
     grad_A = du.reshape(-1, du.shape[-1]).T @ dropped.reshape(-1, x.shape[-1])  # (r, in)
     grad_x = None
     if need_grad_x:
-        through_lora = du @ A
-        if keep is not None:
-            through_lora = through_lora * keep / (1 - p)
-        grad_x = grad @ weight + through_lora
+        grad_x = grad @ weight  # (..., in), contiguous
+        if keep is None:  # du A added by the GEMM itself
+            grad_x.view(-1, grad_x.shape[-1]).addmm_(du.reshape(-1, du.shape[-1]), A)
+        else:
+            grad_x += (du @ A) * keep / (1 - p)
     return grad_x, grad_A, grad_B
 
 

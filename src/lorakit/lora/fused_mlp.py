@@ -46,14 +46,13 @@ class FusedSwiGLULora(torch.autograd.Function):
         x, g, u, ug, uu, ud, keep_g, keep_u, keep_d, *weights = ctx.saved_tensors
         (Wg, Ag, Bg), (Wu, Au, Bu), (Wd, Ad, Bd) = weights[0:3], weights[3:6], weights[6:9]
         (sg, su, sd), (pg, pu, pd) = ctx.scalings, ctx.ps
-        sig = torch.sigmoid(g)
-        silu = g * sig
+        silu = F.silu(g)
         h = silu * u  # recomputed instead of stored
         dh, dAd, dBd = lora_backward(grad, h, Wd, Ad, Bd, ud, keep_d, sd, pd)
         del h
-        du = dh * silu
-        dg = dh * u * (sig * (1 + g * (1 - sig)))  # d silu(g) / dg = sig (1 + g (1 - sig))
-        del dh, silu, sig
+        du = silu.mul_(dh)  # silu is ours: reuse its memory
+        dg = torch.ops.aten.silu_backward(dh * u, g)  # dh u silu'(g), silu'(g) = sig (1 + g (1 - sig)), one pass
+        del dh, silu
         dx_g, dAg, dBg = lora_backward(dg, x, Wg, Ag, Bg, ug, keep_g, sg, pg, ctx.needs_input_grad[0])
         dx_u, dAu, dBu = lora_backward(du, x, Wu, Au, Bu, uu, keep_u, su, pu, ctx.needs_input_grad[0])
         dx = dx_g + dx_u if ctx.needs_input_grad[0] else None

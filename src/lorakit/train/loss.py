@@ -65,12 +65,23 @@ class HeadCrossEntropy(torch.autograd.Function):
         total = rows.new_zeros((), dtype=torch.float32)
         want_grad = ctx.needs_input_grad[0]  # forward runs with grad mode off: ask autograd instead
         grad_rows = torch.empty_like(rows) if want_grad else None
+        # One (chunk x vocab) buffer for every chunk, worked on in place: logits, then exp(logits - max),
+        # then the softmax. A fresh tensor per step (logits, log-softmax, softmax) would each be tens of
+        # MB, which the allocator maps and the OS faults in anew every time.
+        buffer = rows.new_empty((min(CHUNK_ROWS, rows.shape[0]), weight.shape[0]), dtype=torch.float32)
         for start in range(0, rows.shape[0], CHUNK_ROWS):
             chunk, chunk_targets = rows[start : start + CHUNK_ROWS], targets[start : start + CHUNK_ROWS]
-            logits = (chunk @ weight.T).float()  # (chunk, vocab)
-            total += F.cross_entropy(logits, chunk_targets, reduction="sum")
+            logits = buffer[: len(chunk_targets)]
+            if chunk.dtype == weight.dtype == torch.float32:
+                torch.mm(chunk, weight.T, out=logits)
+            else:
+                logits.copy_(chunk @ weight.T)
+            picked = logits.gather(1, chunk_targets[:, None])  # (chunk, 1): each row's target logit
+            top = logits.amax(-1, keepdim=True)
+            sums = logits.sub_(top).exp_().sum(-1, keepdim=True)  # logits now hold exp(logit - max)
+            total += (sums.log() + top - picked).sum()  # log-sum-exp minus the target logit
             if want_grad:
-                probs = logits.softmax(-1)
+                probs = logits.div_(sums)
                 probs[torch.arange(len(chunk_targets)), chunk_targets] -= 1
                 grad_rows[start : start + CHUNK_ROWS] = (probs @ weight.float()).to(rows.dtype)
         ctx.save_for_backward(grad_rows)
