@@ -3,7 +3,8 @@
 Each piece is exact (same loss and gradients as the plain path, tested) and only changes what
 is kept in memory and how many passes over it are made:
   - the fused base+LoRA linear (lora/fused.py) and SwiGLU MLP (lora/fused_mlp.py);
-  - RMSNorm with a frozen weight as one function (train/fused_norm.py);
+  - RMSNorm with a frozen weight, and the rotary embedding, as one function each (train/fused_norm.py,
+    train/fused_rotary.py);
   - grouped-query attention without repeated key/value copies (train/attention.py);
   - (opt-in, `train.release_memory`) glibc's allocator told to map large blocks and unmap them
     when freed, instead of keeping them in its heap, so the resident set follows the live
@@ -23,6 +24,7 @@ from lorakit.lora.adapters import lora_layers
 from lorakit.lora.fused_mlp import fuse_swiglu_mlps
 from lorakit.train.attention import use_grouped_attention
 from lorakit.train.fused_norm import fuse_rms_norms
+from lorakit.train.fused_rotary import use_fused_rotary
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +37,11 @@ def use_fused_paths(model: nn.Module, fused: bool = True) -> dict:
     for _, layer in lora_layers(model):
         layer.fused = fused
     if not fused:
-        return {"fused_mlps": 0, "fused_norms": 0, "grouped_attention": False}
+        return {"fused_mlps": 0, "fused_norms": 0, "fused_rotary": False, "grouped_attention": False}
     return {
         "fused_mlps": fuse_swiglu_mlps(model),
         "fused_norms": fuse_rms_norms(model),
+        "fused_rotary": use_fused_rotary(model),
         "grouped_attention": use_grouped_attention(model),
     }
 
