@@ -9,9 +9,9 @@ same ROS 2 examples in the same order, r=8 on all seven projections, the same ba
      masked by comparing ids with the pad id
   b  PEFT + Trainer with dynamic padding (pad to the longest of each batch), prompt masked
   c  lorakit: packed rows, head on labelled positions only, fused LoRA/SwiGLU, grouped attention
-  d  lorakit's memory mode: as c, plus each packed row its own forward (train.max_tokens_per_forward
-     = pack length: the same gradient, half the activations held at once) and train.release_memory
-     (the allocator hands freed blocks back at once): less memory, less speed
+  d  lorakit's memory mode: as c, but rows packed to 128 tokens (the longest example's length) and
+     each its own forward (train.max_tokens_per_forward = 128): the same loss and gradient, a quarter
+     of the activations held at once; less memory, a little less speed
 Steps after warm-up are timed; "real tokens" are non-pad tokens. b and c run --curve-steps steps
 from the same initial adapter (b writes it, c loads it), the same data order and the same linear
 schedule, and their per-step losses are compared. The machine's fp32 GEMM rate is
@@ -37,11 +37,12 @@ VARIANTS = {
     "a": "PEFT + Trainer, seed recipe (max_length 256)",
     "b": "PEFT + Trainer, dynamic padding",
     "c": "lorakit",
-    "d": "lorakit, memory mode (a row per forward, release_memory)",
+    "d": "lorakit, memory mode (128-token rows, one per forward)",
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SEED_MAX_LENGTH = 256
 PACK_LENGTH = 256
+MEMORY_PACK_LENGTH = 128  # = the examples' max_length: every example still fits a row
 
 
 def examples(tokenizer, n: int) -> list[dict]:
@@ -120,10 +121,11 @@ def run_lorakit(args, memory_mode: bool = False) -> dict:
     model = load_causal_lm(args.model)
     lorakit.load_adapter(model, _init_dir(args))  # PEFT's initial adapter (variant b wrote it)
     model.train()
-    objective = CausalLMObjective(tokenizer.pad_token_id, pack_length=PACK_LENGTH)
+    pack_length = MEMORY_PACK_LENGTH if memory_mode else PACK_LENGTH
+    objective = CausalLMObjective(tokenizer.pad_token_id, pack_length=pack_length)
     config = TrainConfig(
         lr=2e-4, scheduler="linear", warmup_ratio=0.0, max_grad_norm=1.0,
-        max_tokens_per_forward=PACK_LENGTH if memory_mode else 0, release_memory=memory_mode,
+        max_tokens_per_forward=pack_length if memory_mode else 0,
     )
     use_fused_paths(model, config.fused)  # what train() switches on, as it does
     if config.release_memory:
