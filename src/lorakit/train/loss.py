@@ -66,7 +66,7 @@ class HeadCrossEntropy(torch.autograd.Function):
         want_grad = ctx.needs_input_grad[0]  # forward runs with grad mode off: ask autograd instead
         grad_rows = torch.empty_like(rows) if want_grad else None
         # One (chunk x vocab) buffer for every chunk, worked on in place: logits, then exp(logits - max),
-        # then the softmax. A fresh tensor per step (logits, log-softmax, softmax) would each be tens of
+        # then the softmax. Fresh tensors per chunk (logits, log-softmax, softmax) would each be tens of
         # MB, which the allocator maps and the OS faults in anew every time.
         buffer = rows.new_empty((min(CHUNK_ROWS, rows.shape[0]), weight.shape[0]), dtype=torch.float32)
         for start in range(0, rows.shape[0], CHUNK_ROWS):
