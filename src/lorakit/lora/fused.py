@@ -25,11 +25,11 @@ import torch.nn.functional as F
 def lora_forward(x, weight, bias, A, B, scaling: float, p: float, training: bool):
     """y = x W^T + b + s (drop(x) A^T) B^T; returns (y, u, keep) where u = drop(x) A^T, keep the bool mask."""
     keep = None
-    dropped = x
     if p > 0 and training:
         keep = torch.rand_like(x) >= p  # bool: a quarter of the memory of the dropped copy
-        dropped = x * keep / (1 - p)
-    u = dropped @ A.T  # (..., r)
+        u = ((x * keep) @ A.T).div_(1 - p)  # (..., r); the inverted-dropout scale on the r-wide product
+    else:
+        u = x @ A.T  # (..., r)
     y = F.linear(x, weight, bias)
     # The LoRA term rides on the up-projection's GEMM (addmm_ with alpha = s): no (tokens x out)
     # temporaries for s * (u B^T) and the sum, each a full pass over the output.
@@ -43,15 +43,18 @@ def lora_backward(grad, x, weight, A, B, u, keep, scaling: float, p: float, need
     g2 = grad.reshape(-1, grad.shape[-1])  # (N, out)
     grad_B = (g2.T @ u.reshape(-1, u.shape[-1])).mul_(scaling)  # (out, r)
     du = (grad @ B).mul_(scaling)  # (..., r)
-    dropped = x if keep is None else x * keep / (1 - p)
-    grad_A = du.reshape(-1, du.shape[-1]).T @ dropped.reshape(-1, x.shape[-1])  # (r, in)
+    du2 = du.reshape(-1, du.shape[-1])
+    if keep is None:
+        grad_A = du2.T @ x.reshape(-1, x.shape[-1])  # (r, in)
+    else:  # drop(x) recomputed from the mask; 1 / (1 - p) applied to the (r, in) product
+        grad_A = (du2.T @ (x * keep).reshape(-1, x.shape[-1])).div_(1 - p)
     grad_x = None
     if need_grad_x:
         grad_x = grad @ weight  # (..., in), contiguous
         if keep is None:  # du A added by the GEMM itself
-            grad_x.view(-1, grad_x.shape[-1]).addmm_(du.reshape(-1, du.shape[-1]), A)
+            grad_x.view(-1, grad_x.shape[-1]).addmm_(du2, A)
         else:
-            grad_x += (du @ A) * keep / (1 - p)
+            grad_x.add_((du @ A).mul_(keep), alpha=1 / (1 - p))
     return grad_x, grad_A, grad_B
 
 
