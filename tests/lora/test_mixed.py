@@ -28,7 +28,7 @@ def alone(model, name, ids):
 
 
 @pytest.mark.parametrize("ranks", [(4, 8, 2), (4, 4, 4)], ids=["ranks-differ", "ranks-equal"])
-@pytest.mark.parametrize("strategy", ["gathered", "grouped"])
+@pytest.mark.parametrize("strategy", ["stacked", "gathered", "grouped"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_each_row_gets_its_own_adapter(arch, strategy, ranks):
     model = with_adapters(arch, dict(zip("abc", ranks)))  # different ranks: zero padding must not matter
@@ -74,16 +74,20 @@ def test_in_place_and_autograd_paths_agree():
     torch.testing.assert_close(in_place[:1], alone(model, "a", ids[:1]), rtol=1e-4, atol=1e-5)
 
 
-def test_siblings_share_one_down_projection_and_survive_row_selection():
+@pytest.mark.parametrize("strategy", ["stacked", "gathered"])
+def test_siblings_share_one_down_projection_and_survive_row_selection(strategy):
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = with_adapters("llama", {"a": 4, "b": 8}, targets=targets)
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     ids = torch.randint(3, 128, (3, 6), generator=torch.Generator().manual_seed(3))
-    with row_adapters(model, ["a", "b", "a"]) as state:
+    with row_adapters(model, ["a", "b", "a"], strategy) as state:
         logits_of(model, ids)
         down = {name: state._rows[id(getattr(attn, name))][0] for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
         assert down["q_proj"] is down["k_proj"] is down["v_proj"] is not down["o_proj"]
-        assert down["q_proj"].A_rows.shape == (3, 32, 3 * 8)  # ranks padded to 8, three siblings
+        if strategy == "gathered":
+            assert down["q_proj"].A_rows.shape == (3, 32, 3 * 8)  # one copy per row, ranks padded to 8, three siblings
+        else:
+            assert down["q_proj"].A_rows.shape == (32, 3 * (4 + 8))  # both adapters side by side, three siblings
         assert state._rows[id(mlp.gate_proj)][0] is state._rows[id(mlp.up_proj)][0]
         # A sibling handed a tensor of its own computes its own product.
         x, y = torch.randn(2, 3, 2, 32, generator=torch.Generator().manual_seed(4))

@@ -98,14 +98,14 @@ def generate_mixed(
     tokenizer,
     requests: list[Request],
     on_text: OnText | None = None,
-    strategy: str = "gathered",
+    strategy: str = "auto",
 ) -> list[Completion]:
     """Run all `requests` as one batch, each with its own adapter; returns one Completion per request.
 
     Args:
         on_text: called after every step as on_text(i, new_text) for each request i still running
             (new_text may be empty); returning False cancels request i.
-        strategy: how the LoRA terms are computed, see `lora.mixed` ("gathered" or "grouped").
+        strategy: how the LoRA terms are computed, see `lora.mixed` ("auto", "stacked", "gathered" or "grouped").
     Raises:
         ValueError: an empty prompt or a max_tokens below 1.
     """
@@ -121,7 +121,8 @@ def generate_mixed(
     position = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L): left padding does not shift positions
     cache = DynamicCache(config=model.config)
     was_training = model.training
-    model.eval()
+    if was_training:  # each call walks every module, thousands with many adapters loaded
+        model.eval()
     try:
         with row_adapters(model, [r.adapter for r in requests], strategy) as state:
             live = list(range(len(rows)))  # request index of each batch row
@@ -158,7 +159,8 @@ def generate_mixed(
                     past_key_values=cache,
                 ).logits[:, -1]
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
     return [Completion(r.text, r.tokens, r.finish_reason, len(r.request.prompt_ids)) for r in rows]
 
 

@@ -4,19 +4,25 @@ For a LoRA layer with base weight W and the adapters a_1..a_n used in the batch,
 
     h_i = W x_i + s_{a_i} B_{a_i} A_{a_i} x_i
 
-Two ways to compute the LoRA term, chosen per batch (`strategy`):
+Three ways to compute the LoRA term, chosen per batch (`strategy`):
 
-    gathered  once per batch and layer, stack the batch's adapters with ranks padded by zeros and
-              the scale folded into B, slot 0 all zeros ("no adapter"), and gather one copy per
-              row: A^T (B, in, r_max), s B^T (B, r_max, out); every forward is then two bmm's.
-              Rows that leave the batch are dropped from the copies.
+    stacked   once per batch and layer, put the batch's n adapters side by side, the scale folded
+              into B: A^T (in, sum of r), s B^T (sum of r, out), and note which adapter owns each
+              of the sum-of-r columns. Every forward is then two plain matmuls over all rows,
+              (x A^T * mask) s B^T, where the 0/1 mask keeps each row's own adapter's columns.
+              Each adapter's weights are read once per step however many rows use it; the
+              matmuls do n times the arithmetic a row needs, which is small while n is.
+    gathered  stack the adapters by slot (ranks padded with zeros, slot 0 all zeros for "no
+              adapter") and gather one copy per row: A^T (B, in, r_max), s B^T (B, r_max, out);
+              every forward is two bmm's: arithmetic per row, but each row's copy is read.
     grouped   for each adapter, run its rows (index_select) through it and add the result back.
 
-Zero padding changes nothing: the padded rows of A and columns of B contribute exact zeros. The
-gathered path is the one for linear and GPT-2 Conv1D layers; embedding layers always use the
-grouped path. Sibling layers fed the same input (q/k/v, gate/up: `SHARED_INPUT`) share one
-down-projection: their per-row A^T are concatenated, x A^T runs once for all of them, and each
-takes its slice; a sibling that is handed a different tensor computes its own.
+`auto` (the default) takes stacked up to `STACK_LIMIT` adapters in a batch, gathered above.
+Zero padding and zero mask entries change nothing: they contribute exact zeros. Embedding
+layers always use the grouped path. Sibling layers fed the same input (q/k/v, gate/up:
+`SHARED_INPUT`) share one down-projection: their A^T are concatenated, x A^T runs once for all
+of them, and each takes its columns; a sibling that is handed a different tensor computes its own.
+Rows that leave the batch (`select`) are dropped from the masks or the per-row copies.
 `row_adapters(model, names)` turns all this on for every LoraLayer and off again after.
 """
 
@@ -30,15 +36,16 @@ from torch import nn
 
 from lorakit.lora.adapters import adapter_config, lora_layers, saved_modules
 
-STRATEGIES = ("gathered", "grouped")
+STRATEGIES = ("auto", "stacked", "gathered", "grouped")
 _UNSET = object()
 # Children of one module that transformers' attention and MLP blocks call on the same tensor.
 SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
 
 
 class _Down:
-    """x A^T for one layer or a group of siblings fed the same x: A_rows (B, in, sum of r), and the
-    last input seen with its product, so each sibling after the first only slices it."""
+    """x A^T for one layer or a group of siblings fed the same x, gathered per row: A_rows
+    (B, in, sum of r), and the last input seen with its product, so each sibling after the first
+    only slices it."""
 
     def __init__(self, A_rows: torch.Tensor):
         self.A_rows = A_rows
@@ -57,9 +64,66 @@ class _Down:
             self._x, self._version = x, x._version
         return self._h if stop - start == self.width else self._h[..., start:stop]
 
+    def add(self, out: torch.Tensor, x: torch.Tensor, start: int, stop: int, B_rows: torch.Tensor) -> torch.Tensor:
+        """out + (x A^T) s B^T row by row; B_rows (B, r, out). Without autograd the add rides on the
+        second matmul, in place (baddbmm_): one op and one temporary fewer per layer and step."""
+        h = self.of(x, start, stop)  # (B, T, r)
+        if torch.is_grad_enabled() or out.dtype != B_rows.dtype or not out.is_contiguous():
+            return out + torch.bmm(h, B_rows).reshape(out.shape).to(out.dtype)
+        if out.dim() == 3:
+            return out.baddbmm_(h, B_rows)
+        return out.view(out.shape[0], -1, out.shape[-1]).baddbmm_(h, B_rows).view(out.shape)
+
     def select(self, index: torch.Tensor) -> None:
         self.A_rows = self.A_rows[index.to(self.A_rows.device)]
         self._x = self._h = None
+
+    @staticmethod
+    def keep(B_rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return B_rows[index.to(B_rows.device)]
+
+
+class _StackedDown(_Down):
+    """x A^T for every adapter of the batch at once: A (in, W) holds the adapters' A^T side by side
+    (a sibling group's too), owner (W,) the slot of each column; row b keeps only its own slot's
+    columns (mask (B, W)), so (x A^T * mask) s B^T with B stacked the same way is each row's term."""
+
+    def __init__(self, A: torch.Tensor, owner: torch.Tensor, index: torch.Tensor):
+        super().__init__(A)
+        self.owner = owner
+        self.mask = (index.to(owner.device)[:, None] == owner[None, :]).to(A.dtype)  # (B, W)
+
+    def of(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """x (B, ..., in) -> masked x A^T restricted to columns start:stop, shape (B * T, stop - start)."""
+        if x is not self._x or x._version != self._version:
+            rows = x.reshape(-1, x.shape[-1])
+            if rows.dtype != self.A_rows.dtype:
+                rows = rows.to(self.A_rows.dtype)
+            h = rows @ self.A_rows  # (B * T, W)
+            per_row = h.view(self.mask.shape[0], -1, self.width)
+            if torch.is_grad_enabled():
+                h = (per_row * self.mask[:, None]).view(h.shape)
+            else:
+                per_row.mul_(self.mask[:, None])
+            self._h = h
+            self._x, self._version = x, x._version
+        return self._h if stop - start == self.width else self._h[:, start:stop]
+
+    def add(self, out: torch.Tensor, x: torch.Tensor, start: int, stop: int, B: torch.Tensor) -> torch.Tensor:
+        """out + (masked x A^T) s B^T; B (r, out) stacked. Without autograd, one addmm_ in place."""
+        h = self.of(x, start, stop)  # (B * T, r)
+        if torch.is_grad_enabled() or out.dtype != B.dtype or not out.is_contiguous():
+            return out + (h @ B).view(out.shape).to(out.dtype)
+        out.view(-1, out.shape[-1]).addmm_(h, B)
+        return out
+
+    def select(self, index: torch.Tensor) -> None:
+        self.mask = self.mask[index.to(self.mask.device)]
+        self._x = self._h = None
+
+    @staticmethod
+    def keep(B: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return B  # shared by every row
 
 
 class RowAdapters:
@@ -70,12 +134,14 @@ class RowAdapters:
     """
 
     def __init__(
-        self, names: list[str | None], strategy: str = "gathered", siblings: dict[int, list[nn.Module]] | None = None
+        self, names: list[str | None], strategy: str = "auto", siblings: dict[int, list[nn.Module]] | None = None
     ):
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
-        self.strategy = strategy
         self.distinct = sorted({n for n in names if n is not None})  # slot k+1 holds distinct[k]
+        if strategy == "auto":  # stacked reads each adapter once, gathered one copy per row: see above
+            strategy = "stacked" if 2 * len(self.distinct) <= len(names) else "gathered"
+        self.strategy = strategy
         self.siblings = siblings or {}  # id(layer) -> the layers sharing its input (itself included)
         self._rows: dict[int, tuple[_Down, int, int, torch.Tensor] | None] = {}  # id(layer) -> down, cols, s B^T
         self.names: list[str | None] = []
@@ -100,8 +166,8 @@ class RowAdapters:
             down.select(index)
         for key, rows in self._rows.items():
             if rows is not None:
-                down, start, stop, B_rows = rows
-                self._rows[key] = (down, start, stop, B_rows[index.to(B_rows.device)])
+                down, start, stop, B = rows
+                self._rows[key] = (down, start, stop, down.keep(B, index))
 
     # -- the LoRA term --------------------------------------------------------------------------
     def forward(self, layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -110,9 +176,12 @@ class RowAdapters:
         # A plain Linear called directly: decoding runs this once per layer and step, and the module
         # call's own overhead is a sizeable part of a batch-of-16 decode step.
         out = F.linear(x, base.weight, base.bias) if type(base) is nn.Linear else base(x, *args, **kwargs)
-        if self.strategy == "gathered" and layer.kind != "embedding" and len(self.groups) > 1:
+        if self.strategy != "grouped" and layer.kind != "embedding" and len(self.groups) > 1:
             rows = self._rows_of(layer)
-            return out if rows is None else self._add_gathered(out, x, *rows)
+            if rows is None:
+                return out
+            down, start, stop, B = rows
+            return down.add(out, x, start, stop, B)
         term = self._grouped(layer, x)
         return out if term is None else out + term.to(out.dtype)
 
@@ -129,64 +198,76 @@ class RowAdapters:
             out.index_add_(0, rows.to(x.device), part)
         return out
 
-    @staticmethod
-    def _add_gathered(out: torch.Tensor, x: torch.Tensor, down: _Down, start: int, stop: int, B_rows: torch.Tensor):
-        """out + (x A^T) s B^T row by row: x (B, ..., in), this layer's columns of the down-projection
-        (B, T, r), B_rows (B, r, out).
-
-        Without autograd the add rides on the second matmul, in place (baddbmm_): one op and one
-        temporary fewer per layer and decode step.
-        """
-        h = down.of(x, start, stop)  # (B, T, r)
-        if torch.is_grad_enabled() or out.dtype != B_rows.dtype or not out.is_contiguous():
-            return out + torch.bmm(h, B_rows).reshape(out.shape).to(out.dtype)
-        if out.dim() == 3:
-            return out.baddbmm_(h, B_rows)
-        return out.view(out.shape[0], -1, out.shape[-1]).baddbmm_(h, B_rows).view(out.shape)
-
     def _rows_of(self, layer: nn.Module) -> tuple[_Down, int, int, torch.Tensor] | None:
         """This layer's down-projection (its own, or shared with its siblings), its columns in it,
-        and each row's s B^T; gathered once per batch (kept until rows change). None when no adapter
-        of the batch is on this layer."""
+        and s B^T (stacked, or one per row); built once per batch (kept until rows change). None
+        when no adapter of the batch is on this layer."""
         key = id(layer)
         rows = self._rows.get(key, _UNSET)
         if rows is not _UNSET:
             return rows
         group = self.siblings.get(key, [layer])
-        stacks = [self._stacked(member) for member in group]
-        present = [(member, A, B) for member, (A, B) in zip(group, stacks) if A is not None]
-        for member, (A, _) in zip(group, stacks):
-            if A is None:
-                self._rows[id(member)] = None
+        present = [m for m in group if any(n in m.adapters for n in self.distinct)]
+        for member in group:
+            self._rows[id(member)] = None
         if present:
-            index = self.index.to(present[0][1].device)
-            down = _Down(torch.cat([A[index] for _, A, _ in present], dim=-1))  # (B, in, sum r)
+            build = self._side_by_side if self.strategy == "stacked" else self._per_row
+            down, parts = build(present)
             start = 0
-            for member, A, B in present:
-                self._rows[id(member)] = (down, start, start + A.shape[-1], B[index])
-                start += A.shape[-1]
+            for member, (width, B) in zip(present, parts):
+                self._rows[id(member)] = (down, start, start + width, B)
+                start += width
         return self._rows[key]
 
-    def _stacked(self, layer: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The batch's adapters on this layer stacked by slot, ranks zero-padded, the scale folded
-        into B: A^T (n + 1, in, r_max), s B^T (n + 1, r_max, out), slot 0 zeros; (None, None) if none."""
-        present = [layer.adapters[n] if n in layer.adapters else None for n in self.distinct]  # noqa: SIM401 (ModuleDict has no get)
-        if all(a is None for a in present):
-            return None, None
-        ref = next(a for a in present if a is not None).A
-        r_max = max(a.r for a in present if a is not None)
-        if all(a is not None and a.r == r_max for a in present):  # the common case: a few ops, not 2 per adapter
-            A = torch.stack([ref.new_zeros((layer.in_features, r_max)), *(a.A.detach().T for a in present)])
-            B = torch.stack([ref.new_zeros((r_max, layer.out_features)), *(a.B.detach().T for a in present)])
-            scales = torch.tensor([0.0, *(a.scaling for a in present)], dtype=B.dtype)
-            return A, B.mul_(scales.to(B.device)[:, None, None])
-        A = ref.new_zeros((len(present) + 1, layer.in_features, r_max))  # slot 0: no adapter
-        B = ref.new_zeros((len(present) + 1, r_max, layer.out_features))
-        for slot, adapter in enumerate(present, start=1):
-            if adapter is not None:
-                A[slot, :, : adapter.r] = adapter.A.detach().T
-                B[slot, : adapter.r] = adapter.B.detach().T * adapter.scaling
-        return A, B
+    def _side_by_side(self, members: list[nn.Module]) -> tuple[_Down, list[tuple[int, torch.Tensor]]]:
+        """The batch's adapters side by side, the scale folded into B: A^T (in, W) over all members,
+        and per member (its width, s B^T (width, out)); owner says which slot each column serves."""
+        A_parts, owners, parts = [], [], []
+        for member in members:
+            present = [(slot, member.adapters[n]) for slot, n in enumerate(self.distinct, 1) if n in member.adapters]
+            A_parts += [a.A.detach().T for _, a in present]
+            owners += [torch.full((a.r,), slot, dtype=torch.long) for slot, a in present]
+            B = torch.cat([a.B.detach().T * a.scaling for _, a in present])
+            parts.append((B.shape[0], B))
+        A = torch.cat(A_parts, dim=1)
+        return _StackedDown(A, torch.cat(owners).to(A.device), self.index), parts
+
+    def _per_row(self, members: list[nn.Module]) -> tuple[_Down, list[tuple[int, torch.Tensor]]]:
+        """One copy per row: A^T (B, in, W) with each member's columns (its ranks padded with zeros
+        to the largest of the batch's adapters there), and per member (its width, s B^T (B, width,
+        out)); zeros where a row has no adapter. A is copied as stored, (r, in) pieces one after
+        the other in one cat, and used transposed: a copy per piece into a transposed slot costs
+        several times more, and bmm reads either layout as fast in decoding."""
+        # name -> (A, B, r, scale) per member, looked up once: module attribute access is slow
+        found = [
+            {n: (a.A.detach(), a.B.detach(), a.r, a.scaling) for n in self.distinct if n in m.adapters
+             for a in [m.adapters[n]]}
+            for m in members
+        ]
+        widths = [max(r for _, _, r, _ in f.values()) for f in found]
+        ref = next(iter(found[0].values()))[0]  # every member here has at least one of the adapters
+        sizes = [(m.in_features, m.out_features) for m in members]
+        zeros = ref.new_zeros((max(widths), max(i for i, _ in sizes)))
+        pieces = []
+        for name in self.names:
+            for f, width, (fan_in, _) in zip(found, widths, sizes):
+                A, _, r, _ = f.get(name, (None, None, 0, 0.0))
+                pieces += [A] if r else []
+                pieces += [zeros[: width - r, :fan_in]] if r < width else []
+        A_rows = torch.cat(pieces).view(len(self.names), sum(widths), -1).mT  # (B, in, W)
+        B_rows = []
+        for f, width, (_, fan_out) in zip(found, widths, sizes):
+            zero_B = ref.new_zeros((fan_out, width))
+            blocks, scales = [], []
+            for name in self.names:
+                _, B, r, scale = f.get(name, (None, zero_B, width, 0.0))
+                blocks.append(B if r == width else F.pad(B, (0, width - r)))
+                scales.append(scale)
+            stacked = torch.stack(blocks)  # (B, out, width)
+            B = stacked.new_empty((len(self.names), width, fan_out))
+            torch.mul(stacked.mT, torch.tensor(scales, dtype=B.dtype, device=B.device)[:, None, None], out=B)
+            B_rows.append((width, B))
+        return _Down(A_rows), B_rows
 
 
 def sibling_layers(named_layers: list[tuple[str, nn.Module]]) -> dict[int, list[nn.Module]]:
@@ -206,7 +287,7 @@ def sibling_layers(named_layers: list[tuple[str, nn.Module]]) -> dict[int, list[
 
 
 @contextmanager
-def row_adapters(model: nn.Module, names: list[str | None], strategy: str = "gathered"):
+def row_adapters(model: nn.Module, names: list[str | None], strategy: str = "auto"):
     """Inside the block, row i of every batch the model sees uses adapter `names[i]` (None: the base).
 
     Yields the `RowAdapters` state; call `.select(keep)` on it when rows leave the batch.
@@ -216,9 +297,10 @@ def row_adapters(model: nn.Module, names: list[str | None], strategy: str = "gat
         ValueError: an adapter is merged, or one of the named adapters carries modules_to_save
             (a per-adapter head cannot differ per row).
     """
+    wrappers = saved_modules(model)  # walked once: a model with many adapters has many modules
     for name in {n for n in names if n is not None}:
         adapter_config(model, name)
-        if any(name in w.copies for _, w in saved_modules(model)):
+        if any(name in w.copies for _, w in wrappers):
             raise ValueError(f"adapter '{name}' has modules_to_save; mixed batches support LoRA layers only")
     named = lora_layers(model)
     layers = [layer for _, layer in named]
