@@ -1,7 +1,7 @@
 """Serving throughput with many adapters on one base: lorakit's mixed batches against PEFT.
 
     python bench/serve_throughput.py [--model smollm2-135m-instruct] [--adapters 16] [--requests 16]
-                                     [--new-tokens 32] [--rank 8] [--repeats 2] [--skip-peft]
+                                     [--new-tokens 32] [--rank 8] [--repeats 3] [--skip-peft]
                                      [--device cuda|cpu]
 
 The same --requests ROS 2 prompts (left-padded, greedy, exactly --new-tokens new tokens each) in
@@ -9,12 +9,15 @@ one batch, on the same base, with --adapters rank-r adapters on all seven projec
 non-zero B, so they differ), saved once as PEFT folders that both libraries load:
   merged     one adapter merged into the base, every request through it (lorakit's loop)
   merged-hf  the same merged model through transformers' generate (the issue's baseline)
-  mixed-4    the requests spread over 4 adapters in one batch (lorakit, gathered LoRA term)
-  mixed-N    spread over all N adapters (lorakit, gathered; and grouped: one LoRA matmul per adapter)
+  mixed-4    the requests spread over 4 adapters in one batch (lorakit's default: the stacked LoRA term)
+  mixed-N    spread over all N adapters (the default: gathered per row; and grouped: one LoRA matmul
+             per adapter)
   peft-mixed PEFT's mixed batch, generate(..., adapter_names=[...])
   peft-switch PEFT, set_adapter then generate per group of requests sharing an adapter
-Each variant runs --warmup times untimed, then --repeats times; the best time counts. Models run on
---device (the GPU when there is one). Prints generated tokens/s and the ratios the issue asks for;
+Each variant runs --warmup times untimed, then --repeats times; the best time counts. merged,
+merged-hf and the mixed batches take turns within each repeat, so the ratios compare runs made side
+by side. PEFT's variants, 3-10x slower, run at most twice. Models run on --device (the GPU when
+there is one). Prints generated tokens/s and the ratios the issue asks for;
 writes runs/bench/serve_throughput.json.
 """
 
@@ -57,18 +60,28 @@ def prompts(tokenizer, n: int) -> list[str]:
     return [f"### Instruction:\n{r['instruction']}\n\n### Command:\n" for r in make_split("test", n, seed=0)]
 
 
-def timed(fn, args, label: str) -> float:
-    """Best wall time of --repeats runs of fn after --warmup untimed ones."""
-    for _ in range(args.warmup):
-        fn()
-    best = float("inf")
-    for _ in range(args.repeats):
-        _sync(args.device)
-        start = time.perf_counter()
-        fn()
-        _sync(args.device)
-        best = min(best, time.perf_counter() - start)
-    print(f"  measured {label:<20} {best:.2f} s", flush=True)  # as it goes: a long run shows progress
+def timed(fn, args, label: str, repeats: int | None = None) -> float:
+    """Best wall time of --repeats (or `repeats`) runs of fn after --warmup untimed ones."""
+    return timed_rounds({label: fn}, args, repeats)[label]
+
+
+def timed_rounds(variants: dict, args, repeats: int | None = None) -> dict[str, float]:
+    """Best wall time of each variant over --repeats rounds, each round running every variant once
+    in turn (after --warmup untimed runs of each): a drift of the machine's speed then hits all of
+    them alike instead of whichever ran during it."""
+    for fn in variants.values():
+        for _ in range(args.warmup):
+            fn()
+    best = dict.fromkeys(variants, float("inf"))
+    for _ in range(repeats or args.repeats):
+        for label, fn in variants.items():
+            _sync(args.device)
+            start = time.perf_counter()
+            fn()
+            _sync(args.device)
+            best[label] = min(best[label], time.perf_counter() - start)
+    for label, seconds in best.items():
+        print(f"  measured {label:<20} {seconds:.2f} s", flush=True)
     return best
 
 
@@ -86,19 +99,22 @@ def run_lorakit(args, root: Path, names: list[str], texts: list[str]) -> dict[st
     ids = [tokenizer(t)["input_ids"] for t in texts]
     times = {}
 
-    def run(model, adapters, strategy="gathered"):
+    def run(model, adapters, strategy="auto"):
         requests = [Request(p, a, args.new_tokens, ignore_eos=True) for p, a in zip(ids, adapters)]
         return lambda: generate_mixed(model, tokenizer, requests, strategy=strategy)
 
     merged = lorakit.merge_and_unload(_with_adapters(load_causal_lm(args.model), root, names[:1])).to(args.device)
-    times["merged"] = timed(run(merged, [None] * len(ids)), args, "merged")
-    times["merged-hf"] = timed(
-        lambda: _hf_generate(merged, tokenizer, texts, args.new_tokens), args, "merged-hf"
-    )
     model = _with_adapters(load_causal_lm(args.model), root, names).to(args.device)
+    variants = {
+        "merged": run(merged, [None] * len(ids)),
+        "merged-hf": lambda: _hf_generate(merged, tokenizer, texts, args.new_tokens),
+    }
     for k in sorted({min(4, len(names)), len(names)}):
         spread = [names[i % k] for i in range(len(ids))]
-        times[f"mixed-{k}"] = timed(run(model, spread), args, f"mixed-{k}")
+        variants[f"mixed-{k}"] = run(model, spread)
+    times.update(timed_rounds(variants, args))  # side by side: the ratios the issue asks for come from here
+    for k in sorted({min(4, len(names)), len(names)}):
+        spread = [names[i % k] for i in range(len(ids))]
         times[f"mixed-{k}-grouped"] = timed(run(model, spread, "grouped"), args, f"mixed-{k}-grouped")
     return times
 
@@ -143,6 +159,7 @@ def run_peft(args, root: Path, names: list[str], texts: list[str]) -> dict[str, 
             lambda: _hf_generate(model, tokenizer, texts, args.new_tokens, adapter_names=spread),
             args,
             "peft-mixed",
+            min(2, args.repeats),
         )
     }
 
@@ -151,7 +168,7 @@ def run_peft(args, root: Path, names: list[str], texts: list[str]) -> dict[str, 
             model.set_adapter(name)
             _hf_generate(model, tokenizer, [t for t, a in zip(texts, spread) if a == name], args.new_tokens)
 
-    times["peft-switch"] = timed(switching, args, "peft-switch")
+    times["peft-switch"] = timed(switching, args, "peft-switch", min(2, args.repeats))
     return times
 
 
@@ -164,7 +181,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before each variant")
     parser.add_argument("--skip-peft", action="store_true", help="lorakit variants only")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: the GPU when there is one)")

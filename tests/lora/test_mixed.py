@@ -101,3 +101,14 @@ def test_siblings_share_one_down_projection_and_survive_row_selection(strategy):
     with torch.no_grad():
         torch.testing.assert_close(q_then_k[1][1], attn.k_proj(y[1]), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(q_then_k[0][1], attn.q_proj(x[1]), rtol=1e-4, atol=1e-5)
+
+
+def test_auto_stacks_shared_adapters_and_gathers_distinct_ones():
+    # stacked reads each adapter once: worth it when rows share adapters; else one copy per row
+    from lorakit.lora.mixed import RowAdapters
+
+    assert RowAdapters(["a", "a", "b", "b"]).strategy == "stacked"
+    assert RowAdapters(["a", None, "a", "a"]).strategy == "stacked"
+    assert RowAdapters(["a", "b", "c", "a"]).strategy == "gathered"
+    with pytest.raises(ValueError, match="not one of"):
+        RowAdapters(["a"], "fastest")
