@@ -17,8 +17,8 @@ non-zero B, so they differ), saved once as PEFT folders that both libraries load
 Each variant runs --warmup times untimed, then --repeats times; the best time counts. merged,
 merged-hf and the mixed batches take turns within each repeat, so the ratios compare runs made side
 by side. PEFT's variants, 3-10x slower, run at most twice. Models run on --device (the GPU when
-there is one). Prints generated tokens/s and the ratios the issue asks for;
-writes runs/bench/serve_throughput.json.
+there is one). The process keeps freed memory (serve/malloc.py), as `lorakit serve` does. Prints
+generated tokens/s and the ratios the issue asks for; writes runs/bench/serve_throughput.json.
 """
 
 from __future__ import annotations
@@ -188,6 +188,9 @@ def main() -> None:
     parser.add_argument("--output", default="runs/bench/serve_throughput.json")
     args = parser.parse_args()
     from lorakit.models import default_device
+    from lorakit.serve.malloc import keep_freed_memory
+
+    keep_freed_memory()  # as `lorakit serve` does; for every variant, PEFT's included
 
     args.device = args.device or str(default_device())
     torch.manual_seed(0)

@@ -32,7 +32,9 @@ def build_app(model_name: str, adapters: dict[str, str], config: ServeConfig) ->
         RegistryError: an adapter name is not allowed.  AdapterError: an adapter does not load.
     """
     from lorakit.models import default_device, load_causal_lm, load_tokenizer
+    from lorakit.serve.malloc import keep_freed_memory
 
+    keep_freed_memory()  # batches free and re-allocate the same buffers: keep them (see serve/malloc.py)
     tokenizer = load_tokenizer(model_name)
     model = load_causal_lm(model_name).to(default_device()).eval()
     registry = AdapterRegistry(model, config.served_model_name or str(model_name), config.adapters_root)
