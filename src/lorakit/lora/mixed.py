@@ -12,12 +12,15 @@ Three ways to compute the LoRA term, chosen per batch (`strategy`):
               (x A^T * mask) s B^T, where the 0/1 mask keeps each row's own adapter's columns.
               Each adapter's weights are read once per step however many rows use it; the
               matmuls do n times the arithmetic a row needs, which is small while n is.
-    gathered  stack the adapters by slot (ranks padded with zeros, slot 0 all zeros for "no
-              adapter") and gather one copy per row: A^T (B, in, r_max), s B^T (B, r_max, out);
-              every forward is two bmm's: arithmetic per row, but each row's copy is read.
+    gathered  once per batch and layer, copy each row's adapter (ranks padded with zeros, zeros
+              for a row without one): A^T (B, in, r_max), s B^T (B, r_max, out); every forward is
+              two bmm's: arithmetic per row, but each row's copy is read.
     grouped   for each adapter, run its rows (index_select) through it and add the result back.
 
-`auto` (the default) takes stacked up to `STACK_LIMIT` adapters in a batch, gathered above.
+`auto` (the default) takes stacked when the rows share adapters (at most half as many adapters as
+rows), gathered otherwise: on this CPU, 16 rows over 4 adapters decode 84 against 87 ms a step
+stacked, 16 rows over 16 adapters 93 against 84 (the matmuls against many side-by-side adapters cost
+more than the per-row copies save).
 Zero padding and zero mask entries change nothing: they contribute exact zeros. Embedding
 layers always use the grouped path. Sibling layers fed the same input (q/k/v, gate/up:
 `SHARED_INPUT`) share one down-projection: their A^T are concatenated, x A^T runs once for all
