@@ -109,12 +109,10 @@ def run_lorakit(args, root: Path, names: list[str], texts: list[str]) -> dict[st
         "merged": run(merged, [None] * len(ids)),
         "merged-hf": lambda: _hf_generate(merged, tokenizer, texts, args.new_tokens),
     }
-    for k in sorted({min(4, len(names)), len(names)}):
-        spread = [names[i % k] for i in range(len(ids))]
-        variants[f"mixed-{k}"] = run(model, spread)
+    spreads = {k: [names[i % k] for i in range(len(ids))] for k in sorted({min(4, len(names)), len(names)})}
+    variants.update({f"mixed-{k}": run(model, spread) for k, spread in spreads.items()})
     times.update(timed_rounds(variants, args))  # side by side: the ratios the issue asks for come from here
-    for k in sorted({min(4, len(names)), len(names)}):
-        spread = [names[i % k] for i in range(len(ids))]
+    for k, spread in spreads.items():
         times[f"mixed-{k}-grouped"] = timed(run(model, spread, "grouped"), args, f"mixed-{k}-grouped")
     return times
 

@@ -62,11 +62,12 @@ def test_refuses_unknown_and_merged_adapters():
         pass
 
 
-def test_in_place_and_autograd_paths_agree():
-    # Without autograd the LoRA term is added in place (baddbmm_); with it, out of place.
+@pytest.mark.parametrize("strategy", ["stacked", "gathered"])
+def test_in_place_and_autograd_paths_agree(strategy):
+    # Without autograd the LoRA term is added in place (baddbmm_ / addmm_); with it, out of place.
     model = with_adapters("llama", {"a": 4, "b": 8})
     ids = torch.randint(3, 128, (3, 6), generator=torch.Generator().manual_seed(2))
-    with row_adapters(model, ["a", "b", None]):
+    with row_adapters(model, ["a", "b", None], strategy):
         with torch.no_grad():
             in_place = model(ids).logits
         with_grad = model(ids).logits
