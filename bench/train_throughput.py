@@ -231,7 +231,7 @@ def main() -> None:
     for variant in VARIANTS:
         cmd = [sys.executable, __file__, "--variant", variant, *sys.argv[1:]]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        line = next((out for out in proc.stdout.splitlines() if out.startswith("RESULT ")), None)
         if line is None:
             sys.exit(f"variant {variant} failed:\n{proc.stderr[-3000:]}")
         rows[variant] = json.loads(line[len("RESULT "):])

@@ -266,7 +266,7 @@ POSITIVE = {
 }
 
 
-def run_problems(run: "RunConfig") -> list[str]:
+def run_problems(run: RunConfig) -> list[str]:
     """Choice and range problems across the sections (types are checked when the YAML is read)."""
     out = []
     for section_name in ("data", "train", "eval"):
