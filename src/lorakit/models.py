@@ -208,6 +208,9 @@ def _gguf_cache_name(path: Path) -> str:
     return f"{stem}-{digest.hexdigest()[:12]}"
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # config names -> torch
+
+
 def default_device() -> torch.device:
     """The GPU when there is one, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -94,9 +94,12 @@ class NewTokensNoRepeatNGram(LogitsProcessor):
         return self.rule(input_ids[:, self.prompt_length :], scores)
 
 
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """`text` up to the earliest of the stop strings, and whether one was found."""
+    cut = min((text.find(s) for s in stops if s in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
 def _cut(text: str, stops: tuple[str, ...]) -> str:
-    text = text.lstrip()  # a stop string (say a line break) before any text does not end the output
-    for stop in stops:
-        if stop in text:
-            text = text[: text.index(stop)]
-    return text.strip()
+    # A stop string (say a line break) before any text does not end the output.
+    return cut_at_stop(text.lstrip(), stops)[0].strip()

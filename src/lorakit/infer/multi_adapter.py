@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from lorakit.infer.generate import stop_token_ids
+from lorakit.infer.generate import cut_at_stop, stop_token_ids
 from lorakit.infer.sampling import next_tokens
 from lorakit.lora.mixed import row_adapters
 
@@ -63,9 +63,9 @@ class _Row:
             return
         self.tokens.append(token)
         self.text = tokenizer.decode(self.tokens, skip_special_tokens=True)
-        cut = min((self.text.find(s) for s in self.request.stop if s in self.text), default=-1)
-        if cut >= 0:
-            self.text, self.finish_reason = self.text[:cut], "stop"
+        self.text, stopped = cut_at_stop(self.text, self.request.stop)
+        if stopped:
+            self.finish_reason = "stop"
         elif len(self.tokens) >= self.request.max_tokens:
             self.finish_reason = "length"
 

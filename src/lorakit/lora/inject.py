@@ -93,11 +93,6 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     return names
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def inject(model: nn.Module, config: LoraConfig | None = None, adapter_name: str = "default") -> nn.Module:
     """Add adapter `adapter_name` to every module `config` targets, freeze the rest, return the model.
 
@@ -127,7 +122,7 @@ def inject(model: nn.Module, config: LoraConfig | None = None, adapter_name: str
         r, alpha = config.rank_and_alpha(name)
         layer.add_adapter(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights)
         if layer is not module:
-            _set_submodule(model, name, layer)
+            model.set_submodule(name, layer)
     _wrap_saved_modules(model, config, adapter_name)
     model.lora_configs = {**configs, adapter_name: config}
     set_adapter(model, adapter_name)
@@ -148,7 +143,7 @@ def _wrap_saved_modules(model: nn.Module, config: LoraConfig, adapter_name: str)
             wrapper = module if isinstance(module, SavedModule) else SavedModule(module)
             wrapper.add_copy(adapter_name)
             if wrapper is not module:
-                _set_submodule(model, name, wrapper)
+                model.set_submodule(name, wrapper)
 
 
 def trainable_counts(model: nn.Module) -> tuple[int, int]:

@@ -10,7 +10,6 @@ from torch import nn
 
 from lorakit.config import ConfigError, LoraConfig
 from lorakit.lora.adapters import adapter_config, lora_layers, saved_modules, set_adapter
-from lorakit.lora.inject import _set_submodule
 
 
 def merge_adapters(model: nn.Module) -> None:
@@ -38,10 +37,10 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         dequantize_model(model)
     for name, layer in lora_layers(model):
         layer.merge()
-        _set_submodule(model, name, layer.base_layer)
+        model.set_submodule(name, layer.base_layer)
     for name, wrapper in saved_modules(model):
         chosen = wrapper.copies[wrapper.active] if wrapper.active in wrapper.copies else wrapper.original_module
-        _set_submodule(model, name, chosen)
+        model.set_submodule(name, chosen)
     if hasattr(model, "lora_configs"):
         del model.lora_configs
     model.requires_grad_(False)

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from lorakit.config import QuantizationConfig
+from lorakit.models import DTYPES
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 INT8_THRESHOLD = 6.0  # transformers' llm_int8_threshold default
 
 

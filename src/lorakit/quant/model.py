@@ -41,11 +41,6 @@ def _kept_in_full_precision(model: nn.Module, name: str, module: nn.Module) -> b
     return module is head or any(p in CLASSIFIER_HEADS or p in ("copies", "original_module") for p in parts)
 
 
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, child = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), child
-
-
 @torch.no_grad()
 def quantize_model(model: nn.Module, config: QuantizationConfig) -> nn.Module:
     """Replace the model's plain nn.Linear layers (LoRA bases included) by bitsandbytes ones.
@@ -65,11 +60,11 @@ def quantize_model(model: nn.Module, config: QuantizationConfig) -> nn.Module:
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear or _kept_in_full_precision(model, name, module):
             continue
-        parent, child = _parent(model, name)
+        parent = model.get_submodule(name.rpartition(".")[0])
         if isinstance(parent, LoraLayer) and loftq:
             parent.base_layer = loftq_layer(parent, config, loftq)
         else:
-            setattr(parent, child, quantize_linear(module, config))
+            model.set_submodule(name, quantize_linear(module, config))
         count += 1
     _prepare_for_kbit_training(model, config)
     log.info("quantised %d linear layers to %d bits", count, config.bits)
@@ -98,8 +93,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     """
     for name, module in list(model.named_modules()):
         if is_quantized(module):
-            parent, child = _parent(model, name)
-            setattr(parent, child, to_plain_linear(module))
+            model.set_submodule(name, to_plain_linear(module))
     for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
         if hasattr(model, flag):
             delattr(model, flag)

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
-from lorakit.config import ConfigError
-
-
-def _help(text: str, **kwargs):
-    return field(metadata={"help": text}, **kwargs)
+from lorakit.config import ConfigError, _help
 
 
 @dataclass

@@ -11,20 +11,12 @@ stays at its high-water mark, as a server's does anyway.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+from lorakit.malloc import set_malloc_thresholds
 
-M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
-M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20  # glibc's maximum on 64-bit
 TRIM_THRESHOLD = 1 << 30
 
 
 def keep_freed_memory() -> bool:
     """Set glibc's mmap and trim thresholds for this process; False where malloc is not glibc's."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return set_malloc_thresholds(MMAP_THRESHOLD, TRIM_THRESHOLD)

@@ -14,21 +14,19 @@ is kept in memory and how many passes over it are made:
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import sys
 
 from torch import nn
 
 from lorakit.lora.adapters import lora_layers
 from lorakit.lora.fused_mlp import fuse_swiglu_mlps
+from lorakit.malloc import set_malloc_thresholds
 from lorakit.train.attention import use_grouped_attention
 from lorakit.train.fused_norm import fuse_rms_norms
 from lorakit.train.fused_rotary import use_fused_rotary
 
 log = logging.getLogger(__name__)
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters from glibc's malloc.h
 MMAP_THRESHOLD_BYTES = 256 * 1024  # activations are larger; small bookkeeping stays in the heap
 
 
@@ -48,10 +46,4 @@ def use_fused_paths(model: nn.Module, fused: bool = True) -> dict:
 
 def release_freed_memory() -> bool:
     """Make glibc return large freed blocks to the OS at once (process-wide); False where not glibc."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and libc.mallopt(M_TRIM_THRESHOLD, 4 * MMAP_THRESHOLD_BYTES))
-    except (OSError, AttributeError):  # musl or another libc: nothing to tune
-        return False
+    return set_malloc_thresholds(MMAP_THRESHOLD_BYTES, 4 * MMAP_THRESHOLD_BYTES)

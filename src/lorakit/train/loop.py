@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from lorakit.checkpoint.peft_io import save_adapter
 from lorakit.config import TrainConfig
 from lorakit.data.collate import split_rows
+from lorakit.models import DTYPES
 from lorakit.train.checkpoints import RunCheckpoints, due
 from lorakit.train.distributed import DataParallel, World, barrier, current_world, grad_accum_for, shard
 from lorakit.train.guard import DivergenceError, DivergenceGuard
@@ -93,7 +94,7 @@ class Precision:
         on_cuda = device is not None and device.type == "cuda"
         if requested != "fp32" and not on_cuda:
             log.warning("train.precision %s needs a GPU; training in fp32 on %s", requested, device)
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(requested) if on_cuda else None
+        self.dtype = DTYPES[requested] if on_cuda and requested != "fp32" else None
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype is torch.float16 else None
 
     def autocast(self):
