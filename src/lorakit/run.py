@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from lorakit.checkpoint.run_card import RUN_CARD, read_run_card, write_run_card  # noqa: F401  (RUN_CARD, read_run_card: re-exported)
 from lorakit.config import ConfigError, RunConfig, to_dict
 from lorakit.data.classification import read_classification, tokenize_classification
 from lorakit.data.dataset import prepare_data
@@ -19,12 +20,11 @@ from lorakit.quant.model import quantize_model, weight_bytes_report
 from lorakit.train import distributed
 from lorakit.train.loop import seed_everything, train
 from lorakit.train.metrics import MetricsLog
-from lorakit.train.objectives import CausalLMObjective, ClassificationObjective
+from lorakit.train.objectives import OBJECTIVES, CausalLMObjective, ClassificationObjective
 
 log = logging.getLogger(__name__)
 # The second seed's rule of thumb: fine-tuning needs at least about 1e-5 training tokens per parameter.
 TOKENS_PER_PARAM_RULE = 1e-5
-RUN_CARD = "lorakit.json"
 
 
 def data_sufficiency(train_tokens: int, trainable: int, total: int) -> str:
@@ -51,7 +51,7 @@ def run(config: RunConfig, echo=print) -> dict:
             raise ConfigError(f"train.output_dir: cannot write to {out} ({err.strerror}); expected a writable folder") from None
     seed_everything(config.train.seed)
     try:
-        summary = (run_classification if config.task == "seq_cls" else run_causal_lm)(config, echo)
+        summary = RUNS[OBJECTIVES[config.task]](config, echo)
     finally:
         distributed.shutdown()
     if world.main:
@@ -139,6 +139,9 @@ def run_classification(run: RunConfig, echo=print) -> dict:
     }
 
 
+RUNS = {CausalLMObjective: run_causal_lm, ClassificationObjective: run_classification}  # per objective
+
+
 def _quantize_after_inject(model, run: RunConfig, echo) -> dict | None:
     """QLoRA: quantise what is still full precision (everything, for LoftQ) and report the bytes."""
     if run.quantization.bits is None:
@@ -156,16 +159,6 @@ def _log_task_scores(run_dir: str, base: dict | None, adapter: dict, steps: int)
         if scores:
             metrics.write(kind="eval", step=step, **{f"eval_{k}": v for k, v in scores.items() if isinstance(v, float)})
     metrics.plot()
-
-
-def write_run_card(adapter_dir: str | Path, **fields) -> None:
-    """`lorakit.json` beside the PEFT files: how prompts were built, so generate/eval can do the same."""
-    (Path(adapter_dir) / RUN_CARD).write_text(json.dumps(fields, indent=1) + "\n", encoding="utf-8")
-
-
-def read_run_card(adapter_dir: str | Path | None) -> dict:
-    path = Path(adapter_dir) / RUN_CARD if adapter_dir else None
-    return json.loads(path.read_text(encoding="utf-8")) if path and path.is_file() else {}
 
 
 def _scores_line(scores: dict) -> str:

@@ -6,6 +6,7 @@ import json
 
 from lorakit.cli.generate import add_model_arguments, load_for_inference
 from lorakit.cli.parsing import subcommand
+from lorakit.tasks import TASKS
 
 EXAMPLES = """examples:
   lorakit eval --model smollm2-135m-instruct --adapter runs/ros2-demo/adapter --data runs/ros2-data/test.jsonl --task ros2
@@ -23,7 +24,7 @@ def add_parser(commands) -> None:
     )
     add_model_arguments(parser)
     parser.add_argument("--data", required=True, help="JSONL/JSON/CSV file of instruction/output records")
-    parser.add_argument("--task", choices=["ros2"], help="task scorer (default: exact match only)")
+    parser.add_argument("--task", choices=list(TASKS), help="task scorer (default: exact match only)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.set_defaults(run=run)
@@ -34,7 +35,7 @@ def run(args, _overrides) -> int:
     from lorakit.data.files import load_records
     from lorakit.data.formats import validate_records
     from lorakit.infer.score import score_generations
-    from lorakit.run import read_run_card
+    from lorakit.checkpoint.run_card import read_run_card
 
     model, tokenizer, template = load_for_inference(args)
     records = load_records(args.data)
