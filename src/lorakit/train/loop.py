@@ -7,6 +7,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,13 +143,16 @@ def train(
     config: TrainConfig,
     objective,
     run_state: dict | None = None,
+    on_eval: Callable[[int, dict], None] | None = None,
 ) -> TrainResult:
     """Train the active adapter of `model` in place; return what happened.
 
     The loss of an optimizer step is the sum of token losses over all of its accumulated
     micro-batches divided by their total label-token count, so each token weighs the same.
-    At the end the best checkpoint's adapter (by `metric_for_best`) is loaded back into the
-    model and written to `<output_dir>/adapter/`.
+    `eval_examples` are the only examples that evaluation, keep-best and the time budget's last
+    evaluation look at; `on_eval(step, metrics)` is called after each evaluation. At the end the
+    best checkpoint's adapter (by `metric_for_best`) is loaded back into the model and written to
+    `<output_dir>/adapter/`.
     """
     out = Path(config.output_dir)
     device = next(p for p in model.parameters()).device
@@ -179,6 +183,8 @@ def train(
         result = objective.evaluate(model, shard(eval_examples, world), config.batch_size, device)
         model.train()
         metrics.write(kind="eval", step=step, **result)
+        if on_eval is not None:
+            on_eval(step, result)
         return result
 
     model.train()
