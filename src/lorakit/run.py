@@ -16,9 +16,10 @@ from lorakit.infer.score import score_generations
 from lorakit.lora.inject import inject, trainable_counts, trainable_report
 from lorakit.models import default_device, load_causal_lm, load_sequence_classifier, load_tokenizer
 from lorakit.quant.model import quantize_model, weight_bytes_report
+from lorakit.track.runlog import RunLog
+from lorakit.track.samples import paired_rows
 from lorakit.train import distributed
 from lorakit.train.loop import seed_everything, train
-from lorakit.train.metrics import MetricsLog
 from lorakit.train.objectives import CausalLMObjective, ClassificationObjective
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ def run(config: RunConfig, echo=print) -> dict:
     world = distributed.init_from_env(config.train.ddp_timeout)
     echo = echo if world.main else _silent
     out = Path(config.train.output_dir)
+    run_log = RunLog(out, config.train.report_to, to_dict(config), enabled=world.main)  # trackers installed?
     if world.main:
         try:  # fail before loading anything when the run folder cannot be written
             out.mkdir(parents=True, exist_ok=True)
@@ -51,11 +53,13 @@ def run(config: RunConfig, echo=print) -> dict:
             raise ConfigError(f"train.output_dir: cannot write to {out} ({err.strerror}); expected a writable folder") from None
     seed_everything(config.train.seed)
     try:
-        summary = (run_classification if config.task == "seq_cls" else run_causal_lm)(config, echo)
+        with run_log.running():  # status.json: running, then finished, interrupted or failed
+            summary = (run_classification if config.task == "seq_cls" else run_causal_lm)(config, echo, run_log)
+            if world.main:
+                (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+            run_log.log_adapter(summary.get("adapter"))
     finally:
         distributed.shutdown()
-    if world.main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     return summary
 
 
@@ -63,7 +67,7 @@ def _silent(*args, **kwargs) -> None:
     """`echo` on every process but rank 0."""
 
 
-def run_causal_lm(run: RunConfig, echo=print) -> dict:
+def run_causal_lm(run: RunConfig, echo=print, run_log: RunLog | None = None) -> dict:
     """Instruction-tune a causal LM; score generations before and after when `eval.task` is set."""
     tokenizer = load_tokenizer(run.model)
     model = load_causal_lm(run.model).to(default_device())
@@ -79,7 +83,7 @@ def run_causal_lm(run: RunConfig, echo=print) -> dict:
     summary: dict = {"model": run.model}
     main = distributed.current_world().main  # generation scoring runs on rank 0 only
     if main and run.eval.task and run.eval.compare_base:
-        summary["base"] = score_generations(model, tokenizer, data.eval_records, data.template, run.eval)
+        summary["base"] = score_generations(model, tokenizer, data.eval_records, data.template, run.eval, keep_rows=True)
         echo(f"base model: {_scores_line(summary['base'])}")
 
     inject(model, run.lora)
@@ -88,7 +92,8 @@ def run_causal_lm(run: RunConfig, echo=print) -> dict:
     trainable, total = trainable_counts(model)
     echo(data_sufficiency(stats.prompt_tokens + stats.response_tokens, trainable, total))
     objective = CausalLMObjective(tokenizer.pad_token_id, run.data.pack_length if run.data.packing else None)
-    result = train(model, data.train, data.eval, run.train, objective, {"model": run.model})
+    run_log = run_log or RunLog(run.train.output_dir, enabled=main)
+    result = train(model, data.train, data.eval, run.train, objective, {"model": run.model}, run_log)
     if main:
         write_run_card(result.adapter_dir, template=run.data.template, task=run.eval.task, model=run.model,
                        quantization=to_dict(run.quantization) if run.quantization.bits else None)
@@ -97,15 +102,18 @@ def run_causal_lm(run: RunConfig, echo=print) -> dict:
     echo(f"trained {result.steps} steps in {result.seconds:.0f} s; adapter in {result.adapter_dir}")
 
     if main and run.eval.task:
-        summary["adapter_scores"] = score_generations(model, tokenizer, data.eval_records, data.template, run.eval)
+        summary["adapter_scores"] = score_generations(model, tokenizer, data.eval_records, data.template, run.eval,
+                                                      keep_rows=True)
         echo(f"adapter: {_scores_line(summary['adapter_scores'])}")
-        _log_task_scores(run.train.output_dir, summary.get("base"), summary["adapter_scores"], result.steps)
+        base_rows = summary["base"].pop("rows") if "base" in summary else None
+        run_log.log_samples(paired_rows(summary["adapter_scores"].pop("rows"), base_rows))
+        _log_task_scores(run_log, summary.get("base"), summary["adapter_scores"], result.steps)
         for sample in summary["adapter_scores"]["samples"]:
             echo(f"  {sample['instruction']!r}\n    -> {sample['prediction']}\n    ref {sample['reference']}")
     return summary
 
 
-def run_classification(run: RunConfig, echo=print) -> dict:
+def run_classification(run: RunConfig, echo=print, run_log: RunLog | None = None) -> dict:
     """LoRA plus a fully trained head on a text/label set; keep the best checkpoint by dev accuracy."""
     train_records, eval_records, labels = read_classification(run.data, run.train.seed)
     tokenizer = load_tokenizer(run.model)
@@ -123,7 +131,7 @@ def run_classification(run: RunConfig, echo=print) -> dict:
     trainable, total = trainable_counts(model)
     echo(data_sufficiency(sum(len(e["input_ids"]) for e in train_examples), trainable, total))
     objective = ClassificationObjective(tokenizer.pad_token_id, len(labels.values))
-    result = train(model, train_examples, eval_examples, run.train, objective, {"model": run.model})
+    result = train(model, train_examples, eval_examples, run.train, objective, {"model": run.model}, run_log)
     if distributed.current_world().main:
         write_run_card(
             result.adapter_dir, task="seq_cls", model=run.model, labels=labels.names, max_length=run.data.max_length
@@ -149,13 +157,12 @@ def _quantize_after_inject(model, run: RunConfig, echo) -> dict | None:
     return report.as_dict()
 
 
-def _log_task_scores(run_dir: str, base: dict | None, adapter: dict, steps: int) -> None:
-    """Put the generation scores (base at step 0, adapter at the end) into metrics.jsonl and the plot."""
-    metrics = MetricsLog(run_dir, resume=True)
+def _log_task_scores(run_log: RunLog, base: dict | None, adapter: dict, steps: int) -> None:
+    """Put the generation scores (base at step 0, adapter at the end) into metrics.jsonl, the trackers and the plot."""
     for step, scores in ((0, base), (steps, adapter)):
         if scores:
-            metrics.write(kind="eval", step=step, **{f"eval_{k}": v for k, v in scores.items() if isinstance(v, float)})
-    metrics.plot()
+            run_log.write(kind="eval", step=step, **{f"eval_{k}": v for k, v in scores.items() if isinstance(v, float)})
+    run_log.plot()
 
 
 def write_run_card(adapter_dir: str | Path, **fields) -> None:
