@@ -24,7 +24,7 @@ LK.num = function (value, digits) {
   if (typeof value !== "number") return String(value);
   const abs = Math.abs(value);
   if (digits !== undefined) return value.toFixed(digits);
-  if (abs !== 0 && (abs < 1e-3 || abs >= 1e6)) return value.toExponential(2).replace(/\.?0+e/, "e");
+  if (abs !== 0 && (abs < 1e-4 || abs >= 1e6)) return value.toExponential(2).replace(/\.?0+e/, "e");
   if (Number.isInteger(value)) return String(value);
   return abs >= 100 ? value.toFixed(0) : String(Number(value.toPrecision(3)));
 };
