@@ -201,6 +201,11 @@ class TrainConfig:
     fsdp: bool = _help("shard the frozen base across GPUs with FSDP (bases too large for one GPU; needs CUDA;"
                        " experimental: it failed at its second step on the one GPU it was tried on)", default=False)
     progress: bool = _help("show a progress bar", default=True)
+    report_to: list[str] | str = _help(
+        "experiment trackers besides metrics.jsonl (always written): tensorboard, mlflow, wandb (offline unless"
+        " logged in), or a list of them; none for metrics.jsonl alone",
+        default_factory=list,
+    )
 
 
 @dataclass
@@ -308,6 +313,7 @@ def run_problems(run: RunConfig) -> list[str]:
     if not 0 <= run.train.warmup_ratio < 1:
         out.append(f"train.warmup_ratio: given {run.train.warmup_ratio!r}, expected a number in [0, 1)")
     out += _guard_problems(run.train)
+    out += _tracker_problems(run.train)
     return out
 
 
@@ -330,6 +336,18 @@ def _split_problems(run: RunConfig) -> list[str]:
 
 def _same_path(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _tracker_problems(train: TrainConfig) -> list[str]:
+    from lorakit.track import TRACKERS
+
+    names = [train.report_to] if isinstance(train.report_to, str) else list(train.report_to)
+    allowed = ("jsonl", "none", *TRACKERS)
+    return [
+        f"train.report_to: given {name!r}, expected {', '.join(allowed)} or a list of them"
+        for name in names
+        if name not in allowed
+    ]
 
 
 def _guard_problems(train: TrainConfig) -> list[str]:

@@ -17,7 +17,7 @@ USER_ERRORS = (ConfigError, DataError, AdapterError, ModelNotFoundError, Diverge
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lorakit.cli import classify, generate, inspect, merge, serve, train
+    from lorakit.cli import classify, dashboard, generate, inspect, merge, serve, train
     from lorakit.cli import eval as eval_cmd
 
     parser = argparse.ArgumentParser(
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (train, generate, classify, eval_cmd, merge, inspect, serve):
+    for module in (train, generate, classify, eval_cmd, merge, inspect, serve, dashboard):
         module.add_parser(commands)
     return parser
 
