@@ -100,15 +100,23 @@ def lora_agreement(base: str, adapter: Path, work: Path, tokenizer, prompts: lis
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--adapter", default="runs/ros2-demo/adapter")
+    parser.add_argument("--adapter", default="runs/ros2-demo/adapter",
+                        help="the adapter to merge; 'random' makes one of random weights on the base (a stand-in "
+                        "when no trained adapter is at hand), saved under --work")
     parser.add_argument("--data", default="runs/ros2-data/test.jsonl")
     parser.add_argument("--work", default="runs/gguf-check")
     parser.add_argument("--max-new-tokens", type=int, default=72)
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N test records")
     parser.add_argument("--llama-cpp-src", default=str(Path.home() / ".cache" / "lorakit" / "llama-cpp-src"))
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     result: dict = {"model": args.model, "adapter": args.adapter, "data": args.data}
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    if args.adapter == "random":
+        adapter = random_adapter(args.model, LoraConfig(r=8, lora_alpha=16, target_modules=targets), work / "random")
+        (adapter / "lorakit.json").write_text(json.dumps({"template": "seed", "task": "ros2"}) + "\n")
+        args.adapter = str(adapter)
 
     # 1. lorakit's exports
     exports = {}
@@ -120,7 +128,7 @@ def main() -> None:
     result["exports"] = exports
 
     # 2. lorakit generate against llama.cpp on the test instructions
-    records = load_records(args.data)
+    records = load_records(args.data)[: args.limit]
     tokenizer = load_tokenizer(args.model)
     model = load_causal_lm(args.model)
     load_adapter(model, args.adapter)
@@ -134,7 +142,7 @@ def main() -> None:
     stop = set(stop_token_ids(tokenizer, model))
     scores = {"lorakit": ros2.score(ours, refs)}
     agreement = {}
-    files = {f"lorakit-{t}": work / f"merged-{t}.gguf" for t in ("f16", "q8_0", "f32")}
+    files = {f"lorakit-{t}": work / f"merged-{t}.gguf" for t in ("f16", "q8_0")}
 
     # 3. llama.cpp's own converter on the merged model
     merged = merge_and_unload(model)
@@ -173,7 +181,7 @@ def main() -> None:
     result["scores"] = scores
 
     # 4. f32 logits
-    llm = load_llama(work / "merged-f32.gguf", logits_all=True)
+    llm = load_llama(work / "merged-f32.gguf", logits_all=True, f32_cache=True)
     gaps = []
     for prompt in prompts[:5]:
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -197,7 +205,6 @@ def main() -> None:
     export(ExportConfig(model=args.model, outtype="f32", output=str(work / "base-f32.gguf"), force=True))
     lora_prompts = prompts[:20]
     cases = [Path(args.adapter)]
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     cases.append(random_adapter(args.model, LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=targets),
                                 work / "rslora"))
     cases.append(random_adapter(args.model, LoraConfig(r=8, lora_alpha=16, target_modules=targets,

@@ -51,9 +51,17 @@ def lora_pairs(model: nn.Module, adapter: str, alpha: float):
                 f"the adapter puts LoRA on the embedding {path!r}, which llama.cpp cannot apply from this "
                 "format; export the merged model instead (--format gguf)"
             )
-        fold = pair.scaling * pair.r / alpha  # 1 for a plain adapter: then B is written unchanged
-        B = pair.B.detach().float()
-        yield path, pair.A.detach().float(), B if math.isclose(fold, 1.0, rel_tol=1e-12) else B * fold
+        # (A, B, s) with s B A the whole update; None for a variant (DoRA, ...) that is more than that
+        factors = pair.low_rank_factors() if hasattr(pair, "low_rank_factors") else (pair.A, pair.B, pair.scaling)
+        if factors is None:
+            raise ExportError(
+                f"the adapter's {type(pair).__name__} on {path!r} is not a plain low-rank update, which is all "
+                "llama.cpp's LoRA applies; export the merged model instead (--format gguf)"
+            )
+        A, B, scaling = factors
+        fold = scaling * A.shape[0] / alpha  # 1 for a plain adapter: then B is written unchanged
+        A, B = A.detach().float(), B.detach().float()
+        yield path, A, B if math.isclose(fold, 1.0, rel_tol=1e-12) else B * fold
 
 
 def write_lora_gguf(model: nn.Module, config: LoraConfig, path: Path, outtype: str, name: str,

@@ -9,6 +9,7 @@ matches none of them is refused, since llama.cpp would tokenize it differently.
 from __future__ import annotations
 
 import json
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,8 +147,13 @@ def pre_tokenizer_name(spec: dict, cleans_spaces: bool = False) -> str:
 
 
 def _joins_digits(tokenizer: Any) -> bool:
-    """Whether any token holds a digit together with another character (then digit splitting matters)."""
-    return any(len(t) > 1 and any(c.isdigit() for c in t) for t in tokenizer.get_vocab())
+    """Whether any token's text holds a number character (\\p{N}) beside another character; only then
+    does splitting digits one by one before BPE change a tokenization."""
+    for token in tokenizer.get_vocab():
+        text = tokenizer.convert_tokens_to_string([token])
+        if len(text) > 1 and any(unicodedata.category(c).startswith("N") for c in text):
+            return True
+    return False
 
 
 def _flatten(pre: dict | None) -> list[dict]:

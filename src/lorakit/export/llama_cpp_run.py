@@ -14,16 +14,24 @@ import numpy as np
 
 from lorakit.export.errors import ExportError
 
+GGML_TYPE_F32 = 0  # ggml's type id for float32 (llama_cpp.GGML_TYPE_F32)
 
-def load_llama(path: str | Path, lora: str | Path | None = None, n_ctx: int = 512, logits_all: bool = False) -> Any:
-    """A llama_cpp.Llama on `path` (and a LoRA adapter GGUF), quiet, on this process's CPU threads."""
+
+def load_llama(path: str | Path, lora: str | Path | None = None, n_ctx: int = 512, logits_all: bool = False,
+               f32_cache: bool = False) -> Any:
+    """A llama_cpp.Llama on `path` (and a LoRA adapter GGUF), quiet, on this process's CPU threads.
+
+    `f32_cache` keeps the attention's K/V cache in f32 (llama.cpp's default is f16, which alone moves
+    logits by ~1e-3): for comparing logits, not for speed.
+    """
     try:
         from llama_cpp import Llama
     except ImportError:
         raise ExportError("checking in llama.cpp needs llama-cpp-python: pip install 'lorakit[test]'") from None
     threads = max(1, len(os.sched_getaffinity(0)))
+    cache = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if f32_cache else {}
     return Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=n_ctx, n_threads=threads,
-                 n_threads_batch=threads, logits_all=logits_all, verbose=False, seed=0)
+                 n_threads_batch=threads, logits_all=logits_all, verbose=False, seed=0, **cache)
 
 
 def greedy_ids(llm: Any, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> list[int]:
@@ -32,12 +40,19 @@ def greedy_ids(llm: Any, prompt_ids: list[int], max_new_tokens: int, stop_ids: s
     llm.eval(prompt_ids)
     out: list[int] = []
     for _ in range(max_new_tokens):
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = int(np.argmax(last_logits(llm)))
         if token in stop_ids:
             break
         out.append(token)
         llm.eval([token])
     return out
+
+
+def last_logits(llm: Any) -> np.ndarray:
+    """The logits after the last evaluated token (llama-cpp-python keeps `scores` only with logits_all)."""
+    import llama_cpp
+
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
 
 
 def prompt_logits(llm: Any, prompt_ids: list[int]) -> np.ndarray:
