@@ -40,7 +40,7 @@ VARIANTS = {
 
 
 def ensure_data(folder: Path) -> None:
-    if not (folder / "train.jsonl").is_file():
+    if not (folder / "valid.jsonl").is_file():  # make_data.py writes train, valid and test
         subprocess.run([sys.executable, str(ROOT / "examples" / "ros2" / "make_data.py"), str(folder)], check=True)
 
 
@@ -51,7 +51,8 @@ def run_variant(name: str, args, out: Path) -> dict:
         "--train.eval_strategy", "steps", "--train.eval_steps", str(args.steps), "--train.save_strategy", '"no"',  # quoted: YAML reads a bare no as false
         "--train.logging_steps", str(max(1, args.steps // 10)), "--train.batch_size", str(args.batch),
         "--eval.task", "null", "--data.max_eval_examples", str(args.eval_examples),
-        "--data.train_file", str(args.data / "train.jsonl"), "--data.eval_file", str(args.data / "test.jsonl"),
+        "--data.train_file", str(args.data / "train.jsonl"), "--data.eval_file", str(args.data / "valid.jsonl"),
+        "--data.test_file", "null",  # variants are compared on the eval split after the same steps
     ]
     command = [sys.executable, "-m", "lorakit", "train", str(CONFIG), *overrides, *VARIANTS[name]]
     started = time.time()

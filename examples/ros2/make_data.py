@@ -1,7 +1,9 @@
-"""Write the ROS 2 instruction→command splits (train.jsonl, test.jsonl) to a folder.
+"""Write the ROS 2 instruction→command splits (train.jsonl, valid.jsonl, test.jsonl) to a folder.
 
-Usage: ``python examples/ros2/make_data.py [OUT_DIR] [--n-train 2000] [--n-test 200] [--seed 0]``.
-The files are generated, never committed; see ``lorakit.tasks.ros2`` for the grammar and split rule.
+Usage: ``python examples/ros2/make_data.py [OUT_DIR] [--n-train 2000] [--n-valid 200] [--n-test 200] [--seed 0]``.
+Train is what the model learns from, valid is what picks the checkpoint (data.eval_file), test is
+scored once at the end (data.test_file). The three share no phrasing and no number pair. The files
+are generated, never committed; see ``lorakit.tasks.ros2`` for the grammar and split rule.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ def main() -> None:
     parser.add_argument("out_dir", nargs="?", type=Path, default=Path("runs/ros2-data"),
                         help="folder to write into (default: runs/ros2-data)")
     parser.add_argument("--n-train", type=int, default=DEFAULT_SIZES["train"], help="training records")
-    parser.add_argument("--n-test", type=int, default=DEFAULT_SIZES["test"], help="test records")
+    parser.add_argument("--n-valid", type=int, default=DEFAULT_SIZES["valid"],
+                        help="validation records (checkpoint selection)")
+    parser.add_argument("--n-test", type=int, default=DEFAULT_SIZES["test"], help="test records (the final score)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for split, path in write_splits(args.out_dir, args.n_train, args.n_test, args.seed).items():
+    for split, path in write_splits(args.out_dir, args.n_train, args.n_test, args.seed, args.n_valid).items():
         print(f"{split}: {path}")
 
 

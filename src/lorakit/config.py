@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field, fields
 
@@ -106,7 +107,17 @@ class DataConfig:
     """Where the examples come from and how they become token sequences."""
 
     train_file: str | None = _help("JSONL, JSON, CSV or TSV file of training examples", default=None)
-    eval_file: str | None = _help("held-out examples; if unset, eval_size of the training file is split off", default=None)
+    eval_file: str | None = _help(
+        "held-out examples that every number printed while training, the best checkpoint (train.metric_for_best) "
+        "and keep-best use; if unset, eval_size of the training file is split off",
+        default=None,
+    )
+    test_file: str | None = _help(
+        "examples scored once, after training, with the checkpoint the eval split chose: the run's reported "
+        "result (eval.task scores and the loss). No training decision sees them; must differ from train_file "
+        "and eval_file. Unset: the final score is on the eval split, and the summary says so",
+        default=None,
+    )
     hf_dataset: str | None = _help("a Hugging Face `datasets` name to load instead of train_file", default=None)
     format: str | None = _help(
         "a name of lorakit.data.formats.FORMATS: instruction | alpaca | chat | text_label | e2e (official E2E NLG "
@@ -192,6 +203,11 @@ class TrainConfig:
     fsdp: bool = _help("shard the frozen base across GPUs with FSDP (bases too large for one GPU; needs CUDA;"
                        " experimental: it failed at its second step on the one GPU it was tried on)", default=False)
     progress: bool = _help("show a progress bar", default=True)
+    report_to: list[str] | str = _help(
+        "experiment trackers besides metrics.jsonl (always written): tensorboard, mlflow, wandb (offline unless"
+        " logged in), or a list of them; none for metrics.jsonl alone",
+        default_factory=list,
+    )
 
 
 @dataclass
@@ -297,12 +313,47 @@ def run_problems(run: RunConfig) -> list[str]:
         out.append("train.fsdp: evaluation under FSDP is not supported yet; set train.eval_strategy no")
     if run.train.ddp_timeout <= 0:
         out.append(f"train.ddp_timeout: given {run.train.ddp_timeout!r}, expected a positive number of seconds")
+    out += _split_problems(run)
     if run.lora.init_lora_weights == "loftq" and run.quantization.bits is None:
         out.append("lora.init_lora_weights: 'loftq' needs a quantised base; set quantization.bits to 4 or 8")
     if not 0 <= run.train.warmup_ratio < 1:
         out.append(f"train.warmup_ratio: given {run.train.warmup_ratio!r}, expected a number in [0, 1)")
     out += _guard_problems(run.train)
+    out += _tracker_problems(run.train)
     return out
+
+
+def _split_problems(run: RunConfig) -> list[str]:
+    """data.test_file must be a split of its own: never the file that trains or chooses the checkpoint."""
+    data, out = run.data, []
+    if data.test_file is None:
+        return out
+    if not isinstance(data.test_file, str) or not data.test_file.strip():
+        return [f"data.test_file: given {data.test_file!r}, expected a file path or null"]
+    for name in ("train_file", "eval_file"):
+        other = getattr(data, name)
+        if isinstance(other, str) and _same_path(other, data.test_file):
+            out.append(f"data.test_file: given {data.test_file!r}, the same file as data.{name}; "
+                       "expected a separate test split that no training decision sees")
+    if run.train.fsdp:
+        out.append("data.test_file: scoring under FSDP is not supported yet; score the adapter with `lorakit eval`")
+    return out
+
+
+def _same_path(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _tracker_problems(train: TrainConfig) -> list[str]:
+    from lorakit.track import TRACKERS
+
+    names = [train.report_to] if isinstance(train.report_to, str) else list(train.report_to)
+    allowed = ("jsonl", "none", *TRACKERS)
+    return [
+        f"train.report_to: given {name!r}, expected {', '.join(allowed)} or a list of them"
+        for name in names
+        if name not in allowed
+    ]
 
 
 def _guard_problems(train: TrainConfig) -> list[str]:

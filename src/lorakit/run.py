@@ -11,15 +11,23 @@ import yaml
 
 from lorakit.checkpoint.run_card import RUN_CARD, read_run_card, write_run_card  # noqa: F401  (RUN_CARD, read_run_card: re-exported)
 from lorakit.config import ConfigError, RunConfig, to_dict
-from lorakit.data.classification import read_classification, tokenize_classification
+from lorakit.data.classification import read_classification, read_classification_test, tokenize_classification
 from lorakit.data.dataset import prepare_data
 from lorakit.infer.score import score_generations
 from lorakit.lora.inject import inject, trainable_counts, trainable_report
 from lorakit.models import default_device, load_causal_lm, load_sequence_classifier, load_tokenizer
 from lorakit.quant.model import quantize_model, weight_bytes_report
+from lorakit.track.runlog import RunLog
+from lorakit.track.samples import paired_rows
 from lorakit.train import distributed
+from lorakit.train.final_score import (
+    describe_splits,
+    eval_printer,
+    evaluate_test,
+    final_score_line,
+    selection_line,
+)
 from lorakit.train.loop import seed_everything, train
-from lorakit.train.metrics import MetricsLog
 from lorakit.train.objectives import OBJECTIVES, CausalLMObjective, ClassificationObjective
 
 log = logging.getLogger(__name__)
@@ -43,6 +51,7 @@ def run(config: RunConfig, echo=print) -> dict:
     world = distributed.init_from_env(config.train.ddp_timeout)
     echo = echo if world.main else _silent
     out = Path(config.train.output_dir)
+    run_log = RunLog(out, config.train.report_to, to_dict(config), enabled=world.main)  # trackers installed?
     if world.main:
         try:  # fail before loading anything when the run folder cannot be written
             out.mkdir(parents=True, exist_ok=True)
@@ -51,11 +60,13 @@ def run(config: RunConfig, echo=print) -> dict:
             raise ConfigError(f"train.output_dir: cannot write to {out} ({err.strerror}); expected a writable folder") from None
     seed_everything(config.train.seed)
     try:
-        summary = RUNS[OBJECTIVES[config.task]](config, echo)
+        with run_log.running():  # status.json: running, then finished, interrupted or failed
+            summary = RUNS[OBJECTIVES[config.task]](config, echo, run_log)
+            if world.main:
+                (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+            run_log.log_adapter(summary.get("adapter"))
     finally:
         distributed.shutdown()
-    if world.main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     return summary
 
 
@@ -63,8 +74,12 @@ def _silent(*args, **kwargs) -> None:
     """`echo` on every process but rank 0."""
 
 
-def run_causal_lm(run: RunConfig, echo=print) -> dict:
-    """Instruction-tune a causal LM; score generations before and after when `eval.task` is set."""
+def run_causal_lm(run: RunConfig, echo=print, run_log: RunLog | None = None) -> dict:
+    """Instruction-tune a causal LM; score generations before and after when `eval.task` is set.
+
+    Training and checkpoint selection see the eval split only; the final scores (generation scores
+    of the base and the adapter, and the loss) are on the test split when `data.test_file` is set.
+    """
     tokenizer = load_tokenizer(run.model)
     model = load_causal_lm(run.model).to(default_device())
     if run.lora.init_lora_weights != "loftq":  # LoftQ quantises after inject, from the full-precision weights
@@ -72,15 +87,16 @@ def run_causal_lm(run: RunConfig, echo=print) -> dict:
     data = prepare_data(run.data, tokenizer, run.train.seed)
     stats = data.stats["train"]
     echo(
-        f"data: {stats.examples} train / {len(data.eval)} eval examples; "
+        f"data: {stats.examples} train / {len(data.eval)} eval{_test_count(data.test)} examples; "
         f"{stats.truncated} truncated, {stats.dropped} dropped at max_length {run.data.max_length}"
     )
 
     summary: dict = {"model": run.model}
     main = distributed.current_world().main  # generation scoring runs on rank 0 only
-    if main and run.eval.task and run.eval.compare_base:
-        summary["base"] = score_generations(model, tokenizer, data.eval_records, data.template, run.eval)
-        echo(f"base model: {_scores_line(summary['base'])}")
+    final_records = data.test_records if run.data.test_file else data.eval_records
+    if main and run.eval.task and run.eval.compare_base:  # printed with the final score, on the same split
+        summary["base"] = score_generations(model, tokenizer, final_records, data.template, run.eval,
+                                           keep_rows=True)
 
     inject(model, run.lora)
     summary["weight_bytes"] = _quantize_after_inject(model, run, echo)
@@ -88,33 +104,64 @@ def run_causal_lm(run: RunConfig, echo=print) -> dict:
     trainable, total = trainable_counts(model)
     echo(data_sufficiency(stats.prompt_tokens + stats.response_tokens, trainable, total))
     objective = CausalLMObjective(tokenizer.pad_token_id, run.data.pack_length if run.data.packing else None)
-    result = train(model, data.train, data.eval, run.train, objective, {"model": run.model})
+    run_log = run_log or RunLog(run.train.output_dir, enabled=main)
+    result = train(model, data.train, data.eval, run.train, objective, {"model": run.model},
+                   on_eval=eval_printer(_above_progress_bar(echo), run.data), run_log=run_log)
     if main:
         write_run_card(result.adapter_dir, template=run.data.template, task=run.eval.task, model=run.model,
                        quantization=to_dict(run.quantization) if run.quantization.bits else None)
     summary.update(steps=result.steps, seconds=round(result.seconds, 1), adapter=result.adapter_dir,
                    eval=result.final_eval, best_checkpoint=result.best_checkpoint)
+    summary.update(describe_splits(run.data, run.train, result.best_metric, result.best_checkpoint))
     echo(f"trained {result.steps} steps in {result.seconds:.0f} s; adapter in {result.adapter_dir}")
 
-    if main and run.eval.task:
-        summary["adapter_scores"] = score_generations(model, tokenizer, data.eval_records, data.template, run.eval)
-        echo(f"adapter: {_scores_line(summary['adapter_scores'])}")
-        _log_task_scores(run.train.output_dir, summary.get("base"), summary["adapter_scores"], result.steps)
-        for sample in summary["adapter_scores"]["samples"]:
-            echo(f"  {sample['instruction']!r}\n    -> {sample['prediction']}\n    ref {sample['reference']}")
+    scores = _final_causal_lm_scores(run, model, tokenizer, data, objective, result, summary, echo, run_log)
+    summary["final_score"]["scores"] = scores
+    _echo_result(echo, summary)
     return summary
 
 
-def run_classification(run: RunConfig, echo=print) -> dict:
+def _final_causal_lm_scores(run: RunConfig, model, tokenizer, data, objective, result, summary: dict,
+                            echo, run_log: RunLog) -> dict:
+    """The chosen checkpoint's final scores: loss and generation scores on the test split (scored once),
+    or, without a test file, the chosen eval and generation scores on the eval split."""
+    main = distributed.current_world().main
+    if data.test:
+        scores = evaluate_test(model, objective, data.test, run.train.batch_size)
+    else:
+        scores = _chosen_eval(result, run.train.metric_for_best)
+    prefix = "test_" if run.data.test_file else "eval_"
+    generated = {}
+    if main and run.eval.task:
+        records = data.test_records if run.data.test_file else data.eval_records
+        summary["adapter_scores"] = score_generations(model, tokenizer, records, data.template, run.eval,
+                                                      keep_rows=True)
+        base_rows = summary["base"].pop("rows") if "base" in summary else None
+        run_log.log_samples(paired_rows(summary["adapter_scores"].pop("rows"), base_rows))
+        generated = _prefixed(prefix, summary["adapter_scores"])
+        scores.update(generated)
+        for sample in summary["adapter_scores"]["samples"]:
+            echo(f"  {sample['instruction']!r}\n    -> {sample['prediction']}\n    ref {sample['reference']}")
+    if main:  # on the eval split only the generation scores are new; its loss is logged with the checkpoint
+        base = _prefixed(prefix, summary.get("base") or {})
+        _log_final_scores(run_log, prefix.rstrip("_"), base, scores if run.data.test_file else generated,
+                          result.steps)
+    return scores
+
+
+def run_classification(run: RunConfig, echo=print, run_log: RunLog | None = None) -> dict:
     """LoRA plus a fully trained head on a text/label set; keep the best checkpoint by dev accuracy."""
     train_records, eval_records, labels = read_classification(run.data, run.train.seed)
+    test_records = read_classification_test(run.data)
     tokenizer = load_tokenizer(run.model)
     model = load_sequence_classifier(run.model, len(labels.values)).to(default_device())
     model.config.id2label = dict(enumerate(labels.names))
     model.config.label2id = {n: i for i, n in enumerate(labels.names)}
     train_examples = tokenize_classification(tokenizer, train_records, run.data, labels)
     eval_examples = tokenize_classification(tokenizer, eval_records, run.data, labels)
-    echo(f"data: {len(train_examples)} train / {len(eval_examples)} eval examples; labels: {', '.join(labels.names)}")
+    test_examples = tokenize_classification(tokenizer, test_records, run.data, labels)
+    echo(f"data: {len(train_examples)} train / {len(eval_examples)} eval{_test_count(test_examples)} examples; "
+         f"labels: {', '.join(labels.names)}")
 
     lora = run.lora if run.lora.task_type else replace(run.lora, task_type="SEQ_CLS")
     inject(model, lora)
@@ -123,20 +170,31 @@ def run_classification(run: RunConfig, echo=print) -> dict:
     trainable, total = trainable_counts(model)
     echo(data_sufficiency(sum(len(e["input_ids"]) for e in train_examples), trainable, total))
     objective = ClassificationObjective(tokenizer.pad_token_id, len(labels.values))
-    result = train(model, train_examples, eval_examples, run.train, objective, {"model": run.model})
+    run_log = run_log or RunLog(run.train.output_dir, enabled=distributed.current_world().main)
+    result = train(model, train_examples, eval_examples, run.train, objective, {"model": run.model},
+                   on_eval=eval_printer(_above_progress_bar(echo), run.data), run_log=run_log)
     if distributed.current_world().main:
         write_run_card(
             result.adapter_dir, task="seq_cls", model=run.model, labels=labels.names, max_length=run.data.max_length
         )
     echo(f"trained {result.steps} steps in {result.seconds:.0f} s; adapter in {result.adapter_dir}")
     best = result.best_metric if result.best_metric is not None else result.final_eval.get("eval_accuracy")
-    echo(f"best {run.train.metric_for_best}: {best}")
-    trainable_share = trainable / total
-    return {
+    summary = {
         "model": run.model, "steps": result.steps, "seconds": round(result.seconds, 1), "adapter": result.adapter_dir,
-        "best_metric": best, "eval": result.final_eval, "trainable_share": trainable_share,
+        "best_metric": best, "eval": result.final_eval, "trainable_share": trainable / total,
         "best_checkpoint": result.best_checkpoint,
+        **describe_splits(run.data, run.train, result.best_metric, result.best_checkpoint),
     }
+    if test_examples:  # the chosen checkpoint, once, on the test split: accuracy and macro-F1 of one evaluation
+        scores = evaluate_test(model, objective, test_examples, run.train.batch_size)
+        if distributed.current_world().main:
+            _log_final_scores(run_log, "test", {}, scores, result.steps)
+    else:
+        scores = {k: v for k, v in result.final_eval.items() if k != "confusion"}
+        scores = _chosen_eval(result, run.train.metric_for_best) or scores
+    summary["final_score"]["scores"] = scores
+    _echo_result(echo, summary)
+    return summary
 
 
 RUNS = {CausalLMObjective: run_causal_lm, ClassificationObjective: run_classification}  # per objective
@@ -152,13 +210,52 @@ def _quantize_after_inject(model, run: RunConfig, echo) -> dict | None:
     return report.as_dict()
 
 
-def _log_task_scores(run_dir: str, base: dict | None, adapter: dict, steps: int) -> None:
-    """Put the generation scores (base at step 0, adapter at the end) into metrics.jsonl and the plot."""
-    metrics = MetricsLog(run_dir, resume=True)
-    for step, scores in ((0, base), (steps, adapter)):
-        if scores:
-            metrics.write(kind="eval", step=step, **{f"eval_{k}": v for k, v in scores.items() if isinstance(v, float)})
-    metrics.plot()
+def _log_final_scores(run_log: RunLog, kind: str, base: dict, final: dict, steps: int) -> None:
+    """Put the final scores (the base's at step 0, the chosen checkpoint's at the end) into metrics.jsonl and the trackers.
+
+    Scores on the test split are logged as kind "test", so that curves and anything reading eval
+    events never mix them with the split that chose the checkpoint.
+    """
+    for step, scores in ((0, base), (steps, final)):
+        numbers = {k: v for k, v in scores.items() if isinstance(v, float)}
+        if numbers:
+            run_log.write(kind=kind, step=step, **numbers)
+    run_log.plot()
+
+
+def _test_count(test: list) -> str:
+    return f" / {len(test)} test" if test else ""
+
+
+def _prefixed(prefix: str, scores: dict) -> dict:
+    return {prefix + k: v for k, v in scores.items() if isinstance(v, float)}
+
+
+def _chosen_eval(result, metric: str) -> dict:
+    """The eval metrics logged with the chosen checkpoint's step (what the final eval split score is)."""
+    if result.best_checkpoint is None:
+        return {}
+    step = int(result.best_checkpoint.rsplit("-", 1)[-1])
+    chosen = [e for e in result.history if e.get("kind") == "eval" and e.get("step") == step and metric in e]
+    return {k: v for k, v in chosen[-1].items() if k.startswith("eval_")} if chosen else {}
+
+
+def _echo_result(echo, summary: dict) -> None:
+    """The run's closing lines: which split chose the checkpoint, then the one final score and its split."""
+    echo(selection_line(summary))
+    base = summary.get("base")
+    if base:
+        echo(f"base model (no adapter), same split: {_scores_line(base)}")
+    echo(final_score_line(summary))
+
+
+def _above_progress_bar(echo):
+    """Lines printed while the progress bar runs go above it (tqdm.write), not through it."""
+    if echo is not print:
+        return echo
+    from tqdm.auto import tqdm
+
+    return tqdm.write
 
 
 def _scores_line(scores: dict) -> str:

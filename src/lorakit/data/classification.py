@@ -14,9 +14,9 @@ import torch
 
 from lorakit.config import DataConfig
 from lorakit.data.collate import pad_batch
+from lorakit.data.dataset import read_test_records, with_eval_split
 from lorakit.data.files import load_records
 from lorakit.data.formats import DataError, where
-from lorakit.data.dataset import with_eval_split
 
 
 @dataclass
@@ -75,6 +75,11 @@ def read_classification(config: DataConfig, seed: int) -> tuple[list[dict], list
         config, train, lambda records, source: check_text_label(records, config, source), seed
     )
     return train, evaluation, labels
+
+
+def read_classification_test(config: DataConfig) -> list[dict]:
+    """`data.test_file`'s text/label records, checked (none when it is unset)."""
+    return read_test_records(config, None, lambda records, source: check_text_label(records, config, source))
 
 
 def tokenize_classification(tokenizer, records: list[dict], config: DataConfig, labels: LabelSet) -> list[dict]:

@@ -24,6 +24,8 @@ class PreparedData:
     eval_records: list[dict[str, Any]]  # the raw eval records, for generation-based scoring
     template: Any
     stats: dict[str, TokenizeStats] = field(default_factory=dict)
+    test: list[dict[str, Any]] = field(default_factory=list)  # tokenised data.test_file: scored once, at the end
+    test_records: list[dict[str, Any]] = field(default_factory=list)
 
 
 def read_records(config: DataConfig, seed: int) -> tuple[list[dict], list[dict], str]:
@@ -70,12 +72,27 @@ def with_eval_split(config: DataConfig, train: list[dict], check, seed: int, loa
     return train, evaluation
 
 
+def read_test_records(config: DataConfig, fmt: str | None, check) -> list[dict]:
+    """`data.test_file`'s records, checked with `check(records, source)` (none when it is unset)."""
+    if not config.test_file:
+        return []
+    load, _ = file_reader(config.format)
+    records = load(config.test_file)
+    check(records, config.test_file)
+    return records
+
+
 def prepare_data(config: DataConfig, tokenizer, seed: int) -> PreparedData:
     """Read, split, render and tokenise a causal-LM run's examples (loss on the response only)."""
-    train_records, eval_records, _ = read_records(config, seed)
+    train_records, eval_records, fmt = read_records(config, seed)
+    test_records = read_test_records(config, fmt, lambda records, source: validate_records(records, fmt, source))
     template = get_template(config.template, tokenizer)
     train, train_stats = tokenize_dataset(tokenizer, train_records, template, config.max_length)
     evaluation, eval_stats = tokenize_dataset(tokenizer, eval_records, template, config.max_length)
     if not train:
         raise DataError(f"{config.train_file}: no example kept a response token within max_length {config.max_length}")
-    return PreparedData(train, evaluation, eval_records, template, {"train": train_stats, "eval": eval_stats})
+    stats = {"train": train_stats, "eval": eval_stats}
+    test: list[dict[str, Any]] = []
+    if test_records:
+        test, stats["test"] = tokenize_dataset(tokenizer, test_records, template, config.max_length)
+    return PreparedData(train, evaluation, eval_records, template, stats, test, test_records)

@@ -11,11 +11,14 @@ from lorakit.tasks import task_scorer
 __all__ = ["score_generations", "task_scorer"]
 
 
-def score_generations(model: nn.Module, tokenizer, records: list[dict], template, config: EvalConfig) -> dict:
+def score_generations(
+    model: nn.Module, tokenizer, records: list[dict], template, config: EvalConfig, keep_rows: bool = False
+) -> dict:
     """Greedy-generate a response for each record; return the task's scores and a few samples.
 
     For a multi-reference task (E2E: several references per meaning representation) each distinct
-    prompt is generated once and scored against all of its records' references.
+    prompt is generated once and scored against all of its records' references. With `keep_rows`
+    the result also holds "rows": every prompt with its output and the scorer's verdict on it alone.
     """
     scorer = task_scorer(config.task)
     pairs = [template.render(r) for r in records]
@@ -33,7 +36,19 @@ def score_generations(model: nn.Module, tokenizer, records: list[dict], template
         {"instruction": r.get("instruction", prompts[i]), "reference": _first(refs[i]), "prediction": preds[i]}
         for i, r in enumerate(records[: config.samples])
     ]
-    return {**scores, "samples": samples}
+    result = {**scores, "samples": samples}
+    if keep_rows:
+        result["rows"] = [
+            {"instruction": r.get("instruction", prompts[i]), "prompt": prompts[i], "reference": refs[i],
+             "prediction": preds[i], "scores": row_scores(scorer, preds[i], refs[i])}
+            for i, r in enumerate(records)
+        ]
+    return result
+
+
+def row_scores(scorer, prediction: str, reference) -> dict[str, float]:
+    """The task scorer's numbers for one output alone (exact_match 0/1 for ros2; sentence BLEU for e2e)."""
+    return {k: v for k, v in scorer([prediction], [reference]).items() if isinstance(v, float)}
 
 
 def _group_by_prompt(pairs: list[tuple[str, str]], records: list[dict]) -> tuple[list, list[dict]]:

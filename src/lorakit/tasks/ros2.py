@@ -1,4 +1,4 @@
-"""ROS 2 instruction→command data: a generator with a held-out test split, and its scorer.
+"""ROS 2 instruction→command data: a generator with held-out valid and test splits, and its scorer.
 
 Grammar (one output per instruction; every number formatted exactly as shown)::
 
@@ -16,12 +16,16 @@ Speeds are m/s with one decimal, backward negative. Angles are multiples of 15 d
 written as radians rounded to 2 decimals, left (counter-clockwise) positive; a turn with no angle
 is 90 degrees. Coordinates are -10..10 with one decimal.
 
-Split rule: every phrasing table (templates per family, politeness wrappers) is cut by position,
-every ``HOLDOUT_EVERY``-th entry being test-only, so no test phrasing appears in train. Numbers:
-the two-number commands (drive_turn's (speed, angle), navigate's (x, y)) are test-only when a
-CRC of the tuple falls in one fifth of the range, so test pairs are never seen in train. Single
-speeds and angles form small closed sets that a model has to learn whole, so both splits use them
-all (train cycles through every value); only their phrasing differs.
+Split rule: every phrasing table (templates per family, politeness wrappers) is cut by position:
+every ``HOLDOUT_EVERY``-th entry is test-only, and of the rest every ``VALID_EVERY``-th (from
+``VALID_OFFSET``) is valid-only, so the three splits share no phrasing. Numbers: the two-number
+commands (drive_turn's (speed, angle), navigate's (x, y)) are test-only when a CRC of the tuple
+falls in one fifth of the range and valid-only when it falls in another tenth, so neither held-out
+split's pairs are seen in train or in the other. The valid split thus measures what the test split
+measures (unseen phrasings, unseen number pairs) on other phrasings and pairs, so a checkpoint can
+be chosen on it without looking at test. Single speeds and angles form small closed sets that a
+model has to learn whole, so every split uses them all (train cycles through every value); only
+their phrasing differs. The test split of a seed is the same whatever the other splits hold.
 """
 
 from __future__ import annotations
@@ -52,9 +56,10 @@ logger = logging.getLogger(__name__)
 
 KINDS = ("drive", "turn", "drive_turn", "stop", "navigate", "topic_list", "node_list", "echo")
 TOPICS = ("/odom", "/scan", "/imu", "/battery_state", "/camera/image_raw", "/tf", "/cmd_vel")
-SPLITS = ("train", "test")
-DEFAULT_SIZES = {"train": 2000, "test": 200}
+SPLITS = ("train", "valid", "test")
+DEFAULT_SIZES = {"train": 2000, "valid": 200, "test": 200}
 HOLDOUT_EVERY = 4  # entries 3, 7, 11, ... of each phrasing table are test-only
+VALID_EVERY, VALID_OFFSET = 8, 1  # entries 1, 9, 17, ... are valid-only (never a test position)
 # How often each kind is drawn: the parameterised kinds evenly, stop/list/echo less often.
 KIND_WEIGHTS = {"drive": 6, "turn": 6, "drive_turn": 6, "navigate": 6,
                 "stop": 2, "topic_list": 2, "node_list": 2, "echo": 3}
@@ -141,9 +146,15 @@ SEED_EXAMPLES: tuple[tuple[str, Command], ...] = (
 
 
 # ---- splitting the phrasing tables (lorakit.tasks.ros2_phrasings) ------------------------------------
+def _position_split(i: int) -> str:
+    """The split that owns entry ``i`` of a phrasing table."""
+    if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1:
+        return "test"
+    return "valid" if i % VALID_EVERY == VALID_OFFSET else "train"
+
+
 def _for_split(items: tuple[str, ...], split: str) -> tuple[str, ...]:
-    test = split == "test"
-    return tuple(x for i, x in enumerate(items) if (i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1) == test)
+    return tuple(x for i, x in enumerate(items) if _position_split(i) == split)
 
 
 def phrasings(split: str) -> tuple[dict[str, tuple[str, ...]], tuple[str, ...]]:
@@ -157,11 +168,20 @@ def phrasings(split: str) -> tuple[dict[str, tuple[str, ...]], tuple[str, ...]]:
     return {f: _for_split(t, split) for f, (_, t) in TEMPLATES.items()}, _for_split(WRAPPERS, split)
 
 
+def number_split(cmd: Command) -> str | None:
+    """The split that owns ``cmd``'s number pair (test: a fifth of the pairs by CRC, valid: another
+    tenth, train: the rest), or None for a command without two numbers (every split uses those)."""
+    if cmd.kind not in ("drive_turn", "navigate"):
+        return None
+    crc = zlib.crc32(repr((cmd.kind, cmd.speed, cmd.angle_deg, cmd.x, cmd.y)).encode())
+    if crc % 5 == 0:
+        return "test"
+    return "valid" if crc % 10 == 1 else "train"  # crc % 10 == 1 implies crc % 5 == 1: never a test pair
+
+
 def held_out_numbers(cmd: Command) -> bool:
     """Whether ``cmd``'s numbers are test-only: a fifth of the two-number tuples, by CRC."""
-    if cmd.kind not in ("drive_turn", "navigate"):
-        return False
-    return zlib.crc32(repr((cmd.kind, cmd.speed, cmd.angle_deg, cmd.x, cmd.y)).encode()) % 5 == 0
+    return number_split(cmd) == "test"
 
 
 # ---- generation -----------------------------------------------------------------------------------
@@ -195,7 +215,7 @@ def _sample_command(family: str, split: str, rng: random.Random, bags: dict[str,
     if family in ("turn", "turn90"):
         return Command(kind, angle_deg=bags["angle"].draw() if family == "turn" else rng.choice((90, -90)))
     if kind in ("drive_turn", "navigate"):
-        while True:  # rejection sampling: test keeps held-out tuples, train the rest (~1 in 5 rejected)
+        while True:  # rejection sampling: each split keeps the tuples it owns (see number_split)
             if kind == "navigate":
                 whole = rng.random() < 0.5
                 x, y = ((rng.randint(-10, 10), rng.randint(-10, 10)) if whole
@@ -204,7 +224,7 @@ def _sample_command(family: str, split: str, rng: random.Random, bags: dict[str,
             else:
                 angle = rng.choice(_ANGLES) if family == "drive_turn" else rng.choice((90, -90))
                 cmd = Command(kind, speed=rng.choice(_SPEEDS), angle_deg=angle)
-            if held_out_numbers(cmd) == (split == "test"):
+            if number_split(cmd) == split:
                 return cmd
     if kind == "echo":
         return Command(kind, topic=bags["topic"].draw())
@@ -280,18 +300,19 @@ def write_splits(
     n_train: int = DEFAULT_SIZES["train"],
     n_test: int = DEFAULT_SIZES["test"],
     seed: int = 0,
+    n_valid: int = DEFAULT_SIZES["valid"],
 ) -> dict[str, Path]:
-    """Write ``train.jsonl`` and ``test.jsonl`` (UTF-8, one object a line) under ``out_dir``.
+    """Write ``train.jsonl``, ``valid.jsonl`` and ``test.jsonl`` (UTF-8, one object a line) under ``out_dir``.
 
     A file that already holds the same content is left untouched.
 
     Returns:
-        ``{"train": path, "test": path}``.
+        ``{"train": path, "valid": path, "test": path}``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for split, n in (("train", n_train), ("test", n_test)):
+    for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
         path = out / f"{split}.jsonl"
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in make_split(split, n, seed))
         if not path.exists() or path.read_text(encoding="utf-8") != text:

@@ -1,0 +1,153 @@
+"""What every bench writes: one JSON file per bench, `runs/bench/<bench>.json`, in one shape.
+
+    {
+      "bench": "train_throughput",                   the file's name, without .json
+      "title": "Training throughput and MFU",         the heading in docs/benchmarks.md
+      "description": "...",                           one paragraph: what is compared, on what
+      "command": "python bench/train_throughput.py --steps 50",
+      "commit": "1a2b3c4", "dirty": false,            the tree that ran (dirty: uncommitted changes)
+      "date": "2025-01-31T12:00:00+00:00",
+      "machine": {"cpu": ..., "cores": 2, "torch_threads": 2, "memory_gib": 23.5, "device": "cpu",
+                  "torch": "2.13.0", "gemm_gflops": 52.1},  gemm_gflops only where a bench measured it
+      "columns": [["variant", "variant"], ["tokens_per_s", "tok/s"], ...],   optional: order and headers
+      "runs": [{"repeat": 1, "variant": "a", "tokens_per_s": 42.9, ...}, ...],   every run, never only the best
+      "summary": [{"what": "c / b", "min": 1.37, "median": 1.40}, ...],   optional: derived rows
+      "notes": ["..."]                                optional: lines printed under the tables
+    }
+
+`write_result(...)` fills command, commit, date and machine; a bench passes its runs and summary.
+`python bench/report.py` turns every such file into docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "runs" / "bench"
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """How this bench was started, as a user would type it from the repository root."""
+    argv = list(sys.argv if argv is None else argv)
+    script = Path(argv[0]).resolve()
+    shown = script.relative_to(ROOT).as_posix() if script.is_relative_to(ROOT) else argv[0]
+    return shlex.join(["python", shown, *argv[1:]])
+
+
+def git_state() -> dict:
+    """{"commit": short hash or None, "dirty": whether tracked files differ from it}."""
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    commit = git("rev-parse", "--short=10", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def machine(**measured) -> dict:
+    """The machine a bench ran on: CPU model, cores, threads, memory, device; plus `measured` rates."""
+    import torch
+
+    info = {
+        "cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "memory_gib": _memory_gib(), "device": "cpu", "torch": torch.__version__.split("+")[0],
+    }
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name(0)
+    info.update({k: v for k, v in measured.items() if v is not None})
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def gemm_rates(shapes: list[tuple[int, int, int]], seconds: float = 0.3) -> dict[tuple[int, int, int], float]:
+    """fp32 GFLOP/s of torch.mm at each (M, K, N), each timed for about `seconds` after a warm-up."""
+    import torch
+
+    rates = {}
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        out = torch.empty(m, n)
+        torch.mm(a, b, out=out)
+        repeats, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            torch.mm(a, b, out=out)
+            repeats += 1
+        rates[(m, k, n)] = 2 * m * k * n * repeats / (time.perf_counter() - start) / 1e9
+    return rates
+
+
+def min_median(values: list[float]) -> dict:
+    """{"min", "median", "max", "n"} of a bench's repeated figures."""
+    return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
+
+
+def write_result(
+    bench: str,
+    title: str,
+    runs: list[dict],
+    *,
+    description: str = "",
+    summary: list[dict] | None = None,
+    columns: list[tuple[str, str]] | None = None,
+    notes: list[str] | None = None,
+    machine_info: dict | None = None,
+    out_dir: str | Path | None = None,
+    argv: list[str] | None = None,
+) -> Path:
+    """Write `runs/bench/<bench>.json` (or under `out_dir`) in the shape above; returns its path."""
+    record = {
+        "bench": bench, "title": title, "description": description, "command": command_line(argv),
+        **git_state(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine_info or machine(), "runs": runs,
+    }
+    if columns:
+        record["columns"] = [list(c) for c in columns]
+    if summary:
+        record["summary"] = summary
+    if notes:
+        record["notes"] = notes
+    path = Path(out_dir or RESULTS_DIR) / f"{bench}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=_plain) + "\n", encoding="utf-8")
+    tmp.replace(path)  # atomic: a reader never sees half a file
+    return path
+
+
+def _plain(value):
+    """JSON for what json cannot write itself (paths, tuples as keys are the caller's job)."""
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
