@@ -196,7 +196,7 @@ class TrainConfig:
 class EvalConfig:
     """What is measured after training, beside the loss."""
 
-    task: str | None = _help("task scorer for generated outputs: ros2, e2e (BLEU, ROUGE-L per distinct prompt), or none", default=None)
+    task: str | None = _help("task scorer for generated outputs: ros2, e2e (the E2E challenge's BLEU and NIST per distinct prompt), or none", default=None)
     max_new_tokens: int = _help("generation budget per example", default=64)
     batch_size: int = _help("prompts per generation batch", default=32)
     compare_base: bool = _help("also score the base model without the adapter", default=True)
