@@ -38,8 +38,8 @@ def add_parser(commands) -> None:
     parser.set_defaults(run=run)
 
 
-def add_model_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="built-in name, folder, .gguf file or Hub id")
+def add_model_arguments(parser, model_required: bool = True) -> None:
+    parser.add_argument("--model", required=model_required, help="built-in name, folder, .gguf file or Hub id")
     parser.add_argument("--adapter", help="a PEFT-format adapter folder")
     parser.add_argument(
         "--template", help="seed, alpaca, chat, raw, or a format string with {instruction}; default: the adapter's"
