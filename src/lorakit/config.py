@@ -7,6 +7,7 @@ import os
 import re
 from dataclasses import dataclass, field, fields
 
+from lorakit.lora.variants import VARIANTS
 from lorakit.tasks import TASKS
 
 BIAS_CHOICES = ("none", "all", "lora_only")
@@ -81,6 +82,9 @@ class LoraConfig:
         for key, value in self.rank_pattern.items():
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 out.append(f"lora.rank_pattern[{key!r}]: given {value!r}, expected a positive integer")
+        chosen = [flag for flag in VARIANTS if getattr(self, flag, False)]
+        if len(chosen) > 1:
+            out.append(f"lora.{chosen[0]} and lora.{chosen[1]} are both set; an adapter is one variant, pick one")
         return out
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
