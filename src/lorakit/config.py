@@ -39,6 +39,10 @@ class LoraConfig:
         "modules trained in full and saved with the adapter (e.g. a classifier head)", default=None
     )
     use_rslora: bool = _help("scale by lora_alpha / sqrt(r) instead of lora_alpha / r", default=False)
+    use_dora: bool = _help(
+        "DoRA: a trained magnitude per output feature times the direction of W + s B A (Linear and Conv1D)",
+        default=False,
+    )
     init_lora_weights: bool | str = _help(
         "True (Kaiming A, zero B), 'gaussian', 'pissa' (A, B from the top-r SVD of W), 'loftq' (A, B from "
         "the quantisation error of a quantised base; needs quantization.bits), False (random)",
