@@ -197,6 +197,14 @@ def _check(model, names, weights, new_name, method, configs, density, sign_metho
         problems.append(f"adapter '{new_name}' already exists on this model; pick another name")
     if any(c.modules_to_save for c in configs[1:]):
         problems.append("only the first adapter may carry modules_to_save (a trained head cannot be combined)")
+    problems += option_problems(method, configs, density, sign_method, svd_rank)
+    if problems:
+        raise ConfigError("add_weighted_adapter: " + "; ".join(problems))
+
+
+def option_problems(method: str, configs: list[LoraConfig], density, sign_method: str, svd_rank) -> list[str]:
+    """What is wrong with a combination's options for adapters with these configs, one line each."""
+    problems = []
     combination = COMBINATIONS.get(method)
     if combination is None:
         problems.append(f"combination_type: given {method!r}, expected one of {', '.join(COMBINATIONS)}")
@@ -213,8 +221,7 @@ def _check(model, names, weights, new_name, method, configs, density, sign_metho
         problems.append(f"majority_sign_method: given {sign_method!r}, expected one of {', '.join(SIGN_METHODS)}")
     if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank <= 0):
         problems.append(f"svd_rank: given {svd_rank!r}, expected a positive integer")
-    if problems:
-        raise ConfigError("add_weighted_adapter: " + "; ".join(problems))
+    return problems
 
 
 def _factors(layer, name: str, module_name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
