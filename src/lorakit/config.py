@@ -7,6 +7,8 @@ import os
 import re
 from dataclasses import dataclass, field, fields
 
+from lorakit.lora.inits import INITS, MOVES_BASE
+from lorakit.lora.variants import VARIANTS
 from lorakit.tasks import TASKS
 
 BIAS_CHOICES = ("none", "all", "lora_only")
@@ -38,9 +40,13 @@ class LoraConfig:
         "modules trained in full and saved with the adapter (e.g. a classifier head)", default=None
     )
     use_rslora: bool = _help("scale by lora_alpha / sqrt(r) instead of lora_alpha / r", default=False)
+    use_dora: bool = _help(
+        "DoRA: a trained magnitude per output feature times the direction of W + s B A (Linear and Conv1D)",
+        default=False,
+    )
     init_lora_weights: bool | str = _help(
-        "True (Kaiming A, zero B), 'gaussian', 'pissa' (A, B from the top-r SVD of W), 'loftq' (A, B from "
-        "the quantisation error of a quantised base; needs quantization.bits), False (random)",
+        "True (Kaiming A, zero B), 'gaussian', 'pissa' (A, B from the top-r SVD of W), 'olora' (A, B from the QR "
+        "of W), 'loftq' (A, B from the quantisation error of a quantised base; needs quantization.bits), False (random)",
         default=True,
     )
     loftq_iter: int = _help("LoftQ: alternating quantise/SVD rounds; 1 keeps the plain quantised base", default=1)
@@ -69,10 +75,11 @@ class LoraConfig:
             out.append(f"lora.lora_dropout: given {self.lora_dropout!r}, expected a number in [0, 1)")
         if self.bias not in BIAS_CHOICES:
             out.append(f"lora.bias: given {self.bias!r}, expected one of {', '.join(BIAS_CHOICES)}")
-        if self.init_lora_weights not in (True, False, "gaussian", "pissa", "loftq"):
+        named_inits = [k for k in INITS if isinstance(k, str)]
+        if not isinstance(self.init_lora_weights, bool) and self.init_lora_weights not in named_inits:
             out.append(
                 f"lora.init_lora_weights: given {self.init_lora_weights!r}, "
-                "expected true, false, 'gaussian', 'pissa' or 'loftq'"
+                f"expected true, false or one of {', '.join(repr(k) for k in named_inits)}"
             )
         if isinstance(self.loftq_iter, bool) or not isinstance(self.loftq_iter, int) or self.loftq_iter <= 0:
             out.append(f"lora.loftq_iter: given {self.loftq_iter!r}, expected a positive integer")
@@ -81,6 +88,9 @@ class LoraConfig:
         for key, value in self.rank_pattern.items():
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 out.append(f"lora.rank_pattern[{key!r}]: given {value!r}, expected a positive integer")
+        chosen = [flag for flag in VARIANTS if getattr(self, flag, False)]
+        if len(chosen) > 1:
+            out.append(f"lora.{chosen[0]} and lora.{chosen[1]} are both set; an adapter is one variant, pick one")
         return out
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
@@ -316,6 +326,11 @@ def run_problems(run: RunConfig) -> list[str]:
     out += _split_problems(run)
     if run.lora.init_lora_weights == "loftq" and run.quantization.bits is None:
         out.append("lora.init_lora_weights: 'loftq' needs a quantised base; set quantization.bits to 4 or 8")
+    if run.lora.init_lora_weights in MOVES_BASE and run.quantization.bits is not None:
+        out.append(
+            f"lora.init_lora_weights: {run.lora.init_lora_weights!r} moves part of W into the adapter, which needs a "
+            "float base; unset quantization.bits, or use 'loftq' for a quantised one"
+        )
     if not 0 <= run.train.warmup_ratio < 1:
         out.append(f"train.warmup_ratio: given {run.train.warmup_ratio!r}, expected a number in [0, 1)")
     out += _guard_problems(run.train)
