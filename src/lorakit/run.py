@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from lorakit.checkpoint.run_card import RUN_CARD, read_run_card, write_run_card  # noqa: F401  (RUN_CARD, read_run_card: re-exported)
 from lorakit.config import ConfigError, RunConfig, to_dict
 from lorakit.data.classification import read_classification, read_classification_test, tokenize_classification
 from lorakit.data.dataset import prepare_data
@@ -27,12 +28,11 @@ from lorakit.train.final_score import (
     selection_line,
 )
 from lorakit.train.loop import seed_everything, train
-from lorakit.train.objectives import CausalLMObjective, ClassificationObjective
+from lorakit.train.objectives import OBJECTIVES, CausalLMObjective, ClassificationObjective
 
 log = logging.getLogger(__name__)
 # The second seed's rule of thumb: fine-tuning needs at least about 1e-5 training tokens per parameter.
 TOKENS_PER_PARAM_RULE = 1e-5
-RUN_CARD = "lorakit.json"
 
 
 def data_sufficiency(train_tokens: int, trainable: int, total: int) -> str:
@@ -61,7 +61,7 @@ def run(config: RunConfig, echo=print) -> dict:
     seed_everything(config.train.seed)
     try:
         with run_log.running():  # status.json: running, then finished, interrupted or failed
-            summary = (run_classification if config.task == "seq_cls" else run_causal_lm)(config, echo, run_log)
+            summary = RUNS[OBJECTIVES[config.task]](config, echo, run_log)
             if world.main:
                 (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
             run_log.log_adapter(summary.get("adapter"))
@@ -198,6 +198,9 @@ def run_classification(run: RunConfig, echo=print, run_log: RunLog | None = None
     return summary
 
 
+RUNS = {CausalLMObjective: run_causal_lm, ClassificationObjective: run_classification}  # per objective
+
+
 def _quantize_after_inject(model, run: RunConfig, echo) -> dict | None:
     """QLoRA: quantise what is still full precision (everything, for LoftQ) and report the bytes."""
     if run.quantization.bits is None:
@@ -258,16 +261,6 @@ def _above_progress_bar(echo):
     from tqdm.auto import tqdm
 
     return tqdm.write
-
-
-def write_run_card(adapter_dir: str | Path, **fields) -> None:
-    """`lorakit.json` beside the PEFT files: how prompts were built, so generate/eval can do the same."""
-    (Path(adapter_dir) / RUN_CARD).write_text(json.dumps(fields, indent=1) + "\n", encoding="utf-8")
-
-
-def read_run_card(adapter_dir: str | Path | None) -> dict:
-    path = Path(adapter_dir) / RUN_CARD if adapter_dir else None
-    return json.loads(path.read_text(encoding="utf-8")) if path and path.is_file() else {}
 
 
 def _scores_line(scores: dict) -> str:

@@ -6,19 +6,9 @@ from torch import nn
 
 from lorakit.config import EvalConfig
 from lorakit.infer.generate import GenerationConfig, generate
+from lorakit.tasks import task_scorer
 
-
-def task_scorer(task: str | None):
-    """The task's `score(preds, refs) -> dict` function, or an exact-match-only default."""
-    if task == "ros2":
-        from lorakit.tasks import ros2
-
-        return ros2.score
-    if task == "e2e":
-        from lorakit.tasks import e2e
-
-        return e2e.score
-    return lambda preds, refs: {"exact_match": sum(p.strip() == r.strip() for p, r in zip(preds, refs)) / len(refs)}
+__all__ = ["score_generations", "task_scorer"]
 
 
 def score_generations(
