@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -16,6 +20,22 @@ from transformers import (
 )
 
 VOCAB = 128
+
+# Property tests (Hypothesis): "ci" (the default) runs a few fixed examples per property so `make test`
+# stays quick and repeatable; `pytest --hypothesis-profile thorough` runs many more, freshly drawn.
+_SLOW_MACHINE = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
+settings.register_profile("ci", max_examples=int(os.environ.get("LORAKIT_PROPERTY_EXAMPLES", "20")), deadline=None,
+                          derandomize=True, database=None, suppress_health_check=_SLOW_MACHINE)
+settings.register_profile("thorough", max_examples=1000, deadline=None, suppress_health_check=_SLOW_MACHINE)
+settings.load_profile("ci")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many generated inputs each data reader was given (property tests), for the record."""
+    formats = sys.modules.get("record_formats")
+    if formats is not None and formats.CASES:
+        counts = ", ".join(f"{name} {n}" for name, n in sorted(formats.CASES.items()))
+        terminalreporter.write_line(f"property cases per reader: {counts}")
 
 
 def tiny_llama() -> LlamaForCausalLM:
@@ -88,6 +108,11 @@ def tiny_tokenizer(sentences: list[str], vocab_size: int = 300):
     backend.train_from_iterator(sentences, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="</s>")
 
+
+CHAT_TEMPLATE = (  # a minimal chat template for toy tokenizers (they ship without one)
+    "{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n\n{% endfor %}"
+    "{% if add_generation_prompt %}### assistant:\n{% endif %}"
+)
 
 TOY_TASK = [  # instruction -> output pairs a tiny model can memorise in a few dozen steps
     {"instruction": f"say {word}", "output": f"{word} {word}"}

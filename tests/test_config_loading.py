@@ -54,3 +54,55 @@ def test_missing_or_malformed_file(tmp_path):
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_run_config(bad)
+
+
+def test_each_problem_names_the_line_of_its_key_or_its_override(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\nlora:\n  r: 0\ntrain:\n  epochs: many\n")
+    with pytest.raises(ConfigError) as err:
+        load_run_config(path, ["--train.lr", "-1"])
+    assert sorted(err.value.problems) == [
+        "--train.lr: given -1.0, expected a positive number",
+        f"{path}:3: lora.r: given 0, expected a positive integer",
+        f"{path}:5: train.epochs: given 'many', expected float",
+    ]
+    with pytest.raises(ConfigError, match=r"^--train.lr: given -1.0, expected a positive number$"):
+        load_run_config(path, ["--train.lr", "-1", "--lora.r", "2", "--train.epochs", "1"])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("train:\n  lr: 1.0e-3\n  lr: 2.0e-3\n", ":3: the key 'lr' is given twice in one mapping (first on line 2)"),
+        ("train:\n  lr: .nan\n", ":2: train.lr: given nan, expected a finite number"),
+        ("train:\n  epochs: .inf\n", ":2: train.epochs: given inf, expected a finite number"),
+        ("lora:\n  rank_pattern: [1, 2]\n", ":2: lora.rank_pattern: given [1, 2], expected a mapping"),
+        ("train:\n  lr: 1\x00\n", ":2: not valid YAML (character #x0000 is not allowed)"),
+        ("a: " + "[" * 5000 + "]" * 5000 + "\n", ": YAML nested too deeply to read"),
+        ("- a\n- b\n", ":1: expected a mapping of sections (model, lora, data, train, eval), given list"),
+        (b"train:\n  lr: \xed\xa0\x80\n", ":2: byte 0xed is not valid UTF-8; expected a UTF-8 text file"),
+    ],
+)
+def test_malformed_yaml_is_one_problem_naming_the_line(tmp_path, text, message):
+    """Cases the property tests (tests/test_config_properties.py) generate, kept as examples."""
+    path = tmp_path / "run.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError) as err:
+        load_run_config(path)
+    assert str(err.value).startswith(f"{path}{message}") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["[unclosed", "!!python/object:os.system x", "{a: 1, a: 2"])
+def test_an_override_that_is_not_yaml_is_one_line(value):
+    with pytest.raises(ConfigError, match=r"^--train.lr: .* is not a valid YAML value \("):
+        load_run_config(None, ["--train.lr", value])
+
+
+def test_line_ends_and_a_byte_order_mark_read_the_same(tmp_path):
+    text = "train:\n  lr: 0.1\n  epochs: 2\n"
+    for name, variant in [("lf", text), ("crlf", text.replace("\n", "\r\n")), ("cr", text.replace("\n", "\r")),
+                          ("bom", "\ufeff" + text)]:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(variant, newline="")
+        config = load_run_config(path)
+        assert (config.train.lr, config.train.epochs) == (0.1, 2.0), name

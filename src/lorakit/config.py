@@ -16,7 +16,19 @@ TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS")
 
 
 class ConfigError(ValueError):
-    """A configuration value is not allowed; the message names the field and what is allowed."""
+    """A configuration value is not allowed; the message names the field and what is allowed.
+
+    `problems` holds each problem on its own (the message joins them with '; '), so that a reader
+    of a config file can put each one's line in front of it.
+    """
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = list(problems) if problems else [message]
+
+    @classmethod
+    def of(cls, problems: list[str]) -> ConfigError:
+        return cls("; ".join(problems), problems)
 
 
 def _help(text: str, **kwargs):
@@ -60,7 +72,7 @@ class LoraConfig:
     def __post_init__(self) -> None:
         problems = self.problems()
         if problems:
-            raise ConfigError("; ".join(problems))
+            raise ConfigError.of(problems)
         if isinstance(self.target_modules, (tuple, set)):
             self.target_modules = sorted(self.target_modules)
 
@@ -119,7 +131,7 @@ class DataConfig:
     train_file: str | None = _help("JSONL, JSON, CSV or TSV file of training examples", default=None)
     eval_file: str | None = _help(
         "held-out examples that every number printed while training, the best checkpoint (train.metric_for_best) "
-        "and keep-best use; if unset, eval_size of the training file is split off",
+        "and keep-best use; if unset, data.eval_size of the training file is split off",
         default=None,
     )
     test_file: str | None = _help(
@@ -136,7 +148,11 @@ class DataConfig:
     )
     template: str = _help("prompt template: seed, alpaca, chat, or a custom string with {instruction}", default="seed")
     max_length: int = _help("longest sequence in tokens; longer examples are truncated and counted", default=256)
-    eval_size: float = _help("share (or count, if >= 1) of the training file held out when no eval_file", default=0.1)
+    eval_size: float | None = _help(
+        "share (or count, if >= 1) of the training file held out when no eval_file; 0: train on all of it without "
+        "evaluation; unset: 10% when the file has at least 10 records, else none (a warning says so)",
+        default=None,
+    )
     text_column: str = _help("text column of a text/label set", default="text")
     text_pair_column: str | None = _help("second text column (sentence pairs)", default=None)
     label_column: str = _help("label column of a text/label set", default="label")
@@ -248,7 +264,7 @@ class QuantizationConfig:
     def __post_init__(self) -> None:
         problems = self.problems()
         if problems:
-            raise ConfigError("; ".join(problems))
+            raise ConfigError.of(problems)
 
     def problems(self) -> list[str]:
         """Every invalid field, each as 'quantization.<field>: given X, expected Y'."""
@@ -277,7 +293,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         problems = run_problems(self)
         if problems:
-            raise ConfigError("; ".join(problems))
+            raise ConfigError.of(problems)
 
 
 CHOICES = {
@@ -324,6 +340,7 @@ def run_problems(run: RunConfig) -> list[str]:
     if run.train.ddp_timeout <= 0:
         out.append(f"train.ddp_timeout: given {run.train.ddp_timeout!r}, expected a positive number of seconds")
     out += _split_problems(run)
+    out += _size_problems(run.data)
     if run.lora.init_lora_weights == "loftq" and run.quantization.bits is None:
         out.append("lora.init_lora_weights: 'loftq' needs a quantised base; set quantization.bits to 4 or 8")
     if run.lora.init_lora_weights in MOVES_BASE and run.quantization.bits is not None:
@@ -352,6 +369,19 @@ def _split_problems(run: RunConfig) -> list[str]:
                        "expected a separate test split that no training decision sees")
     if run.train.fsdp:
         out.append("data.test_file: scoring under FSDP is not supported yet; score the adapter with `lorakit eval`")
+    return out
+
+
+def _size_problems(data: DataConfig) -> list[str]:
+    out = []
+    size = data.eval_size
+    if size is not None and not (size == 0 or 0 < size < 1 or (size >= 1 and float(size).is_integer())):
+        out.append(f"data.eval_size: given {size!r}, expected 0 (no eval split), a share in (0, 1), "
+                   "a whole count of records, or null")
+    for name in ("max_train_examples", "max_eval_examples"):
+        value = getattr(data, name)
+        if value is not None and value <= 0:
+            out.append(f"data.{name}: given {value!r}, expected a positive integer or null (all)")
     return out
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import fields
@@ -12,25 +14,24 @@ from pathlib import Path
 import yaml
 
 from lorakit.config import ConfigError, RunConfig
+from lorakit.config_yaml import KeyLines, read_yaml_mapping, yaml_problem
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML run config, apply `--section.key value` overrides, and validate it.
 
     Raises:
-        ConfigError: one message listing every unknown key, wrong type or value out of range.
+        ConfigError: one message listing every unknown key, wrong type or value out of range, each
+            preceded by the FILE:LINE of its key (or by the override that set it).
     """
     raw: dict = {}
+    lines: KeyLines = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections (model, lora, data, train, eval)")
+        raw, lines = read_yaml_mapping(path)
+    overridden: set[str] = set()
     for key, value in parse_overrides(overrides or []):
         node = raw
         *parents, leaf = key.split(".")
@@ -39,14 +40,31 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
             if not isinstance(node, dict):
                 raise ConfigError(f"--{key}: '{part}' is not a section")
         node[leaf] = value
+        overridden.add(key)
     problems: list[str] = []
-    kwargs = _typed_fields(RunConfig, raw, "", problems)
-    if problems:
-        raise ConfigError(f"{path or 'config'}: " + "; ".join(problems))
+    kwargs = _typed_fields(RunConfig, raw, "", problems)  # leaves out what is mistyped: defaults stand in
     try:
-        return RunConfig(**kwargs)
+        config = RunConfig(**kwargs)
     except ConfigError as err:
-        raise ConfigError(f"{path or 'config'}: {err}") from None
+        problems += err.problems
+    if not problems:
+        return config
+    located = [_locate(problem, path, lines, overridden) for problem in problems]
+    raise ConfigError.of(located)
+
+
+_KEY = re.compile(r"[A-Za-z_][\w.]*")
+
+
+def _locate(problem: str, path: Path | None, lines: KeyLines, overridden: set[str]) -> str:
+    """'train.lr: ...' as 'FILE:LINE: train.lr: ...', or '--train.lr: ...' when an override set it."""
+    match = _KEY.match(problem)
+    key = match.group() if match else ""
+    if key in overridden:
+        return f"--{problem}"
+    line = lines.get(tuple(key.split("."))) if key else None
+    where = f"{path}:{line}" if path is not None and line else str(path or "config")
+    return f"{where}: {problem}"
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, object]]:
@@ -64,8 +82,17 @@ def parse_overrides(args: list[str]) -> list[tuple[str, object]]:
             i += 2
         else:
             raise ConfigError(f"override {arg}: missing its value")
-        out.append((key.replace("-", "_"), yaml.safe_load(value)))
+        out.append((key.replace("-", "_"), _override_value(key, value)))
     return out
+
+
+def _override_value(key: str, text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--{key}: {text!r} is not a valid YAML value ({yaml_problem(err)})") from None
+    except RecursionError:
+        raise ConfigError(f"--{key}: the value is nested too deeply to read") from None
 
 
 def _typed_fields(cls, raw: dict, prefix: str, problems: list[str]) -> dict:
@@ -87,13 +114,21 @@ def _typed_fields(cls, raw: dict, prefix: str, problems: list[str]) -> dict:
             try:
                 out[name] = hint(**sub)
             except ConfigError as err:
-                problems.append(str(err))
+                problems.extend(err.problems)
             continue
         value = _coerce(value, hint)
-        if not _matches(value, hint):
-            problems.append(f"{where}: given {value!r}, expected {_type_name(hint)}")
-        out[name] = value
+        if not _matches(value, hint):  # left out: later checks never see a value of the wrong type
+            problems.append(f"{where}: given {_shown(value)}, expected {_type_name(hint)}")
+        elif isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{where}: given {value!r}, expected a finite number")
+        else:
+            out[name] = value
     return out
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _coerce(value, hint):

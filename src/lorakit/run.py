@@ -87,14 +87,14 @@ def run_causal_lm(run: RunConfig, echo=print, run_log: RunLog | None = None) -> 
     data = prepare_data(run.data, tokenizer, run.train.seed)
     stats = data.stats["train"]
     echo(
-        f"data: {stats.examples} train / {len(data.eval)} eval{_test_count(data.test)} examples; "
+        f"data: {stats.examples} train / {_eval_count(data.eval)}{_test_count(data.test)} examples; "
         f"{stats.truncated} truncated, {stats.dropped} dropped at max_length {run.data.max_length}"
     )
 
     summary: dict = {"model": run.model}
     main = distributed.current_world().main  # generation scoring runs on rank 0 only
     final_records = data.test_records if run.data.test_file else data.eval_records
-    if main and run.eval.task and run.eval.compare_base:  # printed with the final score, on the same split
+    if main and run.eval.task and run.eval.compare_base and final_records:  # printed with the final score
         summary["base"] = score_generations(model, tokenizer, final_records, data.template, run.eval,
                                            keep_rows=True)
 
@@ -112,7 +112,8 @@ def run_causal_lm(run: RunConfig, echo=print, run_log: RunLog | None = None) -> 
                        quantization=to_dict(run.quantization) if run.quantization.bits else None)
     summary.update(steps=result.steps, seconds=round(result.seconds, 1), adapter=result.adapter_dir,
                    eval=result.final_eval, best_checkpoint=result.best_checkpoint)
-    summary.update(describe_splits(run.data, run.train, result.best_metric, result.best_checkpoint))
+    summary.update(describe_splits(run.data, run.train, result.best_metric, result.best_checkpoint,
+                                   has_eval=bool(data.eval)))
     echo(f"trained {result.steps} steps in {result.seconds:.0f} s; adapter in {result.adapter_dir}")
 
     scores = _final_causal_lm_scores(run, model, tokenizer, data, objective, result, summary, echo, run_log)
@@ -132,8 +133,8 @@ def _final_causal_lm_scores(run: RunConfig, model, tokenizer, data, objective, r
         scores = _chosen_eval(result, run.train.metric_for_best)
     prefix = "test_" if run.data.test_file else "eval_"
     generated = {}
-    if main and run.eval.task:
-        records = data.test_records if run.data.test_file else data.eval_records
+    records = data.test_records if run.data.test_file else data.eval_records
+    if main and run.eval.task and records:
         summary["adapter_scores"] = score_generations(model, tokenizer, records, data.template, run.eval,
                                                       keep_rows=True)
         base_rows = summary["base"].pop("rows") if "base" in summary else None
@@ -160,7 +161,7 @@ def run_classification(run: RunConfig, echo=print, run_log: RunLog | None = None
     train_examples = tokenize_classification(tokenizer, train_records, run.data, labels)
     eval_examples = tokenize_classification(tokenizer, eval_records, run.data, labels)
     test_examples = tokenize_classification(tokenizer, test_records, run.data, labels)
-    echo(f"data: {len(train_examples)} train / {len(eval_examples)} eval{_test_count(test_examples)} examples; "
+    echo(f"data: {len(train_examples)} train / {_eval_count(eval_examples)}{_test_count(test_examples)} examples; "
          f"labels: {', '.join(labels.names)}")
 
     lora = run.lora if run.lora.task_type else replace(run.lora, task_type="SEQ_CLS")
@@ -183,7 +184,7 @@ def run_classification(run: RunConfig, echo=print, run_log: RunLog | None = None
         "model": run.model, "steps": result.steps, "seconds": round(result.seconds, 1), "adapter": result.adapter_dir,
         "best_metric": best, "eval": result.final_eval, "trainable_share": trainable / total,
         "best_checkpoint": result.best_checkpoint,
-        **describe_splits(run.data, run.train, result.best_metric, result.best_checkpoint),
+        **describe_splits(run.data, run.train, result.best_metric, result.best_checkpoint, has_eval=bool(eval_examples)),
     }
     if test_examples:  # the chosen checkpoint, once, on the test split: accuracy and macro-F1 of one evaluation
         scores = evaluate_test(model, objective, test_examples, run.train.batch_size)
@@ -221,6 +222,10 @@ def _log_final_scores(run_log: RunLog, kind: str, base: dict, final: dict, steps
         if numbers:
             run_log.write(kind=kind, step=step, **numbers)
     run_log.plot()
+
+
+def _eval_count(evaluation: list) -> str:
+    return f"{len(evaluation)} eval" if evaluation else "no eval"
 
 
 def _test_count(test: list) -> str:

@@ -195,3 +195,19 @@ def _worker_with_rank(launcher_pid: int, rank: int) -> int:
                 return pid
         time.sleep(0.05)
     raise AssertionError(f"no worker with RANK={rank} under pid {launcher_pid}")
+
+
+def test_fewer_examples_than_processes_trains_and_evaluates(toy_config, tmp_path):
+    """One training and one eval example on two processes: rank 1 trains on a weight-0 stand-in and
+    evaluates an empty shard; the run still learns and evaluates like one process."""
+    (tmp_path / "one.jsonl").write_text(json.dumps(TOY_TASK[0]) + "\n")
+    shorter = ["--data.train_file", str(tmp_path / "one.jsonl"), "--data.eval_file", str(tmp_path / "one.jsonl"),
+               "--train.max_steps", "4", "--train.eval_steps", "2", "--train.save_steps", "2"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    _train([*torchrun, *LORAKIT], toy_config, tmp_path / "two", *shorter)
+    _train([sys.executable, *LORAKIT], toy_config, tmp_path / "one", *shorter)
+    runs = [[json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("one", "two")]
+    losses = [[(e["kind"], e.get("loss", e.get("eval_loss"))) for e in events] for events in runs]
+    assert [kind for kind, _ in losses[1]] == ["train"] * 2 + ["eval"] + ["train"] * 2 + ["eval"]
+    assert [v for _, v in losses[1]] == pytest.approx([v for _, v in losses[0]], abs=1e-4)

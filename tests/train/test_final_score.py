@@ -136,6 +136,20 @@ def test_summary_lines_for_a_run_that_evaluated_nothing():
     assert "which chose nothing" in final_score_line(summary)
 
 
+@pytest.mark.parametrize(("eval_size", "why"), [(0, "data.eval_size 0"), (None, "too few records to hold out")])
+def test_summary_lines_for_a_run_without_an_eval_split(eval_size, why):
+    data, train = DataConfig(train_file="t.jsonl", eval_size=eval_size), TrainConfig()
+    summary = describe_splits(data, train, None, None, has_eval=False)
+    summary["final_score"]["scores"] = {}
+    assert summary["selection"]["split"] is None and summary["final_score"]["split"] is None
+    assert summary["selection"]["source"] == f"none ({why}: all of t.jsonl trained)"
+    assert selection_line(summary) == "checkpoint: the last step (no evaluation chose a checkpoint)"
+    assert final_score_line(summary).startswith("final score: none, no eval or test split scored the adapter")
+    with_test = describe_splits(DataConfig(train_file="t.jsonl", eval_size=0, test_file="x.jsonl"), train, None, None,
+                                has_eval=False)
+    assert with_test["final_score"] == {"split": "test", "source": "x.jsonl", "same_split_as_selection": False}
+
+
 @pytest.mark.parametrize(
     ("data", "train", "message"),
     [

@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
-from lorakit.checkpoint.peft_io import AdapterError
-from lorakit.config import ConfigError
-from lorakit.data.formats import DataError
-from lorakit.export.errors import ExportError
-from lorakit.models import ModelNotFoundError
-from lorakit.train.guard import DivergenceError
+from lorakit.cli.failures import USER_ERRORS, report
 
-# OSError: a folder that cannot be written, a full disk: one line, not a traceback.
-USER_ERRORS = (ConfigError, DataError, AdapterError, ExportError, ModelNotFoundError, DivergenceError, OSError)
+__all__ = ["USER_ERRORS", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `lorakit COMMAND --help` for a command's options and examples.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of an error (also accepted after the command)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (train, generate, classify, eval_cmd, merge, merge_adapters, export, inspect, serve, dashboard):
         module.add_parser(commands)
@@ -34,16 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one `lorakit` command; returns its exit code (see lorakit.cli.failures for what each means)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    level = logging.INFO if args.verbose or args.debug else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args, extra) or 0
-    except USER_ERRORS as err:
-        print(f"lorakit {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"lorakit {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except (Exception, KeyboardInterrupt) as err:  # SystemExit passes: it carries its own code
+        return report(err, args.command, args.debug)

@@ -6,9 +6,13 @@ import argparse
 
 
 def subcommand(commands, name: str, help: str, description: str, examples: str) -> argparse.ArgumentParser:
-    return commands.add_parser(
+    parser = commands.add_parser(
         name, help=help, description=description, epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    # SUPPRESS: without the flag here, `lorakit --debug COMMAND` keeps the value the top level set.
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="print the traceback of an error")
+    return parser
 
 
 def add_quantization_flags(parser: argparse.ArgumentParser) -> None:

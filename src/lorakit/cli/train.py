@@ -83,6 +83,8 @@ def _exec_torchrun(args, overrides: list[str]) -> int:
     command = ["train", args.config, *(["--resume"] if args.resume else []), *overrides]
     if args.verbose:
         command.insert(0, "--verbose")
+    if args.debug:
+        command.insert(0, "--debug")
     launcher = [
         sys.executable,
         "-m",

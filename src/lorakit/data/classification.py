@@ -16,7 +16,7 @@ from lorakit.config import DataConfig
 from lorakit.data.collate import pad_batch
 from lorakit.data.dataset import read_test_records, with_eval_split
 from lorakit.data.files import load_records
-from lorakit.data.formats import DataError, where
+from lorakit.data.formats import DataError, json_type, where
 
 
 @dataclass
@@ -50,8 +50,12 @@ def check_text_label(records: list[dict], config: DataConfig, source: str | None
                 raise DataError(f"{at}: column '{column}' is missing (have: {', '.join(_public(record))})")
             if not isinstance(record[column], str) or not record[column].strip():
                 raise DataError(f"{at}: column '{column}' is empty (expected text)")
-        if config.label_column not in record or _label_key(record[config.label_column]) == "":
-            raise DataError(f"{at}: column '{config.label_column}' is missing or empty (expected a label)")
+        label = record.get(config.label_column)
+        if isinstance(label, bool) or not isinstance(label, str | int):
+            state = "missing" if config.label_column not in record else f"{json_type(label)}"
+            raise DataError(f"{at}: column '{config.label_column}' is {state} (expected a label: a string or an integer)")
+        if _label_key(label) == "":
+            raise DataError(f"{at}: column '{config.label_column}' is empty (expected a label)")
 
 
 def label_set(records: list[dict], config: DataConfig) -> LabelSet:
@@ -84,6 +88,8 @@ def read_classification_test(config: DataConfig) -> list[dict]:
 
 def tokenize_classification(tokenizer, records: list[dict], config: DataConfig, labels: LabelSet) -> list[dict]:
     """input_ids/attention_mask (token_type_ids for pairs) truncated to max_length, and the label id."""
+    if not records:  # no eval split (data.eval_size 0, or too few records): tokenizers refuse an empty batch
+        return []
     texts = [r[config.text_column] for r in records]
     pairs = [r[config.text_pair_column] for r in records] if config.text_pair_column else None
     enc = tokenizer(texts, pairs, truncation=True, max_length=config.max_length)

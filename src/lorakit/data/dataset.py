@@ -11,6 +11,7 @@ from lorakit.config import DataConfig
 from lorakit.data.files import load_hf_dataset, load_records
 from lorakit.data.formats import FORMATS, DataError, validate_records
 from lorakit.data.masking import TokenizeStats, tokenize_dataset
+from lorakit.data.holdout import hold_out
 from lorakit.data.split import train_test_split
 from lorakit.data.templates import get_template
 
@@ -58,13 +59,17 @@ def file_reader(fmt: str | None):
 
 
 def with_eval_split(config: DataConfig, train: list[dict], check, seed: int, load=load_records) -> tuple[list[dict], list[dict]]:
-    """(train, eval): eval_file's records (checked with `check`) or a seeded hold-out; then the size limits."""
+    """(train, eval): eval_file's records (checked with `check`) or a seeded hold-out; then the size limits.
+
+    The eval list is empty when there is no eval split (data.eval_size 0, or a file too small for the
+    automatic hold-out: see lorakit.data.holdout).
+    """
     if config.eval_file:
         evaluation = load(config.eval_file)
         check(evaluation, config.eval_file)
     else:
-        size = int(config.eval_size) if config.eval_size >= 1 else config.eval_size
-        train, evaluation = train_test_split(train, size, seed)
+        split = hold_out(train, config.eval_size, seed, str(config.train_file or config.hf_dataset))
+        train, evaluation = split.train, split.eval
     if config.max_train_examples and config.max_train_examples < len(train):
         train = train_test_split(train, config.max_train_examples, seed)[1]
     if config.max_eval_examples:

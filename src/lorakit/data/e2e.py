@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorakit.data.files import decode_utf8, split_lines, wide_csv_fields
 from lorakit.data.formats import LINE_KEY, SOURCE_KEY, DataError
 
 # The release's attribute order; every MR in train, dev and test already follows it.
@@ -83,9 +84,17 @@ def read_e2e_csv(path: str | Path) -> list[dict]:
 
 
 def _read_one_csv(path: Path) -> list[dict]:
-    text = path.read_bytes().decode("utf-8-sig")  # bytes: read_text would turn a quoted CRLF into LF
+    text = decode_utf8(path.read_bytes(), str(path))  # bytes: read_text would turn a quoted CRLF into LF
+    with wide_csv_fields():
+        return _read_rows(text, path)
+
+
+def _read_rows(text: str, path: Path) -> list[dict]:
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    header = [cell.strip() for cell in next(reader, [])]
+    try:
+        header = [cell.strip() for cell in next(reader, [])]
+    except csv.Error as err:
+        raise DataError(f"{path}:{reader.line_num}: malformed CSV header ({err})") from None
     if header[:2] != ["mr", "ref"]:
         raise DataError(f"{path}:1: expected the E2E header mr,ref, got {','.join(header) or 'nothing'}")
     rows = []
@@ -115,7 +124,7 @@ def read_lora_format(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"E2E lora_format file not found: {path}")
     rows = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+    for line_no, line in enumerate(split_lines(decode_utf8(path.read_bytes(), str(path))), start=1):
         if not line.strip():
             continue
         if "||" not in line:

@@ -3,10 +3,13 @@ or a Hugging Face dataset split. Every record remembers its file and line (``lor
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import logging
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +19,18 @@ logger = logging.getLogger(__name__)
 
 FILE_FORMATS = ("jsonl", "json", "csv", "tsv")
 _SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv"}
+# Line ends: LF, CRLF or a lone CR (old Mac files). JSON strings cannot hold a raw CR or LF, so splitting
+# JSON text on them never cuts a value (U+2028 and U+2029, which JSON allows in strings, are not line ends).
+_LINE_END = re.compile(r"\r\n?|\n")
 
 
 def load_records(path: str | Path, *, fmt: str | None = None) -> list[dict[str, Any]]:
     """Read every record of a JSONL, JSON, CSV or TSV file.
 
-    Blank lines are skipped and a UTF-8 byte-order mark is accepted. A ``.json`` file whose first
-    character is ``{`` is read as JSON lines (``datasets.Dataset.to_json`` writes those).
+    Blank lines are skipped, a UTF-8 byte-order mark is accepted, and lines may end in LF, CRLF or CR.
+    A ``.json`` file whose first character is ``{`` is read as JSON lines (``datasets.Dataset.to_json``
+    writes those). A JSON object that repeats a key, a string that is not valid Unicode (a lone
+    surrogate escape such as ``\\ud800``) and nesting too deep to read are refused, naming the line.
 
     Args:
         path: the data file.
@@ -41,15 +49,15 @@ def load_records(path: str | Path, *, fmt: str | None = None) -> list[dict[str, 
         raise FileNotFoundError(f"data file not found: {path}")
     source = str(path)
     fmt = _file_format(path, fmt)
-    text = _decode(path.read_bytes(), source)
+    text = decode_utf8(path.read_bytes(), source)
     if fmt == "json" and text.lstrip().startswith("{"):
         logger.info("%s starts with '{', reading it as JSON lines", source)
         fmt = "jsonl"
     if fmt == "jsonl":
         records = _read_jsonl(text, source)
     elif fmt == "json":
-        records = _read_json_array(text, source)
-    else:
+        records = _read_json_array(_LINE_END.sub("\n", text), source)
+    else:  # CSV keeps its line ends: a quoted field may hold a CRLF of its own
         records = _read_delimited(text, source, delimiter="," if fmt == "csv" else "\t")
     if not records:
         raise DataError(f"{source}: no records found (the file is empty or holds only blank lines)")
@@ -101,7 +109,13 @@ def _file_format(path: Path, fmt: str | None) -> str:
     return _SUFFIXES[suffix]
 
 
-def _decode(data: bytes, source: str) -> str:
+def split_lines(text: str) -> list[str]:
+    """The lines of `text` ending in LF, CRLF or CR (never U+2028 and the other breaks str.splitlines knows)."""
+    return _LINE_END.split(text)
+
+
+def decode_utf8(data: bytes, source: str) -> str:
+    """`data` as UTF-8 text (a leading byte-order mark dropped); DataError naming the line and byte otherwise."""
     try:
         return data.decode("utf-8-sig")  # -sig: drop a leading byte-order mark if present
     except UnicodeDecodeError as err:
@@ -114,26 +128,50 @@ def _decode(data: bytes, source: str) -> str:
         ) from None
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object_pairs_hook: a dict, refusing a key given twice (json would keep the last silently)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return out
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+
+
+def _parse_error(err: Exception, source: str, line: int, expected: str) -> DataError:
+    """The one-line DataError for what json raised while reading a value that starts on `line`."""
+    if isinstance(err, json.JSONDecodeError):
+        return DataError(f"{source}:{err.lineno + line - 1}: invalid JSON ({err.msg} at column {err.colno}); "
+                         f"expected {expected}")
+    if isinstance(err, _DuplicateKey):
+        return DataError(f"{source}:{line}: the key {err.key!r} appears twice in one object; expected each key once")
+    return DataError(f"{source}:{line}: JSON nested too deeply to read; expected {expected}")  # RecursionError
+
+
 def _read_jsonl(text: str, source: str) -> list[dict[str, Any]]:
     records = []
-    # split on "\n" only: str.splitlines would also split on U+2028, which JSON allows in strings
-    for line_no, line in enumerate(text.split("\n"), start=1):
+    for line_no, line in enumerate(split_lines(text), start=1):
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"{source}:{line_no}: invalid JSON ({err.msg} at column {err.colno}); "
-                "expected one JSON object per line"
-            ) from None
-        records.append(_as_record(value, source, line_no))
+            value = _DECODER.decode(line)
+        except (json.JSONDecodeError, _DuplicateKey, RecursionError) as err:
+            raise _parse_error(err, source, line_no, "one JSON object per line") from None
+        records.append(_as_record(value, source, line_no, _SURROGATE_ESCAPE.search(line) is not None))
     return records
 
 
 def _read_json_array(text: str, source: str) -> list[dict[str, Any]]:
     """Parse ``[obj, obj, ...]`` element by element so each record knows its line."""
-    decoder = json.JSONDecoder()
+    decoder = _DECODER
     pos = _skip_ws(text, 0)
     if pos == len(text):
         return []
@@ -141,17 +179,18 @@ def _read_json_array(text: str, source: str) -> list[dict[str, Any]]:
         raise DataError(f"{source}:{_line_at(text, pos)}: expected a JSON array of objects ('[' first)")
     pos = _skip_ws(text, pos + 1)
     records: list[dict[str, Any]] = []
+    surrogates = _SURROGATE_ESCAPE.search(text) is not None
+    lines = _LineCounter(text)
     if pos < len(text) and text[pos] == "]":
         return _expect_end(text, pos + 1, source, records)
     while True:
         try:
             value, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"{source}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno}); "
-                "expected a JSON array of objects"
-            ) from None
-        records.append(_as_record(value, source, _line_at(text, pos)))
+        except json.JSONDecodeError as err:  # its line counts from the start of the text
+            raise _parse_error(err, source, 1, "a JSON array of objects") from None
+        except (_DuplicateKey, RecursionError) as err:
+            raise _parse_error(err, source, lines.at(pos), "a JSON array of objects") from None
+        records.append(_as_record(value, source, lines.at(pos), surrogates))
         pos = _skip_ws(text, end)
         if pos < len(text) and text[pos] == ",":
             pos = _skip_ws(text, pos + 1)
@@ -178,13 +217,68 @@ def _line_at(text: str, pos: int) -> int:
     return text.count("\n", 0, pos) + 1
 
 
-def _as_record(value: Any, source: str, line: int) -> dict[str, Any]:
+class _LineCounter:
+    """Line numbers of increasing positions in one text, counting each stretch once (linear, not quadratic)."""
+
+    def __init__(self, text: str):
+        self.text, self.pos, self.line = text, 0, 1
+
+    def at(self, pos: int) -> int:
+        if pos < self.pos:
+            return _line_at(self.text, pos)
+        self.line += self.text.count("\n", self.pos, pos)
+        self.pos = pos
+        return self.line
+
+
+def _as_record(value: Any, source: str, line: int, check_surrogates: bool = False) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise DataError(f"{source}:{line}: expected a JSON object ({{...}}), got {json_type(value)}")
+    bad = _lone_surrogate(value) if check_surrogates else None
+    if bad is not None:
+        raise DataError(f"{source}:{line}: a string holds the lone surrogate escape \\u{ord(bad):04x}, which is "
+                        "not a Unicode character; expected valid UTF-16 pairs or the character itself")
     return {**value, SOURCE_KEY: source, LINE_KEY: line}
 
 
+def _lone_surrogate(value: Any) -> str | None:
+    """The first unpaired surrogate in any key or string of a parsed JSON value (json decodes \\ud800 to one)."""
+    stack = [value]
+    while stack:  # no recursion: the value may be nested as deeply as json could read
+        item = stack.pop()
+        if isinstance(item, str):
+            found = _SURROGATE.search(item)
+            if found:
+                return found.group()
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Decoded UTF-8 never holds a surrogate: one in a parsed value came from an escape like this.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+@contextlib.contextmanager
+def wide_csv_fields():
+    """Lift the csv module's 128 KiB field limit while reading (a long document is a valid field)."""
+    before = csv.field_size_limit(sys.maxsize)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(before)
+
+
 def _read_delimited(text: str, source: str, delimiter: str) -> list[dict[str, Any]]:
+    with wide_csv_fields():
+        return _read_rows(text, source, delimiter)
+
+
+def _read_rows(text: str, source: str, delimiter: str) -> list[dict[str, Any]]:
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     header: list[str] | None = None
     records = []

@@ -140,7 +140,8 @@ def tokenize_dataset(
         The kept examples (as :func:`tokenize_example` returns them) and the counts.
 
     Raises:
-        DataError: a record the template cannot render (the message names ``file:line``).
+        DataError: a record the template cannot render (the message names ``file:line``), or
+            records none of which kept a response token (no records at all give no examples).
     """
     template = get_template(template, tokenizer)
     chat: ChatTemplate | None = template if isinstance(template, ChatTemplate) else None
@@ -175,7 +176,7 @@ def tokenize_dataset(
         stats.response_tokens += n_labels
         stats.prompt_tokens += len(example["labels"]) - n_labels
     _log_stats(stats, max_length, first_cut)
-    if not examples:
+    if not examples and stats.dropped:
         raise DataError(
             f"{source or '<records>'}: no example has a response token left within max_length {max_length} "
             f"(dropped {stats.dropped}); expected non-empty responses and a data.max_length above the prompt lengths"

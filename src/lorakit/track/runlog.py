@@ -29,7 +29,7 @@ class RunLog:
         self.names = requested(report_to)
         problems = missing(self.names)
         if problems:
-            raise ConfigError("; ".join(problems))
+            raise ConfigError.of(problems)
         self.config = config or {}
         self.enabled = enabled
         self.jsonl: MetricsLog | None = None

@@ -17,25 +17,37 @@ from lorakit.config import DataConfig, TrainConfig
 from lorakit.train.distributed import shard
 
 
-def selection_source(data: DataConfig) -> str:
-    """Where the eval split comes from: its file, or the hold-out of the training data."""
+def selection_source(data: DataConfig, has_eval: bool = True) -> str:
+    """Where the eval split comes from: its file, the hold-out of the training data, or nowhere."""
     if data.eval_file:
         return data.eval_file
+    origin = data.train_file or data.hf_dataset
+    if not has_eval:
+        why = "data.eval_size 0" if data.eval_size == 0 else "too few records to hold out"
+        return f"none ({why}: all of {origin} trained)"
+    if data.eval_size is None:
+        return f"held out of {origin} (data.eval_size unset: 10%)"
     size = f"{data.eval_size:g}" if data.eval_size < 1 else f"{int(data.eval_size)} records"
-    return f"held out of {data.train_file or data.hf_dataset} (data.eval_size {size})"
+    return f"held out of {origin} (data.eval_size {size})"
 
 
 def describe_splits(data: DataConfig, train: TrainConfig, best_metric: float | None,
-                    best_checkpoint: str | None) -> dict:
-    """The summary's `selection` and `final_score` entries (scores are added by the caller)."""
-    chose = train.eval_strategy != "no" and best_checkpoint is not None
+                    best_checkpoint: str | None, has_eval: bool = True) -> dict:
+    """The summary's `selection` and `final_score` entries (scores are added by the caller).
+
+    Without an eval split (`has_eval` false) nothing chooses a checkpoint, and without a test file
+    either there is no final score: its split is None.
+    """
+    chose = has_eval and train.eval_strategy != "no" and best_checkpoint is not None
     selection = {
-        "split": "eval", "source": selection_source(data), "metric": train.metric_for_best,
-        "value": best_metric if chose else None,
+        "split": "eval" if has_eval else None, "source": selection_source(data, has_eval),
+        "metric": train.metric_for_best, "value": best_metric if chose else None,
         "checkpoint": best_checkpoint if chose else "the last step (no evaluation chose a checkpoint)",
     }
-    final = {"split": "test", "source": data.test_file} if data.test_file else {
-        "split": "eval", "source": selection["source"]}
+    if data.test_file:
+        final = {"split": "test", "source": data.test_file}
+    else:
+        final = {"split": "eval" if has_eval else None, "source": selection["source"]}
     final["same_split_as_selection"] = not data.test_file and chose
     return {"selection": selection, "final_score": final}
 
@@ -78,6 +90,9 @@ def final_score_line(summary: dict) -> str:
     """'final score on ...: ...' for the printed run summary: the run's result and the split it is on."""
     final = summary["final_score"]
     scores = ", ".join(_shown(k, v) for k, v in final.get("scores", {}).items() if _is_number(v))
+    if final["split"] is None:
+        return ("final score: none, no eval or test split scored the adapter "
+                "(set data.test_file, data.eval_file or data.eval_size for one)")
     if final["split"] == "test":
         where = f"the test split ({final['source']}), scored once with that checkpoint"
     elif final["same_split_as_selection"]:

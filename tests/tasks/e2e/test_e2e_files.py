@@ -56,10 +56,10 @@ def test_bad_outputs_name_file_and_line(tmp_path, text, message):
 def test_undecodable_bytes_name_the_line(tmp_path):
     path = tmp_path / "out.tsv"
     path.write_bytes(b"MR\toutput\nname[A]\tA costs \xa320.\n")  # Latin-1 pound sign
-    with pytest.raises(DataError, match=r"out.tsv:2: not UTF-8 text"):
+    with pytest.raises(DataError, match=r"out.tsv:2: byte 0xa3 at column 17 is not valid UTF-8"):
         read_outputs(path)
     (tmp_path / "refs.csv").write_bytes(b'"mr","ref"\n"name[A]","\xa320"\n')
-    with pytest.raises(DataError, match=r"refs.csv:2: not UTF-8 text"):
+    with pytest.raises(DataError, match=r"refs.csv:2: byte 0xa3 at column 12 is not valid UTF-8"):
         read_references(tmp_path / "refs.csv")
 
 

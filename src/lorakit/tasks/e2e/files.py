@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorakit.data.e2e import read_e2e_csv
+from lorakit.data.files import decode_utf8, split_lines
 from lorakit.data.formats import DataError
 
 # What measure_scores.py repairs in every line it reads (outputs and references alike).
@@ -57,11 +58,11 @@ def read_outputs(path: str | Path) -> Outputs:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"E2E system outputs not found: {path}")
-    text = _decode(path)
+    text = decode_utf8(path.read_bytes(), str(path))
     result = Outputs(str(path), [], [], [])
     seen: dict[str, int] = {}
     header_seen = False
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(split_lines(text), start=1):
         if not line.strip():
             continue
         fields = _tab_fields(line, path, number)
@@ -86,15 +87,6 @@ def read_outputs(path: str | Path) -> Outputs:
     return result
 
 
-def _decode(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte {err.start})") from None
-
-
 def _tab_fields(line: str, path: Path, number: int) -> list[str]:
     try:
         return next(csv.reader([line], delimiter="\t", strict=True))
@@ -109,11 +101,7 @@ def read_references(path: str | Path) -> dict[str, list[str]]:
         FileNotFoundError: no such file.
         DataError: not a ``mr,ref`` CSV; the message names the file and line.
     """
-    try:
-        rows = read_e2e_csv(path)
-    except UnicodeDecodeError:
-        _decode(Path(path))  # raises the one-line error naming the line
-        raise
+    rows = read_e2e_csv(path)
     grouped: dict[str, list[str]] = {}
     for row in rows:
         grouped.setdefault(repair(row["mr"]), []).append(repair(row["ref"]))

@@ -1,0 +1,105 @@
+"""A YAML config file read strictly: UTF-8 text, each key once per mapping, and the line of every key
+kept so that a problem with a value can name `FILE:LINE`.
+
+PyYAML's safe loader keeps the last of two equal keys without a word (`lr: 1e-3` ... `lr: 1e-4`);
+here that is an error naming both lines. Every failure is a one-line `ConfigError`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from lorakit.config import ConfigError
+
+KeyLines = dict[tuple[str, ...], int]
+"""The 1-based line of each key, by its path of keys from the top (('train', 'lr') -> 12)."""
+
+
+def read_yaml_mapping(path: Path) -> tuple[dict, KeyLines]:
+    """The file's top-level mapping (empty for an empty file) and the line of each key in it.
+
+    Raises:
+        ConfigError: not UTF-8, not YAML, a key given twice, nesting too deep, or not a mapping.
+    """
+    text = _decode(path.read_bytes(), path)
+    try:
+        raw, lines = parse_yaml(text, path)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}:{error_line(err, text)}: not valid YAML ({yaml_problem(err)})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply to read; expected sections of key: value lines") from None
+    if raw is None:
+        return {}, {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}:1: expected a mapping of sections (model, lora, data, train, eval), "
+                          f"given {type(raw).__name__}")
+    return raw, lines
+
+
+def parse_yaml(text: str, path: Path) -> tuple[object, KeyLines]:
+    """The document in `text` and its key lines (yaml.YAMLError, RecursionError or ConfigError if bad)."""
+    loader = yaml.SafeLoader(text)  # may raise already: it checks the characters up front
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, {}
+        lines = key_lines(node, path)
+        return loader.construct_document(node), lines
+    finally:
+        loader.dispose()
+
+
+def error_line(err: yaml.YAMLError, text: str) -> int:
+    """The 1-based line a YAML error points at (1 if it points nowhere)."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    if mark is not None:
+        return mark.line + 1
+    position = getattr(err, "position", None)  # ReaderError: a character YAML does not allow
+    return text.count("\n", 0, position) + 1 if isinstance(position, int) else 1
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """What a YAML error says went wrong, without the where (that is the FILE:LINE in front)."""
+    if isinstance(err, yaml.reader.ReaderError):
+        return f"character #x{err.character:04x} is not allowed" if isinstance(err.character, int) else err.reason
+    return getattr(err, "problem", None) or str(err).splitlines()[0]
+
+
+def key_lines(root: yaml.Node, path: Path) -> KeyLines:
+    """Walk the node tree (iteratively; each node once, so aliases cannot blow up) for key lines and repeats."""
+    lines: KeyLines = {}
+    stack: list[tuple[yaml.Node, tuple[str, ...] | None]] = [(root, ())]
+    seen: set[int] = set()
+    while stack:
+        node, prefix = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((child, None) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for key_node, value_node in node.value:
+                line = key_node.start_mark.line + 1
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+                if key is not None and key != "<<":
+                    if key in first:
+                        raise ConfigError(f"{path}:{line}: the key '{key}' is given twice in one mapping "
+                                          f"(first on line {first[key]}); expected each key once")
+                    first[key] = line
+                    if prefix is not None:
+                        lines[(*prefix, key)] = line
+                child_prefix = (*prefix, key) if prefix is not None and key is not None else None
+                stack.append((value_node, child_prefix))
+    return lines
+
+
+def _decode(data: bytes, path: Path) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"{path}:{line}: byte 0x{data[err.start]:02x} is not valid UTF-8; "
+                          "expected a UTF-8 text file") from None

@@ -1,0 +1,85 @@
+"""The one top-level handler: any exception that escapes a command is one line; --debug adds the traceback.
+
+Exit codes: 2 for bad input, 1 for an internal error (a bug), 130 for Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from cli_support import cli
+from lorakit.cli import inspect as inspect_cmd
+from lorakit.config import ConfigError
+
+
+def _raising(err: BaseException):
+    def run(args, overrides):
+        raise err
+
+    return run
+
+
+@pytest.mark.parametrize(
+    ("err", "code", "line"),
+    [
+        (ZeroDivisionError("division by zero"), 1,
+         "lorakit inspect: internal error: ZeroDivisionError: division by zero (a bug in lorakit; "
+         "re-run with --debug for the traceback, and please report it)"),
+        (KeyError("messages"), 1, "lorakit inspect: internal error: KeyError: 'messages' (a bug in lorakit;"),
+        (RecursionError(), 1, "lorakit inspect: internal error: RecursionError (a bug in lorakit;"),
+        (ConfigError("data.max_length: given -1,\n  expected a positive integer"), 2,
+         "lorakit inspect: error: data.max_length: given -1, expected a positive integer"),
+        (FileNotFoundError(2, "No such file or directory", "x.jsonl"), 2,
+         "lorakit inspect: error: [Errno 2] No such file or directory: 'x.jsonl'"),
+        (KeyboardInterrupt(), 130, "lorakit inspect: interrupted"),
+    ],
+)
+def test_an_escaping_exception_is_one_line_with_its_exit_code(monkeypatch, capsys, err, code, line):
+    monkeypatch.setattr(inspect_cmd, "run", _raising(err))
+    got, lines = cli(capsys, "inspect", "somewhere")
+    assert got == code and len(lines) == 1 and lines[0].startswith(line), lines
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_very_long_message_is_cut(monkeypatch, capsys):
+    monkeypatch.setattr(inspect_cmd, "run", _raising(ValueError("x" * 100_000)))
+    code, lines = cli(capsys, "inspect", "somewhere")
+    assert code == 1 and len(lines) == 1 and len(lines[0]) < 1200 and "xxx..." in lines[0]
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_before_or_after_the_command_prints_the_traceback(monkeypatch, capsys, where):
+    monkeypatch.setattr(inspect_cmd, "run", _raising(ZeroDivisionError("division by zero")))
+    argv = ["--debug", "inspect", "somewhere"] if where == "before" else ["inspect", "somewhere", "--debug"]
+    from lorakit.cli import main
+
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and 'raise err' in err
+    assert err.rstrip().splitlines()[-1] == (
+        "lorakit inspect: internal error: ZeroDivisionError: division by zero (a bug in lorakit, and please report it)")
+
+
+def test_usage_errors_are_argparse_lines_with_code_2(capsys):
+    code, lines = cli(capsys, "inspect")
+    assert code == 2 and lines == ["lorakit inspect: error: the following arguments are required: adapter"]
+    code, lines = cli(capsys, "generate", "--model", "m", "--prompt", "p", "--max-new-tokens", "many")
+    assert code == 2 and lines == ["lorakit generate: error: argument --max-new-tokens: invalid int value: 'many'"]
+
+
+def test_a_real_process_prints_no_traceback(tmp_path):
+    """The same through a real process: an internal error planted in a command (--debug is checked in-process)."""
+    plant = (
+        "import sys; import lorakit.cli.inspect as m\n"
+        "def run(args, overrides): return {}['missing']\n"
+        "m.run = run\n"
+        "from lorakit.cli import main; sys.exit(main(sys.argv[1:]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", plant, "inspect", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("lorakit")]
+    assert proc.returncode == 1 and len(lines) == 1 and "internal error: KeyError: 'missing'" in lines[0]
+    assert "Traceback" not in proc.stderr, proc.stderr

@@ -1,0 +1,128 @@
+"""Small data sets and runs without evaluation, end to end through `lorakit train` (in-process):
+one record, data.eval_size 0 on a chat file, an eval set smaller than a batch, packing with one
+example, and a classifier on a handful of rows. Each either trains (saying what it decided in one
+line) or refuses in one line with exit code 2, leaving an earlier run's outputs as they were.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import pytest
+
+from cli_support import cli, fingerprint, toy_run_config, with_chat_template, write_config
+from conftest import TOY_TASK
+from lorakit.cli import main
+
+ONE = json.dumps(TOY_TASK[0]) + "\n"
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> dict:
+    """The toy run config, its model's tokenizer given a chat template, without eval settings."""
+    config = toy_run_config(tmp_path_factory.mktemp("small-data"))
+    with_chat_template(Path(config["model"]))
+    config["data"].pop("eval_size")
+    config["train"].update(max_steps=2, save_steps=1, logging_steps=1)
+    return config
+
+
+def _events(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def one_record_run(toy, tmp_path_factory):
+    """`lorakit train` on a one-record file with no eval settings: (run folder, stdout, warnings)."""
+    root = tmp_path_factory.mktemp("one")
+    (root / "one.jsonl").write_text(ONE)
+    config = write_config(root / "config.yaml", toy, data={"train_file": str(root / "one.jsonl")},
+                          train={"output_dir": str(root / "run")})
+    capture = _Capture()
+    logging.getLogger("lorakit").addHandler(capture)
+    try:
+        code = main(["train", str(config)])
+    finally:
+        logging.getLogger("lorakit").removeHandler(capture)
+    assert code == 0
+    return root / "run", config, capture.messages
+
+
+class _Capture(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_one_record_trains_on_it_without_evaluation_and_says_so_in_one_line(one_record_run):
+    run, config, warnings = one_record_run
+    held = [m for m in warnings if "too few to hold out an eval split" in m]
+    assert len(held) == 1 and "\n" not in held[0] and "only 1 training record," in held[0]
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["selection"]["split"] is None and summary["final_score"]["split"] is None
+    assert summary["steps"] == 2 and not [e for e in _events(run) if e["kind"] == "eval"]
+
+
+def test_one_record_with_an_explicit_eval_size_is_refused_and_the_earlier_run_kept(one_record_run, capsys):
+    run, config, _ = one_record_run
+    before = fingerprint(run)
+    assert before  # the checkpoints and adapter of the run above
+    code, lines = cli(capsys, "train", str(config), "--data.eval_size", "0.1", "--resume")
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("lorakit train: error: ") and lines[0].endswith(
+        "one.jsonl: data.eval_size 0.1 holds out 1 of its 1 record and leaves none to train on; expected a smaller "
+        "data.eval_size, 0 to train on all of them without evaluation, or a separate data.eval_file")
+    assert fingerprint(run) == before
+
+
+def test_eval_size_zero_on_a_chat_file_trains_on_every_record(toy, tmp_path, capsys):
+    chat = [{"messages": [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]}
+            for r in TOY_TASK]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
+    config = write_config(tmp_path / "config.yaml", toy, data={"train_file": str(tmp_path / "chat.jsonl"), "eval_size": 0},
+                          train={"output_dir": str(tmp_path / "run"), "eval_strategy": "steps", "eval_steps": 1})
+    code = main(["train", str(config)])
+    out = capsys.readouterr().out
+    assert code == 0 and "data: 8 train / no eval examples; 0 truncated, 0 dropped" in out
+    assert "final score: none, no eval or test split scored the adapter" in out
+    assert not [e for e in _events(tmp_path / "run") if e["kind"] == "eval"]
+
+
+def test_an_eval_set_smaller_than_a_batch_is_evaluated_whole(toy, tmp_path, capsys):
+    (tmp_path / "eval.jsonl").write_text(ONE)
+    config = write_config(tmp_path / "config.yaml", toy, data={"eval_file": str(tmp_path / "eval.jsonl")},
+                          train={"output_dir": str(tmp_path / "run"), "eval_strategy": "steps", "eval_steps": 1,
+                                 "batch_size": 4})
+    assert main(["train", str(config)]) == 0
+    evals = [e["eval_loss"] for e in _events(tmp_path / "run") if e["kind"] == "eval"]
+    assert len(evals) == 2 and all(math.isfinite(v) and v > 0 for v in evals)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["selection"]["value"] == min(evals)
+
+
+def test_packing_with_one_example_trains(toy, tmp_path):
+    (tmp_path / "one.jsonl").write_text(ONE)
+    config = write_config(tmp_path / "config.yaml", toy,
+                          data={"train_file": str(tmp_path / "one.jsonl"), "eval_size": 0, "packing": True},
+                          train={"output_dir": str(tmp_path / "run")})
+    assert main(["train", str(config)]) == 0
+    losses = [e["loss"] for e in _events(tmp_path / "run") if e["kind"] == "train"]
+    assert len(losses) == 2 and all(math.isfinite(v) and v > 0 for v in losses)
+
+
+def test_a_classifier_on_four_rows_trains_on_all_of_them(toy, tmp_path, capsys):
+    rows = [{"text": f"{w} film", "label": i % 2} for i, w in enumerate(["good", "bad", "fine", "poor"])]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = write_config(tmp_path / "config.yaml", toy, task="seq_cls", data={"train_file": str(tmp_path / "train.jsonl")},
+                          lora={"target_modules": ["q_proj", "v_proj"]}, train={"output_dir": str(tmp_path / "run")})
+    code = main(["train", str(config)])
+    out = capsys.readouterr().out
+    assert code == 0 and "data: 4 train / no eval examples; labels: 0, 1" in out
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["final_score"]["split"] is None
