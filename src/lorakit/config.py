@@ -118,11 +118,15 @@ class DataConfig:
     )
     hf_dataset: str | None = _help("a Hugging Face `datasets` name to load instead of train_file", default=None)
     format: str | None = _help(
-        "instruction | alpaca | chat | text_label | e2e (official E2E NLG CSVs; a glob joins the train parts); "
+        "instruction | alpaca | chat (messages) | sharegpt (conversations) | preference (prompt/chosen/rejected, "
+        "for task dpo/orpo) | text_label | e2e (official E2E NLG CSVs; a glob joins the train parts); "
         "detected from the first record if unset",
         default=None,
     )
-    template: str = _help("prompt template: seed, alpaca, chat, or a custom string with {instruction}", default="seed")
+    template: str = _help("prompt template: seed, alpaca, chat (the tokenizer's own chat template), or a custom "
+                          "string with {instruction}; chat and sharegpt records always use chat", default="seed")
+    train_on: str = _help("conversations: which assistant turns carry labels (their content and end-of-turn "
+                          "token): all_assistant | last_assistant", default="all_assistant")
     max_length: int = _help("longest sequence in tokens; longer examples are truncated and counted", default=256)
     eval_size: float = _help("share (or count, if >= 1) of the training file held out when no eval_file", default=0.1)
     text_column: str = _help("text column of a text/label set", default="text")
@@ -263,7 +267,8 @@ class RunConfig:
 
 CHOICES = {
     ("RunConfig", "task"): ("causal_lm", "seq_cls"),
-    ("DataConfig", "format"): (None, "instruction", "alpaca", "chat", "text_label", "e2e"),
+    ("DataConfig", "format"): (None, "instruction", "alpaca", "chat", "sharegpt", "preference", "text_label", "e2e"),
+    ("DataConfig", "train_on"): ("all_assistant", "last_assistant"),
     ("TrainConfig", "scheduler"): ("cosine", "linear", "constant"),
     ("TrainConfig", "optimizer"): ("adamw", "adamw_8bit", "paged_adamw_8bit"),
     ("TrainConfig", "eval_strategy"): ("no", "steps", "epoch"),

@@ -83,13 +83,15 @@ def prepare_data(config: DataConfig, tokenizer, seed: int) -> PreparedData:
     """Read, split, render and tokenise a causal-LM run's examples (loss on the response only)."""
     train_records, eval_records, fmt = read_records(config, seed)
     test_records = read_test_records(config, fmt, lambda records, source: validate_records(records, fmt, source))
-    template = get_template(config.template, tokenizer)
-    train, train_stats = tokenize_dataset(tokenizer, train_records, template, config.max_length)
-    evaluation, eval_stats = tokenize_dataset(tokenizer, eval_records, template, config.max_length)
+    template = get_template(config.template, tokenizer, config.train_on)
+    train, train_stats = tokenize_dataset(tokenizer, train_records, template, config.max_length, train_on=config.train_on)
+    evaluation, eval_stats = tokenize_dataset(tokenizer, eval_records, template, config.max_length,
+                                              train_on=config.train_on)
     if not train:
         raise DataError(f"{config.train_file}: no example kept a response token within max_length {config.max_length}")
     stats = {"train": train_stats, "eval": eval_stats}
     test: list[dict[str, Any]] = []
     if test_records:
-        test, stats["test"] = tokenize_dataset(tokenizer, test_records, template, config.max_length)
+        test, stats["test"] = tokenize_dataset(tokenizer, test_records, template, config.max_length,
+                                               train_on=config.train_on)
     return PreparedData(train, evaluation, eval_records, template, stats, test, test_records)
