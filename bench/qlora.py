@@ -13,8 +13,8 @@ same number of steps; only the base and what QLoRA brings with it differ:
 Reported per variant: peak RSS, the quantised linear weights' bytes and their ratio to fp32, the
 whole base's ratio (the tied embedding/head stays fp32), training tokens/s (after the first
 logging window), and the eval loss after the last step, with its ratio to LoRA's.
-Acceptance (issue 8): linear-weight ratio <= 0.15 for NF4, eval loss within 10% of LoRA's.
-Writes runs/bench/qlora.json.
+Targets: linear-weight ratio <= 0.15 for NF4, eval loss within 10% of LoRA's.
+Writes runs/bench/qlora.json (bench/results.py's shape).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from results import write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "examples" / "ros2" / "config.yaml"
@@ -106,7 +108,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps per variant")
     parser.add_argument("--batch", type=int, default=8, help="packed rows per step (the ROS 2 config's 8)")
-    parser.add_argument("--eval-examples", type=int, default=200, help="test examples for the eval loss")
+    parser.add_argument("--eval-examples", type=int, default=200, help="valid examples for the eval loss")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
     parser.add_argument("--data", type=Path, default=ROOT / "runs" / "ros2-data", help="ROS 2 data folder")
     parser.add_argument("--smoke", action="store_true", help="3 steps, batch 2, 16 eval examples")
@@ -118,8 +120,32 @@ def main() -> None:
     rows = [run_variant(name, args, out) for name in args.variants.split(",")]
     lines = report(rows)
     print("\n".join(lines))
-    result = {"steps": args.steps, "batch": args.batch, "eval_examples": args.eval_examples, "rows": rows}
-    (out.parent / "qlora.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    path = write_result(
+        "qlora", "LoRA against QLoRA: memory, weight bytes, speed, eval loss", [_flat(r, rows) for r in rows],
+        description=(f"examples/ros2/config.yaml for {args.steps} steps of {args.batch} packed rows per variant, "
+                     f"eval loss on {args.eval_examples} valid examples after the last step. Variants run one "
+                     "after another, each in its own process (so each peak RSS is its own)."),
+        columns=[("variant", "variant"), ("peak_rss_mib", "peak RSS MiB"), ("linear_mib", "linear MiB"),
+                 ("linear_ratio", "linear x fp32"), ("model_ratio", "model x fp32"), ("tokens_per_s", "tok/s"),
+                 ("eval_loss", "eval loss"), ("loss_vs_lora", "loss / LoRA"), ("wall_s", "wall s")],
+        notes=[line for line in lines if ":" in line and not line.startswith("variant")],
+    )
+    print(f"wrote {path}")
+
+
+def _flat(row: dict, rows: list[dict]) -> dict:
+    """One run as the table shows it (weight bytes of the fp32 base: the quantised layers' fp32 size)."""
+    quantised = next((r["weight_bytes"] for r in rows if r["weight_bytes"]), None)
+    lora = next((r for r in rows if r["variant"] == "lora"), None)
+    wb = row["weight_bytes"]
+    linear = wb["linear_bytes"] if wb else (quantised["linear_fp32_bytes"] if quantised else None)
+    return {
+        "variant": row["variant"], "peak_rss_mib": row["peak_rss_mib"],
+        "linear_mib": linear / 2**20 if linear is not None else None,
+        "linear_ratio": wb["linear_ratio"] if wb else 1.0, "model_ratio": wb["model_ratio"] if wb else 1.0,
+        "tokens_per_s": row["tokens_per_s"], "eval_loss": row["eval_loss"],
+        "loss_vs_lora": row["eval_loss"] / lora["eval_loss"] if lora else None, "wall_s": row["wall_s"],
+    }
 
 
 if __name__ == "__main__":

@@ -1,35 +1,36 @@
-"""Serving throughput with many adapters on one base: lorakit's mixed batches against PEFT.
+"""Serving throughput with many adapters on one base: lorakit's mixed batches against merged and PEFT.
 
     python bench/serve_throughput.py [--model smollm2-135m-instruct] [--adapters 16] [--requests 16]
-                                     [--new-tokens 32] [--rank 8] [--repeats 3] [--skip-peft]
+                                     [--new-tokens 32] [--rank 8] [--repeats 3] [--warmup 1] [--skip-peft]
                                      [--device cuda|cpu]
 
 The same --requests ROS 2 prompts (left-padded, greedy, exactly --new-tokens new tokens each) in
 one batch, on the same base, with --adapters rank-r adapters on all seven projections (random
 non-zero B, so they differ), saved once as PEFT folders that both libraries load:
-  merged     one adapter merged into the base, every request through it (lorakit's loop)
-  merged-hf  the same merged model through transformers' generate (the issue's baseline)
-  mixed-4    the requests spread over 4 adapters in one batch (lorakit's default: the stacked LoRA term)
-  mixed-N    spread over all N adapters (the default: gathered per row; and grouped: one LoRA matmul
-             per adapter)
-  peft-mixed PEFT's mixed batch, generate(..., adapter_names=[...])
-  peft-switch PEFT, set_adapter then generate per group of requests sharing an adapter
-Each variant runs --warmup times untimed, then --repeats times; the best time counts. merged,
-merged-hf and the mixed batches take turns within each repeat, so the ratios compare runs made side
-by side. PEFT's variants, 3-10x slower, run at most twice. Models run on --device (the GPU when
-there is one). The process keeps freed memory (serve/malloc.py), as `lorakit serve` does. Prints
-generated tokens/s and the ratios the issue asks for; writes runs/bench/serve_throughput.json.
+  merged            one adapter merged into the base, every request through it, lorakit's decode loop
+  merged-hf         the same merged model through transformers' generate
+  mixed-4           the requests spread over 4 adapters in one batch (lorakit's default strategy)
+  mixed-N           spread over all N adapters (the default strategy)
+  mixed-K-grouped   the same spreads with one LoRA matmul per adapter (strategy "grouped")
+  peft-mixed        PEFT's mixed batch, generate(..., adapter_names=[...])
+  peft-switch       PEFT, set_adapter then generate per group of requests sharing an adapter
+Every variant runs --warmup times untimed, then all of them take turns in each of --repeats
+rounds (PEFT's included), so a drift of the machine's speed hits them alike. Every round's figure
+is printed, then min / median per variant, and the ratios of mixed-N to both merged baselines and
+to PEFT, each taken within a round. Models run on --device (the GPU when there is one). The
+process keeps freed memory (serve/malloc.py), as `lorakit serve` does. Writes
+runs/bench/serve_throughput.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from results import machine, min_median, write_result
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -60,29 +61,23 @@ def prompts(tokenizer, n: int) -> list[str]:
     return [f"### Instruction:\n{r['instruction']}\n\n### Command:\n" for r in make_split("test", n, seed=0)]
 
 
-def timed(fn, args, label: str, repeats: int | None = None) -> float:
-    """Best wall time of --repeats (or `repeats`) runs of fn after --warmup untimed ones."""
-    return timed_rounds({label: fn}, args, repeats)[label]
-
-
-def timed_rounds(variants: dict, args, repeats: int | None = None) -> dict[str, float]:
-    """Best wall time of each variant over --repeats rounds, each round running every variant once
-    in turn (after --warmup untimed runs of each): a drift of the machine's speed then hits all of
-    them alike instead of whichever ran during it."""
-    for fn in variants.values():
+def timed_rounds(variants: dict, args) -> list[dict]:
+    """Each variant --warmup times untimed, then --repeats rounds in which every variant runs once in
+    turn; returns one {"repeat", "variant", "seconds"} per timed run."""
+    for label, fn in variants.items():
         for _ in range(args.warmup):
             fn()
-    best = dict.fromkeys(variants, float("inf"))
-    for _ in range(repeats or args.repeats):
+        print(f"  warmed up {label}", flush=True)
+    runs = []
+    for repeat in range(1, args.repeats + 1):
         for label, fn in variants.items():
             _sync(args.device)
             start = time.perf_counter()
             fn()
             _sync(args.device)
-            best[label] = min(best[label], time.perf_counter() - start)
-    for label, seconds in best.items():
-        print(f"  measured {label:<20} {seconds:.2f} s", flush=True)
-    return best
+            runs.append({"repeat": repeat, "variant": label, "seconds": time.perf_counter() - start})
+            print(f"  round {repeat}  {label:<20} {runs[-1]['seconds']:.2f} s", flush=True)
+    return runs
 
 
 def _sync(device: str) -> None:
@@ -90,14 +85,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_lorakit(args, root: Path, names: list[str], texts: list[str]) -> dict[str, float]:
+def lorakit_variants(args, root: Path, names: list[str], ids: list[list[int]], texts: list[str], tokenizer) -> dict:
+    """The merged baselines and lorakit's mixed batches, as callables that each generate once."""
     import lorakit
     from lorakit.infer.multi_adapter import Request, generate_mixed
-    from lorakit.models import load_causal_lm, load_tokenizer
-
-    tokenizer = load_tokenizer(args.model)
-    ids = [tokenizer(t)["input_ids"] for t in texts]
-    times = {}
+    from lorakit.models import load_causal_lm
 
     def run(model, adapters, strategy="auto"):
         requests = [Request(p, a, args.new_tokens, ignore_eos=True) for p, a in zip(ids, adapters)]
@@ -111,10 +103,8 @@ def run_lorakit(args, root: Path, names: list[str], texts: list[str]) -> dict[st
     }
     spreads = {k: [names[i % k] for i in range(len(ids))] for k in sorted({min(4, len(names)), len(names)})}
     variants.update({f"mixed-{k}": run(model, spread) for k, spread in spreads.items()})
-    times.update(timed_rounds(variants, args))  # side by side: the ratios the issue asks for come from here
-    for k, spread in spreads.items():
-        times[f"mixed-{k}-grouped"] = timed(run(model, spread, "grouped"), args, f"mixed-{k}-grouped")
-    return times
+    variants.update({f"mixed-{k}-grouped": run(model, spread, "grouped") for k, spread in spreads.items()})
+    return variants
 
 
 def _with_adapters(model, root: Path, names: list[str]):
@@ -140,34 +130,47 @@ def _hf_generate(model, tokenizer, texts: list[str], new_tokens: int, **kwargs):
         )
 
 
-def run_peft(args, root: Path, names: list[str], texts: list[str]) -> dict[str, float]:
+def peft_variants(args, root: Path, names: list[str], texts: list[str], tokenizer) -> dict:
+    """PEFT's mixed batch and adapter switching, as callables that each generate once."""
     from peft import PeftModel
 
-    from lorakit.models import load_causal_lm, load_tokenizer
+    from lorakit.models import load_causal_lm
 
-    tokenizer = load_tokenizer(args.model)
     model = PeftModel.from_pretrained(
         load_causal_lm(args.model).to(args.device), root / names[0], adapter_name=names[0]
     ).eval()
     for name in names[1:]:
         model.load_adapter(root / name, adapter_name=name)
     spread = [names[i % len(names)] for i in range(len(texts))]
-    times = {
-        "peft-mixed": timed(
-            lambda: _hf_generate(model, tokenizer, texts, args.new_tokens, adapter_names=spread),
-            args,
-            "peft-mixed",
-            min(2, args.repeats),
-        )
-    }
 
     def switching():
         for name in dict.fromkeys(spread):
             model.set_adapter(name)
             _hf_generate(model, tokenizer, [t for t, a in zip(texts, spread) if a == name], args.new_tokens)
 
-    times["peft-switch"] = timed(switching, args, "peft-switch", min(2, args.repeats))
-    return times
+    return {
+        "peft-mixed": lambda: _hf_generate(model, tokenizer, texts, args.new_tokens, adapter_names=spread),
+        "peft-switch": switching,
+    }
+
+
+def summarise(runs: list[dict], args) -> list[dict]:
+    """min / median tok/s per variant, and ratios of mixed-N to the baselines taken within each round."""
+    rows = []
+    variants = list(dict.fromkeys(r["variant"] for r in runs))
+    rate = {(r["repeat"], r["variant"]): r["tokens_per_s"] for r in runs}
+    repeats = sorted({r["repeat"] for r in runs})
+    for variant in variants:
+        rows.append({"what": f"{variant} tok/s", **min_median([rate[(i, variant)] for i in repeats])})
+    ours = f"mixed-{args.adapters}"
+    for base in ("merged", "merged-hf", "peft-mixed", "peft-switch"):
+        if base in variants:
+            rows.append({"what": f"{ours} / {base}", **min_median([rate[(i, ours)] / rate[(i, base)] for i in repeats])})
+    if "peft-mixed" in variants:
+        for base in ("merged", "merged-hf"):
+            rows.append({"what": f"peft-mixed / {base}",
+                         **min_median([rate[(i, "peft-mixed")] / rate[(i, base)] for i in repeats])})
+    return rows
 
 
 def main() -> None:
@@ -183,7 +186,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before each variant")
     parser.add_argument("--skip-peft", action="store_true", help="lorakit variants only")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: the GPU when there is one)")
-    parser.add_argument("--output", default="runs/bench/serve_throughput.json")
+    parser.add_argument("--results-dir", default=None, help="where serve_throughput.json goes (default runs/bench)")
     args = parser.parse_args()
     from lorakit.models import default_device
     from lorakit.serve.malloc import keep_freed_memory
@@ -195,35 +198,43 @@ def main() -> None:
 
     from lorakit.models import load_tokenizer
 
-    texts = prompts(load_tokenizer(args.model), args.requests)
+    tokenizer = load_tokenizer(args.model)
+    texts = prompts(tokenizer, args.requests)
+    ids = [tokenizer(t)["input_ids"] for t in texts]
     with tempfile.TemporaryDirectory() as tmp:
         names = make_adapters(args, Path(tmp))
-        times = run_lorakit(args, Path(tmp), names, texts)
+        variants = lorakit_variants(args, Path(tmp), names, ids, texts, tokenizer)
         if not args.skip_peft:
-            times.update(run_peft(args, Path(tmp), names, texts))
+            variants.update(peft_variants(args, Path(tmp), names, texts, tokenizer))
+        runs = timed_rounds(variants, args)
     tokens = args.requests * args.new_tokens
-    rates = {k: tokens / v for k, v in times.items()}
+    for run in runs:
+        run["tokens_per_s"] = tokens / run["seconds"]
     print(
-        f"{args.model} on {_device_name(args.device)}: {args.requests} requests x {args.new_tokens} new tokens, "
-        f"{args.adapters} rank-{args.rank} adapters"
+        f"\n{args.model} on {_device_name(args.device)}: {args.requests} requests x {args.new_tokens} new tokens, "
+        f"{args.adapters} rank-{args.rank} adapters; generated tok/s in each round:"
     )
-    for key, rate in rates.items():
-        print(f"  {key:<20} {rate:8.1f} tok/s   ({times[key]:.2f} s)")
-    n = f"mixed-{args.adapters}"
-    ratios = {f"{n} / merged": rates[n] / rates["merged"], f"{n} / merged-hf": rates[n] / rates["merged-hf"]}
-    if "peft-mixed" in rates:
-        ratios[f"{n} / peft-mixed"] = rates[n] / rates["peft-mixed"]
-        ratios[f"{n} / peft-switch"] = rates[n] / rates["peft-switch"]
-    for key, value in ratios.items():
-        print(f"  {key:<28} {value:6.2f}x")
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    record = {
-        "args": vars(args), "device": _device_name(args.device), "threads": torch.get_num_threads(),
-        "tokens_per_s": rates, "ratios": ratios,
-    }
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}")
+    repeats = sorted({r["repeat"] for r in runs})
+    print(f"  {'variant':<20}" + "".join(f"{'round ' + str(i):>10}" for i in repeats))
+    for variant in variants:
+        print(f"  {variant:<20}" + "".join(f"{r['tokens_per_s']:>10.1f}" for r in runs if r["variant"] == variant))
+    summary = summarise(runs, args)
+    print(f"\n  {'':<32} {'min':>8} {'median':>8} {'max':>8}")
+    for row in summary:
+        print(f"  {row['what']:<32} {row['min']:>8.2f} {row['median']:>8.2f} {row['max']:>8.2f}")
+    path = write_result(
+        "serve_throughput", "Serving throughput: many adapters in one batch", runs,
+        description=(f"{args.model}: {args.requests} requests x {args.new_tokens} new tokens (greedy, every row "
+                     f"exactly that long), {args.adapters} rank-{args.rank} adapters on all seven projections. "
+                     "merged: one adapter merged, lorakit's decode loop; merged-hf: the same model through "
+                     "transformers' generate; mixed-K: the requests spread over K adapters in one lorakit batch; "
+                     "peft-mixed: PEFT's generate(adapter_names=...); peft-switch: PEFT, set_adapter per group. "
+                     f"All variants take turns in each of {args.repeats} rounds after {args.warmup} untimed run(s); "
+                     "ratios are taken within a round."),
+        columns=[("repeat", "round"), ("variant", "variant"), ("tokens_per_s", "generated tok/s"), ("seconds", "s")],
+        summary=summary, machine_info=machine(device=_device_name(args.device)), out_dir=args.results_dir,
+    )
+    print(f"wrote {path}")
 
 
 def _device_name(device: str) -> str:

@@ -1,22 +1,29 @@
-"""Training throughput and memory: PEFT + Trainer (seed recipe, dynamic padding) against lorakit.
+"""Training throughput, memory and MFU: PEFT + Trainer (seed recipe, dynamic padding) against lorakit.
 
-    python bench/train_throughput.py [--model smollm2-135m-instruct] [--steps 8] [--warmup 2] [--batch 8]
-                                     [--curve-steps 50]
+    python bench/train_throughput.py [--model smollm2-135m-instruct] [--steps 50] [--warmup 2] [--batch 8]
+                                     [--repeats 2]
 
-Each variant runs in its own child process (so each peak RSS is its own), on the same model, the
-same ROS 2 examples in the same order, r=8 on all seven projections, the same batch and steps:
+Every variant runs in its own child process (so each peak RSS is its own), on the same model, the
+same ROS 2 examples in the same order, the same initial adapter (r=8 on all seven projections),
+the same batch, learning rate, linear schedule and number of steps:
   a  PEFT + transformers Trainer, the first seed's recipe: padding="max_length" (256) and labels
-     masked by comparing ids with the pad id
+     masked by comparing ids with the pad id (so the prompt is trained on too)
   b  PEFT + Trainer with dynamic padding (pad to the longest of each batch), prompt masked
   c  lorakit: packed rows, head on labelled positions only, fused LoRA/SwiGLU, grouped attention
   d  lorakit's memory mode: as c, but rows packed to 128 tokens (the longest example's length) and
      each its own forward (train.max_tokens_per_forward = 128): the same loss and gradient, a quarter
-     of the activations held at once; less memory, a little less speed
-Steps after warm-up are timed; "real tokens" are non-pad tokens. b and c run --curve-steps steps
-from the same initial adapter (b writes it, c loads it), the same data order and the same linear
-schedule, and their per-step losses are compared. The machine's fp32 GEMM rate is
-measured here too, and c is reported as a fraction of the ceiling it implies (model FLOPs per
-token / GEMM rate). Prints a table and the ratios; writes runs/bench/train_throughput.json.
+     of the activations held at once
+The variants take turns within each of --repeats rounds (a b c d, a b c d, ...), so a drift of the
+machine's speed hits them alike. Steps after --warmup are timed. "Real tokens" are non-pad tokens.
+
+MFU = useful FLOPs per second / the machine's fp32 GEMM peak. Useful FLOPs are counted once from
+the examples, the same for every variant (lorakit.train.flops: 4 x frozen matmul params and 6 x
+LoRA params per real token, causal attention over each example's own tokens, the head at labelled
+positions only); what a variant does beyond that (pad tokens, logits nobody needs) is its own cost.
+The peak is measured with torch.mm at the model's own matrix shapes (each linear layer's forward
+and input-gradient product, at the batch's mean real-token count) before every round; the highest
+rate seen is the peak. The per-step losses of c and d are compared with b's (same start, data,
+schedule). Prints every run, then min / median; writes runs/bench/train_throughput.json.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import time
 from pathlib import Path
 
 import torch
+from results import gemm_rates, machine, min_median, write_result
 
 VARIANTS = {
     "a": "PEFT + Trainer, seed recipe (max_length 256)",
@@ -43,19 +51,45 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 SEED_MAX_LENGTH = 256
 PACK_LENGTH = 256
 MEMORY_PACK_LENGTH = 128  # = the examples' max_length: every example still fits a row
+LR = 2e-4
 
 
-def examples(tokenizer, n: int) -> list[dict]:
+def examples(tokenizer, args) -> list[dict]:
     """ROS 2 records tokenised the lorakit way (prompt masked, EOS kept): the common input of all variants."""
     from lorakit.data.masking import tokenize_dataset
     from lorakit.tasks.ros2 import make_split
 
-    out, _ = tokenize_dataset(tokenizer, make_split("train", n, seed=0), "seed", 128)
+    out, _ = tokenize_dataset(tokenizer, make_split("train", args.batch * args.steps, seed=0), "seed", 128)
     return out
 
 
-def run_peft(args, recipe: str) -> dict:
+def prepare(args) -> dict:
+    """Child 'init': write the initial adapter every variant starts from; count the useful FLOPs."""
     from peft import LoraConfig, get_peft_model
+
+    import lorakit
+    from lorakit.models import load_causal_lm, load_tokenizer
+    from lorakit.train.flops import StepFlops, gemm_shapes
+
+    tokenizer = load_tokenizer(args.model)
+    data = examples(tokenizer, args)
+    model = get_peft_model(load_causal_lm(args.model), LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+    model.save_pretrained(_init_dir(args))
+    ours = load_causal_lm(args.model)
+    lorakit.load_adapter(ours, _init_dir(args))
+    flops = StepFlops.of(ours)
+    batches = [data[i * args.batch : (i + 1) * args.batch] for i in range(args.steps)]
+    tokens = sum(len(e["input_ids"]) for e in data) // args.steps  # mean real tokens per step
+    labelled = sum(sum(1 for label in e["labels"][1:] if label != -100) for e in data) // args.steps
+    return {
+        "useful_flops_per_step": [flops.examples(batch) for batch in batches],
+        "flop_model": vars(flops), "gemm_shapes": gemm_shapes(ours, tokens, labelled),
+        "peft_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+
+
+def run_peft(args, recipe: str) -> dict:
+    from peft import PeftModel
     from torch.utils.data import SequentialSampler
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -67,8 +101,7 @@ def run_peft(args, recipe: str) -> dict:
     from lorakit.models import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
-    steps = _steps(args, recipe == "dynamic")
-    data = examples(tokenizer, args.batch * steps)
+    data = examples(tokenizer, args)
     if recipe == "seed":  # the first seed: pad every example to 256, then mask labels by the pad id
         rows = []
         for e in data:
@@ -83,8 +116,7 @@ def run_peft(args, recipe: str) -> dict:
         real.append(int(out["attention_mask"].sum()))
         return out
 
-    model = get_peft_model(load_causal_lm(args.model), LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
-    model.save_pretrained(_init_dir(args))  # the starting adapter c will load, so both curves start alike
+    model = PeftModel.from_pretrained(load_causal_lm(args.model), _init_dir(args), is_trainable=True)
     stamps = []
 
     class Clock(TrainerCallback):
@@ -92,8 +124,8 @@ def run_peft(args, recipe: str) -> dict:
             stamps.append(time.perf_counter())
 
     training = TrainingArguments(
-        output_dir=str(Path(args.out).parent / f"peft-{recipe}"), per_device_train_batch_size=args.batch,
-        max_steps=steps, learning_rate=2e-4, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
+        output_dir=str(_work_dir(args) / f"peft-{recipe}"), per_device_train_batch_size=args.batch,
+        max_steps=args.steps, learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
         optim="adamw_torch", max_grad_norm=1.0, logging_strategy="steps", logging_steps=1, save_strategy="no",
         eval_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
         remove_unused_columns=False, dataloader_num_workers=0, seed=0,
@@ -108,34 +140,33 @@ def run_peft(args, recipe: str) -> dict:
 
 def run_lorakit(args, memory_mode: bool = False) -> dict:
     import lorakit
-    from lorakit.models import load_causal_lm, load_tokenizer
     from lorakit.config import TrainConfig
+    from lorakit.models import load_causal_lm, load_tokenizer
     from lorakit.train.lean import release_freed_memory, use_fused_paths
     from lorakit.train.loop import accumulate_gradients, real_tokens
     from lorakit.train.objectives import CausalLMObjective
     from lorakit.train.optim import build_optimizer, build_scheduler
 
     tokenizer = load_tokenizer(args.model)
-    steps = _steps(args, True)
-    data = examples(tokenizer, args.batch * steps)
+    data = examples(tokenizer, args)
     model = load_causal_lm(args.model)
-    lorakit.load_adapter(model, _init_dir(args))  # PEFT's initial adapter (variant b wrote it)
+    lorakit.load_adapter(model, _init_dir(args))  # the initial adapter every variant starts from
     model.train()
     pack_length = MEMORY_PACK_LENGTH if memory_mode else PACK_LENGTH
     objective = CausalLMObjective(tokenizer.pad_token_id, pack_length=pack_length)
     config = TrainConfig(
-        lr=2e-4, scheduler="linear", warmup_ratio=0.0, max_grad_norm=1.0,
+        lr=LR, scheduler="linear", warmup_ratio=0.0, max_grad_norm=1.0,
         max_tokens_per_forward=pack_length if memory_mode else 0,
     )
     use_fused_paths(model, config.fused)  # what train() switches on, as it does
     if config.release_memory:
         release_freed_memory()
     optimizer = build_optimizer(model, config)
-    scheduler = build_scheduler(optimizer, config, steps)
+    scheduler = build_scheduler(optimizer, config, args.steps)
     params = [p for p in model.parameters() if p.requires_grad]
     stamps, real, losses = [], [], []
     sampler = RssSampler()
-    for step in range(steps):
+    for step in range(args.steps):
         batch = objective.collate(data[step * args.batch : (step + 1) * args.batch])
         real.append(real_tokens(batch))
         losses.append(accumulate_gradients(model, [batch], objective, max_tokens=config.max_tokens_per_forward))
@@ -148,12 +179,12 @@ def run_lorakit(args, memory_mode: bool = False) -> dict:
     return _result(stamps, real, args, losses, rss)
 
 
-def _steps(args, with_curve: bool) -> int:
-    return max(args.steps + args.warmup, args.curve_steps if with_curve else 0)
+def _work_dir(args) -> Path:
+    return Path(args.work_dir)
 
 
 def _init_dir(args) -> str:
-    return str(Path(args.out).parent / "initial-adapter")
+    return str(_work_dir(args) / "initial-adapter")
 
 
 class RssSampler:
@@ -182,6 +213,8 @@ def _rss_mb() -> float:
 
 def _result(stamps: list[float], real: list[int], args, losses: list[float], rss: dict) -> dict:
     """Throughput over every step after warm-up (the collate call of step i logs real[i])."""
+    if len(stamps) != args.steps:
+        raise RuntimeError(f"ran {len(stamps)} steps, expected {args.steps}")
     seconds = stamps[-1] - stamps[args.warmup - 1]
     tokens = sum(real[args.warmup : len(stamps)])
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -191,70 +224,102 @@ def _result(stamps: list[float], real: list[int], args, losses: list[float], rss
     }
 
 
-def gemm_gflops(size: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+def child(args, variant: str) -> dict:
+    """Run one variant (or 'init') in a fresh process; its RESULT line as a dict."""
+    cmd = [sys.executable, __file__, "--variant", variant, *sys.argv[1:]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"}, check=False)
+    line = next((out for out in proc.stdout.splitlines() if out.startswith("RESULT ")), None)
+    if line is None:
+        sys.exit(f"variant {variant} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
 
 
-def flops_per_token(model_name: str) -> float:
-    """A LoRA step's cost per token: forward, backward through activations, LoRA weight grads: ~4 x 2 x params."""
-    from lorakit.models import load_causal_lm
-
-    params = sum(p.numel() for p in load_causal_lm(model_name).parameters())
-    return 4 * 2 * params
+def summarise(runs: list[dict]) -> list[dict]:
+    """min / median of each variant's speed and MFU, and of the ratios within each round."""
+    rows = []
+    by = {(r["repeat"], r["variant"]): r for r in runs}
+    repeats = sorted({r["repeat"] for r in runs})
+    for variant in VARIANTS:
+        mine = [r for r in runs if r["variant"] == variant]
+        rows.append({"what": f"{variant} real tok/s", **min_median([r["real_tokens_per_s"] for r in mine])})
+        rows.append({"what": f"{variant} MFU", **min_median([r["mfu"] for r in mine])})
+    for ours, base in (("c", "a"), ("c", "b"), ("d", "b")):
+        ratios = [by[(i, ours)]["real_tokens_per_s"] / by[(i, base)]["real_tokens_per_s"] for i in repeats]
+        rows.append({"what": f"{ours} / {base} speed (same round)", **min_median(ratios)})
+    for ours in "cd":
+        ratios = [by[(i, ours)]["peak_rss_mb"] / by[(i, "b")]["peak_rss_mb"] for i in repeats]
+        rows.append({"what": f"{ours} / b peak memory", **min_median(ratios)})
+        gaps = [max(abs(c - b) / abs(b) for b, c in zip(by[(i, "b")]["losses"], by[(i, ours)]["losses"])) for i in repeats]
+        rows.append({"what": f"{ours} vs b: largest relative loss gap per step", **min_median(gaps)})
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=50, help="optimizer steps of every variant")
+    parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--curve-steps", type=int, default=50, help="steps of b and c whose losses are compared")
-    parser.add_argument("--out", default="runs/bench/train_throughput.json")
-    parser.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)  # set in the children
+    parser.add_argument("--repeats", type=int, default=2, help="rounds; the variants take turns within each")
+    parser.add_argument("--work-dir", default="runs/bench/train_throughput", help="initial adapter, Trainer output")
+    parser.add_argument("--results-dir", default=None, help="where train_throughput.json goes (default runs/bench)")
+    parser.add_argument("--variant", choices=[*VARIANTS, "init"], help=argparse.SUPPRESS)  # set in the children
     args = parser.parse_args()
+    if not 0 < args.warmup < args.steps:
+        parser.error(f"--warmup {args.warmup}: expected 1 to --steps - 1 ({args.steps - 1})")
     if args.variant:
         torch.manual_seed(0)
-        result = {
-            "a": lambda: run_peft(args, "seed"), "b": lambda: run_peft(args, "dynamic"),
-            "c": lambda: run_lorakit(args), "d": lambda: run_lorakit(args, memory_mode=True),
-        }[args.variant]()
-        print("RESULT " + json.dumps(result))
+        run = {"init": lambda: prepare(args), "a": lambda: run_peft(args, "seed"), "b": lambda: run_peft(args, "dynamic"),
+               "c": lambda: run_lorakit(args), "d": lambda: run_lorakit(args, memory_mode=True)}[args.variant]
+        print("RESULT " + json.dumps(run()))
         return
 
-    rows = {}
-    for variant in VARIANTS:
-        cmd = [sys.executable, __file__, "--variant", variant, *sys.argv[1:]]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-        line = next((out for out in proc.stdout.splitlines() if out.startswith("RESULT ")), None)
-        if line is None:
-            sys.exit(f"variant {variant} failed:\n{proc.stderr[-3000:]}")
-        rows[variant] = json.loads(line[len("RESULT "):])
-    gemm = gemm_gflops()
-    ceiling = gemm * 1e9 / flops_per_token(args.model)
-    print(f"{'variant':<56} {'real tok/s':>10} {'peak RSS MB':>12} {'training peak RSS MB':>21}")
-    for key, row in rows.items():
-        print(f"{key}  {VARIANTS[key]:<53} {row['real_tokens_per_s']:>10.1f} {row['peak_rss_mb']:>12.0f} {row['training_peak_rss_mb']:>21.0f}")
-    summary = {"gemm_gflops": gemm, "ceiling_tokens_per_s": ceiling}
-    for ours in "cd":
-        speed, peak = rows[ours]["real_tokens_per_s"], rows[ours]["peak_rss_mb"]
-        summary[f"{ours}_over_a"] = speed / rows["a"]["real_tokens_per_s"]
-        summary[f"{ours}_over_b"] = speed / rows["b"]["real_tokens_per_s"]
-        summary[f"memory_{ours}_over_b"] = peak / rows["b"]["peak_rss_mb"]
-        summary[f"{ours}_fraction_of_ceiling"] = speed / ceiling
-        curve_b, curve = rows["b"]["losses"], rows[ours]["losses"]
-        n = min(len(curve_b), len(curve), args.curve_steps)
-        summary[f"{ours}_curve_steps"] = n
-        summary[f"{ours}_curve_max_relative_gap"] = max(abs(c - b) / abs(b) for b, c in zip(curve_b[:n], curve[:n]))
-    for key, value in summary.items():
-        print(f"{key:<24} {value:.3f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows, **summary}, indent=1) + "\n")
+    info = child(args, "init")
+    shapes = [tuple(s) for s in info["gemm_shapes"]]
+    timed_flops = sum(info["useful_flops_per_step"][args.warmup :])
+    runs, gemm_seen = [], []
+    for repeat in range(1, args.repeats + 1):
+        rates = gemm_rates(shapes)
+        gemm_seen.append(max(rates.values()))
+        print(f"round {repeat}: fp32 GEMM at the model's shapes: best {max(rates.values()):.1f} GFLOP/s "
+              f"(of {len(rates)} shapes, slowest {min(rates.values()):.1f})", flush=True)
+        for variant, what in VARIANTS.items():
+            row = child(args, variant)
+            row.update(repeat=repeat, variant=variant, useful_gflops_per_s=timed_flops / row["seconds"] / 1e9)
+            runs.append(row)
+            print(f"  {variant}  {what:<53} {row['real_tokens_per_s']:>8.1f} real tok/s "
+                  f"{row['useful_gflops_per_s']:>7.2f} useful GFLOP/s {row['peak_rss_mb']:>7.0f} MB peak", flush=True)
+    peak = max(gemm_seen)
+    for row in runs:
+        row["mfu"] = row["useful_gflops_per_s"] / peak
+    print(f"\nfp32 GEMM peak (highest of {len(gemm_seen)} measurements at the model's shapes): {peak:.1f} GFLOP/s")
+    print(f"{'round':>5} {'variant':<56} {'real tok/s':>10} {'MFU':>7} {'peak RSS MB':>12} {'training peak MB':>17}")
+    for row in runs:
+        print(f"{row['repeat']:>5} {row['variant']}  {VARIANTS[row['variant']]:<53} {row['real_tokens_per_s']:>10.1f} "
+              f"{row['mfu']:>7.2%} {row['peak_rss_mb']:>12.0f} {row['training_peak_rss_mb']:>17.0f}")
+    summary = summarise(runs)
+    print(f"\n{'':<48} {'min':>8} {'median':>8} {'max':>8}")
+    for row in summary:
+        print(f"{row['what']:<48} {row['min']:>8.4g} {row['median']:>8.4g} {row['max']:>8.4g}")
+    for row in runs:
+        row["variant"] = f"{row['variant']}: {VARIANTS[row['variant']]}"
+    path = write_result(
+        "train_throughput", "Training throughput, memory and MFU", runs,
+        description=(f"{args.model}, r=8 LoRA on all seven projections, {args.steps} steps of {args.batch} ROS 2 "
+                     f"examples (the same for every variant, from the same initial adapter), the first "
+                     f"{args.warmup} untimed; the variants take turns in each of {args.repeats} rounds. MFU = useful "
+                     f"FLOPs/s ({timed_flops / 1e9:.1f} GFLOP over the timed steps, lorakit.train.flops) / the "
+                     "fp32 GEMM peak measured at the model's matrix shapes."),
+        columns=[("repeat", "round"), ("variant", "variant"), ("real_tokens_per_s", "real tok/s"),
+                 ("useful_gflops_per_s", "useful GFLOP/s"), ("mfu", "MFU"), ("peak_rss_mb", "peak RSS MB"),
+                 ("training_peak_rss_mb", "training peak RSS MB"), ("seconds", "timed s")],
+        summary=summary,
+        machine_info=machine(gemm_gflops=round(peak, 2), gemm_gflops_each_round=[round(g, 2) for g in gemm_seen]),
+        notes=[(f"useful FLOPs per timed step: {timed_flops / (args.steps - args.warmup) / 1e9:.2f} GFLOP; "
+                f"counted parameters: {info['flop_model']}")],
+        out_dir=args.results_dir,
+    )
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

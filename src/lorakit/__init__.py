@@ -6,6 +6,7 @@ from lorakit.lora.adapters import delete_adapter, disable_adapters, set_adapter
 from lorakit.lora.inject import inject, trainable_counts, trainable_report
 from lorakit.lora.layer import LoraAdapter, LoraLayer
 from lorakit.lora.merge import add_weighted_adapter, merge_adapters, merge_and_unload, unmerge_adapters
+import lorakit.quant  # noqa: F401  (registers the bitsandbytes backend with lorakit.lora.base)
 
 __version__ = "0.1.0"
 

@@ -7,6 +7,8 @@ import os
 import re
 from dataclasses import dataclass, field, fields
 
+from lorakit.tasks import TASKS
+
 BIAS_CHOICES = ("none", "all", "lora_only")
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS")
 
@@ -118,9 +120,9 @@ class DataConfig:
     )
     hf_dataset: str | None = _help("a Hugging Face `datasets` name to load instead of train_file", default=None)
     format: str | None = _help(
-        "instruction | alpaca | chat (messages) | sharegpt (conversations) | preference (prompt/chosen/rejected, "
-        "for task dpo/orpo) | text_label | e2e (official E2E NLG CSVs; a glob joins the train parts); "
-        "detected from the first record if unset",
+        "a name of lorakit.data.formats.FORMATS: instruction | alpaca | chat (messages) | sharegpt (conversations) "
+        "| preference (prompt/chosen/rejected, for task dpo/orpo) | text_label | e2e (official E2E NLG CSVs; a glob "
+        "joins the train parts); detected from the first record if unset",
         default=None,
     )
     template: str = _help("prompt template: seed, alpaca, chat (the tokenizer's own chat template), or a custom "
@@ -205,13 +207,20 @@ class TrainConfig:
     fsdp: bool = _help("shard the frozen base across GPUs with FSDP (bases too large for one GPU; needs CUDA;"
                        " experimental: it failed at its second step on the one GPU it was tried on)", default=False)
     progress: bool = _help("show a progress bar", default=True)
+    report_to: list[str] | str = _help(
+        "experiment trackers besides metrics.jsonl (always written): tensorboard, mlflow, wandb (offline unless"
+        " logged in), or a list of them; none for metrics.jsonl alone",
+        default_factory=list,
+    )
 
 
 @dataclass
 class EvalConfig:
     """What is measured after training, beside the loss."""
 
-    task: str | None = _help("task scorer for generated outputs: ros2, e2e (BLEU, ROUGE-L per distinct prompt), or none", default=None)
+    task: str | None = _help(
+        f"task scorer for generated outputs: {', '.join(TASKS)} (lorakit.tasks), or none (exact match)", default=None
+    )
     max_new_tokens: int = _help("generation budget per example", default=64)
     batch_size: int = _help("prompts per generation batch", default=32)
     compare_base: bool = _help("also score the base model without the adapter", default=True)
@@ -252,7 +261,7 @@ class RunConfig:
     """A whole run: model, adapter shape, data, loop, evaluation."""
 
     model: str = _help("built-in name (smollm2-135m-instruct, minilm-l6), folder, .gguf file or Hub id", default="smollm2-135m-instruct")
-    task: str = _help("causal_lm | seq_cls", default="causal_lm")
+    task: str = _help("the objective (lorakit.train.objectives): causal_lm or seq_cls", default="causal_lm")
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "the adapter"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "the examples"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the loop"})
@@ -266,15 +275,13 @@ class RunConfig:
 
 
 CHOICES = {
-    ("RunConfig", "task"): ("causal_lm", "seq_cls"),
-    ("DataConfig", "format"): (None, "instruction", "alpaca", "chat", "sharegpt", "preference", "text_label", "e2e"),
     ("DataConfig", "train_on"): ("all_assistant", "last_assistant"),
     ("TrainConfig", "scheduler"): ("cosine", "linear", "constant"),
     ("TrainConfig", "optimizer"): ("adamw", "adamw_8bit", "paged_adamw_8bit"),
     ("TrainConfig", "eval_strategy"): ("no", "steps", "epoch"),
     ("TrainConfig", "save_strategy"): ("no", "steps", "epoch"),
     ("TrainConfig", "precision"): ("fp32", "bf16", "fp16"),
-    ("EvalConfig", "task"): (None, "ros2", "e2e"),
+    ("EvalConfig", "task"): (None, *TASKS),
 }
 POSITIVE = {
     "pack_length", "max_length", "batch_size", "grad_accum", "logging_steps", "eval_steps", "save_steps",
@@ -284,19 +291,23 @@ POSITIVE = {
 
 def run_problems(run: RunConfig) -> list[str]:
     """Choice and range problems across the sections (types are checked when the YAML is read)."""
+    from lorakit.data.formats import FORMATS  # the registries that import torch: read when validating
+    from lorakit.train.objectives import OBJECTIVES
+
+    choices = {**CHOICES, ("DataConfig", "format"): (None, *FORMATS)}
     out = []
     for section_name in ("data", "train", "eval"):
         section = getattr(run, section_name)
         for f in fields(section):
             value = getattr(section, f.name)
-            allowed = CHOICES.get((type(section).__name__, f.name))
+            allowed = choices.get((type(section).__name__, f.name))
             if allowed and value not in allowed:
                 shown = ", ".join(str(a) for a in allowed if a is not None)
                 out.append(f"{section_name}.{f.name}: given {value!r}, expected one of {shown}")
             if f.name in POSITIVE and (not isinstance(value, int) or value <= 0):
                 out.append(f"{section_name}.{f.name}: given {value!r}, expected a positive integer")
-    if run.task not in CHOICES[("RunConfig", "task")]:
-        out.append(f"task: given {run.task!r}, expected causal_lm or seq_cls")
+    if run.task not in OBJECTIVES:
+        out.append(f"task: given {run.task!r}, expected one of {', '.join(OBJECTIVES)}")
     if run.train.lr <= 0:
         out.append(f"train.lr: given {run.train.lr!r}, expected a positive number")
     if run.train.max_minutes is not None and run.train.max_minutes <= 0:
@@ -313,6 +324,7 @@ def run_problems(run: RunConfig) -> list[str]:
     if not 0 <= run.train.warmup_ratio < 1:
         out.append(f"train.warmup_ratio: given {run.train.warmup_ratio!r}, expected a number in [0, 1)")
     out += _guard_problems(run.train)
+    out += _tracker_problems(run.train)
     return out
 
 
@@ -335,6 +347,18 @@ def _split_problems(run: RunConfig) -> list[str]:
 
 def _same_path(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _tracker_problems(train: TrainConfig) -> list[str]:
+    from lorakit.track import TRACKERS
+
+    names = [train.report_to] if isinstance(train.report_to, str) else list(train.report_to)
+    allowed = ("jsonl", "none", *TRACKERS)
+    return [
+        f"train.report_to: given {name!r}, expected {', '.join(allowed)} or a list of them"
+        for name in names
+        if name not in allowed
+    ]
 
 
 def _guard_problems(train: TrainConfig) -> list[str]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from lorakit.checkpoint.run_card import RUN_CARD, read_run_card, write_run_card  # noqa: F401  (RUN_CARD, read_run_card: re-exported)
 from lorakit.config import ConfigError, RunConfig, to_dict
 from lorakit.data.classification import read_classification, read_classification_test, tokenize_classification
 from lorakit.data.dataset import prepare_data
@@ -16,6 +17,8 @@ from lorakit.infer.score import score_generations
 from lorakit.lora.inject import inject, trainable_counts, trainable_report
 from lorakit.models import default_device, load_causal_lm, load_sequence_classifier, load_tokenizer
 from lorakit.quant.model import quantize_model, weight_bytes_report
+from lorakit.track.runlog import RunLog
+from lorakit.track.samples import paired_rows
 from lorakit.train import distributed
 from lorakit.train.final_score import (
     describe_splits,
@@ -25,13 +28,11 @@ from lorakit.train.final_score import (
     selection_line,
 )
 from lorakit.train.loop import seed_everything, train
-from lorakit.train.metrics import MetricsLog
-from lorakit.train.objectives import CausalLMObjective, ClassificationObjective
+from lorakit.train.objectives import OBJECTIVES, CausalLMObjective, ClassificationObjective
 
 log = logging.getLogger(__name__)
 # The second seed's rule of thumb: fine-tuning needs at least about 1e-5 training tokens per parameter.
 TOKENS_PER_PARAM_RULE = 1e-5
-RUN_CARD = "lorakit.json"
 
 
 def data_sufficiency(train_tokens: int, trainable: int, total: int) -> str:
@@ -50,6 +51,7 @@ def run(config: RunConfig, echo=print) -> dict:
     world = distributed.init_from_env(config.train.ddp_timeout)
     echo = echo if world.main else _silent
     out = Path(config.train.output_dir)
+    run_log = RunLog(out, config.train.report_to, to_dict(config), enabled=world.main)  # trackers installed?
     if world.main:
         try:  # fail before loading anything when the run folder cannot be written
             out.mkdir(parents=True, exist_ok=True)
@@ -58,11 +60,13 @@ def run(config: RunConfig, echo=print) -> dict:
             raise ConfigError(f"train.output_dir: cannot write to {out} ({err.strerror}); expected a writable folder") from None
     seed_everything(config.train.seed)
     try:
-        summary = (run_classification if config.task == "seq_cls" else run_causal_lm)(config, echo)
+        with run_log.running():  # status.json: running, then finished, interrupted or failed
+            summary = RUNS[OBJECTIVES[config.task]](config, echo, run_log)
+            if world.main:
+                (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+            run_log.log_adapter(summary.get("adapter"))
     finally:
         distributed.shutdown()
-    if world.main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     return summary
 
 
@@ -70,7 +74,7 @@ def _silent(*args, **kwargs) -> None:
     """`echo` on every process but rank 0."""
 
 
-def run_causal_lm(run: RunConfig, echo=print) -> dict:
+def run_causal_lm(run: RunConfig, echo=print, run_log: RunLog | None = None) -> dict:
     """Instruction-tune a causal LM; score generations before and after when `eval.task` is set.
 
     Training and checkpoint selection see the eval split only; the final scores (generation scores
@@ -91,7 +95,8 @@ def run_causal_lm(run: RunConfig, echo=print) -> dict:
     main = distributed.current_world().main  # generation scoring runs on rank 0 only
     final_records = data.test_records if run.data.test_file else data.eval_records
     if main and run.eval.task and run.eval.compare_base:  # printed with the final score, on the same split
-        summary["base"] = score_generations(model, tokenizer, final_records, data.template, run.eval)
+        summary["base"] = score_generations(model, tokenizer, final_records, data.template, run.eval,
+                                           keep_rows=True)
 
     inject(model, run.lora)
     summary["weight_bytes"] = _quantize_after_inject(model, run, echo)
@@ -99,8 +104,9 @@ def run_causal_lm(run: RunConfig, echo=print) -> dict:
     trainable, total = trainable_counts(model)
     echo(data_sufficiency(stats.prompt_tokens + stats.response_tokens, trainable, total))
     objective = CausalLMObjective(tokenizer.pad_token_id, run.data.pack_length if run.data.packing else None)
+    run_log = run_log or RunLog(run.train.output_dir, enabled=main)
     result = train(model, data.train, data.eval, run.train, objective, {"model": run.model},
-                   on_eval=eval_printer(_above_progress_bar(echo), run.data))
+                   on_eval=eval_printer(_above_progress_bar(echo), run.data), run_log=run_log)
     if main:
         write_run_card(result.adapter_dir, template=run.data.template, task=run.eval.task, model=run.model,
                        quantization=to_dict(run.quantization) if run.quantization.bits else None)
@@ -109,13 +115,14 @@ def run_causal_lm(run: RunConfig, echo=print) -> dict:
     summary.update(describe_splits(run.data, run.train, result.best_metric, result.best_checkpoint))
     echo(f"trained {result.steps} steps in {result.seconds:.0f} s; adapter in {result.adapter_dir}")
 
-    scores = _final_causal_lm_scores(run, model, tokenizer, data, objective, result, summary, echo)
+    scores = _final_causal_lm_scores(run, model, tokenizer, data, objective, result, summary, echo, run_log)
     summary["final_score"]["scores"] = scores
     _echo_result(echo, summary)
     return summary
 
 
-def _final_causal_lm_scores(run: RunConfig, model, tokenizer, data, objective, result, summary: dict, echo) -> dict:
+def _final_causal_lm_scores(run: RunConfig, model, tokenizer, data, objective, result, summary: dict,
+                            echo, run_log: RunLog) -> dict:
     """The chosen checkpoint's final scores: loss and generation scores on the test split (scored once),
     or, without a test file, the chosen eval and generation scores on the eval split."""
     main = distributed.current_world().main
@@ -127,19 +134,22 @@ def _final_causal_lm_scores(run: RunConfig, model, tokenizer, data, objective, r
     generated = {}
     if main and run.eval.task:
         records = data.test_records if run.data.test_file else data.eval_records
-        summary["adapter_scores"] = score_generations(model, tokenizer, records, data.template, run.eval)
+        summary["adapter_scores"] = score_generations(model, tokenizer, records, data.template, run.eval,
+                                                      keep_rows=True)
+        base_rows = summary["base"].pop("rows") if "base" in summary else None
+        run_log.log_samples(paired_rows(summary["adapter_scores"].pop("rows"), base_rows))
         generated = _prefixed(prefix, summary["adapter_scores"])
         scores.update(generated)
         for sample in summary["adapter_scores"]["samples"]:
             echo(f"  {sample['instruction']!r}\n    -> {sample['prediction']}\n    ref {sample['reference']}")
     if main:  # on the eval split only the generation scores are new; its loss is logged with the checkpoint
         base = _prefixed(prefix, summary.get("base") or {})
-        _log_final_scores(run.train.output_dir, prefix.rstrip("_"), base, scores if run.data.test_file else generated,
+        _log_final_scores(run_log, prefix.rstrip("_"), base, scores if run.data.test_file else generated,
                           result.steps)
     return scores
 
 
-def run_classification(run: RunConfig, echo=print) -> dict:
+def run_classification(run: RunConfig, echo=print, run_log: RunLog | None = None) -> dict:
     """LoRA plus a fully trained head on a text/label set; keep the best checkpoint by dev accuracy."""
     train_records, eval_records, labels = read_classification(run.data, run.train.seed)
     test_records = read_classification_test(run.data)
@@ -160,8 +170,9 @@ def run_classification(run: RunConfig, echo=print) -> dict:
     trainable, total = trainable_counts(model)
     echo(data_sufficiency(sum(len(e["input_ids"]) for e in train_examples), trainable, total))
     objective = ClassificationObjective(tokenizer.pad_token_id, len(labels.values))
+    run_log = run_log or RunLog(run.train.output_dir, enabled=distributed.current_world().main)
     result = train(model, train_examples, eval_examples, run.train, objective, {"model": run.model},
-                   on_eval=eval_printer(_above_progress_bar(echo), run.data))
+                   on_eval=eval_printer(_above_progress_bar(echo), run.data), run_log=run_log)
     if distributed.current_world().main:
         write_run_card(
             result.adapter_dir, task="seq_cls", model=run.model, labels=labels.names, max_length=run.data.max_length
@@ -177,13 +188,16 @@ def run_classification(run: RunConfig, echo=print) -> dict:
     if test_examples:  # the chosen checkpoint, once, on the test split: accuracy and macro-F1 of one evaluation
         scores = evaluate_test(model, objective, test_examples, run.train.batch_size)
         if distributed.current_world().main:
-            _log_final_scores(run.train.output_dir, "test", {}, scores, result.steps)
+            _log_final_scores(run_log, "test", {}, scores, result.steps)
     else:
         scores = {k: v for k, v in result.final_eval.items() if k != "confusion"}
         scores = _chosen_eval(result, run.train.metric_for_best) or scores
     summary["final_score"]["scores"] = scores
     _echo_result(echo, summary)
     return summary
+
+
+RUNS = {CausalLMObjective: run_causal_lm, ClassificationObjective: run_classification}  # per objective
 
 
 def _quantize_after_inject(model, run: RunConfig, echo) -> dict | None:
@@ -196,18 +210,17 @@ def _quantize_after_inject(model, run: RunConfig, echo) -> dict | None:
     return report.as_dict()
 
 
-def _log_final_scores(run_dir: str, kind: str, base: dict, final: dict, steps: int) -> None:
-    """Put the final scores (the base's at step 0, the chosen checkpoint's at the end) into metrics.jsonl.
+def _log_final_scores(run_log: RunLog, kind: str, base: dict, final: dict, steps: int) -> None:
+    """Put the final scores (the base's at step 0, the chosen checkpoint's at the end) into metrics.jsonl and the trackers.
 
     Scores on the test split are logged as kind "test", so that curves and anything reading eval
     events never mix them with the split that chose the checkpoint.
     """
-    metrics = MetricsLog(run_dir, resume=True)
     for step, scores in ((0, base), (steps, final)):
         numbers = {k: v for k, v in scores.items() if isinstance(v, float)}
         if numbers:
-            metrics.write(kind=kind, step=step, **numbers)
-    metrics.plot()
+            run_log.write(kind=kind, step=step, **numbers)
+    run_log.plot()
 
 
 def _test_count(test: list) -> str:
@@ -243,16 +256,6 @@ def _above_progress_bar(echo):
     from tqdm.auto import tqdm
 
     return tqdm.write
-
-
-def write_run_card(adapter_dir: str | Path, **fields) -> None:
-    """`lorakit.json` beside the PEFT files: how prompts were built, so generate/eval can do the same."""
-    (Path(adapter_dir) / RUN_CARD).write_text(json.dumps(fields, indent=1) + "\n", encoding="utf-8")
-
-
-def read_run_card(adapter_dir: str | Path | None) -> dict:
-    path = Path(adapter_dir) / RUN_CARD if adapter_dir else None
-    return json.loads(path.read_text(encoding="utf-8")) if path and path.is_file() else {}
 
 
 def _scores_line(scores: dict) -> str:

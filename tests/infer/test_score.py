@@ -47,8 +47,10 @@ def test_conversations_are_scored_per_turn_and_per_conversation(tmp_path):
     own = generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=8, add_special_tokens=False))
     records[0]["messages"][1]["content"], records[1]["messages"][1]["content"] = own[0], own[2]
     records[0]["messages"][3]["content"] = own[1] + " not this"
-    scores = score_generations(model, tokenizer, records, template, EvalConfig(max_new_tokens=8, samples=1))
+    scores = score_generations(model, tokenizer, records, template, EvalConfig(max_new_tokens=8, samples=1),
+                               keep_rows=True)
     assert scores["turns"] == 3 and scores["conversations"] == 2
+    assert [(row["turn"], row["scores"]["exact_match"]) for row in scores["rows"]] == [(1, 1.0), (2, 0.0), (1, 1.0)]
     assert scores["exact_match"] == pytest.approx(2 / 3)
     assert scores["exact_match_turn1"] == 1.0 and scores["exact_match_turn2"] == 0.0
     assert scores["conversation_exact_match"] == 0.5

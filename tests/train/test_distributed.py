@@ -98,6 +98,18 @@ def _assert_same_run(a: Path, b: Path) -> None:
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5
 
 
+def _assert_tensorboard_equals_metrics(folder: Path, run: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    stored = [(e.step, e.value) for e in accumulator.Scalars("train/loss")]
+    logged = [(e["step"], e["loss"]) for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+              if e["kind"] == "train"]
+    assert [s for s, _ in stored] == [s for s, _ in logged] == list(range(1, 21))
+    assert [v for _, v in stored] == pytest.approx([v for _, v in logged], rel=1e-6)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -106,8 +118,10 @@ def _free_port() -> int:
 
 def test_two_processes_under_torchrun_equal_one(toy_config, one_process, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    _train([*torchrun, *LORAKIT], toy_config, tmp_path / "two")
+    _train([*torchrun, *LORAKIT], toy_config, tmp_path / "two", "--train.report_to", "tensorboard")
     _assert_same_run(one_process, tmp_path / "two")
+    (events,) = (tmp_path / "two" / "tensorboard").iterdir()  # rank 0 alone logged to the tracker
+    _assert_tensorboard_equals_metrics(events.parent, tmp_path / "two")
     state = json.loads((tmp_path / "two" / "checkpoints" / "step-000020" / "trainer_state.json").read_text())
     assert (state["global_batch"], state["processes"]) == (4, 2)
 

@@ -2,8 +2,9 @@
 
 A folder holds `adapter_model.safetensors` and `adapter_config.json`. Keys are
 `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight` (`.lora_embedding_A` /
-`.lora_embedding_B` for embeddings), `base_model.model.<path>.<param>` for modules saved in full,
-and the trained biases under their own names. Only safetensors is read: a pickled `.bin` runs code
+`.lora_embedding_B` for embeddings) and a variant's own tensors (`PEFT_KEYS`),
+`base_model.model.<path>.<param>` for modules saved in full, and the trained biases under their
+own names. Only safetensors is read: a pickled `.bin` runs code
 when loaded, so it is refused unless the caller says it trusts the file.
 """
 
@@ -22,8 +23,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.config import ConfigError, LoraConfig
-from lorakit.lora.adapters import in_saved_module, adapter_config, delete_adapter, lora_layers, saved_modules
+from lorakit.lora.adapters import adapter_config, delete_adapter, in_saved_module, lora_layers, saved_modules
 from lorakit.lora.inject import inject
+from lorakit.lora.inits import MOVES_BASE
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,17 @@ CONFIG_NAME = "adapter_config.json"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 # PEFT options whose adapters our LoRA would compute differently: refuse rather than mis-load.
 UNSUPPORTED_WHEN_SET = ("use_dora", "lora_bias", "layers_to_transform", "target_parameters", "use_qalora")
+
+
+# An adapter parameter's name in lorakit -> its key suffix in a PEFT file (for linear and conv1d
+# layers; embeddings keep A and B as lora_embedding_A / lora_embedding_B, bare parameters).
+PEFT_KEYS = {"A": "lora_A.weight", "B": "lora_B.weight"}
+
+
+def peft_key(kind: str, param: str) -> str:
+    if kind == "embedding" and param in ("A", "B"):
+        return f"lora_embedding_{param}"
+    return PEFT_KEYS[param]
 
 
 class AdapterError(ValueError):
@@ -46,13 +59,8 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     for path, layer in lora_layers(model):
         if name not in layer.adapters:
             continue
-        adapter = layer.adapters[name]
-        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if layer.kind == "embedding" else (
-            "lora_A.weight",
-            "lora_B.weight",
-        )
-        out[f"{PREFIX}{path}.{a_key}"] = adapter.A
-        out[f"{PREFIX}{path}.{b_key}"] = adapter.B
+        for param_name, param in layer.adapters[name].named_parameters(recurse=False):
+            out[f"{PREFIX}{path}.{peft_key(layer.kind, param_name)}"] = param
         if config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
             out[f"{PREFIX}{path}.base_layer.bias"] = layer.base_layer.bias
     for path, wrapper in saved_modules(model):
@@ -99,8 +107,8 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str = "default")
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in live.items()}
     config = peft_config_dict(model, name)
     _check_before_save(model, name, tensors)
-    if adapter_config(model, name).init_lora_weights == "pissa":
-        tensors, config = _pissa_as_lora(model, name, tensors, config)
+    if adapter_config(model, name).init_lora_weights in MOVES_BASE:
+        tensors, config = _as_lora_on_original_base(model, name, tensors, config)
     directory.mkdir(parents=True, exist_ok=True)
     _write_atomic(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
@@ -124,11 +132,12 @@ def _check_before_save(model: nn.Module, name: str, tensors: dict[str, torch.Ten
         )
 
 
-def _pissa_as_lora(model, name, tensors, config):
-    """Re-express a PiSSA adapter relative to the original W, so it loads on an unmodified base.
+def _as_lora_on_original_base(model, name, tensors, config):
+    """Re-express a PiSSA/OLoRA adapter relative to the original W, so it loads on an unmodified base.
 
     The base now holds W - s B0 A0; with trained A, B the model computes W + s (B A - B0 A0), which
-    is a plain LoRA of rank 2r: A' = [A; A0], B' = [B, -B0], same scale s.
+    is a plain LoRA of rank 2r: A' = [A; A0], B' = [B, -B0], same scale s. (A DoRA adapter's weight
+    W - s B0 A0 + s B A is the same matrix, so its magnitude carries over unchanged.)
     """
     for path, layer in lora_layers(model):
         adapter = layer.adapters[name] if name in layer.adapters else None

@@ -9,15 +9,16 @@ import sys
 from lorakit.checkpoint.peft_io import AdapterError
 from lorakit.config import ConfigError
 from lorakit.data.formats import DataError
+from lorakit.export.errors import ExportError
 from lorakit.models import ModelNotFoundError
 from lorakit.train.guard import DivergenceError
 
 # OSError: a folder that cannot be written, a full disk: one line, not a traceback.
-USER_ERRORS = (ConfigError, DataError, AdapterError, ModelNotFoundError, DivergenceError, OSError)
+USER_ERRORS = (ConfigError, DataError, AdapterError, ExportError, ModelNotFoundError, DivergenceError, OSError)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lorakit.cli import classify, generate, inspect, merge, serve, train
+    from lorakit.cli import classify, dashboard, export, generate, inspect, merge, serve, train
     from lorakit.cli import eval as eval_cmd
 
     parser = argparse.ArgumentParser(
@@ -27,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (train, generate, classify, eval_cmd, merge, inspect, serve):
+    for module in (train, generate, classify, eval_cmd, merge, export, inspect, serve, dashboard):
         module.add_parser(commands)
     return parser
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from lorakit.cli.parsing import subcommand
+from lorakit.infer.load import load_classifier
 
 EXAMPLES = """examples:
   lorakit classify --model minilm-l6 --adapter runs/sst2/adapter --text "a gorgeous, witty, seductive movie"
@@ -41,23 +42,6 @@ def add_parser(commands) -> None:
     parser.add_argument("--output", help="JSONL file for --input")
     parser.add_argument("--text-field", default="text", help="field of --input records holding the text")
     parser.set_defaults(run=run)
-
-
-def load_classifier(model_name: str, adapter: str):
-    """(model, tokenizer, labels, max_length) from a base and a lorakit/PEFT classification adapter."""
-    from lorakit.checkpoint.peft_io import WEIGHTS_NAME, load_adapter, read_adapter_weights
-    from lorakit.data.formats import DataError
-    from lorakit.models import default_device, load_sequence_classifier, load_tokenizer
-    from lorakit.run import read_run_card
-
-    card = read_run_card(adapter)
-    heads = [v for k, v in read_adapter_weights(adapter).items() if k.endswith(("classifier.weight", "score.weight"))]
-    if not heads:
-        raise DataError(f"{Path(adapter) / WEIGHTS_NAME}: holds no classifier head; was it trained with task seq_cls?")
-    labels = card.get("labels") or [str(i) for i in range(heads[0].shape[0])]
-    model = load_sequence_classifier(model_name, len(labels)).to(default_device())
-    load_adapter(model, adapter)
-    return model, load_tokenizer(model_name), labels, card.get("max_length", 128)
 
 
 def run(args, _overrides) -> int:

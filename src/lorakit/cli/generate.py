@@ -45,8 +45,8 @@ def add_parser(commands) -> None:
     parser.set_defaults(run=run)
 
 
-def add_model_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="built-in name, folder, .gguf file or Hub id")
+def add_model_arguments(parser, model_required: bool = True) -> None:
+    parser.add_argument("--model", required=model_required, help="built-in name, folder, .gguf file or Hub id")
     parser.add_argument("--adapter", help="a PEFT-format adapter folder")
     parser.add_argument(
         "--template", help="seed, alpaca, chat, raw, or a format string with {instruction}; default: the adapter's"
@@ -58,40 +58,17 @@ def add_model_arguments(parser) -> None:
 
 
 def load_for_inference(args):
-    """(model, tokenizer, template) for --model/--adapter/--template."""
-    from lorakit.checkpoint.peft_io import load_adapter
-    from lorakit.data.templates import get_template
-    from lorakit.models import default_device, load_causal_lm, load_tokenizer
-    from lorakit.run import read_run_card
-
-    tokenizer = load_tokenizer(args.model)
-    device_map = getattr(args, "device_map", None)
-    model = load_causal_lm(args.model, device_map=device_map)
-    if not device_map:
-        model = model.to(default_device())
-    quantize_for_cli(model, args.bits, args.adapter)
-    if args.adapter:
-        load_adapter(model, args.adapter)
-    spec = args.template or read_run_card(args.adapter).get("template") or ("chat" if tokenizer.chat_template else "raw")
-    template = get_template("{instruction}" if spec == "raw" else spec, tokenizer)
-    return model, tokenizer, template
-
-
-def quantize_for_cli(model, bits: int | None, adapter: str | None) -> None:
-    """Quantise the base as --load-in-4bit/8bit say; note when the adapter was trained on another base."""
+    """(model, tokenizer, template) for --model/--adapter/--template/--load-in-*; prints the library's note."""
     import sys
 
-    from lorakit.config import QuantizationConfig
-    from lorakit.quant import quantize_model
-    from lorakit.run import read_run_card
+    from lorakit.infer.load import load_for_inference as load
 
-    card = read_run_card(adapter)  # written by `lorakit train`; absent for adapters from elsewhere
-    trained = (card.get("quantization") or {}).get("bits")
-    if card and trained != bits:
-        base, flag = (f"{trained}-bit", f"--load-in-{trained}bit") if trained else ("full-precision", "no --load-in flag")
-        print(f"note: the adapter was trained on a {base} base; {flag} reproduces it", file=sys.stderr)
-    if bits:
-        quantize_model(model, QuantizationConfig(bits=bits))
+    model, tokenizer, template, note = load(
+        args.model, args.adapter, args.template, args.bits, getattr(args, "device_map", None)
+    )
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    return model, tokenizer, template
 
 
 def run(args, _overrides) -> int:

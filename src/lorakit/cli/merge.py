@@ -36,33 +36,21 @@ def add_parser(commands) -> None:
 
 
 def run(args, _overrides) -> int:
-    from lorakit.checkpoint.peft_io import load_adapter
-    from lorakit.cli.generate import quantize_for_cli
+    import sys
+
     from lorakit.config import ConfigError
-    from lorakit.lora.merge import merge_and_unload
-    from lorakit.models import load_causal_lm, load_tokenizer
-    from lorakit.quant.merge import GAP_PROMPTS, merge_with_report
+    from lorakit.infer.load import load_merged
+    from lorakit.quant.merge import GAP_PROMPTS
 
     if args.base_full_precision and not args.bits:
         raise ConfigError("--base-full-precision compares against a quantised base: add --load-in-4bit or --load-in-8bit")
-    tokenizer = load_tokenizer(args.model)
-    model = load_causal_lm(args.model)
-    quantize_for_cli(model, args.bits, args.adapter)
-    load_adapter(model, args.adapter)
-    if args.bits:
-
-        def full_precision():
-            base = load_causal_lm(args.model)
-            load_adapter(base, args.adapter)
-            return base
-
-        batches = [dict(tokenizer(p, return_tensors="pt", return_token_type_ids=False)) for p in GAP_PROMPTS]
-        merged, gaps = merge_with_report(model, batches, full_precision if args.base_full_precision else None)
+    merged, tokenizer, gaps, note = load_merged(args.model, args.adapter, args.bits, args.base_full_precision)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    if gaps:
         print(f"logits on {len(GAP_PROMPTS)} prompts, against the adapter on the {args.bits}-bit base:")
         for gap in gaps:
             print(f"  {gap.line()}")
-    else:
-        merged = merge_and_unload(model)
     merged.save_pretrained(args.output)
     tokenizer.save_pretrained(args.output)
     print(f"merged model written to {args.output}")

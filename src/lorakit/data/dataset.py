@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from lorakit.config import DataConfig
 from lorakit.data.files import load_hf_dataset, load_records
-from lorakit.data.formats import DataError, validate_records
+from lorakit.data.formats import FORMATS, DataError, validate_records
 from lorakit.data.masking import TokenizeStats, tokenize_dataset
 from lorakit.data.split import train_test_split
 from lorakit.data.templates import get_template
@@ -47,11 +48,13 @@ def read_records(config: DataConfig, seed: int) -> tuple[list[dict], list[dict],
 
 def file_reader(fmt: str | None):
     """(reader, record format) for `data.format`: data sets with their own file layout bring a reader."""
-    if fmt == "e2e":  # official E2E NLG CSVs -> instruction records (lorakit.data.e2e)
-        from lorakit.data.e2e import read_e2e_records
-
-        return read_e2e_records, "instruction"
-    return load_records, fmt
+    if fmt is None:
+        return load_records, None
+    records, reader = FORMATS[fmt]
+    if reader is None:
+        return load_records, records
+    module, _, function = reader.partition(":")
+    return getattr(importlib.import_module(module), function), records
 
 
 def with_eval_split(config: DataConfig, train: list[dict], check, seed: int, load=load_records) -> tuple[list[dict], list[dict]]:

@@ -16,6 +16,10 @@ Record formats (``validate_records``):
   ``lorakit.data.preference``, which registers its checker.
 * ``text_label``: classification; validated by a checker registered with
   :func:`register_validator` (the classification task provides it).
+
+``FORMATS`` names every ``data.format`` a config may give: the record formats above, and data sets
+with a file layout of their own, which bring a reader that turns their files into records of one
+of the record formats (``e2e``: the official E2E NLG CSVs as ``instruction`` records).
 """
 
 from __future__ import annotations
@@ -26,7 +30,18 @@ from typing import Any
 SOURCE_KEY = "_source"
 LINE_KEY = "_line"
 
-RECORD_FORMATS = ("instruction", "alpaca", "chat", "sharegpt", "text_label", "preference")
+# data.format name -> (the record format its records are, the reader of its files as "module:function";
+# None: lorakit's JSONL/JSON/CSV/TSV reader, lorakit.data.files.load_records)
+FORMATS: dict[str, tuple[str, str | None]] = {
+    "instruction": ("instruction", None),
+    "alpaca": ("alpaca", None),
+    "chat": ("chat", None),
+    "sharegpt": ("sharegpt", None),
+    "text_label": ("text_label", None),
+    "preference": ("preference", None),
+    "e2e": ("instruction", "lorakit.data.e2e:read_e2e_records"),
+}
+RECORD_FORMATS = tuple(name for name, (records, _) in FORMATS.items() if records == name)
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 Validator = Callable[[dict[str, Any], str], None]

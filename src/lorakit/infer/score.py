@@ -8,31 +8,24 @@ from lorakit.config import EvalConfig
 from lorakit.data.chat import to_messages
 from lorakit.data.templates import ChatTemplate
 from lorakit.infer.generate import GenerationConfig, generate
+from lorakit.tasks import task_scorer
+
+__all__ = ["score_generations", "task_scorer"]
 
 
-def task_scorer(task: str | None):
-    """The task's `score(preds, refs) -> dict` function, or an exact-match-only default."""
-    if task == "ros2":
-        from lorakit.tasks import ros2
-
-        return ros2.score
-    if task == "e2e":
-        from lorakit.tasks import e2e
-
-        return e2e.score
-    return lambda preds, refs: {"exact_match": sum(p.strip() == r.strip() for p, r in zip(preds, refs)) / len(refs)}
-
-
-def score_generations(model: nn.Module, tokenizer, records: list[dict], template, config: EvalConfig) -> dict:
+def score_generations(
+    model: nn.Module, tokenizer, records: list[dict], template, config: EvalConfig, keep_rows: bool = False
+) -> dict:
     """Greedy-generate a response for each record; return the task's scores and a few samples.
 
     For a multi-reference task (E2E: several references per meaning representation) each distinct
     prompt is generated once and scored against all of its records' references. Conversations are
-    scored per assistant turn (see :func:`score_conversations`).
+    scored per assistant turn (see :func:`score_conversations`). With `keep_rows` the result also
+    holds "rows": every prompt with its output and the scorer's verdict on it alone.
     """
     scorer = task_scorer(config.task)
     if any("messages" in r or "conversations" in r for r in records):
-        return score_conversations(model, tokenizer, records, template, config)
+        return score_conversations(model, tokenizer, records, template, config, keep_rows)
     pairs = [template.render(r) for r in records]
     if getattr(scorer, "multi_reference", False):
         pairs, records = _group_by_prompt(pairs, records)
@@ -48,7 +41,19 @@ def score_generations(model: nn.Module, tokenizer, records: list[dict], template
         {"instruction": r.get("instruction", prompts[i]), "reference": _first(refs[i]), "prediction": preds[i]}
         for i, r in enumerate(records[: config.samples])
     ]
-    return {**scores, "samples": samples}
+    result = {**scores, "samples": samples}
+    if keep_rows:
+        result["rows"] = [
+            {"instruction": r.get("instruction", prompts[i]), "prompt": prompts[i], "reference": refs[i],
+             "prediction": preds[i], "scores": row_scores(scorer, preds[i], refs[i])}
+            for i, r in enumerate(records)
+        ]
+    return result
+
+
+def row_scores(scorer, prediction: str, reference) -> dict[str, float]:
+    """The task scorer's numbers for one output alone (exact_match 0/1 for ros2; sentence BLEU for e2e)."""
+    return {k: v for k, v in scorer([prediction], [reference]).items() if isinstance(v, float)}
 
 
 def _group_by_prompt(pairs: list[tuple[str, str]], records: list[dict]) -> tuple[list, list[dict]]:
@@ -65,14 +70,16 @@ def _first(ref: str | list[str]) -> str:
     return ref if isinstance(ref, str) else ref[0]
 
 
-def score_conversations(model: nn.Module, tokenizer, records: list[dict], template, config: EvalConfig) -> dict:
+def score_conversations(
+    model: nn.Module, tokenizer, records: list[dict], template, config: EvalConfig, keep_rows: bool = False
+) -> dict:
     """Score every assistant turn of every conversation, with the reference replies as the history.
 
     Returns the task's scores over all turns (``exact_match`` is per turn), ``exact_match_turn{k}``
     for the k-th assistant turn, and ``conversation_exact_match``: the share of conversations whose
     every turn is right. A conversation is all right with the reference history exactly when it is
     all right replying to its own earlier replies (they are then the references), so this is also
-    the free-running score.
+    the free-running score. With `keep_rows` the result holds one row per assistant turn.
     """
     chat = template if isinstance(template, ChatTemplate) else ChatTemplate(tokenizer)
     scorer = task_scorer(config.task)
@@ -97,4 +104,11 @@ def score_conversations(model: nn.Module, tokenizer, records: list[dict], templa
     scores["conversation_exact_match"] = sum(whole) / max(len(records), 1)
     samples = [{"instruction": asked[i], "turn": position[i], "reference": refs[i], "prediction": preds[i]}
                for i in range(len(pairs)) if owner[i] < config.samples]
-    return {**scores, "samples": samples}
+    result = {**scores, "samples": samples}
+    if keep_rows:
+        result["rows"] = [
+            {"instruction": asked[i], "turn": position[i], "prompt": prompts[i], "reference": refs[i],
+             "prediction": preds[i], "scores": row_scores(scorer, preds[i], refs[i])}
+            for i in range(len(pairs))
+        ]
+    return result

@@ -56,8 +56,12 @@ def _set_bias_trainable(model: nn.Module, modes: set[str]) -> None:
 
 @contextmanager
 def disable_adapters(model: nn.Module):
-    """Run the bare base inside the block (merged adapters are unmerged first, as in PEFT)."""
-    modules = [m for _, m in lora_layers(model)] + [m for _, m in saved_modules(model)]
+    """Run the bare base inside the block: merged adapters are unmerged on entry and merged back on exit."""
+    layers = [m for _, m in lora_layers(model)]
+    merged = [(layer, list(layer.merged)) for layer in layers if layer.merged]
+    for layer, _ in merged:
+        layer.unmerge()
+    modules = layers + [m for _, m in saved_modules(model)]
     for module in modules:
         module.disabled = True
     try:
@@ -65,6 +69,8 @@ def disable_adapters(model: nn.Module):
     finally:
         for module in modules:
             module.disabled = False
+        for layer, names in merged:
+            layer.merge(names)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:

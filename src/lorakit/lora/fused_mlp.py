@@ -5,8 +5,8 @@
 Autograd through the plain module keeps g (for silu), silu(g) and u (for the product) and h (for
 down's LoRA): four (tokens x intermediate) activations per layer, the largest thing a LoRA step
 stores for Llama-family models. This function keeps only g and u and recomputes h in backward (a
-few elementwise operations), halving the MLP's share of the activation memory; the LoRA parts use
-the same math as the fused linear (lora/fused.py).
+few elementwise operations), halving the MLP's share of the activation memory; each projection's
+term is its adapter's own fused forward and backward halves, as in the fused linear (lora/fused.py).
 
 `fuse_swiglu_mlps(model)` switches it on for every Llama/Qwen/Mistral-style MLP whose three
 projections are LoRA layers on the fused path; at each call the MLP checks that this still holds
@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.lora.fused import lora_backward, lora_forward
 from lorakit.lora.layer import LoraLayer
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -29,40 +28,47 @@ PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 class FusedSwiGLULora(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, training: bool, *parts):
-        """`parts`: (weight, bias, A, B, scaling, p) for gate, up and down, flattened."""
-        gate, up, down = parts[0:6], parts[6:12], parts[12:18]
-        g, ug, keep_g = lora_forward(x, *gate, training)
-        u, uu, keep_u = lora_forward(x, *up, training)
+    def forward(ctx, x, training: bool, adapters: tuple, *parts):
+        """`adapters`: the gate, up and down adapters; `parts`: per projection its (out, in) weight and
+        then its adapter's `fused_params()`, flattened."""
+        (gate, up, down), (wg, pg), (wu, pu), (wd, pd) = adapters, *_split(adapters, parts)
+        g, saved_g = gate.fused_forward(x, wg, None, pg, training)
+        u, saved_u = up.fused_forward(x, wu, None, pu, training)
         h = F.silu(g) * u  # (..., intermediate); not kept
-        y, ud, keep_d = lora_forward(h, *down, training)
-        ctx.save_for_backward(x, g, u, ug, uu, ud, keep_g, keep_u, keep_d, *_tensors(gate), *_tensors(up), *_tensors(down))
-        ctx.scalings = (gate[4], up[4], down[4])
-        ctx.ps = (gate[5], up[5], down[5])
+        y, saved_d = down.fused_forward(h, wd, None, pd, training)
+        ctx.save_for_backward(x, g, u, *parts, *saved_g, *saved_u, *saved_d)
+        ctx.adapters, ctx.counts = adapters, (len(parts), len(saved_g), len(saved_u))
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, g, u, ug, uu, ud, keep_g, keep_u, keep_d, *weights = ctx.saved_tensors
-        (Wg, Ag, Bg), (Wu, Au, Bu), (Wd, Ad, Bd) = weights[0:3], weights[3:6], weights[6:9]
-        (sg, su, sd), (pg, pu, pd) = ctx.scalings, ctx.ps
+        x, g, u, *rest = ctx.saved_tensors
+        n_parts, n_g, n_u = ctx.counts
+        parts, rest = rest[:n_parts], rest[n_parts:]
+        saved_g, saved_u, saved_d = rest[:n_g], rest[n_g : n_g + n_u], rest[n_g + n_u :]
+        (gate, up, down), (wg, pg), (wu, pu), (wd, pd) = ctx.adapters, *_split(ctx.adapters, parts)
         silu = F.silu(g)
         h = silu * u  # recomputed instead of stored
-        dh, dAd, dBd = lora_backward(grad, h, Wd, Ad, Bd, ud, keep_d, sd, pd)
+        dh, grads_d = down.fused_backward(grad, h, wd, pd, saved_d, True)
         del h
         du = silu.mul_(dh)  # silu is ours: reuse its memory
         dg = torch.ops.aten.silu_backward(dh * u, g)  # dh u silu'(g), silu'(g) = sig (1 + g (1 - sig)), one pass
         del dh, silu
-        dx_g, dAg, dBg = lora_backward(dg, x, Wg, Ag, Bg, ug, keep_g, sg, pg, ctx.needs_input_grad[0])
-        dx_u, dAu, dBu = lora_backward(du, x, Wu, Au, Bu, uu, keep_u, su, pu, ctx.needs_input_grad[0])
+        dx_g, grads_g = gate.fused_backward(dg, x, wg, pg, saved_g, ctx.needs_input_grad[0])
+        dx_u, grads_u = up.fused_backward(du, x, wu, pu, saved_u, ctx.needs_input_grad[0])
         dx = dx_g + dx_u if ctx.needs_input_grad[0] else None
-        # Gradients for (x, training, then weight, bias, A, B, scaling, p per projection).
-        return (dx, None, None, None, dAg, dBg, None, None, None, None, dAu, dBu, None, None, None, None, dAd, dBd, None, None)
+        # Gradients for (x, training, adapters, then per projection its weight and its adapter's params).
+        return (dx, None, None, None, *grads_g, None, *grads_u, None, *grads_d)
 
 
-def _tensors(parts: tuple) -> tuple:
-    weight, _bias, A, B, _scaling, _p = parts
-    return weight, A, B
+def _split(adapters: tuple, parts: tuple) -> list[tuple]:
+    """[(weight, params)] per projection from the flattened parts."""
+    out, at = [], 0
+    for adapter in adapters:
+        n = len(adapter.fused_params())
+        out.append((parts[at], tuple(parts[at + 1 : at + 1 + n])))
+        at += 1 + n
+    return out
 
 
 def _is_swiglu(module: nn.Module) -> bool:
@@ -84,8 +90,12 @@ class _FusedForward:
             return type(self.module).forward(self.module, x)
         if not all(layer.can_fuse() and layer.base_layer.bias is None for layer in layers):
             return type(self.module).forward(self.module, x)
-        parts = [part for layer in layers for part in layer.fused_parts()]
-        return FusedSwiGLULora.apply(x.to(parts[2].dtype), self.module.training, *parts)
+        adapters, parts = [], []
+        for layer in layers:
+            adapter, weight, _bias = layer.fused_parts()
+            adapters.append(adapter)
+            parts += [weight, *adapter.fused_params()]
+        return FusedSwiGLULora.apply(x.to(parts[0].dtype), self.module.training, tuple(adapters), *parts)
 
 
 def fuse_swiglu_mlps(model: nn.Module) -> int:

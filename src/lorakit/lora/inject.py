@@ -11,7 +11,9 @@ from torch import nn
 
 from lorakit.config import ConfigError, LoraConfig
 from lorakit.lora.adapters import set_adapter
-from lorakit.lora.layer import LoraLayer, SavedModule, layer_kind
+from lorakit.lora.base import layer_kind
+from lorakit.lora.layer import LoraLayer, SavedModule
+from lorakit.lora.variants import variant_for
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +118,22 @@ def inject(model: nn.Module, config: LoraConfig | None = None, adapter_name: str
     if not configs:  # the first adapter freezes the base; later ones find it frozen already
         model.requires_grad_(False)
 
-    for name in find_targets(model, config):
+    variant = variant_for(config)
+    names = find_targets(model, config)
+    for name in names:
+        kind = layer_kind(model.get_submodule(name)) or model.get_submodule(name).kind
+        if kind not in variant.KINDS:
+            raise ConfigError(
+                f"lora.target_modules: '{name}' is a {kind} layer; {variant.__name__} sits on "
+                f"{', '.join(variant.KINDS)} layers only; leave it out of target_modules"
+            )
+    for name in names:
         module = model.get_submodule(name)
         layer = module if isinstance(module, LoraLayer) else LoraLayer(module)
         r, alpha = config.rank_and_alpha(name)
-        layer.add_adapter(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights)
+        layer.add_adapter(
+            adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights, variant
+        )
         if layer is not module:
             model.set_submodule(name, layer)
     _wrap_saved_modules(model, config, adapter_name)

@@ -1,11 +1,12 @@
-"""The LoRA layer: a frozen base layer plus one or more named low-rank adapters.
+"""The LoRA layer: a frozen base layer plus one or more named adapters, each owning its term.
 
-For a base weight W (out x in), an adapter adds a low-rank update
+For a base weight W (out x in), a plain adapter adds a low-rank update
 
     h = W x + (alpha / r) * B A dropout(x)        A: (r, in), B: (out, r)
 
-B starts at zero, so a fresh adapter leaves the model unchanged. With rsLoRA the scale is
-alpha / sqrt(r). Merging folds (alpha / r) * B A into W; unmerging subtracts it again.
+Variants (lora/variants/) change how the update enters; the layer never reads an adapter's
+tensors, it asks the adapter: `output` in a forward pass, `merge`/`unmerge` for the weight, the
+fused halves for the lean training path (lora/fused.py).
 
 One `LoraLayer` wraps any of three base kinds; they differ only in how the (out, in) update
 lines up with the stored weight and how the adapter reads the input:
@@ -19,56 +20,19 @@ lines up with the stored weight and how the adapter reads the input:
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lorakit.lora.fused import fused_lora_linear
+from lorakit.lora.base import Conv1D, dequantized_weight, is_quantized, layer_kind
+from lorakit.lora.fused import fused_adapter_linear
+from lorakit.lora.variants import LoraAdapter
 
-try:  # GPT-2's Conv1D is a Linear with a transposed weight.
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a hard dependency
-    Conv1D = ()
-
-INIT_CHOICES = (True, False, "gaussian", "pissa", "loftq")  # loftq: set later by lorakit.quant
-
-
-def layer_kind(module: nn.Module) -> str | None:
-    """'linear', 'conv1d' or 'embedding' for a base layer LoRA can wrap, else None."""
-    if isinstance(module, nn.Linear):  # also bitsandbytes' Linear4bit / Linear8bitLt
-        return "linear"
-    if Conv1D and isinstance(module, Conv1D):
-        return "conv1d"
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    return None
-
-
-class LoraAdapter(nn.Module):
-    """One named adapter: A, B, their scale and the dropout on the adapter's input."""
-
-    def __init__(
-        self, in_features: int, out_features: int, r: int, alpha: float, dropout: float, use_rslora: bool
-    ):
-        super().__init__()
-        self.r, self.alpha = r, alpha
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        self.A = nn.Parameter(torch.empty(r, in_features))  # (r, in)
-        self.B = nn.Parameter(torch.zeros(out_features, r))  # (out, r)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-
-    def delta_weight(self) -> torch.Tensor:
-        """The (out, in) update this adapter adds to the base weight."""
-        return (self.B @ self.A) * self.scaling
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.dropout(x) @ self.A.T) @ self.B.T * self.scaling  # (..., in) -> (..., r) -> (..., out)
+__all__ = ["LoraAdapter", "LoraLayer", "SavedModule", "layer_kind"]
 
 
 class LoraLayer(nn.Module):
-    """A frozen base layer and its adapters, keyed by name (one `LoraAdapter` per name)."""
+    """A frozen base layer and its adapters, keyed by name (one adapter module per name)."""
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -113,50 +77,21 @@ class LoraLayer(nn.Module):
         dropout: float = 0.0,
         use_rslora: bool = False,
         init: bool | str = True,
+        variant: type[LoraAdapter] = LoraAdapter,
     ) -> LoraAdapter:
-        """Create adapter `name` and make it active. `init` follows PEFT's `init_lora_weights`."""
+        """Create adapter `name` (of class `variant`) and make it active. `init` follows PEFT's `init_lora_weights`."""
         if name in self.adapters:
             raise ValueError(f"adapter '{name}' already exists on this layer")
+        if self.kind not in variant.KINDS:
+            raise TypeError(f"{variant.__name__} sits on {', '.join(variant.KINDS)} layers, not on a {self.kind}")
         dropout = 0.0 if self.kind == "embedding" else dropout  # PEFT applies no dropout to embeddings
-        adapter = LoraAdapter(self.in_features, self.out_features, r, alpha, dropout, use_rslora)
+        adapter = variant(self.in_features, self.out_features, r, alpha, dropout, use_rslora)
         weight = self.base_layer.weight
         adapter.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else torch.float32)
         self.adapters[name] = adapter
-        self._init_adapter(adapter, init)
+        adapter.initialize(self, init)
         self.active.append(name)
         return adapter
-
-    @torch.no_grad()
-    def _init_adapter(self, adapter: LoraAdapter, init: bool | str) -> None:
-        if init is False:  # random A and B: a non-zero update, for tests
-            nn.init.normal_(adapter.A, std=0.02)
-            nn.init.normal_(adapter.B, std=0.02)
-        elif init == "pissa":
-            self._init_pissa(adapter)
-        elif init == "gaussian":
-            nn.init.normal_(adapter.A, std=1.0 / adapter.r)
-        elif self.kind == "embedding":  # PEFT's choice for embeddings: A zero, B normal
-            nn.init.zeros_(adapter.A)
-            nn.init.normal_(adapter.B)
-        else:  # PEFT's default: Kaiming-uniform A (as nn.Linear initialises), zero B
-            nn.init.kaiming_uniform_(adapter.A, a=math.sqrt(5))
-
-    def _init_pissa(self, adapter: LoraAdapter) -> None:
-        """PiSSA: A, B from the top-r singular triplets of W; the base keeps the residual.
-
-        W = U S V^T. With s = scaling, B = U_r sqrt(S_r / s), A = sqrt(S_r / s) V_r^T, so s B A is
-        the best rank-r approximation of W, and W - s B A (the residual) stays frozen in the base.
-        The model's output is unchanged at start, but training moves the principal directions.
-        """
-        weight = self._weight_as_out_in().float()
-        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
-        root = torch.sqrt(S[: adapter.r] / adapter.scaling)
-        adapter.B.copy_(U[:, : adapter.r] * root)
-        adapter.A.copy_(root[:, None] * Vh[: adapter.r])
-        # Kept (not saved) so the trained adapter can be re-expressed against the original W.
-        adapter.register_buffer("A0", adapter.A.detach().clone(), persistent=False)
-        adapter.register_buffer("B0", adapter.B.detach().clone(), persistent=False)
-        self._add_to_weight(-adapter.delta_weight())
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged:
@@ -164,50 +99,55 @@ class LoraLayer(nn.Module):
         del self.adapters[name]
         self.active = [a for a in self.active if a != name]
 
-    # -- merge ------------------------------------------------------------------------------
-    def _weight_as_out_in(self) -> torch.Tensor:
-        weight = self.base_layer.weight
+    # -- the base weight --------------------------------------------------------------------
+    def weight_as_out_in(self) -> torch.Tensor:
+        """The base weight as (out, in), dequantised (float32) for a quantised base; a view otherwise."""
+        weight = dequantized_weight(self.base_layer) if is_quantized(self.base_layer) else self.base_layer.weight
         return weight if self.kind == "linear" else weight.T
 
     @torch.no_grad()
-    def _add_to_weight(self, delta: torch.Tensor) -> None:
+    def add_to_weight(self, delta: torch.Tensor) -> None:
         """Add an (out, in) update to the base weight, whatever its layout."""
         weight = self.base_layer.weight
-        if not weight.is_floating_point():  # bitsandbytes packs 4/8-bit weights into integer tensors
+        if not weight.is_floating_point() or is_quantized(self.base_layer):
             raise TypeError(
                 f"cannot merge into a quantised {type(self.base_layer).__name__} (weight stored as {weight.dtype}); "
                 "dequantise first with lorakit.quant.dequantize_model(model) (merge_and_unload does it for you)"
             )
         weight.add_((delta if self.kind == "linear" else delta.T).to(weight.dtype))
 
+    # -- merge ------------------------------------------------------------------------------
     def merge(self, names: list[str] | None = None) -> None:
         """Fold the given (default: active) adapters into the base weight."""
         for name in names if names is not None else self.active:
             if name not in self.merged:
-                self._add_to_weight(self.adapters[name].delta_weight())
+                self.adapters[name].merge(self)
                 self.merged.append(name)
 
     def unmerge(self, names: list[str] | None = None) -> None:
-        """Subtract merged adapters (default: all of them) from the base weight again."""
+        """Take merged adapters (default: all of them, last merged first) out of the base weight again."""
         for name in list(reversed(self.merged)) if names is None else names:
             if name in self.merged:
-                self._add_to_weight(-self.adapters[name].delta_weight())
+                self.adapters[name].unmerge(self)
                 self.merged.remove(name)
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.disabled and self.merged:
-            self.unmerge()
-        if self.row_adapters is not None and not self.disabled:
+        if self.disabled:
+            if self.merged:  # the weights are never changed here: disable_adapters unmerges first
+                raise RuntimeError(
+                    f"adapters {self.merged} are merged into this layer; unmerge them before disabling "
+                    "(lorakit.disable_adapters(model) does)"
+                )
+            return self.base_layer(x, *args, **kwargs)
+        if self.row_adapters is not None:
             return self.row_adapters.forward(self, x, *args, **kwargs)
         if self.can_fuse():
             return self._fused_forward(x)
         out = self.base_layer(x, *args, **kwargs)
-        if self.disabled:
-            return out
         for name in self.active:
             if name not in self.merged:
-                out = out + self._adapter_output(self.adapters[name], x).to(out.dtype)
+                out = self.adapters[name].output(self, x, out)
         return out
 
     def can_fuse(self) -> bool:
@@ -226,25 +166,14 @@ class LoraLayer(nn.Module):
             and not torch.is_autocast_enabled(base.weight.device.type)  # its backward does its own dtypes
         )
 
-    def fused_parts(self) -> tuple:
-        """(weight as (out, in), bias, A, B, scaling, dropout p) of the one adapter the fused path applies."""
-        adapter = self.adapters[self.active[0]]
+    def fused_parts(self) -> tuple[LoraAdapter, torch.Tensor, torch.Tensor | None]:
+        """(the one adapter the fused path applies, the base weight as (out, in), the base bias)."""
         weight = self.base_layer.weight if self.kind == "linear" else self.base_layer.weight.T  # (out, in)
-        p = adapter.dropout.p if isinstance(adapter.dropout, nn.Dropout) else 0.0
-        return weight, self.base_layer.bias, adapter.A, adapter.B, adapter.scaling, p
+        return self.adapters[self.active[0]], weight, self.base_layer.bias
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias, A, B, scaling, p = self.fused_parts()
-        return fused_lora_linear(x.to(A.dtype), weight, bias, A, B, scaling, p, self.training)
-
-    def _adapter_output(self, adapter: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "embedding":
-            base = self.base_layer
-            rows = F.embedding(
-                x, adapter.A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
-            )  # (..., r)
-            return rows @ adapter.B.T * adapter.scaling
-        return adapter(x.to(adapter.A.dtype))
+        adapter, weight, bias = self.fused_parts()
+        return fused_adapter_linear(x.to(weight.dtype), weight, bias, adapter, self.training)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, adapters={list(self.adapters)}, active={self.active}, merged={self.merged}"

@@ -10,6 +10,7 @@ from torch import nn
 
 from lorakit.config import ConfigError, LoraConfig
 from lorakit.lora.adapters import adapter_config, lora_layers, saved_modules, set_adapter
+from lorakit.lora.base import dequantize_model, is_quantized
 
 
 def merge_adapters(model: nn.Module) -> None:
@@ -31,9 +32,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     `from_pretrained` loads without lorakit. Saved modules (a trained head) keep the active copy.
     A quantised (QLoRA) base is dequantised to fp32 first, and the adapters merged in fp32.
     """
-    if any(not layer.base_layer.weight.is_floating_point() for _, layer in lora_layers(model)):
-        from lorakit.quant import dequantize_model  # imports bitsandbytes: only when needed
-
+    if any(is_quantized(layer.base_layer) for _, layer in lora_layers(model)):
         dequantize_model(model)
     for name, layer in lora_layers(model):
         layer.merge()
@@ -68,11 +67,11 @@ def add_weighted_adapter(model: nn.Module, names: list[str], weights: list[float
     total_rank = sum(c.r for c in configs)
     rank_pattern: dict[str, int] = {}
     for module_name, layer in lora_layers(model):
-        parts = [(layer.adapters[n], w) for n, w in zip(names, weights) if n in layer.adapters]
+        parts = [(_factors(layer, n, module_name), w) for n, w in zip(names, weights) if n in layer.adapters]
         if not parts:
             continue
-        A = torch.cat([a.A for a, _ in parts], dim=0)  # (sum r, in)
-        B = torch.cat([a.B * (w * a.scaling) for a, w in parts], dim=1)  # (out, sum r)
+        A = torch.cat([A for (A, _, _), _ in parts], dim=0)  # (sum r, in)
+        B = torch.cat([B * (w * s) for (_, B, s), w in parts], dim=1)  # (out, sum r)
         rank = A.shape[0]
         if rank != total_rank:
             rank_pattern[module_name] = rank
@@ -96,4 +95,14 @@ def add_weighted_adapter(model: nn.Module, names: list[str], weights: list[float
     model.lora_configs = {**model.lora_configs, new_name: config}
     set_adapter(model, new_name)
     return config
+
+
+def _factors(layer, name: str, module_name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    factors = layer.adapters[name].low_rank_factors()
+    if factors is None:
+        raise ConfigError(
+            f"add_weighted_adapter: adapter '{name}' on {module_name} is a {type(layer.adapters[name]).__name__}, "
+            "whose update is more than s B A; weighted merges combine plain LoRA adapters"
+        )
+    return factors
 

@@ -22,7 +22,9 @@ rows), gathered otherwise: on this CPU, 16 rows over 4 adapters decode 84 agains
 stacked, 16 rows over 16 adapters 93 against 84 (the matmuls against many side-by-side adapters cost
 more than the per-row copies save).
 Zero padding and zero mask entries change nothing: they contribute exact zeros. Embedding
-layers always use the grouped path. Sibling layers fed the same input (q/k/v, gate/up:
+layers always use the grouped path. Each adapter gives its per-row factors itself (`row_factors`:
+A, B, s and an output scale); a DoRA adapter's magnitude over its weight norm is folded into its B
+and scales its rows' base output, so DoRA adapters run per row too. Sibling layers fed the same input (q/k/v, gate/up:
 `SHARED_INPUT`) share one down-projection: their A^T are concatenated, x A^T runs once for all
 of them, and each takes its columns; a sibling that is handed a different tensor computes its own.
 Rows that leave the batch (`select`) are dropped from the masks or the per-row copies.
@@ -146,7 +148,8 @@ class RowAdapters:
             strategy = "stacked" if 2 * len(self.distinct) <= len(names) else "gathered"
         self.strategy = strategy
         self.siblings = siblings or {}  # id(layer) -> the layers sharing its input (itself included)
-        self._rows: dict[int, tuple[_Down, int, int, torch.Tensor] | None] = {}  # id(layer) -> down, cols, s B^T
+        # id(layer) -> down, its columns, s B^T, per-row output scale (None: all ones)
+        self._rows: dict[int, tuple[_Down, int, int, torch.Tensor, torch.Tensor | None] | None] = {}
         self.names: list[str | None] = []
         self.index = torch.zeros(0, dtype=torch.long)
         self._set_rows(list(names))
@@ -169,8 +172,9 @@ class RowAdapters:
             down.select(index)
         for key, rows in self._rows.items():
             if rows is not None:
-                down, start, stop, B = rows
-                self._rows[key] = (down, start, stop, down.keep(B, index))
+                down, start, stop, B, scale = rows
+                scale = None if scale is None else scale[index.to(scale.device)]
+                self._rows[key] = (down, start, stop, down.keep(B, index), scale)
 
     # -- the LoRA term --------------------------------------------------------------------------
     def forward(self, layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -183,28 +187,28 @@ class RowAdapters:
             rows = self._rows_of(layer)
             if rows is None:
                 return out
-            down, start, stop, B = rows
+            down, start, stop, B, scale = rows
+            if scale is not None:
+                out = _scale_rows(out, base.bias, scale)
             return down.add(out, x, start, stop, B)
-        term = self._grouped(layer, x)
-        return out if term is None else out + term.to(out.dtype)
+        return self._grouped(layer, x, out)
 
-    def _grouped(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        out = None
+    def _grouped(self, layer: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         for name, rows in self.groups:
             if name not in layer.adapters:
                 continue
+            adapter = layer.adapters[name]
             if len(rows) == len(self.names):  # every row uses it: no gather, no scatter
-                return layer._adapter_output(layer.adapters[name], x)
-            part = layer._adapter_output(layer.adapters[name], x.index_select(0, rows.to(x.device)))
-            if out is None:
-                out = part.new_zeros((x.shape[0], *part.shape[1:]))
-            out.index_add_(0, rows.to(x.device), part)
+                return adapter.output(layer, x, out)
+            index = rows.to(x.device)
+            part = adapter.output(layer, x.index_select(0, index), out.index_select(0, index))
+            out = out.index_copy(0, index, part)
         return out
 
-    def _rows_of(self, layer: nn.Module) -> tuple[_Down, int, int, torch.Tensor] | None:
+    def _rows_of(self, layer: nn.Module) -> tuple[_Down, int, int, torch.Tensor, torch.Tensor | None] | None:
         """This layer's down-projection (its own, or shared with its siblings), its columns in it,
-        and s B^T (stacked, or one per row); built once per batch (kept until rows change). None
-        when no adapter of the batch is on this layer."""
+        s B^T (stacked, or one per row) and the per-row output scale (None when every row's is 1);
+        built once per batch (kept until rows change). None when no adapter of the batch is on this layer."""
         key = id(layer)
         rows = self._rows.get(key, _UNSET)
         if rows is not _UNSET:
@@ -217,60 +221,78 @@ class RowAdapters:
             build = self._side_by_side if self.strategy == "stacked" else self._per_row
             down, parts = build(present)
             start = 0
-            for member, (width, B) in zip(present, parts):
-                self._rows[id(member)] = (down, start, start + width, B)
+            for member, (width, B, scale) in zip(present, parts):
+                self._rows[id(member)] = (down, start, start + width, B, scale)
                 start += width
         return self._rows[key]
 
-    def _side_by_side(self, members: list[nn.Module]) -> tuple[_Down, list[tuple[int, torch.Tensor]]]:
+    def _side_by_side(self, members: list[nn.Module]) -> tuple[_Down, list[tuple]]:
         """The batch's adapters side by side, the scale folded into B: A^T (in, W) over all members,
-        and per member (its width, s B^T (width, out)); owner says which slot each column serves."""
+        and per member (its width, s B^T (width, out), per-row output scale or None); owner says
+        which slot each column serves."""
         A_parts, owners, parts = [], [], []
         for member in members:
-            present = [(slot, member.adapters[n]) for slot, n in enumerate(self.distinct, 1) if n in member.adapters]
-            A_parts += [a.A.detach().T for _, a in present]
-            owners += [torch.full((a.r,), slot, dtype=torch.long) for slot, a in present]
-            B = torch.cat([a.B.detach().T * a.scaling for _, a in present])
-            parts.append((B.shape[0], B))
+            present = [
+                (slot, member.adapters[n].row_factors(member)) for slot, n in enumerate(self.distinct, 1)
+                if n in member.adapters
+            ]
+            A_parts += [A.T for _, (A, _, _, _) in present]
+            owners += [torch.full((A.shape[0],), slot, dtype=torch.long) for slot, (A, _, _, _) in present]
+            B = torch.cat([B.T * s for _, (_, B, s, _) in present])
+            scales = [(slot, scale) for slot, (_, _, _, scale) in present if scale is not None]
+            scale = None
+            if scales:  # one row per slot (slot 0, no adapter: ones), picked per batch row
+                table = B.new_ones((len(self.distinct) + 1, B.shape[1]))
+                for slot, value in scales:
+                    table[slot] = value
+                scale = table[self.index.to(table.device)]  # (B, out)
+            parts.append((B.shape[0], B, scale))
         A = torch.cat(A_parts, dim=1)
         return _StackedDown(A, torch.cat(owners).to(A.device), self.index), parts
 
-    def _per_row(self, members: list[nn.Module]) -> tuple[_Down, list[tuple[int, torch.Tensor]]]:
+    def _per_row(self, members: list[nn.Module]) -> tuple[_Down, list[tuple]]:
         """One copy per row: A^T (B, in, W) with each member's columns (its ranks padded with zeros
         to the largest of the batch's adapters there), and per member (its width, s B^T (B, width,
-        out)); zeros where a row has no adapter. A is copied as stored, (r, in) pieces one after
-        the other in one cat, and used transposed: a copy per piece into a transposed slot costs
-        several times more, and bmm reads either layout as fast in decoding."""
-        # name -> (A, B, r, scale) per member, looked up once: module attribute access is slow
-        found = [
-            {n: (a.A.detach(), a.B.detach(), a.r, a.scaling) for n in self.distinct if n in m.adapters
-             for a in [m.adapters[n]]}
-            for m in members
-        ]
-        widths = [max(r for _, _, r, _ in f.values()) for f in found]
+        out), per-row output scale or None); zeros where a row has no adapter. A is copied as stored,
+        (r, in) pieces one after the other in one cat, and used transposed: a copy per piece into a
+        transposed slot costs several times more, and bmm reads either layout as fast in decoding."""
+        # name -> (A, B, s, output scale) per member, asked once: module attribute access is slow
+        found = [{n: m.adapters[n].row_factors(m) for n in self.distinct if n in m.adapters} for m in members]
+        widths = [max(A.shape[0] for A, _, _, _ in f.values()) for f in found]
         ref = next(iter(found[0].values()))[0]  # every member here has at least one of the adapters
         sizes = [(m.in_features, m.out_features) for m in members]
         zeros = ref.new_zeros((max(widths), max(i for i, _ in sizes)))
         pieces = []
         for name in self.names:
             for f, width, (fan_in, _) in zip(found, widths, sizes):
-                A, _, r, _ = f.get(name, (None, None, 0, 0.0))
+                A = f[name][0] if name in f else None
+                r = 0 if A is None else A.shape[0]
                 pieces += [A] if r else []
                 pieces += [zeros[: width - r, :fan_in]] if r < width else []
         A_rows = torch.cat(pieces).view(len(self.names), sum(widths), -1).mT  # (B, in, W)
-        B_rows = []
+        parts = []
         for f, width, (_, fan_out) in zip(found, widths, sizes):
             zero_B = ref.new_zeros((fan_out, width))
             blocks, scales = [], []
             for name in self.names:
-                _, B, r, scale = f.get(name, (None, zero_B, width, 0.0))
-                blocks.append(B if r == width else F.pad(B, (0, width - r)))
+                _, B, scale, _ = f.get(name, (None, zero_B, 0.0, None))
+                blocks.append(B if B.shape[1] == width else F.pad(B, (0, width - B.shape[1])))
                 scales.append(scale)
             stacked = torch.stack(blocks)  # (B, out, width)
             B = stacked.new_empty((len(self.names), width, fan_out))
             torch.mul(stacked.mT, torch.tensor(scales, dtype=B.dtype, device=B.device)[:, None, None], out=B)
-            B_rows.append((width, B))
-        return _Down(A_rows), B_rows
+            out_scale = None
+            if any(f[n][3] is not None for n in f):
+                ones = ref.new_ones(fan_out)
+                out_scale = torch.stack([f[n][3] if n in f and f[n][3] is not None else ones for n in self.names])
+            parts.append((width, B, out_scale))
+        return _Down(A_rows), parts
+
+
+def _scale_rows(out: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
+    """Each row's base output, bias aside, times its output scale: (out - b) * scale + b; scale (B, out)."""
+    scale = scale.view(scale.shape[0], *([1] * (out.dim() - 2)), scale.shape[-1]).to(out.dtype)
+    return out * scale if bias is None else (out - bias) * scale + bias
 
 
 def sibling_layers(named_layers: list[tuple[str, nn.Module]]) -> dict[int, list[nn.Module]]:

@@ -1,11 +1,15 @@
 """Quantised bases for QLoRA: bitsandbytes Linear4bit / Linear8bitLt under lorakit's LoRA layers.
 
-The rest of lorakit sees a quantised base only through `is_quantized`, `dequantized_weight` and
-`weight_bytes` (lorakit.quant.bnb); the LoRA math itself does not change.
+The LoRA code sees a quantised base only through lorakit.lora.base's protocol (is it quantised,
+its dequantised weight, its bytes, a plain copy), which the bitsandbytes backend implements and
+registers here; the LoRA math itself does not change.
 """
 
-from lorakit.quant.bnb import dequantized_weight, is_quantized, weight_bytes
-from lorakit.quant.model import dequantize_model, has_quantized_layers, quantize_model, weight_bytes_report
+from lorakit.lora.base import dequantize_model, register_quantized_backend
+from lorakit.quant.bnb import BitsAndBytesBackend, dequantized_weight, is_quantized, weight_bytes
+from lorakit.quant.model import has_quantized_layers, quantize_model, weight_bytes_report
+
+register_quantized_backend(BitsAndBytesBackend())
 
 __all__ = [
     "dequantize_model",

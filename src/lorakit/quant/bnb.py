@@ -147,6 +147,18 @@ def weight_bytes(module: nn.Module) -> int:
     return total
 
 
+class BitsAndBytesBackend:
+    """lora.base's QuantizedBackend for bitsandbytes' Linear4bit / Linear8bitLt."""
+
+    claims = staticmethod(is_quantized)
+    dequantize = staticmethod(dequantized_weight)
+    nbytes = staticmethod(weight_bytes)
+
+    @staticmethod
+    def to_plain(module: nn.Module) -> nn.Linear:
+        return to_plain_linear(module)
+
+
 def full_precision_bytes(module: nn.Module) -> int:
     """Bytes the weight takes in float32 (out * in * 4)."""
     return module.out_features * module.in_features * 4

@@ -21,13 +21,7 @@ from torch import nn
 from lorakit.config import QuantizationConfig
 from lorakit.lora.inject import CLASSIFIER_HEADS
 from lorakit.lora.layer import LoraLayer
-from lorakit.quant.bnb import (
-    full_precision_bytes,
-    is_quantized,
-    quantize_linear,
-    to_plain_linear,
-    weight_bytes,
-)
+from lorakit.quant.bnb import full_precision_bytes, is_quantized, quantize_linear, weight_bytes
 from lorakit.quant.loftq import loftq_adapters, loftq_layer
 
 log = logging.getLogger(__name__)
@@ -82,22 +76,6 @@ def _prepare_for_kbit_training(model: nn.Module, config: QuantizationConfig) -> 
     # transformers then refuses a dtype cast that would break the packed weights.
     model.is_loaded_in_4bit = config.bits == 4
     model.is_loaded_in_8bit = config.bits == 8
-
-
-@torch.no_grad()
-def dequantize_model(model: nn.Module) -> nn.Module:
-    """Replace every quantised Linear by a float32 nn.Linear holding its dequantised weight.
-
-    The model then computes what it computed with fp32 compute (to float rounding); LoRA layers
-    keep their adapters, so `merge_and_unload` can fold them in fp32 afterwards.
-    """
-    for name, module in list(model.named_modules()):
-        if is_quantized(module):
-            model.set_submodule(name, to_plain_linear(module))
-    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
-        if hasattr(model, flag):
-            delattr(model, flag)
-    return model
 
 
 def has_quantized_layers(model: nn.Module) -> bool:

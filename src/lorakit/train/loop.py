@@ -20,11 +20,11 @@ from lorakit.checkpoint.peft_io import save_adapter
 from lorakit.config import TrainConfig
 from lorakit.data.collate import split_rows
 from lorakit.models import DTYPES
+from lorakit.track.runlog import RunLog
 from lorakit.train.checkpoints import RunCheckpoints, due
 from lorakit.train.distributed import DataParallel, World, barrier, current_world, grad_accum_for, shard
 from lorakit.train.guard import DivergenceError, DivergenceGuard
 from lorakit.train.lean import release_freed_memory, use_fused_paths
-from lorakit.train.metrics import MetricsLog
 from lorakit.train.optim import build_optimizer, build_scheduler
 from lorakit.train.sampling import Batches, epoch_order  # noqa: F401  (epoch_order: re-exported)
 
@@ -144,6 +144,7 @@ def train(
     objective,
     run_state: dict | None = None,
     on_eval: Callable[[int, dict], None] | None = None,
+    run_log: RunLog | None = None,
 ) -> TrainResult:
     """Train the active adapter of `model` in place; return what happened.
 
@@ -152,7 +153,8 @@ def train(
     `eval_examples` are the only examples that evaluation, keep-best and the time budget's last
     evaluation look at; `on_eval(step, metrics)` is called after each evaluation. At the end the
     best checkpoint's adapter (by `metric_for_best`) is loaded back into the model and written to
-    `<output_dir>/adapter/`.
+    `<output_dir>/adapter/`. Metrics go to `run_log` (metrics.jsonl and the trackers of
+    train.report_to; by default metrics.jsonl alone).
     """
     out = Path(config.output_dir)
     device = next(p for p in model.parameters()).device
@@ -171,9 +173,7 @@ def train(
 
     checkpoints = RunCheckpoints(out, config, ADAPTER, parallel, world, batches, precision.scaler, run_state)
     start_step, state = checkpoints.resume(model, optimizer, scheduler)
-    metrics = MetricsLog(out, resume=bool(state), enabled=world.main)  # only rank 0 writes
-    if state:
-        metrics.truncate_after(start_step)
+    metrics = (run_log or RunLog(out, enabled=world.main)).open(start_step if state else None)  # rank 0 writes
     guard = DivergenceGuard(config, metrics, precision.scaler)
     guard.load_state_dict(state.get("guard", {}))
     guard.remember(start_step, model, optimizer, scheduler)

@@ -2,7 +2,8 @@
 
 An objective turns examples into batches, gives the summed loss of a batch with the count it
 sums over (label tokens, or examples), and evaluates a held-out set. The loop divides the loss
-sums of an accumulation window by the window's total count.
+sums of an accumulation window by the window's total count. `OBJECTIVES` names them: a run
+config's `task` is one of its keys.
 """
 
 from __future__ import annotations
@@ -95,6 +96,10 @@ class ClassificationObjective:
         (total,) = all_reduce_sum(total)  # each process evaluated its shard
         confusion = all_reduce_tensor(confusion)
         return {"eval_loss": total / max(int(confusion.sum()), 1), **classification_metrics(confusion)}
+
+
+# RunConfig.task -> the objective it trains
+OBJECTIVES = {"causal_lm": CausalLMObjective, "seq_cls": ClassificationObjective}
 
 
 def classification_metrics(confusion: torch.Tensor) -> dict:

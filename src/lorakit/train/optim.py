@@ -10,18 +10,21 @@ import torch
 from torch import nn
 
 from lorakit.config import ConfigError, TrainConfig
+from lorakit.lora.adapters import lora_layers
 
 log = logging.getLogger(__name__)
 
 
 def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
-    """AdamW groups: decay on matrices only; LoRA+ gives B a `loraplus_lr_ratio` times larger rate."""
+    """AdamW groups: decay on matrices only; LoRA+ gives what each adapter names (B for plain LoRA) a
+    `loraplus_lr_ratio` times larger rate."""
+    fast = {id(p) for _, layer in lora_layers(model) for a in layer.adapters.values() for p in a.loraplus_params()}
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if not param.requires_grad:
             continue
         decay = param.dim() >= 2
-        is_b = name.endswith(".B")
+        is_b = id(param) in fast
         groups.setdefault((decay, is_b), []).append(param)
     return [
         {

@@ -1,0 +1,22 @@
+"""`lorakit.json` beside an adapter's PEFT files: how it was trained, so generate/eval/serve can do the same.
+
+It holds the prompt template, the eval task, the model, the base's quantisation and, for a
+classifier, its labels and max length. Adapters from elsewhere have none; readers then fall back.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RUN_CARD = "lorakit.json"
+
+
+def write_run_card(adapter_dir: str | Path, **fields) -> None:
+    (Path(adapter_dir) / RUN_CARD).write_text(json.dumps(fields, indent=1) + "\n", encoding="utf-8")
+
+
+def read_run_card(adapter_dir: str | Path | None) -> dict:
+    """The run card's fields, or {} when the folder has none (or no folder is given)."""
+    path = Path(adapter_dir) / RUN_CARD if adapter_dir else None
+    return json.loads(path.read_text(encoding="utf-8")) if path and path.is_file() else {}

@@ -1,0 +1,111 @@
+"""Finding run folders under a root and reading their files, never outside the root, never failing on
+a half-written file: a run in progress, a crashed run or a stray folder reads as what it has."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+RUN_MARKERS = ("run_config.yaml", "metrics.jsonl", "status.json", "summary.json")
+MAX_DEPTH = 3  # runs/NAME, runs/GROUP/NAME, runs/GROUP/SUB/NAME
+SKIP_FOLDERS = {"checkpoints", "adapter", "tensorboard", "mlruns", "wandb", "__pycache__"}
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: ~10x faster
+
+
+def find_runs(root: Path) -> dict[str, Path]:
+    """{name: folder} of every run folder under `root`: a folder holding one of RUN_MARKERS.
+
+    Names are paths relative to root with '/' ('sweep/lr-1e-3'). A folder (or symlink) that
+    resolves outside root is left out; so are hidden folders and a run's own subfolders.
+    """
+    root = root.resolve()
+    found: dict[str, Path] = {}
+
+    def walk(folder: Path, depth: int) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            return
+        for entry in entries:
+            if entry.name.startswith(".") or entry.name in SKIP_FOLDERS or not entry.is_dir():
+                continue
+            path = Path(entry.path)
+            if not inside(root, path):
+                continue
+            if any((path / marker).is_file() for marker in RUN_MARKERS):
+                found[path.relative_to(root).as_posix()] = path
+            elif depth < MAX_DEPTH:
+                walk(path, depth + 1)
+
+    walk(root, 1)
+    return found
+
+
+def inside(root: Path, path: Path) -> bool:
+    """Whether `path`, symlinks resolved, lies within `root` (itself resolved)."""
+    try:
+        return path.resolve().is_relative_to(root)
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
+
+
+def contained_file(root: Path, run_dir: Path, relative: str) -> Path | None:
+    """`run_dir/relative` if it is a regular file inside root (no '..', no absolute path, no symlink out)."""
+    parts = Path(relative).parts
+    if not relative or Path(relative).is_absolute() or any(p.startswith(".") or "\\" in p or "\0" in p for p in parts):
+        return None
+    path = run_dir / relative
+    return path if inside(root.resolve(), path) and path.is_file() else None
+
+
+def read_text(path: Path, limit: int = 50_000_000) -> str | None:
+    try:
+        with path.open("rb") as fh:
+            return fh.read(limit).decode("utf-8", errors="replace")
+    except OSError:
+        return None
+
+
+def read_json(path: Path) -> dict | None:
+    text = read_text(path)
+    try:
+        value = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def read_yaml(path: Path) -> dict | None:
+    text = read_text(path)
+    try:
+        value = yaml.load(text, Loader=YAML_LOADER) if text else None
+    except yaml.YAMLError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def read_events(path: Path, offset: int = 0) -> tuple[list[dict], int]:
+    """metrics.jsonl from byte `offset`: (the complete events, the offset after the last complete line).
+
+    A line still being written (no newline yet) or one that does not parse is not returned; the
+    next read starts at it again or past it.
+    """
+    try:
+        with path.open("rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
+    except OSError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    events = []
+    for line in data[:end].splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and isinstance(event.get("step"), int):
+            events.append(event)
+    return events, offset + end

@@ -1,0 +1,101 @@
+"""The `gguf` and `gguf-lora` formats: load the base (and adapter), then write the file(s)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from lorakit.export.errors import ExportError
+from lorakit.export.formats import ExportConfig, ExportResult, register_format
+from lorakit.export.gguf_file import PromptInfo, write_model_gguf
+from lorakit.export.output import check_writable, write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+
+@register_format("gguf")
+def export_model(config: ExportConfig) -> ExportResult:
+    """Merge the adapter (if any) into the base and write one GGUF file (plus a Modelfile with --ollama)."""
+    from transformers import AutoTokenizer
+
+    from lorakit import load_adapter, merge_and_unload
+    from lorakit.export.ollama import modelfile_path
+
+    path = config.output_path()
+    check_writable(path, config.force)
+    if config.ollama:
+        check_writable(modelfile_path(path), config.force)
+    from lorakit.models import load_causal_lm, resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.model))  # as shipped: no pad added
+    template = resolve_template(config, tokenizer)
+    model = load_causal_lm(config.model)
+    if config.adapter:
+        load_adapter(model, config.adapter)
+        model = merge_and_unload(model)
+    size = write_model_gguf(model, tokenizer, path, config.outtype, display_name(config), prompt_info(config, template))
+    modelfile = write_modelfile(path, template, tokenizer, model, config) if config.ollama else None
+    return ExportResult(path, size, 0.0, modelfile)
+
+
+@register_format("gguf-lora")
+def export_adapter(config: ExportConfig) -> ExportResult:
+    """Write the adapter alone as a llama.cpp LoRA GGUF, to apply on the base's GGUF."""
+    from lorakit import load_adapter
+    from lorakit.checkpoint.peft_io import read_adapter_config
+    from lorakit.export.gguf_lora import check_llama_cpp_can_apply, write_lora_gguf
+    from lorakit.models import load_causal_lm
+
+    path = config.output_path()
+    check_writable(path, config.force)
+    lora = read_adapter_config(config.adapter)
+    check_llama_cpp_can_apply(lora, Path(config.adapter))
+    base = config.model or lora.base_model_name_or_path
+    if not base:
+        raise ExportError(f"{config.adapter}: the adapter does not name its base; give --model")
+    model = load_causal_lm(base)
+    load_adapter(model, config.adapter)
+    size = write_lora_gguf(model, lora, path, config.outtype, display_name(config))
+    return ExportResult(path, size, 0.0)
+
+
+def display_name(config: ExportConfig) -> str:
+    """`general.name`: the run's name for an adapter (its folder, or the run folder holding `adapter/`)."""
+    if not config.adapter:
+        return Path(str(config.model)).name
+    folder = Path(config.adapter).resolve()
+    return folder.parent.name if folder.name == "adapter" else folder.name
+
+
+def resolve_template(config: ExportConfig, tokenizer: Any):
+    """The prompt template lorakit generate would use: --template, the adapter's, else chat or raw."""
+    from lorakit.data.templates import get_template
+    from lorakit.run import read_run_card
+
+    spec = config.template or read_run_card(config.adapter).get("template")
+    if spec is None:
+        spec = "chat" if getattr(tokenizer, "chat_template", None) else "{instruction}"
+    return get_template(spec, tokenizer)
+
+
+def prompt_info(config: ExportConfig, template: Any) -> PromptInfo:
+    from lorakit.run import read_run_card
+
+    task = read_run_card(config.adapter).get("task")
+    if getattr(template, "prompt", None) is None:
+        return PromptInfo(template.name, task=task)
+    return PromptInfo(template.name, template.prompt, template.prompt_no_input, task)
+
+
+def write_modelfile(path: Path, template: Any, tokenizer: Any, model: Any, config: ExportConfig) -> Path:
+    from lorakit.export.ollama import PLACEHOLDER, modelfile_for, modelfile_path
+    from lorakit.infer.generate import stop_token_ids
+    from lorakit.run import read_run_card
+
+    rendered = template.render({"instruction": PLACEHOLDER, "output": ""})[0]
+    stop = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer, model)]
+    greedy = bool(read_run_card(config.adapter).get("task"))
+    target = modelfile_path(path)
+    write_text_atomic(target, modelfile_for(path.name, rendered, stop, greedy).text())
+    return target

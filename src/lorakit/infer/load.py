@@ -1,0 +1,102 @@
+"""A base model with a saved adapter, ready to use: for generation, for classification, or merged.
+
+Each loader reads the adapter's run card (`lorakit.json`, written by `lorakit train`) for how it
+was trained: its prompt template, the quantisation of its base, its labels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from lorakit.checkpoint.peft_io import WEIGHTS_NAME, load_adapter, read_adapter_weights
+from lorakit.checkpoint.run_card import read_run_card
+from lorakit.config import QuantizationConfig
+from lorakit.data.formats import DataError
+from lorakit.data.templates import get_template
+from lorakit.models import default_device, load_causal_lm, load_sequence_classifier, load_tokenizer
+from lorakit.quant import quantize_model
+from lorakit.quant.merge import GAP_PROMPTS, LogitGap, merge_with_report
+
+
+def quantize_as_asked(model: nn.Module, bits: int | None, adapter: str | None) -> str | None:
+    """Quantise the base to `bits` (4, 8 or None); returns a note when the adapter was trained on another base."""
+    card = read_run_card(adapter)  # absent for adapters from elsewhere
+    trained = (card.get("quantization") or {}).get("bits")
+    note = None
+    if card and trained != bits:
+        base, flag = (f"{trained}-bit", f"--load-in-{trained}bit") if trained else ("full-precision", "no --load-in flag")
+        note = f"the adapter was trained on a {base} base; {flag} reproduces it"
+    if bits:
+        quantize_model(model, QuantizationConfig(bits=bits))
+    return note
+
+
+def load_for_inference(
+    model_name: str,
+    adapter: str | None = None,
+    template: str | None = None,
+    bits: int | None = None,
+    device_map: str | None = None,
+):
+    """(model, tokenizer, prompt template, note) for a base and optionally an adapter folder.
+
+    The template is `template` if given, else the adapter's (its run card), else the tokenizer's
+    chat template, else the bare instruction ('raw'). `note` says when the adapter was trained on a
+    base quantised otherwise than `bits` asks (None when not).
+    """
+    tokenizer = load_tokenizer(model_name)
+    model = load_causal_lm(model_name, device_map=device_map)
+    if not device_map:
+        model = model.to(default_device())
+    note = quantize_as_asked(model, bits, adapter)
+    if adapter:
+        load_adapter(model, adapter)
+    spec = template or read_run_card(adapter).get("template") or ("chat" if tokenizer.chat_template else "raw")
+    return model, tokenizer, get_template("{instruction}" if spec == "raw" else spec, tokenizer), note
+
+
+def load_classifier(model_name: str, adapter: str):
+    """(model, tokenizer, labels, max_length) from a base and a lorakit/PEFT classification adapter.
+
+    Raises:
+        DataError: the adapter holds no classifier head.
+    """
+    card = read_run_card(adapter)
+    heads = [v for k, v in read_adapter_weights(adapter).items() if k.endswith(("classifier.weight", "score.weight"))]
+    if not heads:
+        raise DataError(f"{Path(adapter) / WEIGHTS_NAME}: holds no classifier head; was it trained with task seq_cls?")
+    labels = card.get("labels") or [str(i) for i in range(heads[0].shape[0])]
+    model = load_sequence_classifier(model_name, len(labels)).to(default_device())
+    load_adapter(model, adapter)
+    return model, load_tokenizer(model_name), labels, card.get("max_length", 128)
+
+
+def load_merged(
+    model_name: str, adapter: str, bits: int | None = None, base_full_precision: bool = False
+) -> tuple[nn.Module, object, list[LogitGap], str | None]:
+    """(the plain merged model, its tokenizer, logit gaps, note): the adapter folded into its base.
+
+    With `bits` the adapter is applied to the quantised base it was trained on, the base
+    dequantised and the adapter merged in fp32, and the gaps to the adapter on the quantised base
+    are measured; `base_full_precision` merges into the original full-precision base instead (and
+    reports that gap too). Without `bits` there are no gaps.
+    """
+    tokenizer = load_tokenizer(model_name)
+    model = load_causal_lm(model_name)
+    note = quantize_as_asked(model, bits, adapter)
+    load_adapter(model, adapter)
+    if not bits:
+        from lorakit.lora.merge import merge_and_unload
+
+        return merge_and_unload(model), tokenizer, [], note
+
+    def full_precision():
+        base = load_causal_lm(model_name)
+        load_adapter(base, adapter)
+        return base
+
+    batches = [dict(tokenizer(p, return_tensors="pt", return_token_type_ids=False)) for p in GAP_PROMPTS]
+    merged, gaps = merge_with_report(model, batches, full_precision if base_full_precision else None)
+    return merged, tokenizer, gaps, note

@@ -1,0 +1,89 @@
+"""What LoRA needs from the layer it wraps: its kind, and its weight as numbers, quantised or not.
+
+A base is a Linear, a GPT-2 Conv1D or an Embedding (see layer.py for how each lines up with the
+update). A quantised base stores its weight packed; the backend that made it answers for it
+through one small protocol (`QuantizedBackend`):
+
+    claims(module)       the module is one of this backend's quantised layers
+    dequantize(module)   the weight it computes with, float32, as stored ((out, in) for a Linear)
+    nbytes(module)       bytes the stored weight takes, scales included
+    to_plain(module)     a float nn.Linear computing the same
+
+lorakit.quant registers the bitsandbytes backend when it is imported (importing lorakit does), so
+the LoRA code never imports lorakit.quant.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+try:  # GPT-2's Conv1D is a Linear with a transposed weight.
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a hard dependency
+    Conv1D = ()
+
+
+class QuantizedBackend(Protocol):
+    def claims(self, module: nn.Module) -> bool: ...
+
+    def dequantize(self, module: nn.Module) -> torch.Tensor: ...
+
+    def nbytes(self, module: nn.Module) -> int: ...
+
+    def to_plain(self, module: nn.Module) -> nn.Module: ...
+
+
+_BACKENDS: list[QuantizedBackend] = []
+
+
+def register_quantized_backend(backend: QuantizedBackend) -> None:
+    """Let LoRA read the layers `backend` quantises (once per backend type)."""
+    if not any(type(b) is type(backend) for b in _BACKENDS):
+        _BACKENDS.append(backend)
+
+
+def quantized_backend(module: nn.Module) -> QuantizedBackend | None:
+    """The backend whose quantised layer `module` is, or None for a plain float layer."""
+    return next((b for b in _BACKENDS if b.claims(module)), None)
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return quantized_backend(module) is not None
+
+
+@torch.no_grad()
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """The float32 weight `module` computes with, in its stored layout (a plain layer's weight as float32)."""
+    backend = quantized_backend(module)
+    return backend.dequantize(module) if backend else module.weight.detach().float()
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """'linear', 'conv1d' or 'embedding' for a base layer LoRA can wrap, else None."""
+    if isinstance(module, nn.Linear):  # also bitsandbytes' Linear4bit / Linear8bitLt
+        return "linear"
+    if Conv1D and isinstance(module, Conv1D):
+        return "conv1d"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    return None
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every quantised layer by the float layer its backend builds from it.
+
+    The model then computes what it computed with fp32 compute (to float rounding); LoRA layers
+    keep their adapters, so `merge_and_unload` can fold them in fp32 afterwards.
+    """
+    for name, module in list(model.named_modules()):
+        backend = quantized_backend(module)
+        if backend is not None:
+            model.set_submodule(name, backend.to_plain(module))
+    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if hasattr(model, flag):
+            delattr(model, flag)
+    return model

@@ -1,0 +1,84 @@
+"""MLflow: one MLflow run per lorakit run, in a local store under the run folder or at $MLFLOW_TRACKING_URI.
+
+The default store is MLflow's file store, <run>/mlruns (view with
+`MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri runs/NAME/mlruns`): it needs no database and
+starts at once, where a fresh SQLite store first runs its schema migrations. Set
+MLFLOW_TRACKING_URI (sqlite:///..., http://...) for any other store, MLFLOW_EXPERIMENT_NAME for the
+experiment (default: lorakit). The config goes in as flattened params, the metrics as metrics, the
+eval samples as a table artifact (eval_samples.json, MLflow's table format) and the adapter folder
+as the artifact `adapter`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from lorakit.track import flatten, remember_id, remembered_id
+
+FOLDER = "mlruns"
+PARAM_LIMIT = 6000  # MLflow's longest param value
+END_STATES = {"finished": "FINISHED", "interrupted": "KILLED", "failed": "FAILED"}
+
+
+def tracking_uri(run_dir: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or (Path(run_dir).resolve() / FOLDER).as_uri()
+
+
+class Tracker:
+    def __init__(self, run_dir: Path, resume_step: int | None):
+        uri = tracking_uri(run_dir)
+        if uri.startswith("file:"):  # MLflow 3 keeps its file store behind this opt-in
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=uri)
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "lorakit")
+        experiment = self.client.get_experiment_by_name(name)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
+        known = remembered_id(run_dir, "mlflow") if resume_step is not None else None
+        if known and self._exists(known):
+            self.run_id, self.resumed = known, True
+            self.client.update_run(known, status="RUNNING")
+        else:
+            run = self.client.create_run(experiment_id, run_name=Path(run_dir).resolve().name,
+                                         tags={"lorakit.run_dir": str(Path(run_dir).resolve())})
+            self.run_id, self.resumed = run.info.run_id, False
+            remember_id(run_dir, "mlflow", self.run_id)
+
+    def _exists(self, run_id: str) -> bool:
+        try:
+            self.client.get_run(run_id)
+            return True
+        except Exception:  # noqa: BLE001 (MlflowException and the store's own errors: no such run here)
+            return False
+
+    def log_config(self, config: dict) -> None:
+        if self.resumed:  # MLflow params cannot change; the first attempt logged them
+            return
+        from mlflow.entities import Param
+
+        params = [Param(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in flatten(config).items()]
+        for start in range(0, len(params), 100):  # MLflow's batch limit
+            self.client.log_batch(self.run_id, params=[
+                Param(p.key, p.value[:PARAM_LIMIT]) for p in params[start : start + 100]
+            ])
+
+    def log_metrics(self, step: int, values: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+
+    def log_samples(self, columns: list[str], data: list[list]) -> None:
+        self.client.log_dict(self.run_id, {"columns": columns, "data": data}, "eval_samples.json")
+        tag = json.dumps([{"path": "eval_samples.json", "type": "table"}])  # what MLflow's log_table sets
+        self.client.set_tag(self.run_id, "mlflow.loggedArtifacts", tag)
+
+    def log_adapter(self, adapter_dir: Path) -> None:
+        self.client.log_artifacts(self.run_id, str(adapter_dir), "adapter")
+
+    def close(self, state: str) -> None:
+        self.client.set_terminated(self.run_id, END_STATES.get(state, "FAILED"))

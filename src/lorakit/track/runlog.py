@@ -1,0 +1,115 @@
+"""RunLog: the one object a run writes its events through.
+
+metrics.jsonl is always written; every tracker of `train.report_to` gets the same numbers at the
+same steps, the resolved config, the eval samples as a table and the adapter. Only rank 0 of a
+data-parallel run writes (`enabled=False` elsewhere). A tracker that fails mid-run (a tracking
+server gone away) is dropped with a warning rather than stopping the training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+from lorakit.config import ConfigError
+from lorakit.track import metric_values, missing, open_tracker, requested
+from lorakit.track.samples import table, write_samples
+from lorakit.track.status import write_status
+from lorakit.train.metrics import MetricsLog
+
+log = logging.getLogger(__name__)
+
+
+class RunLog:
+    def __init__(self, run_dir: str | Path, report_to: list[str] | str | None = None, config: dict | None = None,
+                 enabled: bool = True):
+        """Check that the trackers are installed (ConfigError naming the pip install if not); open nothing yet."""
+        self.run_dir = Path(run_dir)
+        self.names = requested(report_to)
+        problems = missing(self.names)
+        if problems:
+            raise ConfigError("; ".join(problems))
+        self.config = config or {}
+        self.enabled = enabled
+        self.jsonl: MetricsLog | None = None
+        self.trackers: dict[str, object] = {}
+
+    def open(self, resume_step: int | None = None) -> RunLog:
+        """Start metrics.jsonl afresh, or keep it up to `resume_step` when resuming; start the trackers."""
+        self.jsonl = MetricsLog(self.run_dir, resume=resume_step is not None, enabled=self.enabled)
+        if resume_step is not None:
+            self.jsonl.truncate_after(resume_step)
+        if self.enabled and not self.trackers:
+            for name in self.names:
+                try:
+                    self.trackers[name] = open_tracker(name, self.run_dir, resume_step)
+                except Exception as err:  # noqa: BLE001 (any failure to start: an unreachable server, a refused store)
+                    raise ConfigError(f"train.report_to: {name} could not start ({_first_line(err)})") from None
+            self._each("log_config", self.config)
+        return self
+
+    def write(self, **event) -> None:
+        """One event (kind, step, numbers) to metrics.jsonl and, its numbers, to every tracker."""
+        if self.jsonl is None:  # written to without the loop having opened it: append
+            self.jsonl = MetricsLog(self.run_dir, resume=True, enabled=self.enabled)
+        self.jsonl.write(**event)
+        values = metric_values(event)
+        if values and "step" in event:
+            self._each("log_metrics", int(event["step"]), values)
+
+    def events(self) -> list[dict]:
+        return self.jsonl.events() if self.jsonl else []
+
+    def plot(self) -> Path | None:
+        return self.jsonl.plot() if self.jsonl else None
+
+    def log_samples(self, rows: list[dict]) -> None:
+        """samples.jsonl beside metrics.jsonl, and the rows as a table in each tracker."""
+        if not self.enabled:
+            return
+        write_samples(self.run_dir, rows)
+        columns, data = table(rows)
+        self._each("log_samples", columns, data)
+
+    def log_adapter(self, adapter_dir: str | Path | None) -> None:
+        if self.enabled and adapter_dir and Path(adapter_dir).is_dir():
+            self._each("log_adapter", Path(adapter_dir))
+
+    @contextlib.contextmanager
+    def running(self):
+        """status.json says running while the block runs, then finished, interrupted or failed; trackers close."""
+        if self.enabled:
+            write_status(self.run_dir, "running", report_to=self.names)
+        try:
+            yield self
+        except KeyboardInterrupt:
+            self._end("interrupted", error="interrupted")
+            raise
+        except BaseException as err:
+            self._end("failed", error=f"{type(err).__name__}: {_first_line(err)}")
+            raise
+        self._end("finished")
+
+    def _end(self, state: str, **fields) -> None:
+        if not self.enabled:
+            return
+        self._each("close", state)
+        self.trackers = {}
+        try:
+            write_status(self.run_dir, state, report_to=self.names, **fields)
+        except OSError as err:  # never hide the run's own error behind this one
+            log.warning("could not write %s/status.json (%s)", self.run_dir, err.strerror)
+
+    def _each(self, method: str, *args) -> None:
+        for name, tracker in list(self.trackers.items()):
+            try:
+                getattr(tracker, method)(*args)
+            except Exception as err:  # noqa: BLE001 (a tracker's trouble must not cost the run)
+                log.warning("%s tracker: %s failed (%s); it logs nothing more for this run", name, method, err)
+                self.trackers.pop(name, None)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

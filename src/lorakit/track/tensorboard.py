@@ -1,0 +1,47 @@
+"""TensorBoard: event files in <run>/tensorboard through torch.utils.tensorboard.
+
+View with `tensorboard --logdir runs/`. A resumed run purges the events past its checkpoint, as
+metrics.jsonl does. The config and the eval samples are text entries (Markdown tables).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from lorakit.track import flatten
+
+FOLDER = "tensorboard"
+
+
+class Tracker:
+    def __init__(self, run_dir: Path, resume_step: int | None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        purge = resume_step + 1 if resume_step is not None else None
+        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / FOLDER), purge_step=purge, flush_secs=10)
+
+    def log_config(self, config: dict) -> None:
+        self.writer.add_text("config", "```yaml\n" + yaml.safe_dump(config, sort_keys=False) + "```", 0)
+        rows = [f"| {key} | {_cell(value)} |" for key, value in flatten(config).items()]
+        self.writer.add_text("config_table", "| key | value |\n|---|---|\n" + "\n".join(rows), 0)
+
+    def log_metrics(self, step: int, values: dict[str, float]) -> None:
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def log_samples(self, columns: list[str], data: list[list]) -> None:
+        head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+        self.writer.add_text("eval_samples", head + "\n".join("| " + " | ".join(map(_cell, r)) + " |" for r in data))
+
+    def log_adapter(self, adapter_dir: Path) -> None:
+        self.writer.add_text("adapter", f"`{adapter_dir}`")
+
+    def close(self, state: str) -> None:
+        self.writer.close()
+
+
+def _cell(value) -> str:
+    """A Markdown table cell: pipes escaped, newlines as <br>."""
+    return str(value).replace("|", "\\|").replace("\n", "<br>")

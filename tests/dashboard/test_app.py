@@ -1,0 +1,182 @@
+"""The dashboard over real HTTP on loopback: its API on real run folders, path traversal, the Host check,
+the API key, and `lorakit dashboard` itself (loopback by default; other hosts need a key)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from dashboard_support import TRAINED, copy_run, events_of, free_port, serving, trained_runs
+
+from lorakit.cli import main
+from lorakit.dashboard.config import DashboardConfig
+from lorakit.track.samples import read_samples
+
+SECRET = "do-not-read-this-7f3a"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """The trained runs plus traps: a file and a run folder outside the runs folder, linked from inside."""
+    source = trained_runs(tmp_path_factory.getbasetemp())
+    root = tmp_path_factory.mktemp("app") / "runs"
+    for name in TRAINED:
+        copy_run(source / name, root / name, with_heavy=True)
+    copy_run(source / "toy-r4", root / "toy-r4-copy")
+    outside = root.parent / "outside"
+    (outside / "run").mkdir(parents=True)
+    (outside / "secret.json").write_text(json.dumps({"secret": SECRET}))
+    (outside / "run" / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1, "loss": 1, "note": SECRET}) + "\n")
+    (root / "linked-out").symlink_to(outside / "run")
+    (root / "toy-r8" / "leak.json").symlink_to(outside / "secret.json")
+    return root
+
+
+def test_api_on_real_runs(runs):
+    with serving(runs) as url:
+        listed = httpx.get(f"{url}/api/runs").json()["runs"]
+        assert sorted(r["name"] for r in listed) == sorted([*TRAINED, "toy-r4-copy"])
+        row = next(r for r in listed if r["name"] == "toy-r8")
+        assert row["status"] == "finished" and row["step"] == 40 and row["settings"]["r"] == 8 and row["has_samples"]
+        metrics = httpx.get(f"{url}/api/metrics", params={"name": "toy-r8"}).json()
+        assert metrics["events"] == events_of(runs / "toy-r8")
+        again = httpx.get(f"{url}/api/metrics", params={"name": "toy-r8", "offset": metrics["offset"]}).json()
+        assert again["events"] == [] and not again["reset"]
+        samples = httpx.get(f"{url}/api/samples", params={"name": "toy-r8"}).json()
+        assert samples["rows"] == read_samples(runs / "toy-r8") and samples["metric"] == "exact_match"
+        diff = httpx.get(f"{url}/api/diff", params={"a": "toy-r8", "b": "toy-r4"}).json()
+        assert {r["key"] for r in diff["rows"] if r["differs"]} == {"lora.r", "lora.lora_alpha", "train.output_dir"}
+        compare = httpx.get(f"{url}/api/compare", params=[("name", n) for n in [*TRAINED, "toy-r4-copy"]]).json()
+        assert compare["runs"] == [*TRAINED, "toy-r4-copy"] and compare["common"] == len(read_samples(runs / "toy-r8"))
+        assert [r["outputs"][1] for r in compare["rows"]] == [r["outputs"][2] for r in compare["rows"]]
+        png = httpx.get(f"{url}/api/file", params={"name": "toy-r8", "path": "curves.png"})
+        assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+        page = httpx.get(url + "/")
+        assert page.status_code == 200 and "default-src 'self'" in page.headers["content-security-policy"]
+        assert "cdn" not in page.text.lower() and "http" not in page.text.split("<body>")[1]  # everything local
+
+
+TRAVERSALS = [
+    ("/api/run", {"name": "../outside/run"}),
+    ("/api/run", {"name": "linked-out"}),
+    ("/api/metrics", {"name": "linked-out"}),
+    ("/api/metrics", {"name": "toy-r8/../../outside/run"}),
+    ("/api/metrics", {"name": "/etc"}),
+    ("/api/samples", {"name": ".."}),
+    ("/api/file", {"name": "toy-r8", "path": "../../outside/secret.json"}),
+    ("/api/file", {"name": "toy-r8", "path": "leak.json"}),
+    ("/api/file", {"name": "toy-r8", "path": "/etc/passwd"}),
+    ("/api/file", {"name": "toy-r8", "path": "adapter/../../../outside/secret.json"}),
+    ("/api/file", {"name": "toy-r8", "path": "..%2F..%2Foutside%2Fsecret.json"}),
+    ("/api/file", {"name": "toy-r8", "path": "checkpoints/step-000040/optimizer.pt"}),  # not a served type
+    ("/api/file", {"name": "..", "path": "outside/secret.json"}),
+    ("/api/diff", {"a": "toy-r8", "b": "../outside/run"}),
+    ("/api/compare", [("name", "toy-r8"), ("name", "../outside/run")]),
+]
+RAW_TRAVERSALS = ["/static/..%2F..%2F..%2Fconfig.py", "/static/../app.py", "/api/../../etc/passwd",
+                  "/api/file?name=toy-r8&path=%2e%2e/%2e%2e/outside/secret.json", "/%2e%2e/outside/secret.json"]
+
+
+def test_path_traversal_gets_404_or_400_and_reads_nothing_outside(runs):
+    outside = str(runs.parent / "outside")
+    opened: list[str] = []
+    recording = [False]
+
+    def audit(event, args):
+        if recording[0] and event in ("open", "os.scandir", "os.listdir") and args and isinstance(args[0], (str, bytes, os.PathLike)):
+            path = os.fsdecode(args[0])
+            if os.path.realpath(path).startswith(outside):
+                opened.append(path)
+
+    sys.addaudithook(audit)
+    with serving(runs) as url:
+        httpx.get(f"{url}/api/runs")  # warm up (lazy imports), then record
+        recording[0] = True
+        for path, params in TRAVERSALS:
+            response = httpx.get(url + path, params=params)
+            assert response.status_code in (400, 404), (path, params, response.status_code)
+            assert SECRET not in response.text
+        with httpx.Client(base_url=url) as client:
+            for raw in RAW_TRAVERSALS:  # sent as written, no client-side normalisation
+                response = client.send(client.build_request("GET", httpx.URL(url + raw)))
+                assert response.status_code in (400, 404), (raw, response.status_code)
+                assert SECRET not in response.text
+        listed = httpx.get(f"{url}/api/runs").text
+        recording[0] = False
+    assert SECRET not in listed and "linked-out" not in listed
+    assert opened == []
+
+
+def test_only_loopback_host_names_are_answered(runs):
+    with serving(runs) as url:
+        assert httpx.get(f"{url}/api/runs", headers={"Host": "localhost:1"}).status_code == 200
+        rebinding = httpx.get(f"{url}/api/runs", headers={"Host": "attacker.example"})
+        assert rebinding.status_code == 400 and "toy" not in rebinding.text
+
+
+def test_api_key_by_header_or_by_the_cookie_the_key_link_sets(runs):
+    config = DashboardConfig(host="0.0.0.0", port=free_port(), api_key="s3cret-key")
+    with serving(runs, config) as url:
+        assert httpx.get(f"{url}/api/runs").status_code == 401
+        assert httpx.get(f"{url}/").status_code == 401
+        assert httpx.get(f"{url}/api/runs", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(f"{url}/api/runs", headers={"Authorization": "Bearer s3cret-key"}).status_code == 200
+        with httpx.Client(base_url=url) as browser:
+            assert browser.get("/?key=wrong").status_code == 401
+            first = browser.get("/?key=s3cret-key")
+            assert first.status_code == 303 and first.headers["location"] == "/"
+            assert "httponly" in first.headers["set-cookie"].lower()
+            assert browser.get("/api/runs").status_code == 200
+
+
+def _dashboard(*args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "lorakit", "dashboard", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+
+
+def test_cli_refuses_another_host_without_a_key_and_a_missing_folder(runs, monkeypatch, capsys):
+    monkeypatch.delenv("LORAKIT_API_KEY", raising=False)
+    assert main(["dashboard", str(runs), "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--api-key" in err and "LORAKIT_API_KEY" in err
+    assert main(["dashboard", str(runs / "no-such-folder")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
+def test_cli_listens_on_loopback_by_default(runs, monkeypatch, capsys):
+    import uvicorn
+
+    called = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: called.update(kwargs))
+    assert main(["dashboard", str(runs)]) == 0
+    assert called["host"] == "127.0.0.1" and called["port"] == 7860
+    out, err = capsys.readouterr()
+    assert "http://127.0.0.1:7860/" in out and err == ""
+
+
+def test_cli_on_another_host_warns_and_serves_with_the_key(runs):
+    port = free_port()
+    proc = _dashboard(str(runs), "--host", "0.0.0.0", "--port", str(port), env={"LORAKIT_API_KEY": "k-123"})
+    try:
+        deadline, status = time.time() + 180, None
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                status = httpx.get(f"http://127.0.0.1:{port}/api/runs", headers={"Authorization": "Bearer k-123"}).status_code
+                break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        assert status == 200
+        assert httpx.get(f"http://127.0.0.1:{port}/api/runs").status_code == 401
+        listening = [line.split()[1] for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+                     if line.split()[3] == "0A" and line.split()[1].endswith(f":{port:04X}")]
+        assert listening == [f"00000000:{port:04X}"]  # all addresses, as asked
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=30)
+    assert "warning: listening on 0.0.0.0" in err and "k-123" not in out + err

@@ -1,0 +1,91 @@
+"""`lorakit export` fed bad input: one line on stderr, exit code 2, and no file (or half a file) left."""
+
+from __future__ import annotations
+
+import errno
+
+import gguf
+import pytest
+from export_models import tiny_folder
+
+from lorakit.checkpoint.peft_io import save_adapter
+from lorakit.cli import main
+from lorakit.config import LoraConfig
+from lorakit.lora.inject import inject
+from lorakit.models import load_causal_lm
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main(["export", *map(str, argv)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_error_line(err: str) -> str:
+    """The one error line (transformers' loading progress bars aside), checked to be the only message."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("lorakit")]
+    assert len(lines) == 1 and lines[0].startswith("lorakit export: error: "), err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export-cli")
+    folder = tiny_folder(root / "llama", "llama")
+    model = load_causal_lm(folder)
+    inject(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    save_adapter(model, root / "adapter")
+    return root, folder
+
+
+def test_existing_output_is_refused_unless_forced(llama, capsys, tmp_path):
+    _, folder = llama
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"keep me")
+    code, _, err = run_cli(capsys, "--model", folder, "--output", out)
+    assert code == 2 and "already exists; pass --force" in one_error_line(err)
+    assert out.read_bytes() == b"keep me"
+    code, stdout, _ = run_cli(capsys, "--model", folder, "--output", out, "--force", "--outtype", "q8_0")
+    assert code == 0 and "wrote" in stdout
+    assert gguf.GGUFReader(out).fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q8_0
+
+
+def test_adapter_of_another_base_is_refused(llama, capsys, tmp_path):
+    root, _ = llama
+    other = tiny_folder(tmp_path / "gpt2", "gpt2")  # no q_proj/v_proj: the adapter has no place in it
+    for fmt in ("gguf", "gguf-lora"):
+        code, _, err = run_cli(capsys, "--model", other, "--adapter", root / "adapter", "--format", fmt,
+                               "--output", tmp_path / f"{fmt}.gguf")
+        assert code == 2, err
+        assert "adapter" in one_error_line(err)
+    assert not list(tmp_path.glob("*.gguf*")) and not list(tmp_path.glob(".*.tmp-*"))
+
+
+def test_bad_options_are_reported_together(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "--format", "onnx", "--outtype", "q4", "--output", tmp_path / "x.gguf")
+    line = one_error_line(err)
+    assert code == 2 and "--format: given 'onnx'" in line and "--outtype: given 'q4'" in line
+
+
+def test_full_disk_leaves_no_file(llama, capsys, tmp_path, monkeypatch):
+    _, folder = llama
+    out = tmp_path / "m.gguf"
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", disk_full)
+    code, _, err = run_cli(capsys, "--model", folder, "--output", out)
+    assert code == 2 and "no space left on device" in one_error_line(err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_whole_module_adapter_is_refused_for_gguf_lora(capsys, tmp_path):
+    folder = tiny_folder(tmp_path / "llama", "llama")
+    model = load_causal_lm(folder)
+    inject(model, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    save_adapter(model, tmp_path / "adapter")
+    code, _, err = run_cli(capsys, "--model", folder, "--adapter", tmp_path / "adapter", "--format", "gguf-lora",
+                           "--output", tmp_path / "a.gguf")
+    assert code == 2 and "whole modules (lm_head)" in one_error_line(err)

@@ -1,0 +1,62 @@
+"""The Modelfile: parsed back, its TEMPLATE renders exactly the prompt lorakit trained on."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from export_models import styled_tokenizer, tiny_folder
+
+from lorakit.data.templates import get_template
+from lorakit.export import ExportConfig, ExportError, export
+from lorakit.export.ollama import PLACEHOLDER, go_template, modelfile_for, parse_modelfile, render_template
+
+INSTRUCTIONS = [
+    "Move forward at 0.5 m/s for 3 seconds",
+    "Rotate the turtle {left} by 90 degrees",  # braces: literal in the format string's argument
+    "List all running nodes",
+    'Publish "hello" on /chatter',
+    "Stop the robot\nimmediately",
+]
+
+
+@pytest.mark.parametrize("spec", ["seed", "alpaca", "chat", "Q: {instruction} }} {{ A:"])
+def test_template_renders_the_training_prompt(spec):
+    template = get_template(spec, styled_tokenizer("gpt2"))
+    rendered = template.render({"instruction": PLACEHOLDER, "output": ""})[0]
+    text = modelfile_for("m.gguf", rendered, ["<|im_end|>"], greedy=True).text()
+    parsed = parse_modelfile(text)
+    assert parsed.source == "./m.gguf"
+    assert parsed.parameters == [("stop", "<|im_end|>"), ("temperature", "0")]
+    for instruction in INSTRUCTIONS:
+        expected = template.render({"instruction": instruction, "output": ""})[0]
+        assert render_template(parsed.template, instruction) == expected
+
+
+def test_braces_are_escaped_for_go_templates():
+    assert go_template(f"{{{{x}}}} {PLACEHOLDER}") == '{{ "{{" }}x{{ "}}" }} {{ .Prompt }}'
+
+
+def test_export_writes_modelfile_beside_the_gguf(tmp_path):
+    folder = tiny_folder(tmp_path / "m", "llama")
+    adapter = tmp_path / "run" / "adapter"
+    adapter.mkdir(parents=True)
+    out = tmp_path / "out.gguf"
+    (adapter / "lorakit.json").write_text(json.dumps({"template": "seed", "task": "ros2"}))
+    from lorakit.checkpoint.peft_io import save_adapter
+    from lorakit.config import LoraConfig
+    from lorakit.lora.inject import inject
+    from lorakit.models import load_causal_lm
+
+    model = load_causal_lm(folder)
+    inject(model, LoraConfig(r=4, target_modules=["q_proj"]))
+    save_adapter(model, adapter)
+    result = export(ExportConfig(model=str(folder), adapter=str(adapter), outtype="f32", output=str(out), ollama=True))
+    assert result.modelfile == tmp_path / "Modelfile"
+    parsed = parse_modelfile(result.modelfile.read_text())
+    assert parsed.source == "./out.gguf"
+    assert ("stop", "<|im_end|>") in parsed.parameters and ("temperature", "0") in parsed.parameters
+    seed = get_template("seed")
+    assert render_template(parsed.template, "go") == seed.render({"instruction": "go", "output": ""})[0]
+    with pytest.raises(ExportError, match="already exists; pass --force"):
+        export(ExportConfig(model=str(folder), adapter=str(adapter), output=str(tmp_path / "other.gguf"), ollama=True))

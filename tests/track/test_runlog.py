@@ -1,0 +1,59 @@
+"""RunLog without training: status.json through a run's life, resuming, rank > 0, a tracker failing mid-run."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from lorakit.track import flatten, metric_values
+from lorakit.track.runlog import RunLog
+from lorakit.track.status import read_status
+
+
+def test_status_follows_the_run(tmp_path):
+    for name in ("ok", "bad", "stop"):
+        (tmp_path / name).mkdir()
+    log = RunLog(tmp_path / "ok")
+    with log.running():
+        assert read_status(tmp_path / "ok")["state"] == "running"
+    assert read_status(tmp_path / "ok")["state"] == "finished"
+    with pytest.raises(ValueError), RunLog(tmp_path / "bad").running():
+        raise ValueError("data.train_file: line 3: expected JSON\nmore")
+    record = read_status(tmp_path / "bad")
+    assert record["state"] == "failed" and record["error"] == "ValueError: data.train_file: line 3: expected JSON"
+    with pytest.raises(KeyboardInterrupt), RunLog(tmp_path / "stop").running():
+        raise KeyboardInterrupt
+    assert read_status(tmp_path / "stop")["state"] == "interrupted"
+
+
+def test_resume_keeps_events_up_to_the_checkpoint_and_other_ranks_write_nothing(tmp_path):
+    log = RunLog(tmp_path).open()
+    for step in (1, 2, 3):
+        log.write(kind="train", step=step, loss=1.0 / step)
+    assert [e["step"] for e in RunLog(tmp_path).open(resume_step=2).events()] == [1, 2]
+    silent = RunLog(tmp_path / "rank1", report_to=["tensorboard"], enabled=False).open()
+    silent.write(kind="train", step=1, loss=1.0)
+    with silent.running():
+        pass
+    assert not (tmp_path / "rank1").exists()
+
+
+def test_a_tracker_failing_mid_run_is_dropped_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
+    from lorakit.track import tensorboard
+
+    log = RunLog(tmp_path, report_to="tensorboard").open()
+    monkeypatch.setattr(tensorboard.Tracker, "log_metrics", lambda self, step, values: (_ for _ in ()).throw(OSError("disk full")))
+    with caplog.at_level(logging.WARNING):
+        log.write(kind="train", step=1, loss=2.0)
+        log.write(kind="train", step=2, loss=1.0)
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert log.trackers == {} and sum("tensorboard tracker" in r.message for r in caplog.records) == 1
+
+
+def test_tracker_names_and_flattening():
+    assert metric_values({"kind": "eval", "step": 4, "eval_loss": 0.5, "eval_confusion": [[1]], "note": "x"}) == {"eval/loss": 0.5}
+    assert metric_values({"kind": "rollback", "step": 7, "lr_factor": 0.1, "in_a_row": 1}) == {
+        "rollback/lr_factor": 0.1, "rollback/in_a_row": 1.0}
+    assert flatten({"lora": {"r": 8, "rank_pattern": {}}, "model": "m"}) == {"lora.r": 8, "lora.rank_pattern": {}, "model": "m"}
