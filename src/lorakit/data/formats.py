@@ -12,8 +12,8 @@ Record formats (``validate_records``):
 * ``chat``: ``messages``, a list of ``{"role", "content"}``; the last message is the assistant's.
 * ``sharegpt``: ``conversations``, a list of ``{"from", "value"}`` (``human``/``gpt``/``system``...);
   the last turn is the assistant's (``gpt``).
-* ``preference``: ``prompt``, ``chosen`` and ``rejected`` (DPO/ORPO); validated by
-  ``lorakit.data.preference``, which registers its checker.
+* ``preference``: ``prompt``, ``chosen`` and ``rejected`` (task dpo/orpo), plain strings or chat
+  messages; checked by ``lorakit.data.preference``.
 * ``text_label``: classification; validated by a checker registered with
   :func:`register_validator` (the classification task provides it).
 
@@ -226,6 +226,12 @@ def _check_sharegpt(record: dict[str, Any], at: str) -> None:
         )
 
 
+def _check_preference(record: dict[str, Any], at: str) -> None:
+    from lorakit.data.preference import check_preference_record  # the pair format lives with its tokeniser
+
+    check_preference_record(record, at)
+
+
 def _require_str(
     record: dict[str, Any], key: str, at: str, *, field: str | None = None, hint: str = ""
 ) -> None:
@@ -255,4 +261,5 @@ _VALIDATORS: dict[str, Validator] = {
     "alpaca": _check_alpaca,
     "chat": _check_chat,
     "sharegpt": _check_sharegpt,
+    "preference": _check_preference,
 }
