@@ -18,7 +18,7 @@ USER_ERRORS = (ConfigError, DataError, AdapterError, ExportError, ModelNotFoundE
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lorakit.cli import classify, dashboard, export, generate, inspect, merge, serve, train
+    from lorakit.cli import classify, dashboard, export, generate, inspect, merge, mine, serve, train
     from lorakit.cli import eval as eval_cmd
 
     parser = argparse.ArgumentParser(
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (train, generate, classify, eval_cmd, merge, export, inspect, serve, dashboard):
+    for module in (train, generate, classify, eval_cmd, merge, export, inspect, serve, dashboard, mine):
         module.add_parser(commands)
     return parser
 
