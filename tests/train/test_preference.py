@@ -108,3 +108,14 @@ def test_a_data_set_of_the_wrong_kind_is_one_line_for_either_task(toy, tmp_path)
     with pytest.raises(DataError, match="holds preference records .* which train with task dpo or orpo"):
         run(RunConfig(model=str(folder), data=DataConfig(train_file=prefs),
                       train=TrainConfig(output_dir=str(tmp_path / "b"), progress=False)), echo=lambda *a: None)
+
+
+def test_the_example_configs_load():
+    from pathlib import Path
+
+    from lorakit.config_loading import load_run_config
+
+    examples = Path(__file__).resolve().parents[2] / "examples" / "ros2"
+    dpo = load_run_config(examples / "dpo.yaml")
+    assert (dpo.task, dpo.train.init_adapter, dpo.data.template) == ("dpo", "runs/ros2-demo/adapter", "seed")
+    assert load_run_config(examples / "chat.yaml").data.template == "chat"
