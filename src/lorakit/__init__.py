@@ -2,7 +2,7 @@
 
 from lorakit.checkpoint.peft_io import AdapterError, load_adapter, save_adapter
 from lorakit.config import ConfigError, LoraConfig
-from lorakit.lora.adapters import delete_adapter, disable_adapters, set_adapter
+from lorakit.lora.adapters import delete_adapter, disable_adapters, set_adapter, use_adapter
 from lorakit.lora.inject import inject, trainable_counts, trainable_report
 from lorakit.lora.layer import LoraAdapter, LoraLayer
 from lorakit.lora.merge import merge_adapters, merge_and_unload, unmerge_adapters
@@ -29,4 +29,5 @@ __all__ = [
     "trainable_counts",
     "trainable_report",
     "unmerge_adapters",
+    "use_adapter",
 ]

@@ -142,11 +142,15 @@ class DataConfig:
     )
     hf_dataset: str | None = _help("a Hugging Face `datasets` name to load instead of train_file", default=None)
     format: str | None = _help(
-        "a name of lorakit.data.formats.FORMATS: instruction | alpaca | chat | text_label | e2e (official E2E NLG "
-        "CSVs; a glob joins the train parts); detected from the first record if unset",
+        "a name of lorakit.data.formats.FORMATS: instruction | alpaca | chat (messages) | sharegpt (conversations) "
+        "| preference (prompt/chosen/rejected, for task dpo/orpo) | text_label | e2e (official E2E NLG CSVs; a glob "
+        "joins the train parts); detected from the first record if unset",
         default=None,
     )
-    template: str = _help("prompt template: seed, alpaca, chat, or a custom string with {instruction}", default="seed")
+    template: str = _help("prompt template: seed, alpaca, chat (the tokenizer's own chat template), or a custom "
+                          "string with {instruction}; chat and sharegpt records always use chat", default="seed")
+    train_on: str = _help("conversations: which assistant turns carry labels (their content and end-of-turn "
+                          "token): all_assistant | last_assistant", default="all_assistant")
     max_length: int = _help("longest sequence in tokens; longer examples are truncated and counted", default=256)
     eval_size: float | None = _help(
         "share (or count, if >= 1) of the training file held out when no eval_file; 0: train on all of it without "
@@ -212,6 +216,16 @@ class TrainConfig:
                                  default=False)
     seed: int = _help("seed for initialisation, shuffling and dropout", default=0)
     resume: bool = _help("continue from the latest checkpoint in output_dir", default=False)
+    init_adapter: str | None = _help(
+        "an adapter folder (lorakit or PEFT) to start from instead of a new adapter, e.g. the SFT adapter before "
+        "DPO; its own shape (r, alpha, targets) replaces the lora section's",
+        default=None,
+    )
+    precompute_reference: bool = _help(
+        "dpo: compute the reference log-probabilities once before training and keep them with the data "
+        "(reference_logps.json in output_dir), instead of one reference forward per step",
+        default=False,
+    )
     guard: bool = _help(
         "divergence guard: on a NaN/inf loss or gradient norm (or a loss spike) roll back to the last good state",
         default=True,
@@ -250,6 +264,22 @@ class EvalConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    """Preference tuning (task dpo or orpo) on prompt/chosen/rejected pairs."""
+
+    beta: float = _help(
+        "dpo: beta, how far the adapter may move from the reference (reward = beta x log-ratio to the reference); "
+        "orpo: lambda, the weight of the odds-ratio term beside the NLL", default=0.1)
+    loss_type: str = _help("dpo loss: sigmoid (the DPO paper's) or ipo (squared, on per-token log-ratios)",
+                           default="sigmoid")
+    rpo_alpha: float | None = _help(
+        "dpo: add rpo_alpha x the chosen replies' mean token NLL (RPO); null for none", default=None)
+    orpo_prompt_loss: bool = _help(
+        "orpo: the NLL term covers the prompt tokens too, as ORPO's reference code and TRL do; false: the chosen "
+        "reply only", default=True)
+
+
+@dataclass
 class QuantizationConfig:
     """QLoRA: the base's linear layers stored in 4 or 8 bits (bitsandbytes); the adapters train in fp32."""
 
@@ -283,12 +313,14 @@ class RunConfig:
     """A whole run: model, adapter shape, data, loop, evaluation."""
 
     model: str = _help("built-in name (smollm2-135m-instruct, minilm-l6), folder, .gguf file or Hub id", default="smollm2-135m-instruct")
-    task: str = _help("the objective (lorakit.train.objectives): causal_lm or seq_cls", default="causal_lm")
+    task: str = _help("the objective (lorakit.train.objectives): causal_lm, seq_cls, dpo or orpo", default="causal_lm")
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "the adapter"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "the examples"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the loop"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "evaluation"})
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig, metadata={"help": "QLoRA base"})
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig,
+                                         metadata={"help": "preference tuning (task dpo or orpo)"})
 
     def __post_init__(self) -> None:
         problems = run_problems(self)
@@ -297,11 +329,13 @@ class RunConfig:
 
 
 CHOICES = {
+    ("DataConfig", "train_on"): ("all_assistant", "last_assistant"),
     ("TrainConfig", "scheduler"): ("cosine", "linear", "constant"),
     ("TrainConfig", "optimizer"): ("adamw", "adamw_8bit", "paged_adamw_8bit"),
     ("TrainConfig", "eval_strategy"): ("no", "steps", "epoch"),
     ("TrainConfig", "save_strategy"): ("no", "steps", "epoch"),
     ("TrainConfig", "precision"): ("fp32", "bf16", "fp16"),
+    ("PreferenceConfig", "loss_type"): ("sigmoid", "ipo"),
     ("EvalConfig", "task"): (None, *TASKS),
 }
 POSITIVE = {
@@ -317,7 +351,7 @@ def run_problems(run: RunConfig) -> list[str]:
 
     choices = {**CHOICES, ("DataConfig", "format"): (None, *FORMATS)}
     out = []
-    for section_name in ("data", "train", "eval"):
+    for section_name in ("data", "train", "eval", "preference"):
         section = getattr(run, section_name)
         for f in fields(section):
             value = getattr(section, f.name)
@@ -352,6 +386,34 @@ def run_problems(run: RunConfig) -> list[str]:
         out.append(f"train.warmup_ratio: given {run.train.warmup_ratio!r}, expected a number in [0, 1)")
     out += _guard_problems(run.train)
     out += _tracker_problems(run.train)
+    out += _preference_problems(run)
+    return out
+
+
+PREFERENCE_TASKS = ("dpo", "orpo")
+
+
+def _preference_problems(run: RunConfig) -> list[str]:
+    """What the preference objectives cannot do, each as one line naming the key."""
+    pref, out = run.preference, []
+    if not isinstance(pref.beta, int | float) or pref.beta <= 0:
+        out.append(f"preference.beta: given {pref.beta!r}, expected a positive number")
+    if pref.rpo_alpha is not None and pref.rpo_alpha < 0:
+        out.append(f"preference.rpo_alpha: given {pref.rpo_alpha!r}, expected a number >= 0 or null")
+    if run.task not in PREFERENCE_TASKS:
+        if run.train.precompute_reference:
+            out.append(f"train.precompute_reference: task {run.task} has no reference model; it applies to task dpo")
+        return out
+    if run.data.packing:
+        out.append(f"data.packing: task {run.task} compares a chosen and a rejected sequence per row pair, which "
+                   "packing would mix; set data.packing false")
+    if run.train.max_tokens_per_forward:
+        out.append(f"train.max_tokens_per_forward: task {run.task} keeps each chosen/rejected pair in one forward; "
+                   "set it to 0")
+    if run.task == "orpo" and run.train.precompute_reference:
+        out.append("train.precompute_reference: orpo needs no reference model; set it false")
+    if run.train.fsdp:
+        out.append(f"train.fsdp: task {run.task} is not supported under FSDP yet; set train.fsdp false")
     return out
 
 
