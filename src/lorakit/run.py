@@ -243,7 +243,7 @@ def run_preference(run: RunConfig, echo=print, run_log: RunLog | None = None) ->
         key = fingerprint(run.model, to_dict(run.quantization), run.train.init_adapter and
                           Path(run.train.init_adapter) / "adapter_model.safetensors", examples=splits)
         precompute_reference(model, reference, objective, splits, run.train.batch_size,
-                             Path(run.train.output_dir) / CACHE_NAME, key)
+                             Path(run.train.output_dir) / CACHE_NAME, key, write=main)
         objective.reference = Reference("precomputed")
     run_log = run_log or RunLog(run.train.output_dir, enabled=main)
     result = train(model, data.train, data.eval, run.train, objective, {"model": run.model},

@@ -9,7 +9,16 @@ import pytest
 
 from conftest import TOY_TARGETS, TOY_TASK, perturb, toy_model_folder
 from lorakit.checkpoint.peft_io import save_adapter
-from lorakit.config import ConfigError, DataConfig, EvalConfig, LoraConfig, PreferenceConfig, RunConfig, TrainConfig
+from lorakit.config import (
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    LoraConfig,
+    PreferenceConfig,
+    QuantizationConfig,
+    RunConfig,
+    TrainConfig,
+)
 from lorakit.data.formats import DataError
 from lorakit.lora.inject import inject
 from lorakit.models import load_causal_lm
@@ -85,6 +94,15 @@ def test_orpo_trains_without_a_reference(toy, tmp_path):
     train = events(tmp_path / "orpo", "train")
     assert all({"nll_loss", "log_odds_ratio", "reward_accuracy"} <= set(e) for e in train)
     assert train[-1]["loss"] < train[0]["loss"]
+
+
+def test_dpo_on_a_4bit_base_keeps_one_quantised_model_as_policy_and_reference(toy, tmp_path):
+    run_config = config(toy, tmp_path / "qdpo", max_steps=2, eval_strategy="no", save_strategy="no")
+    run_config.quantization = QuantizationConfig(bits=4)
+    summary = run(run_config, echo=lambda *a: None)
+    train = events(tmp_path / "qdpo", "train")
+    assert train[0]["reward_margin"] == pytest.approx(0.0, abs=1e-6)  # a new adapter starts as the base
+    assert summary["weight_bytes"]["linear_ratio"] < 0.5 and all(e["loss"] == e["loss"] for e in train)
 
 
 @pytest.mark.parametrize(("change", "message"), [

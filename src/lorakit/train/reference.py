@@ -59,10 +59,11 @@ class Reference:
 
 @torch.no_grad()
 def precompute_reference(model: nn.Module, reference: Reference, objective, splits: dict[str, list[dict]],
-                         batch_size: int, cache: Path | None = None, fingerprint: str = "") -> None:
+                         batch_size: int, cache: Path | None = None, fingerprint: str = "", write: bool = True) -> None:
     """Put `ref_logps` = (chosen, rejected) into every example of every split, from `cache` when it matches.
 
-    The model runs in eval mode; `cache` (if given) is written atomically afterwards.
+    The model runs in eval mode; `cache` (if given) is written atomically afterwards when `write`
+    (rank 0 of a data-parallel run: every process computes, one writes).
     """
     saved = _read_cache(cache, fingerprint)
     if saved is not None and all(len(saved.get(name, ())) == len(ex) for name, ex in splits.items()):
@@ -85,7 +86,7 @@ def precompute_reference(model: nn.Module, reference: Reference, objective, spli
         out[name] = [list(e["ref_logps"]) for e in examples]
     model.train(was_training)
     log.info("reference log-probabilities computed for %s", ", ".join(f"{len(v)} {k}" for k, v in out.items()))
-    if cache is not None:
+    if cache is not None and write:
         _write_cache(cache, {"fingerprint": fingerprint, **out})
 
 
