@@ -266,8 +266,33 @@ def load_adapter(
 
 @torch.no_grad()
 def restore_adapter_weights(model: nn.Module, name: str, directory: str | Path) -> None:
-    """Overwrite the tensors of an existing adapter `name` with those saved in `directory`."""
-    _copy_into(model, name, read_adapter_weights(directory), Path(directory))
+    """Overwrite the tensors of an existing adapter `name` with those saved in `directory`.
+
+    A PiSSA/OLoRA adapter is saved re-expressed against the original W (rank 2r, see
+    `_as_lora_on_original_base`); restoring it into the live adapter takes back the trained halves.
+    """
+    tensors = read_adapter_weights(directory)
+    _copy_into(model, name, _on_moved_base(model, name, tensors, Path(directory)), Path(directory))
+
+
+def _on_moved_base(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], directory: Path) -> dict:
+    """Undo `_as_lora_on_original_base` for the layers whose adapter moved part of W: A = A'[:r], B = B'[:, :r]."""
+    tensors = dict(tensors)
+    for path, layer in lora_layers(model):
+        adapter = layer.adapters[name] if name in layer.adapters else None
+        a_key, b_key = f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
+        if adapter is None or not hasattr(adapter, "A0") or a_key not in tensors or b_key not in tensors:
+            continue
+        A, B, r = tensors[a_key], tensors[b_key], adapter.r
+        if A.shape[0] != 2 * r or B.shape[1] != 2 * r:
+            continue  # saved as the live tensors: copied as they are
+        start = (adapter.B0 @ adapter.A0).cpu()  # the part of W the adapter took at its start
+        if not torch.allclose(-B[:, r:].float() @ A[r:].float(), start.float(), rtol=1e-3, atol=1e-5):
+            raise AdapterError(
+                f"{directory}: {a_key} holds another PiSSA/OLoRA start than this adapter's; it comes from another run"
+            )
+        tensors[a_key], tensors[b_key] = A[:r], B[:, :r]
+    return tensors
 
 
 def _copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], directory: Path) -> None:
