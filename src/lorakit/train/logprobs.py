@@ -57,15 +57,16 @@ class HeadLogProbs(torch.autograd.Function):
         out = rows.new_empty(rows.shape[0], dtype=torch.float32)
         want_grad = ctx.needs_input_grad[0]
         grad_rows = torch.empty_like(rows) if want_grad else None
+        weight = weight.float()  # once, not per chunk (a copy only for a half-precision head)
         for start in range(0, rows.shape[0], CHUNK_ROWS):
             chunk, chunk_targets = rows[start : start + CHUNK_ROWS], targets[start : start + CHUNK_ROWS]
-            logits = (chunk.float() @ weight.float().T)  # (chunk, V)
+            logits = chunk.float() @ weight.T  # (chunk, V)
             log_probs = logits.log_softmax(-1)
             out[start : start + CHUNK_ROWS] = log_probs.gather(1, chunk_targets[:, None]).squeeze(1)
             if want_grad:
                 probs = log_probs.exp_()
                 probs[torch.arange(len(chunk_targets)), chunk_targets] -= 1  # softmax - onehot = -d log p / d logits
-                grad_rows[start : start + CHUNK_ROWS] = (-(probs @ weight.float())).to(rows.dtype)
+                grad_rows[start : start + CHUNK_ROWS] = (-(probs @ weight)).to(rows.dtype)
         ctx.save_for_backward(grad_rows)
         return out
 
