@@ -135,7 +135,6 @@ def main() -> None:
     load_adapter(model, args.adapter)
     template = resolve_template(ExportConfig(model=args.model, adapter=args.adapter), tokenizer)
     prompts = [template.render({"instruction": r["instruction"], "output": ""})[0] for r in records]
-    args.prompts_seen = prompts
     refs = [r["output"] for r in records]
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=50)
     start = time.perf_counter()
@@ -215,16 +214,16 @@ def main() -> None:
     result["lora_on_base"] = [lora_agreement(args.model, a, work, tokenizer, lora_prompts) for a in cases]
     print(f"adapter GGUF on base: {result['lora_on_base']}", flush=True)
 
-    write_check(args, result, exports)
+    write_check(args, result, exports, len(prompts))
 
 
-def write_check(args, result: dict, exports: dict) -> None:
+def write_check(args, result: dict, exports: dict, n: int) -> None:
     """runs/bench/gguf_check.json in the benches' shared shape: a row per decoder, the other checks as notes."""
     from results import write_result
 
     lorakit = result["scores"]["lorakit"]
     runs = [{"decoder": "lorakit generate (fp32, transformers)", "file": "", "mib": None,
-             "same_text": f"{len(args.prompts_seen)}/{len(args.prompts_seen)}",
+             "same_text": f"{n}/{n}",
              "exact_match": round(100 * lorakit["exact_match"], 1), "em_gap": 0.0}]
     for name, count in result["same_completion"].items():
         outtype = name.split("-", 1)[1]
@@ -232,7 +231,7 @@ def write_check(args, result: dict, exports: dict) -> None:
             result["reference_converter"][outtype]["reference_bytes"]
         em = result["scores"][name]["exact_match"]
         runs.append({"decoder": "llama.cpp", "file": name, "mib": round(size / 2**20, 1),
-                     "same_text": f"{count}/{len(args.prompts_seen)}", "exact_match": round(100 * em, 1),
+                     "same_text": f"{count}/{n}", "exact_match": round(100 * em, 1),
                      "em_gap": round(100 * (em - lorakit["exact_match"]), 1)})
     ref = result["reference_converter"]
     notes = [
@@ -249,7 +248,7 @@ def write_check(args, result: dict, exports: dict) -> None:
                  + "; ".join(f"{c['adapter']} {c['same_greedy']}/{c['prompts']}" for c in result["lora_on_base"]))
     notes.append("exports: " + ", ".join(f"{t} {e['bytes'] / 2**20:.1f} MiB in {e['seconds']} s" for t, e in exports.items()))
     description = (f"The adapter {args.adapter} merged into {args.model}, exported by lorakit and run in llama.cpp "
-                   f"(llama-cpp-python 0.3.36, greedy, the adapter's prompt template) on {len(args.prompts_seen)} "
+                   f"(llama-cpp-python 0.3.36, greedy, the adapter's prompt template) on {n} "
                    f"records of {args.data}, beside lorakit generate on the same prompts.")
     columns = [("decoder", "decoder"), ("file", "GGUF"), ("mib", "MiB"), ("same_text", "same text as lorakit"),
                ("exact_match", "exact match %"), ("em_gap", "gap (points)")]
