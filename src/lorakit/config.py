@@ -207,6 +207,8 @@ class TrainConfig:
     gradient_checkpointing: bool = _help("recompute activations in backward to save memory", default=False)
     fused: bool = _help("fused LoRA kernels (linear, SwiGLU MLP) and grouped attention without key/value copies:"
                         " same math, less memory", default=True)
+    fuse_projections: bool = _help("with fused: q/k/v (and gate/up) as one GEMM over their packed frozen weights,"
+                                   " the siblings' LoRA A's concatenated (same math, bigger GEMMs)", default=True)
     group_by_length: bool = _help("batch examples of similar length together (less padding; shuffled in groups"
                                   " of 50 batches, as transformers' group_by_length)", default=False)
     max_tokens_per_forward: int = _help("run each micro-batch through the model in row groups of at most this many"

@@ -6,7 +6,8 @@ For a base weight W (out x in), a plain adapter adds a low-rank update
 
 Variants (lora/variants/) change how the update enters; the layer never reads an adapter's
 tensors, it asks the adapter: `output` in a forward pass, `merge`/`unmerge` for the weight, the
-fused halves for the lean training path (lora/fused.py).
+fused halves for the lean training path (lora/fused.py; sibling layers as one GEMM in
+lora/fused_siblings.py).
 
 One `LoraLayer` wraps any of three base kinds; they differ only in how the (out, in) update
 lines up with the stored weight and how the adapter reads the input:
@@ -49,6 +50,7 @@ class LoraLayer(nn.Module):
         self.disabled = False
         self.fused = True  # the lean autograd path (lora/fused.py) where it applies
         self.row_adapters = None  # a lora.mixed.RowAdapters while a mixed-adapter batch runs
+        self.sibling_group = None  # a lora.fused_siblings.SiblingGroup: q/k/v or gate/up as one GEMM
         base_layer.requires_grad_(False)
 
     # -- shape of the base ------------------------------------------------------------------
@@ -142,6 +144,10 @@ class LoraLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         if self.row_adapters is not None:
             return self.row_adapters.forward(self, x, *args, **kwargs)
+        if self.sibling_group is not None:
+            out = self.sibling_group.output(self, x)
+            if out is not None:
+                return out
         if self.can_fuse():
             return self._fused_forward(x)
         out = self.base_layer(x, *args, **kwargs)

@@ -252,7 +252,7 @@ def _prepare_model(model: nn.Module, config: TrainConfig) -> None:
     """Gradient checkpointing, the fused paths, and the allocator, as the config asks."""
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    log.info("lean path: %s", use_fused_paths(model, config.fused))
+    log.info("lean path: %s", use_fused_paths(model, config.fused, config.fuse_projections and not config.fsdp))  # FSDP owns the weights
     if config.release_memory:
         release_freed_memory()
 
