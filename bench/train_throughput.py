@@ -200,7 +200,7 @@ def run_lorakit(args, memory_mode: bool = False, qlora: bool = False) -> dict:
         lr=LR, scheduler="linear", warmup_ratio=0.0, max_grad_norm=1.0,
         max_tokens_per_forward=pack_length if memory_mode else 0,
     )
-    use_fused_paths(model, config.fused, config.fuse_projections)  # what train() switches on, as it does
+    use_fused_paths(model, config.fused, config.fuse_projections, config.half_base)  # what train() switches on, as it does
     if config.release_memory:
         release_freed_memory()
     optimizer = build_optimizer(model, config)

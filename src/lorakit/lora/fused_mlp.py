@@ -135,14 +135,14 @@ class _FusedForward:
             down, w_down, _bias = layers[2].fused_parts()
             params += list(down.fused_params())
             return FusedSwiGLUPacked.apply(
-                x.to(group.weight.dtype), self.module.training, (*adapters, down), group.weight, w_down, *params
+                x.to(params[0].dtype), self.module.training, (*adapters, down), group.weight, w_down, *params
             )
         adapters, parts = [], []
         for layer in layers:
             adapter, weight, _bias = layer.fused_parts()
             adapters.append(adapter)
             parts += [weight, *adapter.fused_params()]
-        return FusedSwiGLULora.apply(x.to(parts[0].dtype), self.module.training, tuple(adapters), *parts)
+        return FusedSwiGLULora.apply(x.to(parts[1].dtype), self.module.training, tuple(adapters), *parts)
 
 
 def fuse_swiglu_mlps(model: nn.Module) -> int:

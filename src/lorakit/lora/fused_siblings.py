@@ -24,9 +24,9 @@ for (`SiblingGroup.output`). The fused SwiGLU MLP (lora/fused_mlp.py) runs `sibl
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from lorakit.lora.base import base_input_grad, base_linear
 from lorakit.lora.layer import LoraLayer
 from lorakit.lora.variants import LoraAdapter
 
@@ -58,7 +58,7 @@ def siblings_forward(x, weight, bias, adapters, params, training: bool):
     """
     As, Bs = params[0::2], params[1::2]
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-    y = F.linear(x, weight, bias)  # (..., sum out)
+    y = base_linear(x, weight, bias)  # (..., sum out)
     keeps: list[torch.Tensor | None] = [None] * len(adapters)
     if not training or all(a.p == 0 for a in adapters):
         u = x2 @ torch.cat(As).T  # (N, sum r): one GEMM for every A
@@ -90,7 +90,7 @@ def siblings_backward(grad, x, weight, adapters, params, saved, need_grad_x: boo
         grads_B.append((g_i.T @ u[:, r_at : r_at + A.shape[0]]).mul_(adapter.scaling))  # (out_i, r)
         dus.append((g_i @ B).mul_(adapter.scaling))  # (N, r)
         at, r_at = at + B.shape[0], r_at + A.shape[0]
-    grad_x = g2 @ weight if need_grad_x else None  # (N, in): every sibling's W in one GEMM
+    grad_x = base_input_grad(g2, weight) if need_grad_x else None  # (N, in): every sibling's W in one GEMM
     if all(keep is None for keep in keeps):
         du = torch.cat(dus, dim=1)  # (N, sum r)
         grads_A = list((du.T @ x2).split([A.shape[0] for A in As]))
@@ -168,7 +168,7 @@ class SiblingGroup:
             self._held.clear()
             return None
         adapters, params = self.adapters_and_params()
-        y = FusedSiblingLinear.apply(x.to(self.weight.dtype), self.weight, self.bias, adapters, layer.training, *params)
+        y = FusedSiblingLinear.apply(x.to(params[0].dtype), self.weight, self.bias, adapters, layer.training, *params)
         outputs = y.split(self.sizes, dim=-1)
         self._held = {i: (x, out) for i, out in enumerate(outputs) if i != index}
         return outputs[index]

@@ -141,7 +141,7 @@ class LoraLayer(nn.Module):
                     f"adapters {self.merged} are merged into this layer; unmerge them before disabling "
                     "(lorakit.disable_adapters(model) does)"
                 )
-            return self.base_layer(x, *args, **kwargs)
+            return self._base(x, *args, **kwargs)
         if self.row_adapters is not None:
             return self.row_adapters.forward(self, x, *args, **kwargs)
         if self.sibling_group is not None:
@@ -150,11 +150,18 @@ class LoraLayer(nn.Module):
                 return out
         if self.can_fuse():
             return self._fused_forward(x)
-        out = self.base_layer(x, *args, **kwargs)
+        out = self._base(x, *args, **kwargs)
         for name in self.active:
             if name not in self.merged:
                 out = self.adapters[name].output(self, x, out)
         return out
+
+    def _base(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The base layer's output; a base kept in a half type (train.half_base) answers in x's type."""
+        weight = self.base_layer.weight
+        if self.kind == "embedding" or not x.is_floating_point() or weight.dtype == x.dtype or is_quantized(self.base_layer):
+            return self.base_layer(x, *args, **kwargs)
+        return self.base_layer(x.to(weight.dtype), *args, **kwargs).to(x.dtype)
 
     def can_fuse(self) -> bool:
         """One active unmerged adapter on a plain float Linear/Conv1D whose weight and bias are frozen."""
@@ -179,7 +186,7 @@ class LoraLayer(nn.Module):
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         adapter, weight, bias = self.fused_parts()
-        return fused_adapter_linear(x.to(weight.dtype), weight, bias, adapter, self.training)
+        return fused_adapter_linear(x.to(adapter.fused_params()[0].dtype), weight, bias, adapter, self.training)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, adapters={list(self.adapters)}, active={self.active}, merged={self.merged}"
