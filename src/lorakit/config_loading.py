@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from lorakit.config import ConfigError, RunConfig
-from lorakit.config_yaml import KeyLines, read_yaml_mapping, yaml_problem
+from lorakit.config_yaml import TAG_ERRORS, KeyLines, read_yaml_mapping, yaml_problem
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
@@ -93,6 +93,8 @@ def _override_value(key: str, text: str):
         raise ConfigError(f"--{key}: {text!r} is not a valid YAML value ({yaml_problem(err)})") from None
     except RecursionError:
         raise ConfigError(f"--{key}: the value is nested too deeply to read") from None
+    except TAG_ERRORS:
+        raise ConfigError(f"--{key}: {text[:80]!r} is not a valid YAML value (a tagged value that cannot be read)") from None
 
 
 def _typed_fields(cls, raw: dict, prefix: str, problems: list[str]) -> dict:
