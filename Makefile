@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lorakit-setup
 
-.PHONY: setup browser demo test clean
+.PHONY: setup browser demo demo-dpo test clean
 
 setup: $(STAMP) browser
 
@@ -31,6 +31,14 @@ browser:
 demo: setup
 	$(PY) examples/ros2/make_data.py runs/ros2-data
 	$(PY) -m lorakit train examples/ros2/config.yaml
+
+# SFT (make demo's adapter, trained first if missing), then DPO on the pairs its own mistakes give.
+demo-dpo: setup
+	test -f runs/ros2-demo/adapter/adapter_model.safetensors || $(MAKE) demo
+	for split in train valid; do $(PY) -m lorakit mine-preferences --model smollm2-135m-instruct \
+	    --adapter runs/ros2-demo/adapter --data runs/ros2-data/$$split.jsonl --task ros2 --samples 4 \
+	    --temperature 1.0 --max-new-tokens 72 --output runs/ros2-data/prefs_$$split.jsonl --force || exit 1; done
+	$(PY) -m lorakit train examples/ros2/dpo.yaml
 
 test: setup
 	$(PY) -m pytest -q

@@ -32,6 +32,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "export"))  # probe_strings: the 1,000 tokenizer strings
+sys.path.insert(0, str(ROOT / "bench"))  # results: the benches' shared JSON writer
 
 from lorakit import load_adapter, merge_and_unload, save_adapter
 from lorakit.config import LoraConfig
@@ -213,10 +214,48 @@ def main() -> None:
     result["lora_on_base"] = [lora_agreement(args.model, a, work, tokenizer, lora_prompts) for a in cases]
     print(f"adapter GGUF on base: {result['lora_on_base']}", flush=True)
 
-    out = ROOT / "runs" / "bench" / "gguf_check.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_check(args, result, exports, len(prompts))
+
+
+def write_check(args, result: dict, exports: dict, n: int) -> None:
+    """runs/bench/gguf_check.json in the benches' shared shape: a row per decoder, the other checks as notes."""
+    from results import write_result
+
+    lorakit = result["scores"]["lorakit"]
+    runs = [{"decoder": "lorakit generate (fp32, transformers)", "file": "", "mib": None,
+             "same_text": f"{n}/{n}",
+             "exact_match": round(100 * lorakit["exact_match"], 1), "em_gap": 0.0}]
+    for name, count in result["same_completion"].items():
+        outtype = name.split("-", 1)[1]
+        size = exports[outtype]["bytes"] if name.startswith("lorakit") else \
+            result["reference_converter"][outtype]["reference_bytes"]
+        em = result["scores"][name]["exact_match"]
+        runs.append({"decoder": "llama.cpp", "file": name, "mib": round(size / 2**20, 1),
+                     "same_text": f"{count}/{n}", "exact_match": round(100 * em, 1),
+                     "em_gap": round(100 * (em - lorakit["exact_match"]), 1)})
+    ref = result["reference_converter"]
+    notes = [
+        f"llama.cpp's convert_hf_to_gguf.py on the merged model, against lorakit's file: {ref[t]['tensors_equal']} "
+        f"tensors bit-identical, {len(ref[t]['tensors_differing'])} differing, metadata keys only in lorakit: "
+        f"{', '.join(ref[t]['keys_only_in_lorakit']) or 'none'}; differing: {', '.join(ref[t]['keys_differing']) or 'none'} ({t})"
+        for t in ref
+    ]
+    notes.append("f32 logits, llama.cpp against lorakit, max abs per prompt: "
+                 + ", ".join(f"{g:.2e}" for g in result["f32_logits_max_abs"]))
+    tok = result["tokenizer"]
+    notes.append(f"tokenizer in llama.cpp against transformers: {tok['same']}/{tok['strings']} strings give the same ids")
+    notes.append("adapter-only GGUF on the base GGUF against the merged export (f32, greedy, same text): "
+                 + "; ".join(f"{c['adapter']} {c['same_greedy']}/{c['prompts']}" for c in result["lora_on_base"]))
+    notes.append("exports: " + ", ".join(f"{t} {e['bytes'] / 2**20:.1f} MiB in {e['seconds']} s" for t, e in exports.items()))
+    description = (f"The adapter {args.adapter} merged into {args.model}, exported by lorakit and run in llama.cpp "
+                   f"(llama-cpp-python 0.3.36, greedy, the adapter's prompt template) on {n} "
+                   f"records of {args.data}, beside lorakit generate on the same prompts.")
+    columns = [("decoder", "decoder"), ("file", "GGUF"), ("mib", "MiB"), ("same_text", "same text as lorakit"),
+               ("exact_match", "exact match %"), ("em_gap", "gap (points)")]
+    path = write_result("gguf_check", "GGUF export checked in llama.cpp", runs, description=description,
+                        columns=columns, notes=notes)
+    (Path(args.work) / "gguf_check-details.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

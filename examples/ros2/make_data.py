@@ -4,6 +4,9 @@ Usage: ``python examples/ros2/make_data.py [OUT_DIR] [--n-train 2000] [--n-valid
 Train is what the model learns from, valid is what picks the checkpoint (data.eval_file), test is
 scored once at the end (data.test_file). The three share no phrasing and no number pair. The files
 are generated, never committed; see ``lorakit.tasks.ros2`` for the grammar and split rule.
+
+It also writes the multi-turn conversations (``chat_train.jsonl``, ``chat_valid.jsonl``,
+``chat_test.jsonl``; ``lorakit.tasks.ros2_chat``) that ``examples/ros2/chat.yaml`` trains on.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 from pathlib import Path
 
 from lorakit.tasks.ros2 import DEFAULT_SIZES, write_splits
+from lorakit.tasks.ros2_chat import DEFAULT_CHAT_SIZES, write_chat_splits
 
 
 def main() -> None:
@@ -25,11 +29,16 @@ def main() -> None:
     parser.add_argument("--n-valid", type=int, default=DEFAULT_SIZES["valid"],
                         help="validation records (checkpoint selection)")
     parser.add_argument("--n-test", type=int, default=DEFAULT_SIZES["test"], help="test records (the final score)")
+    for split, n in DEFAULT_CHAT_SIZES.items():
+        parser.add_argument(f"--chat-{split}", type=int, default=n, help=f"{split} conversations")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for split, path in write_splits(args.out_dir, args.n_train, args.n_test, args.seed, args.n_valid).items():
         print(f"{split}: {path}")
+    sizes = {split: getattr(args, f"chat_{split}") for split in DEFAULT_CHAT_SIZES}
+    for split, path in write_chat_splits(args.out_dir, sizes, args.seed).items():
+        print(f"chat {split}: {path}")
 
 
 if __name__ == "__main__":

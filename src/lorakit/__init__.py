@@ -2,10 +2,11 @@
 
 from lorakit.checkpoint.peft_io import AdapterError, load_adapter, save_adapter
 from lorakit.config import ConfigError, LoraConfig
-from lorakit.lora.adapters import delete_adapter, disable_adapters, set_adapter
+from lorakit.lora.adapters import delete_adapter, disable_adapters, set_adapter, use_adapter
 from lorakit.lora.inject import inject, trainable_counts, trainable_report
 from lorakit.lora.layer import LoraAdapter, LoraLayer
-from lorakit.lora.merge import add_weighted_adapter, merge_adapters, merge_and_unload, unmerge_adapters
+from lorakit.lora.merge import merge_adapters, merge_and_unload, unmerge_adapters
+from lorakit.lora.weighted import add_weighted_adapter
 import lorakit.quant  # noqa: F401  (registers the bitsandbytes backend with lorakit.lora.base)
 
 __version__ = "0.1.0"
@@ -28,4 +29,5 @@ __all__ = [
     "trainable_counts",
     "trainable_report",
     "unmerge_adapters",
+    "use_adapter",
 ]

@@ -7,6 +7,8 @@ import os
 import re
 from dataclasses import dataclass, field, fields
 
+from lorakit.lora.inits import INITS, MOVES_BASE
+from lorakit.lora.variants import VARIANTS
 from lorakit.tasks import TASKS
 
 BIAS_CHOICES = ("none", "all", "lora_only")
@@ -50,9 +52,13 @@ class LoraConfig:
         "modules trained in full and saved with the adapter (e.g. a classifier head)", default=None
     )
     use_rslora: bool = _help("scale by lora_alpha / sqrt(r) instead of lora_alpha / r", default=False)
+    use_dora: bool = _help(
+        "DoRA: a trained magnitude per output feature times the direction of W + s B A (Linear and Conv1D)",
+        default=False,
+    )
     init_lora_weights: bool | str = _help(
-        "True (Kaiming A, zero B), 'gaussian', 'pissa' (A, B from the top-r SVD of W), 'loftq' (A, B from "
-        "the quantisation error of a quantised base; needs quantization.bits), False (random)",
+        "True (Kaiming A, zero B), 'gaussian', 'pissa' (A, B from the top-r SVD of W), 'olora' (A, B from the QR "
+        "of W), 'loftq' (A, B from the quantisation error of a quantised base; needs quantization.bits), False (random)",
         default=True,
     )
     loftq_iter: int = _help("LoftQ: alternating quantise/SVD rounds; 1 keeps the plain quantised base", default=1)
@@ -81,10 +87,11 @@ class LoraConfig:
             out.append(f"lora.lora_dropout: given {self.lora_dropout!r}, expected a number in [0, 1)")
         if self.bias not in BIAS_CHOICES:
             out.append(f"lora.bias: given {self.bias!r}, expected one of {', '.join(BIAS_CHOICES)}")
-        if self.init_lora_weights not in (True, False, "gaussian", "pissa", "loftq"):
+        named_inits = [k for k in INITS if isinstance(k, str)]
+        if not isinstance(self.init_lora_weights, bool) and self.init_lora_weights not in named_inits:
             out.append(
                 f"lora.init_lora_weights: given {self.init_lora_weights!r}, "
-                "expected true, false, 'gaussian', 'pissa' or 'loftq'"
+                f"expected true, false or one of {', '.join(repr(k) for k in named_inits)}"
             )
         if isinstance(self.loftq_iter, bool) or not isinstance(self.loftq_iter, int) or self.loftq_iter <= 0:
             out.append(f"lora.loftq_iter: given {self.loftq_iter!r}, expected a positive integer")
@@ -93,6 +100,9 @@ class LoraConfig:
         for key, value in self.rank_pattern.items():
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 out.append(f"lora.rank_pattern[{key!r}]: given {value!r}, expected a positive integer")
+        chosen = [flag for flag in VARIANTS if getattr(self, flag, False)]
+        if len(chosen) > 1:
+            out.append(f"lora.{chosen[0]} and lora.{chosen[1]} are both set; an adapter is one variant, pick one")
         return out
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
@@ -132,11 +142,15 @@ class DataConfig:
     )
     hf_dataset: str | None = _help("a Hugging Face `datasets` name to load instead of train_file", default=None)
     format: str | None = _help(
-        "a name of lorakit.data.formats.FORMATS: instruction | alpaca | chat | text_label | e2e (official E2E NLG "
-        "CSVs; a glob joins the train parts); detected from the first record if unset",
+        "a name of lorakit.data.formats.FORMATS: instruction | alpaca | chat (messages) | sharegpt (conversations) "
+        "| preference (prompt/chosen/rejected, for task dpo/orpo) | text_label | e2e (official E2E NLG CSVs; a glob "
+        "joins the train parts); detected from the first record if unset",
         default=None,
     )
-    template: str = _help("prompt template: seed, alpaca, chat, or a custom string with {instruction}", default="seed")
+    template: str = _help("prompt template: seed, alpaca, chat (the tokenizer's own chat template), or a custom "
+                          "string with {instruction}; chat and sharegpt records always use chat", default="seed")
+    train_on: str = _help("conversations: which assistant turns carry labels (their content and end-of-turn "
+                          "token): all_assistant | last_assistant", default="all_assistant")
     max_length: int = _help("longest sequence in tokens; longer examples are truncated and counted", default=256)
     eval_size: float | None = _help(
         "share (or count, if >= 1) of the training file held out when no eval_file; 0: train on all of it without "
@@ -202,6 +216,16 @@ class TrainConfig:
                                  default=False)
     seed: int = _help("seed for initialisation, shuffling and dropout", default=0)
     resume: bool = _help("continue from the latest checkpoint in output_dir", default=False)
+    init_adapter: str | None = _help(
+        "an adapter folder (lorakit or PEFT) to start from instead of a new adapter, e.g. the SFT adapter before "
+        "DPO; its own shape (r, alpha, targets) replaces the lora section's",
+        default=None,
+    )
+    precompute_reference: bool = _help(
+        "dpo: compute the reference log-probabilities once before training and keep them with the data "
+        "(reference_logps.json in output_dir), instead of one reference forward per step",
+        default=False,
+    )
     guard: bool = _help(
         "divergence guard: on a NaN/inf loss or gradient norm (or a loss spike) roll back to the last good state",
         default=True,
@@ -247,6 +271,22 @@ class EvalConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    """Preference tuning (task dpo or orpo) on prompt/chosen/rejected pairs."""
+
+    beta: float = _help(
+        "dpo: beta, how far the adapter may move from the reference (reward = beta x log-ratio to the reference); "
+        "orpo: lambda, the weight of the odds-ratio term beside the NLL", default=0.1)
+    loss_type: str = _help("dpo loss: sigmoid (the DPO paper's) or ipo (squared, on per-token log-ratios)",
+                           default="sigmoid")
+    rpo_alpha: float | None = _help(
+        "dpo: add rpo_alpha x the chosen replies' mean token NLL (RPO); null for none", default=None)
+    orpo_prompt_loss: bool = _help(
+        "orpo: the NLL term covers the prompt tokens too, as ORPO's reference code and TRL do; false: the chosen "
+        "reply only", default=True)
+
+
+@dataclass
 class QuantizationConfig:
     """QLoRA: the base's linear layers stored in 4 or 8 bits (bitsandbytes); the adapters train in fp32."""
 
@@ -280,12 +320,14 @@ class RunConfig:
     """A whole run: model, adapter shape, data, loop, evaluation."""
 
     model: str = _help("built-in name (smollm2-135m-instruct, minilm-l6), folder, .gguf file or Hub id", default="smollm2-135m-instruct")
-    task: str = _help("the objective (lorakit.train.objectives): causal_lm or seq_cls", default="causal_lm")
+    task: str = _help("the objective (lorakit.train.objectives): causal_lm, seq_cls, dpo or orpo", default="causal_lm")
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "the adapter"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "the examples"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the loop"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "evaluation"})
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig, metadata={"help": "QLoRA base"})
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig,
+                                         metadata={"help": "preference tuning (task dpo or orpo)"})
 
     def __post_init__(self) -> None:
         problems = run_problems(self)
@@ -294,11 +336,13 @@ class RunConfig:
 
 
 CHOICES = {
+    ("DataConfig", "train_on"): ("all_assistant", "last_assistant"),
     ("TrainConfig", "scheduler"): ("cosine", "linear", "constant"),
     ("TrainConfig", "optimizer"): ("adamw", "adamw_8bit", "paged_adamw_8bit"),
     ("TrainConfig", "eval_strategy"): ("no", "steps", "epoch"),
     ("TrainConfig", "save_strategy"): ("no", "steps", "epoch"),
     ("TrainConfig", "precision"): ("fp32", "bf16", "fp16"),
+    ("PreferenceConfig", "loss_type"): ("sigmoid", "ipo"),
     ("EvalConfig", "task"): (None, *TASKS),
 }
 POSITIVE = {
@@ -314,7 +358,7 @@ def run_problems(run: RunConfig) -> list[str]:
 
     choices = {**CHOICES, ("DataConfig", "format"): (None, *FORMATS)}
     out = []
-    for section_name in ("data", "train", "eval"):
+    for section_name in ("data", "train", "eval", "preference"):
         section = getattr(run, section_name)
         for f in fields(section):
             value = getattr(section, f.name)
@@ -340,10 +384,43 @@ def run_problems(run: RunConfig) -> list[str]:
     out += _size_problems(run.data)
     if run.lora.init_lora_weights == "loftq" and run.quantization.bits is None:
         out.append("lora.init_lora_weights: 'loftq' needs a quantised base; set quantization.bits to 4 or 8")
+    if run.lora.init_lora_weights in MOVES_BASE and run.quantization.bits is not None:
+        out.append(
+            f"lora.init_lora_weights: {run.lora.init_lora_weights!r} moves part of W into the adapter, which needs a "
+            "float base; unset quantization.bits, or use 'loftq' for a quantised one"
+        )
     if not 0 <= run.train.warmup_ratio < 1:
         out.append(f"train.warmup_ratio: given {run.train.warmup_ratio!r}, expected a number in [0, 1)")
     out += _guard_problems(run.train)
     out += _tracker_problems(run.train)
+    out += _preference_problems(run)
+    return out
+
+
+PREFERENCE_TASKS = ("dpo", "orpo")
+
+
+def _preference_problems(run: RunConfig) -> list[str]:
+    """What the preference objectives cannot do, each as one line naming the key."""
+    pref, out = run.preference, []
+    if not isinstance(pref.beta, int | float) or pref.beta <= 0:
+        out.append(f"preference.beta: given {pref.beta!r}, expected a positive number")
+    if pref.rpo_alpha is not None and pref.rpo_alpha < 0:
+        out.append(f"preference.rpo_alpha: given {pref.rpo_alpha!r}, expected a number >= 0 or null")
+    if run.task not in PREFERENCE_TASKS:
+        if run.train.precompute_reference:
+            out.append(f"train.precompute_reference: task {run.task} has no reference model; it applies to task dpo")
+        return out
+    if run.data.packing:
+        out.append(f"data.packing: task {run.task} compares a chosen and a rejected sequence per row pair, which "
+                   "packing would mix; set data.packing false")
+    if run.train.max_tokens_per_forward:
+        out.append(f"train.max_tokens_per_forward: task {run.task} keeps each chosen/rejected pair in one forward; "
+                   "set it to 0")
+    if run.task == "orpo" and run.train.precompute_reference:
+        out.append("train.precompute_reference: orpo needs no reference model; set it false")
+    if run.train.fsdp:
+        out.append(f"train.fsdp: task {run.task} is not supported under FSDP yet; set train.fsdp false")
     return out
 
 

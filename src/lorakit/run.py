@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 import yaml
 
 from lorakit.checkpoint.run_card import RUN_CARD, read_run_card, write_run_card  # noqa: F401  (RUN_CARD, read_run_card: re-exported)
 from lorakit.config import ConfigError, RunConfig, to_dict
 from lorakit.data.classification import read_classification, read_classification_test, tokenize_classification
-from lorakit.data.dataset import prepare_data
+from lorakit.data.dataset import prepare_data, prepare_preference_data
 from lorakit.infer.score import score_generations
+from lorakit.checkpoint.peft_io import load_adapter
+from lorakit.lora.adapters import disable_adapters, set_adapter
 from lorakit.lora.inject import inject, trainable_counts, trainable_report
 from lorakit.models import default_device, load_causal_lm, load_sequence_classifier, load_tokenizer
 from lorakit.quant.model import quantize_model, weight_bytes_report
@@ -27,8 +31,10 @@ from lorakit.train.final_score import (
     final_score_line,
     selection_line,
 )
-from lorakit.train.loop import seed_everything, train
+from lorakit.train.loop import ADAPTER, seed_everything, train
 from lorakit.train.objectives import OBJECTIVES, CausalLMObjective, ClassificationObjective
+from lorakit.train.preference import DPOObjective, ORPOObjective
+from lorakit.train.reference import CACHE_NAME, REFERENCE_ADAPTER, Reference, fingerprint, precompute_reference
 
 log = logging.getLogger(__name__)
 # The second seed's rule of thumb: fine-tuning needs at least about 1e-5 training tokens per parameter.
@@ -129,6 +135,8 @@ def _final_causal_lm_scores(run: RunConfig, model, tokenizer, data, objective, r
     main = distributed.current_world().main
     if data.test:
         scores = evaluate_test(model, objective, data.test, run.train.batch_size)
+    elif run.data.test_file:  # a test file the objective cannot score (instruction records in a dpo run)
+        scores = {}
     else:
         scores = _chosen_eval(result, run.train.metric_for_best)
     prefix = "test_" if run.data.test_file else "eval_"
@@ -198,7 +206,76 @@ def run_classification(run: RunConfig, echo=print, run_log: RunLog | None = None
     return summary
 
 
-RUNS = {CausalLMObjective: run_causal_lm, ClassificationObjective: run_classification}  # per objective
+def run_preference(run: RunConfig, echo=print, run_log: RunLog | None = None) -> dict:
+    """DPO or ORPO on prompt/chosen/rejected pairs, from a new adapter or a trained one (train.init_adapter).
+
+    Dropout is off, as in TRL's preference trainers: the policy and the reference must score the
+    same sequence alike at the start. Generation scores (eval.task) are of the starting model and
+    of the chosen checkpoint, on the test split when data.test_file is set.
+    """
+    tokenizer = load_tokenizer(run.model)
+    model = load_causal_lm(run.model).to(default_device())
+    if run.lora.init_lora_weights != "loftq" or run.train.init_adapter:
+        quantize_model(model, run.quantization)
+    data = prepare_preference_data(run.data, tokenizer, run.train.seed)
+    stats = data.stats["train"]
+    echo(f"data: {stats.examples} train / {len(data.eval)} eval pairs{_test_count(data.test)}; "
+         f"{stats.truncated} truncated, {stats.dropped} dropped at max_length {run.data.max_length}")
+    objective_class = OBJECTIVES[run.task]
+    reference = _start_adapter(model, run, objective_class.needs_reference)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    summary: dict = {"model": run.model}
+    main = distributed.current_world().main
+    if main and run.eval.task and run.eval.compare_base:
+        records = data.test_records if run.data.test_file else data.eval_records
+        start = contextlib.nullcontext() if run.train.init_adapter else disable_adapters(model)
+        with start:
+            summary["base"] = score_generations(model, tokenizer, records, data.template, run.eval, keep_rows=True)
+        if run.train.init_adapter:
+            summary["base_label"] = f"starting adapter ({run.train.init_adapter})"
+    summary["weight_bytes"] = _quantize_after_inject(model, run, echo)
+    echo(trainable_report(model))
+    objective = objective_class(tokenizer.pad_token_id, run.preference, reference)
+    if objective.needs_reference and run.train.precompute_reference:
+        splits = {"train": data.train, "eval": data.eval, "test": data.test}
+        key = fingerprint(run.model, to_dict(run.quantization), run.train.init_adapter and
+                          Path(run.train.init_adapter) / "adapter_model.safetensors", examples=splits)
+        precompute_reference(model, reference, objective, splits, run.train.batch_size,
+                             Path(run.train.output_dir) / CACHE_NAME, key, write=main)
+        objective.reference = Reference("precomputed")
+    run_log = run_log or RunLog(run.train.output_dir, enabled=main)
+    result = train(model, data.train, data.eval, run.train, objective, {"model": run.model},
+                   on_eval=eval_printer(_above_progress_bar(echo), run.data), run_log=run_log)
+    if main:
+        write_run_card(result.adapter_dir, template=run.data.template, task=run.eval.task, model=run.model,
+                       quantization=to_dict(run.quantization) if run.quantization.bits else None)
+    summary.update(steps=result.steps, seconds=round(result.seconds, 1), adapter=result.adapter_dir,
+                   eval=result.final_eval, best_checkpoint=result.best_checkpoint)
+    summary.update(describe_splits(run.data, run.train, result.best_metric, result.best_checkpoint))
+    echo(f"trained {result.steps} steps in {result.seconds:.0f} s; adapter in {result.adapter_dir}")
+    scores = _final_causal_lm_scores(run, model, tokenizer, data, objective, result, summary, echo, run_log)
+    summary["final_score"]["scores"] = scores
+    _echo_result(echo, summary)
+    return summary
+
+
+def _start_adapter(model, run: RunConfig, needs_reference: bool) -> Reference:
+    """Add the adapter to train (new, or train.init_adapter's) and return how to run the reference."""
+    if not run.train.init_adapter:
+        inject(model, run.lora)
+        return Reference("base")
+    load_adapter(model, run.train.init_adapter, ADAPTER)
+    if not needs_reference or run.train.precompute_reference:
+        return Reference("policy")  # used before the first step only (precompute), or not at all (orpo)
+    load_adapter(model, run.train.init_adapter, REFERENCE_ADAPTER)  # a frozen copy: a few MB, not a model
+    set_adapter(model, ADAPTER)
+    return Reference(REFERENCE_ADAPTER)
+
+
+RUNS = {CausalLMObjective: run_causal_lm, ClassificationObjective: run_classification,  # per objective
+        DPOObjective: run_preference, ORPOObjective: run_preference}
 
 
 def _quantize_after_inject(model, run: RunConfig, echo) -> dict | None:
@@ -250,7 +327,7 @@ def _echo_result(echo, summary: dict) -> None:
     echo(selection_line(summary))
     base = summary.get("base")
     if base:
-        echo(f"base model (no adapter), same split: {_scores_line(base)}")
+        echo(f"{summary.get('base_label', 'base model (no adapter)')}, same split: {_scores_line(base)}")
     echo(final_score_line(summary))
 
 

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import lorakit
 from lorakit.checkpoint.peft_io import CONFIG_NAME, WEIGHTS_NAME, AdapterError
+from lorakit.lora.adapters import lora_layers
 from conftest import TINY_MODELS, logits_of, perturb, tiny_bert_classifier, tiny_gpt2, tiny_llama
 
 TOL = 1e-5
@@ -152,3 +153,26 @@ def test_pissa_adapter_saves_as_plain_lora_for_the_original_base(tmp_path, input
     assert json.loads((tmp_path / CONFIG_NAME).read_text())["r"] == 8
     peft_model = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
     assert (logits_of(peft_model, input_ids) - expected).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_checkpoint_of_an_adapter_that_moved_part_of_w_restores_into_it(init, tmp_path, input_ids):
+    """Saved against the original W (rank 2r), restored into the live rank-r adapter (keep-best, resume)."""
+    from lorakit.checkpoint.peft_io import restore_adapter_weights
+
+    config = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=init)
+    model = lorakit.inject(tiny_llama(), config)
+    perturb(model, std=0.05)
+    saved = logits_of(model, input_ids)
+    lorakit.save_adapter(model, tmp_path)
+    assert load_file(str(tmp_path / WEIGHTS_NAME))["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape[0] == 8
+    perturb(model, std=0.05, seed=1)
+    restore_adapter_weights(model, "default", tmp_path)
+    assert (logits_of(model, input_ids) - saved).abs().max().item() <= TOL
+
+    other = lorakit.inject(tiny_llama(), config)
+    with torch.no_grad():  # another start than the one the file was saved from
+        for _, layer in lora_layers(other):
+            layer.adapters["default"].A0.mul_(2)
+    with pytest.raises(AdapterError, match="holds another PiSSA/OLoRA start than this adapter's"):
+        restore_adapter_weights(other, "default", tmp_path)

@@ -114,7 +114,7 @@ def test_mixed_formats_are_an_error(tmp_path):
 
 
 def test_unknown_record_format():
-    assert "unknown record format 'qa'; expected one of instruction, alpaca, chat, text_label" in data_error_of(
+    assert "unknown record format 'qa'; expected one of instruction, alpaca, chat, sharegpt, text_label, preference" in data_error_of(
         validate_records, [{"instruction": "a", "output": "b"}], "qa"
     )
 

@@ -138,6 +138,29 @@ def test_chat_and_streaming(client, reference):
     assert "".join(p.choices[0].text for p in streamed).strip() == reference("c", PROMPTS[1], 8)
 
 
+def test_chat_endpoint_equals_lorakit_generate_chat(client, toy, tmp_path):
+    """The same multi-turn conversations through /v1/chat/completions and `lorakit generate --chat`."""
+    from lorakit.cli import main
+
+    folder, adapters = toy
+    conversations = [
+        [{"role": "user", "content": "say red"}],
+        [{"role": "user", "content": "say red"}, {"role": "assistant", "content": "red red"},
+         {"role": "user", "content": "say blue"}],
+        [{"role": "system", "content": "white"}, {"role": "user", "content": "gold"}],
+    ]
+    path = tmp_path / "conversations.jsonl"
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in conversations), encoding="utf-8")
+    out = tmp_path / "replies.jsonl"
+    argv = ["generate", "--model", str(folder), "--adapter", str(adapters / "a"), "--chat", "--input", str(path),
+            "--output", str(out), "--max-new-tokens", "12"]
+    assert main(argv) == 0
+    generated = [json.loads(line)["output"] for line in out.read_text(encoding="utf-8").splitlines()]
+    served = [client.chat.completions.create(model="a", messages=m, max_tokens=12, temperature=0).choices[0]
+              .message.content.strip() for m in conversations]
+    assert generated == served and any(generated)
+
+
 def test_sixteen_concurrent_requests_over_four_adapters(server, client, reference):
     plan = [(NAMES[i % 4], PROMPTS[i % len(PROMPTS)], 6 + i % 5) for i in range(16)]
 

@@ -2,7 +2,7 @@
 
 A folder holds `adapter_model.safetensors` and `adapter_config.json`. Keys are
 `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight` (`.lora_embedding_A` /
-`.lora_embedding_B` for embeddings) and a variant's own tensors (`PEFT_KEYS`),
+`.lora_embedding_B` for embeddings) and a variant's own tensors (named by its class's `PEFT_KEYS`),
 `base_model.model.<path>.<param>` for modules saved in full, and the trained biases under their
 own names. Only safetensors is read: a pickled `.bin` runs code
 when loaded, so it is refused unless the caller says it trusts the file.
@@ -26,6 +26,7 @@ from lorakit.config import ConfigError, LoraConfig
 from lorakit.lora.adapters import adapter_config, delete_adapter, in_saved_module, lora_layers, saved_modules
 from lorakit.lora.inject import inject
 from lorakit.lora.inits import MOVES_BASE
+from lorakit.lora.variants import VARIANTS
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +34,21 @@ PREFIX = "base_model.model."
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
-# PEFT options whose adapters our LoRA would compute differently: refuse rather than mis-load.
-UNSUPPORTED_WHEN_SET = ("use_dora", "lora_bias", "layers_to_transform", "target_parameters", "use_qalora")
+# PEFT options whose adapters our LoRA would compute differently: refused rather than mis-loaded,
+# unless a variant (lora/variants) answers for the flag, which LoraConfig then carries.
+PEFT_FLAGS = ("use_dora", "lora_bias", "layers_to_transform", "target_parameters", "use_qalora")
 
 
 # An adapter parameter's name in lorakit -> its key suffix in a PEFT file (for linear and conv1d
-# layers; embeddings keep A and B as lora_embedding_A / lora_embedding_B, bare parameters).
+# layers; embeddings keep A and B as lora_embedding_A / lora_embedding_B, bare parameters). A
+# variant's own tensors are named by its class (`PEFT_KEYS`), beside its math.
 PEFT_KEYS = {"A": "lora_A.weight", "B": "lora_B.weight"}
 
 
-def peft_key(kind: str, param: str) -> str:
+def peft_key(kind: str, param: str, adapter: nn.Module) -> str:
     if kind == "embedding" and param in ("A", "B"):
         return f"lora_embedding_{param}"
-    return PEFT_KEYS[param]
+    return PEFT_KEYS.get(param) or type(adapter).PEFT_KEYS[param]
 
 
 class AdapterError(ValueError):
@@ -59,8 +62,9 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     for path, layer in lora_layers(model):
         if name not in layer.adapters:
             continue
-        for param_name, param in layer.adapters[name].named_parameters(recurse=False):
-            out[f"{PREFIX}{path}.{peft_key(layer.kind, param_name)}"] = param
+        adapter = layer.adapters[name]
+        for param_name, param in adapter.named_parameters(recurse=False):
+            out[f"{PREFIX}{path}.{peft_key(layer.kind, param_name, adapter)}"] = param
         if config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
             out[f"{PREFIX}{path}.base_layer.bias"] = layer.base_layer.bias
     for path, wrapper in saved_modules(model):
@@ -85,14 +89,14 @@ def peft_config_dict(model: nn.Module, name: str) -> dict:
     del fields["loftq_iter"]  # PEFT keeps LoftQ settings in loftq_config, used only to initialise
     return {
         "peft_type": "LORA",
-        **fields,
-        "fan_in_fan_out": any(layer.kind == "conv1d" for _, layer in lora_layers(model) if name in layer.adapters),
-        "inference_mode": True,
-        "use_dora": False,
+        "use_dora": False,  # PEFT's flags, unless the config carries them (a variant's flag)
         "lora_bias": False,
         "layers_to_transform": None,
         "layers_pattern": None,
         "revision": None,
+        **fields,
+        "fan_in_fan_out": any(layer.kind == "conv1d" for _, layer in lora_layers(model) if name in layer.adapters),
+        "inference_mode": True,
     }
 
 
@@ -181,8 +185,8 @@ def read_adapter_config(directory: str | Path) -> LoraConfig:
         raise AdapterError(f"{path}: not valid JSON ({err})") from None
     if data.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{path}: peft_type is {data.get('peft_type')!r}; lorakit reads LORA adapters")
-    for key in UNSUPPORTED_WHEN_SET:
-        if data.get(key) not in (None, False, [], {}):
+    for key in PEFT_FLAGS:
+        if key not in VARIANTS and data.get(key) not in (None, False, [], {}):
             raise AdapterError(f"{path}: '{key}' is set ({data[key]!r}); lorakit does not support it")
     known = {k: v for k, v in data.items() if k in LoraConfig.field_names() and v is not None}
     known.setdefault("target_modules", None)
@@ -262,8 +266,33 @@ def load_adapter(
 
 @torch.no_grad()
 def restore_adapter_weights(model: nn.Module, name: str, directory: str | Path) -> None:
-    """Overwrite the tensors of an existing adapter `name` with those saved in `directory`."""
-    _copy_into(model, name, read_adapter_weights(directory), Path(directory))
+    """Overwrite the tensors of an existing adapter `name` with those saved in `directory`.
+
+    A PiSSA/OLoRA adapter is saved re-expressed against the original W (rank 2r, see
+    `_as_lora_on_original_base`); restoring it into the live adapter takes back the trained halves.
+    """
+    tensors = read_adapter_weights(directory)
+    _copy_into(model, name, _on_moved_base(model, name, tensors, Path(directory)), Path(directory))
+
+
+def _on_moved_base(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], directory: Path) -> dict:
+    """Undo `_as_lora_on_original_base` for the layers whose adapter moved part of W: A = A'[:r], B = B'[:, :r]."""
+    tensors = dict(tensors)
+    for path, layer in lora_layers(model):
+        adapter = layer.adapters[name] if name in layer.adapters else None
+        a_key, b_key = f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
+        if adapter is None or not hasattr(adapter, "A0") or a_key not in tensors or b_key not in tensors:
+            continue
+        A, B, r = tensors[a_key], tensors[b_key], adapter.r
+        if A.shape[0] != 2 * r or B.shape[1] != 2 * r:
+            continue  # saved as the live tensors: copied as they are
+        start = (adapter.B0 @ adapter.A0).cpu()  # the part of W the adapter took at its start
+        if not torch.allclose(-B[:, r:].float() @ A[r:].float(), start.float(), rtol=1e-3, atol=1e-5):
+            raise AdapterError(
+                f"{directory}: {a_key} holds another PiSSA/OLoRA start than this adapter's; it comes from another run"
+            )
+        tensors[a_key], tensors[b_key] = A[:r], B[:, :r]
+    return tensors
 
 
 def _copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], directory: Path) -> None:

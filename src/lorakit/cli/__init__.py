@@ -11,7 +11,7 @@ __all__ = ["USER_ERRORS", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lorakit.cli import classify, dashboard, export, generate, inspect, merge, serve, train
+    from lorakit.cli import classify, dashboard, export, generate, inspect, merge, merge_adapters, mine, serve, train
     from lorakit.cli import eval as eval_cmd
 
     parser = argparse.ArgumentParser(
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="print the traceback of an error (also accepted after the command)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (train, generate, classify, eval_cmd, merge, export, inspect, serve, dashboard):
+    for module in (train, generate, classify, eval_cmd, merge, merge_adapters, export, inspect, serve, dashboard, mine):
         module.add_parser(commands)
     return parser
 

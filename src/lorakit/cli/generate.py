@@ -12,6 +12,8 @@ EXAMPLES = """examples:
   lorakit generate --model smollm2-135m-instruct --adapter runs/ros2-demo/adapter \\
       --input instructions.jsonl --output commands.jsonl      # one batch per --batch-size lines
   lorakit generate --model smollm2-135m-instruct --template chat --prompt "What is the capital of France?"
+  lorakit generate --model smollm2-135m-instruct --adapter runs/ros2-chat/adapter --chat \\
+      --input conversations.jsonl --output replies.jsonl   # {"messages": [...]} lines: the next assistant reply
   lorakit generate --model Qwen/Qwen2.5-7B-Instruct --device-map auto --prompt "..."   # layers over all GPUs
 """
 
@@ -22,13 +24,18 @@ def add_parser(commands) -> None:
         "generate",
         help="generate with a base model and optionally an adapter",
         description="Generate responses. Instructions are wrapped in the adapter's prompt template "
-        "(or --template); batch mode reads {\"instruction\": ...} lines and writes them back with \"output\".",
+        "(or --template); batch mode reads {\"instruction\": ...} lines and writes them back with \"output\". "
+        "With --chat, --prompt is one user message and --input holds conversations ({\"messages\": [...]} or "
+        "ShareGPT {\"conversations\": [...]}), rendered with the tokenizer's chat template exactly as "
+        "training and `lorakit serve` render them; the reply to the last user turn is generated (a trailing "
+        "assistant turn is taken as the reference and left out).",
         examples=EXAMPLES,
     )
     add_model_arguments(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one instruction")
-    source.add_argument("--input", help="JSONL file of {\"instruction\": ...} records")
+    source.add_argument("--input", help="JSONL file of {\"instruction\": ...} records (with --chat: conversations)")
+    parser.add_argument("--chat", action="store_true", help="chat mode: render conversations with the chat template")
     parser.add_argument("--output", help="where batch mode writes its JSONL (required with --input)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -65,21 +72,27 @@ def load_for_inference(args):
 
 
 def run(args, _overrides) -> int:
+    from lorakit.data.chat import chat_prompt_messages, render_prompt
     from lorakit.data.files import load_records
-    from lorakit.data.formats import DataError, public_fields
+    from lorakit.data.formats import DataError, public_fields, where
     from lorakit.infer.generate import GenerationConfig, generate
 
     if args.input and not args.output:
         raise DataError("--input needs --output (the JSONL file to write)")
     model, tokenizer, template = load_for_inference(args)
-    records = [{"instruction": args.prompt}] if args.prompt else load_records(args.input)
-    for record in records:
-        if not isinstance(record.get("instruction"), str):
-            raise DataError(f"{args.input}:{record.get('_line', '?')}: field 'instruction' is missing (expected a string)")
-    prompts = [template.render({**public_fields(r), "output": ""})[0] for r in records]
+    if args.chat:
+        records = [{"messages": [{"role": "user", "content": args.prompt}]}] if args.prompt else load_records(args.input)
+        prompts = [render_prompt(tokenizer, chat_prompt_messages(r), where(r)) for r in records]
+    else:
+        records = [{"instruction": args.prompt}] if args.prompt else load_records(args.input)
+        for record in records:
+            if not isinstance(record.get("instruction"), str):
+                raise DataError(f"{args.input}:{record.get('_line', '?')}: field 'instruction' is missing (expected a string)")
+        prompts = [template.render({**public_fields(r), "output": ""})[0] for r in records]
+    in_prompt = args.chat or getattr(template, "special_tokens_in_prompt", False)
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-        batch_size=args.batch_size, add_special_tokens=not getattr(template, "special_tokens_in_prompt", False),
+        batch_size=args.batch_size, add_special_tokens=not in_prompt,
     )
     outputs = generate(model, tokenizer, prompts, config)
     if args.prompt:

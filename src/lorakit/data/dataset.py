@@ -90,14 +90,52 @@ def read_test_records(config: DataConfig, fmt: str | None, check) -> list[dict]:
 def prepare_data(config: DataConfig, tokenizer, seed: int) -> PreparedData:
     """Read, split, render and tokenise a causal-LM run's examples (loss on the response only)."""
     train_records, eval_records, fmt = read_records(config, seed)
+    if fmt == "preference":
+        raise DataError(f"{config.train_file}: holds preference records (prompt, chosen, rejected), which train with "
+                        "task dpo or orpo; set task, or give instruction or chat records")
     test_records = read_test_records(config, fmt, lambda records, source: validate_records(records, fmt, source))
-    template = get_template(config.template, tokenizer)
-    train, train_stats = tokenize_dataset(tokenizer, train_records, template, config.max_length)
-    evaluation, eval_stats = tokenize_dataset(tokenizer, eval_records, template, config.max_length)
+    template = get_template(config.template, tokenizer, config.train_on)
+    train, train_stats = tokenize_dataset(tokenizer, train_records, template, config.max_length, train_on=config.train_on)
+    evaluation, eval_stats = tokenize_dataset(tokenizer, eval_records, template, config.max_length,
+                                              train_on=config.train_on)
     if not train:
         raise DataError(f"{config.train_file}: no example kept a response token within max_length {config.max_length}")
     stats = {"train": train_stats, "eval": eval_stats}
     test: list[dict[str, Any]] = []
     if test_records:
-        test, stats["test"] = tokenize_dataset(tokenizer, test_records, template, config.max_length)
+        test, stats["test"] = tokenize_dataset(tokenizer, test_records, template, config.max_length,
+                                               train_on=config.train_on)
     return PreparedData(train, evaluation, eval_records, template, stats, test, test_records)
+
+
+def prepare_preference_data(config: DataConfig, tokenizer, seed: int) -> PreparedData:
+    """Read, split and tokenise a preference run's pairs (``lorakit.data.preference``).
+
+    Train and eval hold preference records. The test file may hold preference records too (scored
+    for loss and reward accuracy, and by generation from the prompt with the chosen reply as the
+    reference) or instruction/chat records (scored by generation only). `eval_records` and
+    `test_records` are what generation scoring reads.
+    """
+    from lorakit.data.preference import scoring_record, tokenize_preferences
+
+    train_records, eval_records, fmt = read_records(config, seed)
+    if fmt != "preference":
+        raise DataError(f"{config.train_file or config.hf_dataset}: holds {fmt} records; task dpo and orpo train on "
+                        "preference records with fields prompt, chosen and rejected")
+    template = get_template(config.template, tokenizer, config.train_on)
+    train, train_stats = tokenize_preferences(tokenizer, train_records, template, config.max_length)
+    evaluation, _ = tokenize_preferences(tokenizer, eval_records, template, config.max_length)
+    test_records = read_test_records(config, None, lambda records, source: None)
+    test: list[dict[str, Any]] = []
+    if test_records:
+        test_format = validate_records(test_records, None, config.test_file)
+        if test_format == "preference":
+            test, _ = tokenize_preferences(tokenizer, test_records, template, config.max_length)
+            test_records = [scoring_record(r) for r in test_records]
+        elif test_format == "text_label":
+            raise DataError(f"{config.test_file}: holds text_label records; expected preference, instruction or chat "
+                            "records")
+    stats = {"train": TokenizeStats(examples=train_stats.pairs, truncated=train_stats.truncated,
+                                    dropped=train_stats.dropped)}
+    return PreparedData(train, evaluation, [scoring_record(r) for r in eval_records], template, stats, test,
+                        test_records)

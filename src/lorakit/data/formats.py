@@ -10,6 +10,10 @@ Record formats (``validate_records``):
 * ``instruction``: ``instruction`` and ``output`` strings.
 * ``alpaca``: ``instruction``, ``output`` and ``input`` (a string; may be empty, null or missing).
 * ``chat``: ``messages``, a list of ``{"role", "content"}``; the last message is the assistant's.
+* ``sharegpt``: ``conversations``, a list of ``{"from", "value"}`` (``human``/``gpt``/``system``...);
+  the last turn is the assistant's (``gpt``).
+* ``preference``: ``prompt``, ``chosen`` and ``rejected`` (task dpo/orpo), plain strings or chat
+  messages; checked by ``lorakit.data.preference``.
 * ``text_label``: classification; validated by a checker registered with
   :func:`register_validator` (the classification task provides it).
 
@@ -32,7 +36,9 @@ FORMATS: dict[str, tuple[str, str | None]] = {
     "instruction": ("instruction", None),
     "alpaca": ("alpaca", None),
     "chat": ("chat", None),
+    "sharegpt": ("sharegpt", None),
     "text_label": ("text_label", None),
+    "preference": ("preference", None),
     "e2e": ("instruction", "lorakit.data.e2e:read_e2e_records"),
 }
 RECORD_FORMATS = tuple(name for name, (records, _) in FORMATS.items() if records == name)
@@ -64,14 +70,19 @@ def public_fields(record: dict[str, Any]) -> dict[str, Any]:
 def detect_format(record: dict[str, Any]) -> str:
     """Name the record format a record's fields fit.
 
-    ``messages`` → ``chat``; ``instruction`` + ``output`` → ``alpaca`` if an ``input`` field is
-    present, else ``instruction``; ``text`` + ``label`` → ``text_label``.
+    ``messages`` → ``chat``; ``conversations`` → ``sharegpt``; ``prompt`` + ``chosen`` +
+    ``rejected`` → ``preference``; ``instruction`` + ``output`` → ``alpaca`` if an ``input`` field
+    is present, else ``instruction``; ``text`` + ``label`` → ``text_label``.
 
     Raises:
         DataError: the fields fit no format.
     """
     if "messages" in record:
         return "chat"
+    if "conversations" in record:
+        return "sharegpt"
+    if {"prompt", "chosen", "rejected"} <= record.keys():
+        return "preference"
     if "instruction" in record and "output" in record:
         return "alpaca" if "input" in record else "instruction"
     if "text" in record and "label" in record:
@@ -79,8 +90,8 @@ def detect_format(record: dict[str, Any]) -> str:
     fields = ", ".join(sorted(public_fields(record))) or "none"
     raise DataError(
         f"{where(record)}: cannot tell the record format from its fields ({fields}); expected "
-        "instruction+output (instruction), instruction+input+output (alpaca), messages (chat) "
-        "or text+label (text_label)"
+        "instruction+output (instruction), instruction+input+output (alpaca), messages (chat), "
+        "conversations (sharegpt), prompt+chosen+rejected (preference) or text+label (text_label)"
     )
 
 
@@ -187,6 +198,40 @@ def _check_chat(record: dict[str, Any], at: str) -> None:
         )
 
 
+def _check_sharegpt(record: dict[str, Any], at: str) -> None:
+    from lorakit.data.chat import SHAREGPT_ROLES  # chat.py renders; the role names live there
+
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        expected = "a non-empty list of {from, value}"
+        raise DataError(f"{at}: field 'conversations' is {_describe(turns)} (expected {expected})")
+    roles = ", ".join(repr(r) for r in SHAREGPT_ROLES)
+    for i, turn in enumerate(turns):
+        field = f"conversations[{i}]"
+        if not isinstance(turn, dict):
+            raise DataError(f"{at}: field '{field}' is {_describe(turn)} (expected a {{from, value}} object)")
+        if turn.get("from") not in SHAREGPT_ROLES:
+            state = "missing" if "from" not in turn else _describe(turn["from"])
+            raise DataError(f"{at}: field '{field}.from' is {state} (expected one of {roles})")
+        _require_str(turn, "value", at, field=f"{field}.value")
+    if SHAREGPT_ROLES[turns[-1]["from"]] != "assistant":
+        raise DataError(
+            f"{at}: the last turn is from {turns[-1]['from']!r}; "
+            "expected the conversation to end with a 'gpt' (assistant) turn (the response to learn)"
+        )
+    if len(turns) < 2:
+        raise DataError(
+            f"{at}: field 'conversations' holds only the assistant's reply; "
+            "expected at least one system or human turn before it (the prompt)"
+        )
+
+
+def _check_preference(record: dict[str, Any], at: str) -> None:
+    from lorakit.data.preference import check_preference_record  # the pair format lives with its tokeniser
+
+    check_preference_record(record, at)
+
+
 def _require_str(
     record: dict[str, Any], key: str, at: str, *, field: str | None = None, hint: str = ""
 ) -> None:
@@ -215,4 +260,6 @@ _VALIDATORS: dict[str, Validator] = {
     "instruction": _check_instruction,
     "alpaca": _check_alpaca,
     "chat": _check_chat,
+    "sharegpt": _check_sharegpt,
+    "preference": _check_preference,
 }

@@ -15,13 +15,14 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from lorakit.data.chat import tokenize_conversation
 from lorakit.data.formats import DataError, where
+from lorakit.data.labels import IGNORE_INDEX
 from lorakit.data.templates import ChatTemplate, PromptTemplate, get_template
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-"""Label value ``torch.nn.CrossEntropyLoss`` skips."""
+__all__ = ["IGNORE_INDEX", "TokenizeStats", "special_prefix_ids", "tokenize_dataset", "tokenize_example"]
 
 
 @dataclass
@@ -122,47 +123,43 @@ def tokenize_dataset(
     max_length: int,
     *,
     add_eos: bool = True,
+    train_on: str = "all_assistant",
 ) -> tuple[list[dict[str, Any]], TokenizeStats]:
     """Render and tokenise every record; drop examples left with no label token.
 
-    Chat records always go through the tokenizer's chat template, whatever ``template`` names;
-    ``template`` applies to instruction and alpaca records (``"chat"`` sends those through the
-    chat template too).
+    Chat records (``messages`` or ShareGPT ``conversations``) always go through the tokenizer's
+    chat template, whatever ``template`` names, with labels on their assistant turns (``train_on``:
+    ``all_assistant`` or ``last_assistant``; see ``lorakit.data.chat``). ``template`` applies to
+    instruction and alpaca records (``"chat"`` sends those through the chat template too).
 
     Args:
         tokenizer: a transformers tokenizer.
         records: validated records (see ``formats.validate_records``).
         template: a template name, custom format string or template object (``get_template``).
         max_length: the most tokens an example may have.
-        add_eos: append EOS to every response.
+        add_eos: append EOS to every response (format-string templates; a chat template writes
+            its own end-of-turn token).
+        train_on: which assistant turns of a conversation carry labels.
 
     Returns:
         The kept examples (as :func:`tokenize_example` returns them) and the counts.
 
     Raises:
-        DataError: a record the template cannot render (the message names ``file:line``), or
-            records none of which kept a response token (no records at all give no examples).
+        DataError: a record the template cannot render, or a conversation whose assistant turns
+            cannot be located or carry no label (the message names ``file:line``), or records none of
+            which kept a response token (no records at all give no examples).
     """
-    template = get_template(template, tokenizer)
-    chat: ChatTemplate | None = template if isinstance(template, ChatTemplate) else None
+    template = get_template(template, tokenizer, train_on)
     examples: list[dict[str, Any]] = []
     stats = TokenizeStats()
     source = first_cut = None
     for record in records:
         source = source or where(record).rsplit(":", 1)[0]
-        renderer = template
-        if "messages" in record:
-            chat = chat or ChatTemplate(tokenizer)
-            renderer = chat
-        prompt, response = renderer.render(record)
-        example = tokenize_example(
-            tokenizer,
-            prompt,
-            response,
-            max_length,
-            add_eos,
-            prompt_has_special_tokens=renderer.special_tokens_in_prompt,
-        )
+        if isinstance(template, ChatTemplate) or "messages" in record or "conversations" in record:
+            example = tokenize_conversation(tokenizer, record, max_length, train_on)
+        else:
+            prompt, response = template.render(record)
+            example = tokenize_example(tokenizer, prompt, response, max_length, add_eos)
         n_labels = sum(label != IGNORE_INDEX for label in example["labels"])
         if n_labels == 0:
             stats.dropped += 1

@@ -12,9 +12,8 @@ import string
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import jinja2
-
-from lorakit.data.formats import DataError, where
+from lorakit.data.chat import TRAIN_ON, render_prompt, to_messages
+from lorakit.data.formats import LINE_KEY, SOURCE_KEY, DataError, where
 
 SEED_TEMPLATE = "### Instruction:\n{instruction}\n\n### Command:\n"
 """The first (ROS 2 command) seed's prompt; the response, ``{output}``, follows it directly."""
@@ -74,7 +73,7 @@ class PromptTemplate:
                 this template has no place for (it would be silently dropped).
         """
         at = where(record)
-        if "messages" in record:
+        if "messages" in record or "conversations" in record:
             raise DataError(f"{at}: a chat record cannot use template {self.name!r}; use template 'chat'")
         instruction = _field(record, "instruction", at)
         output = _field(record, "output", at)
@@ -92,16 +91,19 @@ class PromptTemplate:
 
 @dataclass(frozen=True)
 class ChatTemplate:
-    """Render through the tokenizer's ``chat_template``.
+    """Render through the tokenizer's ``chat_template`` (see ``lorakit.data.chat``).
 
-    The prompt is the conversation up to the last assistant turn, rendered with the generation
-    prompt (e.g. ``<|im_start|>assistant\\n``); the response is the last assistant message's
-    content. Instruction records become one user turn (instruction, then input after a blank
-    line) and one assistant turn.
+    ``render`` gives the prompt for the last assistant turn, the conversation before it rendered
+    with the generation prompt (e.g. ``<|im_start|>assistant\\n``), and that turn's content; it is
+    what generation and scoring use. Training labels every assistant turn (``train_on``) through
+    ``lorakit.data.chat.tokenize_conversation``. Instruction records become one user turn
+    (instruction, then input after a blank line) and one assistant turn; ShareGPT records are mapped
+    to messages.
     """
 
     tokenizer: Any  # a transformers tokenizer with a chat_template
     name: str = "chat"
+    train_on: str = "all_assistant"  # or "last_assistant": which assistant turns carry labels
 
     special_tokens_in_prompt: ClassVar[bool] = True
 
@@ -112,34 +114,32 @@ class ChatTemplate:
                 f"template 'chat' needs a tokenizer with a chat_template, and {owner!r} has none; "
                 "use template 'seed' or 'alpaca', or set tokenizer.chat_template"
             )
+        if self.train_on not in TRAIN_ON:
+            raise DataError(f"data.train_on: given {self.train_on!r}, expected one of {', '.join(TRAIN_ON)}")
 
     def render(self, record: dict[str, Any]) -> tuple[str, str]:
-        """Return ``(prompt_text, response_text)`` for a chat or instruction record.
+        """Return ``(prompt_text, response_text)`` for a chat, ShareGPT or instruction record.
 
         Raises:
             DataError: the conversation does not end with an assistant message, or the chat
                 template rejects it.
         """
         at = where(record)
-        messages = record.get("messages")
-        if messages is None:
-            user = _field(record, "instruction", at)
-            extra = record.get("input")
-            if extra is not None and _field(record, "input", at).strip():
-                user = f"{user}\n\n{extra}"
-            reply = _field(record, "output", at)
-            messages = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
-        if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
+        if "messages" not in record and "conversations" not in record:
+            _field(record, "instruction", at)
+            _field(record, "output", at)
+        messages = to_messages(record)
+        if not messages or messages[-1].get("role") != "assistant":
             raise DataError(f"{at}: expected the conversation to end with an 'assistant' message")
         if len(messages) < 2:
             raise DataError(f"{at}: expected at least one message (system or user) before the assistant's")
-        try:
-            prompt = self.tokenizer.apply_chat_template(
-                messages[:-1], tokenize=False, add_generation_prompt=True
-            )
-        except jinja2.TemplateError as err:
-            raise DataError(f"{at}: the tokenizer's chat template rejected the conversation ({err})") from err
-        return prompt, _field(messages[-1], "content", at)
+        return render_prompt(self.tokenizer, messages[:-1], at), messages[-1]["content"]
+
+    def render_turns(self, record: dict[str, Any]) -> list[tuple[str, str]]:
+        """``(prompt_text, response_text)`` for every assistant turn, earlier replies as history."""
+        messages = to_messages(record)
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i > 0]
+        return [self.render({"messages": messages[: i + 1], **_location(record)}) for i in turns]
 
 
 def _placeholders(text: str, name: str) -> set[str]:
@@ -160,6 +160,10 @@ def _placeholders(text: str, name: str) -> set[str]:
     return fields
 
 
+def _location(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: record[k] for k in (SOURCE_KEY, LINE_KEY) if k in record}
+
+
 def _field(record: dict[str, Any], key: str, at: str) -> str:
     if key not in record or record[key] is None:
         raise DataError(f"{at}: field {key!r} is missing (expected a string)")
@@ -178,7 +182,7 @@ _BUILTIN["ros2"] = _BUILTIN["seed"]
 
 
 def get_template(
-    spec: str | PromptTemplate | ChatTemplate, tokenizer: Any = None
+    spec: str | PromptTemplate | ChatTemplate, tokenizer: Any = None, train_on: str = "all_assistant"
 ) -> PromptTemplate | ChatTemplate:
     """Resolve a template by name, from a custom format string, or pass one through.
 
@@ -186,6 +190,7 @@ def get_template(
         spec: ``"seed"`` (alias ``"ros2"``), ``"alpaca"``, ``"chat"``, a format string holding
             ``{instruction}`` (and optionally ``{input}``), or a template object.
         tokenizer: needed for ``"chat"``.
+        train_on: for ``"chat"``: ``"all_assistant"`` or ``"last_assistant"`` turns carry labels.
 
     Raises:
         DataError: an unknown name, a custom string with unknown placeholders, or ``"chat"``
@@ -198,7 +203,7 @@ def get_template(
     if spec == "chat":
         if tokenizer is None:
             raise DataError("template 'chat' needs the tokenizer (its chat_template renders the prompt)")
-        return ChatTemplate(tokenizer)
+        return ChatTemplate(tokenizer, train_on=train_on)
     if spec in _BUILTIN:
         return _BUILTIN[spec]
     if "{" in spec:

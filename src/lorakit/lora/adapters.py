@@ -73,6 +73,31 @@ def disable_adapters(model: nn.Module):
             layer.merge(names)
 
 
+@contextmanager
+def use_adapter(model: nn.Module, name: str):
+    """Run with adapter `name` alone active inside the block (trainable flags untouched), then switch back.
+
+    A frozen copy of an adapter can so serve as a reference model beside the adapter being trained.
+    """
+    adapter_config(model, name)
+    layers = [m for _, m in lora_layers(model)]
+    wrappers = [m for _, m in saved_modules(model)]
+    before = [list(layer.active) for layer in layers], [w.active for w in wrappers]
+    if any(layer.merged for layer in layers):
+        raise RuntimeError("use_adapter needs unmerged adapters; call unmerge_adapters(model) first")
+    for layer in layers:
+        layer.active = [name] if name in layer.adapters else []
+    for wrapper in wrappers:
+        wrapper.active = name if name in wrapper.copies else None
+    try:
+        yield model
+    finally:
+        for layer, active in zip(layers, before[0]):
+            layer.active = active
+        for wrapper, active in zip(wrappers, before[1]):
+            wrapper.active = active
+
+
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter `name` everywhere; layers left with no adapter stay wrapped and act as the base."""
     adapter_config(model, name)

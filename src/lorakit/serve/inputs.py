@@ -12,6 +12,7 @@ import json
 
 from fastapi import Request
 
+from lorakit.data.chat import render_prompt
 from lorakit.serve.config import ServeConfig
 from lorakit.serve.protocol import ApiError, Ask
 
@@ -53,10 +54,12 @@ class Inputs:
             raise ApiError(400, f"the request body is not valid JSON ({err})", code="invalid_json") from None
 
     def render_chat(self, messages: list[dict]) -> str:
+        """The prompt text, rendered as training rendered it (`lorakit.data.chat.render_prompt`)."""
         if not self.tokenizer.chat_template:
             raise ApiError(400, "this model has no chat template; use /v1/completions", "messages")
         try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+            return render_prompt(self.tokenizer, messages, at="'messages'")
         except Exception as err:  # noqa: BLE001 - a template may raise anything (e.g. on an unknown role)
             raise ApiError(400, f"the chat template rejected the messages: {err}", "messages") from None
 

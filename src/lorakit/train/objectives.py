@@ -1,7 +1,7 @@
-"""What the loop optimises and measures, per task: causal LM or sequence classification.
+"""What the loop optimises and measures, per task: causal LM, sequence classification, or preferences.
 
 An objective turns examples into batches, gives the summed loss of a batch with the count it
-sums over (label tokens, or examples), and evaluates a held-out set. The loop divides the loss
+sums over (label tokens, examples, or preference pairs), and evaluates a held-out set. The loop divides the loss
 sums of an accumulation window by the window's total count. `OBJECTIVES` names them: a run
 config's `task` is one of its keys.
 """
@@ -17,6 +17,7 @@ from lorakit.data.collate import pad_batch
 from lorakit.data.packing import pack_batch
 from lorakit.train.distributed import all_reduce_sum, all_reduce_tensor
 from lorakit.train.loss import causal_lm_loss_sum, label_token_count
+from lorakit.train.preference import DPOObjective, ORPOObjective
 
 
 class CausalLMObjective:
@@ -99,7 +100,8 @@ class ClassificationObjective:
 
 
 # RunConfig.task -> the objective it trains
-OBJECTIVES = {"causal_lm": CausalLMObjective, "seq_cls": ClassificationObjective}
+OBJECTIVES = {"causal_lm": CausalLMObjective, "seq_cls": ClassificationObjective, "dpo": DPOObjective,
+              "orpo": ORPOObjective}
 
 
 def classification_metrics(confusion: torch.Tensor) -> dict:

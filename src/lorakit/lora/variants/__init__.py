@@ -6,10 +6,13 @@ answers) and one line in `VARIANTS`.
 
 from __future__ import annotations
 
+from lorakit.lora.variants.dora import DoraAdapter
 from lorakit.lora.variants.lora import LoraAdapter
 
 # LoraConfig flag -> the adapter class it selects; with no flag set, plain LoRA.
-VARIANTS: dict[str, type[LoraAdapter]] = {}
+VARIANTS: dict[str, type[LoraAdapter]] = {
+    "use_dora": DoraAdapter,
+}
 
 
 def variant_for(config) -> type[LoraAdapter]:

@@ -31,6 +31,7 @@ class LoraAdapter(nn.Module):
     """One named adapter: A, B, their scale and the dropout on the adapter's input."""
 
     KINDS = ("linear", "conv1d", "embedding")  # base kinds it can sit on
+    PEFT_KEYS: dict[str, str] = {}  # a variant's own parameters -> their key suffix in PEFT's files
 
     def __init__(
         self, in_features: int, out_features: int, r: int, alpha: float, dropout: float, use_rslora: bool

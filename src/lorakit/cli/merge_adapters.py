@@ -1,0 +1,52 @@
+"""`lorakit merge-adapters A B ... --weights W1 W2 ... --method M --output DIR`"""
+
+from __future__ import annotations
+
+from lorakit.cli.parsing import subcommand
+
+EXAMPLES = """examples:
+  lorakit merge-adapters runs/a/adapter runs/b/adapter --weights 0.5 0.5 --output runs/ab   # exact (cat)
+  lorakit merge-adapters A B --weights 0.5 0.5 --method ties --density 0.5 --output runs/ab-ties
+  lorakit merge-adapters A B --weights 1 1 --method dare_ties --density 0.3 --seed 1 --output runs/ab-dare
+  lorakit merge-adapters A B --weights 1 -0.5 --method svd --svd-rank 16 --output runs/a-minus-b
+"""
+
+
+def add_parser(commands) -> None:
+    from lorakit.lora.weighted import COMBINATIONS, SIGN_METHODS
+
+    parser = subcommand(
+        commands,
+        "merge-adapters",
+        help="combine adapters into one adapter (TIES, DARE, SVD, exact concatenation)",
+        description="Combine adapter folders trained on the same base into one PEFT-format adapter folder, as "
+        "PEFT's add_weighted_adapter does. 'cat' is exact (the update is the weighted sum, rank the sum of the "
+        "ranks); linear/ties/dare_linear/dare_ties/magnitude_prune combine the A's and the B's entry by entry "
+        "(same rank needed); the *svd methods combine the updates and keep the top --svd-rank singular "
+        "directions. The output folder must be new or empty and is written whole or not at all.",
+        examples=EXAMPLES,
+    )
+    parser.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter folders (PEFT format)")
+    parser.add_argument("--weights", nargs="+", type=float, required=True, help="one weight per adapter")
+    parser.add_argument("--output", required=True, help="the new adapter folder")
+    parser.add_argument("--method", default="cat", choices=list(COMBINATIONS), metavar="METHOD",
+                        help=f"how to combine: {', '.join(COMBINATIONS)} (default: cat)")
+    parser.add_argument("--density", type=float, help="share of entries kept, in (0, 1]: ties, dare_*, magnitude_prune*")
+    parser.add_argument("--majority-sign", default="total", choices=SIGN_METHODS,
+                        help="TIES sign election: by summed value (total) or by count (frequency)")
+    parser.add_argument("--svd-rank", type=int, help="rank of an *svd result (default: the largest adapter rank)")
+    parser.add_argument("--svd-clamp", type=float, help="clamp the SVD factors at this quantile of their entries")
+    parser.add_argument("--seed", type=int, default=0, help="seed of DARE's random masks")
+    parser.add_argument("--model", help="the adapters' base (default: the first adapter's base_model_name_or_path)")
+    parser.set_defaults(run=run)
+
+
+def run(args, _overrides) -> int:
+    from lorakit.checkpoint.combine import combine_adapter_folders
+
+    config = combine_adapter_folders(
+        args.adapters, args.weights, args.output, args.method, args.model, density=args.density,
+        majority_sign_method=args.majority_sign, svd_rank=args.svd_rank, svd_clamp=args.svd_clamp, seed=args.seed,
+    )
+    print(f"{args.method} of {len(args.adapters)} adapters (rank {config.r}) written to {args.output}")
+    return 0

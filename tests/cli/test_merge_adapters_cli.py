@@ -1,0 +1,87 @@
+"""`lorakit merge-adapters`: a normal PEFT adapter out, one line and exit 2 for bad input, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+
+import lorakit
+from conftest import TOY_TARGETS, logits_of, perturb, toy_model_folder
+from lorakit.cli import main
+from lorakit.models import load_causal_lm
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """A toy base folder and two adapters on it (ranks 4, 4 and 2), saved by lorakit."""
+    root = tmp_path_factory.mktemp("merge-adapters")
+    folder = toy_model_folder(root / "model")
+    for seed, (name, r) in enumerate([("a", 4), ("b", 4), ("c", 2)]):
+        model = lorakit.inject(load_causal_lm(folder), lorakit.LoraConfig(r=r, lora_alpha=8, target_modules=TOY_TARGETS))
+        perturb(model, std=0.05, seed=seed)
+        lorakit.save_adapter(model, root / name)
+    return root
+
+
+def cli(capsys, *argv) -> tuple[int, list[str]]:
+    code = main([str(a) for a in argv])
+    return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def test_ties_merge_writes_an_adapter_peft_loads(adapters, tmp_path, capsys):
+    out = tmp_path / "ab"
+    code, _ = cli(capsys, "merge-adapters", adapters / "a", adapters / "b", "--weights", "0.5", "0.5",
+                  "--method", "ties", "--density", "0.5", "--output", out)
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "lorakit.json"]
+    assert json.loads((out / "lorakit.json").read_text())["combination_type"] == "ties"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+    model = load_causal_lm(adapters / "model")
+    lorakit.load_adapter(model, adapters / "a", "a")
+    lorakit.load_adapter(model, adapters / "b", "b")
+    lorakit.add_weighted_adapter(model, ["a", "b"], [0.5, 0.5], "m", "ties", density=0.5)
+    ids = torch.randint(3, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    expected = logits_of(model, ids)
+    with lorakit.disable_adapters(model):
+        assert (expected - logits_of(model, ids)).abs().max() > 1e-3  # the merge changes the model
+    peft_model = PeftModel.from_pretrained(load_causal_lm(adapters / "model"), out).eval()
+    assert (logits_of(peft_model, ids) - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["a", "b", "--weights", "0.5"], "--weights: 1 given for 2 adapters"),
+        (["a", "c", "--weights", "1", "1", "--method", "ties", "--density", "0.5"], "the adapters need one rank"),
+        (["a", "b", "--weights", "1", "1", "--method", "dare_ties"], "density: given None; 'dare_ties' needs"),
+        (["a", "b", "--weights", "1", "1", "--method", "ties", "--density", "1.5"], "density: given 1.5"),
+        (["a", "nope", "--weights", "1", "1"], "nope/adapter_config.json: not found"),
+    ],
+    ids=["weights", "ranks", "no-density", "density-range", "missing-folder"],
+)
+def test_bad_input_is_one_line_and_writes_nothing(adapters, tmp_path, capsys, argv, message):
+    argv = [adapters / a if a in ("a", "b", "c", "nope") else a for a in argv]
+    code, lines = cli(capsys, "merge-adapters", *argv, "--output", tmp_path / "out")
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("lorakit merge-adapters: error:") and message in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_folder_is_never_overwritten(adapters, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    code, lines = cli(capsys, "merge-adapters", adapters / "a", adapters / "b", "--weights", "1", "1",
+                      "--output", tmp_path / "out")
+    assert code == 2 and "already exists and is not an empty folder" in lines[0]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+def test_an_unknown_method_is_refused_by_the_parser(adapters, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["merge-adapters", str(adapters / "a"), "--weights", "1", "--method", "mean", "--output", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'mean'" in capsys.readouterr().err
