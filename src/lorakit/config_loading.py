@@ -110,7 +110,7 @@ def _typed_fields(cls, raw: dict, prefix: str, problems: list[str]) -> dict:
         hint, value, where = hints[name], raw[name], f"{prefix}{name}"
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
-                problems.append(f"{where}: expected a mapping, given {value!r}")
+                problems.append(f"{where}: expected a mapping, given {_shown(value)}")
                 continue
             sub = _typed_fields(hint, value, f"{where}.", problems)
             try:
@@ -123,9 +123,25 @@ def _typed_fields(cls, raw: dict, prefix: str, problems: list[str]) -> dict:
             problems.append(f"{where}: given {_shown(value)}, expected {_type_name(hint)}")
         elif isinstance(value, float) and not math.isfinite(value):
             problems.append(f"{where}: given {value!r}, expected a finite number")
+        elif _unusable_text(value):  # YAML can spell "\0" and "\uD800"; no path or tokenizer takes them
+            problems.append(f"{where}: given {_shown(value)}, expected text without NUL characters or lone surrogates")
         else:
             out[name] = value
     return out
+
+
+def _unusable_text(value) -> bool:
+    """Whether a string in `value` (a list's items, a mapping's keys and values too) holds NUL or a lone surrogate."""
+    if isinstance(value, str):
+        return "\x00" in value or _SURROGATE.search(value) is not None
+    if isinstance(value, list):
+        return any(_unusable_text(v) for v in value)
+    if isinstance(value, dict):
+        return any(_unusable_text(k) or _unusable_text(v) for k, v in value.items())
+    return False
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _shown(value) -> str:

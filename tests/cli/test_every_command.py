@@ -172,6 +172,35 @@ CASES = {
         ["--model", "{model}", "--output", "{under-a-file}"], ["--model", "{model}", "--output", "{folder}"],
         ["--adapter", "{missing}", "--format", "gguf-lora", "--output", "{root}/scratch/x.gguf"],
     ],
+    "merge-adapters": [
+        [],
+        ["{adapter}", "{missing}", "--weights", "1", "1", "--output", "{root}/scratch/m"],
+        ["{adapter}", "{folder}", "--weights", "1", "1", "--output", "{root}/scratch/m"],
+        ["{adapter}", "{adapter-other-base}", "--weights", "1", "1", "--output", "{root}/scratch/m"],
+        ["{adapter}", "{adapter-other-rank}", "--weights", "1", "1", "--method", "linear", "--output", "{root}/scratch/m"],
+        ["{adapter}", "{adapter}", "--weights", "1", "--output", "{root}/scratch/m"],
+        ["{adapter}", "{adapter}", "--weights", "1", "x", "--output", "{root}/scratch/m"],
+        ["{adapter}", "{adapter}", "--weights", "1", "1", "--method", "sum", "--output", "{root}/scratch/m"],
+        ["{adapter}", "{adapter}", "--weights", "1", "1", "--method", "ties", "--density", "0", "--output",
+         "{root}/scratch/m"],
+        ["{adapter}", "{adapter}", "--weights", "1", "1", "--output", "{under-a-file}"],
+        ["{adapter}", "{adapter}", "--weights", "1", "1", "--output", "{root}"],  # a folder that is not empty
+    ],
+    "mine-preferences": [
+        [], ["--model", "{model}", "--data", "{data}"],
+        ["--model", "{missing}", "--data", "{data}", "--output", "{root}/scratch/p.jsonl"],
+        ["--model", "{model-without-config}", "--data", "{data}", "--output", "{root}/scratch/p.jsonl"],
+        ["--model", "{model}", "--adapter", "{adapter-other-base}", "--data", "{data}", "--output",
+         "{root}/scratch/p.jsonl"],
+        ["--model", "{model}", "--data", "{missing}", "--output", "{root}/scratch/p.jsonl"],
+        ["--model", "{model}", "--data", "{empty}", "--output", "{root}/scratch/p.jsonl"],
+        ["--model", "{model}", "--data", "{bytes}", "--output", "{root}/scratch/p.jsonl"],
+        ["--model", "{model}", "--data", "{data}", "--task", "nope", "--output", "{root}/scratch/p.jsonl"],
+        ["--model", "{model}", "--data", "{data}", "--samples", "0", "--output", "{root}/scratch/p.jsonl"],
+        ["--model", "{model}", "--data", "{data}", "--temperature", "nan", "--output", "{root}/scratch/p.jsonl"],
+        ["--model", "{model}", "--data", "{data}", "--output", "{data}"],  # would overwrite without --force
+        ["--model", "{model}", "--data", "{data}", "--output", "{under-a-file}"],
+    ],
     "dashboard": [["{missing}"], ["{empty}"], ["{runs}", "--port", "-1"], ["{runs}", "--poll-seconds", "0"]],
 }
 

@@ -26,6 +26,8 @@ from lorakit.data.e2e import read_e2e_records
 from lorakit.data.files import load_records
 from lorakit.data.formats import DataError, public_fields, validate_records
 from lorakit.data.masking import tokenize_dataset
+from lorakit.data.preference import tokenize_preferences
+from lorakit.data.templates import get_template
 
 TEXT = st.text(
     alphabet=st.one_of(st.characters(blacklist_categories=("Cs",)), st.sampled_from(ODD_CHARS)),
@@ -52,10 +54,20 @@ def _message(role: str) -> st.SearchStrategy:
     return st.fixed_dictionaries({"role": st.just(role), "content": TEXT})
 
 
-CHAT = st.builds(
-    lambda turns, reply: {"messages": [*turns, reply]},
-    st.lists(st.one_of(_message("system"), _message("user"), _message("assistant")), min_size=1, max_size=3),
-    _message("assistant"),
+CHAT = st.builds(  # a system or user turn first, a non-blank reply last: what a chat record must hold
+    lambda first, turns, reply: {"messages": [first, *turns, {"role": "assistant", "content": reply}]},
+    st.one_of(_message("system"), _message("user")),
+    st.lists(st.one_of(_message("system"), _message("user"), _message("assistant")), max_size=2),
+    NON_BLANK,
+)
+
+SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}
+SHAREGPT = CHAT.map(lambda record: {"conversations": [
+    {"from": SHAREGPT_ROLE[m["role"]], "value": m["content"]} for m in record["messages"]]})
+PREFERENCE = st.one_of(
+    st.fixed_dictionaries({"prompt": NON_BLANK, "chosen": NON_BLANK, "rejected": NON_BLANK}),
+    st.builds(lambda prompt, chosen, rejected: {"prompt": prompt, "chosen": chosen, "rejected": rejected},
+              st.lists(_message("user"), min_size=1, max_size=2), NON_BLANK, NON_BLANK),
 )
 
 FORMATS: list[RecordFormat] = [
@@ -64,6 +76,8 @@ FORMATS: list[RecordFormat] = [
     RecordFormat("alpaca", st.fixed_dictionaries({"instruction": NON_BLANK, "input": TEXT, "output": TEXT}),
                  ("jsonl", "json", "csv", "tsv"), ("instruction", "input", "output")),
     RecordFormat("chat", CHAT, ("jsonl", "json"), ("messages",), flat=False),
+    RecordFormat("sharegpt", SHAREGPT, ("jsonl", "json"), ("conversations",), flat=False),
+    RecordFormat("preference", PREFERENCE, ("jsonl", "json"), ("prompt", "chosen", "rejected"), flat=False),
     RecordFormat("text_label", st.fixed_dictionaries(
         {"text": NON_BLANK, "label": st.one_of(st.integers(-3, 3), st.sampled_from(["pos", "neg", "neutral"]))}),
         ("jsonl", "json", "csv", "tsv"), ("text", "label")),
@@ -129,6 +143,10 @@ def read_file(fmt: RecordFormat, path: Path, layout: str, *, tokenize: bool = Tr
             labels = label_set(records, config)
             if tokenize:
                 tokenize_classification(tokenizer, records, config, labels)
+        elif fmt.name == "preference":
+            validate_records(records, fmt.name, str(path))
+            if tokenize:
+                tokenize_preferences(tokenizer, records, get_template("seed"), max_length=4096)
         elif fmt.name != "e2e":
             validate_records(records, fmt.name, str(path))
             if tokenize:

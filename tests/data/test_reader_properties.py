@@ -3,7 +3,7 @@ and any other file is refused with one DataError line naming the file (and line)
 exception, never a hang.
 
 Readers: JSONL, JSON, CSV and TSV (lorakit.data.files), each record format they carry (instruction,
-alpaca, chat messages, text/label; see record_formats.FORMATS), the E2E release CSV, and the E2E
+alpaca, chat messages, ShareGPT conversations, preference pairs, text/label; see record_formats.FORMATS), the E2E release CSV, and the E2E
 system-output TSV of `lorakit eval --predictions`. Each file goes the library's way up to the model:
 read, check, render, tokenise (record_formats.read_file).
 
@@ -189,6 +189,8 @@ def test_huge_fields_round_trip(tmp_path, name, layout):
         "instruction": [{"instruction": huge, "output": "\U0001f600" * 20_000}],
         "alpaca": [{"instruction": "a", "input": huge, "output": "b"}],
         "chat": [{"messages": [{"role": "user", "content": huge}, {"role": "assistant", "content": "b"}]}],
+        "sharegpt": [{"conversations": [{"from": "human", "value": huge}, {"from": "gpt", "value": "b"}]}],
+        "preference": [{"prompt": huge, "chosen": "\U0001f600" * 20_000, "rejected": "b"}],
         "text_label": [{"text": huge, "label": "pos"}],
         "e2e": [{"mr": "name[" + huge + "]", "ref": "b"}],
     }[name]
