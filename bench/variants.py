@@ -1,6 +1,7 @@
 """LoRA variants side by side: LoRA, rsLoRA, DoRA and PiSSA on ROS 2 and SST-2, and DoRA's step time against LoRA's.
 
     python bench/variants.py [--steps 20] [--sst2-steps 40] [--timing-steps 5] [--tasks ros2 sst2]
+                              [--dora-dropout full|lowrank]
 
 Quality, step time and peak memory. Each variant trains in its own child process (so each peak
 RSS is its own) through `lorakit train`'s code path (lorakit.run), from the shipped config, on the
@@ -19,8 +20,10 @@ after the second; peak memory is the child's peak RSS up to its last step (model
 
 DoRA's step time against LoRA's, side by side: one process holds a LoRA and a DoRA model, each at the
 config's dropout and at dropout 0, and takes a step of each in turn on the same ROS 2 batches
-(lorakit's training step: packed rows, fused paths); every round gives a DoRA / LoRA ratio. PEFT 0.21
-does the same with its own models (padded batches, the transformers forward with labels), printed beside.
+(lorakit's training step: packed rows, fused paths); every round gives a DoRA / LoRA ratio. lorakit's
+DoRA there uses --dora-dropout (lora.dora_dropout: full, PEFT's, by default; lowrank drops out only the
+low-rank branch's input). PEFT 0.21 does the same with its own models (padded batches, the transformers
+forward with labels), printed beside.
 Writes runs/bench/variants.json.
 """
 
@@ -101,7 +104,10 @@ def speed(args) -> list[dict]:
     batch = 8
     examples, _ = tokenize_dataset(tokenizer, make_split("train", batch * (args.timing_steps + 1), seed=0), "seed", 128)
     groups = [examples[i * batch : (i + 1) * batch] for i in range(args.timing_steps + 1)]
-    build, step = (_peft_model, _peft_step) if args.framework == "peft" else (_lorakit_model, _lorakit_step)
+    if args.framework == "peft":
+        build, step = _peft_model, _peft_step
+    else:
+        build, step = (lambda dora, p: _lorakit_model(dora, p, args.dora_dropout)), _lorakit_step
     models = {(v, p): build(v == "dora", p) for p in (args.dropout, 0.0) for v in ("lora", "dora")}
     times = {key: [] for key in models}
     for group in groups:
@@ -110,14 +116,15 @@ def speed(args) -> list[dict]:
             step(model, optimizer, group, tokenizer.pad_token_id)
             times[key].append(time.perf_counter() - started)
     rows = []
+    dora_dropout = args.dora_dropout if args.framework == "lorakit" else "full"  # PEFT has only its own
     for p in (args.dropout, 0.0):
         for i, (lora_s, dora_s) in enumerate(zip(times[("lora", p)][1:], times[("dora", p)][1:]), start=1):
-            rows.append({"part": "speed", "framework": args.framework, "dropout": p, "round": i,
-                         "lora_step_s": lora_s, "dora_step_s": dora_s, "dora_over_lora": dora_s / lora_s})
+            rows.append({"part": "speed", "framework": args.framework, "dropout": p, "dora_dropout": dora_dropout,
+                         "round": i, "lora_step_s": lora_s, "dora_step_s": dora_s, "dora_over_lora": dora_s / lora_s})
     return rows
 
 
-def _lorakit_model(dora: bool, dropout: float):
+def _lorakit_model(dora: bool, dropout: float, dora_dropout: str):
     import torch
 
     import lorakit
@@ -125,7 +132,7 @@ def _lorakit_model(dora: bool, dropout: float):
     from lorakit.train.lean import use_fused_paths
 
     model = lorakit.inject(load_causal_lm(MODEL), lorakit.LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=dropout, target_modules=TARGETS, use_dora=dora))
+        r=8, lora_alpha=16, lora_dropout=dropout, target_modules=TARGETS, use_dora=dora, dora_dropout=dora_dropout))
     use_fused_paths(model)
     model.train()
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
@@ -171,13 +178,14 @@ def child(*argv: str):
     return json.loads(line[len("RESULT "):])
 
 
-def summarise(runs: list[dict], dropout: float) -> list[dict]:
+def summarise(runs: list[dict], dropout: float, dora_dropout: str) -> list[dict]:
     rows = []
     for framework in ("lorakit", "peft"):
+        mode = f", dora_dropout {dora_dropout}" if framework == "lorakit" else ""
         for p in (dropout, 0.0):
             ratios = [r["dora_over_lora"] for r in runs if r.get("framework") == framework and r["dropout"] == p]
             if ratios:
-                rows.append({"what": f"{framework}: DoRA / LoRA step time, dropout {p:g}", **min_median(ratios)})
+                rows.append({"what": f"{framework}: DoRA / LoRA step time, dropout {p:g}{mode}", **min_median(ratios)})
     by = {(r["task"], r["variant"]): r for r in runs if r.get("part") == "quality"}
     for task in sorted({t for t, _ in by}):
         if (task, "dora") in by and (task, "lora") in by:
@@ -192,6 +200,8 @@ def main() -> None:
     parser.add_argument("--sst2-steps", type=int, default=40, help="SST-2 optimizer steps (batch 16)")
     parser.add_argument("--timing-steps", type=int, default=5, help="timed rounds of the side-by-side DoRA/LoRA steps")
     parser.add_argument("--dropout", type=float, default=0.05, help="lora_dropout of the side-by-side timing (the configs')")
+    parser.add_argument("--dora-dropout", choices=["full", "lowrank"], default="full",
+                        help="lora.dora_dropout of lorakit's DoRA in the side-by-side timing (full: PEFT's)")
     parser.add_argument("--valid-limit", type=int, default=None,
                         help="score only the first N valid examples (default: the whole split; for a quick try)")
     parser.add_argument("--tasks", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -216,11 +226,12 @@ def main() -> None:
             row = {"part": "quality", "task": task, "variant": variant, **result.pop("scores"), **result}
             runs.append(row)
             print(json.dumps(row), flush=True)
+    print(f"side by side: lorakit's DoRA with dora_dropout {args.dora_dropout}", flush=True)
     for framework in ("lorakit", "peft"):
         for row in child("--framework", framework):
             runs.append(row)
             print(json.dumps(row), flush=True)
-    summary = summarise(runs, args.dropout)
+    summary = summarise(runs, args.dropout, args.dora_dropout)
     print(f"\n{'':<62} {'min':>7} {'median':>7} {'max':>7}")
     for row in summary:
         print(f"{row['what']:<62} {row['min']:>7.3f} {row['median']:>7.3f} {row['max']:>7.3f}")
@@ -229,12 +240,13 @@ def main() -> None:
         "variants", "LoRA variants: LoRA, rsLoRA, DoRA, PiSSA", runs,
         description=(f"ROS 2 ({args.steps} steps, scored on valid) and SST-2 ({args.sst2_steps} steps, GLUE dev), "
                      "each variant in its own process through lorakit's training run, same data, order and steps; "
-                     f"then DoRA against LoRA side by side ({args.timing_steps} rounds, lorakit and PEFT), at dropout "
-                     f"{args.dropout:g} and 0."),
+                     f"then DoRA against LoRA side by side ({args.timing_steps} rounds, lorakit with dora_dropout "
+                     f"{args.dora_dropout} and PEFT), at dropout {args.dropout:g} and 0."),
         columns=[("task", "task"), ("variant", "variant"), ("eval_loss", "valid loss"),
                  ("eval_exact_match", "valid exact match"), ("eval_valid_rate", "valid command rate"),
                  ("test_accuracy", "dev accuracy"), ("test_macro_f1", "dev macro-F1"), ("step_s", "step s"),
                  ("peak_rss_mb", "peak RSS MB"), ("framework", "side by side"), ("dropout", "dropout"),
+                 ("dora_dropout", "dora_dropout"),
                  ("round", "round"), ("lora_step_s", "LoRA step s"), ("dora_step_s", "DoRA step s"),
                  ("dora_over_lora", "DoRA / LoRA")],
         summary=summary, out_dir=args.results_dir,

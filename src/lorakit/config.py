@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 
 from lorakit.lora.inits import INITS, MOVES_BASE
 from lorakit.lora.variants import VARIANTS
+from lorakit.lora.variants.dora import DoraAdapter
 from lorakit.tasks import TASKS
 
 BIAS_CHOICES = ("none", "all", "lora_only")
@@ -56,6 +57,12 @@ class LoraConfig:
         "DoRA: a trained magnitude per output feature times the direction of W + s B A (Linear and Conv1D)",
         default=False,
     )
+    dora_dropout: str = _help(
+        "DoRA with lora_dropout > 0: full (PEFT's and the paper's code: the magnitude term (c - 1) W x sees the "
+        "dropped-out input too, a second matmul with W) or lowrank (torchtune's: dropout on s B A x only, one "
+        "matmul with W, as without dropout); a training setting, the saved adapter is PEFT's DoRA either way",
+        default="full",
+    )
     init_lora_weights: bool | str = _help(
         "True (Kaiming A, zero B), 'gaussian', 'pissa' (A, B from the top-r SVD of W), 'olora' (A, B from the QR "
         "of W), 'loftq' (A, B from the quantisation error of a quantised base; needs quantization.bits), False (random)",
@@ -87,6 +94,9 @@ class LoraConfig:
             out.append(f"lora.lora_dropout: given {self.lora_dropout!r}, expected a number in [0, 1)")
         if self.bias not in BIAS_CHOICES:
             out.append(f"lora.bias: given {self.bias!r}, expected one of {', '.join(BIAS_CHOICES)}")
+        dora_modes = CHOICES[("LoraConfig", "dora_dropout")]
+        if self.dora_dropout not in dora_modes:
+            out.append(f"lora.dora_dropout: given {self.dora_dropout!r}, expected one of {', '.join(dora_modes)}")
         named_inits = [k for k in INITS if isinstance(k, str)]
         if not isinstance(self.init_lora_weights, bool) and self.init_lora_weights not in named_inits:
             out.append(
@@ -342,6 +352,7 @@ class RunConfig:
 
 
 CHOICES = {
+    ("LoraConfig", "dora_dropout"): DoraAdapter.DROPOUT_MODES,  # full, lowrank; checked by LoraConfig.problems
     ("DataConfig", "train_on"): ("all_assistant", "last_assistant"),
     ("TrainConfig", "scheduler"): ("cosine", "linear", "constant"),
     ("TrainConfig", "optimizer"): ("adamw", "adamw_8bit", "paged_adamw_8bit"),

@@ -87,6 +87,7 @@ def peft_config_dict(model: nn.Module, name: str) -> dict:
     )
     fields["init_lora_weights"] = True  # the saved tensors are what counts; PEFT must not re-initialise
     del fields["loftq_iter"]  # PEFT keeps LoftQ settings in loftq_config, used only to initialise
+    del fields["dora_dropout"]  # a training setting PEFT has no field for; the tensors are PEFT's DoRA either way
     return {
         "peft_type": "LORA",
         "use_dora": False,  # PEFT's flags, unless the config carries them (a variant's flag)

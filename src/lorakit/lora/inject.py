@@ -132,7 +132,8 @@ def inject(model: nn.Module, config: LoraConfig | None = None, adapter_name: str
         layer = module if isinstance(module, LoraLayer) else LoraLayer(module)
         r, alpha = config.rank_and_alpha(name)
         layer.add_adapter(
-            adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights, variant
+            adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights, variant,
+            **variant.options(config),
         )
         if layer is not module:
             model.set_submodule(name, layer)

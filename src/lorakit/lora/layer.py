@@ -80,14 +80,16 @@ class LoraLayer(nn.Module):
         use_rslora: bool = False,
         init: bool | str = True,
         variant: type[LoraAdapter] = LoraAdapter,
+        **options,
     ) -> LoraAdapter:
-        """Create adapter `name` (of class `variant`) and make it active. `init` follows PEFT's `init_lora_weights`."""
+        """Create adapter `name` (of class `variant`, given `options`) and make it active. `init` follows
+        PEFT's `init_lora_weights`."""
         if name in self.adapters:
             raise ValueError(f"adapter '{name}' already exists on this layer")
         if self.kind not in variant.KINDS:
             raise TypeError(f"{variant.__name__} sits on {', '.join(variant.KINDS)} layers, not on a {self.kind}")
         dropout = 0.0 if self.kind == "embedding" else dropout  # PEFT applies no dropout to embeddings
-        adapter = variant(self.in_features, self.out_features, r, alpha, dropout, use_rslora)
+        adapter = variant(self.in_features, self.out_features, r, alpha, dropout, use_rslora, **options)
         weight = self.base_layer.weight
         adapter.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else torch.float32)
         self.adapters[name] = adapter

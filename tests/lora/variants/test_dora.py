@@ -156,6 +156,107 @@ def test_the_fused_path_with_dropout_is_the_formula_with_the_same_mask(kind):
         assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
 
 
+def _dora_layer(kind: str, p: float, mode: str):
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10) if kind == "linear" else __import__("transformers").pytorch_utils.Conv1D(10, 12)
+    layer = lorakit.lora.layer.LoraLayer(base)
+    adapter = layer.add_adapter("d", 4, 8.0, dropout=p, variant=DoraAdapter, init=False, dora_dropout=mode)
+    with torch.no_grad():
+        adapter.magnitude.mul_(1.3)
+    return layer.train(), adapter
+
+
+def _loss_and_grads(layer, adapter, x, fused: bool):
+    layer.fused = fused
+    for t in (x, adapter.A, adapter.B, adapter.magnitude):
+        t.grad = None
+    torch.manual_seed(5)
+    loss = layer(x).pow(2).sum()
+    loss.backward()
+    return loss.detach(), [t.grad.clone() for t in (x, adapter.A, adapter.B, adapter.magnitude)]
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_lowrank_dropout_is_torchtunes_formula_with_the_same_mask(kind):
+    """y = c W x + b + c s B A drop(x): the fused and the plain path, loss and gradients of x, A, B and m."""
+    layer, adapter = _dora_layer(kind, 0.3, "lowrank")
+    assert layer.can_fuse()
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    fused_loss, fused = _loss_and_grads(layer, adapter, x, fused=True)
+    torch.manual_seed(5)
+    keep = torch.rand_like(x) >= 0.3  # the fused path's mask
+
+    class SameMask(nn.Dropout):  # the plain path through nn.Dropout, given the same mask
+        def forward(self, t):
+            return t * keep / (1 - self.p)
+
+    adapter.dropout = SameMask(0.3)
+    plain_loss, plain = _loss_and_grads(layer, adapter, x, fused=False)
+
+    for t in (x, adapter.A, adapter.B, adapter.magnitude):
+        t.grad = None
+    W = layer.weight_as_out_in()
+    norm = torch.linalg.vector_norm(W + adapter.scaling * adapter.B.detach() @ adapter.A.detach(), dim=1)
+    c = adapter.magnitude / norm
+    xd = x * keep / 0.7
+    loss = (c * (x @ W.T) + layer.base_layer.bias + c * adapter.scaling * (xd @ adapter.A.T @ adapter.B.T)).pow(2).sum()
+    loss.backward()
+    want = (x.grad, adapter.A.grad, adapter.B.grad, adapter.magnitude.grad)
+    assert all(w.abs().max() > 0 for w in want) and keep.logical_not().any()
+    for got_loss, got in ((fused_loss, fused), (plain_loss, plain)):
+        assert (got_loss - loss).abs().item() <= 1e-5 * loss.abs().item()
+        for g, w in zip(got, want):
+            assert (g - w).abs().max().item() <= 1e-5 * w.abs().max().item()
+
+
+@pytest.mark.parametrize("path", ["fused", "plain"])
+def test_lowrank_and_full_dropout_differ_only_where_dropout_is_on(path, input_ids):
+    """At dropout 0 the two modes are one model; at dropout 0.3 (same masks) they differ."""
+    def grads(mode: str, p: float):
+        model = TINY_MODELS["llama"]()
+        lorakit.inject(model, lorakit.LoraConfig(r=4, lora_dropout=p, use_dora=True, dora_dropout=mode))
+        perturb(model, std=0.1)  # m away from the norm: c != 1, so the (c - 1) W term counts
+        _lorakit_path(model, path)
+        model.train()
+        torch.manual_seed(3)
+        loss = model(input_ids=input_ids).logits.pow(2).mean()
+        loss.backward()
+        return loss.detach(), {n: t.grad for n, t in model.named_parameters() if t.requires_grad}
+
+    (full_loss, full), (low_loss, low) = grads("full", 0.0), grads("lowrank", 0.0)
+    assert (full_loss - low_loss).abs().item() <= 1e-6
+    assert any(".magnitude" in n for n in full)
+    for name, grad in full.items():
+        assert grad.abs().max() > 0 and (grad - low[name]).abs().max().item() <= 1e-6, name
+    (full_loss, full), (low_loss, low) = grads("full", 0.3), grads("lowrank", 0.3)
+    assert (full_loss - low_loss).abs().item() > 1e-6
+
+
+def test_a_lowrank_adapter_saves_as_a_plain_peft_dora_adapter(tmp_path, input_ids):
+    model = TINY_MODELS["llama"]()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, lora_dropout=0.1, use_dora=True, dora_dropout="lowrank"))
+    perturb(model, std=0.05)
+    expected = logits_of(model.eval(), input_ids)
+    lorakit.save_adapter(model, tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["use_dora"] is True and "dora_dropout" not in saved
+    peft_model = PeftModel.from_pretrained(TINY_MODELS["llama"](), tmp_path).eval()
+    assert (logits_of(peft_model, input_ids) - expected).abs().max().item() <= TOL
+
+
+def test_an_unknown_dora_dropout_is_one_config_line(tmp_path):
+    from lorakit.config_loading import load_run_config
+
+    with pytest.raises(lorakit.ConfigError, match=r"^lora.dora_dropout: given 'half', expected one of full, lowrank$"):
+        lorakit.LoraConfig(use_dora=True, dora_dropout="half")
+    path = tmp_path / "run.yaml"
+    path.write_text("lora:\n  use_dora: true\n  dora_dropout: lowrnak\n")
+    with pytest.raises(lorakit.ConfigError) as err:
+        load_run_config(path)
+    assert str(err.value) == f"{path}:3: lora.dora_dropout: given 'lowrnak', expected one of full, lowrank"
+    assert load_run_config(path, ["--lora.dora_dropout", "lowrank"]).lora.dora_dropout == "lowrank"
+
+
 @pytest.mark.parametrize("arch", list(TARGETS))
 def test_merge_and_unmerge_round_trip_and_match_peft_merged_weights(arch, tmp_path, input_ids):
     peft_model = _peft_dora(arch, tmp_path)

@@ -6,8 +6,13 @@
 The norm is taken per output feature (a row of the (out, in) weight; the paper's column norm) and,
 as the paper's section 4.3 and PEFT do, treated as a constant: it gets no gradient. m starts at that
 norm, so a new adapter changes nothing. Without dropout h = c (W x + s B A x) + b: one matmul with W,
-as plain LoRA. With dropout the update sees the dropped-out input, as in the paper's code and PEFT,
-which costs a second matmul with W (forward and backward).
+as plain LoRA. With dropout the update sees the dropped-out input, as in the paper's code and PEFT
+(`dora_dropout="full"`), which costs a second matmul with W (forward and backward). With
+`dora_dropout="lowrank"` (torchtune's DoRALinear) only the low-rank branch sees it:
+
+    h = c W x + b + c s B A drop(x)
+
+one matmul with W each way, as without dropout; the saved adapter is the same PEFT DoRA adapter.
 
 The norm depends only on W, A and B, so it is computed once per value of them (at most once per
 optimizer step: gradient accumulation, gradient checkpointing's second forward and decoding reuse
@@ -30,13 +35,28 @@ class DoraAdapter(LoraAdapter):
 
     KINDS = ("linear", "conv1d")
     PEFT_KEYS = {"magnitude": "lora_magnitude_vector"}
+    DROPOUT_MODES = ("full", "lowrank")  # what dropout reaches: the whole update (PEFT) or s B A only
 
-    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float, use_rslora: bool):
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float, use_rslora: bool,
+                 dora_dropout: str = "full"):
         super().__init__(in_features, out_features, r, alpha, dropout, use_rslora)
+        if dora_dropout not in self.DROPOUT_MODES:
+            raise ValueError(f"dora_dropout: given {dora_dropout!r}, expected one of {', '.join(self.DROPOUT_MODES)}")
+        self.dora_dropout = dora_dropout
         self.magnitude = nn.Parameter(torch.ones(out_features))  # (out,); set from the weight in initialize
         self._norm_key: tuple | None = None  # what the cached norm was computed from
         self._norm: torch.Tensor | None = None
         self._merged_norm: torch.Tensor | None = None  # the norm at merge time, which unmerge divides by
+
+    @classmethod
+    def options(cls, config) -> dict:
+        """`lora.dora_dropout`: where the dropout applies (a training setting; PEFT's file has no place for it)."""
+        return {"dora_dropout": config.dora_dropout}
+
+    @property
+    def _full_dropout(self) -> bool:
+        """Dropout is on and reaches the (c - 1) W term too, which then needs W drop(x): a second matmul."""
+        return self.training and self.p > 0 and self.dora_dropout == "full"
 
     @torch.no_grad()
     def initialize(self, layer, init: bool | str) -> None:
@@ -91,12 +111,12 @@ class DoraAdapter(LoraAdapter):
 
     # -- the term in a forward pass -------------------------------------------------------------
     def output(self, layer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """result + (c - 1) W drop(x) + c s B A drop(x); W x is read off `result` when nothing is dropped."""
+        """result + (c - 1) W drop(x) + c s B A drop(x) ('full'), or result + (c - 1) W x + c s B A drop(x)
+        ('lowrank'); W x is read off `result` whenever the (c - 1) term sees the undropped input."""
         c = self._scale(layer)  # (out,)
-        dropped = self.training and self.p > 0
         xd = self.dropout(x.to(self.A.dtype))
         lora = (xd @ self.A.T) @ self.B.T * self.scaling  # (..., out)
-        if dropped:
+        if self._full_dropout:
             base = _base_output(layer, xd)
         else:
             bias = getattr(layer.base_layer, "bias", None)
@@ -108,15 +128,16 @@ class DoraAdapter(LoraAdapter):
         return self.A, self.B, self.magnitude
 
     def fused_forward(self, x, weight, bias, params, training: bool) -> tuple[torch.Tensor, tuple]:
-        """y = c (x W^T + s (x A^T) B^T) + b without dropout; with it, y = x W^T + b + (c - 1) z + s u B^T
-        where u = drop(x) A^T and z = drop(x) W^T + s u B^T. Keeps x, u, z, c, the norm and the mask."""
+        """y = c z + b with z = x W^T + s u B^T, u = drop(x) A^T, without dropout and for 'lowrank' (one
+        matmul with W; the mask only on the r-wide u); with 'full' dropout, y = x W^T + b + (c - 1) z + s u B^T
+        where z = drop(x) W^T + s u B^T. Keeps x, u, z, c, the norm and the mask."""
         A, B, magnitude = params
         norm = self.weight_norm(weight, lambda: weight)
         c = magnitude / norm  # (out,)
-        if not (training and self.p > 0):
-            z, u, _ = lora_forward(x, weight, None, A, B, self.scaling, 0.0, False)  # x W^T + s u B^T
+        if not (training and self.p > 0 and self.dora_dropout == "full"):
+            z, u, keep = lora_forward(x, weight, None, A, B, self.scaling, self.p, training)  # x W^T + s u B^T
             y = z * c if bias is None else torch.addcmul(bias, z, c)
-            return y, (u, z, c, norm)
+            return y, (u, z, c, norm) if keep is None else (u, z, c, norm, keep)
         keep = torch.rand_like(x) >= self.p
         z, u, _ = lora_forward(x * keep / (1 - self.p), weight, None, A, B, self.scaling, 0.0, False)
         y = F.linear(x, weight, bias).addcmul_(z, c - 1)
@@ -124,14 +145,17 @@ class DoraAdapter(LoraAdapter):
         return y, (u, z, c, norm, keep)
 
     def fused_backward(self, grad, x, weight, params, saved, need_grad_x: bool) -> tuple:
-        """dL/dm = sum over tokens of g z / norm; A and B see g c, as plain LoRA sees g; with dropout
+        """dL/dm = sum over tokens of g z / norm; A and B see g c, as plain LoRA sees g (and x, too, sees
+        g c as plain LoRA's g: no dropout, or 'lowrank'); with 'full' dropout
         dL/dx = g W + mask / (1 - p) ((g (c - 1)) W + s (g c) B A)."""
         A, B, _ = params
         u, z, c, norm, *keep = saved
         grad_m = (grad * z).reshape(-1, z.shape[-1]).sum(0) / norm
         scaled = grad * c  # (..., out)
-        if not keep:
-            grad_x, grad_A, grad_B = lora_backward(scaled, x, weight, A, B, u, None, self.scaling, 0.0, need_grad_x)
+        if not keep or self.dora_dropout == "lowrank":
+            grad_x, grad_A, grad_B = lora_backward(
+                scaled, x, weight, A, B, u, keep[0] if keep else None, self.scaling, self.p, need_grad_x
+            )
             return grad_x, (grad_A, grad_B, grad_m)
         keep, p = keep[0], self.p
         _, grad_A, grad_B = lora_backward(scaled, x * keep, weight, A, B, u, None, self.scaling, 0.0, False)

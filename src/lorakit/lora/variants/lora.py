@@ -6,6 +6,7 @@ B starts at zero, so a fresh adapter leaves the model unchanged. The adapter own
 layer, the fused training path, mixed-adapter serving and merging ask it, and never read A or B.
 What a variant answers (each method's docstring says how plain LoRA does it):
 
+    options(config)                its own constructor arguments from a LoraConfig (most have none)
     initialize(layer, init)        its tensors for a new adapter on `layer`
     delta_weight()                 the low-rank update s B A, (out, in)
     low_rank_factors()             (A, B, s) when s B A is the whole update (weighted merges), else None
@@ -43,6 +44,11 @@ class LoraAdapter(nn.Module):
         self.A = nn.Parameter(torch.empty(r, in_features))  # (r, in)
         self.B = nn.Parameter(torch.zeros(out_features, r))  # (out, r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @classmethod
+    def options(cls, config) -> dict:
+        """The variant's own constructor arguments, read off a LoraConfig (plain LoRA has none)."""
+        return {}
 
     @property
     def p(self) -> float:
