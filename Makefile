@@ -32,12 +32,14 @@ demo: setup
 	$(PY) examples/ros2/make_data.py runs/ros2-data
 	$(PY) -m lorakit train examples/ros2/config.yaml
 
-# SFT (make demo's adapter, trained first if missing), then DPO on the pairs its own mistakes give.
+# SFT (make demo's adapter, trained first if missing), then DPO on the pairs its own mistakes give
+# (mined on the first 600 train prompts, 4 samples each, and on all of valid, which chooses the checkpoint).
+MINE := $(PY) -m lorakit mine-preferences --model smollm2-135m-instruct --adapter runs/ros2-demo/adapter \
+	--task ros2 --samples 4 --temperature 1.0 --max-new-tokens 72 --force
 demo-dpo: setup
 	test -f runs/ros2-demo/adapter/adapter_model.safetensors || $(MAKE) demo
-	for split in train valid; do $(PY) -m lorakit mine-preferences --model smollm2-135m-instruct \
-	    --adapter runs/ros2-demo/adapter --data runs/ros2-data/$$split.jsonl --task ros2 --samples 4 \
-	    --temperature 1.0 --max-new-tokens 72 --output runs/ros2-data/prefs_$$split.jsonl --force || exit 1; done
+	$(MINE) --data runs/ros2-data/train.jsonl --max-records 600 --output runs/ros2-data/prefs_train.jsonl
+	$(MINE) --data runs/ros2-data/valid.jsonl --output runs/ros2-data/prefs_valid.jsonl
 	$(PY) -m lorakit train examples/ros2/dpo.yaml
 
 test: setup

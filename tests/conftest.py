@@ -24,7 +24,7 @@ VOCAB = 128
 # Property tests (Hypothesis): "ci" (the default) runs a few fixed examples per property so `make test`
 # stays quick and repeatable; `pytest --hypothesis-profile thorough` runs many more, freshly drawn.
 _SLOW_MACHINE = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
-settings.register_profile("ci", max_examples=int(os.environ.get("LORAKIT_PROPERTY_EXAMPLES", "20")), deadline=None,
+settings.register_profile("ci", max_examples=int(os.environ.get("LORAKIT_PROPERTY_EXAMPLES", "10")), deadline=None,
                           derandomize=True, database=None, suppress_health_check=_SLOW_MACHINE)
 settings.register_profile("thorough", max_examples=1000, deadline=None, suppress_health_check=_SLOW_MACHINE)
 settings.load_profile("ci")

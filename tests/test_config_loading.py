@@ -81,6 +81,12 @@ def test_each_problem_names_the_line_of_its_key_or_its_override(tmp_path):
         ("a: " + "[" * 5000 + "]" * 5000 + "\n", ": YAML nested too deeply to read"),
         ("- a\n- b\n", ":1: expected a mapping of sections (model, lora, data, train, eval), given list"),
         (b"train:\n  lr: \xed\xa0\x80\n", ":2: byte 0xed is not valid UTF-8; expected a UTF-8 text file"),
+        ("train:\n  lr: !!float\n", ":2: not valid YAML (!!float '' cannot be read as float)"),  # was an IndexError
+        ("lora:\n  r: 2\n  use_rslora: !!bool maybe\n", ":3: not valid YAML (!!bool 'maybe' cannot be read as bool)"),
+        ('data:\n  test_file: "\\uD800"\n',  # was a UnicodeEncodeError in os.path.realpath
+         ":2: data.test_file: given '\\ud800', expected text without NUL characters or lone surrogates"),
+        ('data:\n  train_file: "t\\0"\n',
+         ":2: data.train_file: given 't\\x00', expected text without NUL characters or lone surrogates"),
     ],
 )
 def test_malformed_yaml_is_one_problem_naming_the_line(tmp_path, text, message):
@@ -92,7 +98,7 @@ def test_malformed_yaml_is_one_problem_naming_the_line(tmp_path, text, message):
     assert str(err.value).startswith(f"{path}{message}") and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("value", ["[unclosed", "!!python/object:os.system x", "{a: 1, a: 2"])
+@pytest.mark.parametrize("value", ["[unclosed", "!!python/object:os.system x", "{a: 1, a: 2", "!!float", "!!int x"])
 def test_an_override_that_is_not_yaml_is_one_line(value):
     with pytest.raises(ConfigError, match=r"^--train.lr: .* is not a valid YAML value \("):
         load_run_config(None, ["--train.lr", value])

@@ -127,7 +127,12 @@ def test_unknown_name_lists_builtins():
 
 def test_paths_and_hub_ids(tmp_path):
     assert resolve_model("Qwen/Qwen2.5-Coder-1.5B-Instruct") == "Qwen/Qwen2.5-Coder-1.5B-Instruct"
-    assert resolve_model(tmp_path) == tmp_path
+    assert resolve_model(tmp_path) == tmp_path  # a tokenizer alone may live in a folder
+    with pytest.raises(ModelNotFoundError, match=r"a folder without config.json; expected a model folder"):
+        load_causal_lm(tmp_path)  # was transformers' "Unrecognized model" ValueError, a traceback
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelNotFoundError, match=r": cannot load the model \(Unrecognized model in "):
+        load_causal_lm(tmp_path)
     with pytest.raises(ModelNotFoundError, match="does not exist"):
         resolve_model(tmp_path / "absent.gguf")
     (tmp_path / "weights.bin").write_bytes(b"\0")

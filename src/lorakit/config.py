@@ -262,6 +262,13 @@ class EvalConfig:
     compare_base: bool = _help("also score the base model without the adapter", default=True)
     samples: int = _help("example generations to print", default=5)
 
+    def __post_init__(self) -> None:
+        problems = [f"eval.{name}: given {getattr(self, name)!r}, expected {allowed}" for name, low, allowed in [
+            ("max_new_tokens", 1, "a positive integer"), ("batch_size", 1, "a positive integer"),
+            ("samples", 0, "an integer >= 0")] if isinstance(getattr(self, name), int) and getattr(self, name) < low]
+        if problems:
+            raise ConfigError.of(problems)
+
 
 @dataclass
 class PreferenceConfig:

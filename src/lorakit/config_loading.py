@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from lorakit.config import ConfigError, RunConfig
-from lorakit.config_yaml import KeyLines, read_yaml_mapping, yaml_problem
+from lorakit.config_yaml import TAG_ERRORS, KeyLines, read_yaml_mapping, yaml_problem
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
@@ -93,6 +93,8 @@ def _override_value(key: str, text: str):
         raise ConfigError(f"--{key}: {text!r} is not a valid YAML value ({yaml_problem(err)})") from None
     except RecursionError:
         raise ConfigError(f"--{key}: the value is nested too deeply to read") from None
+    except TAG_ERRORS:
+        raise ConfigError(f"--{key}: {text[:80]!r} is not a valid YAML value (a tagged value that cannot be read)") from None
 
 
 def _typed_fields(cls, raw: dict, prefix: str, problems: list[str]) -> dict:
@@ -108,7 +110,7 @@ def _typed_fields(cls, raw: dict, prefix: str, problems: list[str]) -> dict:
         hint, value, where = hints[name], raw[name], f"{prefix}{name}"
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
-                problems.append(f"{where}: expected a mapping, given {value!r}")
+                problems.append(f"{where}: expected a mapping, given {_shown(value)}")
                 continue
             sub = _typed_fields(hint, value, f"{where}.", problems)
             try:
@@ -121,9 +123,25 @@ def _typed_fields(cls, raw: dict, prefix: str, problems: list[str]) -> dict:
             problems.append(f"{where}: given {_shown(value)}, expected {_type_name(hint)}")
         elif isinstance(value, float) and not math.isfinite(value):
             problems.append(f"{where}: given {value!r}, expected a finite number")
+        elif _unusable_text(value):  # YAML can spell "\0" and "\uD800"; no path or tokenizer takes them
+            problems.append(f"{where}: given {_shown(value)}, expected text without NUL characters or lone surrogates")
         else:
             out[name] = value
     return out
+
+
+def _unusable_text(value) -> bool:
+    """Whether a string in `value` (a list's items, a mapping's keys and values too) holds NUL or a lone surrogate."""
+    if isinstance(value, str):
+        return "\x00" in value or _SURROGATE.search(value) is not None
+    if isinstance(value, list):
+        return any(_unusable_text(v) for v in value)
+    if isinstance(value, dict):
+        return any(_unusable_text(k) or _unusable_text(v) for k, v in value.items())
+    return False
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _shown(value) -> str:

@@ -46,9 +46,38 @@ def parse_yaml(text: str, path: Path) -> tuple[object, KeyLines]:
         if node is None:
             return None, {}
         lines = key_lines(node, path)
-        return loader.construct_document(node), lines
+        try:
+            return loader.construct_document(node), lines
+        except TAG_ERRORS:  # `!!int` with no number, `!!bool maybe`
+            line, problem = _unreadable_scalar(node)
+            raise ConfigError(f"{path}:{line}: not valid YAML ({problem})") from None
     finally:
         loader.dispose()
+
+
+TAG_ERRORS = (ValueError, LookupError, TypeError, OverflowError)
+"""What PyYAML's safe constructors raise, beside YAMLError, for a tagged scalar they cannot read."""
+
+
+def _unreadable_scalar(root: yaml.Node) -> tuple[int, str]:
+    """The line of the first scalar PyYAML's safe constructors fail on, and what is wrong with it."""
+    stack, seen = [root], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.ScalarNode):
+            try:
+                yaml.SafeLoader("").construct_object(node)
+            except Exception:  # noqa: BLE001 - whatever it raises marks the culprit
+                tag = node.tag.rpartition(":")[2] or node.tag
+                return node.start_mark.line + 1, f"!!{tag} {node.value[:40]!r} cannot be read as {tag}"
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(reversed(node.value))
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend(child for pair in reversed(node.value) for child in reversed(pair))
+    return 1, "a tagged value cannot be read"
 
 
 def error_line(err: yaml.YAMLError, text: str) -> int:

@@ -118,7 +118,7 @@ def load_tokenizer(name_or_path: NameOrPath) -> PreTrainedTokenizerBase:
 
     Pad and eos may then share an id: mask labels by position, not by token id.
     """
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path))
+    tokenizer = _from_pretrained(AutoTokenizer, resolve_model(name_or_path), "tokenizer")
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -133,7 +133,20 @@ def load_causal_lm(
     accelerate, for inference with a base too large for one GPU; the model is then already placed.
     """
     extra = {"device_map": device_map} if device_map else {}
-    return AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), dtype=dtype, **extra)
+    return _from_pretrained(AutoModelForCausalLM, resolve_model(name_or_path), "model", dtype=dtype, **extra)
+
+
+def _from_pretrained(auto, path: Path | str, what: str, **kwargs):
+    """`auto.from_pretrained(path)`, with transformers' ValueError for files it cannot use (an unknown
+    model_type, a tokenizer it cannot build) turned into a one-line ModelNotFoundError."""
+    if what == "model" and isinstance(path, Path) and not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"{path}: a folder without config.json; expected a model folder "
+                                 "(config.json, the weights and the tokenizer files, as save_pretrained writes)")
+    try:
+        return auto.from_pretrained(path, **kwargs)
+    except ValueError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelNotFoundError(f"{path}: cannot load the {what} ({first})") from None
 
 
 def load_sequence_classifier(
@@ -145,7 +158,7 @@ def load_sequence_classifier(
     the last real token of each padded row.
     """
     path = resolve_model(name_or_path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
+    model = _from_pretrained(AutoModelForSequenceClassification, path, "model", num_labels=num_labels, dtype=dtype)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = load_tokenizer(path).pad_token_id
     return model

@@ -1,4 +1,5 @@
-"""Small data sets and runs without evaluation, end to end through `lorakit train` (in-process):
+"""Small data sets and runs without evaluation, end to end through `lorakit train` (the one-record
+cases through `python -m lorakit`, the others in-process):
 one record, data.eval_size 0 on a chat file, an eval set smaller than a batch, packing with one
 example, and a classifier on a handful of rows. Each either trains (saying what it decided in one
 line) or refuses in one line with exit code 2, leaving an earlier run's outputs as they were.
@@ -7,13 +8,13 @@ line) or refuses in one line with exit code 2, leaving an earlier run's outputs 
 from __future__ import annotations
 
 import json
-import logging
 import math
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from cli_support import cli, fingerprint, toy_run_config, with_chat_template, write_config
+from cli_support import fingerprint, lorakit_process, toy_run_config, with_chat_template, write_config
 from conftest import TOY_TASK
 from lorakit.cli import main
 
@@ -36,46 +37,35 @@ def _events(run: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def one_record_run(toy, tmp_path_factory):
-    """`lorakit train` on a one-record file with no eval settings: (run folder, stdout, warnings)."""
+    """`python -m lorakit train` on a one-record file with no eval settings: (run folder, config, stderr)."""
     root = tmp_path_factory.mktemp("one")
     (root / "one.jsonl").write_text(ONE)
     config = write_config(root / "config.yaml", toy, data={"train_file": str(root / "one.jsonl")},
                           train={"output_dir": str(root / "run")})
-    capture = _Capture()
-    logging.getLogger("lorakit").addHandler(capture)
-    try:
-        code = main(["train", str(config)])
-    finally:
-        logging.getLogger("lorakit").removeHandler(capture)
-    assert code == 0
-    return root / "run", config, capture.messages
-
-
-class _Capture(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
+    proc = subprocess.run(lorakit_process("train", str(config)), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return root / "run", config, proc.stderr
 
 
 def test_one_record_trains_on_it_without_evaluation_and_says_so_in_one_line(one_record_run):
-    run, config, warnings = one_record_run
-    held = [m for m in warnings if "too few to hold out an eval split" in m]
-    assert len(held) == 1 and "\n" not in held[0] and "only 1 training record," in held[0]
+    run, config, stderr = one_record_run
+    assert "Traceback" not in stderr and "error" not in stderr, stderr
+    held = [line for line in stderr.splitlines() if "too few to hold out an eval split" in line]
+    assert len(held) == 1 and held[0].startswith("WARNING ") and "one.jsonl: only 1 training record," in held[0]
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["selection"]["split"] is None and summary["final_score"]["split"] is None
     assert summary["steps"] == 2 and not [e for e in _events(run) if e["kind"] == "eval"]
 
 
-def test_one_record_with_an_explicit_eval_size_is_refused_and_the_earlier_run_kept(one_record_run, capsys):
+def test_one_record_with_an_explicit_eval_size_is_refused_and_the_earlier_run_kept(one_record_run):
     run, config, _ = one_record_run
     before = fingerprint(run)
     assert before  # the checkpoints and adapter of the run above
-    code, lines = cli(capsys, "train", str(config), "--data.eval_size", "0.1", "--resume")
-    assert code == 2 and len(lines) == 1, lines
+    proc = subprocess.run(lorakit_process("train", str(config), "--data.eval_size", "0.1", "--resume"),
+                          capture_output=True, text=True, timeout=600)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("lorakit")]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith("lorakit train: error: ") and lines[0].endswith(
         "one.jsonl: data.eval_size 0.1 holds out 1 of its 1 record and leaves none to train on; expected a smaller "
         "data.eval_size, 0 to train on all of them without evaluation, or a separate data.eval_file")

@@ -11,9 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import signal
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -21,18 +19,16 @@ from pathlib import Path
 from hypothesis import strategies as st
 
 from conftest import CHAT_TEMPLATE, tiny_tokenizer
+from property_support import ODD_CHARS, time_limit
 from lorakit.config import DataConfig
 from lorakit.data.classification import check_text_label, label_set, tokenize_classification
 from lorakit.data.e2e import read_e2e_records
 from lorakit.data.files import load_records
 from lorakit.data.formats import DataError, public_fields, validate_records
 from lorakit.data.masking import tokenize_dataset
+from lorakit.data.preference import tokenize_preferences
+from lorakit.data.templates import get_template
 
-# Characters that have broken text readers elsewhere: BOM, NUL, bidi controls (RLO, RLM, LRE, PDF),
-# JSON's line and paragraph separators, NEL, vertical tab, form feed, a combining mark, an emoji,
-# and CR / LF inside a value.
-ODD_CHARS = ["\ufeff", "\x00", "\u202e", "\u200f", "\u202a", "\u202c", "\u2028", "\u2029", "\x85", "\x0b", "\x0c",
-             "\u0301", "\U0001f600", "\r", "\n", "\r\n", "\t", '"', "\\", ",", "{", "}", "[", "]"]
 TEXT = st.text(
     alphabet=st.one_of(st.characters(blacklist_categories=("Cs",)), st.sampled_from(ODD_CHARS)),
     min_size=0, max_size=40,
@@ -58,10 +54,20 @@ def _message(role: str) -> st.SearchStrategy:
     return st.fixed_dictionaries({"role": st.just(role), "content": TEXT})
 
 
-CHAT = st.builds(
-    lambda turns, reply: {"messages": [*turns, reply]},
-    st.lists(st.one_of(_message("system"), _message("user"), _message("assistant")), min_size=1, max_size=3),
-    _message("assistant"),
+CHAT = st.builds(  # a system or user turn first, a non-blank reply last: what a chat record must hold
+    lambda first, turns, reply: {"messages": [first, *turns, {"role": "assistant", "content": reply}]},
+    st.one_of(_message("system"), _message("user")),
+    st.lists(st.one_of(_message("system"), _message("user"), _message("assistant")), max_size=2),
+    NON_BLANK,
+)
+
+SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}
+SHAREGPT = CHAT.map(lambda record: {"conversations": [
+    {"from": SHAREGPT_ROLE[m["role"]], "value": m["content"]} for m in record["messages"]]})
+PREFERENCE = st.one_of(
+    st.fixed_dictionaries({"prompt": NON_BLANK, "chosen": NON_BLANK, "rejected": NON_BLANK}),
+    st.builds(lambda prompt, chosen, rejected: {"prompt": prompt, "chosen": chosen, "rejected": rejected},
+              st.lists(_message("user"), min_size=1, max_size=2), NON_BLANK, NON_BLANK),
 )
 
 FORMATS: list[RecordFormat] = [
@@ -70,6 +76,8 @@ FORMATS: list[RecordFormat] = [
     RecordFormat("alpaca", st.fixed_dictionaries({"instruction": NON_BLANK, "input": TEXT, "output": TEXT}),
                  ("jsonl", "json", "csv", "tsv"), ("instruction", "input", "output")),
     RecordFormat("chat", CHAT, ("jsonl", "json"), ("messages",), flat=False),
+    RecordFormat("sharegpt", SHAREGPT, ("jsonl", "json"), ("conversations",), flat=False),
+    RecordFormat("preference", PREFERENCE, ("jsonl", "json"), ("prompt", "chosen", "rejected"), flat=False),
     RecordFormat("text_label", st.fixed_dictionaries(
         {"text": NON_BLANK, "label": st.one_of(st.integers(-3, 3), st.sampled_from(["pos", "neg", "neutral"]))}),
         ("jsonl", "json", "csv", "tsv"), ("text", "label")),
@@ -93,12 +101,17 @@ def write_records(records: list[dict], layout: str, columns: tuple[str, ...], *,
         text = json.dumps(records, ensure_ascii=ascii_only, indent=indent)
         text = text.replace("\n", line_end)  # outside strings: json escapes every line break inside one
     else:
-        out = io.StringIO(newline="")
-        writer = csv.writer(out, delimiter="\t" if layout == "tsv" else ",", lineterminator=line_end)
-        writer.writerow(columns)
-        writer.writerows([[r[c] for c in columns] for r in records])
-        text = out.getvalue()
+        text = "".join(_csv_row(row, "\t" if layout == "tsv" else ",") + line_end
+                       for row in [list(columns), *([r[c] for c in columns] for r in records)])
     return (("\ufeff" if bom else "") + text).encode("utf-8", "surrogatepass")
+
+
+def _csv_row(row: list, delimiter: str) -> str:
+    """One CSV/TSV row without its line end. The csv writer quotes a field holding a character of its
+    line terminator only, so it writes with CRLF (every CR or LF inside a field quoted) and that goes."""
+    out = io.StringIO(newline="")
+    csv.writer(out, delimiter=delimiter, lineterminator="\r\n").writerow(row)
+    return out.getvalue().removesuffix("\r\n")
 
 
 # --------------------------------------------------------------------------- reading them the library's way
@@ -110,13 +123,14 @@ def toy_tokenizer():
     return tokenizer
 
 
-def read_file(fmt: RecordFormat, path: Path, layout: str) -> list[dict]:
-    """What `lorakit train` does with a data file up to the model: read, check, render, tokenise.
+def read_file(fmt: RecordFormat, path: Path, layout: str, *, tokenize: bool = True) -> list[dict]:
+    """What `lorakit train` does with a data file up to the model: read, check, render and (unless
+    `tokenize` is false) tokenise.
 
     Returns the records' public fields. Raises DataError (and nothing else) for bad input.
     """
     CASES[f"{fmt.name}/{layout}"] += 1
-    with time_limit(20):
+    with time_limit(60):  # a hang detector, not a speed test: the machine may be busy
         if layout == "e2e-csv":
             records = read_e2e_records(path)
             validate_records(records, "instruction", str(path))
@@ -126,10 +140,17 @@ def read_file(fmt: RecordFormat, path: Path, layout: str) -> list[dict]:
         if fmt.name == "text_label":
             config = DataConfig(train_file=str(path))
             check_text_label(records, config, str(path))
-            tokenize_classification(tokenizer, records, config, label_set(records, config))
+            labels = label_set(records, config)
+            if tokenize:
+                tokenize_classification(tokenizer, records, config, labels)
+        elif fmt.name == "preference":
+            validate_records(records, fmt.name, str(path))
+            if tokenize:
+                tokenize_preferences(tokenizer, records, get_template("seed"), max_length=4096)
         elif fmt.name != "e2e":
             validate_records(records, fmt.name, str(path))
-            tokenize_dataset(tokenizer, records, "alpaca" if fmt.name == "alpaca" else "seed", max_length=64)
+            if tokenize:
+                tokenize_dataset(tokenizer, records, "alpaca" if fmt.name == "alpaca" else "seed", max_length=4096)
     return [public_fields(r) for r in records]
 
 
@@ -150,23 +171,3 @@ def assert_one_line_naming(err: DataError, path: Path) -> None:
     message = str(err)
     assert "\n" not in message and "\r" not in message, message
     assert message.startswith(f"{path}:") or message.startswith(f"{path} "), message
-
-
-class Hang(Exception):
-    """A read took longer than its limit."""
-
-
-@contextmanager
-def time_limit(seconds: int):
-    """Fail (with Hang) instead of hanging: SIGALRM after `seconds`."""
-
-    def expired(signum, frame):
-        raise Hang(f"took over {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)

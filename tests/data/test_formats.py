@@ -128,3 +128,12 @@ def test_text_label_is_a_hook_until_a_validator_is_registered(monkeypatch):
     formats.register_validator("text_label", lambda record, at: seen.append(at))
     assert validate_records(records) == "text_label"
     assert seen == ["s.csv:2"]
+
+
+def test_a_sharegpt_from_that_is_not_text_is_named(tmp_path):
+    """Found by the property tests: a list as `from` was a TypeError (unhashable) instead of one line."""
+    path = write_file(tmp_path, "d.jsonl", json.dumps(
+        {"conversations": [{"from": [], "value": ""}, {"from": "gpt", "value": "0"}]}) + "\n")
+    message = data_error_of(validate_records, load_records(path))
+    assert message.startswith(f"{path}:1: field 'conversations[0].from' is ")
+    assert "(expected one of " in message

@@ -50,6 +50,10 @@ def run(args: argparse.Namespace, _overrides) -> int:
     config = DashboardConfig(**settings)
     if not os.path.isdir(args.runs_dir):
         raise ConfigError(f"{args.runs_dir}: no such folder; expected a folder of run folders (train.output_dir)")
+    try:
+        os.listdir(args.runs_dir)
+    except OSError as err:  # the page would list nothing and say nothing of why
+        raise ConfigError(f"{args.runs_dir}: cannot be read ({err.strerror}); expected a readable folder of run folders") from None
     app = build_app(args.runs_dir, config)
     if not config.loopback:
         print(f"lorakit dashboard: warning: listening on {config.host}: anyone who can reach this machine and has the "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from lorakit.cli.parsing import add_quantization_flags, subcommand
 
 EXAMPLES = """examples:
@@ -44,6 +46,8 @@ def run(args, _overrides) -> int:
 
     if args.base_full_precision and not args.bits:
         raise ConfigError("--base-full-precision compares against a quantised base: add --load-in-4bit or --load-in-8bit")
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise ConfigError(f"--output {args.output}: is a file; expected a folder (new or existing) for the merged model")
     merged, tokenizer, gaps, note = load_merged(args.model, args.adapter, args.bits, args.base_full_precision)
     if note:
         print(f"note: {note}", file=sys.stderr)

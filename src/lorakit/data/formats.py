@@ -210,7 +210,7 @@ def _check_sharegpt(record: dict[str, Any], at: str) -> None:
         field = f"conversations[{i}]"
         if not isinstance(turn, dict):
             raise DataError(f"{at}: field '{field}' is {_describe(turn)} (expected a {{from, value}} object)")
-        if turn.get("from") not in SHAREGPT_ROLES:
+        if not isinstance(turn.get("from"), str) or turn["from"] not in SHAREGPT_ROLES:
             state = "missing" if "from" not in turn else _describe(turn["from"])
             raise DataError(f"{at}: field '{field}.from' is {state} (expected one of {roles})")
         _require_str(turn, "value", at, field=f"{field}.value")

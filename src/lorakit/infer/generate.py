@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList, NoRepeatNGramLogitsProcessor
+
+from lorakit.config import ConfigError
 
 
 @dataclass
@@ -21,6 +24,18 @@ class GenerationConfig:
     num_beams: int = 1  # > 1: beam search (greedy beams; temperature must be 0)
     length_penalty: float = 1.0  # beam search: score / length**length_penalty; < 1 favours shorter outputs
     no_repeat_ngram_size: int = 0  # > 0: no n-gram of this size appears twice in the generated text (the prompt aside)
+
+    def __post_init__(self) -> None:
+        problems = [f"{name}: given {getattr(self, name)!r}, expected {allowed}" for name, ok, allowed in [
+            ("max_new_tokens", self.max_new_tokens >= 1, "a positive integer"),
+            ("batch_size", self.batch_size >= 1, "a positive integer"),
+            ("temperature", math.isfinite(self.temperature) and self.temperature >= 0, "a number >= 0 (0: greedy)"),
+            ("top_p", 0 < self.top_p <= 1, "a number in (0, 1]"),
+            ("num_beams", self.num_beams >= 1, "a positive integer"),
+            ("no_repeat_ngram_size", self.no_repeat_ngram_size >= 0, "an integer >= 0 (0: off)"),
+        ] if not ok]
+        if problems:
+            raise ConfigError.of(problems)
 
 
 def stop_token_ids(tokenizer, model: nn.Module) -> list[int]:
