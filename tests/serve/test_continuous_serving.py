@@ -241,3 +241,17 @@ def test_hot_load_and_unload_under_load(server, client, reference):
     assert record["busy"][2] == "length"  # the other rows ran through it all
     assert manage.post("/adapters", json={"name": "late", "path": "late"}).status_code == 200  # and back
     assert manage.delete("/adapters/late").status_code == 200
+
+
+def test_scheduler_flags_are_checked_in_one_line(capsys):
+    from lorakit.cli import main
+
+    for flags, expected in [(["--scheduler", "fifo"], "invalid choice: 'fifo'"),
+                            (["--max-kv-tokens", "1"], "max_kv_tokens must be >= 2")]:  # fmt: skip
+        try:
+            code = main(["serve", "--model", "unused", *flags])
+        except SystemExit as exit_:  # argparse's own refusal
+            code = exit_.code
+        assert code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert expected in err[-1], err
