@@ -3,9 +3,9 @@
 One worker thread owns the model and runs the waiting requests together, batch after batch.
 Batching is per batch (static), not continuous (serve/continuous.py is): the worker takes up to
 `max_batch` waiting requests (waiting `batch_wait_ms` for more to arrive), runs them as one
-mixed-adapter batch to the end, then takes the next ones. Within a batch each request leaves as soon as it finishes, so
-short requests free their compute, and a cancelled one (its client went away) leaves at the
-next step. Requests that arrive meanwhile wait for the next batch.
+mixed-adapter batch to the end, then takes the next ones. Within a batch each request leaves as
+soon as it finishes, so short requests free their compute, and a cancelled one (its client went
+away) leaves at the next step. Requests that arrive meanwhile wait for the next batch.
 """
 
 from __future__ import annotations
