@@ -2,6 +2,13 @@
 
     python bench/train_throughput.py [--model smollm2-135m-instruct] [--steps 50] [--warmup 2] [--batch 8]
                                      [--repeats 2]
+    python bench/train_throughput.py --model-config qwen2.5-1.5b [--qlora] [--steps 10]
+
+--model-config NAME builds NAME's shape (smollm2-135m, qwen2.5-0.5b, qwen2.5-1.5b: the first seed's
+Qwen2.5-Coder-1.5B, same shape) from its published config with random weights (seeded, the same in
+every child; nothing is downloaded), so cost can be compared across sizes; the examples are still
+tokenised by --model's tokenizer (its ids are valid in every listed vocabulary). --qlora adds
+  e  lorakit QLoRA: as c on an NF4 base (double quantisation, bitsandbytes), fp32 compute
 
 Every variant runs in its own child process (so each peak RSS is its own), on the same model, the
 same ROS 2 examples in the same order, the same initial adapter (r=8 on all seven projections),
@@ -47,6 +54,22 @@ VARIANTS = {
     "c": "lorakit",
     "d": "lorakit, memory mode (128-token rows, one per forward)",
 }
+QLORA_VARIANT = {"e": "lorakit QLoRA (NF4 base, double quantisation)"}
+# Published config.json fields of each shape --model-config can build (random weights, no download).
+MODEL_CONFIGS = {
+    "smollm2-135m": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                   num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                                   max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+                                   tie_word_embeddings=True)),
+    "qwen2.5-0.5b": ("qwen2", dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                   num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                                   max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                                   tie_word_embeddings=True)),
+    "qwen2.5-1.5b": ("qwen2", dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                   num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                                   max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                                   tie_word_embeddings=True)),
+}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SEED_MAX_LENGTH = 256
 PACK_LENGTH = 256
@@ -63,19 +86,35 @@ def examples(tokenizer, args) -> list[dict]:
     return out
 
 
+def load_model(args):
+    """--model's weights, or with --model-config that shape with seeded random weights (the same in every child)."""
+    from lorakit.models import load_causal_lm
+
+    if args.model_config is None:
+        return load_causal_lm(args.model)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kind, fields = MODEL_CONFIGS[args.model_config]
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(kind, **fields, attn_implementation="sdpa")
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).train()
+
+
 def prepare(args) -> dict:
     """Child 'init': write the initial adapter every variant starts from; count the useful FLOPs."""
     from peft import LoraConfig, get_peft_model
 
     import lorakit
-    from lorakit.models import load_causal_lm, load_tokenizer
+    from lorakit.models import load_tokenizer
     from lorakit.train.flops import StepFlops, gemm_shapes
 
     tokenizer = load_tokenizer(args.model)
     data = examples(tokenizer, args)
-    model = get_peft_model(load_causal_lm(args.model), LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+    model = get_peft_model(load_model(args), LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
     model.save_pretrained(_init_dir(args))
-    ours = load_causal_lm(args.model)
+    peft_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    del model  # one model at a time (a 1.5B shape is 6 GB in fp32)
+    ours = load_model(args)
     lorakit.load_adapter(ours, _init_dir(args))
     flops = StepFlops.of(ours)
     batches = [data[i * args.batch : (i + 1) * args.batch] for i in range(args.steps)]
@@ -84,7 +123,7 @@ def prepare(args) -> dict:
     return {
         "useful_flops_per_step": [flops.examples(batch) for batch in batches],
         "flop_model": vars(flops), "gemm_shapes": gemm_shapes(ours, tokens, labelled),
-        "peft_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "peft_trainable": peft_trainable,
     }
 
 
@@ -98,7 +137,7 @@ def run_peft(args, recipe: str) -> dict:
             return SequentialSampler(self.train_dataset)
 
     from lorakit.data.collate import pad_batch
-    from lorakit.models import load_causal_lm, load_tokenizer
+    from lorakit.models import load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
     data = examples(tokenizer, args)
@@ -116,7 +155,7 @@ def run_peft(args, recipe: str) -> dict:
         real.append(int(out["attention_mask"].sum()))
         return out
 
-    model = PeftModel.from_pretrained(load_causal_lm(args.model), _init_dir(args), is_trainable=True)
+    model = PeftModel.from_pretrained(load_model(args), _init_dir(args), is_trainable=True)
     stamps = []
 
     class Clock(TrainerCallback):
@@ -138,10 +177,11 @@ def run_peft(args, recipe: str) -> dict:
     return _result(stamps, real, args, losses, rss)
 
 
-def run_lorakit(args, memory_mode: bool = False) -> dict:
+def run_lorakit(args, memory_mode: bool = False, qlora: bool = False) -> dict:
     import lorakit
-    from lorakit.config import TrainConfig
-    from lorakit.models import load_causal_lm, load_tokenizer
+    from lorakit.config import QuantizationConfig, TrainConfig
+    from lorakit.models import load_tokenizer
+    from lorakit.quant.model import quantize_model
     from lorakit.train.lean import release_freed_memory, use_fused_paths
     from lorakit.train.loop import accumulate_gradients, real_tokens
     from lorakit.train.objectives import CausalLMObjective
@@ -149,7 +189,9 @@ def run_lorakit(args, memory_mode: bool = False) -> dict:
 
     tokenizer = load_tokenizer(args.model)
     data = examples(tokenizer, args)
-    model = load_causal_lm(args.model)
+    model = load_model(args)
+    if qlora:
+        quantize_model(model, QuantizationConfig(bits=4, type="nf4", double_quant=True))
     lorakit.load_adapter(model, _init_dir(args))  # the initial adapter every variant starts from
     model.train()
     pack_length = MEMORY_PACK_LENGTH if memory_mode else PACK_LENGTH
@@ -158,7 +200,7 @@ def run_lorakit(args, memory_mode: bool = False) -> dict:
         lr=LR, scheduler="linear", warmup_ratio=0.0, max_grad_norm=1.0,
         max_tokens_per_forward=pack_length if memory_mode else 0,
     )
-    use_fused_paths(model, config.fused)  # what train() switches on, as it does
+    use_fused_paths(model, config.fused, config.fuse_projections, config.half_base)  # what train() switches on, as it does
     if config.release_memory:
         release_freed_memory()
     optimizer = build_optimizer(model, config)
@@ -234,19 +276,19 @@ def child(args, variant: str) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
-def summarise(runs: list[dict]) -> list[dict]:
+def summarise(runs: list[dict], variants: dict[str, str]) -> list[dict]:
     """min / median of each variant's speed and MFU, and of the ratios within each round."""
     rows = []
     by = {(r["repeat"], r["variant"]): r for r in runs}
     repeats = sorted({r["repeat"] for r in runs})
-    for variant in VARIANTS:
+    for variant in variants:
         mine = [r for r in runs if r["variant"] == variant]
         rows.append({"what": f"{variant} real tok/s", **min_median([r["real_tokens_per_s"] for r in mine])})
         rows.append({"what": f"{variant} MFU", **min_median([r["mfu"] for r in mine])})
     for ours, base in (("c", "a"), ("c", "b"), ("d", "b")):
         ratios = [by[(i, ours)]["real_tokens_per_s"] / by[(i, base)]["real_tokens_per_s"] for i in repeats]
         rows.append({"what": f"{ours} / {base} speed (same round)", **min_median(ratios)})
-    for ours in "cd":
+    for ours in [v for v in variants if v in "cde"]:
         ratios = [by[(i, ours)]["peak_rss_mb"] / by[(i, "b")]["peak_rss_mb"] for i in repeats]
         rows.append({"what": f"{ours} / b peak memory", **min_median(ratios)})
         gaps = [max(abs(c - b) / abs(b) for b, c in zip(by[(i, "b")]["losses"], by[(i, ours)]["losses"])) for i in repeats]
@@ -263,14 +305,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="rounds; the variants take turns within each")
     parser.add_argument("--work-dir", default="runs/bench/train_throughput", help="initial adapter, Trainer output")
     parser.add_argument("--results-dir", default=None, help="where train_throughput.json goes (default runs/bench)")
-    parser.add_argument("--variant", choices=[*VARIANTS, "init"], help=argparse.SUPPRESS)  # set in the children
+    parser.add_argument("--model-config", choices=sorted(MODEL_CONFIGS), default=None,
+                        help="build this model shape with random weights instead of loading --model's")
+    parser.add_argument("--qlora", action="store_true", help="add variant e: lorakit on an NF4 base")
+    parser.add_argument("--variant", choices=[*VARIANTS, *QLORA_VARIANT, "init"], help=argparse.SUPPRESS)  # children
     args = parser.parse_args()
+    variants = {**VARIANTS, **(QLORA_VARIANT if args.qlora else {})}
     if not 0 < args.warmup < args.steps:
         parser.error(f"--warmup {args.warmup}: expected 1 to --steps - 1 ({args.steps - 1})")
     if args.variant:
         torch.manual_seed(0)
         run = {"init": lambda: prepare(args), "a": lambda: run_peft(args, "seed"), "b": lambda: run_peft(args, "dynamic"),
-               "c": lambda: run_lorakit(args), "d": lambda: run_lorakit(args, memory_mode=True)}[args.variant]
+               "c": lambda: run_lorakit(args), "d": lambda: run_lorakit(args, memory_mode=True),
+               "e": lambda: run_lorakit(args, qlora=True)}[args.variant]
         print("RESULT " + json.dumps(run()))
         return
 
@@ -283,7 +330,7 @@ def main() -> None:
         gemm_seen.append(max(rates.values()))
         print(f"round {repeat}: fp32 GEMM at the model's shapes: best {max(rates.values()):.1f} GFLOP/s "
               f"(of {len(rates)} shapes, slowest {min(rates.values()):.1f})", flush=True)
-        for variant, what in VARIANTS.items():
+        for variant, what in variants.items():
             row = child(args, variant)
             row.update(repeat=repeat, variant=variant, useful_gflops_per_s=timed_flops / row["seconds"] / 1e9)
             runs.append(row)
@@ -295,17 +342,20 @@ def main() -> None:
     print(f"\nfp32 GEMM peak (highest of {len(gemm_seen)} measurements at the model's shapes): {peak:.1f} GFLOP/s")
     print(f"{'round':>5} {'variant':<56} {'real tok/s':>10} {'MFU':>7} {'peak RSS MB':>12} {'training peak MB':>17}")
     for row in runs:
-        print(f"{row['repeat']:>5} {row['variant']}  {VARIANTS[row['variant']]:<53} {row['real_tokens_per_s']:>10.1f} "
+        print(f"{row['repeat']:>5} {row['variant']}  {variants[row['variant']]:<53} {row['real_tokens_per_s']:>10.1f} "
               f"{row['mfu']:>7.2%} {row['peak_rss_mb']:>12.0f} {row['training_peak_rss_mb']:>17.0f}")
-    summary = summarise(runs)
+    summary = summarise(runs, variants)
     print(f"\n{'':<48} {'min':>8} {'median':>8} {'max':>8}")
     for row in summary:
         print(f"{row['what']:<48} {row['min']:>8.4g} {row['median']:>8.4g} {row['max']:>8.4g}")
     for row in runs:
-        row["variant"] = f"{row['variant']}: {VARIANTS[row['variant']]}"
+        row["variant"] = f"{row['variant']}: {variants[row['variant']]}"
+    model = args.model if args.model_config is None else f"{args.model_config} shape (random weights)"
     path = write_result(
-        "train_throughput", "Training throughput, memory and MFU", runs,
-        description=(f"{args.model}, r=8 LoRA on all seven projections, {args.steps} steps of {args.batch} ROS 2 "
+        "train_throughput" + (f"_{args.model_config}" if args.model_config else ""),
+        "Training throughput, memory and MFU" + (f" at the {args.model_config} shape" if args.model_config else ""),
+        runs,
+        description=(f"{model}, r=8 LoRA on all seven projections, {args.steps} steps of {args.batch} ROS 2 "
                      f"examples (the same for every variant, from the same initial adapter), the first "
                      f"{args.warmup} untimed; the variants take turns in each of {args.repeats} rounds. MFU = useful "
                      f"FLOPs/s ({timed_flops / 1e9:.1f} GFLOP over the timed steps, lorakit.train.flops) / the "

@@ -207,6 +207,12 @@ class TrainConfig:
     gradient_checkpointing: bool = _help("recompute activations in backward to save memory", default=False)
     fused: bool = _help("fused LoRA kernels (linear, SwiGLU MLP) and grouped attention without key/value copies:"
                         " same math, less memory", default=True)
+    fuse_projections: bool = _help("with fused: q/k/v (and gate/up) as one GEMM over their packed frozen weights,"
+                                   " the siblings' LoRA A's concatenated (same math, bigger GEMMs)", default=True)
+    half_base: str = _help("with fused, on a CPU: the frozen base weights in a half type, LoRA weights and activations"
+                           " in fp32: off | auto (time fp32/fp16/bf16 GEMMs first; half only where faster) | fp16 |"
+                           " bf16. Off by default: a run's numbers then do not depend on the CPU or a timing",
+                           default="off")
     group_by_length: bool = _help("batch examples of similar length together (less padding; shuffled in groups"
                                   " of 50 batches, as transformers' group_by_length)", default=False)
     max_tokens_per_forward: int = _help("run each micro-batch through the model in row groups of at most this many"
@@ -342,6 +348,7 @@ CHOICES = {
     ("TrainConfig", "eval_strategy"): ("no", "steps", "epoch"),
     ("TrainConfig", "save_strategy"): ("no", "steps", "epoch"),
     ("TrainConfig", "precision"): ("fp32", "bf16", "fp16"),
+    ("TrainConfig", "half_base"): ("auto", "off", "fp16", "bf16"),
     ("PreferenceConfig", "loss_type"): ("sigmoid", "ipo"),
     ("EvalConfig", "task"): (None, *TASKS),
 }

@@ -69,4 +69,5 @@ def test_gemm_shapes_cover_forward_and_input_gradient(model):
     shapes = gemm_shapes(model, tokens=100, labelled=20)
     assert (100, 32, 64) in shapes and (100, 64, 32) in shapes  # gate/up forward, their input gradient
     assert (100, 32, 16) in shapes and (20, 32, 128) in shapes and (20, 128, 32) in shapes
+    assert (100, 32, 128) in shapes and (100, 64, 32) in shapes  # gate/up packed; q/k/v packed: 32 + 16 + 16
     assert len(shapes) == len(set(shapes))

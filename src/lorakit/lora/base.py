@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 try:  # GPT-2's Conv1D is a Linear with a transposed weight.
@@ -87,3 +88,18 @@ def dequantize_model(model: nn.Module) -> nn.Module:
         if hasattr(model, flag):
             delattr(model, flag)
     return model
+
+
+def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + b in x's dtype. A frozen weight kept in a half type (train.half_base) multiplies in its own
+    type, the GEMM accumulating in fp32, and the result goes on in x's type."""
+    if weight.dtype == x.dtype:
+        return F.linear(x, weight, bias)
+    return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+
+
+def base_input_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """g W (the input gradient of x W^T) in g's dtype, multiplied in the weight's type as `base_linear` does."""
+    if weight.dtype == grad.dtype:
+        return grad @ weight
+    return (grad.to(weight.dtype) @ weight).to(grad.dtype)

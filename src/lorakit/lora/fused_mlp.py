@@ -12,7 +12,8 @@ term is its adapter's own fused forward and backward halves, as in the fused lin
 projections are LoRA layers on the fused path; at each call the MLP checks that this still holds
 (an adapter merged, disabled, several active...) and otherwise runs its own forward unchanged; once
 its projections are plain layers again (`merge_and_unload`) it drops the fused path for good.
-`unfuse_swiglu_mlps(model)` switches it off again.
+`unfuse_swiglu_mlps(model)` switches it off again. Where gate and up are a packed sibling group
+(lora/fused_siblings.py), `FusedSwiGLUPacked` runs them as one GEMM forward and one for dL/dx.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.lora.fused_siblings import siblings_backward, siblings_forward
 from lorakit.lora.layer import LoraLayer
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -61,6 +63,43 @@ class FusedSwiGLULora(torch.autograd.Function):
         return (dx, None, None, None, *grads_g, None, *grads_u, None, *grads_d)
 
 
+class FusedSwiGLUPacked(torch.autograd.Function):
+    """As FusedSwiGLULora, with gate and up as one GEMM over their packed weights (lora/fused_siblings.py)."""
+
+    @staticmethod
+    def forward(ctx, x, training: bool, adapters: tuple, w_gate_up, w_down, *params):
+        """`adapters`: gate, up, down; `params`: gate's then up's then down's `fused_params()`."""
+        (gate, up, down) = adapters
+        n = len(gate.fused_params()) + len(up.fused_params())
+        gu, saved_gu = siblings_forward(x, w_gate_up, None, (gate, up), params[:n], training)  # (..., 2 inter)
+        g, u = gu.chunk(2, dim=-1)
+        h = F.silu(g) * u  # not kept
+        y, saved_d = down.fused_forward(h, w_down, None, params[n:], training)
+        ctx.save_for_backward(x, gu, w_gate_up, w_down, *params, *saved_gu, *saved_d)
+        ctx.adapters, ctx.counts = adapters, (n, len(params), len(saved_gu))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, gu, w_gate_up, w_down, *rest = ctx.saved_tensors
+        n, n_params, n_saved = ctx.counts
+        params, saved_gu, saved_d = rest[:n_params], rest[n_params : n_params + n_saved], rest[n_params + n_saved :]
+        gate, up, down = ctx.adapters
+        g, u = gu.chunk(2, dim=-1)
+        silu = F.silu(g)
+        h = silu * u  # recomputed instead of stored
+        dh, grads_d = down.fused_backward(grad, h, w_down, params[n:], saved_d, True)
+        del h
+        dgu = torch.empty_like(gu)  # (..., 2 inter): [dg, du], one GEMM for dx
+        dg, du = dgu.chunk(2, dim=-1)
+        torch.mul(dh, u, out=du)  # dh u, parked in du's place
+        torch.ops.aten.silu_backward.grad_input(du, g, grad_input=dg)  # dg = dh u silu'(g)
+        torch.mul(silu, dh, out=du)
+        del dh, silu
+        dx, grads_gu = siblings_backward(dgu, x, w_gate_up, (gate, up), params[:n], saved_gu, ctx.needs_input_grad[0])
+        return (dx, None, None, None, None, *grads_gu, *grads_d)
+
+
 def _split(adapters: tuple, parts: tuple) -> list[tuple]:
     """[(weight, params)] per projection from the flattened parts."""
     out, at = [], 0
@@ -90,12 +129,20 @@ class _FusedForward:
             return type(self.module).forward(self.module, x)
         if not all(layer.can_fuse() and layer.base_layer.bias is None for layer in layers):
             return type(self.module).forward(self.module, x)
+        group = layers[0].sibling_group
+        if group is not None and group.layers == layers[:2] and group.applies():  # gate/up packed: one GEMM
+            adapters, params = group.adapters_and_params()
+            down, w_down, _bias = layers[2].fused_parts()
+            params += list(down.fused_params())
+            return FusedSwiGLUPacked.apply(
+                x.to(params[0].dtype), self.module.training, (*adapters, down), group.weight, w_down, *params
+            )
         adapters, parts = [], []
         for layer in layers:
             adapter, weight, _bias = layer.fused_parts()
             adapters.append(adapter)
             parts += [weight, *adapter.fused_params()]
-        return FusedSwiGLULora.apply(x.to(parts[0].dtype), self.module.training, tuple(adapters), *parts)
+        return FusedSwiGLULora.apply(x.to(parts[1].dtype), self.module.training, tuple(adapters), *parts)
 
 
 def fuse_swiglu_mlps(model: nn.Module) -> int:

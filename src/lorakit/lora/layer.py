@@ -6,7 +6,8 @@ For a base weight W (out x in), a plain adapter adds a low-rank update
 
 Variants (lora/variants/) change how the update enters; the layer never reads an adapter's
 tensors, it asks the adapter: `output` in a forward pass, `merge`/`unmerge` for the weight, the
-fused halves for the lean training path (lora/fused.py).
+fused halves for the lean training path (lora/fused.py; sibling layers as one GEMM in
+lora/fused_siblings.py).
 
 One `LoraLayer` wraps any of three base kinds; they differ only in how the (out, in) update
 lines up with the stored weight and how the adapter reads the input:
@@ -49,6 +50,7 @@ class LoraLayer(nn.Module):
         self.disabled = False
         self.fused = True  # the lean autograd path (lora/fused.py) where it applies
         self.row_adapters = None  # a lora.mixed.RowAdapters while a mixed-adapter batch runs
+        self.sibling_group = None  # a lora.fused_siblings.SiblingGroup: q/k/v or gate/up as one GEMM
         base_layer.requires_grad_(False)
 
     # -- shape of the base ------------------------------------------------------------------
@@ -139,16 +141,27 @@ class LoraLayer(nn.Module):
                     f"adapters {self.merged} are merged into this layer; unmerge them before disabling "
                     "(lorakit.disable_adapters(model) does)"
                 )
-            return self.base_layer(x, *args, **kwargs)
+            return self._base(x, *args, **kwargs)
         if self.row_adapters is not None:
             return self.row_adapters.forward(self, x, *args, **kwargs)
+        if self.sibling_group is not None:
+            out = self.sibling_group.output(self, x)
+            if out is not None:
+                return out
         if self.can_fuse():
             return self._fused_forward(x)
-        out = self.base_layer(x, *args, **kwargs)
+        out = self._base(x, *args, **kwargs)
         for name in self.active:
             if name not in self.merged:
                 out = self.adapters[name].output(self, x, out)
         return out
+
+    def _base(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The base layer's output; a base kept in a half type (train.half_base) answers in x's type."""
+        weight = self.base_layer.weight
+        if self.kind == "embedding" or not x.is_floating_point() or weight.dtype == x.dtype or is_quantized(self.base_layer):
+            return self.base_layer(x, *args, **kwargs)
+        return self.base_layer(x.to(weight.dtype), *args, **kwargs).to(x.dtype)
 
     def can_fuse(self) -> bool:
         """One active unmerged adapter on a plain float Linear/Conv1D whose weight and bias are frozen."""
@@ -173,7 +186,7 @@ class LoraLayer(nn.Module):
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         adapter, weight, bias = self.fused_parts()
-        return fused_adapter_linear(x.to(weight.dtype), weight, bias, adapter, self.training)
+        return fused_adapter_linear(x.to(adapter.fused_params()[0].dtype), weight, bias, adapter, self.training)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, adapters={list(self.adapters)}, active={self.active}, merged={self.merged}"

@@ -6,6 +6,7 @@ from torch import nn
 
 from lorakit.lora.adapters import lora_layers, saved_modules
 from lorakit.lora.base import dequantize_model, is_quantized
+from lorakit.lora.fused_siblings import unfuse_projections
 
 
 def merge_adapters(model: nn.Module) -> None:
@@ -27,6 +28,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     `from_pretrained` loads without lorakit. Saved modules (a trained head) keep the active copy.
     A quantised (QLoRA) base is dequantised to fp32 first, and the adapters merged in fp32.
     """
+    unfuse_projections(model)  # packed sibling weights get their own storage: save_pretrained needs that
     if any(is_quantized(layer.base_layer) for _, layer in lora_layers(model)):
         dequantize_model(model)
     for name, layer in lora_layers(model):

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from lorakit.lora.fused_siblings import SIBLINGS
+
 
 @dataclass(frozen=True)
 class StepFlops:
@@ -74,8 +76,9 @@ def gemm_shapes(model: nn.Module, tokens: int, labelled: int) -> list[tuple[int,
     """The (M, K, N) products of a training step's frozen linear layers for `tokens` rows.
 
     Each frozen (out, in) weight runs x @ W^T (tokens, in) x (in, out) forward and dy @ W
-    (tokens, out) x (out, in) for the input gradient; the head runs at `labelled` rows. Distinct
-    shapes only, in the order met.
+    (tokens, out) x (out, in) for the input gradient; the head runs at `labelled` rows. Sibling
+    projections (q/k/v, gate/up) also at their packed width, as train.fuse_projections runs them.
+    Distinct shapes only, in the order met.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     shapes: dict[tuple[int, int, int], None] = {}
@@ -84,6 +87,13 @@ def gemm_shapes(model: nn.Module, tokens: int, labelled: int) -> list[tuple[int,
             out_features, in_features = module.weight.shape
             shapes[(tokens, in_features, out_features)] = None
             shapes[(tokens, out_features, in_features)] = None
+    for module in model.modules():  # packed siblings (lora/fused_siblings.py) run as one wider product
+        for names in SIBLINGS:
+            bases = [getattr(getattr(module, name, None), "base_layer", getattr(module, name, None)) for name in names]
+            if all(isinstance(b, nn.Linear) for b in bases) and len({b.in_features for b in bases}) == 1:
+                out_features = sum(b.out_features for b in bases)
+                shapes[(tokens, bases[0].in_features, out_features)] = None
+                shapes[(tokens, out_features, bases[0].in_features)] = None
     if head is not None:
         vocab, hidden = head.weight.shape
         shapes[(labelled, hidden, vocab)] = None

@@ -252,7 +252,9 @@ def _prepare_model(model: nn.Module, config: TrainConfig) -> None:
     """Gradient checkpointing, the fused paths, and the allocator, as the config asks."""
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    log.info("lean path: %s", use_fused_paths(model, config.fused))
+    sharded = config.fsdp  # FSDP owns the base weights: neither packed nor cast
+    log.info("lean path: %s", use_fused_paths(model, config.fused, config.fuse_projections and not sharded,
+                                              "off" if sharded else config.half_base))
     if config.release_memory:
         release_freed_memory()
 

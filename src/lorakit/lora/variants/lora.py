@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.lora.base import base_input_grad, base_linear
 from lorakit.lora.inits import initialize
 
 
@@ -129,7 +130,7 @@ def lora_forward(x, weight, bias, A, B, scaling: float, p: float, training: bool
         u = ((x * keep) @ A.T).div_(1 - p)  # (..., r); the inverted-dropout scale on the r-wide product
     else:
         u = x @ A.T  # (..., r)
-    y = F.linear(x, weight, bias)
+    y = base_linear(x, weight, bias)
     # The LoRA term rides on the up-projection's GEMM (addmm_ with alpha = s): no (tokens x out)
     # temporaries for s * (u B^T) and the sum, each a full pass over the output.
     y.view(-1, y.shape[-1]).addmm_(u.reshape(-1, u.shape[-1]), B.T, alpha=scaling)
@@ -153,7 +154,7 @@ def lora_backward(grad, x, weight, A, B, u, keep, scaling: float, p: float, need
         grad_A = (du2.T @ (x * keep).reshape(-1, x.shape[-1])).div_(1 - p)
     grad_x = None
     if need_grad_x:
-        grad_x = grad @ weight  # (..., in), contiguous
+        grad_x = base_input_grad(grad, weight)  # (..., in), contiguous
         if keep is None:  # du A added by the GEMM itself
             grad_x.view(-1, grad_x.shape[-1]).addmm_(du2, A)
         else:

@@ -1,0 +1,84 @@
+"""A half-precision frozen base, where this CPU multiplies halves faster than fp32.
+
+Some CPUs run fp16 or bf16 GEMMs faster than fp32 (AVX-512 FP16, AMX); many (AVX2 only) run them
+several times slower. `train.half_base: auto` times the three at one of the model's own shapes
+before training and keeps the frozen weights of the LoRA layers in the fastest half type only
+where it beats fp32 by HALF_MARGIN; `off` never casts, `fp16`/`bf16` cast without asking.
+
+What stays fp32: the LoRA A and B (and their optimizer state), activations between layers, norms,
+embeddings and the head. Each base GEMM multiplies in the weight's type (the GEMM accumulates in
+fp32 inside) and hands its result on as fp32 (lora/base.py: `base_linear`, `base_input_grad`).
+Only layers on the fused path with a plain LoRA adapter are cast; the base keeps the half type
+for the rest of the process (a merge into it rounds to that type).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+
+from lorakit.lora.adapters import lora_layers
+from lorakit.lora.variants import LoraAdapter
+
+log = logging.getLogger(__name__)
+
+HALF_TYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+HALF_MARGIN = 0.9  # a half type must take at most this share of fp32's time
+PROBE_ROWS = 256
+
+
+def gemm_seconds(dtype: torch.dtype, rows: int, in_features: int, out_features: int, repeats: int = 3) -> float:
+    """Fastest of `repeats` timings of x (rows, in) @ W^T (in, out) in `dtype`."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, in_features, generator=generator).to(dtype)
+    weight = torch.randn(out_features, in_features, generator=generator).to(dtype)
+    torch.nn.functional.linear(x, weight)  # warm-up: kernel choice, first-touch
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.nn.functional.linear(x, weight)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def probe_half_type(in_features: int, out_features: int) -> tuple[str | None, dict[str, float]]:
+    """(the half type to use or None, seconds per GEMM of fp32, fp16 and bf16) at (PROBE_ROWS, in, out)."""
+    seconds = {name: gemm_seconds(dtype, PROBE_ROWS, in_features, out_features)
+               for name, dtype in {"fp32": torch.float32, **HALF_TYPES}.items()}
+    name = min(HALF_TYPES, key=seconds.__getitem__)
+    return (name if seconds[name] <= HALF_MARGIN * seconds["fp32"] else None), seconds
+
+
+def castable_layers(model: nn.Module) -> list:
+    """LoRA layers on the fused path with one plain LoRA adapter on an fp32 Linear base."""
+    return [
+        layer for _, layer in lora_layers(model)
+        if layer.can_fuse() and type(layer.adapters[layer.active[0]]) is LoraAdapter
+        and layer.kind == "linear" and layer.base_layer.weight.dtype == torch.float32
+    ]
+
+
+@torch.no_grad()
+def use_half_base(model: nn.Module, setting: str = "auto") -> str | None:
+    """Cast the frozen LoRA bases to a half type as `setting` (auto | off | fp16 | bf16) says; returns the type used."""
+    layers = castable_layers(model)
+    device = next(model.parameters()).device
+    if setting == "off" or not layers or device.type != "cpu":  # on a GPU, train.precision does this job
+        return None
+    name = setting
+    if setting == "auto":
+        widest = max(layers, key=lambda layer: layer.base_layer.weight.numel()).base_layer.weight
+        name, seconds = probe_half_type(widest.shape[1], widest.shape[0])
+        log.info("half-precision base probe at (%d, %d, %d): %s -> %s", PROBE_ROWS, widest.shape[1], widest.shape[0],
+                 {k: f"{v * 1e3:.2f} ms" for k, v in seconds.items()}, name or "fp32 (no half type is faster)")
+        if name is None:
+            return None
+    for layer in layers:
+        base = layer.base_layer
+        base.weight.data = base.weight.data.to(HALF_TYPES[name])
+        if base.bias is not None:
+            base.bias.data = base.bias.data.to(HALF_TYPES[name])
+    return name

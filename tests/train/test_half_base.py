@@ -1,0 +1,86 @@
+"""Half-precision frozen base: the probe, the cast, and a loss curve within 1% of fp32's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.lora.adapters import lora_layers
+from lorakit.train import half_base
+from lorakit.train.lean import use_fused_paths
+from lorakit.train.loop import accumulate_gradients
+from lorakit.train.objectives import CausalLMObjective
+from conftest import TINY_MODELS, VOCAB
+
+
+def _curve(half: str, steps: int = 40) -> tuple[list[float], dict]:
+    model = lorakit.inject(TINY_MODELS["llama"](), lorakit.LoraConfig(r=8, lora_alpha=16))
+    model.train()
+    applied = use_fused_paths(model, half_base=half)
+    objective = CausalLMObjective(pad_token_id=0)
+    generator = torch.Generator().manual_seed(5)
+    rows = torch.randint(3, VOCAB // 4, (8, 24), generator=generator)  # a small vocabulary: learnable in 40 steps
+    batch = {"input_ids": rows, "labels": rows.clone(), "attention_mask": torch.ones_like(rows)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        losses.append(accumulate_gradients(model, [batch], objective))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return losses, applied
+
+
+@pytest.mark.parametrize("half", ["fp16", "bf16"])
+def test_half_base_loss_curve_stays_within_one_percent_of_fp32(half):
+    fp32, applied32 = _curve("off")
+    halved, applied = _curve(half)
+    assert applied32["half_base"] is None and applied["half_base"] == half
+    assert fp32[-1] < 0.95 * fp32[0]  # it learns: the bound is tested on a moving curve
+    gaps = [abs(a - b) / a for a, b in zip(fp32, halved)]
+    assert max(gaps) <= 0.01, f"largest relative gap {max(gaps):.4f} at step {gaps.index(max(gaps))}"
+    assert halved != fp32  # the base really ran in the half type
+
+
+def test_only_frozen_bases_change_type():
+    model = lorakit.inject(TINY_MODELS["qwen2"](), lorakit.LoraConfig(r=4))
+    assert use_fused_paths(model, half_base="fp16")["half_base"] == "fp16"
+    for _, layer in lora_layers(model):
+        assert layer.base_layer.weight.dtype == torch.float16 and layer.base_layer.bias in (None,) or \
+            layer.base_layer.bias.dtype == torch.float16
+        assert all(p.dtype == torch.float32 for p in layer.adapters.parameters())
+    assert model.model.norm.weight.dtype == torch.float32 and model.lm_head.weight.dtype == torch.float32
+    group = model.model.layers[0].self_attn.q_proj.sibling_group
+    assert group.weight.dtype == torch.float16 and group.applies()  # packed after the cast
+
+
+def test_auto_follows_the_probe_and_off_never_casts(monkeypatch):
+    model = lorakit.inject(TINY_MODELS["llama"](), lorakit.LoraConfig(r=2))
+    assert use_fused_paths(model, half_base="off")["half_base"] is None
+    monkeypatch.setattr(half_base, "probe_half_type", lambda i, o: (None, {}))
+    assert use_fused_paths(model, half_base="auto")["half_base"] is None
+    assert all(layer.base_layer.weight.dtype == torch.float32 for _, layer in lora_layers(model))
+    monkeypatch.setattr(half_base, "probe_half_type", lambda i, o: ("bf16", {}))
+    assert use_fused_paths(model, half_base="auto")["half_base"] == "bf16"
+
+
+def test_probe_times_the_three_types_and_picks_only_a_faster_half():
+    choice, seconds = half_base.probe_half_type(64, 96)
+    assert set(seconds) == {"fp32", "fp16", "bf16"} and all(s > 0 for s in seconds.values())
+    if choice is not None:
+        assert seconds[choice] <= half_base.HALF_MARGIN * seconds["fp32"]
+
+
+def test_unfused_paths_of_a_half_base_answer_in_fp32(input_ids):
+    model = lorakit.inject(TINY_MODELS["llama"](), lorakit.LoraConfig(r=4, init_lora_weights=False)).eval()
+    with torch.no_grad():
+        expected = model(input_ids=input_ids).logits
+        use_fused_paths(model, half_base="fp16")
+        fused = model(input_ids=input_ids).logits
+        with lorakit.disable_adapters(model):
+            assert model(input_ids=input_ids).logits.dtype == torch.float32
+        for _, layer in lora_layers(model):
+            layer.fused = False
+        plain = model(input_ids=input_ids).logits
+    assert torch.allclose(fused, expected, atol=1e-2) and torch.allclose(plain, fused, atol=1e-3)
