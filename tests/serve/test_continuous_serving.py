@@ -159,21 +159,25 @@ def test_32_requests_over_2_s_across_8_adapters_equal_merged_outputs(server, cli
 
 def test_limits_first_come_first_served(toy, server, client):
     """Rows and KV tokens stay within --max-batch and --max-kv-tokens; requests beyond wait and are
-    admitted in arrival order; one that could never fit is refused."""
-    scheduler, admitted, sizes = server.app.state.scheduler, [], []
-    join = scheduler.batch.join
+    admitted in arrival order (the order the server queued them); one that could never fit is refused."""
+    scheduler, arrived, admitted, sizes = server.app.state.scheduler, [], [], []
+    join, submit = scheduler.batch.join, scheduler.submit
+
+    def recording_submit(request):
+        arrived.append(request.max_tokens)
+        return submit(request)
 
     def recording_join(requests, on_text, on_done):
         admitted.extend(r.max_tokens for r in requests)
         join(requests, on_text, on_done)
         sizes.append((len(scheduler.batch), scheduler.batch.kv_tokens()))
 
-    scheduler.batch.join = recording_join
+    scheduler.batch.join, scheduler.submit = recording_join, recording_submit
     try:
         plan = [(NAMES[i % 8], 45 + i) for i in range(6)]  # each needs ~50 KV tokens: two fit at once
 
         def ask(i):
-            time.sleep(0.05 * i)  # arrival order = i
+            time.sleep(0.05 * i)
             adapter, max_tokens = plan[i]
             return client.completions.create(
                 model=adapter, prompt=PROMPTS[i % 7], max_tokens=max_tokens, temperature=0,
@@ -183,8 +187,9 @@ def test_limits_first_come_first_served(toy, server, client):
         with ThreadPoolExecutor(6) as pool:
             replies = list(pool.map(ask, range(6)))
     finally:
-        del scheduler.batch.join
-    assert admitted == [max_tokens for _, max_tokens in plan]  # first come, first served
+        del scheduler.batch.join, scheduler.submit
+    assert sorted(arrived) == [max_tokens for _, max_tokens in plan]
+    assert admitted == arrived  # first come, first served
     assert all(rows <= 8 and kv <= MAX_KV for rows, kv in sizes) and max(rows for rows, _ in sizes) == 2
     assert [r.usage.completion_tokens for r in replies] == [max_tokens for _, max_tokens in plan]
     tokenizer, words = load_tokenizer(toy[0]), "say"
