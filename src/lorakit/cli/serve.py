@@ -6,7 +6,7 @@ import argparse
 import os
 
 from lorakit.cli.parsing import subcommand
-from lorakit.serve.config import ServeConfig
+from lorakit.serve.config import SCHEDULERS, ServeConfig
 
 EXAMPLES = """examples:
   lorakit serve --model smollm2-135m-instruct --adapter ros2=runs/ros2-demo/adapter
@@ -24,7 +24,9 @@ FLAGS = [
     "served_model_name",
     "api_key",
     "adapters_root",
+    "scheduler",
     "max_batch",
+    "max_kv_tokens",
     "batch_wait_ms",
     "max_prompt_tokens",
     "max_tokens",
@@ -38,8 +40,8 @@ def add_parser(commands) -> None:
         "serve",
         help="serve a base model and many adapters over an OpenAI-compatible HTTP API",
         description="Serve /v1/completions, /v1/chat/completions (stream: true gives server-sent events) "
-        "and /v1/models; the request's 'model' picks the adapter (or the base). Requests that arrive "
-        "together run in one batch, each row with its own adapter. POST /v1/adapters {name, path} and "
+        "and /v1/models; the request's 'model' picks the adapter (or the base). Requests join the running "
+        "batch at the next decode step (continuous batching), each row with its own adapter. POST /v1/adapters {name, path} and "
         "DELETE /v1/adapters/NAME load and unload adapters (needs --api-key; paths inside --adapters-root).",
         examples=EXAMPLES,
     )
@@ -55,8 +57,9 @@ def add_parser(commands) -> None:
     for name in FLAGS:
         default = getattr(defaults, name)
         kind = type(default) if default is not None else str
+        choices = SCHEDULERS if name == "scheduler" else None
         parser.add_argument(
-            f"--{name.replace('_', '-')}", type=kind, default=default, help=ServeConfig.help_of(name)
+            f"--{name.replace('_', '-')}", type=kind, default=default, choices=choices, help=ServeConfig.help_of(name)
         )
     parser.set_defaults(run=run)
 

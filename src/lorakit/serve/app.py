@@ -20,7 +20,8 @@ from lorakit.serve.config import ServeConfig
 from lorakit.serve.inputs import Inputs
 from lorakit.serve.protocol import ApiError, Ask, chunk, model_list, new_id, parse_ask, reply, to_requests
 from lorakit.serve.registry import AdapterRegistry, RegistryError
-from lorakit.serve.scheduler import Job, Scheduler
+from lorakit.serve.continuous import ContinuousScheduler
+from lorakit.serve.scheduler import BatchScheduler, Job
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def build_app(model_name: str, adapters: dict[str, str], config: ServeConfig) ->
 
 def create_app(model, tokenizer, registry: AdapterRegistry, config: ServeConfig) -> FastAPI:
     """An app serving `model` and the adapters in `registry`; its worker starts with the app."""
-    scheduler = Scheduler(model, tokenizer, registry, config.max_batch, config.batch_wait_ms)
+    scheduler = make_scheduler(model, tokenizer, registry, config)
     inputs = Inputs(config, tokenizer, getattr(model.config, "max_position_embeddings", None))
 
     @asynccontextmanager
@@ -131,6 +132,15 @@ def create_app(model, tokenizer, registry: AdapterRegistry, config: ServeConfig)
         return {"status": "ok"}
 
     return app
+
+
+def make_scheduler(model, tokenizer, registry: AdapterRegistry, config: ServeConfig):
+    """The worker `config.scheduler` names (one of `serve.config.SCHEDULERS`)."""
+    if config.scheduler == "batch":
+        return BatchScheduler(model, tokenizer, registry, config.max_batch, config.batch_wait_ms)
+    return ContinuousScheduler(
+        model, tokenizer, registry, config.max_batch, config.max_kv_tokens, config.batch_wait_ms
+    )
 
 
 async def finished(job: Job):

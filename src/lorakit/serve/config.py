@@ -6,6 +6,8 @@ from dataclasses import dataclass, fields
 
 from lorakit.config import ConfigError, _help
 
+SCHEDULERS = ("continuous", "batch")  # serve/continuous.py, serve/scheduler.py
+
 
 @dataclass
 class ServeConfig:
@@ -23,9 +25,19 @@ class ServeConfig:
         "folder that POST /v1/adapters may load from (paths are resolved, symlinks too, and must stay inside)",
         default=None,
     )
-    max_batch: int = _help("most requests run together in one batch", default=16)
+    scheduler: str = _help(
+        "continuous: requests join the running batch at the next decode step and leave when done; "
+        "batch: the waiting requests run together to the end, then the next ones",
+        default="continuous",
+    )
+    max_batch: int = _help("most requests decoding together in one batch", default=16)
+    max_kv_tokens: int = _help(
+        "continuous scheduler: most KV-cache tokens the running batch may hold, counting each request's "
+        "prompt plus its max_tokens; requests beyond it (or --max-batch) wait their turn, first come first served",
+        default=65536,
+    )
     batch_wait_ms: float = _help(
-        "how long the worker waits for more requests before starting a batch", default=5.0
+        "how long an idle worker waits for more requests before starting a batch", default=5.0
     )
     max_prompt_tokens: int = _help("longest prompt accepted, in tokens", default=2048)
     max_tokens: int = _help("largest max_tokens a request may ask for", default=1024)
@@ -37,6 +49,7 @@ class ServeConfig:
             for name, low in [
                 ("port", 0),
                 ("max_batch", 1),
+                ("max_kv_tokens", 2),
                 ("batch_wait_ms", 0),
                 ("max_prompt_tokens", 1),
                 ("max_tokens", 1),
@@ -44,6 +57,8 @@ class ServeConfig:
             ]
             if getattr(self, name) < low
         ]
+        if self.scheduler not in SCHEDULERS:
+            problems.append(f"scheduler must be one of {', '.join(SCHEDULERS)} (got {self.scheduler!r})")
         if problems:
             raise ConfigError("serve: " + "; ".join(problems))
 

@@ -79,5 +79,12 @@ class Inputs:
                     f"context of {self.context} tokens",
                     param,
                 )
+            if len(ids) + ask.max_tokens > self.config.max_kv_tokens:
+                raise ApiError(
+                    400,
+                    f"prompt ({len(ids)} tokens) + max_tokens ({ask.max_tokens}) is over the server's "
+                    f"--max-kv-tokens of {self.config.max_kv_tokens}",
+                    param,
+                )
             out.append(ids)
         return out

@@ -2,7 +2,9 @@
 
 Only what lorakit can honour is accepted; a field it cannot honour (n > 1, logprobs, token-id
 prompts) is refused with a 400 naming the field rather than silently ignored. Fields it does not
-know are ignored, as OpenAI's own server does for new client fields.
+know are ignored, as OpenAI's own server does for new client fields. One field beyond OpenAI's is
+read, as vLLM and llama.cpp's server read it: `ignore_eos: true` generates exactly max_tokens
+tokens (for benchmarks).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class Ask:
     top_p: float
     seed: int
     stop: tuple[str, ...]
+    ignore_eos: bool = False
 
 
 def parse_ask(body, chat: bool, limits: ServeConfig, render_chat) -> Ask:
@@ -99,6 +102,7 @@ def parse_ask(body, chat: bool, limits: ServeConfig, render_chat) -> Ask:
         top_p=top_p,
         seed=_get(body, "seed", int, default=0),
         stop=tuple(stop),
+        ignore_eos=_get(body, "ignore_eos", bool, default=False),
     )
 
 
@@ -120,7 +124,7 @@ def _is_message(m) -> bool:
 
 def to_requests(ask: Ask, adapter: str | None, prompt_ids: list[list[int]]) -> list[Request]:
     return [
-        Request(ids, adapter, ask.max_tokens, ask.temperature, ask.top_p, ask.seed, ask.stop)
+        Request(ids, adapter, ask.max_tokens, ask.temperature, ask.top_p, ask.seed, ask.stop, ask.ignore_eos)
         for ids in prompt_ids
     ]
 

@@ -1,7 +1,10 @@
 """The adapters a server holds: load one from inside the allowed root, unload one, list them.
 
 The model is shared with the generation worker, so every change happens under `lock`, which the
-worker holds while a batch runs: an adapter is never added or removed in the middle of a batch.
+worker holds while it runs the model (a whole batch, or one step of a continuous batch): an adapter
+is never added or removed in the middle of a forward pass. An adapter that rows of a running batch
+still use (`busy`, kept by the worker) is unloaded once they have finished; from the moment its
+unload is asked, no new request may use it.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from collections import Counter
 from pathlib import Path
 
 from torch import nn
@@ -34,6 +38,10 @@ class AdapterRegistry:
         self.root = Path(root).resolve() if root is not None else None
         self.paths: dict[str, str] = {}  # adapter name -> folder it came from
         self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)  # notified when `busy` or the adapters change
+        self.busy: Counter[str] = Counter()  # adapter -> rows of the running batch using it
+        self.leaving: set[str] = set()  # adapters being unloaded, waiting for their rows to finish
+        self.version = 0  # bumped on every load and unload
 
     def names(self) -> list[str]:
         return list(self.paths)
@@ -51,6 +59,8 @@ class AdapterRegistry:
         self._check_name(name)
         folder = self.resolve(path)
         with self.lock:
+            while name in self.leaving:  # the same name, still being unloaded
+                self.changed.wait()
             if name in self.paths:
                 raise RegistryError(
                     409, f"adapter '{name}' is already loaded; DELETE /v1/adapters/{name} first", "name"
@@ -64,6 +74,7 @@ class AdapterRegistry:
         return folder
 
     def _load(self, name: str, folder: str | Path) -> None:
+        self.version += 1
         load_adapter(self.model, folder, name)
         if any(name in wrapper.copies for _, wrapper in saved_modules(self.model)):
             delete_adapter(self.model, name)  # a per-adapter head cannot differ per row of a batch
@@ -72,12 +83,28 @@ class AdapterRegistry:
             )
 
     def unload(self, name: str) -> None:
+        """Unload adapter `name`: new requests for it are refused at once; it goes once no row uses it."""
         with self.lock:
             if name not in self.paths:
                 raise RegistryError(404, f"adapter '{name}' is not loaded", "name")
-            delete_adapter(self.model, name)
             del self.paths[name]
+            self.leaving.add(name)
+            try:
+                while self.busy[name] > 0:
+                    self.changed.wait()
+                delete_adapter(self.model, name)
+                self.version += 1
+            finally:
+                self.leaving.discard(name)
+                self.changed.notify_all()
         log.info("adapter %s unloaded", name)
+
+    def set_busy(self, adapters: list[str | None]) -> None:
+        """The worker's count of rows per adapter (call with `lock` held); wakes unloads waiting on it."""
+        busy = Counter(a for a in adapters if a is not None)
+        if busy != self.busy:
+            self.busy = busy
+            self.changed.notify_all()
 
     def resolve(self, path: str) -> Path:
         """The real folder `path` names (relative paths are taken from the root); refuse anything outside it."""

@@ -1,10 +1,11 @@
-"""One worker thread owns the model and runs the waiting requests together, batch after batch.
+"""The per-batch scheduler (`--scheduler batch`), and the `Job` every scheduler hands its HTTP handler.
 
-Batching is per batch (static), not continuous: the worker takes up to `max_batch` waiting
-requests (waiting `batch_wait_ms` for more to arrive), runs them as one mixed-adapter batch to
-the end, then takes the next ones. Within a batch each request leaves as soon as it finishes, so
-short requests free their compute, and a cancelled one (its client went away) leaves at the
-next step. Requests that arrive meanwhile wait for the next batch.
+One worker thread owns the model and runs the waiting requests together, batch after batch.
+Batching is per batch (static), not continuous (serve/continuous.py is): the worker takes up to
+`max_batch` waiting requests (waiting `batch_wait_ms` for more to arrive), runs them as one
+mixed-adapter batch to the end, then takes the next ones. Within a batch each request leaves as
+soon as it finishes, so short requests free their compute, and a cancelled one (its client went
+away) leaves at the next step. Requests that arrive meanwhile wait for the next batch.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from lorakit.infer.multi_adapter import Request, generate_mixed
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: schedulers keep sets of jobs
 class Job:
     """A request waiting for or inside a batch, and the event queue its HTTP handler reads.
 
@@ -39,8 +40,14 @@ class Job:
         except RuntimeError:  # the server's event loop is gone (shutting down): nobody is listening
             self.cancelled = True
 
+    def on_text(self, text: str) -> bool:
+        """Hand out new text (if any); False once the client has gone."""
+        if text:
+            self.emit("text", text)
+        return not self.cancelled
 
-class Scheduler:
+
+class BatchScheduler:
     def __init__(self, model, tokenizer, registry, max_batch: int = 16, batch_wait_ms: float = 5.0):
         self.model, self.tokenizer, self.registry = model, tokenizer, registry
         self.max_batch, self.batch_wait = max_batch, batch_wait_ms / 1000
@@ -109,9 +116,7 @@ class Scheduler:
                 return
 
             def on_text(i: int, text: str) -> bool:
-                if text:
-                    runnable[i].emit("text", text)
-                return not runnable[i].cancelled
+                return runnable[i].on_text(text)
 
             completions = generate_mixed(self.model, self.tokenizer, [j.request for j in runnable], on_text)
             self.batches += 1

@@ -1,0 +1,94 @@
+"""Continuous batching: requests join a running batch between steps and leave when done; each row's
+output equals generating it alone (greedy: with its adapter merged; sampled: with its own seed)."""
+
+from __future__ import annotations
+
+import pytest
+from test_multi_adapter import NAMES, PROMPTS, loaded, merged_model, merged_output, toy  # noqa: F401
+
+from lorakit.infer.continuous import RunningBatch
+from lorakit.infer.multi_adapter import Request, generate_mixed
+
+
+class Collect:
+    """on_text / on_done for one row: the streamed text, the completion, and a cancel switch."""
+
+    def __init__(self, cancel_after: int | None = None):
+        self.pieces, self.done, self.cancel_after = [], None, cancel_after
+
+    def text(self, piece: str) -> bool:
+        self.pieces.append(piece)
+        return self.cancel_after is None or len(self.pieces) < self.cancel_after
+
+    def finish(self, completion) -> None:
+        assert self.done is None
+        self.done = completion
+
+
+def run(batch: RunningBatch, arrivals: dict[int, list[tuple[Request, Collect]]]) -> int:
+    """Step the batch; at step s the requests of arrivals[s] join. Returns the steps taken."""
+    steps = 0
+    while len(batch) or any(s >= steps for s in arrivals):
+        joining = arrivals.get(steps, [])
+        if joining:
+            batch.join([r for r, _ in joining], [c.text for _, c in joining], [c.finish for _, c in joining])
+        batch.step()
+        steps += 1
+    return steps
+
+
+@pytest.mark.parametrize("strategy", ["auto", "gathered", "grouped"])
+def test_rows_joining_mid_decode_equal_merged_single_requests(toy, strategy):  # noqa: F811
+    folder, root = toy
+    tokenizer, model = loaded(toy, NAMES)
+    plan = [  # (step it arrives, adapter, prompt, max_tokens)
+        (0, "a", 0, 12), (0, "b", 1, 5), (2, None, 2, 9), (2, "c", 3, 12), (3, "d", 4, 3),
+        (7, "a", 5, 7), (7, "b", 2, 12), (20, "d", 0, 10), (21, "c", 1, 4),
+    ]
+    rows, arrivals = [], {}
+    for step, adapter, prompt, max_tokens in plan:
+        request = Request(tokenizer(PROMPTS[prompt])["input_ids"], adapter, max_tokens)
+        rows.append(Collect())
+        arrivals.setdefault(step, []).append((request, rows[-1]))
+    batch = RunningBatch(model, tokenizer, strategy)
+    run(batch, arrivals)
+    merged = {name: merged_model(folder, name and root / name) for name in [None, *NAMES]}
+    expected = [merged_output(merged[a], tokenizer, PROMPTS[p], n) for _, a, p, n in plan]
+    assert [c.done.text.strip() for c in rows] == expected
+    assert all("".join(c.pieces) == c.done.text for c in rows)  # streamed text adds up to the completion
+    assert len(batch) == 0 and batch.cache is None
+    assert len({c.done.text for c in rows}) > 3  # the adapters do differ
+
+
+def test_sampled_rows_do_not_depend_on_their_company(toy):  # noqa: F811
+    tokenizer, model = loaded(toy, NAMES[:2])
+    requests = [
+        Request(tokenizer(PROMPTS[i])["input_ids"], NAMES[i % 2], 10, temperature=0.9, top_p=0.9, seed=i,
+                ignore_eos=True)
+        for i in range(4)
+    ]
+    alone = [generate_mixed(model, tokenizer, [r])[0].token_ids for r in requests]
+    rows = [Collect() for _ in requests]
+    batch = RunningBatch(model, tokenizer)
+    run(batch, {0: [(requests[0], rows[0])], 3: [(requests[1], rows[1]), (requests[2], rows[2])],
+                4: [(requests[3], rows[3])]})
+    assert [c.done.token_ids for c in rows] == alone
+
+
+def test_cancelled_rows_leave_and_the_cache_shrinks(toy):  # noqa: F811
+    tokenizer, model = loaded(toy, NAMES[:2])
+    long_prompt = tokenizer(" ".join(PROMPTS))["input_ids"]
+    short = tokenizer(PROMPTS[3])["input_ids"]
+    batch = RunningBatch(model, tokenizer)
+    quitter, stayer = Collect(cancel_after=2), Collect()
+    batch.join([Request(long_prompt, "a", 30, ignore_eos=True), Request(short, "b", 12, ignore_eos=True)],
+               [quitter.text, stayer.text], [quitter.finish, stayer.finish])
+    assert batch.mask.shape[1] == len(long_prompt)
+    batch.step()
+    assert quitter.done.finish_reason == "cancelled" and len(batch) == 1
+    assert batch.mask.shape[1] == len(short) + 1 == batch.cache.layers[0].keys.shape[2]  # padding cut away
+    while len(batch):
+        batch.step()
+    assert stayer.done.finish_reason == "length" and len(stayer.done.token_ids) == 12
+    alone = generate_mixed(model, tokenizer, [Request(short, "b", 12, ignore_eos=True)])[0]
+    assert stayer.done.token_ids == alone.token_ids
