@@ -220,7 +220,10 @@ def test_sigint_during_a_save_leaves_every_checkpoint_whole(toy, run_dir, tmp_pa
     config = write_config(
         tmp_path / "config.yaml", toy, train={"output_dir": str(run_dir), "max_steps": 400, "save_total_limit": None}
     )
-    proc = subprocess.Popen(lorakit_process("train", str(config), "--resume"), stderr=subprocess.PIPE, text=True)
+    # Ctrl-C's default action in the child even when this test runs as a background job (a shell without job
+    # control starts those with SIGINT ignored, and an ignored signal stays ignored across exec)
+    proc = subprocess.Popen(lorakit_process("train", str(config), "--resume"), stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     root, caught, deadline = run_dir / "checkpoints", None, time.time() + 240
     while caught is None and proc.poll() is None and time.time() < deadline:
         temps = [p for p in root.iterdir() if p.name.startswith(".tmp-step-")]
