@@ -29,6 +29,7 @@ from torch import nn
 from lorakit.lora.base import base_input_grad, base_linear
 from lorakit.lora.layer import LoraLayer
 from lorakit.lora.variants import LoraAdapter
+from lorakit.mapped_pages import drop_file_pages
 
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # read the same input
 
@@ -37,10 +38,12 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # read th
 def pack(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Copy `tensors` into one buffer along dim 0 and make each a view of its rows; returns the buffer."""
     buffer = torch.cat([t.detach() for t in tensors])
+    old = [(t.data_ptr(), t.numel() * t.element_size()) for t in tensors if t.device.type == "cpu" and t.is_contiguous()]
     at = 0
     for t in tensors:
         t.data = buffer[at : at + t.shape[0]]
         at += t.shape[0]
+    drop_file_pages(old)  # the copies' source pages in a memory-mapped weights file are not read again
     return buffer
 
 

@@ -1,0 +1,144 @@
+"""A chat-trained adapter served through /v1/chat/completions gives what `lorakit generate --chat` gives.
+
+    python bench/chat_serve_check.py [--adapter runs/ros2-chat/adapter] [--data runs/ros2-data/chat_test.jsonl]
+                                     [--model smollm2-135m-instruct] [--max-new-tokens 72] [--concurrency 16]
+
+Every assistant turn of every test conversation becomes one request: the conversation up to that
+turn's user message, with the reference replies as the history. The same requests go
+  1. through the CLI: `lorakit generate --chat --input TURNS.jsonl` (greedy), one process;
+  2. through the server: `lorakit serve` on loopback (continuous batching, the adapter by name) and
+     the `openai` client's chat.completions (temperature 0), --concurrency requests in flight, so
+     rows join and leave running batches as they would under traffic.
+Prints how many replies are the same text, and each path's per-turn exact match (the ROS 2 task's
+scorer). Writes runs/bench/chat_serve_check.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from results import machine, write_result
+
+from lorakit.data.files import load_records
+from lorakit.data.chat import to_messages
+from lorakit.tasks import ros2
+
+
+def turn_requests(records: list[dict]) -> list[dict]:
+    """One {"messages": history + [reference reply]} per assistant turn (generate --chat leaves the last out)."""
+    out = []
+    for record in records:
+        messages = to_messages(record)
+        for i, message in enumerate(messages):
+            if message["role"] == "assistant":
+                out.append({"messages": messages[: i + 1], "turn": sum(m["role"] == "assistant" for m in messages[:i + 1])})
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def through_cli(args, requests: list[dict], work: Path) -> list[str]:
+    src, dst = work / "turns.jsonl", work / "generated.jsonl"
+    src.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in requests), encoding="utf-8")
+    subprocess.run([sys.executable, "-m", "lorakit", "generate", "--model", args.model, "--adapter", args.adapter,
+                    "--chat", "--input", str(src), "--output", str(dst), "--max-new-tokens", str(args.max_new_tokens),
+                    "--batch-size", "50"], check=True)
+    return [json.loads(line)["output"] for line in dst.read_text(encoding="utf-8").splitlines()]
+
+
+def through_server(args, requests: list[dict]) -> list[str]:
+    from openai import OpenAI
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", "--model", args.model,
+                               "--adapter", f"ros2={args.adapter}", "--port", str(port)])
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
+        deadline = time.time() + 300
+        while True:
+            try:
+                client.models.list()
+                break
+            except Exception:
+                if server.poll() is not None or time.time() > deadline:
+                    raise SystemExit("lorakit serve did not start") from None
+                time.sleep(1)
+
+        def ask(request: dict) -> str:
+            reply = client.chat.completions.create(model="ros2", messages=request["messages"][:-1], temperature=0,
+                                                   max_tokens=args.max_new_tokens)
+            return reply.choices[0].message.content
+
+        with ThreadPoolExecutor(args.concurrency) as pool:
+            return list(pool.map(ask, requests))
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def per_turn(preds: list[str], requests: list[dict]) -> dict:
+    refs = [r["messages"][-1]["content"] for r in requests]
+    out = {"exact_match": ros2.score(preds, refs)["exact_match"]}
+    for k in sorted({r["turn"] for r in requests}):
+        idx = [i for i, r in enumerate(requests) if r["turn"] == k]
+        out[f"exact_match_turn{k}"] = ros2.score([preds[i] for i in idx], [refs[i] for i in idx])["exact_match"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--adapter", default="runs/ros2-chat/adapter")
+    parser.add_argument("--data", default="runs/ros2-data/chat_test.jsonl")
+    parser.add_argument("--max-new-tokens", type=int, default=72)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--results-dir", default=None, help="where chat_serve_check.json goes (default runs/bench)")
+    args = parser.parse_args()
+    requests = turn_requests(load_records(args.data))
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        cli = through_cli(args, requests, Path(tmp))
+        cli_s = time.perf_counter() - started
+    started = time.perf_counter()
+    served = through_server(args, requests)
+    served_s = time.perf_counter() - started
+    same = sum(a == b for a, b in zip(cli, served))
+    rows = [
+        {"path": "lorakit generate --chat", "requests": len(requests), "seconds": round(cli_s, 1),
+         **per_turn(cli, requests)},
+        {"path": "lorakit serve, openai client", "requests": len(requests), "seconds": round(served_s, 1),
+         **per_turn(served, requests)},
+    ]
+    differing = [json.dumps({"last user message": r["messages"][-2]["content"], "generate": a, "serve": b})
+                 for r, a, b in zip(requests, cli, served) if a != b]
+    for row in rows:
+        print(json.dumps(row))
+    print(f"same reply through both paths: {same}/{len(requests)}")
+    columns = [("path", "path"), ("requests", "requests"), ("exact_match", "per-turn exact match")]
+    columns += [(k, k.replace("exact_match_", "")) for k in rows[0] if k.startswith("exact_match_turn")]
+    columns += [("seconds", "s")]
+    write_result(
+        "chat_serve_check", "A chat adapter through lorakit serve and lorakit generate --chat",
+        rows, columns=columns, machine_info=machine(), out_dir=args.results_dir,
+        description=(f"{args.adapter} on {args.model}: every assistant turn of {args.data} (reference replies as the "
+                     f"history), greedy, up to {args.max_new_tokens} new tokens; served with continuous batching, "
+                     f"{args.concurrency} requests in flight. Same reply through both paths: {same}/{len(requests)}."),
+        notes=[f"same reply through both paths: {same}/{len(requests)}",
+               *(f"differs: {d}" for d in differing[:10])],
+    )
+
+
+if __name__ == "__main__":
+    main()
