@@ -29,6 +29,24 @@ def test_rows_never_exceed_the_pack_length_and_hold_every_example_once():
     assert all(sum(lengths[i] for i in row) <= 16 or len(row) == 1 for row in rows)
 
 
+def test_rows_come_out_even_so_little_is_padded():
+    lengths = [70, 66, 60, 58, 50, 40, 30, 26]  # 400 tokens: first fit makes rows of 254 and 146
+    rows = plan_rows(lengths, 256)
+    sizes = sorted(sum(lengths[i] for i in row) for row in rows)
+    assert len(rows) == 2 and sizes[1] - sizes[0] <= 10
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+
+
+def test_even_rows_never_overfill_and_fall_back_to_first_fit():
+    lengths = [200, 120, 120, 16]  # dealing would put 120 + 120 + 16 = 256 against 200: still fits
+    assert all(sum(lengths[i] for i in row) <= 256 for row in plan_rows(lengths, 256))
+    lengths = [250, 130, 130]  # 3 rows either way
+    assert len(plan_rows(lengths, 256)) == 3
+    lengths = [300, 10, 10]  # the long example keeps a row of its own
+    rows = plan_rows(lengths, 256)
+    assert [0] in rows and all(sum(lengths[i] for i in row) <= 256 for row in rows if row != [0])
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_packed_loss_and_gradients_equal_the_padded_ones(arch):
     model = lorakit.inject(TINY_MODELS[arch](), lorakit.LoraConfig(r=2, init_lora_weights=False))

@@ -1,6 +1,7 @@
 """Padding-free batches: several examples share a row, each still attending only to itself.
 
-Examples are placed into rows of at most `pack_length` tokens (first fit, longest first). Position
+Examples are placed into rows of at most `pack_length` tokens (as few rows as first fit, longest
+first, needs; the examples dealt over them so they come out even). Position
 ids restart at 0 for every example and no attention mask is passed, so transformers builds a
 block-diagonal causal mask from the position ids (varlen flash-attention on GPU, a masked SDPA
 here). The first token of every example is a prompt token (label -100), so no label ever asks a
@@ -16,10 +17,30 @@ from lorakit.data.masking import IGNORE_INDEX
 
 
 def plan_rows(lengths: list[int], pack_length: int) -> list[list[int]]:
-    """Indices of the examples in each row: first-fit decreasing, never more than pack_length tokens."""
+    """Indices of the examples in each row: as few rows as first-fit decreasing needs, as even as can be.
+
+    Rows are padded to the longest, so the same examples in the same number of rows cost less when
+    the rows are even: the examples are dealt longest first to the emptiest row (rows of 256 and
+    144 tokens become two of ~200: 20% fewer token slots for every GEMM). Where that would overfill
+    a row, first-fit's rows are kept. Never more than pack_length tokens a row, except an example
+    longer than that, which has a row of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    first_fit = _first_fit(order, lengths, pack_length)
+    rows: list[list[int]] = [[] for _ in first_fit]
+    used = [0] * len(rows)
+    for i in order:
+        emptiest = min(range(len(rows)), key=used.__getitem__)
+        rows[emptiest].append(i)
+        used[emptiest] += lengths[i]
+    fits = all(n <= pack_length or len(row) == 1 for n, row in zip(used, rows))
+    return rows if fits and max(used) <= max(sum(lengths[i] for i in row) for row in first_fit) else first_fit
+
+
+def _first_fit(order: list[int], lengths: list[int], pack_length: int) -> list[list[int]]:
     rows: list[list[int]] = []
     room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+    for i in order:
         slot = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
         if slot is None:  # an example longer than pack_length gets a row of its own
             rows.append([i])
