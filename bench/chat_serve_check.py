@@ -1,7 +1,7 @@
 """A chat-trained adapter served through /v1/chat/completions gives what `lorakit generate --chat` gives.
 
     python bench/chat_serve_check.py [--adapter runs/ros2-chat/adapter] [--data runs/ros2-data/chat_test.jsonl]
-                                     [--model smollm2-135m-instruct] [--max-new-tokens 72] [--concurrency 16]
+                                     [--model smollm2-135m-instruct] [--max-new-tokens 72] [--concurrency 16] [--limit N]
 
 Every assistant turn of every test conversation becomes one request: the conversation up to that
 turn's user message, with the reference replies as the history. The same requests go
@@ -104,9 +104,10 @@ def main() -> None:
     parser.add_argument("--data", default="runs/ros2-data/chat_test.jsonl")
     parser.add_argument("--max-new-tokens", type=int, default=72)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--limit", type=int, default=None, help="only the first N conversations")
     parser.add_argument("--results-dir", default=None, help="where chat_serve_check.json goes (default runs/bench)")
     args = parser.parse_args()
-    requests = turn_requests(load_records(args.data))
+    requests = turn_requests(load_records(args.data)[: args.limit])
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         cli = through_cli(args, requests, Path(tmp))
