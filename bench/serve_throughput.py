@@ -2,7 +2,7 @@
 
     python bench/serve_throughput.py [--model smollm2-135m-instruct] [--adapters 16] [--requests 16]
                                      [--new-tokens 32] [--rank 8] [--repeats 3] [--warmup 1] [--skip-peft]
-                                     [--device cuda|cpu]
+                                     [--device cuda|cpu] [--results-dir DIR] [--variants merged,mixed-16]
 
 The same --requests ROS 2 prompts (left-padded, greedy, exactly --new-tokens new tokens each) in
 one batch, on the same base, with --adapters rank-r adapters on all seven projections (random
@@ -164,13 +164,31 @@ def summarise(runs: list[dict], args) -> list[dict]:
         rows.append({"what": f"{variant} tok/s", **min_median([rate[(i, variant)] for i in repeats])})
     ours = f"mixed-{args.adapters}"
     for base in ("merged", "merged-hf", "peft-mixed", "peft-switch"):
-        if base in variants:
+        if base in variants and ours in variants:
             rows.append({"what": f"{ours} / {base}", **min_median([rate[(i, ours)] / rate[(i, base)] for i in repeats])})
     if "peft-mixed" in variants:
-        for base in ("merged", "merged-hf"):
+        for base in [b for b in ("merged", "merged-hf") if b in variants]:
             rows.append({"what": f"peft-mixed / {base}",
                          **min_median([rate[(i, "peft-mixed")] / rate[(i, base)] for i in repeats])})
     return rows
+
+
+def variant_labels(args) -> list[str]:
+    """Every variant this bench can time for --adapters (PEFT's unless --skip-peft)."""
+    spreads = sorted({min(4, args.adapters), args.adapters})
+    labels = ["merged", "merged-hf", *[f"mixed-{k}" for k in spreads], *[f"mixed-{k}-grouped" for k in spreads]]
+    return labels + ([] if args.skip_peft else ["peft-mixed", "peft-switch"])
+
+
+def chosen_variants(parser: argparse.ArgumentParser, args) -> set[str] | None:
+    """The labels --variants names (None: all); an unknown label exits with code 2 and one line."""
+    if args.variants is None:
+        return None
+    chosen, known = {v.strip() for v in args.variants.split(",") if v.strip()}, variant_labels(args)
+    unknown = sorted(chosen - set(known))
+    if unknown or not chosen:
+        parser.exit(2, f"--variants: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(known)}\n")
+    return chosen
 
 
 def main() -> None:
@@ -187,7 +205,10 @@ def main() -> None:
     parser.add_argument("--skip-peft", action="store_true", help="lorakit variants only")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: the GPU when there is one)")
     parser.add_argument("--results-dir", default=None, help="where serve_throughput.json goes (default runs/bench)")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated labels to time, e.g. merged,mixed-16 (default: all of them)")
     args = parser.parse_args()
+    args.variants = chosen_variants(parser, args)
     from lorakit.models import default_device
     from lorakit.serve.malloc import keep_freed_memory
 
@@ -206,6 +227,8 @@ def main() -> None:
         variants = lorakit_variants(args, Path(tmp), names, ids, texts, tokenizer)
         if not args.skip_peft:
             variants.update(peft_variants(args, Path(tmp), names, texts, tokenizer))
+        if args.variants is not None:
+            variants = {label: fn for label, fn in variants.items() if label in args.variants}
         runs = timed_rounds(variants, args)
     tokens = args.requests * args.new_tokens
     for run in runs:
