@@ -1,7 +1,8 @@
 """A chat-trained adapter served through /v1/chat/completions gives what `lorakit generate --chat` gives.
 
     python bench/chat_serve_check.py [--adapter runs/ros2-chat/adapter] [--data runs/ros2-data/chat_test.jsonl]
-                                     [--model smollm2-135m-instruct] [--max-new-tokens 72] [--concurrency 16] [--limit N]
+                                     [--model smollm2-135m-instruct] [--max-new-tokens 72] [--concurrency 16]
+                                     [--limit N]
 
 Every assistant turn of every test conversation becomes one request: the conversation up to that
 turn's user message, with the reference replies as the history. The same requests go
@@ -37,9 +38,11 @@ def turn_requests(records: list[dict]) -> list[dict]:
     out = []
     for record in records:
         messages = to_messages(record)
+        turn = 0
         for i, message in enumerate(messages):
             if message["role"] == "assistant":
-                out.append({"messages": messages[: i + 1], "turn": sum(m["role"] == "assistant" for m in messages[:i + 1])})
+                turn += 1
+                out.append({"messages": messages[: i + 1], "turn": turn})
     return out
 
 

@@ -109,7 +109,7 @@ def prepare(args) -> dict:
 
     import lorakit
     from lorakit.models import load_tokenizer
-    from lorakit.train.flops import StepFlops, gemm_shapes
+    from lorakit.train.flops import StepFlops, gemm_shapes, gemm_work
 
     tokenizer = load_tokenizer(args.model)
     data = examples(tokenizer, args)
@@ -128,40 +128,6 @@ def prepare(args) -> dict:
         "flop_model": vars(flops), "gemm_shapes": gemm_shapes(ours, tokens, labelled),
         "gemm_work": gemm_work(ours, tokens, labelled), "peft_trainable": peft_trainable,
     }
-
-
-def gemm_work(model, tokens: int, labelled: int) -> list[list[int]]:
-    """[M, K, N, count]: the frozen-weight and head products of one mean step, as lorakit runs them.
-
-    Each frozen linear layer runs forward (M=tokens, K=in, N=out) and its input gradient (K=out,
-    N=in); q/k/v and gate/up at their packed width (train.fuse_projections); the head at the
-    labelled rows only. Timed at the measured rates, they bound what any implementation reaches.
-    """
-    from torch import nn
-
-    from lorakit.lora.fused_siblings import SIBLINGS
-
-    head = model.get_output_embeddings()
-    work: dict[tuple[int, int, int], int] = {}
-
-    def add(m, k, n):
-        for shape in ((m, k, n), (m, n, k)):
-            work[shape] = work.get(shape, 0) + 1
-
-    packed = set()
-    for module in model.modules():
-        for names in SIBLINGS:
-            bases = [getattr(getattr(module, name, None), "base_layer", None) for name in names]
-            if all(isinstance(b, nn.Linear) for b in bases):
-                add(tokens, bases[0].in_features, sum(b.out_features for b in bases))
-                packed.update(id(b) for b in bases)
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and module is not head and id(module) not in packed \
-                and not module.weight.requires_grad:
-            add(tokens, module.in_features, module.out_features)
-    vocab, hidden = head.weight.shape
-    add(labelled, hidden, vocab)
-    return [[*shape, count] for shape, count in work.items()]
 
 
 def gemm_bound_mfu(work: list[list[int]], rates: dict, useful_flops: float, peak: float) -> float:

@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import lorakit
 from conftest import tiny_llama
 from lorakit.lora.layer import LoraLayer
-from lorakit.train.flops import StepFlops, gemm_shapes
+from lorakit.train.flops import StepFlops, gemm_shapes, gemm_work
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 N = 10  # tokens of the one sequence
@@ -71,3 +71,15 @@ def test_gemm_shapes_cover_forward_and_input_gradient(model):
     assert (100, 32, 16) in shapes and (20, 32, 128) in shapes and (20, 128, 32) in shapes
     assert (100, 32, 128) in shapes and (100, 64, 32) in shapes  # gate/up packed; q/k/v packed: 32 + 16 + 16
     assert len(shapes) == len(set(shapes))
+
+
+def test_gemm_work_is_the_frozen_and_head_products_of_the_useful_count(model):
+    """Packed siblings at their summed width, each frozen weight once forward and once for the input
+    gradient, the head at the labelled rows: as many FLOPs as the useful count gives those weights."""
+    flops = StepFlops.of(model)
+    work = gemm_work(model, tokens=100, labelled=20)
+    total = sum(2 * m * k * n * count for m, k, n, count in work)
+    assert total == 4 * flops.frozen_matmul_params * 100 + 4 * flops.head_params * 20
+    widths = {n for m, k, n, _ in work if m == 100}
+    q, k, v = (getattr(model.model.layers[0].self_attn, name).base_layer for name in ("q_proj", "k_proj", "v_proj"))
+    assert q.out_features + k.out_features + v.out_features in widths

@@ -38,7 +38,8 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # read th
 def pack(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Copy `tensors` into one buffer along dim 0 and make each a view of its rows; returns the buffer."""
     buffer = torch.cat([t.detach() for t in tensors])
-    old = [(t.data_ptr(), t.numel() * t.element_size()) for t in tensors if t.device.type == "cpu" and t.is_contiguous()]
+    old = [(t.data_ptr(), t.numel() * t.element_size())
+           for t in tensors if t.device.type == "cpu" and t.is_contiguous()]
     at = 0
     for t in tensors:
         t.data = buffer[at : at + t.shape[0]]

@@ -99,3 +99,33 @@ def gemm_shapes(model: nn.Module, tokens: int, labelled: int) -> list[tuple[int,
         shapes[(labelled, hidden, vocab)] = None
         shapes[(labelled, vocab, hidden)] = None
     return list(shapes)
+
+
+def gemm_work(model, tokens: int, labelled: int) -> list[list[int]]:
+    """[M, K, N, count]: the frozen-weight and head products of one mean step, as lorakit runs them.
+
+    Each frozen linear layer runs forward (M=tokens, K=in, N=out) and its input gradient (K=out,
+    N=in); q/k/v and gate/up at their packed width (train.fuse_projections); the head at the
+    labelled rows only. Timed at the measured rates, they bound what any implementation reaches.
+    """
+    head = model.get_output_embeddings()
+    work: dict[tuple[int, int, int], int] = {}
+
+    def add(m, k, n):
+        for shape in ((m, k, n), (m, n, k)):
+            work[shape] = work.get(shape, 0) + 1
+
+    packed = set()
+    for module in model.modules():
+        for names in SIBLINGS:
+            bases = [getattr(getattr(module, name, None), "base_layer", None) for name in names]
+            if all(isinstance(b, nn.Linear) for b in bases):
+                add(tokens, bases[0].in_features, sum(b.out_features for b in bases))
+                packed.update(id(b) for b in bases)
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module is not head and id(module) not in packed \
+                and not module.weight.requires_grad:
+            add(tokens, module.in_features, module.out_features)
+    vocab, hidden = head.weight.shape
+    add(labelled, hidden, vocab)
+    return [[*shape, count] for shape, count in work.items()]
