@@ -204,7 +204,7 @@ def main() -> None:
     args, overrides = parse_args()
     config = load_run_config(args.config, overrides)
     out = Path(config.train.output_dir)
-    started = time.time()
+    started, tree = time.time(), git_state()  # the tree that runs, not the one at the end of a long run
     summary = run(config) if not args.adapter else {"adapter": args.adapter}
     out.mkdir(parents=True, exist_ok=True)
     details, ours = decode_and_score(args, config, summary["adapter"], out)
@@ -219,7 +219,7 @@ def main() -> None:
                         + (f"adapter {args.adapter}; " if args.adapter else "the checkpoint with the lowest dev loss; ")
                         + f"{details['test_mrs']} test MRs decoded ({', '.join(details['decodings'])}) and scored by "
                         "the E2E challenge's rules against the official and against loralib's tokenised references."),
-        "command": shlex.join(["python", *sys.argv]), **git_state(),
+        "command": shlex.join(["python", *sys.argv]), **tree,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "machine": machine(),
         "columns": [list(c) for c in COLUMNS], "runs": paper + ours,
         "notes": [f"paper rows: {PAPER_SCORER}.", f"lorakit rows: {SCORER} (lorakit.tasks.e2e).",

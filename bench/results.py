@@ -5,7 +5,7 @@
       "title": "Training throughput and MFU",         the heading in docs/benchmarks.md
       "description": "...",                           one paragraph: what is compared, on what
       "command": "python bench/train_throughput.py --steps 50",
-      "commit": "1a2b3c4", "dirty": false,            the tree that ran (dirty: uncommitted changes)
+      "commit": "1a2b3c4", "dirty": false,            the tree at the start (dirty: uncommitted changes)
       "date": "2025-01-31T12:00:00+00:00",
       "machine": {"cpu": ..., "cores": 2, "torch_threads": 2, "memory_gib": 23.5, "device": "cpu",
                   "torch": "2.13.0", "gemm_gflops": 52.1},  gemm_gflops only where a bench measured it
@@ -55,6 +55,11 @@ def git_state() -> dict:
     commit = git("rev-parse", "--short=10", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+# The tree as the bench started (benches import this module first thing): what the record says ran,
+# even when the tree is edited or committed to while a long bench runs.
+TREE_AT_START = git_state()
 
 
 def machine(**measured) -> dict:
@@ -129,7 +134,7 @@ def write_result(
     """Write `runs/bench/<bench>.json` (or under `out_dir`) in the shape above; returns its path."""
     record = {
         "bench": bench, "title": title, "description": description, "command": command_line(argv),
-        **git_state(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **TREE_AT_START, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine_info or machine(), "runs": runs,
     }
     if columns:

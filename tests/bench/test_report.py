@@ -90,3 +90,11 @@ def test_command_line_regenerates_and_checks(tmp_path):
 def test_gemm_rates_time_each_shape():
     rates = results.gemm_rates([(64, 64, 64), (32, 128, 16)], seconds=0.02)
     assert set(rates) == {(64, 64, 64), (32, 128, 16)} and all(rate > 0 for rate in rates.values())
+
+
+def test_record_names_the_tree_as_the_bench_started(tmp_path, monkeypatch):
+    # A long bench outlives edits and commits made meanwhile: the record keeps the tree it started on.
+    monkeypatch.setattr(results, "TREE_AT_START", {"commit": "0123456789", "dirty": False})
+    monkeypatch.setattr(results, "git_state", lambda: {"commit": "fedcba9876", "dirty": True})
+    record = json.loads(_write(tmp_path).read_text())
+    assert (record["commit"], record["dirty"]) == ("0123456789", False)
