@@ -33,13 +33,12 @@ import csv
 import datetime
 import io
 import json
-import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from results import TREE_AT_START, machine
 
 from lorakit.checkpoint.peft_io import load_adapter, read_adapter_weights
 from lorakit.config_loading import load_run_config
@@ -107,40 +106,6 @@ def pairs_seen(config, summary: dict) -> int:
     return summary["steps"] * per_step if sample is None else min(summary["steps"] * per_step, int(sample * config.train.epochs))
 
 
-def machine() -> dict:
-    """What ran the bench, in the shape every bench writes: CPU model, cores, threads, memory, device, torch."""
-    import torch
-
-    def field(path: str, key: str) -> str | None:
-        lines = _read(path).splitlines()
-        return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(key)), None)
-
-    memory = field("/proc/meminfo", "MemTotal")
-    return {"cpu": field("/proc/cpuinfo", "model name") or platform.processor(), "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "memory_gib": round(int(memory.split()[0]) / 2**20, 1) if memory else None,
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-            "torch": torch.__version__.split("+")[0]}
-
-
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text()
-    except OSError:
-        return ""
-
-
-def git_state() -> dict:
-    """{"commit": short hash, "dirty": whether tracked files differ from it} (None where git cannot tell)."""
-
-    def git(*argv):
-        done = subprocess.run(["git", *argv], capture_output=True, text=True, cwd=Path(__file__).parent, check=False)
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": git("rev-parse", "--short=10", "HEAD"), "dirty": bool(status) if status is not None else None}
-
-
 def write_predictions(path: Path, mrs: list[str], outputs: list[str]) -> None:
     """A challenge-style TSV (MR<TAB>output), as the challenge's system outputs."""
     buffer = io.StringIO()
@@ -204,7 +169,7 @@ def main() -> None:
     args, overrides = parse_args()
     config = load_run_config(args.config, overrides)
     out = Path(config.train.output_dir)
-    started, tree = time.time(), git_state()  # the tree that runs, not the one at the end of a long run
+    started = time.time()
     summary = run(config) if not args.adapter else {"adapter": args.adapter}
     out.mkdir(parents=True, exist_ok=True)
     details, ours = decode_and_score(args, config, summary["adapter"], out)
@@ -219,7 +184,7 @@ def main() -> None:
                         + (f"adapter {args.adapter}; " if args.adapter else "the checkpoint with the lowest dev loss; ")
                         + f"{details['test_mrs']} test MRs decoded ({', '.join(details['decodings'])}) and scored by "
                         "the E2E challenge's rules against the official and against loralib's tokenised references."),
-        "command": shlex.join(["python", *sys.argv]), **tree,
+        "command": shlex.join(["python", *sys.argv]), **TREE_AT_START,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "machine": machine(),
         "columns": [list(c) for c in COLUMNS], "runs": paper + ours,
         "notes": [f"paper rows: {PAPER_SCORER}.", f"lorakit rows: {SCORER} (lorakit.tasks.e2e).",
