@@ -2,13 +2,14 @@
 
     python bench/train_throughput.py [--model smollm2-135m-instruct] [--steps 20] [--warmup 2] [--batch 8]
                                      [--repeats 2]
-    python bench/train_throughput.py --model-config qwen2.5-1.5b [--qlora] [--steps 10]
+    python bench/train_throughput.py --model-config qwen2.5-1.5b [--qlora] [--steps 10] [--variants bce]
 
 --model-config NAME builds NAME's shape (smollm2-135m, qwen2.5-0.5b, qwen2.5-1.5b: the first seed's
 Qwen2.5-Coder-1.5B, same shape) from its published config with random weights (seeded, the same in
 every child; nothing is downloaded), so cost can be compared across sizes; the examples are still
 tokenised by --model's tokenizer (its ids are valid in every listed vocabulary). --qlora adds
   e  lorakit QLoRA: as c on an NF4 base (double quantisation, bitsandbytes), fp32 compute
+--variants picks which of the variants below run (ratios are printed where both sides ran).
 
 Every variant runs in its own child process (so each peak RSS is its own), on the same model, the
 same ROS 2 examples in the same order, the same initial adapter (r=8 on all seven projections),
@@ -299,9 +300,11 @@ def summarise(runs: list[dict], variants: dict[str, str]) -> list[dict]:
         rows.append({"what": f"{variant} real tok/s", **min_median([r["real_tokens_per_s"] for r in mine])})
         rows.append({"what": f"{variant} MFU", **min_median([r["mfu"] for r in mine])})
     for ours, base in (("c", "a"), ("c", "b"), ("d", "b")):
+        if ours not in variants or base not in variants:
+            continue
         ratios = [by[(i, ours)]["real_tokens_per_s"] / by[(i, base)]["real_tokens_per_s"] for i in repeats]
         rows.append({"what": f"{ours} / {base} speed (same round)", **min_median(ratios)})
-    for ours in [v for v in variants if v in "cde"]:
+    for ours in [v for v in variants if v in "cde" and "b" in variants]:
         ratios = [by[(i, ours)]["peak_rss_mb"] / by[(i, "b")]["peak_rss_mb"] for i in repeats]
         rows.append({"what": f"{ours} / b peak memory", **min_median(ratios)})
         gaps = [max(abs(c - b) / abs(b) for b, c in zip(by[(i, "b")]["losses"], by[(i, ours)]["losses"])) for i in repeats]
@@ -321,9 +324,16 @@ def main() -> None:
     parser.add_argument("--model-config", choices=sorted(MODEL_CONFIGS), default=None,
                         help="build this model shape with random weights instead of loading --model's")
     parser.add_argument("--qlora", action="store_true", help="add variant e: lorakit on an NF4 base")
+    parser.add_argument("--variants", default=None,
+                        help="which variants run, e.g. bce (default: abcd, and e with --qlora)")
     parser.add_argument("--variant", choices=[*VARIANTS, *QLORA_VARIANT, "init"], help=argparse.SUPPRESS)  # children
     args = parser.parse_args()
     variants = {**VARIANTS, **(QLORA_VARIANT if args.qlora else {})}
+    if args.variants is not None:
+        unknown = sorted(set(args.variants) - set(variants))
+        if unknown or not args.variants:
+            parser.error(f"--variants {args.variants!r}: expected letters from {''.join(variants)}")
+        variants = {v: what for v, what in variants.items() if v in args.variants}
     if not 0 < args.warmup < args.steps:
         parser.error(f"--warmup {args.warmup}: expected 1 to --steps - 1 ({args.steps - 1})")
     if args.variant:

@@ -1,0 +1,38 @@
+"""bench/train_throughput.py's summary: every run's ratios within its own round, only where both sides ran."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+sys.path.insert(0, str(BENCH))  # the benches import results.py as a sibling module, as `python bench/x.py` does
+train_throughput = importlib.import_module("train_throughput")
+
+
+def _run(repeat: int, variant: str, tok_s: float, rss: float, losses: list[float]) -> dict:
+    return {"repeat": repeat, "variant": variant, "real_tokens_per_s": tok_s, "mfu": tok_s / 1000,
+            "peak_rss_mb": rss, "losses": losses}
+
+
+def test_summary_of_a_subset_has_only_the_ratios_whose_sides_ran():
+    runs = [_run(1, "b", 100.0, 3000.0, [2.0, 1.0]), _run(1, "c", 150.0, 1500.0, [2.0, 1.1]),
+            _run(1, "e", 50.0, 900.0, [2.0, 1.2]),
+            _run(2, "b", 80.0, 3000.0, [2.0, 1.0]), _run(2, "c", 160.0, 1800.0, [2.0, 1.0]),
+            _run(2, "e", 40.0, 1200.0, [2.0, 1.0])]
+    variants = {v: v for v in "bce"}
+    rows = {row["what"]: row for row in train_throughput.summarise(runs, variants)}
+    assert not [what for what in rows if " / a " in what or what.startswith(("a ", "d "))]
+    speed = rows["c / b speed (same round)"]
+    assert speed["min"] == pytest.approx(1.5) and speed["max"] == pytest.approx(2.0)  # per round, not pooled
+    assert rows["e / b peak memory"]["min"] == pytest.approx(0.3)
+    assert rows["e / b peak memory"]["max"] == pytest.approx(0.4)
+    assert rows["e vs b: largest relative loss gap per step"]["max"] == pytest.approx(0.2)
+
+
+def test_summary_without_the_baseline_has_no_ratios():
+    rows = train_throughput.summarise([_run(1, "c", 150.0, 1500.0, [1.0])], {"c": "c"})
+    assert [row["what"] for row in rows] == ["c real tok/s", "c MFU"]
