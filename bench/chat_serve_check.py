@@ -11,7 +11,11 @@ turn's user message, with the reference replies as the history. The same request
      the `openai` client's chat.completions (temperature 0), --concurrency requests in flight, so
      rows join and leave running batches as they would under traffic.
 Prints how many replies are the same text, and each path's per-turn exact match (the ROS 2 task's
-scorer). Writes runs/bench/chat_serve_check.json.
+scorer). Where the two replies differ, the model (with the adapter, one row, no padding) is run on
+the prompt and their common tokens, and the logit gap between the two tokens they part at is
+printed beside the gap between the first and second logit over every token of the CLI's replies:
+a gap far below that spread is a near-tie that another summation order can flip. Writes
+runs/bench/chat_serve_check.json.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,6 +31,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
 from results import machine, write_result
 
 from lorakit.data.files import load_records
@@ -91,6 +97,32 @@ def through_server(args, requests: list[dict]) -> list[str]:
         server.wait(timeout=60)
 
 
+@torch.no_grad()
+def parting_gaps(args, requests: list[dict], cli: list[str], served: list[str]) -> tuple[list[dict], list[float]]:
+    """For each differing pair: the logit gap between the two tokens where they part, at batch 1.
+    Also the top-1 minus top-2 logit gap at every token of every CLI reply (teacher-forced), for scale."""
+    from lorakit.data.chat import prompt_ids
+    from lorakit.infer.load import load_for_inference
+
+    model, tokenizer, _, _ = load_for_inference(args.model, args.adapter)
+    model.eval()
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    parted, spread = [], []
+    for request, a, b in zip(requests, cli, served):
+        prompt = prompt_ids(tokenizer, request["messages"][:-1])
+        ta, tb = ([*tokenizer(t, add_special_tokens=False)["input_ids"], end] for t in (a, b))
+        logits = model(torch.tensor([prompt + ta])).logits[0, len(prompt) - 1 : -1].float()
+        top2 = logits.topk(2, dim=-1).values
+        spread += (top2[:, 0] - top2[:, 1]).tolist()
+        if a == b:
+            continue
+        j = next(i for i, (x, y) in enumerate(zip(ta, tb)) if x != y)
+        gap = (logits[j, ta[j]] - logits[j, tb[j]]).item()
+        parted.append({"generate": a, "serve": b, "token": j, "gap": gap,
+                       "tokens": [tokenizer.decode([ta[j]]), tokenizer.decode([tb[j]])]})
+    return parted, spread
+
+
 def per_turn(preds: list[str], requests: list[dict]) -> dict:
     refs = [r["messages"][-1]["content"] for r in requests]
     out = {"exact_match": ros2.score(preds, refs)["exact_match"]}
@@ -130,6 +162,13 @@ def main() -> None:
     for row in rows:
         print(json.dumps(row))
     print(f"same reply through both paths: {same}/{len(requests)}")
+    parted, spread = parting_gaps(args, requests, cli, served)
+    spread.sort()
+    scale = (f"top-1 minus top-2 logit over the {len(spread)} tokens of the CLI's replies: median "
+             f"{statistics.median(spread):.2f}, 1st percentile {spread[len(spread) // 100]:.3f}")
+    print(scale)
+    for p in parted:
+        print(f"  parts at token {p['token']} ({p['tokens'][0]!r} / {p['tokens'][1]!r}): logit gap {p['gap']:.4f}")
     columns = [("path", "path"), ("requests", "requests"), ("exact_match", "per-turn exact match")]
     columns += [(k, k.replace("exact_match_", "")) for k in rows[0] if k.startswith("exact_match_turn")]
     columns += [("seconds", "s")]
@@ -140,7 +179,9 @@ def main() -> None:
                      f"history), greedy, up to {args.max_new_tokens} new tokens; served with continuous batching, "
                      f"{args.concurrency} requests in flight. Same reply through both paths: {same}/{len(requests)}."),
         notes=[f"same reply through both paths: {same}/{len(requests)}",
-               *(f"differs: {d}" for d in differing[:10])],
+               *(f"differs: {d}" for d in differing[:10]),
+               *(f"parts at token {p['token']} ({p['tokens'][0]!r} from generate, {p['tokens'][1]!r} from serve): "
+                 f"logit gap {p['gap']:.4f} at batch 1" for p in parted[:10]), scale],
     )
 
 
