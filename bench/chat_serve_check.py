@@ -106,7 +106,7 @@ def parting_gaps(args, requests: list[dict], cli: list[str], served: list[str]) 
 
     model, tokenizer, _, _ = load_for_inference(args.model, args.adapter)
     model.eval()
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    end = tokenizer.eos_token_id  # the end-of-turn token of chat models (SmolLM2: <|im_end|>)
     parted, spread = [], []
     for request, a, b in zip(requests, cli, served):
         prompt = prompt_ids(tokenizer, request["messages"][:-1])
