@@ -29,6 +29,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -96,14 +97,14 @@ def _memory_gib() -> float | None:
     return None
 
 
-def gemm_rates(shapes: list[tuple[int, int, int]], seconds: float = 0.3) -> dict[tuple[int, int, int], float]:
-    """fp32 GFLOP/s of torch.mm at each (M, K, N), each timed for about `seconds` after a warm-up."""
+def gemm_rates(shapes: list[tuple[int, int, int]], seconds: float = 0.3, dtype=None) -> dict[tuple[int, int, int], float]:
+    """GFLOP/s of torch.mm at each (M, K, N) in `dtype` (default fp32), each timed for about `seconds` after a warm-up."""
     import torch
 
     rates = {}
     for m, k, n in shapes:
-        a, b = torch.randn(m, k), torch.randn(k, n)
-        out = torch.empty(m, n)
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        out = torch.empty(m, n, dtype=dtype)
         torch.mm(a, b, out=out)
         repeats, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
@@ -156,3 +157,27 @@ def _plain(value):
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+class RssSampler:
+    """The largest resident set seen while training, sampled every 20 ms from /proc (Linux)."""
+
+    def __init__(self):
+        self.peak = self.start = _rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, _rss_mb())
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        return {"rss_before_training_mb": self.start, "training_peak_rss_mb": self.peak}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20

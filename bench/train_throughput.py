@@ -9,6 +9,9 @@ Qwen2.5-Coder-1.5B, same shape) from its published config with random weights (s
 every child; nothing is downloaded), so cost can be compared across sizes; the examples are still
 tokenised by --model's tokenizer (its ids are valid in every listed vocabulary). --qlora adds
   e  lorakit QLoRA: as c on an NF4 base (double quantisation, bitsandbytes), fp32 compute
+and --half adds
+  h  lorakit with train.half_base auto: as c, the frozen bases in fp16 or bf16 where this CPU multiplies
+     them faster than fp32 (AVX-512 FP16, AMX), else fp32; its MFU is over the peak of the type it chose
 --variants picks which of the variants below run (ratios are printed where both sides ran).
 
 Every variant runs in its own child process (so each peak RSS is its own), on the same model, the
@@ -24,7 +27,7 @@ the same batch, learning rate, linear schedule and number of steps:
 The variants take turns within each of --repeats rounds (a b c d, a b c d, ...), so a drift of the
 machine's speed hits them alike. Steps after --warmup are timed. "Real tokens" are non-pad tokens.
 
-MFU = useful FLOPs per second / the machine's fp32 GEMM peak. Useful FLOPs are counted once from
+MFU = useful FLOPs per second / the machine's fp32 GEMM peak (h's: the peak of its half type). Useful FLOPs are counted once from
 the examples, the same for every variant (lorakit.train.flops: 4 x frozen matmul params and 6 x
 LoRA params per real token, causal attention over each example's own tokens, the head at labelled
 positions only); what a variant does beyond that (pad tokens, logits nobody needs) is its own cost.
@@ -45,12 +48,13 @@ import os
 import resource
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
-from results import gemm_rates, machine, min_median, write_result
+from results import RssSampler, gemm_rates, machine, min_median, write_result
+
+from lorakit.train.half_base import HALF_TYPES
 
 VARIANTS = {
     "a": "PEFT + Trainer, seed recipe (max_length 256)",
@@ -59,6 +63,7 @@ VARIANTS = {
     "d": "lorakit, memory mode (128-token rows, one per forward)",
 }
 QLORA_VARIANT = {"e": "lorakit QLoRA (NF4 base, double quantisation)"}
+HALF_VARIANT = {"h": "lorakit, half-precision base (train.half_base auto)"}
 # Published config.json fields of each shape --model-config can build (random weights, no download).
 MODEL_CONFIGS = {
     "smollm2-135m": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -79,6 +84,7 @@ SEED_MAX_LENGTH = 256
 PACK_LENGTH = 256
 MEMORY_PACK_LENGTH = 128  # = the examples' max_length: every example still fits a row
 LR = 2e-4
+CURVE_WINDOW = 10  # steps per point of the smoothed loss curves compared in the summary
 
 
 def examples(tokenizer, args) -> list[dict]:
@@ -191,7 +197,7 @@ def run_peft(args, recipe: str) -> dict:
     return _result(stamps, real, args, losses, rss)
 
 
-def run_lorakit(args, memory_mode: bool = False, qlora: bool = False) -> dict:
+def run_lorakit(args, memory_mode: bool = False, qlora: bool = False, half: bool = False) -> dict:
     import lorakit
     from lorakit.config import QuantizationConfig, TrainConfig
     from lorakit.models import load_tokenizer
@@ -212,9 +218,9 @@ def run_lorakit(args, memory_mode: bool = False, qlora: bool = False) -> dict:
     objective = CausalLMObjective(tokenizer.pad_token_id, pack_length=pack_length)
     config = TrainConfig(
         lr=LR, scheduler="linear", warmup_ratio=0.0, max_grad_norm=1.0,
-        max_tokens_per_forward=pack_length if memory_mode else 0,
+        max_tokens_per_forward=pack_length if memory_mode else 0, half_base="auto" if half else "off",
     )
-    use_fused_paths(model, config.fused, config.fuse_projections, config.half_base)  # what train() switches on, as it does
+    paths = use_fused_paths(model, config.fused, config.fuse_projections, config.half_base)  # as train() does
     if config.release_memory:
         release_freed_memory()
     optimizer = build_optimizer(model, config)
@@ -232,7 +238,7 @@ def run_lorakit(args, memory_mode: bool = False, qlora: bool = False) -> dict:
         optimizer.zero_grad(set_to_none=True)
         stamps.append(time.perf_counter())
     rss = sampler.stop()
-    return _result(stamps, real, args, losses, rss)
+    return {**_result(stamps, real, args, losses, rss), "half_base": paths["half_base"]}
 
 
 def _work_dir(args) -> Path:
@@ -241,30 +247,6 @@ def _work_dir(args) -> Path:
 
 def _init_dir(args) -> str:
     return str(_work_dir(args) / "initial-adapter")
-
-
-class RssSampler:
-    """The largest resident set seen while training, sampled every 20 ms from /proc (Linux)."""
-
-    def __init__(self):
-        self.peak = self.start = _rss_mb()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, _rss_mb())
-
-    def stop(self) -> dict:
-        self._stop.set()
-        self._thread.join()
-        return {"rss_before_training_mb": self.start, "training_peak_rss_mb": self.peak}
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _result(stamps: list[float], real: list[int], args, losses: list[float], rss: dict) -> dict:
@@ -299,17 +281,28 @@ def summarise(runs: list[dict], variants: dict[str, str]) -> list[dict]:
         mine = [r for r in runs if r["variant"] == variant]
         rows.append({"what": f"{variant} real tok/s", **min_median([r["real_tokens_per_s"] for r in mine])})
         rows.append({"what": f"{variant} MFU", **min_median([r["mfu"] for r in mine])})
-    for ours, base in (("c", "a"), ("c", "b"), ("d", "b")):
+    for ours, base in (("c", "a"), ("c", "b"), ("d", "b"), ("h", "b"), ("h", "c")):
         if ours not in variants or base not in variants:
             continue
         ratios = [by[(i, ours)]["real_tokens_per_s"] / by[(i, base)]["real_tokens_per_s"] for i in repeats]
         rows.append({"what": f"{ours} / {base} speed (same round)", **min_median(ratios)})
-    for ours in [v for v in variants if v in "cde" and "b" in variants]:
+    for ours in [v for v in variants if v in "cdeh" and "b" in variants]:
         ratios = [by[(i, ours)]["peak_rss_mb"] / by[(i, "b")]["peak_rss_mb"] for i in repeats]
         rows.append({"what": f"{ours} / b peak memory", **min_median(ratios)})
         gaps = [max(abs(c - b) / abs(b) for b, c in zip(by[(i, "b")]["losses"], by[(i, ours)]["losses"])) for i in repeats]
         rows.append({"what": f"{ours} vs b: largest relative loss gap per step", **min_median(gaps)})
+    if "h" in variants and "c" in variants:  # the half base against the same loop in fp32, as a curve
+        gaps = [curve_gap(by[(i, "c")]["losses"], by[(i, "h")]["losses"]) for i in repeats]
+        rows.append({"what": f"h vs c: largest relative gap of the {CURVE_WINDOW}-step mean loss", **min_median(gaps)})
     return rows
+
+
+def curve_gap(reference: list[float], other: list[float], window: int = 0) -> float:
+    """Largest relative gap between the two loss curves, each a running mean over `window` steps
+    (CURVE_WINDOW by default; the whole run when it is shorter)."""
+    window = min(window or CURVE_WINDOW, len(reference))
+    means = [(sum(reference[i - window : i]), sum(other[i - window : i])) for i in range(window, len(reference) + 1)]
+    return max(abs(b - a) / abs(a) for a, b in means)
 
 
 def main() -> None:
@@ -321,26 +314,28 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="rounds; the variants take turns within each")
     parser.add_argument("--work-dir", default="runs/bench/train_throughput", help="initial adapter, Trainer output")
     parser.add_argument("--results-dir", default=None, help="where train_throughput.json goes (default runs/bench)")
+    parser.add_argument("--record", default=None,
+                        help="the record's name (default train_throughput, or train_throughput_<model-config>)")
     parser.add_argument("--model-config", choices=sorted(MODEL_CONFIGS), default=None,
                         help="build this model shape with random weights instead of loading --model's")
     parser.add_argument("--qlora", action="store_true", help="add variant e: lorakit on an NF4 base")
+    parser.add_argument("--half", action="store_true", help="add variant h: lorakit with train.half_base auto")
     parser.add_argument("--variants", default=None,
-                        help="which variants run, e.g. bce (default: abcd, and e with --qlora)")
-    parser.add_argument("--variant", choices=[*VARIANTS, *QLORA_VARIANT, "init"], help=argparse.SUPPRESS)  # children
+                        help="which variants run, e.g. bce (default: abcd, and e with --qlora, h with --half)")
+    parser.add_argument("--variant", choices=[*VARIANTS, *QLORA_VARIANT, *HALF_VARIANT, "init"],
+                        help=argparse.SUPPRESS)  # children
     args = parser.parse_args()
-    variants = {**VARIANTS, **(QLORA_VARIANT if args.qlora else {})}
-    if args.variants is not None:
-        unknown = sorted(set(args.variants) - set(variants))
-        if unknown or not args.variants:
-            parser.error(f"--variants {args.variants!r}: expected letters from {''.join(variants)}")
-        variants = {v: what for v, what in variants.items() if v in args.variants}
+    variants = {**VARIANTS, **(QLORA_VARIANT if args.qlora else {}), **(HALF_VARIANT if args.half else {})}
+    if args.variants is not None and (not args.variants or set(args.variants) - set(variants)):
+        parser.error(f"--variants {args.variants!r}: expected letters from {''.join(variants)}")
+    variants = {v: what for v, what in variants.items() if args.variants is None or v in args.variants}
     if not 0 < args.warmup < args.steps:
         parser.error(f"--warmup {args.warmup}: expected 1 to --steps - 1 ({args.steps - 1})")
     if args.variant:
         torch.manual_seed(0)
         run = {"init": lambda: prepare(args), "a": lambda: run_peft(args, "seed"), "b": lambda: run_peft(args, "dynamic"),
                "c": lambda: run_lorakit(args), "d": lambda: run_lorakit(args, memory_mode=True),
-               "e": lambda: run_lorakit(args, qlora=True)}[args.variant]
+               "e": lambda: run_lorakit(args, qlora=True), "h": lambda: run_lorakit(args, half=True)}[args.variant]
         print("RESULT " + json.dumps(run()))
         return
 
@@ -350,13 +345,16 @@ def main() -> None:
     work = [tuple(w) for w in info["gemm_work"]]
     shapes += [w[:3] for w in work if w[:3] not in shapes]
     mean_step = timed_flops / (args.steps - args.warmup)
-    runs, gemm_seen, round_rates = [], [], []
+    runs, gemm_seen, round_rates, half_seen = [], [], [], {"fp16": [], "bf16": []}
     for repeat in range(1, args.repeats + 1):
         rates = gemm_rates(shapes)
         round_rates.append(rates)
         gemm_seen.append(max(rates.values()))
         print(f"round {repeat}: fp32 GEMM at the model's shapes: best {max(rates.values()):.1f} GFLOP/s "
               f"(of {len(rates)} shapes, slowest {min(rates.values()):.1f})", flush=True)
+        for name in half_seen if "h" in variants else ():
+            half_seen[name].append(max(gemm_rates(shapes, dtype=HALF_TYPES[name]).values()))
+            print(f"  {name} GEMM at the model's shapes: best {half_seen[name][-1]:.1f} GFLOP/s", flush=True)
         for variant, what in variants.items():
             row = child(args, variant)
             row.update(repeat=repeat, variant=variant, useful_gflops_per_s=timed_flops / row["seconds"] / 1e9)
@@ -365,7 +363,7 @@ def main() -> None:
                   f"{row['useful_gflops_per_s']:>7.2f} useful GFLOP/s {row['peak_rss_mb']:>7.0f} MB peak", flush=True)
     peak = max(gemm_seen)
     for row in runs:
-        row["mfu"] = row["useful_gflops_per_s"] / peak
+        row["mfu"] = row["useful_gflops_per_s"] / (max(half_seen[row["half_base"]]) if row.get("half_base") else peak)
     bounds = [gemm_bound_mfu(work, rates, mean_step, peak) for rates in round_rates]
     print(f"\nfp32 GEMM peak (highest of {len(gemm_seen)} measurements at the model's shapes): {peak:.1f} GFLOP/s")
     print("GEMM-bound MFU (a step doing only its useful work, its frozen and head GEMMs at the rates measured "
@@ -382,19 +380,20 @@ def main() -> None:
         row["variant"] = f"{row['variant']}: {variants[row['variant']]}"
     model = args.model if args.model_config is None else f"{args.model_config} shape (random weights)"
     path = write_result(
-        "train_throughput" + (f"_{args.model_config}" if args.model_config else ""),
+        args.record or "train_throughput" + (f"_{args.model_config}" if args.model_config else ""),
         "Training throughput, memory and MFU" + (f" at the {args.model_config} shape" if args.model_config else ""),
         runs,
         description=(f"{model}, r=8 LoRA on all seven projections, {args.steps} steps of {args.batch} ROS 2 "
                      f"examples (the same for every variant, from the same initial adapter), the first "
                      f"{args.warmup} untimed; the variants take turns in each of {args.repeats} rounds. MFU = useful "
                      f"FLOPs/s ({timed_flops / 1e9:.1f} GFLOP over the timed steps, lorakit.train.flops) / the "
-                     "fp32 GEMM peak measured at the model's matrix shapes."),
+                     "fp32 GEMM peak measured at the model's matrix shapes (h: the peak of its half type)."),
         columns=[("repeat", "round"), ("variant", "variant"), ("real_tokens_per_s", "real tok/s"),
                  ("useful_gflops_per_s", "useful GFLOP/s"), ("mfu", "MFU"), ("peak_rss_mb", "peak RSS MB"),
                  ("training_peak_rss_mb", "training peak RSS MB"), ("seconds", "timed s")],
         summary=summary,
-        machine_info=machine(gemm_gflops=round(peak, 2), gemm_gflops_each_round=[round(g, 2) for g in gemm_seen]),
+        machine_info=machine(gemm_gflops=round(peak, 2), gemm_gflops_each_round=[round(g, 2) for g in gemm_seen],
+                             **{f"{k}_gemm_gflops_each_round": [round(g, 2) for g in v] for k, v in half_seen.items() if v}),
         notes=[(f"useful FLOPs per timed step: {mean_step / 1e9:.2f} GFLOP; "
                 f"counted parameters: {info['flop_model']}"),
                ("GEMM-bound MFU per round (a step doing only its useful work: the frozen and head GEMMs at the "

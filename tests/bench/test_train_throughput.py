@@ -36,3 +36,27 @@ def test_summary_of_a_subset_has_only_the_ratios_whose_sides_ran():
 def test_summary_without_the_baseline_has_no_ratios():
     rows = train_throughput.summarise([_run(1, "c", 150.0, 1500.0, [1.0])], {"c": "c"})
     assert [row["what"] for row in rows] == ["c real tok/s", "c MFU"]
+
+
+def test_summary_compares_the_half_base_with_fp32_lorakit_and_peft():
+    runs = [_run(1, "b", 100.0, 3000.0, [2.0, 1.0]), _run(1, "c", 150.0, 1500.0, [2.0, 1.0]),
+            _run(1, "h", 300.0, 1200.0, [2.0, 1.01])]
+    rows = {row["what"]: row for row in train_throughput.summarise(runs, {v: v for v in "bch"})}
+    assert rows["h / c speed (same round)"]["median"] == pytest.approx(2.0)
+    assert rows["h / b speed (same round)"]["median"] == pytest.approx(3.0)
+    assert rows["h / b peak memory"]["median"] == pytest.approx(0.4)
+    assert rows["h vs b: largest relative loss gap per step"]["median"] == pytest.approx(0.01)
+
+
+def test_curve_gap_compares_running_means_not_single_steps():
+    reference = [2.0, 1.0] * 10
+    other = [2.2, 0.8] * 10  # each step 10-20% off, every 2-step mean equal
+    assert train_throughput.curve_gap(reference, other, window=2) == pytest.approx(0.0)
+    assert train_throughput.curve_gap(reference, [x * 1.02 for x in reference], window=2) == pytest.approx(0.02)
+    assert train_throughput.curve_gap([1.0, 1.0], [1.0, 1.5], window=10) == pytest.approx(0.25)  # window > run
+
+
+def test_summary_compares_the_half_curve_with_fp32_lorakit():
+    runs = [_run(1, "c", 150.0, 1500.0, [1.0] * 20), _run(1, "h", 300.0, 1200.0, [1.0] * 10 + [1.1] * 10)]
+    rows = {row["what"]: row for row in train_throughput.summarise(runs, {v: v for v in "ch"})}
+    assert rows["h vs c: largest relative gap of the 10-step mean loss"]["median"] == pytest.approx(0.1)

@@ -81,4 +81,22 @@ def use_half_base(model: nn.Module, setting: str = "auto") -> str | None:
         base.weight.data = base.weight.data.to(HALF_TYPES[name])
         if base.bias is not None:
             base.bias.data = base.bias.data.to(HALF_TYPES[name])
+    leave_the_weights_file(model)
     return name
+
+
+@torch.no_grad()
+def leave_the_weights_file(model: nn.Module) -> None:
+    """Copy the frozen fp32 tensors left (embeddings, norms, head) into the process's own memory.
+
+    A model loaded from safetensors reads its weights through a memory map of the file, and the
+    file stays mapped while any tensor of it lives; the fp32 pages the cast above read would then
+    stay resident beside their half copies, and the half base would take more memory than fp32.
+    """
+    for param in model.parameters():
+        if not param.requires_grad and param.dtype == torch.float32:
+            param.data = param.data.clone()
+    for module in model.modules():
+        for key, buffer in module._buffers.items():
+            if buffer is not None and buffer.dtype == torch.float32:
+                module._buffers[key] = buffer.clone()
