@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -86,27 +88,17 @@ def test_unfused_paths_of_a_half_base_answer_in_fp32(input_ids):
     assert torch.allclose(fused, expected, atol=1e-2) and torch.allclose(plain, fused, atol=1e-3)
 
 
-def _file_mapped_ranges(suffix: str) -> list[tuple[int, int]]:
-    ranges = []
-    with open("/proc/self/maps") as fh:
-        for line in fh:
-            fields = line.split()
-            if len(fields) >= 6 and fields[5].endswith(suffix):
-                start, end = (int(x, 16) for x in fields[0].split("-"))
-                ranges.append((start, end))
-    return ranges
-
-
-@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux's /proc/self/maps")
 def test_a_half_base_loaded_from_safetensors_leaves_the_file_mapping(tmp_path):
     """The fp32 pages of a memory-mapped weights file would stay resident beside the half copies."""
+    from lorakit.mapped_pages import file_mappings
     from lorakit.models import load_causal_lm
 
     TINY_MODELS["llama"]().save_pretrained(tmp_path)  # model.safetensors
     model = load_causal_lm(tmp_path)
 
     def in_file() -> int:
-        ranges = _file_mapped_ranges(".safetensors")
+        ranges = file_mappings()
         return sum(any(a <= t.data_ptr() < b for a, b in ranges) for t in [*model.parameters(), *model.buffers()])
 
     assert in_file() > 0  # loaded through the memory map: the test can fail
