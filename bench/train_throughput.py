@@ -297,10 +297,10 @@ def summarise(runs: list[dict], variants: dict[str, str]) -> list[dict]:
     return rows
 
 
-def curve_gap(reference: list[float], other: list[float], window: int = 0) -> float:
+def curve_gap(reference: list[float], other: list[float], window: int = CURVE_WINDOW) -> float:
     """Largest relative gap between the two loss curves, each a running mean over `window` steps
-    (CURVE_WINDOW by default; the whole run when it is shorter)."""
-    window = min(window or CURVE_WINDOW, len(reference))
+    (the whole run when it is shorter)."""
+    window = min(window, len(reference))
     means = [(sum(reference[i - window : i]), sum(other[i - window : i])) for i in range(window, len(reference) + 1)]
     return max(abs(b - a) / abs(a) for a, b in means)
 
