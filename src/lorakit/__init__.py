@@ -1,5 +1,7 @@
 """lorakit: LoRA and QLoRA fine-tuning of Hugging Face transformer models, and serving of the adapters."""
 
+import lorakit.onednn_caches  # noqa: F401  (first: bounds oneDNN's caches before any GEMM can run)
+
 from lorakit.checkpoint.peft_io import AdapterError, load_adapter, save_adapter
 from lorakit.config import ConfigError, LoraConfig
 from lorakit.lora.adapters import delete_adapter, disable_adapters, set_adapter, use_adapter

@@ -49,3 +49,28 @@ def test_trainable_norm_weights_fall_back_and_unfuse_restores(input_ids):
     assert fuse_rms_norms(model) == 0  # already fused
     unfuse_rms_norms(model)
     assert not any("forward" in module.__dict__ for module in model.modules())
+
+
+def test_projections_after_a_fused_norm_save_its_recipe_not_its_output(input_ids):
+    """q/k/v and the MLP keep the norm's input and 1/rms (kept by the norm anyway), not a copy of its output,
+    and the gradients stay equal to the plain path's."""
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = lorakit.inject(TINY_MODELS["llama"](), lorakit.LoraConfig(r=4, target_modules=targets,
+                                                                      init_lora_weights=False))
+    params = [p for p in model.parameters() if p.requires_grad]
+    plain_loss = model(input_ids=input_ids, labels=input_ids).loss
+    plain = torch.autograd.grad(plain_loss, params)
+    paths = use_fused_paths(model)
+    assert paths["fused_mlps"] == 2 and paths["projection_groups"] == 4
+    norm_outputs, saved = [], []
+    for name, module in model.named_modules():
+        if name.endswith("layernorm"):
+            module.register_forward_hook(lambda _m, _i, out: norm_outputs.append(out))  # kept: no address reused
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.untyped_storage().data_ptr()) or t,
+                                                  lambda t: t):
+        fused_loss = model(input_ids=input_ids, labels=input_ids).loss
+    assert len(norm_outputs) == 4
+    assert not {out.untyped_storage().data_ptr() for out in norm_outputs} & set(saved)
+    fused = torch.autograd.grad(fused_loss, params)
+    assert abs(fused_loss - plain_loss) <= 1e-6
+    assert max((a - b).abs().max().item() for a, b in zip(plain, fused)) <= 1e-5

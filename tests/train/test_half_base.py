@@ -16,8 +16,13 @@ from lorakit.train.objectives import CausalLMObjective
 from conftest import TINY_MODELS, VOCAB
 
 
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
 def _curve(half: str, steps: int = 40) -> tuple[list[float], dict]:
-    model = lorakit.inject(TINY_MODELS["llama"](), lorakit.LoraConfig(r=8, lora_alpha=16))
+    """Every projection adapted, so the fused MLP (keeping its gate/up output in the half type) is on the curve."""
+    model = lorakit.inject(TINY_MODELS["llama"](), lorakit.LoraConfig(r=8, lora_alpha=16,
+                                                                      target_modules=ALL_PROJECTIONS))
     model.train()
     applied = use_fused_paths(model, half_base=half)
     objective = CausalLMObjective(pad_token_id=0)
@@ -43,6 +48,17 @@ def test_half_base_loss_curve_stays_within_one_percent_of_fp32(half):
     gaps = [abs(a - b) / a for a, b in zip(fp32, halved)]
     assert max(gaps) <= 0.01, f"largest relative gap {max(gaps):.4f} at step {gaps.index(max(gaps))}"
     assert halved != fp32  # the base really ran in the half type
+
+
+def test_the_fused_mlp_of_a_half_base_keeps_its_gate_up_output_in_the_half_type(input_ids):
+    model = lorakit.inject(TINY_MODELS["llama"](), lorakit.LoraConfig(r=4, target_modules=ALL_PROJECTIONS))
+    use_fused_paths(model, half_base="bf16")
+    intermediate = model.config.intermediate_size
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+    gate_up = [t for t in saved if t.shape == (*input_ids.shape, 2 * intermediate)]
+    assert len(gate_up) == model.config.num_hidden_layers and all(t.dtype == torch.bfloat16 for t in gate_up)
 
 
 def test_only_frozen_bases_change_type():

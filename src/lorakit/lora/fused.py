@@ -13,18 +13,22 @@ from __future__ import annotations
 
 import torch
 
+from lorakit.train.fused_norm import restored_input, saved_input
+
 
 class FusedAdapterLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, adapter, training: bool, *params):
         y, saved = adapter.fused_forward(x, weight, bias, params, training)
-        ctx.save_for_backward(x, weight, *params, *saved)
-        ctx.adapter, ctx.counts = adapter, (len(params), len(saved))
+        ctx.save_for_backward(*saved_input(x), weight, *params, *saved)
+        ctx.adapter, ctx.counts, ctx.x_shape = adapter, (len(params), len(saved)), x.shape
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, *rest = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        *x_parts, weight = saved[:4]
+        x, rest = restored_input(x_parts, ctx.x_shape), saved[4:]
         n_params = ctx.counts[0]
         params, saved = rest[:n_params], rest[n_params:]
         grad_x, grads = ctx.adapter.fused_backward(grad, x, weight, params, saved, ctx.needs_input_grad[0])

@@ -14,6 +14,11 @@ projections are LoRA layers on the fused path; at each call the MLP checks that 
 its projections are plain layers again (`merge_and_unload`) it drops the fused path for good.
 `unfuse_swiglu_mlps(model)` switches it off again. Where gate and up are a packed sibling group
 (lora/fused_siblings.py), `FusedSwiGLUPacked` runs them as one GEMM forward and one for dL/dx.
+
+Where the frozen weights are kept in a half type (train.half_base, whose GEMMs already round their
+products to it), g and u are kept in that type too (`kept_activation`): half their memory, within
+the half base's 1% loss-curve bound rather than exact. The MLP's input x, a fused norm's output, is
+kept as that norm's recipe (train/fused_norm.py).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from torch import nn
 
 from lorakit.lora.fused_siblings import siblings_backward, siblings_forward
 from lorakit.lora.layer import LoraLayer
+from lorakit.train.fused_norm import restored_input, saved_input
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -38,13 +44,17 @@ class FusedSwiGLULora(torch.autograd.Function):
         u, saved_u = up.fused_forward(x, wu, None, pu, training)
         h = F.silu(g) * u  # (..., intermediate); not kept
         y, saved_d = down.fused_forward(h, wd, None, pd, training)
-        ctx.save_for_backward(x, g, u, *parts, *saved_g, *saved_u, *saved_d)
-        ctx.adapters, ctx.counts = adapters, (len(parts), len(saved_g), len(saved_u))
+        g, u = kept_activation(g, wg), kept_activation(u, wu)
+        ctx.save_for_backward(*saved_input(x), g, u, *parts, *saved_g, *saved_u, *saved_d)
+        ctx.adapters, ctx.counts, ctx.x_shape = adapters, (len(parts), len(saved_g), len(saved_u)), x.shape
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, g, u, *rest = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        *x_parts, g, u = saved[:5]
+        x, rest = restored_input(x_parts, ctx.x_shape), saved[5:]
+        g, u = g.to(x.dtype), u.to(x.dtype)
         n_parts, n_g, n_u = ctx.counts
         parts, rest = rest[:n_parts], rest[n_parts:]
         saved_g, saved_u, saved_d = rest[:n_g], rest[n_g : n_g + n_u], rest[n_g + n_u :]
@@ -75,13 +85,17 @@ class FusedSwiGLUPacked(torch.autograd.Function):
         g, u = gu.chunk(2, dim=-1)
         h = F.silu(g) * u  # not kept
         y, saved_d = down.fused_forward(h, w_down, None, params[n:], training)
-        ctx.save_for_backward(x, gu, w_gate_up, w_down, *params, *saved_gu, *saved_d)
-        ctx.adapters, ctx.counts = adapters, (n, len(params), len(saved_gu))
+        gu_kept = kept_activation(gu, w_gate_up)
+        ctx.save_for_backward(*saved_input(x), gu_kept, w_gate_up, w_down, *params, *saved_gu, *saved_d)
+        ctx.adapters, ctx.counts, ctx.x_shape = adapters, (n, len(params), len(saved_gu)), x.shape
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, gu, w_gate_up, w_down, *rest = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        *x_parts, gu, w_gate_up, w_down = saved[:6]
+        x, rest = restored_input(x_parts, ctx.x_shape), saved[6:]
+        gu = gu.to(x.dtype)
         n, n_params, n_saved = ctx.counts
         params, saved_gu, saved_d = rest[:n_params], rest[n_params : n_params + n_saved], rest[n_params + n_saved :]
         gate, up, down = ctx.adapters
@@ -98,6 +112,13 @@ class FusedSwiGLUPacked(torch.autograd.Function):
         del dh, silu
         dx, grads_gu = siblings_backward(dgu, x, w_gate_up, (gate, up), params[:n], saved_gu, ctx.needs_input_grad[0])
         return (dx, None, None, None, None, *grads_gu, *grads_d)
+
+
+def kept_activation(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """What backward keeps of a projection's output t: t in the weight's type where that is a half type
+    below t's (a half base), else t itself."""
+    half = weight.dtype in (torch.float16, torch.bfloat16) and t.dtype == torch.float32
+    return t.to(weight.dtype) if half else t
 
 
 def _split(adapters: tuple, parts: tuple) -> list[tuple]:

@@ -30,6 +30,7 @@ from lorakit.lora.base import base_input_grad, base_linear
 from lorakit.lora.layer import LoraLayer
 from lorakit.lora.variants import LoraAdapter
 from lorakit.mapped_pages import drop_file_pages
+from lorakit.train.fused_norm import restored_input, saved_input
 
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # read the same input
 
@@ -119,13 +120,15 @@ class FusedSiblingLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, adapters, training: bool, *params):
         y, saved = siblings_forward(x, weight, bias, adapters, params, training)
-        ctx.save_for_backward(x, weight, *params, *saved)
-        ctx.adapters, ctx.n_params = adapters, len(params)
+        ctx.save_for_backward(*saved_input(x), weight, *params, *saved)
+        ctx.adapters, ctx.n_params, ctx.x_shape = adapters, len(params), x.shape
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, *rest = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        *x_parts, weight = saved[:4]
+        x, rest = restored_input(x_parts, ctx.x_shape), saved[4:]
         params, saved = rest[: ctx.n_params], rest[ctx.n_params :]
         grad_x, grads = siblings_backward(grad, x, weight, ctx.adapters, params, saved, ctx.needs_input_grad[0])
         return (grad_x, None, None, None, None, *grads)
