@@ -3,6 +3,7 @@
     python bench/serve_throughput.py [--model smollm2-135m-instruct] [--adapters 16] [--requests 16]
                                      [--new-tokens 32] [--rank 8] [--repeats 3] [--warmup 1] [--skip-peft]
                                      [--device cuda|cpu] [--results-dir DIR] [--variants merged,mixed-16]
+                                     [--half-weights auto|bf16|fp16]
 
 The same --requests ROS 2 prompts (left-padded, greedy, exactly --new-tokens new tokens each) in
 one batch, on the same base, with --adapters rank-r adapters on all seven projections (random
@@ -14,6 +15,9 @@ non-zero B, so they differ), saved once as PEFT folders that both libraries load
   mixed-K-grouped   the same spreads with one LoRA matmul per adapter (strategy "grouped")
   peft-mixed        PEFT's mixed batch, generate(..., adapter_names=[...])
   peft-switch       PEFT, set_adapter then generate per group of requests sharing an adapter
+and with --half-weights (infer/half_weights.py: linear weights in a half type, adapters in fp32):
+  merged-half       merged, then its linear weights cast
+  mixed-N-half      mixed-N on a base whose linear weights are cast (as `lorakit serve --half-weights`)
 Every variant runs --warmup times untimed, then all of them take turns in each of --repeats
 rounds (PEFT's included), so a drift of the machine's speed hits them alike. Every round's figure
 is printed, then min / median per variant, and the ratios of mixed-N to both merged baselines and
@@ -104,6 +108,17 @@ def lorakit_variants(args, root: Path, names: list[str], ids: list[list[int]], t
     spreads = {k: [names[i % k] for i in range(len(ids))] for k in sorted({min(4, len(names)), len(names)})}
     variants.update({f"mixed-{k}": run(model, spread) for k, spread in spreads.items()})
     variants.update({f"mixed-{k}-grouped": run(model, spread, "grouped") for k, spread in spreads.items()})
+    if args.half_weights:
+        from lorakit.infer.half_weights import use_half_weights
+
+        merged_half = lorakit.merge_and_unload(_with_adapters(load_causal_lm(args.model), root, names[:1]))
+        half_model = load_causal_lm(args.model)
+        half = use_half_weights(half_model, args.half_weights)  # auto decides once, for both
+        use_half_weights(merged_half, half or "off")
+        print(f"--half-weights {args.half_weights}: {half or 'fp32 (no half type is faster here)'}")
+        variants["merged-half"] = run(merged_half.to(args.device), [None] * len(ids))
+        variants[f"mixed-{len(names)}-half"] = run(_with_adapters(half_model, root, names).to(args.device),
+                                                   spreads[len(names)])
     return variants
 
 
@@ -162,8 +177,10 @@ def summarise(runs: list[dict], args) -> list[dict]:
     repeats = sorted({r["repeat"] for r in runs})
     for variant in variants:
         rows.append({"what": f"{variant} tok/s", **min_median([rate[(i, variant)] for i in repeats])})
-    ours = f"mixed-{args.adapters}"
-    for base in ("merged", "merged-hf", "peft-mixed", "peft-switch"):
+    pairs = [(f"mixed-{args.adapters}", base) for base in ("merged", "merged-hf", "peft-mixed", "peft-switch")]
+    pairs += [(f"mixed-{args.adapters}-half", "merged-half"), ("merged-half", "merged"),
+              (f"mixed-{args.adapters}-half", "merged")]
+    for ours, base in pairs:
         if base in variants and ours in variants:
             rows.append({"what": f"{ours} / {base}", **min_median([rate[(i, ours)] / rate[(i, base)] for i in repeats])})
     if "peft-mixed" in variants:
@@ -177,6 +194,7 @@ def variant_labels(args) -> list[str]:
     """Every variant this bench can time for --adapters (PEFT's unless --skip-peft)."""
     spreads = sorted({min(4, args.adapters), args.adapters})
     labels = ["merged", "merged-hf", *[f"mixed-{k}" for k in spreads], *[f"mixed-{k}-grouped" for k in spreads]]
+    labels += ["merged-half", f"mixed-{args.adapters}-half"] if args.half_weights else []
     return labels + ([] if args.skip_peft else ["peft-mixed", "peft-switch"])
 
 
@@ -203,6 +221,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before each variant")
     parser.add_argument("--skip-peft", action="store_true", help="lorakit variants only")
+    parser.add_argument("--half-weights", choices=["auto", "bf16", "fp16"], default=None,
+                        help="add merged-half and mixed-N-half: linear weights in a half type (auto: where faster)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: the GPU when there is one)")
     parser.add_argument("--results-dir", default=None, help="where serve_throughput.json goes (default runs/bench)")
     parser.add_argument("--variants", default=None,

@@ -232,3 +232,23 @@ def test_client_disconnecting_mid_stream(server, client):
     got = client.completions.create(model="b", prompt="say red", max_tokens=5, temperature=0)
     assert got.choices[0].finish_reason in ("stop", "length")
     assert server.app.state.scheduler.cancelled == 1
+
+
+def test_a_server_on_half_weights_answers_each_request_as_it_would_alone(toy):
+    """bf16 linear weights: a concurrent mixed batch gives each request what the same server gives it alone."""
+    folder, adapters = toy
+    config = ServeConfig(max_batch=16, batch_wait_ms=100, max_tokens=40, half_weights="bf16")
+    app = build_app(str(folder), {n: str(adapters / n) for n in NAMES}, config)
+    plan = [(NAMES[i % 4], PROMPTS[i % len(PROMPTS)]) for i in range(8)]
+    with Server(app) as running:
+        client = openai.OpenAI(base_url=running.url, api_key="none", max_retries=0, timeout=60)
+
+        def ask(item):
+            adapter, prompt = item
+            return client.completions.create(model=adapter, prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+
+        alone = [ask(item) for item in plan]
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(ask, plan))
+    assert together == alone
+    assert len(set(alone)) > 1  # the adapters answer differently

@@ -103,3 +103,14 @@ def base_input_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if weight.dtype == grad.dtype:
         return grad @ weight
     return (grad.to(weight.dtype) @ weight).to(grad.dtype)
+
+
+class HalfWeightLinear(nn.Linear):
+    """An nn.Linear whose frozen weight is kept in a half type (infer/half_weights.py); it takes and
+    gives its input's type, as `base_linear` computes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return base_linear(x, self.weight, self.bias)
+
+
+PLAIN_LINEARS = (nn.Linear, HalfWeightLinear)  # computed by `base_linear` directly, without a module call

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.lora.adapters import adapter_config, lora_layers, saved_modules
+from lorakit.lora.base import PLAIN_LINEARS, base_linear
 
 STRATEGIES = ("auto", "stacked", "gathered", "grouped")
 _UNSET = object()
@@ -182,7 +183,7 @@ class RowAdapters:
         base = layer.base_layer
         # A plain Linear called directly: decoding runs this once per layer and step, and the module
         # call's own overhead is a sizeable part of a batch-of-16 decode step.
-        out = F.linear(x, base.weight, base.bias) if type(base) is nn.Linear else base(x, *args, **kwargs)
+        out = base_linear(x, base.weight, base.bias) if type(base) in PLAIN_LINEARS else base(x, *args, **kwargs)
         if self.strategy != "grouped" and layer.kind != "embedding" and len(self.groups) > 1:
             rows = self._rows_of(layer)
             if rows is None:

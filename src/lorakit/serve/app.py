@@ -32,12 +32,15 @@ def build_app(model_name: str, adapters: dict[str, str], config: ServeConfig) ->
     Raises:
         RegistryError: an adapter name is not allowed.  AdapterError: an adapter does not load.
     """
+    from lorakit.infer.half_weights import use_half_weights
     from lorakit.models import default_device, load_causal_lm, load_tokenizer
     from lorakit.serve.malloc import keep_freed_memory
 
     keep_freed_memory()  # batches free and re-allocate the same buffers: keep them (see serve/malloc.py)
     tokenizer = load_tokenizer(model_name)
     model = load_causal_lm(model_name).to(default_device()).eval()
+    half = use_half_weights(model, config.half_weights, rows=config.max_batch)
+    log.info("the base model's linear weights: %s", half or "fp32")
     registry = AdapterRegistry(model, config.served_model_name or str(model_name), config.adapters_root)
     for name, path in adapters.items():
         registry.add(name, path)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from lorakit.config import ConfigError, _help
 
 SCHEDULERS = ("continuous", "batch")  # serve/continuous.py, serve/scheduler.py
+HALF_WEIGHTS = ("off", "auto", "fp16", "bf16")  # infer/half_weights.py
 
 
 @dataclass
@@ -29,6 +30,12 @@ class ServeConfig:
         "continuous: requests join the running batch at the next decode step and leave when done; "
         "batch: the waiting requests run together to the end, then the next ones",
         default="continuous",
+    )
+    half_weights: str = _help(
+        "the base model's linear weights in a half type on a CPU, adapters, embeddings, head and KV cache in fp32: "
+        "off | auto (only where this CPU multiplies halves faster, e.g. AMX's bf16) | fp16 | bf16; outputs are "
+        "then close to the fp32 model's, not equal",
+        default="off",
     )
     max_batch: int = _help("most requests decoding together in one batch", default=16)
     max_kv_tokens: int = _help(
@@ -59,6 +66,8 @@ class ServeConfig:
         ]
         if self.scheduler not in SCHEDULERS:
             problems.append(f"scheduler must be one of {', '.join(SCHEDULERS)} (got {self.scheduler!r})")
+        if self.half_weights not in HALF_WEIGHTS:
+            problems.append(f"half_weights must be one of {', '.join(HALF_WEIGHTS)} (got {self.half_weights!r})")
         if problems:
             raise ConfigError("serve: " + "; ".join(problems))
 

@@ -44,9 +44,9 @@ def gemm_seconds(dtype: torch.dtype, rows: int, in_features: int, out_features: 
     return best
 
 
-def probe_half_type(in_features: int, out_features: int) -> tuple[str | None, dict[str, float]]:
-    """(the half type to use or None, seconds per GEMM of fp32, fp16 and bf16) at (PROBE_ROWS, in, out)."""
-    seconds = {name: gemm_seconds(dtype, PROBE_ROWS, in_features, out_features)
+def probe_half_type(in_features: int, out_features: int, rows: int = PROBE_ROWS) -> tuple[str | None, dict[str, float]]:
+    """(the half type to use or None, seconds per GEMM of fp32, fp16 and bf16) at (rows, in, out)."""
+    seconds = {name: gemm_seconds(dtype, rows, in_features, out_features)
                for name, dtype in {"fp32": torch.float32, **HALF_TYPES}.items()}
     name = min(HALF_TYPES, key=seconds.__getitem__)
     return (name if seconds[name] <= HALF_MARGIN * seconds["fp32"] else None), seconds
