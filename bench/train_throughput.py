@@ -10,8 +10,8 @@ every child; nothing is downloaded), so cost can be compared across sizes; the e
 tokenised by --model's tokenizer (its ids are valid in every listed vocabulary). --qlora adds
   e  lorakit QLoRA: as c on an NF4 base (double quantisation, bitsandbytes), fp32 compute
 and --half adds
-  h  lorakit with train.half_base auto: as c, the frozen bases in fp16 or bf16 where this CPU multiplies
-     them faster than fp32 (AVX-512 FP16, AMX), else fp32; its MFU is over the peak of the type it chose
+  h  lorakit's default, train.half_base auto: as c, the frozen bases in fp16 or bf16 where this CPU
+     multiplies them faster than fp32 (AMX), else fp32; its MFU is over the peak of the type it chose
 --variants picks which of the variants below run (ratios are printed where both sides ran).
 
 Every variant runs in its own child process (so each peak RSS is its own), on the same model, the
@@ -20,7 +20,8 @@ the same batch, learning rate, linear schedule and number of steps:
   a  PEFT + transformers Trainer, the first seed's recipe: padding="max_length" (256) and labels
      masked by comparing ids with the pad id (so the prompt is trained on too)
   b  PEFT + Trainer with dynamic padding (pad to the longest of each batch), prompt masked
-  c  lorakit: packed rows, head on labelled positions only, fused LoRA/SwiGLU, grouped attention
+  c  lorakit in fp32 (train.half_base off): packed rows, head on labelled positions only, fused
+     LoRA/SwiGLU, grouped attention
   d  lorakit's memory mode: as c, but rows packed to 128 tokens (the longest example's length) and
      each its own forward (train.max_tokens_per_forward = 128): the same loss and gradient, a quarter
      of the activations held at once
@@ -59,11 +60,11 @@ from lorakit.train.half_base import HALF_TYPES
 VARIANTS = {
     "a": "PEFT + Trainer, seed recipe (max_length 256)",
     "b": "PEFT + Trainer, dynamic padding",
-    "c": "lorakit",
+    "c": "lorakit, fp32 base (train.half_base off)",
     "d": "lorakit, memory mode (128-token rows, one per forward)",
 }
 QLORA_VARIANT = {"e": "lorakit QLoRA (NF4 base, double quantisation)"}
-HALF_VARIANT = {"h": "lorakit, half-precision base (train.half_base auto)"}
+HALF_VARIANT = {"h": "lorakit default (train.half_base auto)"}
 # Published config.json fields of each shape --model-config can build (random weights, no download).
 MODEL_CONFIGS = {
     "smollm2-135m": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,

@@ -220,9 +220,9 @@ class TrainConfig:
     fuse_projections: bool = _help("with fused: q/k/v (and gate/up) as one GEMM over their packed frozen weights,"
                                    " the siblings' LoRA A's concatenated (same math, bigger GEMMs)", default=True)
     half_base: str = _help("with fused, on a CPU: the frozen base weights in a half type, LoRA weights and activations"
-                           " in fp32: off | auto (time fp32/fp16/bf16 GEMMs first; half only where faster) | fp16 |"
-                           " bf16. Off by default: a run's numbers then do not depend on the CPU or a timing",
-                           default="off")
+                           " in fp32: auto (time fp32/fp16/bf16 GEMMs first; half only where clearly faster, e.g. AMX)"
+                           " | off (fp32: a run's numbers then do not depend on the CPU) | fp16 | bf16",
+                           default="auto")
     group_by_length: bool = _help("batch examples of similar length together (less padding; shuffled in groups"
                                   " of 50 batches, as transformers' group_by_length)", default=False)
     max_tokens_per_forward: int = _help("run each micro-batch through the model in row groups of at most this many"

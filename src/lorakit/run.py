@@ -31,6 +31,7 @@ from lorakit.train.final_score import (
     final_score_line,
     selection_line,
 )
+from lorakit.train.half_base import half_base_in_use
 from lorakit.train.loop import ADAPTER, seed_everything, train
 from lorakit.train.objectives import OBJECTIVES, CausalLMObjective, ClassificationObjective
 from lorakit.train.preference import DPOObjective, ORPOObjective
@@ -121,6 +122,11 @@ def run_causal_lm(run: RunConfig, echo=print, run_log: RunLog | None = None) -> 
     summary.update(describe_splits(run.data, run.train, result.best_metric, result.best_checkpoint,
                                    has_eval=bool(data.eval)))
     echo(f"trained {result.steps} steps in {result.seconds:.0f} s; adapter in {result.adapter_dir}")
+    if half_base_in_use(model):  # score the saved adapter as generate and serve run it: on the fp32 base
+        echo("the base was kept in a half type for training (train.half_base); the final scores load the saved "
+             "adapter onto the fp32 base")
+        model = load_causal_lm(run.model).to(default_device())
+        load_adapter(model, result.adapter_dir)
 
     scores = _final_causal_lm_scores(run, model, tokenizer, data, objective, result, summary, echo, run_log)
     summary["final_score"]["scores"] = scores

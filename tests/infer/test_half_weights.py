@@ -8,6 +8,7 @@ import torch
 import lorakit
 from conftest import TOY_TARGETS, perturb, toy_model_folder
 from lorakit.infer import half_weights
+from lorakit.train import half_base
 from lorakit.infer.half_weights import use_half_weights
 from lorakit.lora.base import HalfWeightLinear
 from lorakit.lora.mixed import row_adapters
@@ -69,12 +70,14 @@ def test_a_mixed_batch_on_half_weights_stays_close_to_fp32_with_each_rows_adapte
 
 def test_off_never_casts_and_auto_follows_the_probe(toy, monkeypatch):
     assert loaded(toy, "off")[1] is None
+    assert loaded(toy, "auto")[1] is None  # too small to time: fp32
+    monkeypatch.setattr(half_base, "MIN_PROBED_WEIGHT", 0)
     seen = []
-    monkeypatch.setattr(half_weights, "probe_half_type", lambda i, o, rows: seen.append(rows) or (None, {}))
+    monkeypatch.setattr(half_base, "probe_half_type", lambda i, o, rows: seen.append(rows) or (None, {}))
     model, used = loaded(toy, "auto")
     assert used is None and seen == [half_weights.DECODE_ROWS]
     assert not any(type(m) is HalfWeightLinear for m in model.modules())
-    monkeypatch.setattr(half_weights, "probe_half_type", lambda i, o, rows: ("bf16", {}))
+    monkeypatch.setattr(half_base, "probe_half_type", lambda i, o, rows: ("bf16", {}))
     assert loaded(toy, "auto")[1] == "bf16"
 
 

@@ -169,3 +169,25 @@ def test_test_file_problems_name_the_field(tmp_path, data, train, message):
     with pytest.raises(ConfigError, match="data.test_file") as err:
         load_run_config(path)
     assert message in str(err.value)
+
+
+def test_a_run_trained_on_a_half_base_is_scored_on_the_fp32_base(toy_files, tmp_path):
+    """The final scores are those of the saved adapter as generate and serve run it, on the fp32 base."""
+    import dataclasses
+
+    import lorakit
+    from lorakit.data.masking import tokenize_dataset
+    from lorakit.models import load_causal_lm, load_tokenizer
+    from lorakit.train.objectives import CausalLMObjective
+
+    config = _run_config(toy_files, tmp_path, toy_files["test"], None)
+    config.train = dataclasses.replace(config.train, half_base="bf16", eval_strategy="no", save_strategy="no")
+    summary, lines = _run(config)
+    tokenizer = load_tokenizer(toy_files["model"])
+    model = load_causal_lm(toy_files["model"])
+    lorakit.load_adapter(model, tmp_path / "adapter")
+    examples, _ = tokenize_dataset(tokenizer, TEST, "seed", 64)
+    with torch.no_grad():
+        expected = CausalLMObjective(tokenizer.pad_token_id).evaluate(model.eval(), examples, 4, "cpu")["eval_loss"]
+    assert summary["final_score"]["scores"]["test_loss"] == pytest.approx(expected, rel=1e-6)
+    assert any("final scores load the saved adapter onto the fp32 base" in line for line in lines)

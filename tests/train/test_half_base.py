@@ -76,10 +76,12 @@ def test_only_frozen_bases_change_type():
 def test_auto_follows_the_probe_and_off_never_casts(monkeypatch):
     model = lorakit.inject(TINY_MODELS["llama"](), lorakit.LoraConfig(r=2))
     assert use_fused_paths(model, half_base="off")["half_base"] is None
-    monkeypatch.setattr(half_base, "probe_half_type", lambda i, o: (None, {}))
+    assert use_fused_paths(model, half_base="auto")["half_base"] is None  # too small to time: fp32
+    monkeypatch.setattr(half_base, "MIN_PROBED_WEIGHT", 0)
+    monkeypatch.setattr(half_base, "probe_half_type", lambda i, o, rows: (None, {}))
     assert use_fused_paths(model, half_base="auto")["half_base"] is None
     assert all(layer.base_layer.weight.dtype == torch.float32 for _, layer in lora_layers(model))
-    monkeypatch.setattr(half_base, "probe_half_type", lambda i, o: ("bf16", {}))
+    monkeypatch.setattr(half_base, "probe_half_type", lambda i, o, rows: ("bf16", {}))
     assert use_fused_paths(model, half_base="auto")["half_base"] == "bf16"
 
 
@@ -121,3 +123,26 @@ def test_a_half_base_loaded_from_safetensors_leaves_the_file_mapping(tmp_path):
     model = lorakit.inject(model, lorakit.LoraConfig(r=4))
     assert use_fused_paths(model, half_base="bf16")["half_base"] == "bf16"
     assert in_file() == 0
+
+
+def _choose_in_process(rank: int, port: int, out) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    half_base.probe_half_type = lambda i, o, rows: (["bf16", None][rank], {})  # the two timings disagree
+    out.put((rank, half_base.auto_half_type(1024, 1024, 16)))
+    dist.destroy_process_group()
+
+
+def test_every_process_of_a_distributed_run_takes_rank_zeros_choice():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.get_context("spawn")
+    out = context.Queue()
+    mp.start_processes(_choose_in_process, args=(port, out), nprocs=2, start_method="spawn", join=True)
+    assert dict(out.get(timeout=60) for _ in range(2)) == {0: "bf16", 1: "bf16"}

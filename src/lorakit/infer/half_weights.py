@@ -9,21 +9,18 @@ inside. LoRA layers wrap these bases as they wrap any Linear, and their adapters
 embeddings, the norms, attention, the head and the KV cache stay fp32. Outputs are close to the fp32
 model's, not equal: the weights are rounded to the half type.
 
-`auto` times fp32, fp16 and bf16 at a decode batch's shape (train/half_base.py's probe) and casts
-only where a half type takes at most HALF_MARGIN of fp32's time; `off` never casts.
+`auto` times fp32, fp16 and bf16 at a decode batch's shape (train/half_base.py's probe, skipped for
+models too small for it to pay) and casts only where a half type takes at most HALF_MARGIN of
+fp32's time; `off` never casts.
 """
 
 from __future__ import annotations
-
-import logging
 
 import torch
 from torch import nn
 
 from lorakit.lora.base import HalfWeightLinear
-from lorakit.train.half_base import HALF_TYPES, leave_the_weights_file, probe_half_type
-
-log = logging.getLogger(__name__)
+from lorakit.train.half_base import HALF_TYPES, auto_half_type, leave_the_weights_file
 
 HALF_WEIGHT_SETTINGS = ("off", "auto", "fp16", "bf16")
 DECODE_ROWS = 16  # the probe's row count: a decode step of a full batch
@@ -47,9 +44,7 @@ def use_half_weights(model: nn.Module, setting: str = "auto", rows: int = DECODE
     name = setting
     if setting == "auto":
         widest = max(linears, key=lambda m: m.weight.numel()).weight
-        name, seconds = probe_half_type(widest.shape[1], widest.shape[0], rows)
-        log.info("half-weight probe at (%d, %d, %d): %s -> %s", rows, widest.shape[1], widest.shape[0],
-                 {k: f"{v * 1e3:.3f} ms" for k, v in seconds.items()}, name or "fp32 (no half type is faster)")
+        name = auto_half_type(widest.shape[1], widest.shape[0], rows)
         if name is None:
             return None
     for linear in linears:

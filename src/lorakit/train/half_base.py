@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 HALF_TYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 HALF_MARGIN = 0.9  # a half type must take at most this share of fp32's time
+# `auto` leaves smaller models in fp32 without timing: their GEMMs take microseconds, too little for
+# a half type to pay or for a timing to decide the same way twice (SmolLM2-135M's widest is 576 x 1536).
+MIN_PROBED_WEIGHT = 512 * 512
 PROBE_ROWS = 256
 
 
@@ -52,6 +55,22 @@ def probe_half_type(in_features: int, out_features: int, rows: int = PROBE_ROWS)
     return (name if seconds[name] <= HALF_MARGIN * seconds["fp32"] else None), seconds
 
 
+def auto_half_type(in_features: int, out_features: int, rows: int) -> str | None:
+    """`auto`'s choice for a model whose widest weight is (out, in): None below MIN_PROBED_WEIGHT, else the
+    probe's. In a distributed run every process takes rank 0's choice, so the replicas compute alike."""
+    name = None
+    if in_features * out_features >= MIN_PROBED_WEIGHT:
+        name, seconds = probe_half_type(in_features, out_features, rows)
+        log.info("half-precision probe at (%d, %d, %d): %s -> %s", rows, in_features, out_features,
+                 {k: f"{v * 1e3:.3f} ms" for k, v in seconds.items()}, name or "fp32 (no half type is faster)")
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        choice = [name]
+        torch.distributed.broadcast_object_list(choice, src=0)
+        name = choice[0]
+    return name
+
+
 def castable_layers(model: nn.Module) -> list:
     """LoRA layers on the fused path with one plain LoRA adapter on an fp32 Linear base."""
     return [
@@ -71,9 +90,7 @@ def use_half_base(model: nn.Module, setting: str = "auto") -> str | None:
     name = setting
     if setting == "auto":
         widest = max(layers, key=lambda layer: layer.base_layer.weight.numel()).base_layer.weight
-        name, seconds = probe_half_type(widest.shape[1], widest.shape[0])
-        log.info("half-precision base probe at (%d, %d, %d): %s -> %s", PROBE_ROWS, widest.shape[1], widest.shape[0],
-                 {k: f"{v * 1e3:.2f} ms" for k, v in seconds.items()}, name or "fp32 (no half type is faster)")
+        name = auto_half_type(widest.shape[1], widest.shape[0], PROBE_ROWS)
         if name is None:
             return None
     for layer in layers:
@@ -83,6 +100,12 @@ def use_half_base(model: nn.Module, setting: str = "auto") -> str | None:
             base.bias.data = base.bias.data.to(HALF_TYPES[name])
     leave_the_weights_file(model)
     return name
+
+
+def half_base_in_use(model: nn.Module) -> bool:
+    """Whether any LoRA layer's frozen Linear base is kept in a half type (by `use_half_base`)."""
+    return any(layer.kind == "linear" and layer.base_layer.weight.dtype in HALF_TYPES.values()
+               for _, layer in lora_layers(model))
 
 
 @torch.no_grad()
