@@ -52,3 +52,14 @@ def test_a_capacity_the_user_set_is_kept():
                                "os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"],
         env=env, capture_output=True, text=True, timeout=120, check=True)
     assert done.stdout.split() == ["7", "32"]
+
+
+def test_decoding_widens_the_caches_but_never_a_capacity_the_user_set():
+    env = {**os.environ, "LRU_CACHE_CAPACITY": "7"}
+    env.pop("ONEDNN_PRIMITIVE_CACHE_CAPACITY", None)
+    code = ("import os; from lorakit.onednn_caches import widen_onednn_caches; "
+            "print(widen_onednn_caches(192), os.environ['LRU_CACHE_CAPACITY'], "
+            "os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'], widen_onednn_caches(100))")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                          check=True)
+    assert done.stdout.split() == ["True", "7", "192", "False"]

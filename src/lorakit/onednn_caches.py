@@ -16,6 +16,7 @@ import os
 
 CACHE_CAPACITY = 32  # a training step has ~8 distinct GEMM shapes (forward and input-gradient of 4 projections)
 CAPACITY_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+USER_SET = frozenset(name for name in CAPACITY_VARIABLES if name in os.environ)  # never overridden
 
 
 def bound_onednn_caches(capacity: int = CACHE_CAPACITY) -> dict[str, str]:
@@ -23,6 +24,18 @@ def bound_onednn_caches(capacity: int = CACHE_CAPACITY) -> dict[str, str]:
     for name in CAPACITY_VARIABLES:
         os.environ.setdefault(name, str(capacity))
     return {name: os.environ[name] for name in CAPACITY_VARIABLES}
+
+
+def widen_onednn_caches(capacity: int) -> bool:
+    """Raise both capacities (those the user did not set) for a process that meets many shapes again and
+    again, as decoding does: one per batch size and weight. Takes effect only before the process's first
+    oneDNN GEMM (fp32 GEMMs do not count: they run elsewhere); returns whether anything changed."""
+    changed = False
+    for name in CAPACITY_VARIABLES:
+        if name not in USER_SET and int(os.environ.get(name, "0")) < capacity:
+            os.environ[name] = str(capacity)
+            changed = True
+    return changed
 
 
 bound_onednn_caches()

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lorakit.lora.base import HalfWeightLinear
+from lorakit.onednn_caches import widen_onednn_caches
 from lorakit.train.half_base import HALF_TYPES, auto_half_type, leave_the_weights_file
 
 HALF_WEIGHT_SETTINGS = ("off", "auto", "fp16", "bf16")
@@ -41,6 +42,9 @@ def use_half_weights(model: nn.Module, setting: str = "auto", rows: int = DECODE
     linears = plain_linears(model)
     if setting == "off" or not linears or linears[0].weight.device.type != "cpu":
         return None
+    # oneDNN keeps one primitive (with its reordered weights) per GEMM shape: room for every decode batch
+    # size of every weight, so that decoding does not rebuild them step after step (onednn_caches.py).
+    widen_onednn_caches(8 * rows + 64)
     name = setting
     if setting == "auto":
         widest = max(linears, key=lambda m: m.weight.numel()).weight
