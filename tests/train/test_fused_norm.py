@@ -74,3 +74,15 @@ def test_projections_after_a_fused_norm_save_its_recipe_not_its_output(input_ids
     fused = torch.autograd.grad(fused_loss, params)
     assert abs(fused_loss - plain_loss) <= 1e-6
     assert max((a - b).abs().max().item() for a, b in zip(plain, fused)) <= 1e-5
+
+
+def test_a_norm_output_changed_in_place_is_saved_itself():
+    from lorakit.train.fused_norm import restored_input, saved_input
+
+    weight = torch.rand(8) + 0.5
+    out = FrozenRMSNorm.apply(torch.randn(3, 8), weight, 1e-6)
+    rows, inv, _ = saved_input(out)
+    assert inv is not None and torch.equal(restored_input((rows, inv, weight), out.shape), out)
+    out.mul_(2)  # e.g. a scale applied in place between the norm and the projection
+    kept, inv, _ = saved_input(out)
+    assert inv is None and kept is out

@@ -29,14 +29,16 @@ NORM_TYPES = frozenset(
     {"LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm", "Phi3RMSNorm", "SmolLM3RMSNorm"}
 )
 
-NORM_RECIPE = "_lorakit_rms_norm"  # on a fused norm's output: (input rows, 1/rms per row, weight)
+NORM_RECIPE = "_lorakit_rms_norm"  # on a fused norm's output: (input rows, 1/rms per row, weight, its version)
 
 
 def saved_input(x: torch.Tensor) -> tuple:
     """What a fused projection saves of its input x: the norm's recipe if x is a fused norm's output
     (tensors the norm keeps anyway), else (x, None, None). `restored_input` gives x back."""
     recipe = getattr(x, NORM_RECIPE, None)
-    return recipe if recipe is not None else (x, None, None)
+    if recipe is None or recipe[3] != x._version:  # not a norm's output, or changed in place since
+        return x, None, None
+    return recipe[:3]
 
 
 def restored_input(saved: tuple, shape: torch.Size) -> torch.Tensor:
@@ -52,7 +54,7 @@ class FrozenRMSNorm(torch.autograd.Function):
         inv = torch.linalg.vecdot(rows, rows).div_(rows.shape[-1]).add_(eps).rsqrt_().unsqueeze(-1)  # (N, 1)
         ctx.save_for_backward(rows, inv, weight)
         out = torch.mul(rows, inv).mul_(weight).view(x.shape)
-        setattr(out, NORM_RECIPE, (rows, inv, weight))
+        setattr(out, NORM_RECIPE, (rows, inv, weight, out._version))
         return out
 
     @staticmethod
