@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lorakit-setup
 
-.PHONY: setup browser demo demo-dpo test llama-server llama-server-build clean
+.PHONY: setup browser allocator demo demo-dpo test llama-server llama-server-build clean
 
 # llama.cpp (inside llama-cpp-python's source distribution) is compiled for the portable x86-64 AVX2 baseline
 # where the CPU has AVX2, not -march=native: the native build crashes in decode on Xeons with AVX-512 and AMX.
@@ -15,7 +15,7 @@ LLAMA_CMAKE := -DLLAVA_BUILD=OFF $(if $(shell grep -qsw avx2 /proc/cpuinfo && ec
 LLAMA_CACHE := $(HOME)/.cache/lorakit
 LLAMA_WHEELS := $(LLAMA_CACHE)/wheels/$(LLAMA_CPP)-$(shell echo '$(LLAMA_CMAKE)' | md5sum | cut -c1-8)
 
-setup: $(STAMP) browser
+setup: $(STAMP) browser allocator
 
 # Re-runs only when the dependency list changes; a second `make setup` is instant.
 $(STAMP): pyproject.toml Makefile
@@ -39,6 +39,14 @@ browser:
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
 	else echo "make setup: chromium and chromium-driver are missing and not installable here (needs root and apt-get); the dashboard's browser tests will skip"; fi
+
+# tcmalloc, the allocator `lorakit train` runs on (src/lorakit/allocator.py); installed when missing and we are root
+# (otherwise training runs on the system's malloc, with a higher peak memory).
+allocator:
+	@if /sbin/ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libtcmalloc-minimal4; \
+	else echo "make setup: tcmalloc (libtcmalloc-minimal4) is missing and not installable here; lorakit train uses the system's malloc"; fi
 
 demo: setup
 	$(PY) examples/ros2/make_data.py runs/ros2-data

@@ -12,9 +12,13 @@ tokenised by --model's tokenizer (its ids are valid in every listed vocabulary).
 and --half adds
   h  lorakit's default, train.half_base auto: as c, the frozen bases in fp16 or bf16 where this CPU
      multiplies them faster than fp32 (AMX), else fp32; its MFU is over the peak of the type it chose
+and --allocator adds
+  p  b on the allocator `lorakit train` runs on (tcmalloc where installed): how much of lorakit's
+     memory and speed an allocator alone would give PEFT
 --variants picks which of the variants below run (ratios are printed where both sides ran).
 
-Every variant runs in its own child process (so each peak RSS is its own), on the same model, the
+Every variant runs in its own child process (so each peak RSS is its own): lorakit's on the allocator
+`lorakit train` runs on (lorakit/allocator.py), PEFT's on the system's malloc (p aside), on the same model, the
 same ROS 2 examples in the same order, the same initial adapter (r=8 on all seven projections),
 the same batch, learning rate, linear schedule and number of steps:
   a  PEFT + transformers Trainer, the first seed's recipe: padding="max_length" (256) and labels
@@ -55,6 +59,7 @@ from pathlib import Path
 import torch
 from results import RssSampler, gemm_rates, machine, min_median, write_result
 
+from lorakit import allocator
 from lorakit.train.half_base import HALF_TYPES
 
 VARIANTS = {
@@ -65,6 +70,8 @@ VARIANTS = {
 }
 QLORA_VARIANT = {"e": "lorakit QLoRA (NF4 base, double quantisation)"}
 HALF_VARIANT = {"h": "lorakit default (train.half_base auto)"}
+ALLOCATOR_VARIANT = {"p": "PEFT + Trainer, dynamic padding, on lorakit train's allocator"}
+ON_LORAKIT_ALLOCATOR = "cdehp"  # run as `lorakit train` runs them: on tcmalloc where installed (lorakit/allocator.py)
 # Published config.json fields of each shape --model-config can build (random weights, no download).
 MODEL_CONFIGS = {
     "smollm2-135m": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -259,14 +266,19 @@ def _result(stamps: list[float], real: list[int], args, losses: list[float], rss
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
         "real_tokens_per_s": tokens / seconds, "seconds": seconds, "real_tokens": tokens, "peak_rss_mb": peak_mb,
-        **rss, "steps": len(stamps), "losses": losses,
+        "allocator": allocator.in_use(), **rss, "steps": len(stamps), "losses": losses,
     }
 
 
 def child(args, variant: str) -> dict:
     """Run one variant (or 'init') in a fresh process; its RESULT line as a dict."""
     cmd = [sys.executable, __file__, "--variant", variant, *sys.argv[1:]]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"}, check=False)
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    if variant in ON_LORAKIT_ALLOCATOR:
+        env = allocator.preload_env(env)
+    else:  # PEFT + Trainer as its users run it: on the system's malloc
+        env.pop("LD_PRELOAD", None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     line = next((out for out in proc.stdout.splitlines() if out.startswith("RESULT ")), None)
     if line is None:
         sys.exit(f"variant {variant} failed:\n{proc.stderr[-3000:]}")
@@ -282,16 +294,19 @@ def summarise(runs: list[dict], variants: dict[str, str]) -> list[dict]:
         mine = [r for r in runs if r["variant"] == variant]
         rows.append({"what": f"{variant} real tok/s", **min_median([r["real_tokens_per_s"] for r in mine])})
         rows.append({"what": f"{variant} MFU", **min_median([r["mfu"] for r in mine])})
-    for ours, base in (("c", "a"), ("c", "b"), ("d", "b"), ("h", "b"), ("h", "c")):
+    for ours, base in (("c", "a"), ("c", "b"), ("d", "b"), ("h", "b"), ("h", "c"), ("h", "p")):
         if ours not in variants or base not in variants:
             continue
         ratios = [by[(i, ours)]["real_tokens_per_s"] / by[(i, base)]["real_tokens_per_s"] for i in repeats]
         rows.append({"what": f"{ours} / {base} speed (same round)", **min_median(ratios)})
-    for ours in [v for v in variants if v in "cdeh" and "b" in variants]:
+    for ours in [v for v in variants if v in "cdehp" and "b" in variants]:
         ratios = [by[(i, ours)]["peak_rss_mb"] / by[(i, "b")]["peak_rss_mb"] for i in repeats]
         rows.append({"what": f"{ours} / b peak memory", **min_median(ratios)})
         gaps = [max(abs(c - b) / abs(b) for b, c in zip(by[(i, "b")]["losses"], by[(i, ours)]["losses"])) for i in repeats]
         rows.append({"what": f"{ours} vs b: largest relative loss gap per step", **min_median(gaps)})
+    if "h" in variants and "p" in variants:  # against PEFT on the same allocator
+        ratios = [by[(i, "h")]["peak_rss_mb"] / by[(i, "p")]["peak_rss_mb"] for i in repeats]
+        rows.append({"what": "h / p peak memory", **min_median(ratios)})
     if "h" in variants and "c" in variants:  # the half base against the same loop in fp32, as a curve
         gaps = [curve_gap(by[(i, "c")]["losses"], by[(i, "h")]["losses"]) for i in repeats]
         rows.append({"what": f"h vs c: largest relative gap of the {CURVE_WINDOW}-step mean loss", **min_median(gaps)})
@@ -321,12 +336,15 @@ def main() -> None:
                         help="build this model shape with random weights instead of loading --model's")
     parser.add_argument("--qlora", action="store_true", help="add variant e: lorakit on an NF4 base")
     parser.add_argument("--half", action="store_true", help="add variant h: lorakit with train.half_base auto")
+    parser.add_argument("--allocator", action="store_true",
+                        help="add variant p: b on the allocator lorakit train runs on (tcmalloc where installed)")
     parser.add_argument("--variants", default=None,
                         help="which variants run, e.g. bce (default: abcd, and e with --qlora, h with --half)")
-    parser.add_argument("--variant", choices=[*VARIANTS, *QLORA_VARIANT, *HALF_VARIANT, "init"],
+    parser.add_argument("--variant", choices=[*VARIANTS, *QLORA_VARIANT, *HALF_VARIANT, *ALLOCATOR_VARIANT, "init"],
                         help=argparse.SUPPRESS)  # children
     args = parser.parse_args()
-    variants = {**VARIANTS, **(QLORA_VARIANT if args.qlora else {}), **(HALF_VARIANT if args.half else {})}
+    variants = {**VARIANTS, **(QLORA_VARIANT if args.qlora else {}), **(HALF_VARIANT if args.half else {}),
+                **(ALLOCATOR_VARIANT if args.allocator else {})}
     if args.variants is not None and (not args.variants or set(args.variants) - set(variants)):
         parser.error(f"--variants {args.variants!r}: expected letters from {''.join(variants)}")
     variants = {v: what for v, what in variants.items() if args.variants is None or v in args.variants}
@@ -335,6 +353,7 @@ def main() -> None:
     if args.variant:
         torch.manual_seed(0)
         run = {"init": lambda: prepare(args), "a": lambda: run_peft(args, "seed"), "b": lambda: run_peft(args, "dynamic"),
+               "p": lambda: run_peft(args, "dynamic"),
                "c": lambda: run_lorakit(args), "d": lambda: run_lorakit(args, memory_mode=True),
                "e": lambda: run_lorakit(args, qlora=True), "h": lambda: run_lorakit(args, half=True)}[args.variant]
         print("RESULT " + json.dumps(run()))
@@ -391,7 +410,7 @@ def main() -> None:
                      "fp32 GEMM peak measured at the model's matrix shapes (h: the peak of its half type)."),
         columns=[("repeat", "round"), ("variant", "variant"), ("real_tokens_per_s", "real tok/s"),
                  ("useful_gflops_per_s", "useful GFLOP/s"), ("mfu", "MFU"), ("peak_rss_mb", "peak RSS MB"),
-                 ("training_peak_rss_mb", "training peak RSS MB"), ("seconds", "timed s")],
+                 ("training_peak_rss_mb", "training peak RSS MB"), ("allocator", "allocator"), ("seconds", "timed s")],
         summary=summary,
         machine_info=machine(gemm_gflops=round(peak, 2), gemm_gflops_each_round=[round(g, 2) for g in gemm_seen],
                              **{f"{k}_gemm_gflops_each_round": [round(g, 2) for g in v] for k, v in half_seen.items() if v}),

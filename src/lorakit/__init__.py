@@ -1,5 +1,9 @@
 """lorakit: LoRA and QLoRA fine-tuning of Hugging Face transformer models, and serving of the adapters."""
 
+from lorakit.allocator import reexec_on_chosen_allocator
+
+reexec_on_chosen_allocator()  # first: `lorakit train` starts again on tcmalloc before anything allocates (allocator.py)
+
 import lorakit.onednn_caches  # noqa: F401  (first: bounds oneDNN's caches before any GEMM can run)
 
 from lorakit.checkpoint.peft_io import AdapterError, load_adapter, save_adapter

@@ -60,3 +60,13 @@ def test_summary_compares_the_half_curve_with_fp32_lorakit():
     runs = [_run(1, "c", 150.0, 1500.0, [1.0] * 20), _run(1, "h", 300.0, 1200.0, [1.0] * 10 + [1.1] * 10)]
     rows = {row["what"]: row for row in train_throughput.summarise(runs, {v: v for v in "ch"})}
     assert rows["h vs c: largest relative gap of the 10-step mean loss"]["median"] == pytest.approx(0.1)
+
+
+def test_summary_compares_the_default_with_peft_on_the_same_allocator():
+    runs = [_run(1, "b", 100.0, 3000.0, [2.0, 1.0]), _run(1, "p", 110.0, 2500.0, [2.0, 1.0]),
+            _run(1, "h", 220.0, 1000.0, [2.0, 1.0])]
+    rows = {row["what"]: row for row in train_throughput.summarise(runs, {v: v for v in "bph"})}
+    assert rows["h / p speed (same round)"]["median"] == pytest.approx(2.0)
+    assert rows["h / p peak memory"]["median"] == pytest.approx(0.4)
+    assert rows["p / b peak memory"]["median"] == pytest.approx(2500 / 3000)
+

@@ -19,6 +19,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+from lorakit import allocator
+from lorakit.track.status import read_status
 from conftest import TOY_TARGETS, TOY_TASK, toy_model_folder
 
 pytestmark = pytest.mark.slow
@@ -120,6 +122,8 @@ def test_two_processes_under_torchrun_equal_one(toy_config, one_process, tmp_pat
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     _train([*torchrun, *LORAKIT], toy_config, tmp_path / "two", "--train.report_to", "tensorboard")
     _assert_same_run(one_process, tmp_path / "two")
+    # torchrun's workers start as `python -m lorakit train` and re-execute on lorakit's allocator too
+    assert read_status(tmp_path / "two")["allocator"] == ("system" if allocator.library("auto") is None else "tcmalloc")
     (events,) = (tmp_path / "two" / "tensorboard").iterdir()  # rank 0 alone logged to the tracker
     _assert_tensorboard_equals_metrics(events.parent, tmp_path / "two")
     state = json.loads((tmp_path / "two" / "checkpoints" / "step-000020" / "trainer_state.json").read_text())

@@ -146,3 +146,25 @@ def test_every_process_of_a_distributed_run_takes_rank_zeros_choice():
     out = context.Queue()
     mp.start_processes(_choose_in_process, args=(port, out), nprocs=2, start_method="spawn", join=True)
     assert dict(out.get(timeout=60) for _ in range(2)) == {0: "bf16", 1: "bf16"}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux's /proc/self/smaps")
+def test_the_cast_lets_go_of_each_weights_file_page_it_read(tmp_path):
+    """Casting reads every fp32 weight from the file; kept resident until the end, those pages set the peak."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorakit.models import load_causal_lm
+    from test_mapped_pages import mapped_rss_kb
+
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    model = load_causal_lm(tmp_path)
+    mapped = model.get_input_embeddings().weight.data  # holds the file's mapping open after the cast
+    model = lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=ALL_PROJECTIONS))
+    cast_kb = sum(layer.base_layer.weight.numel() * 4 for _, layer in lora_layers(model)) // 1024
+
+    assert half_base.use_half_base(model, "bf16") == "bf16"
+
+    assert mapped_rss_kb(tmp_path / "model.safetensors") < cast_kb // 10
+    assert mapped.dtype == torch.float32

@@ -14,6 +14,8 @@ import socket
 import time
 from pathlib import Path
 
+from lorakit.allocator import in_use as allocator_in_use
+
 STATUS_FILE = "status.json"
 STATES = ("running", "finished", "interrupted", "failed")
 
@@ -59,7 +61,8 @@ def process_alive(record: dict) -> bool | None:
 
 
 def _this_process() -> dict:
-    return {"pid": os.getpid(), "host": socket.gethostname(), "process_start": _process_start(os.getpid())}
+    return {"pid": os.getpid(), "host": socket.gethostname(), "process_start": _process_start(os.getpid()),
+            "allocator": allocator_in_use()}
 
 
 def _process_start(pid: int) -> int | None:

@@ -22,6 +22,7 @@ from torch import nn
 
 from lorakit.lora.adapters import lora_layers
 from lorakit.lora.variants import LoraAdapter
+from lorakit.mapped_pages import drop_file_pages
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +96,11 @@ def use_half_base(model: nn.Module, setting: str = "auto") -> str | None:
             return None
     for layer in layers:
         base = layer.base_layer
-        base.weight.data = base.weight.data.to(HALF_TYPES[name])
-        if base.bias is not None:
-            base.bias.data = base.bias.data.to(HALF_TYPES[name])
+        for param in (base.weight, base.bias):
+            if param is not None:
+                read = [(param.data_ptr(), param.numel() * param.element_size())] if param.is_contiguous() else []
+                param.data = param.data.to(HALF_TYPES[name])
+                drop_file_pages(read)  # a weights file's pages this cast read: not read again, not kept resident
     leave_the_weights_file(model)
     return name
 
