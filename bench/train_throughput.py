@@ -339,7 +339,7 @@ def main() -> None:
     parser.add_argument("--allocator", action="store_true",
                         help="add variant p: b on the allocator lorakit train runs on (tcmalloc where installed)")
     parser.add_argument("--variants", default=None,
-                        help="which variants run, e.g. bce (default: abcd, and e with --qlora, h with --half)")
+                        help="which variants run, e.g. bce (default: abcd, and e with --qlora, h with --half, p with --allocator)")
     parser.add_argument("--variant", choices=[*VARIANTS, *QLORA_VARIANT, *HALF_VARIANT, *ALLOCATOR_VARIANT, "init"],
                         help=argparse.SUPPRESS)  # children
     args = parser.parse_args()

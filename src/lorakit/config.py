@@ -227,9 +227,9 @@ class TrainConfig:
                                   " of 50 batches, as transformers' group_by_length)", default=False)
     max_tokens_per_forward: int = _help("run each micro-batch through the model in row groups of at most this many"
                                         " tokens (same gradient, less activation memory); 0: whole", default=0)
-    release_memory: bool = _help("return freed activation memory to the OS at once (glibc): peak memory follows what"
-                                 " training holds (~0.8x), but every step page-faults its memory anew (~0.6x speed)",
-                                 default=False)
+    release_memory: bool = _help("return freed activation memory to the OS at once (on glibc's malloc, "
+                                 "LORAKIT_MALLOC=system): peak memory follows what training holds, but every step "
+                                 "page-faults its memory anew (~0.55x speed)", default=False)
     seed: int = _help("seed for initialisation, shuffling and dropout", default=0)
     resume: bool = _help("continue from the latest checkpoint in output_dir", default=False)
     init_adapter: str | None = _help(

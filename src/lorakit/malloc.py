@@ -10,14 +10,17 @@ import ctypes
 import ctypes.util
 import sys
 
+from lorakit.allocator import in_use
+
 M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
 
 
 def set_malloc_thresholds(mmap_threshold: int, trim_threshold: int) -> bool:
     """Blocks of at least `mmap_threshold` bytes are mapped (and unmapped when freed); the heap's free
-    top beyond `trim_threshold` goes back to the OS. Process-wide; False where malloc is not glibc's."""
-    if not sys.platform.startswith("linux"):
+    top beyond `trim_threshold` goes back to the OS. Process-wide; False where malloc is not glibc's
+    (another libc, or tcmalloc / jemalloc preloaded: lorakit/allocator.py)."""
+    if not sys.platform.startswith("linux") or in_use() != "system":  # tcmalloc or jemalloc: glibc's are unused
         return False
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt

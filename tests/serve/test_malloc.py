@@ -31,3 +31,15 @@ def test_freed_block_stays_resident_only_when_kept():
 
     assert grown("default") < 1 << 20  # mmap'd by default, unmapped on free
     assert grown("keep") >= 7 << 20  # from the heap, kept for the next allocation
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="needs glibc's malloc")
+def test_glibcs_thresholds_are_not_claimed_set_on_a_preloaded_allocator():
+    from lorakit import allocator
+
+    env = allocator.preload_env({"PATH": "/usr/bin", allocator.ENV: "tcmalloc"}) if allocator.library("auto") else None
+    if env is None:
+        pytest.skip("tcmalloc is not installed (make setup installs it)")
+    probe = "from lorakit.serve.malloc import keep_freed_memory; print(keep_freed_memory())"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,9 +1,9 @@
 """status.json: what a run last said about itself (running, finished, interrupted, failed).
 
-Rank 0 writes it atomically: `running` with its process id, host and process start time when the
-run starts; `finished`, `interrupted` or `failed` (with the error line) when it ends. A run killed
-outright (SIGKILL, out of memory, power loss) leaves `running` behind: `process_alive` lets a
-reader on the same host tell that its process is gone.
+Rank 0 writes it atomically: `running` with its process id, host, process start time and memory
+allocator (lorakit/allocator.py) when the run starts; `finished`, `interrupted` or `failed` (with
+the error line) when it ends. A run killed outright (SIGKILL, out of memory, power loss) leaves
+`running` behind: `process_alive` lets a reader on the same host tell that its process is gone.
 """
 
 from __future__ import annotations
