@@ -79,3 +79,26 @@ def test_lorakit_train_runs_on_the_allocator_chosen(setting, expected, toy_confi
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert read_status(tmp_path / "run")["allocator"] == expected  # what /proc/self/maps showed in the run
+
+
+RELEASE = """
+import sys
+from lorakit import allocator
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+block = bytearray(256 << 20)  # touched page by page
+block = None
+before = resident()
+print(allocator.in_use(), allocator.release_free_memory(), before - resident())
+"""
+
+
+@linux
+@needs_tcmalloc
+def test_free_memory_kept_by_tcmalloc_goes_back_to_the_os_when_released():
+    env = allocator.preload_env({"PATH": os.environ.get("PATH", ""), allocator.ENV: "tcmalloc"})
+    out = subprocess.run([sys.executable, "-c", RELEASE], env=env, capture_output=True, text=True, timeout=120)
+    name, released, returned = out.stdout.split()
+    assert (name, released) == ("tcmalloc", "True"), out.stderr[-2000:]
+    assert int(returned) >= 200 << 20  # the freed 256 MB block had stayed resident until the call

@@ -19,6 +19,7 @@ A library imported from Python keeps the process's allocator.
 
 from __future__ import annotations
 
+import ctypes
 import ctypes.util
 import os
 import sys
@@ -99,3 +100,17 @@ def reexec_on_chosen_allocator() -> None:
     if env.get("LD_PRELOAD", "") == os.environ.get("LD_PRELOAD", "") or in_use() != "system":
         return
     os.execve(sys.executable, [sys.executable, *argv[1:]], env)
+
+
+def release_free_memory() -> bool:
+    """Hand the allocator's free pages back to the OS (tcmalloc: ReleaseFreeMemory; glibc: malloc_trim), at a
+    phase boundary such as loading another model after training; False where the allocator offers no call."""
+    if not sys.platform.startswith("linux"):
+        return False
+    process = ctypes.CDLL(None)
+    name = {"tcmalloc": "MallocExtension_ReleaseFreeMemory", "system": "malloc_trim"}.get(in_use())
+    call = getattr(process, name, None) if name else None
+    if call is None:
+        return False
+    call(*([0] if name == "malloc_trim" else []))
+    return True

@@ -32,6 +32,7 @@ from lorakit.train.final_score import (
     selection_line,
 )
 from lorakit.train.half_base import half_base_in_use
+from lorakit.allocator import release_free_memory
 from lorakit.train.loop import ADAPTER, seed_everything, train
 from lorakit.train.objectives import OBJECTIVES, CausalLMObjective, ClassificationObjective
 from lorakit.train.preference import DPOObjective, ORPOObjective
@@ -125,6 +126,8 @@ def run_causal_lm(run: RunConfig, echo=print, run_log: RunLog | None = None) -> 
     if half_base_in_use(model):  # score the saved adapter as generate and serve run it: on the fp32 base
         echo("the base was kept in a half type for training (train.half_base); the final scores load the saved "
              "adapter onto the fp32 base")
+        del model
+        release_free_memory()  # the half model's and training's freed memory, before the fp32 base comes in
         model = load_causal_lm(run.model).to(default_device())
         load_adapter(model, result.adapter_dir)
 
