@@ -43,8 +43,7 @@ def library(setting: str) -> str | None:
     if setting == "system" or not sys.platform.startswith("linux"):
         return None
     if setting in LIBRARIES or setting == "auto":
-        found = next((ctypes.util.find_library(name) for name in LIBRARIES.get(setting, LIBRARIES["tcmalloc"])
-                      if ctypes.util.find_library(name)), None)
+        found = next(filter(None, map(ctypes.util.find_library, LIBRARIES.get(setting, LIBRARIES["tcmalloc"]))), None)
         if found is None and setting != "auto":
             raise AllocatorError(f"{ENV}={setting}: lib{LIBRARIES[setting][0]} is not installed "
                                  f"(Debian: apt-get install {PACKAGES[setting]}); expected one of {', '.join(CHOICES)}")
