@@ -29,6 +29,7 @@ runs/bench/serve_throughput.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import tempfile
 import time
 from pathlib import Path
@@ -92,6 +93,7 @@ def _sync(device: str) -> None:
 def lorakit_variants(args, root: Path, names: list[str], ids: list[list[int]], texts: list[str], tokenizer) -> dict:
     """The merged baselines and lorakit's mixed batches, as callables that each generate once."""
     import lorakit
+    from lorakit.infer.decode_linears import use_decode_linears
     from lorakit.infer.multi_adapter import Request, generate_mixed
     from lorakit.models import load_causal_lm
 
@@ -99,11 +101,15 @@ def lorakit_variants(args, root: Path, names: list[str], ids: list[list[int]], t
         requests = [Request(p, a, args.new_tokens, ignore_eos=True) for p, a in zip(ids, adapters)]
         return lambda: generate_mixed(model, tokenizer, requests, strategy=strategy)
 
-    merged = lorakit.merge_and_unload(_with_adapters(load_causal_lm(args.model), root, names[:1])).to(args.device)
-    model = _with_adapters(load_causal_lm(args.model), root, names).to(args.device)
+    def merged_model():
+        return lorakit.merge_and_unload(_with_adapters(load_causal_lm(args.model), root, names[:1])).to(args.device)
+
+    merged = use_decode_linears(merged_model())  # as `lorakit serve` prepares its model
+    model = _with_adapters(use_decode_linears(load_causal_lm(args.model)), root, names).to(args.device)
+    plain = functools.cache(merged_model)  # transformers' generate on its own nn.Linears, loaded when run
     variants = {
         "merged": run(merged, [None] * len(ids)),
-        "merged-hf": lambda: _hf_generate(merged, tokenizer, texts, args.new_tokens),
+        "merged-hf": lambda: _hf_generate(plain(), tokenizer, texts, args.new_tokens),
     }
     spreads = {k: [names[i % k] for i in range(len(ids))] for k in sorted({min(4, len(names)), len(names)})}
     variants.update({f"mixed-{k}": run(model, spread) for k, spread in spreads.items()})
@@ -116,9 +122,9 @@ def lorakit_variants(args, root: Path, names: list[str], ids: list[list[int]], t
         half = use_half_weights(half_model, args.half_weights)  # auto decides once, for both
         use_half_weights(merged_half, half or "off")
         print(f"--half-weights {args.half_weights}: {half or 'fp32 (no half type is faster here)'}")
-        variants["merged-half"] = run(merged_half.to(args.device), [None] * len(ids))
-        variants[f"mixed-{len(names)}-half"] = run(_with_adapters(half_model, root, names).to(args.device),
-                                                   spreads[len(names)])
+        variants["merged-half"] = run(use_decode_linears(merged_half).to(args.device), [None] * len(ids))
+        half_model = _with_adapters(use_decode_linears(half_model), root, names).to(args.device)
+        variants[f"mixed-{len(names)}-half"] = run(half_model, spreads[len(names)])
     return variants
 
 

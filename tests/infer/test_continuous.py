@@ -92,3 +92,19 @@ def test_cancelled_rows_leave_and_the_cache_shrinks(toy):  # noqa: F811
     assert stayer.done.finish_reason == "length" and len(stayer.done.token_ids) == 12
     alone = generate_mixed(model, tokenizer, [Request(short, "b", 12, ignore_eos=True)])[0]
     assert stayer.done.token_ids == alone.token_ids
+
+
+def test_a_row_joining_a_gathered_batch_extends_its_adapter_state(toy):  # noqa: F811
+    tokenizer, model = loaded(toy, NAMES)
+    batch = RunningBatch(model, tokenizer, "gathered")
+    ask = [Request(tokenizer(PROMPTS[p])["input_ids"], a, 6) for p, a in [(0, "a"), (1, "b"), (2, "c")]]
+    rows = [Collect() for _ in ask]
+    batch.join(ask[:2], [c.text for c in rows[:2]], [c.finish for c in rows[:2]])
+    state = batch._state
+    assert state is not None and state.names == ["a", "b"]  # the prefill's state decodes on
+    batch.step()
+    batch.join(ask[2:], [rows[2].text], [rows[2].finish])
+    assert batch._state is state and state.names == ["a", "b", "c"]  # extended, not rebuilt
+    while len(batch):
+        batch.step()
+    assert all(c.done is not None and len(c.done.token_ids) > 0 for c in rows)

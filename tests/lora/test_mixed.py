@@ -7,7 +7,8 @@ import torch
 
 import lorakit
 from conftest import TINY_MODELS, logits_of, perturb
-from lorakit.lora.mixed import row_adapters
+from lorakit.lora.adapters import lora_layers
+from lorakit.lora.mixed import RowAdapters, row_adapters, sibling_layers
 
 
 def with_adapters(arch: str, ranks: dict[str, int], targets=None):
@@ -113,3 +114,42 @@ def test_auto_stacks_shared_adapters_and_gathers_distinct_ones():
     assert RowAdapters(["a", "b", "c", "a"]).strategy == "gathered"
     with pytest.raises(ValueError, match="not one of"):
         RowAdapters(["a"], "fastest")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_joined_state_computes_what_a_state_built_for_all_its_rows_does(arch):
+    model = with_adapters(arch, {"a": 4, "b": 4, "c": 4, "d": 2, "e": 8})
+    named = lora_layers(model)
+    siblings = sibling_layers(named)
+    ids = torch.randint(3, 128, (5, 7), generator=torch.Generator().manual_seed(2))
+
+    def forward(state, rows):
+        for _, layer in named:
+            layer.row_adapters = state
+        try:
+            return logits_of(model, ids[rows])
+        finally:
+            for _, layer in named:
+                layer.row_adapters = None
+
+    running, joining = RowAdapters(["a", "b", None], "gathered", siblings), RowAdapters(["c", "a"], "gathered", siblings)
+    forward(running, [0, 1, 2]), forward(joining, [3, 4])  # each built for its own rows, as prefill and decode do
+    assert running.extend(joining)
+    assert running.names == ["a", "b", None, "c", "a"]
+    built = RowAdapters(running.names, "gathered", siblings)
+    torch.testing.assert_close(forward(running, [0, 1, 2, 3, 4]), forward(built, [0, 1, 2, 3, 4]), rtol=0, atol=1e-6)
+
+    stacked = RowAdapters(["a", "a"], "stacked", siblings)
+    forward(stacked, [0, 1])
+    assert not running.extend(stacked) and running.names == ["a", "b", None, "c", "a"]
+
+    wider, narrower = RowAdapters(["e", "a"], "gathered", siblings), RowAdapters(["d"], "gathered", siblings)
+    forward(wider, [0, 1]), forward(narrower, [2])
+    assert wider.extend(narrower)  # ranks 8 and 2: the narrower rows' copies are zero-padded
+    torch.testing.assert_close(forward(wider, [0, 1, 2]), forward(RowAdapters(["e", "a", "d"], "gathered", siblings),
+                                                                   [0, 1, 2]), rtol=0, atol=1e-6)
+    alone = RowAdapters(["e"], "gathered", siblings)  # one adapter: its forward never builds per-row copies
+    forward(alone, [3])
+    assert wider.extend(alone) and wider.names == ["e", "a", "d", "e"]
+    torch.testing.assert_close(forward(wider, [0, 1, 2, 3]), forward(RowAdapters(wider.names, "gathered", siblings),
+                                                                      [0, 1, 2, 3]), rtol=0, atol=1e-6)

@@ -116,7 +116,12 @@ class RunningBatch:
         ids, mask = _left_pad([r.prompt_ids for r in requests], self.pad_id, self.device)
         position = (mask.cumsum(-1) - 1).clamp(min=0)  # (n, L): left padding does not shift positions
         cache = DynamicCache(config=self.model.config)
-        state = RowAdapters([r.adapter for r in requests], self.strategy, self.siblings)
+        # Joining a gathered decode state, the joiners' prefill state is built gathered too, so that it
+        # can be appended to it afterwards (RowAdapters.extend) rather than every row's copies rebuilt.
+        strategy = self.strategy
+        if strategy == "auto" and self._state is not None and self._state.strategy == "gathered":
+            strategy = "gathered"
+        state = RowAdapters([r.adapter for r in requests], strategy, self.siblings)
         with self._adapters(state):
             logits = self.model(
                 input_ids=ids,
@@ -131,10 +136,11 @@ class RunningBatch:
         if len(keep) < len(entries):
             index = torch.tensor(keep, dtype=torch.long, device=self.device)
             cache.batch_select_indices(index)
+            state.select(keep)
             tokens, mask, position = tokens[index], mask[index], position[index]
             entries = [entries[b] for b in keep]
         if entries:
-            self._append(entries, cache, mask, position[:, -1:] + 1, tokens)
+            self._append(entries, cache, mask, position[:, -1:] + 1, tokens, state)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -215,9 +221,9 @@ class RunningBatch:
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
 
-    def _append(self, entries: list[_Live], cache: DynamicCache, mask, position, tokens) -> None:
-        """Add prefilled rows (their cache, mask, next positions and last tokens) below the running ones."""
-        self._state = None  # rebuilt for the new set of rows at the next step
+    def _append(self, entries: list[_Live], cache: DynamicCache, mask, position, tokens, state: RowAdapters) -> None:
+        """Add prefilled rows (their cache, mask, next positions, last tokens and adapter state) below the
+        running ones."""
         if not self.live:
             self.live, self.cache, self.mask, self.position, self.tokens = (
                 entries,
@@ -226,7 +232,10 @@ class RunningBatch:
                 position,
                 tokens,
             )
+            self._state = state  # their prefill's per-row adapters serve their decoding
             return
+        if self._state is not None and not self._state.extend(state):
+            self._state = None  # rebuilt for the new set of rows at the next step
         width = max(self.mask.shape[1], mask.shape[1])
         for old, new in zip(self.cache.layers, cache.layers):
             old.keys = torch.cat([_pad_left(old.keys, width), _pad_left(new.keys, width)])

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.lora.adapters import adapter_config, lora_layers, saved_modules
-from lorakit.lora.base import PLAIN_LINEARS, base_linear
+from lorakit.lora.base import PLAIN_LINEARS, decode_linear
 
 STRATEGIES = ("auto", "stacked", "gathered", "grouped")
 _UNSET = object()
@@ -151,6 +151,7 @@ class RowAdapters:
         self.siblings = siblings or {}  # id(layer) -> the layers sharing its input (itself included)
         # id(layer) -> down, its columns, s B^T, per-row output scale (None: all ones)
         self._rows: dict[int, tuple[_Down, int, int, torch.Tensor, torch.Tensor | None] | None] = {}
+        self._layers: dict[int, nn.Module] = {}  # id(layer) -> layer, for the layers built
         self.names: list[str | None] = []
         self.index = torch.zeros(0, dtype=torch.long)
         self._set_rows(list(names))
@@ -177,13 +178,54 @@ class RowAdapters:
                 scale = None if scale is None else scale[index.to(scale.device)]
                 self._rows[key] = (down, start, stop, down.keep(B, index), scale)
 
+    def extend(self, other: RowAdapters) -> bool:
+        """Append `other`'s rows below these, reusing both states' per-row factors (continuous batching:
+        rows joining after their own prefill), instead of building every row's copies again. A layer's
+        ranks are zero-padded to the wider of the two states'. Both must be gathered and built for the
+        same layers, with the same kind of output scale; otherwise nothing changes and this returns
+        False (build a new state for all the rows then)."""
+        if self.strategy != "gathered" or other.strategy != "gathered" or not self._rows:
+            return False
+        for key in self._rows.keys() - other._rows.keys():  # a batch of one adapter never built its rows
+            other._rows_of(self._layers[key])
+        if self._rows.keys() != other._rows.keys():
+            return False
+        groups: dict[int, list[int]] = {}  # id(down) -> the layers sharing it
+        for key, mine in self._rows.items():
+            theirs = other._rows[key]
+            if mine is None or theirs is None:
+                if mine is not theirs:
+                    return False
+            elif (mine[4] is None) != (theirs[4] is None):
+                return False
+            else:
+                groups.setdefault(id(mine[0]), []).append(key)
+        if any(len({id(other._rows[key][0]) for key in keys}) != 1 for keys in groups.values()):
+            return False
+        for keys in groups.values():
+            keys.sort(key=lambda key: self._rows[key][1])  # in column order (the same in both states)
+            widths = [max(state._rows[key][2] - state._rows[key][1] for state in (self, other)) for key in keys]
+            # A_rows is kept as the transpose of (B, W, in) rows (see _per_row): joined in that layout
+            down = _Down(torch.cat([_padded_A(state, keys, widths) for state in (self, other)]).mT)
+            start = 0
+            for key, width in zip(keys, widths):
+                (_, _, _, B, scale), (_, _, _, B_other, scale_other) = self._rows[key], other._rows[key]
+                B = torch.cat([_pad_rank(B, width), _pad_rank(B_other, width)])
+                scale = None if scale is None else torch.cat([scale, scale_other])
+                self._rows[key] = (down, start, start + width, B, scale)
+                start += width
+        names = self.names + other.names
+        self.distinct = sorted({n for n in names if n is not None})
+        self._set_rows(names)
+        return True
+
     # -- the LoRA term --------------------------------------------------------------------------
     def forward(self, layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """A LoraLayer's forward while this state is set: base output plus each row's LoRA term."""
         base = layer.base_layer
         # A plain Linear called directly: decoding runs this once per layer and step, and the module
         # call's own overhead is a sizeable part of a batch-of-16 decode step.
-        out = base_linear(x, base.weight, base.bias) if type(base) in PLAIN_LINEARS else base(x, *args, **kwargs)
+        out = decode_linear(x, base.weight, base.bias) if type(base) in PLAIN_LINEARS else base(x, *args, **kwargs)
         if self.strategy != "grouped" and layer.kind != "embedding" and len(self.groups) > 1:
             rows = self._rows_of(layer)
             if rows is None:
@@ -218,6 +260,7 @@ class RowAdapters:
         present = [m for m in group if any(n in m.adapters for n in self.distinct)]
         for member in group:
             self._rows[id(member)] = None
+            self._layers[id(member)] = member
         if present:
             build = self._side_by_side if self.strategy == "stacked" else self._per_row
             down, parts = build(present)
@@ -288,6 +331,19 @@ class RowAdapters:
                 out_scale = torch.stack([f[n][3] if n in f and f[n][3] is not None else ones for n in self.names])
             parts.append((width, B, out_scale))
         return _Down(A_rows), parts
+
+
+def _padded_A(state: RowAdapters, keys: list[int], widths: list[int]) -> torch.Tensor:
+    """The (B, W, in) rows of the down-projection shared by layers `keys`, each layer's columns zero-padded
+    to its width in `widths`."""
+    A = state._rows[keys[0]][0].A_rows.mT
+    pieces = [_pad_rank(A[:, state._rows[key][1] : state._rows[key][2]], width) for key, width in zip(keys, widths)]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+
+
+def _pad_rank(x: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, r, n) -> (B, width, n), zero rows below: zero ranks contribute exact zeros."""
+    return x if x.shape[1] == width else F.pad(x, (0, 0, 0, width - x.shape[1]))
 
 
 def _scale_rows(out: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:

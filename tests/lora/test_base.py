@@ -1,0 +1,46 @@
+"""decode_linear: a decode step's few rows multiplied as (W x^T)^T, equal to F.linear up to float rounding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorakit.lora.base import FEW_ROWS, decode_linear
+
+
+@pytest.mark.parametrize("shape", [(16, 40), (4, 1, 40), (2, 3, 40)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_few_rows_take_the_weight_major_product_and_equal_f_linear(shape, with_bias):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=generator)
+    weight = torch.randn(24, 40, generator=generator)
+    bias = torch.randn(24, generator=generator) if with_bias else None
+    with torch.no_grad():
+        out = decode_linear(x, weight, bias)
+    rows = x.reshape(-1, 40)
+    weight_major = (weight @ rows.t()).t().reshape(*shape[:-1], 24) + (bias if with_bias else 0)
+    assert out.shape == (*shape[:-1], 24) and out.is_contiguous()
+    assert torch.equal(out, weight_major)  # the path taken
+    assert torch.allclose(out, F.linear(x, weight, bias), atol=1e-5)
+
+
+def test_a_half_weight_answers_in_the_inputs_type():
+    x = torch.randn(8, 32)
+    weight = torch.randn(16, 32).bfloat16()
+    with torch.no_grad():
+        out = decode_linear(x, weight, None)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, F.linear(x.bfloat16(), weight).float(), atol=1e-2)
+
+
+def test_many_rows_and_autograd_keep_f_linear_exactly():
+    weight = torch.randn(16, 32)
+    many = torch.randn(FEW_ROWS + 1, 32)
+    with torch.no_grad():
+        assert torch.equal(decode_linear(many, weight, None), F.linear(many, weight))
+    few = torch.randn(4, 32, requires_grad=True)
+    out = decode_linear(few, weight, None)
+    assert torch.equal(out, F.linear(few, weight))
+    out.sum().backward()
+    assert torch.allclose(few.grad, weight.sum(0).expand(4, 32))
