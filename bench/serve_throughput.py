@@ -9,7 +9,8 @@ The same --requests ROS 2 prompts (left-padded, greedy, exactly --new-tokens new
 one batch, on the same base, with --adapters rank-r adapters on all seven projections (random
 non-zero B, so they differ), saved once as PEFT folders that both libraries load:
   merged            one adapter merged into the base, every request through it, lorakit's decode loop
-  merged-hf         the same merged model through transformers' generate
+                    (every lorakit variant decodes on the linears `lorakit serve` uses: use_decode_linears)
+  merged-hf         the same merged weights in transformers' own nn.Linears, through transformers' generate
   mixed-4           the requests spread over 4 adapters in one batch (lorakit's default strategy)
   mixed-N           spread over all N adapters (the default strategy)
   mixed-K-grouped   the same spreads with one LoRA matmul per adapter (strategy "grouped")
@@ -275,8 +276,8 @@ def main() -> None:
         "serve_throughput", "Serving throughput: many adapters in one batch", runs,
         description=(f"{args.model}: {args.requests} requests x {args.new_tokens} new tokens (greedy, every row "
                      f"exactly that long), {args.adapters} rank-{args.rank} adapters on all seven projections. "
-                     "merged: one adapter merged, lorakit's decode loop; merged-hf: the same model through "
-                     "transformers' generate; mixed-K: the requests spread over K adapters in one lorakit batch; "
+                     "merged: one adapter merged, lorakit's decode loop on the linears lorakit serve uses; merged-hf: "
+                     "the same merged weights in transformers' own nn.Linears, through transformers' generate; mixed-K: the requests spread over K adapters in one lorakit batch; "
                      "peft-mixed: PEFT's generate(adapter_names=...); peft-switch: PEFT, set_adapter per group. "
                      f"All variants take turns in each of {args.repeats} rounds after {args.warmup} untimed run(s); "
                      "ratios are taken within a round."),
