@@ -7,9 +7,10 @@ for every row; a row leaves the batch and the KV cache as soon as it hits EOS, a
 its max_tokens, or its caller cancels it. Each row keeps its own adapter, sampling settings,
 generator and KV length.
 
-The KV cache is one left-padded `DynamicCache` (B, heads, T, head_dim): a row shorter than the
-longest holds zero keys on its left, masked out by the attention mask, and its positions are its
-own (position ids per row), so padding changes nothing a row computes. Joining pads the shorter
+The KV cache is one left-padded `DynamicCache` (B, heads, T, head_dim), appended in place
+(infer/kv_cache.py): a row shorter than the longest holds zero keys on its left, masked out by the
+attention mask, and its positions are its own (position ids per row), so padding changes nothing a
+row computes. Joining pads the shorter
 of the two caches on the left; when rows leave, columns no remaining row uses are cut away, so T
 stays the longest live row's length.
 
@@ -30,6 +31,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from lorakit.infer.generate import stop_token_ids
+from lorakit.infer.kv_cache import roomy_cache
 from lorakit.infer.multi_adapter import Completion, Request, _left_pad, _pad_id, _Row
 from lorakit.infer.sampling import next_tokens
 from lorakit.lora.adapters import lora_layers
@@ -115,7 +117,7 @@ class RunningBatch:
         ]
         ids, mask = _left_pad([r.prompt_ids for r in requests], self.pad_id, self.device)
         position = (mask.cumsum(-1) - 1).clamp(min=0)  # (n, L): left padding does not shift positions
-        cache = DynamicCache(config=self.model.config)
+        cache = roomy_cache(self.model.config)
         # Joining a gathered decode state, the joiners' prefill state is built gathered too, so that it
         # can be appended to it afterwards (RowAdapters.extend) rather than every row's copies rebuilt.
         strategy = self.strategy

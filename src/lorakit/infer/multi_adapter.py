@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 from lorakit.infer.generate import cut_at_stop, stop_token_ids
+from lorakit.infer.kv_cache import roomy_cache
 from lorakit.infer.sampling import next_tokens
 from lorakit.lora.mixed import row_adapters
 
@@ -119,7 +119,7 @@ def generate_mixed(
     ]
     ids, mask = _left_pad([r.prompt_ids for r in requests], _pad_id(tokenizer, eos), device)
     position = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L): left padding does not shift positions
-    cache = DynamicCache(config=model.config)
+    cache = roomy_cache(model.config)  # appends each step in place (infer/kv_cache.py)
     was_training = model.training
     if was_training:  # each call walks every module, thousands with many adapters loaded
         model.eval()

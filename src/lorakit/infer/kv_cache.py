@@ -1,0 +1,64 @@
+"""A KV cache that appends each step in place, for lorakit's decode loops.
+
+transformers' `DynamicLayer` concatenates each step's keys and values onto the whole cache, so every
+decode step copies all of it: 16 rows of ~100 tokens over SmolLM2-135M's 30 layers move ~70 MB a
+step. A `RoomyLayer` keeps room for ROOM more tokens along the sequence and writes each step's
+states into it; attention gets a view of the filled part. Code that swaps `keys` / `values` for other
+tensors (rows leaving, rows joining, columns cut) needs no care: the next update moves them into
+fresh room. `roomy_cache(config)` is a `DynamicCache` whose full-attention layers are RoomyLayers.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+ROOM = 64  # spare tokens allocated at a time: one copy of the cache every ROOM steps, not every step
+
+
+class RoomyLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values are views of buffers with room to grow along the sequence."""
+
+    _rooms: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys_room, values_room = self._rooms
+        self.keys, keys_room = _append(self.keys, keys_room, key_states)
+        self.values, values_room = _append(self.values, values_room, value_states)
+        self._rooms = (keys_room, values_room)
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        super().reset()
+        self._rooms = (None, None)
+
+
+def roomy_cache(config) -> DynamicCache:
+    """A DynamicCache for `config` whose plain (full-attention) layers append in place."""
+    cache = DynamicCache(config=config)
+    cache.layers = [RoomyLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+def _append(cached: torch.Tensor, room: torch.Tensor | None, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cached + new along the sequence (dim -2), written into `room` when cached is its filled start and
+    the new states fit; otherwise into a fresh buffer. Returns the filled view and its buffer."""
+    length = cached.shape[-2] if cached.numel() else 0
+    total = length + new.shape[-2]
+    fits = (
+        room is not None
+        and length > 0
+        and cached.data_ptr() == room.data_ptr()
+        and cached.shape[:2] == room.shape[:2]
+        and cached.stride() == room.stride()
+        and total <= room.shape[-2]
+    )
+    if not fits:
+        room = new.new_empty((*new.shape[:2], total + ROOM, new.shape[-1]))
+        if length:
+            room[:, :, :length] = cached
+    room[:, :, length:total] = new
+    return room[:, :, :total], room
