@@ -9,6 +9,13 @@ import torch.nn.functional as F
 from lorakit.lora.base import FEW_ROWS, decode_linear
 
 
+def ops_of(fn, *args):
+    """fn(*args) and the names of the aten ops it ran."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fn(*args)
+    return out, {event.name for event in prof.events()}
+
+
 @pytest.mark.parametrize("shape", [(16, 40), (4, 1, 40), (2, 3, 40)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_few_rows_take_the_weight_major_product_and_equal_f_linear(shape, with_bias):
@@ -17,11 +24,12 @@ def test_few_rows_take_the_weight_major_product_and_equal_f_linear(shape, with_b
     weight = torch.randn(24, 40, generator=generator)
     bias = torch.randn(24, generator=generator) if with_bias else None
     with torch.no_grad():
-        out = decode_linear(x, weight, bias)
+        out, ops = ops_of(decode_linear, x, weight, bias)
+    assert "aten::mm" in ops and "aten::linear" not in ops  # the weight-major product, not F.linear
     rows = x.reshape(-1, 40)
     weight_major = (weight @ rows.t()).t().reshape(*shape[:-1], 24) + (bias if with_bias else 0)
     assert out.shape == (*shape[:-1], 24) and out.is_contiguous()
-    assert torch.equal(out, weight_major)  # the path taken
+    assert torch.equal(out, weight_major)
     assert torch.allclose(out, F.linear(x, weight, bias), atol=1e-5)
 
 
@@ -38,7 +46,8 @@ def test_many_rows_and_autograd_keep_f_linear_exactly():
     weight = torch.randn(16, 32)
     many = torch.randn(FEW_ROWS + 1, 32)
     with torch.no_grad():
-        assert torch.equal(decode_linear(many, weight, None), F.linear(many, weight))
+        out, ops = ops_of(decode_linear, many, weight, None)
+    assert "aten::linear" in ops and torch.equal(out, F.linear(many, weight))
     few = torch.randn(4, 32, requires_grad=True)
     out = decode_linear(few, weight, None)
     assert torch.equal(out, F.linear(few, weight))

@@ -27,7 +27,8 @@ A, B, s and an output scale); a DoRA adapter's magnitude over its weight norm is
 and scales its rows' base output, so DoRA adapters run per row too. Sibling layers fed the same input (q/k/v, gate/up:
 `SHARED_INPUT`) share one down-projection: their A^T are concatenated, x A^T runs once for all
 of them, and each takes its columns; a sibling that is handed a different tensor computes its own.
-Rows that leave the batch (`select`) are dropped from the masks or the per-row copies.
+Rows that leave the batch (`select`) are dropped from the masks or the per-row copies; rows that join a
+gathered batch (`extend`, continuous batching) bring their own copies, appended below.
 `row_adapters(model, names)` turns all this on for every LoraLayer and off again after.
 """
 
