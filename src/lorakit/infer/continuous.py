@@ -10,9 +10,8 @@ generator and KV length.
 The KV cache is one left-padded `DynamicCache` (B, heads, T, head_dim), appended in place
 (infer/kv_cache.py): a row shorter than the longest holds zero keys on its left, masked out by the
 attention mask, and its positions are its own (position ids per row), so padding changes nothing a
-row computes. Joining pads the shorter
-of the two caches on the left; when rows leave, columns no remaining row uses are cut away, so T
-stays the longest live row's length.
+row computes. Joining pads the shorter of the two caches on the left; when rows leave, columns no
+remaining row uses are cut away, so T stays the longest live row's length.
 
 Greedy outputs equal those of generating each request alone with its adapter merged (up to float
 rounding, as for `generate_mixed`).
