@@ -277,7 +277,8 @@ def main() -> None:
         description=(f"{args.model}: {args.requests} requests x {args.new_tokens} new tokens (greedy, every row "
                      f"exactly that long), {args.adapters} rank-{args.rank} adapters on all seven projections. "
                      "merged: one adapter merged, lorakit's decode loop on the linears lorakit serve uses; merged-hf: "
-                     "the same merged weights in transformers' own nn.Linears, through transformers' generate; mixed-K: the requests spread over K adapters in one lorakit batch; "
+                     "the same merged weights in transformers' own nn.Linears, through transformers' generate; "
+                     "mixed-K: the requests spread over K adapters in one lorakit batch; "
                      "peft-mixed: PEFT's generate(adapter_names=...); peft-switch: PEFT, set_adapter per group. "
                      f"All variants take turns in each of {args.repeats} rounds after {args.warmup} untimed run(s); "
                      "ratios are taken within a round."),

@@ -132,7 +132,8 @@ def test_a_joined_state_computes_what_a_state_built_for_all_its_rows_does(arch):
             for _, layer in named:
                 layer.row_adapters = None
 
-    running, joining = RowAdapters(["a", "b", None], "gathered", siblings), RowAdapters(["c", "a"], "gathered", siblings)
+    running = RowAdapters(["a", "b", None], "gathered", siblings)
+    joining = RowAdapters(["c", "a"], "gathered", siblings)
     forward(running, [0, 1, 2]), forward(joining, [3, 4])  # each built for its own rows, as prefill and decode do
     assert running.extend(joining)
     assert running.names == ["a", "b", None, "c", "a"]
