@@ -29,6 +29,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from lorakit.infer.decode_step import decode_logits
 from lorakit.infer.generate import stop_token_ids
 from lorakit.infer.kv_cache import roomy_cache
 from lorakit.infer.multi_adapter import Completion, Request, _left_pad, _pad_id, _Row
@@ -152,12 +153,7 @@ class RunningBatch:
             self._state = RowAdapters(self.adapters(), self.strategy, self.siblings)
         mask = torch.cat([self.mask, self.mask.new_ones((len(self.live), 1))], dim=1)
         with self._adapters(self._state):
-            logits = self.model(
-                input_ids=self.tokens[:, None],
-                attention_mask=mask,
-                position_ids=self.position,
-                past_key_values=self.cache,
-            ).logits[:, -1]
+            logits = decode_logits(self.model, self.tokens, mask, self.position, self.cache)
         self.mask, self.position = mask, self.position + 1
         self.tokens = self._sample(logits, self.live)
         chosen = self.tokens.tolist()

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lorakit.infer.generate import cut_at_stop, stop_token_ids
+from lorakit.infer.decode_step import decode_logits
 from lorakit.infer.kv_cache import roomy_cache
 from lorakit.infer.sampling import next_tokens
 from lorakit.lora.mixed import row_adapters
@@ -152,12 +153,7 @@ def generate_mixed(
                     live = [live[b] for b in keep]
                 mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
                 position = position[:, -1:] + 1
-                logits = model(
-                    input_ids=tokens[:, None],
-                    attention_mask=mask,
-                    position_ids=position,
-                    past_key_values=cache,
-                ).logits[:, -1]
+                logits = decode_logits(model, tokens, mask, position, cache)
     finally:
         if was_training:
             model.train()
