@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from test_multi_adapter import NAMES, PROMPTS, loaded, merged_model, merged_output, toy  # noqa: F401
 
+from lorakit.infer import continuous
 from lorakit.infer.continuous import RunningBatch
 from lorakit.infer.multi_adapter import Request, generate_mixed
 
@@ -94,7 +95,9 @@ def test_cancelled_rows_leave_and_the_cache_shrinks(toy):  # noqa: F811
     assert stayer.done.token_ids == alone.token_ids
 
 
-def test_a_row_joining_a_gathered_batch_extends_its_adapter_state(toy):  # noqa: F811
+def test_a_row_joining_a_gathered_batch_extends_its_adapter_state(toy, monkeypatch):  # noqa: F811
+    """Where decode steps run through the model's forward (per-row copies), joiners' copies are appended."""
+    monkeypatch.setattr(continuous, "lean_decodes", lambda *args: False)
     tokenizer, model = loaded(toy, NAMES)
     batch = RunningBatch(model, tokenizer, "gathered")
     ask = [Request(tokenizer(PROMPTS[p])["input_ids"], a, 6) for p, a in [(0, "a"), (1, "b"), (2, "c")]]
@@ -108,3 +111,33 @@ def test_a_row_joining_a_gathered_batch_extends_its_adapter_state(toy):  # noqa:
     while len(batch):
         batch.step()
     assert all(c.done is not None and len(c.done.token_ids) > 0 for c in rows)
+
+
+def test_rows_joining_a_lean_batch_keep_its_side_by_side_factors(toy):  # noqa: F811
+    """Decoding feature-major (infer/decode_step.py), a join makes no per-row copies: the side-by-side
+    factors outlive the batch's state while the joiners' adapters are among them, and an adapter that
+    left lately stays among them."""
+    tokenizer, model = loaded(toy, NAMES)
+    batch = RunningBatch(model, tokenizer)
+    plan = [(0, "a", 12), (1, "b", 2), (2, "c", 6), (3, "b", 4)]
+    ask = [Request(tokenizer(PROMPTS[p])["input_ids"], a, n, ignore_eos=True) for p, a, n in plan]
+    rows = [Collect() for _ in ask]
+
+    def join(i):
+        batch.join(ask[i : i + 1], [rows[i].text], [rows[i].finish])
+
+    join(0)
+    join(1)
+    batch.step()  # "b" is done
+    features = batch._state.features
+    assert batch.adapters() == ["a"] and features.adapters == ["a", "b"]
+    join(2)  # "c" is new: built again, for "c" and the two before
+    batch.step()
+    built = dict(features._layers)
+    assert built and features.adapters == ["a", "b", "c"]
+    join(3)  # "b" again: nothing is built
+    batch.step()
+    assert batch._state.features is features and features._layers == built
+    while len(batch):
+        batch.step()
+    assert [len(c.done.token_ids) for c in rows] == [n for _, _, n in plan]

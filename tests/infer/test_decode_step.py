@@ -4,8 +4,6 @@ settings go through the forward."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -16,7 +14,8 @@ from lorakit.infer.decode_step import decode_logits, lean_decodes
 from lorakit.infer.half_weights import use_half_weights
 from lorakit.infer.kv_cache import roomy_cache
 from lorakit.lora.base import FEW_ROWS
-from lorakit.lora.mixed import row_adapters
+from lorakit.lora.adapters import lora_layers
+from lorakit.lora.mixed import RowAdapters, row_adapters, sibling_layers
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -97,29 +96,79 @@ def test_the_lean_step_equals_the_forward_with_per_row_adapters(strategy):
     assert not torch.allclose(got[0], base[0], atol=1e-3)  # the adapters took part
 
 
-def test_siblings_share_their_down_product_in_the_lean_step_as_in_the_forward():
-    """q/k/v (and gate/up) read one x A^T together: the lean step runs as many batched products as the
-    forward, not one per sibling."""
+def with_adapters(model, dora_on: str | None = None):
+    """Adapters "a" (rank 2) and "b" (rank 4) on every projection, perturbed; `dora_on` a DoRA adapter "d"."""
+    for seed, name in enumerate(["a", "b"]):
+        lorakit.inject(model, lorakit.LoraConfig(r=2 + 2 * seed, lora_alpha=8, target_modules=TARGETS), name)
+        perturb(model, name, std=0.3, seed=seed)
+    if dora_on:
+        lorakit.inject(model, lorakit.LoraConfig(r=2, use_dora=True, target_modules=[dora_on]), "d")
+        perturb(model, "d", std=0.3, seed=5)
+    return model
+
+
+def test_dora_layers_run_as_modules_and_the_rest_side_by_side():
+    model = with_adapters(tiny_llama(), dora_on="o_proj")
+    with row_adapters(model, ["a", "d", "b"], "gathered"):
+        assert_same(*decode_both(model))
+
+
+def test_adapters_on_half_weights_decode_as_through_the_forward():
+    model = tiny_llama()
+    assert use_half_weights(model, "bf16") == "bf16"
+    model = with_adapters(use_decode_linears(model))
+    with row_adapters(model, ["a", "b", None], "gathered"):
+        assert_same(*decode_both(model), atol=1e-4)
+
+
+def test_siblings_share_one_down_product_per_step():
+    """q/k/v (and gate/up) multiply x by their side-by-side A once: per layer 7 base products and 4 down
+    products, the up products ride on addmm."""
     from torch.profiler import profile
 
-    model = tiny_llama()
-    for seed, name in enumerate(["a", "b"]):
-        lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS), name)
-        perturb(model, name, std=0.3, seed=seed)
-    counts = []
+    model = with_adapters(tiny_llama())
     with row_adapters(model, ["a", "b", "a"], "gathered"):
         cache, mask, position, tokens = prefilled(model)
         mask = torch.cat([mask, mask.new_ones((3, 1))], dim=1)
-        for lean in (True, False):
-            step_cache = copy.deepcopy(cache)
-            with torch.no_grad(), profile() as prof:
-                if lean:
-                    decode_logits(model, tokens, mask, position, step_cache)
-                else:
-                    model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position,
-                          past_key_values=step_cache)
-            counts.append(sum(e.count for e in prof.key_averages() if e.key in ("aten::bmm", "aten::baddbmm")))
-    assert counts[0] == counts[1] > 0
+        with torch.no_grad(), profile() as prof:
+            decode_logits(model, tokens, mask, position, cache)
+    counts = {e.key: e.count for e in prof.key_averages()}
+    layers = model.config.num_hidden_layers
+    assert counts.get("aten::mm") == layers * (7 + 4) + 1  # + the head
+    assert counts.get("aten::addmm_") == layers * 7
+    assert "aten::bmm" not in counts
+
+
+def test_rows_leaving_and_joining_keep_the_side_by_side_factors_while_their_adapters_are_among_them():
+    model = with_adapters(tiny_llama())
+    model = lorakit.inject(model, lorakit.LoraConfig(r=2, lora_alpha=8, target_modules=TARGETS), "c")
+    perturb(model, "c", std=0.3, seed=7)
+    names = lora_layers(model)
+    siblings = sibling_layers(names)
+    layer = names[0][1]
+
+    def term(state):
+        x = torch.randn(layer.in_features, len(state.names))
+        for _, member in names:
+            member.row_adapters = state
+        try:
+            with torch.no_grad():
+                got = state.features_forward(layer, x)
+                expected = layer(x.t()[:, None])[:, 0].t()  # the state's own (row-major) path
+        finally:
+            for _, member in names:
+                member.row_adapters = None
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        return state.features._layers[id(layer)][0]
+
+    state = RowAdapters(["a", "b", "a"], "gathered", siblings)
+    kept = term(state)
+    state.select([0, 2])  # only "a" rows are left
+    assert term(state) is kept
+    state.extend(RowAdapters(["b"], "gathered", siblings))  # "b" comes back: still among the kept
+    assert term(state) is kept
+    state.extend(RowAdapters(["c"], "gathered", siblings))  # a new adapter: built again
+    assert term(state) is not kept
 
 
 def test_other_models_and_settings_go_through_the_forward():

@@ -29,13 +29,14 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from lorakit.infer.decode_step import decode_logits
+from lorakit.infer.decode_step import decode_logits, lean_decodes
 from lorakit.infer.generate import stop_token_ids
 from lorakit.infer.kv_cache import roomy_cache
 from lorakit.infer.multi_adapter import Completion, Request, _left_pad, _pad_id, _Row
 from lorakit.infer.sampling import next_tokens
 from lorakit.lora.adapters import lora_layers
 from lorakit.lora.mixed import RowAdapters, sibling_layers
+from lorakit.lora.mixed_features import FeatureTerms
 
 OnText = Callable[[str], bool | None]  # new text of the row (may be empty); False cancels the row
 OnDone = Callable[[Completion], None]
@@ -98,6 +99,7 @@ class RunningBatch:
         self.layers = [layer for _, layer in named]
         self.siblings = sibling_layers(named)
         self._state = None
+        self._features = FeatureTerms()  # the decode steps' side-by-side factors, kept across joins
 
     @torch.no_grad()
     def join(self, requests: list[Request], on_text: list[OnText], on_done: list[OnDone]) -> None:
@@ -151,6 +153,7 @@ class RunningBatch:
             return
         if self._state is None:
             self._state = RowAdapters(self.adapters(), self.strategy, self.siblings)
+            self._state.features = self._features
         mask = torch.cat([self.mask, self.mask.new_ones((len(self.live), 1))], dim=1)
         with self._adapters(self._state):
             logits = decode_logits(self.model, self.tokens, mask, self.position, self.cache)
@@ -230,8 +233,13 @@ class RunningBatch:
                 tokens,
             )
             self._state = state  # their prefill's per-row adapters serve their decoding
+            state.features = self._features
             return
-        if self._state is not None and not self._state.extend(state):
+        if lean_decodes(self.model, self.tokens, self.cache):
+            # Decoding feature-major reads the side-by-side factors, which outlive the state: the next
+            # step's new state only sets the rows' adapters (no per-row copies to append).
+            self._state = None
+        elif self._state is not None and not self._state.extend(state):
             self._state = None  # rebuilt for the new set of rows at the next step
         width = max(self.mask.shape[1], mask.shape[1])
         for old, new in zip(self.cache.layers, cache.layers):

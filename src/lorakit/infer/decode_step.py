@@ -26,7 +26,7 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 
 from lorakit.infer.kv_cache import RoomyLayer
-from lorakit.lora.base import FEW_ROWS, PLAIN_LINEARS
+from lorakit.lora.base import FEW_ROWS, PLAIN_LINEARS, weight_major_product
 
 MODEL_TYPES = ("llama", "qwen2")
 
@@ -104,24 +104,20 @@ class _Input:
     @property
     def rows(self) -> torch.Tensor:
         if self._rows is None:
-            self._rows = self.x.t()[:, None]
+            self._rows = self.x.t().contiguous()[:, None]
         return self._rows
 
 
 def _project(module: nn.Module, given: _Input) -> torch.Tensor:
     """module(x) for a feature-major input x, (in, B) -> (out, B)."""
-    if type(module) not in PLAIN_LINEARS:
-        return module(given.rows)[:, 0].t()
-    x, weight, bias = given.x, module.weight, module.bias
-    if weight.dtype != x.dtype:  # a half-weight layer: multiply in its type, go on in x's (as decode_linear)
-        out = torch.mm(weight, x.to(weight.dtype))
-        if bias is not None:
-            out += bias[:, None]
-        return out.to(x.dtype)
-    out = torch.mm(weight, x)
-    if bias is not None:
-        out += bias[:, None]
-    return out
+    if type(module) in PLAIN_LINEARS:
+        return weight_major_product(given.x, module.weight, module.bias)
+    state = getattr(module, "row_adapters", None)
+    if state is not None and not module.disabled:  # a LoRA layer in a mixed-adapter batch
+        out = state.features_forward(module, given.x)
+        if out is not None:
+            return out
+    return module(given.rows)[:, 0].t()
 
 
 def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:

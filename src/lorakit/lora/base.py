@@ -118,6 +118,18 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
+def weight_major_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """W x + b for feature-major x (in, B) -> (out, B): `decode_linear`'s product without its transpose back
+    (infer/decode_step.py keeps a decode step feature-major). A half-type weight multiplies in its own type
+    and the result goes on in x's, as `decode_linear` computes."""
+    if weight.dtype != x.dtype:
+        return weight_major_product(x.to(weight.dtype), weight, bias).to(x.dtype)
+    out = torch.mm(weight, x)
+    if bias is not None:
+        out += bias[:, None]
+    return out
+
+
 def base_input_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """g W (the input gradient of x W^T) in g's dtype, multiplied in the weight's type as `base_linear` does."""
     if weight.dtype == grad.dtype:

@@ -1,0 +1,114 @@
+"""A mixed-adapter batch's LoRA terms for a feature-major decode step: (in, B) inputs, (out, B) outputs.
+
+infer/decode_step.py keeps a decode step's hidden states as (features, rows). There the batch's
+adapters of a layer sit side by side, as lora/mixed.py's stacked strategy puts them, but in their
+stored orientation: A (W, in) holds the adapters' A one under the other (a sibling group's too:
+q/k/v, gate/up), s B (out, W) their scaled B side by side, owner (W,) the adapter of each rank.
+For a sibling group fed x (in, B) a step computes
+
+    h = (A x) * mask                 (W, B); column b keeps the ranks of row b's adapter only
+    out_i = W_i x + b_i + (s B)_i h_i  for each member i, h_i its ranks of h
+
+two plain products per layer in the weight-major form a decode step's few rows multiply fastest in
+(lora/base.py), with no per-row copies and no transposes; each adapter's factors are read once a
+step however many rows use it, and zero mask entries contribute exact zeros.
+
+The side-by-side factors are built for a set of adapters and kept while every row's adapter is
+among them: rows joining or leaving (continuous batching) change only the mask. When a row brings
+an adapter that is not among them they are built again, for the adapters in use and those kept
+before, as long as that is at most twice the adapters in use (else for those in use only), so that
+adapters coming and going under traffic do not rebuild them at every join. Layers whose adapters
+scale their rows' output (DoRA) are not covered here (`features_forward` returns None and the layer
+runs as a module).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorakit.lora.base import weight_major_product
+
+_UNCOVERED = object()
+
+
+class _SideBySide:
+    """A (W, in) and owner (W,) of a layer or sibling group, with the last input's masked product."""
+
+    def __init__(self, A: torch.Tensor, owner: torch.Tensor):
+        self.A, self.owner = A, owner
+        self._x: torch.Tensor | None = None
+        self._slots: torch.Tensor | None = None
+        self._h: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
+
+    def of(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """(A x) * mask for feature-major x (in, B) and each row's slot (B,); computed once per input."""
+        if x is not self._x or slots is not self._slots:
+            if slots is not self._slots:
+                self._mask = (self.owner[:, None] == slots[None, :]).to(self.A.dtype)  # (W, B)
+            self._h = torch.mm(self.A, x if x.dtype == self.A.dtype else x.to(self.A.dtype)).mul_(self._mask)
+            self._x, self._slots = x, slots
+        return self._h
+
+
+class FeatureTerms:
+    """The side-by-side factors of a RowAdapters state's batch, per layer, for feature-major steps."""
+
+    def __init__(self):
+        self.adapters: list[str] = []  # slot k + 1 holds adapters[k]; slot 0: no adapter
+        self._layers: dict[int, tuple[_SideBySide, int, int, torch.Tensor] | object | None] = {}
+        self._names: list[str | None] | None = None  # the state's rows the slots were made for
+        self._slots = torch.zeros(0, dtype=torch.long)
+
+    def forward(self, state, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """W x + b + each row's LoRA term, (out, B), for feature-major x (in, B); None when the layer is
+        not covered (an output scale)."""
+        self._follow(state)
+        entry = self._layers[id(layer)] if id(layer) in self._layers else self._build(state, layer)
+        if entry is _UNCOVERED:
+            return None
+        base = layer.base_layer
+        out = weight_major_product(x, base.weight, base.bias)
+        if entry is None:  # none of the batch's adapters is on this layer
+            return out
+        side, start, stop, B = entry
+        h = side.of(x, self._slots)[start:stop]
+        if B.dtype != out.dtype:  # adapters kept in another type than the step's: their term in theirs
+            return out.add_(torch.mm(B, h).to(out.dtype))
+        return out.addmm_(B, h)
+
+    def _follow(self, state) -> None:
+        """Rebuild for the state's adapters when they left the kept set; new slots when its rows changed."""
+        used = set(state.distinct)
+        if not used <= set(self.adapters):  # keep the adapters still in use or kept recently, when few
+            kept = used | set(self.adapters)
+            self.adapters = sorted(kept if len(kept) <= 2 * len(used) else used)
+            self._layers.clear()
+            self._names = None
+        if state.names is not self._names:
+            slot = {name: k + 1 for k, name in enumerate(self.adapters)}
+            self._slots = torch.tensor([slot.get(name, 0) for name in state.names], dtype=torch.long)
+            self._names = state.names
+
+    def _build(self, state, layer: nn.Module):
+        """The side-by-side factors of the layer's sibling group (or the layer alone); returns the layer's entry."""
+        group = state.siblings.get(id(layer), [layer])
+        found = [[(k + 1, m.adapters[n].row_factors(m)) for k, n in enumerate(self.adapters) if n in m.adapters]
+                 for m in group]
+        present = [(m, f) for m, f in zip(group, found) if f]
+        for member in group:
+            self._layers[id(member)] = None
+        if any(scale is not None for _, f in present for _, (_, _, _, scale) in f):
+            for member in group:
+                self._layers[id(member)] = _UNCOVERED
+        elif present:
+            A = torch.cat([A for _, f in present for _, (A, _, _, _) in f])  # (W, in)
+            owner = torch.cat([torch.full((A.shape[0],), k, dtype=torch.long) for _, f in present for k, (A, *_) in f])
+            side = _SideBySide(A, owner.to(A.device))
+            start = 0
+            for member, f in present:
+                B = torch.cat([B * s for _, (_, B, s, _) in f], dim=1)  # (out, width)
+                self._layers[id(member)] = (side, start, start + B.shape[1], B)
+                start += B.shape[1]
+        return self._layers[id(layer)]
