@@ -11,9 +11,12 @@ non-zero B, so they differ), saved once as PEFT folders that both libraries load
   merged            one adapter merged into the base, every request through it, lorakit's decode loop
                     (every lorakit variant decodes on the linears `lorakit serve` uses: use_decode_linears)
   merged-hf         the same merged weights in transformers' own nn.Linears, through transformers' generate
+  merged-forward    merged, every decode step through the model's own forward rather than lorakit's
+                    feature-major step (infer/decode_step.py)
   mixed-4           the requests spread over 4 adapters in one batch (lorakit's default strategy)
   mixed-N           spread over all N adapters (the default strategy)
   mixed-K-grouped   the same spreads with one LoRA matmul per adapter (strategy "grouped")
+  mixed-N-forward   mixed-N, every decode step through the model's own forward
   peft-mixed        PEFT's mixed batch, generate(..., adapter_names=[...])
   peft-switch       PEFT, set_adapter then generate per group of requests sharing an adapter
 and with --half-weights (infer/half_weights.py: linear weights in a half type, adapters in fp32):
@@ -115,6 +118,8 @@ def lorakit_variants(args, root: Path, names: list[str], ids: list[list[int]], t
     spreads = {k: [names[i % k] for i in range(len(ids))] for k in sorted({min(4, len(names)), len(names)})}
     variants.update({f"mixed-{k}": run(model, spread) for k, spread in spreads.items()})
     variants.update({f"mixed-{k}-grouped": run(model, spread, "grouped") for k, spread in spreads.items()})
+    variants["merged-forward"] = _through_the_forward(variants["merged"])
+    variants[f"mixed-{len(names)}-forward"] = _through_the_forward(variants[f"mixed-{len(names)}"])
     if args.half_weights:
         from lorakit.infer.half_weights import use_half_weights
 
@@ -127,6 +132,17 @@ def lorakit_variants(args, root: Path, names: list[str], ids: list[list[int]], t
         half_model = _with_adapters(use_decode_linears(half_model), root, names).to(args.device)
         variants[f"mixed-{len(names)}-half"] = run(half_model, spreads[len(names)])
     return variants
+
+
+def _through_the_forward(fn):
+    """fn with every decode step through the model's own forward."""
+    from lorakit.infer.decode_step import through_the_forward
+
+    def run():
+        with through_the_forward():
+            return fn()
+
+    return run
 
 
 def _with_adapters(model, root: Path, names: list[str]):
@@ -186,7 +202,9 @@ def summarise(runs: list[dict], args) -> list[dict]:
         rows.append({"what": f"{variant} tok/s", **min_median([rate[(i, variant)] for i in repeats])})
     pairs = [(f"mixed-{args.adapters}", base) for base in ("merged", "merged-hf", "peft-mixed", "peft-switch")]
     pairs += [(f"mixed-{args.adapters}-half", "merged-half"), ("merged-half", "merged"),
-              (f"mixed-{args.adapters}-half", "merged")]
+              (f"mixed-{args.adapters}-half", "merged"), ("merged", "merged-forward"),
+              (f"mixed-{args.adapters}", f"mixed-{args.adapters}-forward"),
+              (f"mixed-{args.adapters}-forward", "merged-forward")]
     for ours, base in pairs:
         if base in variants and ours in variants:
             rows.append({"what": f"{ours} / {base}", **min_median([rate[(i, ours)] / rate[(i, base)] for i in repeats])})
@@ -201,6 +219,7 @@ def variant_labels(args) -> list[str]:
     """Every variant this bench can time for --adapters (PEFT's unless --skip-peft)."""
     spreads = sorted({min(4, args.adapters), args.adapters})
     labels = ["merged", "merged-hf", *[f"mixed-{k}" for k in spreads], *[f"mixed-{k}-grouped" for k in spreads]]
+    labels += ["merged-forward", f"mixed-{args.adapters}-forward"]
     labels += ["merged-half", f"mixed-{args.adapters}-half"] if args.half_weights else []
     return labels + ([] if args.skip_peft else ["peft-mixed", "peft-switch"])
 
@@ -278,7 +297,9 @@ def main() -> None:
                      f"exactly that long), {args.adapters} rank-{args.rank} adapters on all seven projections. "
                      "merged: one adapter merged, lorakit's decode loop on the linears lorakit serve uses; merged-hf: "
                      "the same merged weights in transformers' own nn.Linears, through transformers' generate; "
-                     "mixed-K: the requests spread over K adapters in one lorakit batch; "
+                     "mixed-K: the requests spread over K adapters in one lorakit batch; merged-forward, "
+                     "mixed-K-forward: the same with every decode step through the model's own forward instead of "
+                     "lorakit's feature-major step; "
                      "peft-mixed: PEFT's generate(adapter_names=...); peft-switch: PEFT, set_adapter per group. "
                      f"All variants take turns in each of {args.repeats} rounds after {args.warmup} untimed run(s); "
                      "ratios are taken within a round."),

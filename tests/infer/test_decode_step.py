@@ -10,7 +10,7 @@ import torch
 import lorakit
 from conftest import VOCAB, perturb, tiny_gpt2, tiny_llama, tiny_qwen2
 from lorakit.infer.decode_linears import use_decode_linears
-from lorakit.infer.decode_step import decode_logits, lean_decodes
+from lorakit.infer.decode_step import decode_logits, lean_decodes, through_the_forward
 from lorakit.infer.half_weights import use_half_weights
 from lorakit.infer.kv_cache import roomy_cache
 from lorakit.lora.base import FEW_ROWS
@@ -182,3 +182,5 @@ def test_other_models_and_settings_go_through_the_forward():
         assert not lean_decodes(llama, tokens, cache)
     llama.eval()
     assert not lean_decodes(llama, tokens, cache)  # autograd on
+    with torch.no_grad(), through_the_forward():
+        assert not lean_decodes(llama, tokens, cache)

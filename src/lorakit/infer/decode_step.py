@@ -20,6 +20,8 @@ cache is updated the same way.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,11 +51,26 @@ def decode_logits(
     ).logits[:, -1]
 
 
+_through_forward = 0  # > 0 inside `through_the_forward()`
+
+
+@contextmanager
+def through_the_forward():
+    """Inside the block, every decode step runs through the model's own forward (to time both side by side)."""
+    global _through_forward
+    _through_forward += 1
+    try:
+        yield
+    finally:
+        _through_forward -= 1
+
+
 def lean_decodes(model: nn.Module, tokens: torch.Tensor, cache) -> bool:
     """Whether `decode_logits` computes this step itself rather than through the model's forward."""
     config = model.config
     return (
-        config.model_type in MODEL_TYPES
+        not _through_forward
+        and config.model_type in MODEL_TYPES
         and not torch.is_grad_enabled()
         and not model.training
         and tokens.device.type == "cpu"
