@@ -121,6 +121,21 @@ def test_adapters_on_half_weights_decode_as_through_the_forward():
         assert_same(*decode_both(model), atol=1e-4)
 
 
+def test_the_next_batch_over_the_same_adapters_builds_nothing_until_one_changes():
+    model = with_adapters(tiny_llama())
+    q_proj = model.model.layers[0].self_attn.q_proj
+
+    def decode():
+        with row_adapters(model, ["a", "b", "a"], "gathered"):
+            assert_same(*decode_both(model, steps=2))
+        return q_proj.side_by_side
+
+    kept = decode()
+    assert decode() is kept
+    perturb(model, "b", std=0.3, seed=9)  # trained further, in place
+    assert decode() is not kept  # and the new factors decode as the forward does
+
+
 def test_siblings_share_one_down_product_per_step():
     """q/k/v (and gate/up) multiply x by their side-by-side A once: per layer 7 base products and 4 down
     products, the up products ride on addmm."""

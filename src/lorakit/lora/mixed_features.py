@@ -17,7 +17,9 @@ The side-by-side factors are built for a set of adapters and kept while every ro
 among them: rows joining or leaving (continuous batching) change only the mask. When a row brings
 an adapter that is not among them they are built again, for the adapters in use and those kept
 before, as long as that is at most twice the adapters in use (else for those in use only), so that
-adapters coming and going under traffic do not rebuild them at every join. Layers whose adapters
+adapters coming and going under traffic do not rebuild them at every join. Each sibling group keeps
+the last factors it was given on its first layer, for as long as the adapters they came from are
+unchanged, so that the next batch over the same adapters finds them built. Layers whose adapters
 scale their rows' output (DoRA) are not covered here (`features_forward` returns None and the layer
 runs as a module).
 """
@@ -92,23 +94,47 @@ class FeatureTerms:
             self._names = state.names
 
     def _build(self, state, layer: nn.Module):
-        """The side-by-side factors of the layer's sibling group (or the layer alone); returns the layer's entry."""
+        """The side-by-side factors of the layer's sibling group (or the layer alone); returns the layer's entry.
+
+        They are kept on the group's first layer, with what they were built from (each adapter's factors,
+        by storage and version), and taken from there while those are unchanged: a new batch over the
+        same adapters (the next request, the next `generate_mixed`) builds nothing."""
         group = state.siblings.get(id(layer), [layer])
         found = [[(k + 1, m.adapters[n].row_factors(m)) for k, n in enumerate(self.adapters) if n in m.adapters]
                  for m in group]
-        present = [(m, f) for m, f in zip(group, found) if f]
+        source = tuple(
+            (k, id(m), A.data_ptr(), A._version, B.data_ptr(), B._version, s, scale is None)
+            for m, f in zip(group, found) for k, (A, B, s, scale) in f
+        )
+        kept = getattr(group[0], "side_by_side", None)
+        if kept is None or kept[0] != source:
+            kept = (source, _side_by_side(group, found))
+            group[0].side_by_side = kept
         for member in group:
-            self._layers[id(member)] = None
-        if any(scale is not None for _, f in present for _, (_, _, _, scale) in f):
-            for member in group:
-                self._layers[id(member)] = _UNCOVERED
-        elif present:
-            A = torch.cat([A for _, f in present for _, (A, _, _, _) in f])  # (W, in)
-            owner = torch.cat([torch.full((A.shape[0],), k, dtype=torch.long) for _, f in present for k, (A, *_) in f])
-            side = _SideBySide(A, owner.to(A.device))
-            start = 0
-            for member, f in present:
-                B = torch.cat([B * s for _, (_, B, s, _) in f], dim=1)  # (out, width)
-                self._layers[id(member)] = (side, start, start + B.shape[1], B)
-                start += B.shape[1]
+            self._layers[id(member)] = kept[1].get(id(member))
         return self._layers[id(layer)]
+
+
+def _side_by_side(group: list[nn.Module], found: list[list[tuple]]) -> dict[int, object]:
+    """id(member) -> its entry (side, start, stop, s B), _UNCOVERED or None, for a sibling group whose
+    members have the adapters `found` ((slot, row factors) per member)."""
+    present = [(m, f) for m, f in zip(group, found) if f]
+    if any(scale is not None for _, f in present for _, (_, _, _, scale) in f):
+        return {id(m): _UNCOVERED for m in group}
+    entries: dict[int, object] = {id(m): None for m in group}
+    if not present:
+        return entries
+    A = torch.cat([A for _, f in present for _, (A, _, _, _) in f])  # (W, in)
+    owner = torch.cat([torch.full((A.shape[0],), k, dtype=torch.long) for _, f in present for k, (A, *_) in f])
+    side = _SideBySide(A, owner.to(A.device))
+    start = 0
+    for member, f in present:
+        first = f[0][1][1]
+        B = first.new_empty((first.shape[0], sum(B.shape[1] for _, (_, B, _, _) in f)))  # (out, width): s B
+        column = 0
+        for _, (_, part, s, _) in f:
+            torch.mul(part, s, out=B[:, column : column + part.shape[1]])
+            column += part.shape[1]
+        entries[id(member)] = (side, start, start + B.shape[1], B)
+        start += B.shape[1]
+    return entries
