@@ -87,7 +87,8 @@ def _lean_logits(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, pos
     embeds = inner.embed_tokens(tokens[:, None])  # (B, 1, H)
     cos, sin = inner.rotary_emb(embeds, position)  # (B, 1, D) each
     cos, sin = cos[:, :, None], sin[:, :, None]  # (B, 1, 1, D): broadcast over (B, kv heads, group, D)
-    keep = mask.bool()[:, None, None, :]  # (B, 1, 1, T): the left padding is masked out
+    # (B, 1, 1, T): -inf on the left padding; made once a step rather than by attention in every layer
+    keep = torch.zeros(mask.shape, dtype=embeds.dtype).masked_fill_(mask == 0, float("-inf"))[:, None, None, :]
     hidden = embeds[:, 0].t().contiguous()  # (H, B) residual stream
     for index, layer in enumerate(inner.layers):
         attn = layer.self_attn
