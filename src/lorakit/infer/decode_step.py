@@ -7,9 +7,10 @@ feature-major instead, (features, rows), as that product comes out: a projection
 next one's input without a transpose, norms reduce over the features, the MLP runs
 down(silu(gate) * up) on (features, rows) blocks, and attention sees its heads as strided views.
 It walks the decoder layers itself, so no module stack, mask builder or output record runs per
-step. Plain linears (`lora.base.PLAIN_LINEARS`) multiply directly; any other projection (a LoRA
-layer with one adapter or a batch of per-row adapters, a quantised layer) is called as a module on
-a (rows, 1, in) view and its output read back as a view.
+step. Plain linears (`lora.base.PLAIN_LINEARS`) multiply directly; a LoRA layer in a mixed-adapter
+batch computes its base and its rows' terms feature-major as well, the batch's adapters side by
+side (lora/mixed_features.py); any other projection (a LoRA layer outside a mixed batch, a DoRA
+layer, a quantised layer) is called as a module on a (rows, 1, in) view and read back as a view.
 
 It covers causal LMs of the Llama family whose every layer attends to the full cache
 (`lean_decodes`): model types "llama" (SmolLM2 among them) and "qwen2", fp32 hidden states, a few
