@@ -133,7 +133,13 @@ def test_the_next_batch_over_the_same_adapters_builds_nothing_until_one_changes(
     kept = decode()
     assert decode() is kept
     perturb(model, "b", std=0.3, seed=9)  # trained further, in place
-    assert decode() is not kept  # and the new factors decode as the forward does
+    kept = decode()  # built again, and the new factors decode as the forward does
+    assert decode() is kept
+    lorakit.delete_adapter(model, "b")  # another adapter under the same name, maybe in the same memory
+    lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS), "b")
+    perturb(model, "b", std=0.3, seed=11)
+    perturb(model, "b", std=0.3, seed=12)
+    assert decode() is not kept
 
 
 def test_siblings_share_one_down_product_per_step():

@@ -26,6 +26,8 @@ runs as a module).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -102,8 +104,11 @@ class FeatureTerms:
         group = state.siblings.get(id(layer), [layer])
         found = [[(k + 1, m.adapters[n].row_factors(m)) for k, n in enumerate(self.adapters) if n in m.adapters]
                  for m in group]
+        # The adapter itself by weak reference (an adapter unloaded and another loaded under its name never
+        # matches, whatever memory it reuses), its factors by storage and version (trained in place).
         source = tuple(
-            (k, id(m), A.data_ptr(), A._version, B.data_ptr(), B._version, s, scale is None)
+            (k, weakref.ref(m.adapters[self.adapters[k - 1]]), A.data_ptr(), A._version, B.data_ptr(), B._version,
+             s, scale is None)
             for m, f in zip(group, found) for k, (A, B, s, scale) in f
         )
         kept = getattr(group[0], "side_by_side", None)
