@@ -16,6 +16,7 @@ from lorakit.infer.kv_cache import roomy_cache
 from lorakit.lora.base import FEW_ROWS
 from lorakit.lora.adapters import lora_layers
 from lorakit.lora.mixed import RowAdapters, row_adapters, sibling_layers
+from lorakit.lora.mixed_features import features_forward
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -174,7 +175,7 @@ def test_rows_leaving_and_joining_keep_the_side_by_side_factors_while_their_adap
             member.row_adapters = state
         try:
             with torch.no_grad():
-                got = state.features_forward(layer, x)
+                got = features_forward(state, layer, x)
                 expected = layer(x.t()[:, None])[:, 0].t()  # the state's own (row-major) path
         finally:
             for _, member in names:

@@ -30,6 +30,7 @@ from transformers.cache_utils import DynamicLayer
 
 from lorakit.infer.kv_cache import RoomyLayer
 from lorakit.lora.base import FEW_ROWS, PLAIN_LINEARS, weight_major_product
+from lorakit.lora.mixed_features import features_forward
 
 MODEL_TYPES = ("llama", "qwen2")
 
@@ -133,7 +134,7 @@ def _project(module: nn.Module, given: _Input) -> torch.Tensor:
         return weight_major_product(given.x, module.weight, module.bias)
     state = getattr(module, "row_adapters", None)
     if state is not None and not module.disabled:  # a LoRA layer in a mixed-adapter batch
-        out = state.features_forward(module, given.x)
+        out = features_forward(state, module, given.x)
         if out is not None:
             return out
     return module(given.rows)[:, 0].t()

@@ -112,7 +112,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if x.device.type != "cpu" or torch.is_grad_enabled() or not 0 < x.numel() <= FEW_ROWS * x.shape[-1]:
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1])
-    out = torch.mm(weight, rows.t()).t().contiguous()
+    out = weight_major_product(rows.t(), weight, None).t().contiguous()
     if bias is not None:
         out += bias
     return out.view(*x.shape[:-1], weight.shape[0])

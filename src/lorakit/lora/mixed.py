@@ -18,23 +18,18 @@ Three ways to compute the LoRA term, chosen per batch (`strategy`):
     grouped   for each adapter, run its rows (index_select) through it and add the result back.
 
 `auto` (the default) takes stacked when the rows share adapters (at most half as many adapters as
-rows), gathered otherwise: on this CPU, 16 rows over 4 adapters decode 84 against 87 ms a step
-stacked, 16 rows over 16 adapters 93 against 84 (the matmuls against many side-by-side adapters cost
-more than the per-row copies save).
-Zero padding and zero mask entries change nothing: they contribute exact zeros. Embedding
-layers always use the grouped path. Each adapter gives its per-row factors itself (`row_factors`:
-A, B, s and an output scale); a DoRA adapter's magnitude over its weight norm is folded into its B
-and scales its rows' base output, so DoRA adapters run per row too. Sibling layers fed the same input (q/k/v, gate/up:
-`SHARED_INPUT`) share one down-projection: their A^T are concatenated, x A^T runs once for all
-of them, and each takes its columns; a sibling that is handed a different tensor computes its own.
-Rows that leave the batch (`select`) are dropped from the masks or the per-row copies; rows that join a
-gathered batch (`extend`, continuous batching) bring their own copies, appended below.
-`row_adapters(model, names)` turns all this on for every LoraLayer and off again after.
-
-A decode step of a Llama-family model that infer/decode_step.py computes feature-major asks each
-layer for `features_forward` instead: the batch's adapters side by side in their stored
-orientation (lora/mixed_features.py), for the stacked and gathered strategies alike; the strategy
-then decides how prompts are prefilled.
+rows), gathered otherwise: decoding through the model's forward, 16 rows over 4 adapters took 84
+against 87 ms a step stacked, 16 rows over 16 adapters 93 against 84. Zero padding and zero mask
+entries contribute exact zeros. Embedding layers always use the grouped path. Each adapter gives its
+per-row factors itself (`row_factors`: A, B, s and an output scale); a DoRA adapter's magnitude over
+its weight norm is folded into its B and scales its rows' base output, so DoRA runs per row too.
+Sibling layers fed the same input (q/k/v, gate/up: `SHARED_INPUT`) share one down-projection: their
+A^T are concatenated, x A^T runs once for all of them, and each takes its columns; a sibling handed
+a different tensor computes its own. Rows that leave the batch (`select`) are dropped from the masks
+or the per-row copies; rows that join a gathered batch (`extend`, continuous batching) bring their
+own copies, appended below. `row_adapters(model, names)` turns all this on for every LoraLayer and
+off again after. Feature-major decode steps (infer/decode_step.py) use lora/mixed_features.py for
+stacked and gathered batches alike, whose strategy then decides only how prompts are prefilled.
 """
 
 from __future__ import annotations
@@ -47,7 +42,6 @@ from torch import nn
 
 from lorakit.lora.adapters import adapter_config, lora_layers, saved_modules
 from lorakit.lora.base import PLAIN_LINEARS, decode_linear
-from lorakit.lora.mixed_features import FeatureTerms
 
 STRATEGIES = ("auto", "stacked", "gathered", "grouped")
 _UNSET = object()
@@ -159,8 +153,7 @@ class RowAdapters:
         # id(layer) -> down, its columns, s B^T, per-row output scale (None: all ones)
         self._rows: dict[int, tuple[_Down, int, int, torch.Tensor, torch.Tensor | None] | None] = {}
         self._layers: dict[int, nn.Module] = {}  # id(layer) -> layer, for the layers built
-        # for feature-major decode steps, built on demand; a continuous batch hands its own to each new state
-        self.features: FeatureTerms | None = None
+        self.features = None  # a mixed_features.FeatureTerms, made by its first feature-major step
         self.names: list[str | None] = []
         self.index = torch.zeros(0, dtype=torch.long)
         self._set_rows(list(names))
@@ -244,16 +237,6 @@ class RowAdapters:
                 out = _scale_rows(out, base.bias, scale)
             return down.add(out, x, start, stop, B)
         return self._grouped(layer, x, out)
-
-    def features_forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        """The layer's output for a feature-major input x (in, B), as (out, B), with the batch's adapters side
-        by side (lora/mixed_features.py); None where that does not apply (the grouped strategy, embeddings,
-        a base other than a plain Linear, DoRA's output scale): call the layer then."""
-        if self.strategy == "grouped" or layer.kind != "linear" or type(layer.base_layer) not in PLAIN_LINEARS:
-            return None
-        if self.features is None:
-            self.features = FeatureTerms()
-        return self.features.forward(self, layer, x)
 
     def _grouped(self, layer: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         for name, rows in self.groups:

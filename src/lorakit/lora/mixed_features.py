@@ -31,7 +31,7 @@ import weakref
 import torch
 from torch import nn
 
-from lorakit.lora.base import weight_major_product
+from lorakit.lora.base import PLAIN_LINEARS, weight_major_product
 
 _UNCOVERED = object()
 
@@ -54,6 +54,17 @@ class _SideBySide:
             self._h = torch.mm(self.A, x if x.dtype == self.A.dtype else x.to(self.A.dtype)).mul_(self._mask)
             self._x, self._slots = x, slots
         return self._h
+
+
+def features_forward(state, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """A LoRA layer's output in a mixed batch (lora/mixed.py's RowAdapters `state`) for a feature-major input
+    x (in, B), as (out, B); None where this does not apply (the grouped strategy, embeddings, a base other than
+    a plain Linear, DoRA's output scale): call the layer then."""
+    if state.strategy == "grouped" or layer.kind != "linear" or type(layer.base_layer) not in PLAIN_LINEARS:
+        return None
+    if state.features is None:
+        state.features = FeatureTerms()
+    return state.features.forward(state, layer, x)
 
 
 class FeatureTerms:
@@ -83,17 +94,18 @@ class FeatureTerms:
         return out.addmm_(B, h)
 
     def _follow(self, state) -> None:
-        """Rebuild for the state's adapters when they left the kept set; new slots when its rows changed."""
+        """When the state's rows changed (its adapters change only with them): new slots, and the factors
+        built again if a row's adapter is not among them."""
+        if state.names is self._names:
+            return
         used = set(state.distinct)
         if not used <= set(self.adapters):  # keep the adapters still in use or kept recently, when few
             kept = used | set(self.adapters)
             self.adapters = sorted(kept if len(kept) <= 2 * len(used) else used)
             self._layers.clear()
-            self._names = None
-        if state.names is not self._names:
-            slot = {name: k + 1 for k, name in enumerate(self.adapters)}
-            self._slots = torch.tensor([slot.get(name, 0) for name in state.names], dtype=torch.long)
-            self._names = state.names
+        slot = {name: k + 1 for k, name in enumerate(self.adapters)}
+        self._slots = torch.tensor([slot.get(name, 0) for name in state.names], dtype=torch.long)
+        self._names = state.names
 
     def _build(self, state, layer: nn.Module):
         """The side-by-side factors of the layer's sibling group (or the layer alone); returns the layer's entry.
