@@ -10,7 +10,7 @@ import torch
 import lorakit
 from conftest import VOCAB, perturb, tiny_gpt2, tiny_llama, tiny_qwen2
 from lorakit.infer.decode_linears import use_decode_linears
-from lorakit.infer.decode_step import decode_logits, lean_decodes, through_the_forward
+from lorakit.infer.decode_step import decode_and_prefill, decode_logits, lean_decodes, through_the_forward
 from lorakit.infer.half_weights import use_half_weights
 from lorakit.infer.kv_cache import roomy_cache
 from lorakit.lora.base import FEW_ROWS
@@ -191,6 +191,65 @@ def test_rows_leaving_and_joining_keep_the_side_by_side_factors_while_their_adap
     assert term(state) is kept
     state.extend(RowAdapters(["c"], "gathered", siblings))  # a new adapter: built again
     assert term(state) is not kept
+
+
+PROMPTS = [[5, 9, 11, 4], [7, 3], [8, 40, 8, 2, 6, 100, 9]]
+
+
+def prefill_beside_a_step(model, names=None, prompt_names=None, strategy="stacked"):
+    """decode_and_prefill's outputs for 3 rows and PROMPTS (rows with adapters `names`, prompts with
+    `prompt_names`), and the same from the model's forward: the rows' step, then each prompt alone."""
+    (lean_cache, mask, position, tokens), (plain_cache, *_) = prefilled(model), prefilled(model)
+    mask = torch.cat([mask, mask.new_ones((3, 1))], dim=1)
+    names, prompt_names = names or [None] * 3, prompt_names or [None] * len(PROMPTS)
+    columns = names + [name for name, prompt in zip(prompt_names, PROMPTS) for _ in prompt]
+    calls = []
+    hook = model.model.layers[0].register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with torch.no_grad(), row_adapters(model, columns, strategy):
+            got = decode_and_prefill(model, tokens, mask, position, lean_cache, PROMPTS)
+    finally:
+        hook.remove()
+    assert not calls, "the decoder layers' forward ran"
+    own = []
+    with torch.no_grad():
+        with row_adapters(model, names, strategy):
+            step = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position,
+                         past_key_values=plain_cache).logits[:, -1]  # fmt: skip
+        for name, prompt in zip(prompt_names, PROMPTS):
+            cache = roomy_cache(model.config)
+            with row_adapters(model, [name], strategy):
+                logits = model(input_ids=torch.tensor([prompt]), past_key_values=cache).logits[0, -1]
+            own.append((logits, cache))
+    return got, (step, lean_cache, plain_cache, own)
+
+
+def assert_prefilled_as_alone(got, expected, atol=1e-5):
+    (logits, prompt_logits, prompt_cache, prompt_mask), (step, lean_cache, plain_cache, own) = got, expected
+    assert_same([logits], [step], lean_cache, plain_cache, atol=atol)
+    width = max(map(len, PROMPTS))
+    assert prompt_mask.tolist() == [[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS]
+    for j, (prompt, (alone, cache)) in enumerate(zip(PROMPTS, own)):
+        torch.testing.assert_close(prompt_logits[j], alone, atol=atol, rtol=1e-5)
+        for mine, theirs in zip(prompt_cache.layers, cache.layers):
+            for a, b in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
+                torch.testing.assert_close(a[j, :, width - len(prompt) :], b[0], atol=atol, rtol=1e-5)
+                assert not a[j, :, : width - len(prompt)].any()  # zeros on the left
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2-with-biases"])
+def test_prompts_prefilled_beside_a_step_equal_the_step_and_each_prompt_alone(build):
+    assert_prefilled_as_alone(*prefill_beside_a_step(build()))
+
+
+@pytest.mark.parametrize("strategy", ["gathered", "stacked"])
+def test_prompts_prefilled_beside_a_step_take_their_own_adapters(strategy):
+    model = with_adapters(tiny_llama(), dora_on="o_proj")
+    got, expected = prefill_beside_a_step(model, ["a", None, "d"], ["b", "a", "d"], strategy)
+    assert_prefilled_as_alone(got, expected)
+    with torch.no_grad(), row_adapters(model, [None], strategy):
+        base = model(input_ids=torch.tensor([PROMPTS[0]])).logits[0, -1]
+    assert not torch.allclose(got[1][0], base, atol=1e-3)  # the prompt's adapter took part
 
 
 def test_other_models_and_settings_go_through_the_forward():

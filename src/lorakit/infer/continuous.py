@@ -1,11 +1,13 @@
 """A decode batch that requests join and leave between steps (continuous batching).
 
 `generate_mixed` runs a fixed set of requests to the end. `RunningBatch` keeps a batch alive
-instead: `join(...)` prefills new requests (their own forward pass, each row with its adapter),
-picks their first token and appends their rows to the running batch; `step()` decodes one token
-for every row; a row leaves the batch and the KV cache as soon as it hits EOS, a stop string or
-its max_tokens, or its caller cancels it. Each row keeps its own adapter, sampling settings,
-generator and KV length.
+instead: `join(...)` prefills new requests (each row with its adapter), picks their first token
+and appends their rows to the running batch; `step()` decodes one token for every row. Where the
+rows decode through lorakit's own step (infer/decode_step.py), the joiners' prompts are prefilled
+in the same pass as a decode step of the running rows, which reads the weights once for both;
+otherwise in a forward pass of their own. A row leaves the batch and the KV cache as soon as it
+hits EOS, a stop string or its max_tokens, or its caller cancels it. Each row keeps its own
+adapter, sampling settings, generator and KV length.
 
 The KV cache is one left-padded `DynamicCache` (B, heads, T, head_dim), appended in place
 (infer/kv_cache.py): a row shorter than the longest holds zero keys on its left, masked out by the
@@ -29,7 +31,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from lorakit.infer.decode_step import decode_logits, lean_decodes
+from lorakit.infer.decode_step import decode_and_prefill, decode_logits, lean_decodes
 from lorakit.infer.generate import stop_token_ids
 from lorakit.infer.kv_cache import roomy_cache
 from lorakit.infer.multi_adapter import Completion, Request, _left_pad, _pad_id, _Row
@@ -104,6 +106,7 @@ class RunningBatch:
     @torch.no_grad()
     def join(self, requests: list[Request], on_text: list[OnText], on_done: list[OnDone]) -> None:
         """Prefill `requests` together, pick each one's first token, and add those that go on to the batch.
+        Where the running rows decode through lorakit's step, they decode a token in the same pass.
 
         Raises:
             ValueError: an empty prompt or a max_tokens below 1 (nothing joins then).
@@ -117,6 +120,9 @@ class RunningBatch:
             )
             for r, t, d in zip(requests, on_text, on_done)
         ]
+        if self.live and lean_decodes(self.model, self.tokens, self.cache):
+            self._join_beside_a_step(requests, entries)
+            return
         ids, mask = _left_pad([r.prompt_ids for r in requests], self.pad_id, self.device)
         position = (mask.cumsum(-1) - 1).clamp(min=0)  # (n, L): left padding does not shift positions
         cache = roomy_cache(self.model.config)
@@ -134,6 +140,27 @@ class RunningBatch:
                 past_key_values=cache,
                 logits_to_keep=1,
             ).logits[:, -1]
+        self._admit_prefilled(entries, logits, cache, mask, position[:, -1:] + 1, state)
+
+    def _join_beside_a_step(self, requests: list[Request], entries: list[_Live]) -> None:
+        """Prefill the joiners' prompts in the same pass as a decode step of the running rows
+        (infer/decode_step.py: decode_and_prefill), which reads the weights once for both."""
+        prompts = [r.prompt_ids for r in requests]
+        columns = self.adapters() + [r.adapter for r in requests for _ in r.prompt_ids]
+        state = RowAdapters(columns, self.strategy, self.siblings)
+        state.features = self._features
+        mask = torch.cat([self.mask, self.mask.new_ones((len(self.live), 1))], dim=1)
+        with self._adapters(state):
+            logits, prompt_logits, cache, prompt_mask = decode_and_prefill(
+                self.model, self.tokens, mask, self.position, self.cache, prompts
+            )
+        self._stepped(logits, mask)
+        position = torch.tensor([[len(p)] for p in prompts], dtype=torch.long, device=self.device)
+        state = RowAdapters([r.adapter for r in requests], self.strategy, self.siblings)
+        self._admit_prefilled(entries, prompt_logits, cache, prompt_mask, position, state)
+
+    def _admit_prefilled(self, entries: list[_Live], logits, cache, mask, position, state: RowAdapters) -> None:
+        """Pick the prefilled rows' first tokens and add those that go on below the running rows."""
         tokens = self._sample(logits, entries)
         chosen = tokens.tolist()  # one device-to-host copy, not one per row
         keep = [b for b, entry in enumerate(entries) if self._advance(entry, chosen[b])]
@@ -144,7 +171,7 @@ class RunningBatch:
             tokens, mask, position = tokens[index], mask[index], position[index]
             entries = [entries[b] for b in keep]
         if entries:
-            self._append(entries, cache, mask, position[:, -1:] + 1, tokens, state)
+            self._append(entries, cache, mask, position, tokens, state)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -157,6 +184,11 @@ class RunningBatch:
         mask = torch.cat([self.mask, self.mask.new_ones((len(self.live), 1))], dim=1)
         with self._adapters(self._state):
             logits = decode_logits(self.model, self.tokens, mask, self.position, self.cache)
+        self._stepped(logits, mask)
+
+    def _stepped(self, logits: torch.Tensor, mask: torch.Tensor) -> None:
+        """After a decode step of the rows (their logits, the mask it ran with): each row's next token;
+        rows that finish or are cancelled leave."""
         self.mask, self.position = mask, self.position + 1
         self.tokens = self._sample(logits, self.live)
         chosen = self.tokens.tolist()

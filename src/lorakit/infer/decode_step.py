@@ -26,9 +26,10 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from lorakit.infer.kv_cache import RoomyLayer
+from lorakit.infer.kv_cache import RoomyLayer, roomy_cache
 from lorakit.lora.base import FEW_ROWS, PLAIN_LINEARS, weight_major_product
 from lorakit.lora.mixed_features import features_forward
 
@@ -83,33 +84,92 @@ def lean_decodes(model: nn.Module, tokens: torch.Tensor, cache) -> bool:
     )
 
 
-def _lean_logits(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache):
-    inner, config = model.model, model.config
+def decode_and_prefill(
+    model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache,
+    prompts: list[list[int]],
+) -> tuple[torch.Tensor, torch.Tensor, DynamicCache, torch.Tensor]:
+    """One pass that decodes the running rows a token and prefills `prompts` beside them (`lean_decodes`
+    must hold for the rows). The prompts' tokens ride in the step's products as more columns, so the
+    weights, which a decode step mostly spends its time reading, are read once for both; each prompt
+    attends causally to itself. A mixed-adapter state set on the LoRA layers covers the rows and then
+    every prompt token (each with its prompt's adapter); a LoRA output head narrows it to the columns
+    whose logits are returned.
+
+    Returns the rows' (B, V) next-token logits, each prompt's (n, V) logits after its last token, the
+    prompts' KV cache (n rows, left-padded to the longest) and its (n, L) mask; the rows' cache is
+    updated as `decode_logits` does.
+    """
+    lengths = [len(p) for p in prompts]
+    logits, prompt_cache = _lean_logits(model, tokens, mask, position, cache, prompts)
     rows = tokens.shape[0]
-    embeds = inner.embed_tokens(tokens[:, None])  # (B, 1, H)
-    cos, sin = inner.rotary_emb(embeds, position)  # (B, 1, D) each
-    cos, sin = cos[:, :, None], sin[:, :, None]  # (B, 1, 1, D): broadcast over (B, kv heads, group, D)
+    prompt_mask = torch.zeros((len(prompts), max(lengths)), dtype=torch.long)
+    for b, length in enumerate(lengths):
+        prompt_mask[b, prompt_mask.shape[1] - length :] = 1
+    return logits[:rows], logits[rows:], prompt_cache, prompt_mask
+
+
+def _lean_logits(
+    model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache,
+    prompts: list[list[int]] = (),
+):
+    """The rows' next-token logits, then each prompt's last-token logits ((B + n, V)); with prompts, their
+    cache too."""
+    inner, config = model.model, model.config
+    rows, lengths = tokens.shape[0], [len(p) for p in prompts]
+    ids = torch.cat([tokens, *(torch.tensor(p, dtype=torch.long) for p in prompts)])  # (N,) columns
+    positions = torch.cat([position[:, 0], *(torch.arange(n) for n in lengths)])
+    embeds = inner.embed_tokens(ids[:, None])[:, 0]  # (N, H)
+    cos, sin = inner.rotary_emb(embeds[None], positions[None])  # (1, N, D) each
+    cos, sin = cos[0, :, None], sin[0, :, None]  # (N, 1, D): broadcast over the heads
     # (B, 1, 1, T): -inf on the left padding; made once a step rather than by attention in every layer
     keep = torch.zeros(mask.shape, dtype=embeds.dtype).masked_fill_(mask == 0, float("-inf"))[:, None, None, :]
-    hidden = embeds[:, 0].t().contiguous()  # (H, B) residual stream
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    starts = [rows + sum(lengths[:j]) for j in range(len(lengths))]
+    prompt_cache = roomy_cache(config) if prompts else None
+    hidden = embeds.t().contiguous()  # (H, N) residual stream
     for index, layer in enumerate(inner.layers):
         attn = layer.self_attn
-        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
         head_dim = attn.head_dim
         normed = _Input(_rms_norm(hidden, layer.input_layernorm))
+        query = _rotate(_project(attn.q_proj, normed).view(heads, head_dim, -1).permute(2, 0, 1), cos, sin)
+        key = _rotate(_project(attn.k_proj, normed).view(kv_heads, head_dim, -1).permute(2, 0, 1), cos, sin)
+        value = _project(attn.v_proj, normed).view(kv_heads, head_dim, -1).permute(2, 0, 1)  # (N, kv heads, D)
         # A query of one token per row: the heads sharing a key/value head are its group of queries.
-        query = _project(attn.q_proj, normed).view(kv_heads, heads // kv_heads, head_dim, rows).permute(3, 0, 1, 2)
-        key = _project(attn.k_proj, normed).view(kv_heads, 1, head_dim, rows).permute(3, 0, 1, 2)
-        value = _project(attn.v_proj, normed).view(kv_heads, 1, head_dim, rows).permute(3, 0, 1, 2)
-        query, key = _rotate(query, cos, sin).contiguous(), _rotate(key, cos, sin)
-        keys, values = cache.update(key, value, index)
-        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=keep, scale=attn.scaling)
-        hidden = hidden + _project(attn.o_proj, _Input(out.reshape(rows, heads * head_dim).t()))
+        keys, values = cache.update(key[:rows, :, None], value[:rows, :, None], index)
+        group = query[:rows].contiguous().view(rows, kv_heads, heads // kv_heads, head_dim)
+        out = F.scaled_dot_product_attention(group, keys, values, attn_mask=keep, scale=attn.scaling)
+        attended = [out.reshape(rows, heads * head_dim)]
+        if prompts:
+            attended += _prefill_attention(attn, query, key, value, starts, lengths, prompt_cache, index)
+        attended = torch.cat(attended) if prompts else attended[0]
+        hidden = hidden + _project(attn.o_proj, _Input(attended.t()))
         normed = _Input(_rms_norm(hidden, layer.post_attention_layernorm))
         mlp = layer.mlp
         gated = F.silu(_project(mlp.gate_proj, normed)) * _project(mlp.up_proj, normed)
         hidden = hidden + _project(mlp.down_proj, _Input(gated))
-    return _project(model.lm_head, _Input(_rms_norm(hidden, inner.norm))).t()
+    if prompts:  # the logits of each row and of each prompt's last token only
+        picked = [*range(rows), *(s + n - 1 for s, n in zip(starts, lengths))]
+        hidden = hidden[:, picked]
+        state = getattr(model.lm_head, "row_adapters", None)
+        if state is not None:  # a LoRA head in a mixed batch: its state narrowed to those columns
+            state.select(picked)
+    logits = _project(model.lm_head, _Input(_rms_norm(hidden, inner.norm))).t()
+    return (logits, prompt_cache) if prompts else logits
+
+
+def _prefill_attention(attn, query, key, value, starts, lengths, prompt_cache, index) -> list[torch.Tensor]:
+    """Each prompt's causal self-attention, (L, heads x D) per prompt, from the step's (N, heads, D) queries
+    and (N, kv heads, D) keys and values; the prompts' keys and values go into `prompt_cache`, left-padded."""
+    out, keys, values = [], [], []
+    width = max(lengths)
+    for start, length in zip(starts, lengths):
+        q, k, v = (x[start : start + length].transpose(0, 1)[None].contiguous() for x in (query, key, value))
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=True)
+        out.append(attended[0].transpose(0, 1).reshape(length, -1))
+        keys.append(F.pad(k, (0, 0, width - length, 0)))
+        values.append(F.pad(v, (0, 0, width - length, 0)))
+    prompt_cache.update(torch.cat(keys), torch.cat(values), index)
+    return out
 
 
 class _Input:
