@@ -143,12 +143,14 @@ def test_rows_joining_a_lean_batch_keep_its_side_by_side_factors(toy):  # noqa: 
     assert [len(c.done.token_ids) for c in rows] == [n for _, _, n in plan]
 
 
-def test_a_request_joining_a_lean_batch_is_prefilled_in_the_decode_steps_pass(toy):  # noqa: F811
+@pytest.mark.parametrize("prefill", ["beside", "apart"])
+def test_a_request_joining_a_lean_batch_is_prefilled_in_the_decode_steps_pass(toy, prefill):  # noqa: F811
     """Rows decoding through lorakit's step: a joiner's prompt rides in the pass that decodes the running
-    rows (the model's forward never runs), which advances them a token; both keep their merged outputs."""
+    rows (the model's forward never runs), which advances them a token; both keep their merged outputs.
+    With prefill="apart" the joiner has a forward pass of its own and the rows wait."""
     folder, root = toy
     tokenizer, model = loaded(toy, NAMES)
-    batch = RunningBatch(model, tokenizer)
+    batch = RunningBatch(model, tokenizer, prefill=prefill)
     plan = [("a", 0, 6), ("b", 1, 5), ("c", 2, 4)]
     ask = [Request(tokenizer(PROMPTS[p])["input_ids"], a, n) for a, p, n in plan]
     rows = [Collect() for _ in ask]
@@ -159,10 +161,15 @@ def test_a_request_joining_a_lean_batch_is_prefilled_in_the_decode_steps_pass(to
         batch.join(ask[1:], [c.text for c in rows[1:]], [c.finish for c in rows[1:]])
     finally:
         hook.remove()
-    assert not calls and len(rows[0].pieces) == 2  # its first token at its join, its second beside the prompts
+    if prefill == "beside":
+        assert not calls and len(rows[0].pieces) == 2  # its first token at its join, its second beside the prompts
+    else:
+        assert calls and len(rows[0].pieces) == 1
     assert [len(c.pieces) for c in rows[1:]] == [1, 1] and len(batch) == 3
     while len(batch):
         batch.step()
     merged = {name: merged_model(folder, root / name) for name, _, _ in plan}
+    with pytest.raises(ValueError, match="prefill 'chunked'"):
+        RunningBatch(model, tokenizer, prefill="chunked")
     expected = [merged_output(merged[a], tokenizer, PROMPTS[p], n) for a, p, n in plan]
     assert [c.done.text.strip() for c in rows] == expected

@@ -252,6 +252,7 @@ def test_scheduler_flags_are_checked_in_one_line(capsys):
     from lorakit.cli import main
 
     for flags, expected in [(["--scheduler", "fifo"], "invalid choice: 'fifo'"),
+                            (["--prefill", "chunked"], "invalid choice: 'chunked'"),
                             (["--max-kv-tokens", "1"], "max_kv_tokens must be >= 2")]:  # fmt: skip
         try:
             code = main(["serve", "--model", "unused", *flags])

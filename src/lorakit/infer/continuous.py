@@ -40,6 +40,7 @@ from lorakit.lora.adapters import lora_layers
 from lorakit.lora.mixed import RowAdapters, sibling_layers
 from lorakit.lora.mixed_features import FeatureTerms
 
+PREFILLS = ("beside", "apart")  # where `join` prefills: in the running rows' decode pass, or in a pass of its own
 OnText = Callable[[str], bool | None]  # new text of the row (may be empty); False cancels the row
 OnDone = Callable[[Completion], None]
 
@@ -65,14 +66,18 @@ class RunningBatch:
     or unloaded while `join` or `step` runs; call `adapters_changed()` after they were.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, strategy: str = "auto"):
+    def __init__(self, model: nn.Module, tokenizer, strategy: str = "auto", prefill: str = "beside"):
+        """`prefill`: "beside" prefills joiners in the running rows' decode pass where the rows decode through
+        lorakit's step, "apart" always in a forward pass of their own."""
+        if prefill not in PREFILLS:
+            raise ValueError(f"prefill {prefill!r} is not one of {', '.join(PREFILLS)}")
         layers = DynamicCache(config=model.config).layers
         if any(type(layer) is not DynamicLayer for layer in layers):
             raise ValueError(
                 f"continuous batching needs a full KV cache in every layer; {type(model).__name__} has "
                 "sliding-window or other cache layers (serve it with the per-batch scheduler)"
             )
-        self.model, self.tokenizer, self.strategy = model, tokenizer, strategy
+        self.model, self.tokenizer, self.strategy, self.prefill = model, tokenizer, strategy, prefill
         self.device = next(model.parameters()).device
         self.eos = set(stop_token_ids(tokenizer, model))
         self.pad_id = _pad_id(tokenizer, self.eos)
@@ -120,7 +125,7 @@ class RunningBatch:
             )
             for r, t, d in zip(requests, on_text, on_done)
         ]
-        if self.live and lean_decodes(self.model, self.tokens, self.cache):
+        if self.prefill == "beside" and self.live and lean_decodes(self.model, self.tokens, self.cache):
             self._join_beside_a_step(requests, entries)
             return
         ids, mask = _left_pad([r.prompt_ids for r in requests], self.pad_id, self.device)

@@ -144,7 +144,7 @@ def make_scheduler(model, tokenizer, registry: AdapterRegistry, config: ServeCon
     if config.scheduler == "batch":
         return BatchScheduler(model, tokenizer, registry, config.max_batch, config.batch_wait_ms)
     return ContinuousScheduler(
-        model, tokenizer, registry, config.max_batch, config.max_kv_tokens, config.batch_wait_ms
+        model, tokenizer, registry, config.max_batch, config.max_kv_tokens, config.batch_wait_ms, config.prefill
     )
 
 

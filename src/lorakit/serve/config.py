@@ -8,6 +8,7 @@ from lorakit.config import ConfigError, _help
 
 SCHEDULERS = ("continuous", "batch")  # serve/continuous.py, serve/scheduler.py
 HALF_WEIGHTS = ("off", "auto", "fp16", "bf16")  # infer/half_weights.py
+PREFILLS = ("beside", "apart")  # infer/continuous.py: RunningBatch
 
 
 @dataclass
@@ -30,6 +31,12 @@ class ServeConfig:
         "continuous: requests join the running batch at the next decode step and leave when done; "
         "batch: the waiting requests run together to the end, then the next ones",
         default="continuous",
+    )
+    prefill: str = _help(
+        "continuous scheduler: beside (a joining request's prompt is prefilled in the same pass as the running "
+        "rows' next decode step, where the model decodes through lorakit's own step) | apart (in a forward pass "
+        "of its own, the running rows waiting)",
+        default="beside",
     )
     half_weights: str = _help(
         "the base model's linear weights in a half type on a CPU, adapters, embeddings, head and KV cache in fp32: "
@@ -66,6 +73,8 @@ class ServeConfig:
         ]
         if self.scheduler not in SCHEDULERS:
             problems.append(f"scheduler must be one of {', '.join(SCHEDULERS)} (got {self.scheduler!r})")
+        if self.prefill not in PREFILLS:
+            problems.append(f"prefill must be one of {', '.join(PREFILLS)} (got {self.prefill!r})")
         if self.half_weights not in HALF_WEIGHTS:
             problems.append(f"half_weights must be one of {', '.join(HALF_WEIGHTS)} (got {self.half_weights!r})")
         if problems:

@@ -40,10 +40,11 @@ class ContinuousScheduler:
         max_batch: int = 16,
         max_kv_tokens: int = 65536,
         batch_wait_ms: float = 5.0,
+        prefill: str = "beside",
     ):
         self.registry = registry
         self.max_batch, self.max_kv_tokens, self.batch_wait = max_batch, max_kv_tokens, batch_wait_ms / 1000
-        self.batch = RunningBatch(model, tokenizer)
+        self.batch = RunningBatch(model, tokenizer, prefill=prefill)
         self.arrivals: queue.Queue[Job | None] = queue.Queue()
         self.waiting: deque[Job] = deque()  # arrived, not yet admitted, oldest first
         self.inflight: set[Job] = set()  # admitted and not finished
