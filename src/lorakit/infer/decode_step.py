@@ -21,6 +21,7 @@ cache is updated the same way.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
@@ -48,7 +49,7 @@ def decode_logits(
         cache: the DynamicCache of the rows; the step's keys and values are appended to it.
     """
     if lean_decodes(model, tokens, cache):
-        return _lean_logits(model, tokens, mask, position, cache)
+        return _lean_logits(model, tokens, mask, position, cache)[0]
     return model(
         input_ids=tokens[:, None], attention_mask=mask, position_ids=position, past_key_values=cache
     ).logits[:, -1]
@@ -110,10 +111,10 @@ def decode_and_prefill(
 
 def _lean_logits(
     model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache,
-    prompts: list[list[int]] = (),
-):
-    """The rows' next-token logits, then each prompt's last-token logits ((B + n, V)); with prompts, their
-    cache too."""
+    prompts: Sequence[list[int]] = (),
+) -> tuple[torch.Tensor, DynamicCache | None]:
+    """The rows' next-token logits, then each prompt's last-token logits ((B + n, V)), and the prompts' cache
+    (None without prompts)."""
     inner, config = model.model, model.config
     rows, lengths = tokens.shape[0], [len(p) for p in prompts]
     ids = torch.cat([tokens, *(torch.tensor(p, dtype=torch.long) for p in prompts)])  # (N,) columns
@@ -154,7 +155,7 @@ def _lean_logits(
         if state is not None:  # a LoRA head in a mixed batch: its state narrowed to those columns
             state.select(picked)
     logits = _project(model.lm_head, _Input(_rms_norm(hidden, inner.norm))).t()
-    return (logits, prompt_cache) if prompts else logits
+    return logits, prompt_cache
 
 
 def _prefill_attention(attn, query, key, value, starts, lengths, prompt_cache, index) -> list[torch.Tensor]:
