@@ -5,7 +5,9 @@ the output: the evidence for which weight types `lorakit serve` offers.
 
 1. Speed: every linear weight of the model (the projections of all layers, and the output head) multiplied
    by B rows, as one decode step does, through each kernel; the kernels take turns in every round:
-     fp32         torch.mm(W, x) on fp32 weights (lorakit's decode step)
+     fp32         torch.mm(W, x) on fp32 weights, x feature-major (in, B) (lorakit's decode step at 1 or 4+ rows)
+     fp32-xWt     torch.mm(x, W.t()) on the same weights, x row-major (B, in) (lorakit's step at 2 and 3 rows:
+                  lora/base.py's ROW_MAJOR_ROWS)
      bf16, fp16   the same on weights cast to the half type (`lorakit serve --half-weights`)
      int8-dyn     PyTorch's dynamic int8 linear (quantized::linear_dynamic, x86 engine): int8 weights per
                   output channel, the activations quantised to int8 per tensor at each call
@@ -41,7 +43,7 @@ PROMPTS = [
     "What is the capital of France? Answer briefly.", "Translate 'good morning' into German.",
     "Describe how a LoRA adapter works.", "Give two tips for writing clear code.", "What does a compiler do?",
 ]
-KERNELS = ["fp32", "bf16", "fp16", "int8-dyn", "int8-wo"]
+KERNELS = ["fp32", "fp32-xWt", "bf16", "fp16", "int8-dyn", "int8-wo"]
 
 
 def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,6 +119,8 @@ def converted(model: nn.Module, kernel: str) -> nn.Module:
 def step_products(weights: list[torch.Tensor], kernel: str, rows: int):
     """A function multiplying `rows` inputs by every weight through `kernel`, as one decode step does."""
     inputs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
+    if kernel == "fp32-xWt":
+        return lambda: [torch.mm(inputs[w.shape[1]], w.t()) for w in weights]
     if kernel in ("fp32", "bf16", "fp16"):
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[kernel]
         cast = [w.to(dtype) for w in weights]
@@ -169,7 +173,7 @@ def output_check(model, tokenizer, tokens: int) -> list[dict]:
     with torch.no_grad():
         fp32_logits = model(probe).logits
     runs = []
-    for kernel in KERNELS[1:]:
+    for kernel in KERNELS[2:]:  # fp32-xWt computes the same numbers
         other = converted(model, kernel)
         outputs = [greedy(other, tokenizer, p, tokens) for p in PROMPTS]
         agree = [next((i for i, (a, b) in enumerate(zip(r, o)) if a != b), len(r)) for r, o in zip(reference, outputs)]
@@ -187,7 +191,7 @@ def output_check(model, tokenizer, tokens: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--rows", default="1,4,16")
+    parser.add_argument("--rows", default="1,2,3,4,16")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=32, help="greedy tokens per prompt for the output check")
     parser.add_argument("--results-dir", default=None)

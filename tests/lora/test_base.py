@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorakit.lora.base import FEW_ROWS, decode_linear
+from lorakit.lora.base import FEW_ROWS, ROW_MAJOR_ROWS, decode_linear, weight_major_product
 
 
 def ops_of(fn, *args):
@@ -53,3 +53,17 @@ def test_many_rows_and_autograd_keep_f_linear_exactly():
     assert torch.equal(out, F.linear(few, weight))
     out.sum().backward()
     assert torch.allclose(few.grad, weight.sum(0).expand(4, 32))
+
+
+@pytest.mark.parametrize("rows", [1, *ROW_MAJOR_ROWS, 4])
+def test_two_or_three_rows_multiply_as_x_w_transposed_and_equal_the_product(rows):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(40, rows, generator=generator)  # feature-major, as a decode step keeps them
+    weight, bias = torch.randn(24, 40, generator=generator), torch.randn(24, generator=generator)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        out = weight_major_product(x, weight, bias)
+    shapes = [event.input_shapes for event in prof.events() if event.name == "aten::mm"]
+    assert shapes == [[[rows, 40], [40, 24]] if rows in ROW_MAJOR_ROWS else [[24, 40], [40, rows]]]
+    assert out.shape == (24, rows)
+    assert torch.allclose(out, weight @ x + bias[:, None], atol=1e-5)
+    assert torch.allclose(decode_linear(x.t(), weight, bias), F.linear(x.t(), weight, bias), atol=1e-5)

@@ -118,13 +118,22 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
+# Row counts whose fp32 products MKL runs faster as x W^T (the rows made contiguous, W read transposed): 1.3-1.6x
+# at 2 and 3 rows over SmolLM2-135M's weights, slower at 1 and at 4 or more (bench/decode_kernels.py).
+ROW_MAJOR_ROWS = (2, 3)
+
+
 def weight_major_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """W x + b for feature-major x (in, B) -> (out, B): `decode_linear`'s product without its transpose back
     (infer/decode_step.py keeps a decode step feature-major). A half-type weight multiplies in its own type
-    and the result goes on in x's, as `decode_linear` computes."""
+    and the result goes on in x's, as `decode_linear` computes. At ROW_MAJOR_ROWS rows of fp32 the product
+    is taken as (x^T W^T)^T, the same numbers up to float rounding; the result is then a transposed view."""
     if weight.dtype != x.dtype:
         return weight_major_product(x.to(weight.dtype), weight, bias).to(x.dtype)
-    out = torch.mm(weight, x)
+    if x.shape[1] in ROW_MAJOR_ROWS and weight.dtype == torch.float32:
+        out = torch.mm(x.t().contiguous(), weight.t()).t()
+    else:
+        out = torch.mm(weight, x)
     if bias is not None:
         out += bias[:, None]
     return out
