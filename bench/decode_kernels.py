@@ -1,19 +1,21 @@
 """What a CPU decode step's products cost in each weight type PyTorch can multiply here, and what each does to
 the output: the evidence for which weight types `lorakit serve` offers.
 
-    python bench/decode_kernels.py [--model smollm2-135m-instruct] [--rows 1,4,16] [--repeats 5]
+    python bench/decode_kernels.py [--model smollm2-135m-instruct] [--rows 1,2,3,4,8,16] [--repeats 5]
 
 1. Speed: every linear weight of the model (the projections of all layers, and the output head) multiplied
    by B rows, as one decode step does, through each kernel; the kernels take turns in every round:
-     fp32         torch.mm(W, x) on fp32 weights, x feature-major (in, B) (lorakit's decode step at 1 or 4+ rows)
-     fp32-xWt     torch.mm(x, W.t()) on the same weights, x row-major (B, in) (lorakit's step at 2 and 3 rows:
-                  lora/base.py's ROW_MAJOR_ROWS)
+     fp32         torch.mm(W, x) on fp32 weights, x row-major (in, B) as a decode step keeps it (lora/base.py's
+                  layout "weight")
+     fp32-columns the same with x copied column-major, one row as two copies of itself (layout "columns")
+     fp32-rows    (x^T W^T)^T, the rows made contiguous and W read transposed (layout "rows")
      bf16, fp16   the same on weights cast to the half type (`lorakit serve --half-weights`)
      int8-dyn     PyTorch's dynamic int8 linear (quantized::linear_dynamic, x86 engine): int8 weights per
                   output channel, the activations quantised to int8 per tensor at each call
      int8-wo      weight-only int8 (aten::_weight_int8pack_mm): int8 weights per output channel, bf16
                   activations
-   Printed and recorded: each round's time per kernel, and its ratio to fp32 in the same round.
+   Printed and recorded: each round's time per kernel, and its ratio to fp32 in the same round; and the layout
+   lora/base.py's measure_layouts picks at each row count on this machine (the one lorakit's step uses).
 2. Output: greedy continuations (32 tokens) of 8 chat prompts with every linear (head included) in each
    type, against the fp32 model: how many of the 8 match it token for token, the mean number of tokens
    before the first difference, and the largest logit difference over the prompts' positions.
@@ -36,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # results: the benches
 
 from results import machine, min_median, write_result  # noqa: E402
 
+from lorakit.lora.base import _product, measure_layouts  # noqa: E402
 from lorakit.models import load_causal_lm, load_tokenizer  # noqa: E402
 
 PROMPTS = [
@@ -43,7 +46,8 @@ PROMPTS = [
     "What is the capital of France? Answer briefly.", "Translate 'good morning' into German.",
     "Describe how a LoRA adapter works.", "Give two tips for writing clear code.", "What does a compiler do?",
 ]
-KERNELS = ["fp32", "fp32-xWt", "bf16", "fp16", "int8-dyn", "int8-wo"]
+FP32_LAYOUTS = {"fp32": "weight", "fp32-columns": "columns", "fp32-rows": "rows"}  # lora/base.py's layouts
+KERNELS = [*FP32_LAYOUTS, "bf16", "fp16", "int8-dyn", "int8-wo"]
 
 
 def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,10 +123,11 @@ def converted(model: nn.Module, kernel: str) -> nn.Module:
 def step_products(weights: list[torch.Tensor], kernel: str, rows: int):
     """A function multiplying `rows` inputs by every weight through `kernel`, as one decode step does."""
     inputs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
-    if kernel == "fp32-xWt":
-        return lambda: [torch.mm(inputs[w.shape[1]], w.t()) for w in weights]
-    if kernel in ("fp32", "bf16", "fp16"):
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[kernel]
+    if kernel in FP32_LAYOUTS:  # lorakit's own product, x feature-major (in, B) as its decode step keeps it
+        columns = {k: x.t().contiguous() for k, x in inputs.items()}
+        return lambda: [_product(columns[w.shape[1]], w, FP32_LAYOUTS[kernel]) for w in weights]
+    if kernel in ("bf16", "fp16"):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[kernel]
         cast = [w.to(dtype) for w in weights]
         columns = {k: x.t().contiguous().to(dtype) for k, x in inputs.items()}
         return lambda: [torch.mm(w, columns[w.shape[1]]) for w in cast]
@@ -173,7 +178,7 @@ def output_check(model, tokenizer, tokens: int) -> list[dict]:
     with torch.no_grad():
         fp32_logits = model(probe).logits
     runs = []
-    for kernel in KERNELS[2:]:  # fp32-xWt computes the same numbers
+    for kernel in KERNELS[len(FP32_LAYOUTS):]:  # the fp32 layouts compute the same numbers
         other = converted(model, kernel)
         outputs = [greedy(other, tokenizer, p, tokens) for p in PROMPTS]
         agree = [next((i for i, (a, b) in enumerate(zip(r, o)) if a != b), len(r)) for r, o in zip(reference, outputs)]
@@ -191,7 +196,7 @@ def output_check(model, tokenizer, tokens: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--rows", default="1,2,3,4,16")
+    parser.add_argument("--rows", default="1,2,3,4,8,16")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=32, help="greedy tokens per prompt for the output check")
     parser.add_argument("--results-dir", default=None)
@@ -199,6 +204,8 @@ def main() -> None:
     torch.backends.quantized.engine = "x86"
     tokenizer, model = load_tokenizer(args.model), load_causal_lm(args.model).eval()
     weights = [m.weight.detach().float().contiguous() for m in model.modules() if type(m) is nn.Linear]
+    layouts = measure_layouts()
+    print(f"  measure_layouts: {layouts}", flush=True)
     runs = speed(weights, [int(r) for r in args.rows.split(",")], args.repeats)
     runs += output_check(model, tokenizer, args.tokens)
     summary = []
@@ -219,6 +226,7 @@ def main() -> None:
                  ("tokens_before_first_difference", "tokens before a difference"),
                  ("max_logit_difference", "max logit diff")],
         summary=summary, machine_info=machine(device="cpu"), out_dir=args.results_dir,
+        notes=[f"layouts lora/base.py's measure_layouts picked here, rows -> layout: {layouts}"],
     )  # fmt: skip
     print(f"wrote {path}")
 

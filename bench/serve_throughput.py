@@ -3,7 +3,7 @@
     python bench/serve_throughput.py [--model smollm2-135m-instruct] [--adapters 16] [--requests 16]
                                      [--new-tokens 32] [--rank 8] [--repeats 3] [--warmup 1] [--skip-peft]
                                      [--device cuda|cpu] [--results-dir DIR] [--variants merged,mixed-16]
-                                     [--half-weights auto|bf16|fp16]
+                                     [--half-weights auto|bf16|fp16] [--model-config qwen2.5-1.5b]
 
 The same --requests ROS 2 prompts (left-padded, greedy, exactly --new-tokens new tokens each) in
 one batch, on the same base, with --adapters rank-r adapters on all seven projections (random
@@ -22,6 +22,9 @@ non-zero B, so they differ), saved once as PEFT folders that both libraries load
 and with --half-weights (infer/half_weights.py: linear weights in a half type, adapters in fp32):
   merged-half       merged, then its linear weights cast
   mixed-N-half      mixed-N on a base whose linear weights are cast (as `lorakit serve --half-weights`)
+--model-config NAME builds NAME's published shape with random weights instead (bench/model_shapes.py;
+the prompts are still tokenised by --model's tokenizer) and writes serve_throughput_NAME.json, so the
+cost of many adapters can be compared across model sizes.
 Every variant runs --warmup times untimed, then all of them take turns in each of --repeats
 rounds (PEFT's included), so a drift of the machine's speed hits them alike. Every round's figure
 is printed, then min / median per variant, and the ratios of mixed-N to both merged baselines and
@@ -39,6 +42,7 @@ import time
 from pathlib import Path
 
 import torch
+from model_shapes import MODEL_CONFIGS, base_model
 from results import machine, min_median, write_result
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -47,9 +51,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def make_adapters(args, root: Path) -> list[str]:
     """Save --adapters random adapters as PEFT folders under root; returns their names."""
     import lorakit
-    from lorakit.models import load_causal_lm
 
-    model = load_causal_lm(args.model)
+    model = base_model(args.model, getattr(args, "model_config", None))
     names = [f"a{i}" for i in range(args.adapters)]
     generator = torch.Generator().manual_seed(0)
     for name in names:
@@ -99,17 +102,19 @@ def lorakit_variants(args, root: Path, names: list[str], ids: list[list[int]], t
     import lorakit
     from lorakit.infer.decode_linears import use_decode_linears
     from lorakit.infer.multi_adapter import Request, generate_mixed
-    from lorakit.models import load_causal_lm
+
+    def load_base():  # --model's weights, or --model-config's shape
+        return base_model(args.model, args.model_config)
 
     def run(model, adapters, strategy="auto"):
         requests = [Request(p, a, args.new_tokens, ignore_eos=True) for p, a in zip(ids, adapters)]
         return lambda: generate_mixed(model, tokenizer, requests, strategy=strategy)
 
     def merged_model():
-        return lorakit.merge_and_unload(_with_adapters(load_causal_lm(args.model), root, names[:1])).to(args.device)
+        return lorakit.merge_and_unload(_with_adapters(load_base(), root, names[:1])).to(args.device)
 
     merged = use_decode_linears(merged_model())  # as `lorakit serve` prepares its model
-    model = _with_adapters(use_decode_linears(load_causal_lm(args.model)), root, names).to(args.device)
+    model = _with_adapters(use_decode_linears(load_base()), root, names).to(args.device)
     plain = functools.cache(merged_model)  # transformers' generate on its own nn.Linears, loaded when run
     variants = {
         "merged": run(merged, [None] * len(ids)),
@@ -123,8 +128,8 @@ def lorakit_variants(args, root: Path, names: list[str], ids: list[list[int]], t
     if args.half_weights:
         from lorakit.infer.half_weights import use_half_weights
 
-        merged_half = lorakit.merge_and_unload(_with_adapters(load_causal_lm(args.model), root, names[:1]))
-        half_model = load_causal_lm(args.model)
+        merged_half = lorakit.merge_and_unload(_with_adapters(load_base(), root, names[:1]))
+        half_model = load_base()
         half = use_half_weights(half_model, args.half_weights)  # auto decides once, for both
         use_half_weights(merged_half, half or "off")
         print(f"--half-weights {args.half_weights}: {half or 'fp32 (no half type is faster here)'}")
@@ -172,10 +177,8 @@ def peft_variants(args, root: Path, names: list[str], texts: list[str], tokenize
     """PEFT's mixed batch and adapter switching, as callables that each generate once."""
     from peft import PeftModel
 
-    from lorakit.models import load_causal_lm
-
     model = PeftModel.from_pretrained(
-        load_causal_lm(args.model).to(args.device), root / names[0], adapter_name=names[0]
+        base_model(args.model, args.model_config).to(args.device), root / names[0], adapter_name=names[0]
     ).eval()
     for name in names[1:]:
         model.load_adapter(root / name, adapter_name=name)
@@ -244,6 +247,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--model-config", choices=sorted(MODEL_CONFIGS), default=None,
+                        help="that shape with random weights instead of --model's (prompts still use its tokenizer)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before each variant")
     parser.add_argument("--skip-peft", action="store_true", help="lorakit variants only")
@@ -280,8 +285,8 @@ def main() -> None:
     for run in runs:
         run["tokens_per_s"] = tokens / run["seconds"]
     print(
-        f"\n{args.model} on {_device_name(args.device)}: {args.requests} requests x {args.new_tokens} new tokens, "
-        f"{args.adapters} rank-{args.rank} adapters; generated tok/s in each round:"
+        f"\n{args.model_config or args.model} on {_device_name(args.device)}: {args.requests} requests x "
+        f"{args.new_tokens} new tokens, {args.adapters} rank-{args.rank} adapters; generated tok/s in each round:"
     )
     repeats = sorted({r["repeat"] for r in runs})
     print(f"  {'variant':<20}" + "".join(f"{'round ' + str(i):>10}" for i in repeats))
@@ -291,9 +296,12 @@ def main() -> None:
     print(f"\n  {'':<32} {'min':>8} {'median':>8} {'max':>8}")
     for row in summary:
         print(f"  {row['what']:<32} {row['min']:>8.2f} {row['median']:>8.2f} {row['max']:>8.2f}")
+    shape = f" at the {args.model_config} shape" if args.model_config else ""
+    model = f"{args.model_config} shape (random weights)" if args.model_config else args.model
     path = write_result(
-        "serve_throughput", "Serving throughput: many adapters in one batch", runs,
-        description=(f"{args.model}: {args.requests} requests x {args.new_tokens} new tokens (greedy, every row "
+        "serve_throughput" + (f"_{args.model_config}" if args.model_config else ""),
+        "Serving throughput: many adapters in one batch" + shape, runs,
+        description=(f"{model}: {args.requests} requests x {args.new_tokens} new tokens (greedy, every row "
                      f"exactly that long), {args.adapters} rank-{args.rank} adapters on all seven projections. "
                      "merged: one adapter merged, lorakit's decode loop on the linears lorakit serve uses; merged-hf: "
                      "the same merged weights in transformers' own nn.Linears, through transformers' generate; "

@@ -57,6 +57,7 @@ import time
 from pathlib import Path
 
 import torch
+from model_shapes import MODEL_CONFIGS, base_model
 from results import RssSampler, gemm_rates, machine, min_median, write_result
 
 from lorakit import allocator
@@ -72,21 +73,6 @@ QLORA_VARIANT = {"e": "lorakit QLoRA (NF4 base, double quantisation)"}
 HALF_VARIANT = {"h": "lorakit default (train.half_base auto)"}
 ALLOCATOR_VARIANT = {"p": "PEFT + Trainer, dynamic padding, on lorakit train's allocator"}
 ON_LORAKIT_ALLOCATOR = "cdehp"  # run as `lorakit train` runs them: on tcmalloc where installed (lorakit/allocator.py)
-# Published config.json fields of each shape --model-config can build (random weights, no download).
-MODEL_CONFIGS = {
-    "smollm2-135m": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                                   num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
-                                   max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
-                                   tie_word_embeddings=True)),
-    "qwen2.5-0.5b": ("qwen2", dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                                   num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
-                                   max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
-                                   tie_word_embeddings=True)),
-    "qwen2.5-1.5b": ("qwen2", dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                                   num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
-                                   max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
-                                   tie_word_embeddings=True)),
-}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SEED_MAX_LENGTH = 256
 PACK_LENGTH = 256
@@ -106,16 +92,8 @@ def examples(tokenizer, args) -> list[dict]:
 
 def load_model(args):
     """--model's weights, or with --model-config that shape with seeded random weights (the same in every child)."""
-    from lorakit.models import load_causal_lm
-
-    if args.model_config is None:
-        return load_causal_lm(args.model)
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    kind, fields = MODEL_CONFIGS[args.model_config]
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(kind, **fields, attn_implementation="sdpa")
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).train()
+    model = base_model(args.model, args.model_config)
+    return model if args.model_config is None else model.train()
 
 
 def prepare(args) -> dict:

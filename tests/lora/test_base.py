@@ -1,12 +1,15 @@
-"""decode_linear: a decode step's few rows multiplied as (W x^T)^T, equal to F.linear up to float rounding."""
+"""decode_linear and weight_major_product: a decode step's few rows multiplied as (W x^T)^T, in the layout of x
+measured fastest, equal to F.linear up to float rounding."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from lorakit.lora.base import FEW_ROWS, ROW_MAJOR_ROWS, decode_linear, weight_major_product
+from lorakit.lora import base
+from lorakit.lora.base import FEW_ROWS, LAYOUT_ROWS, LAYOUTS, decode_linear, weight_major_product
 
 
 def ops_of(fn, *args):
@@ -55,15 +58,59 @@ def test_many_rows_and_autograd_keep_f_linear_exactly():
     assert torch.allclose(few.grad, weight.sum(0).expand(4, 32))
 
 
-@pytest.mark.parametrize("rows", [1, *ROW_MAJOR_ROWS, 4])
-def test_two_or_three_rows_multiply_as_x_w_transposed_and_equal_the_product(rows):
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, LAYOUT_ROWS])
+def test_each_decode_layout_reads_x_as_it_says_and_equals_the_product(rows, layout, monkeypatch):
+    monkeypatch.setattr(base, "_layouts", dict.fromkeys(range(1, LAYOUT_ROWS + 1), layout))
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(40, rows, generator=generator)  # feature-major, as a decode step keeps them
     weight, bias = torch.randn(24, 40, generator=generator), torch.randn(24, generator=generator)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+    with _Products() as seen:
         out = weight_major_product(x, weight, bias)
-    shapes = [event.input_shapes for event in prof.events() if event.name == "aten::mm"]
-    assert shapes == [[[rows, 40], [40, 24]] if rows in ROW_MAJOR_ROWS else [[24, 40], [40, rows]]]
+    columns = max(rows, 2)  # one row goes in as two copies of itself
+    expected = {
+        "weight": [((24, 40), (40, rows), (rows, 1))],
+        "columns": [((24, 40), (40, columns), (1, 40))],
+        "rows": [((rows, 40), (40, 24), (1, 40))],
+    }[layout]
+    assert seen == expected
     assert out.shape == (24, rows)
     assert torch.allclose(out, weight @ x + bias[:, None], atol=1e-5)
     assert torch.allclose(decode_linear(x.t(), weight, bias), F.linear(x.t(), weight, bias), atol=1e-5)
+
+
+def test_more_rows_than_the_measured_layouts_multiply_as_stored():
+    x, weight = torch.randn(40, LAYOUT_ROWS + 1), torch.randn(24, 40)
+    with _Products() as seen:
+        out = weight_major_product(x, weight, None)
+    assert seen == [((24, 40), (40, LAYOUT_ROWS + 1), (LAYOUT_ROWS + 1, 1))]
+    assert torch.allclose(out, weight @ x, atol=1e-5)
+
+
+def test_layouts_are_measured_once_per_process_for_every_row_count(monkeypatch):
+    monkeypatch.setattr(base, "_layouts", {})
+    calls = []
+    monkeypatch.setattr(base, "measure_layouts", lambda: calls.append(1) or dict.fromkeys(range(1, 9), "rows"))
+    weight_major_product(torch.randn(40, 2), torch.randn(24, 40), None)
+    weight_major_product(torch.randn(40, 3), torch.randn(24, 40), None)
+    assert calls == [1]
+
+
+def test_measure_layouts_names_a_layout_for_each_row_count():
+    chosen = base.measure_layouts(rounds=1)
+    assert sorted(chosen) == list(range(1, LAYOUT_ROWS + 1))
+    assert set(chosen.values()) <= set(LAYOUTS)
+
+
+class _Products(TorchDispatchMode):
+    """Records (shape of W-or-x, shape of the second operand, its strides) of every aten.mm inside the block."""
+
+    def __enter__(self):
+        super().__enter__()
+        self.seen = []
+        return self.seen
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.mm.default:
+            self.seen.append((tuple(args[0].shape), tuple(args[1].shape), tuple(args[1].stride())))
+        return func(*args, **(kwargs or {}))

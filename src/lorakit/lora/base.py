@@ -15,6 +15,7 @@ the LoRA code never imports lorakit.quant.
 
 from __future__ import annotations
 
+import time
 from typing import Protocol
 
 import torch
@@ -118,20 +119,67 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-# Row counts whose fp32 products MKL runs faster as x W^T (the rows made contiguous, W read transposed): 1.3-1.6x
-# at 2 and 3 rows over SmolLM2-135M's weights, slower at 1 and at 4 or more (bench/decode_kernels.py).
-ROW_MAJOR_ROWS = (2, 3)
+# How a decode step's fp32 products of a few rows (1 to LAYOUT_ROWS) read x. MKL's speed there depends on x's
+# layout by up to 3x, and which layout is fastest differs between CPUs (bench/decode_kernels.py), so each process
+# measures them once (`decode_layouts`):
+#   weight   W x, x row-major (in, B), as a decode step keeps it
+#   columns  W x, x copied column-major (each row's features contiguous); one row goes in as two copies of itself
+#   rows     (x^T W^T)^T, the rows made contiguous and W read transposed
+LAYOUTS = ("weight", "columns", "rows")
+LAYOUT_ROWS = 8
+_layouts: dict[int, str] = {}
+
+
+def decode_layouts() -> dict[int, str]:
+    """rows -> the fastest layout for 1 to LAYOUT_ROWS rows of fp32 on this CPU, measured on the first call."""
+    if not _layouts:
+        _layouts.update(measure_layouts())
+    return _layouts
+
+
+def measure_layouts(rounds: int = 3, margin: float = 0.05) -> dict[int, str]:
+    """rows -> layout: each layout times 16 products of 1024 x 1024 fp32 weights (64 MB, more than a CPU's caches
+    hold, as a model's weights are), the layouts taking turns for `rounds` rounds; "weight" is kept unless
+    another one's best time is at least `margin` faster. About a third of a second."""
+    weights = [torch.full((1024, 1024), 1.0 / 1024) for _ in range(16)]
+    chosen = {}
+    for rows in range(1, LAYOUT_ROWS + 1):
+        x = torch.ones(1024, rows)
+        best = dict.fromkeys(LAYOUTS, float("inf"))
+        for _ in range(rounds):
+            for layout in LAYOUTS:
+                start = time.perf_counter()
+                for weight in weights:
+                    _product(x, weight, layout)
+                best[layout] = min(best[layout], time.perf_counter() - start)
+        fastest = min(best, key=best.get)
+        chosen[rows] = fastest if best[fastest] < (1 - margin) * best["weight"] else "weight"
+    return chosen
+
+
+def _product(x: torch.Tensor, weight: torch.Tensor, layout: str) -> torch.Tensor:
+    """W x for feature-major x (in, B) -> (out, B), x read in `layout`."""
+    if layout == "columns":
+        rows = x.shape[1]
+        columns = x.t().contiguous() if rows > 1 else x.t().expand(2, -1).contiguous()  # (B, in) storage
+        out = torch.mm(weight, columns.t())
+        return out[:, :1].contiguous() if rows == 1 else out
+    if layout == "rows":
+        return torch.mm(x.t().contiguous(), weight.t()).t()
+    return torch.mm(weight, x)
 
 
 def weight_major_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """W x + b for feature-major x (in, B) -> (out, B): `decode_linear`'s product without its transpose back
     (infer/decode_step.py keeps a decode step feature-major). A half-type weight multiplies in its own type
-    and the result goes on in x's, as `decode_linear` computes. At ROW_MAJOR_ROWS rows of fp32 the product
-    is taken as (x^T W^T)^T, the same numbers up to float rounding; the result is then a transposed view."""
+    and the result goes on in x's, as `decode_linear` computes. Up to LAYOUT_ROWS rows of fp32 on the CPU, x
+    is read in the layout `decode_layouts` found fastest: the same numbers up to float rounding, the result
+    possibly a transposed view."""
     if weight.dtype != x.dtype:
         return weight_major_product(x.to(weight.dtype), weight, bias).to(x.dtype)
-    if x.shape[1] in ROW_MAJOR_ROWS and weight.dtype == torch.float32:
-        out = torch.mm(x.t().contiguous(), weight.t()).t()
+    rows = x.shape[1]
+    if rows <= LAYOUT_ROWS and weight.dtype == torch.float32 and x.device.type == "cpu":
+        out = _product(x, weight, decode_layouts()[rows])
     else:
         out = torch.mm(weight, x)
     if bias is not None:
