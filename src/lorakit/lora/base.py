@@ -138,19 +138,20 @@ def decode_layouts() -> dict[int, str]:
 
 
 def measure_layouts(rounds: int = 3, margin: float = 0.05) -> dict[int, str]:
-    """rows -> layout: each layout times 16 products of 1024 x 1024 fp32 weights (64 MB, more than a CPU's caches
-    hold, as a model's weights are), the layouts taking turns for `rounds` rounds; "weight" is kept unless
-    another one's best time is at least `margin` faster. About a third of a second."""
-    weights = [torch.full((1024, 1024), 1.0 / 1024) for _ in range(16)]
+    """rows -> layout: each layout times 16 products of fp32 weights shaped as an MLP's, 2048 x 512 and 512 x 2048
+    (64 MB, more than a CPU's caches hold, as a model's weights are), the layouts taking turns for `rounds`
+    rounds; "weight" is kept unless another one's best time is at least `margin` faster. About a third of a
+    second."""
+    weights = [torch.full(shape, 1.0 / 2048) for shape in [(2048, 512), (512, 2048)] * 8]
     chosen = {}
     for rows in range(1, LAYOUT_ROWS + 1):
-        x = torch.ones(1024, rows)
+        inputs = {size: torch.ones(size, rows) for size in (512, 2048)}
         best = dict.fromkeys(LAYOUTS, float("inf"))
         for _ in range(rounds):
             for layout in LAYOUTS:
                 start = time.perf_counter()
                 for weight in weights:
-                    _product(x, weight, layout)
+                    _product(inputs[weight.shape[1]], weight, layout)
                 best[layout] = min(best[layout], time.perf_counter() - start)
         fastest = min(best, key=best.get)
         chosen[rows] = fastest if best[fastest] < (1 - margin) * best["weight"] else "weight"
