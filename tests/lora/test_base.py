@@ -114,3 +114,7 @@ class _Products(TorchDispatchMode):
         if func is torch.ops.aten.mm.default:
             self.seen.append((tuple(args[0].shape), tuple(args[1].shape), tuple(args[1].stride())))
         return func(*args, **(kwargs or {}))
+
+
+def test_no_rows_give_an_empty_product():
+    assert weight_major_product(torch.randn(40, 0), torch.randn(24, 40), torch.randn(24)).shape == (24, 0)

@@ -179,7 +179,7 @@ def weight_major_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if weight.dtype != x.dtype:
         return weight_major_product(x.to(weight.dtype), weight, bias).to(x.dtype)
     rows = x.shape[1]
-    if rows <= LAYOUT_ROWS and weight.dtype == torch.float32 and x.device.type == "cpu":
+    if 0 < rows <= LAYOUT_ROWS and weight.dtype == torch.float32 and x.device.type == "cpu":
         out = _product(x, weight, decode_layouts()[rows])
     else:
         out = torch.mm(weight, x)
