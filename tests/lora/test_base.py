@@ -3,6 +3,8 @@ measured fastest, equal to F.linear up to float rounding."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -90,7 +92,7 @@ def test_more_rows_than_the_measured_layouts_multiply_as_stored():
 def test_layouts_are_measured_once_per_process_for_every_row_count(monkeypatch):
     monkeypatch.setattr(base, "_layouts", {})
     calls = []
-    monkeypatch.setattr(base, "measure_layouts", lambda: calls.append(1) or dict.fromkeys(range(1, 9), "rows"))
+    monkeypatch.setattr(base, "measure_layouts", lambda: calls.append(1) or dict.fromkeys(range(1, LAYOUT_ROWS + 1), "rows"))
     weight_major_product(torch.randn(40, 2), torch.randn(24, 40), None)
     weight_major_product(torch.randn(40, 3), torch.randn(24, 40), None)
     assert calls == [1]
@@ -100,6 +102,13 @@ def test_measure_layouts_names_a_layout_for_each_row_count():
     chosen = base.measure_layouts(rounds=1)
     assert sorted(chosen) == list(range(1, LAYOUT_ROWS + 1))
     assert set(chosen.values()) <= set(LAYOUTS)
+
+
+def test_measure_layouts_takes_the_fastest(monkeypatch):
+    """With products made to take 1 ms (weight), 2 ms (columns) and 0.2 ms (rows), every count takes rows."""
+    pause = {"weight": 1e-3, "columns": 2e-3, "rows": 2e-4}
+    monkeypatch.setattr(base, "_product", lambda x, weight, layout: time.sleep(pause[layout]))
+    assert base.measure_layouts(rounds=1) == dict.fromkeys(range(1, LAYOUT_ROWS + 1), "rows")
 
 
 class _Products(TorchDispatchMode):
