@@ -127,9 +127,13 @@ def section(record: dict) -> list[str]:
 
 
 def render(records: list[dict]) -> str:
-    """The whole page: the header, then one section per bench in ORDER (others after, by name)."""
-    rank = {name: i for i, name in enumerate(ORDER)}
-    records = sorted(records, key=lambda r: (rank.get(r["bench"], len(ORDER)), r["bench"]))
+    """The whole page: the header, then one section per bench in ORDER, a bench's named records
+    (`<bench>_<name>`, e.g. serve_throughput_qwen2.5-1.5b) right after its own; others after, by name."""
+
+    def rank(bench: str) -> int:
+        return next((i for i, name in enumerate(ORDER) if bench == name or bench.startswith(f"{name}_")), len(ORDER))
+
+    records = sorted(records, key=lambda r: (rank(r["bench"]), r["bench"]))
     lines = [HEADER]
     if not records:
         lines += ["No bench has written results yet: run one of `bench/*.py`, then `python bench/report.py`.", ""]

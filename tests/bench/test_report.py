@@ -98,3 +98,12 @@ def test_record_names_the_tree_as_the_bench_started(tmp_path, monkeypatch):
     monkeypatch.setattr(results, "git_state", lambda: {"commit": "fedcba9876", "dirty": True})
     record = json.loads(_write(tmp_path).read_text())
     assert (record["commit"], record["dirty"]) == ("0123456789", False)
+
+
+def test_a_benchs_named_records_follow_its_own(tmp_path):
+    for bench in ("serve_throughput_qwen2.5-1.5b", "serve_load", "serve_throughput", "train_throughput", "zzz"):
+        _write(tmp_path, bench)
+    page = report.render(report.collect(tmp_path))
+    order = ["train_throughput", "serve_throughput", "serve_throughput_qwen2.5-1.5b", "serve_load", "zzz"]
+    positions = [page.index(f"## {bench} title") for bench in order]
+    assert positions == sorted(positions)
