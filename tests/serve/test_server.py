@@ -15,7 +15,6 @@ import uvicorn
 import lorakit
 from conftest import TOY_TARGETS, perturb, toy_model_folder
 from lorakit.infer.generate import GenerationConfig, generate
-from lorakit.lora import base
 from lorakit.models import load_causal_lm, load_tokenizer
 from lorakit.serve.app import build_app
 from lorakit.serve.config import ServeConfig
@@ -253,11 +252,3 @@ def test_a_server_on_half_weights_answers_each_request_as_it_would_alone(toy):
             together = list(pool.map(ask, plan))
     assert together == alone
     assert len(set(alone)) > 1  # the adapters answer differently
-
-
-def test_the_app_measures_the_decode_layouts_before_any_request(toy, monkeypatch):
-    """lora/base.py's layout of x per row count is measured when the app is built, not in a request's decode step."""
-    folder, _ = toy
-    monkeypatch.setattr(base, "_layouts", {})
-    build_app(str(folder), {}, ServeConfig())
-    assert sorted(base._layouts) == list(range(1, base.LAYOUT_ROWS + 1))

@@ -141,7 +141,8 @@ def measure_layouts(rounds: int = 3, margin: float = 0.05) -> dict[int, str]:
     """rows -> layout: each layout times 16 products of fp32 weights shaped as an MLP's, 2048 x 512 and 512 x 2048
     (64 MB, more than a CPU's caches hold, as a model's weights are), the layouts taking turns for `rounds`
     rounds; "weight" is kept unless another one's best time is at least `margin` faster. About a third of a
-    second."""
+    second on idle cores. Timed while other processes load the cores (two servers starting at once), the
+    products slow down by 50x and their order is noise: then it mostly keeps "weight"."""
     weights = [torch.full(shape, 1.0 / 2048) for shape in [(2048, 512), (512, 2048)] * 8]
     chosen = {}
     for rows in range(1, LAYOUT_ROWS + 1):

@@ -34,7 +34,6 @@ def build_app(model_name: str, adapters: dict[str, str], config: ServeConfig) ->
     """
     from lorakit.infer.decode_linears import use_decode_linears
     from lorakit.infer.half_weights import use_half_weights
-    from lorakit.lora.base import decode_layouts
     from lorakit.models import default_device, load_causal_lm, load_tokenizer
     from lorakit.serve.malloc import keep_freed_memory
 
@@ -44,8 +43,6 @@ def build_app(model_name: str, adapters: dict[str, str], config: ServeConfig) ->
     half = use_half_weights(model, config.half_weights, rows=config.max_batch)
     log.info("the base model's linear weights: %s", half or "fp32")
     use_decode_linears(model)  # after the cast, which takes plain Linears only
-    if model.device.type == "cpu":  # measured now rather than in the first request's decode step
-        log.info("decode products, rows -> layout of x: %s", decode_layouts())
     registry = AdapterRegistry(model, config.served_model_name or str(model_name), config.adapters_root)
     for name, path in adapters.items():
         registry.add(name, path)
