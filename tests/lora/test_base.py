@@ -95,7 +95,8 @@ def test_more_rows_than_the_measured_layouts_multiply_as_stored():
 def test_layouts_are_measured_once_per_process_for_every_row_count(monkeypatch):
     monkeypatch.setattr(base, "_layouts", {})
     calls = []
-    monkeypatch.setattr(base, "measure_layouts", lambda: calls.append(1) or dict.fromkeys(range(1, LAYOUT_ROWS + 1), "rows"))
+    every_count = dict.fromkeys(range(1, LAYOUT_ROWS + 1), "rows")
+    monkeypatch.setattr(base, "measure_layouts", lambda: calls.append(1) or every_count)
     weight_major_product(torch.randn(40, 2), torch.randn(24, 40), None)
     weight_major_product(torch.randn(40, 3), torch.randn(24, 40), None)
     assert calls == [1]
