@@ -4,13 +4,16 @@
     python bench/serve_load.py [--model smollm2-135m-instruct] [--rates 0.5,1,2] [--adapters 1,4,16]
                                [--requests 16] [--max-tokens 8-32] [--rank 8] [--repeats 1]
                                [--schedulers continuous,batch] [--llama-server PATH] [--gguf f32,q8_0]
-                               [--threads 2] [--half-weights auto|bf16|fp16] [--prefill-apart] [--quick]
+                               [--threads 2] [--half-weights auto|bf16|fp16] [--quantize int8]
+                               [--prefill-apart] [--quick]
 
 Each system is one server process on loopback, started once and kept for every run:
   lorakit-continuous   `lorakit serve --scheduler continuous` with 16 random rank-r adapters
   lorakit-batch        `lorakit serve --scheduler batch`, the same adapters
   lorakit-continuous-half  with --half-weights: `lorakit serve --scheduler continuous --half-weights X`
                        (the base's linear weights in a half type, the adapters in fp32)
+  lorakit-continuous-int8  with --quantize int8: `lorakit serve --scheduler continuous --quantize int8`
+                       (the base's linear weights and head in int8, the adapters in fp32)
   lorakit-continuous-apart  with --prefill-apart: `lorakit serve --scheduler continuous --prefill apart`
                        (joiners prefilled in a pass of their own rather than beside the rows' decode step)
   llama-f32, llama-q8_0  llama.cpp's `llama-server` (continuous batching, --parallel slots) on the
@@ -71,6 +74,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--half-weights", choices=["auto", "bf16", "fp16"], default=None,
                         help="add lorakit-continuous-half: `lorakit serve --half-weights` with this setting")
+    parser.add_argument("--quantize", choices=["int8"], default=None,
+                        help="add lorakit-continuous-int8: `lorakit serve --quantize` with this setting")
     parser.add_argument("--prefill-apart", action="store_true",
                         help="add lorakit-continuous-apart: `lorakit serve --prefill apart`")
     parser.add_argument("--quick", action="store_true", help="a smoke run: rates 1,4, K 1,4, 6 requests, 4-8 tokens")
@@ -221,6 +226,9 @@ def lorakit_servers(args, root: Path, names: list[str], log_dir: Path) -> list[S
         if scheduler == "continuous" and args.half_weights:
             servers.append(Server("lorakit-continuous-half", [*argv, "--half-weights", args.half_weights], names,
                                   log_dir, env))
+        if scheduler == "continuous" and args.quantize:
+            servers.append(Server(f"lorakit-continuous-{args.quantize}", [*argv, "--quantize", args.quantize], names,
+                                  log_dir, env))
     return servers
 
 
@@ -297,7 +305,8 @@ def summarise(runs: list[dict], args) -> list[dict]:
     if any(name == "lorakit-continuous-apart" for name, _ in systems):
         pairs += [(f"lorakit-continuous K={k} / lorakit-continuous-apart", ("lorakit-continuous", k),
                    ("lorakit-continuous-apart", k)) for k in args.k_list]  # fmt: skip
-    ours = [s for s in ("lorakit-continuous", "lorakit-continuous-half") if any(s == name for name, _ in systems)]
+    ours = [s for s in ("lorakit-continuous", "lorakit-continuous-half", "lorakit-continuous-int8")
+            if any(s == name for name, _ in systems)]
     pairs += [(f"{o} K={k} / {s}", (o, k), (s, 1))
               for o in ours for k in args.k_list for s, _ in systems if s.startswith("llama")]  # fmt: skip
     for label, ours, theirs in pairs:
@@ -359,6 +368,8 @@ def main() -> None:
             + (f"lorakit-continuous-half: the same with `--half-weights {args.half_weights}`; " if args.half_weights
                else "")
             + ("lorakit-continuous-apart: the same with `--prefill apart`; " if args.prefill_apart else "")
+            + (f"lorakit-continuous-{args.quantize}: the same with `--quantize {args.quantize}`; " if args.quantize
+               else "")
             + f"llama-*: llama.cpp's llama-server ({args.max_batch} parallel slots) on "
             "the base with adapter 0 merged, exported to GGUF by `lorakit export`. Every server uses "
             f"{args.threads} threads and runs as its own process on loopback; the client (openai, asyncio) shares "

@@ -3,7 +3,8 @@
     python bench/serve_throughput.py [--model smollm2-135m-instruct] [--adapters 16] [--requests 16]
                                      [--new-tokens 32] [--rank 8] [--repeats 3] [--warmup 1] [--skip-peft]
                                      [--device cuda|cpu] [--results-dir DIR] [--variants merged,mixed-16]
-                                     [--half-weights auto|bf16|fp16] [--model-config qwen2.5-1.5b]
+                                     [--half-weights auto|bf16|fp16] [--quantize int8]
+                                     [--model-config qwen2.5-1.5b]
 
 The same --requests ROS 2 prompts (left-padded, greedy, exactly --new-tokens new tokens each) in
 one batch, on the same base, with --adapters rank-r adapters on all seven projections (random
@@ -22,6 +23,9 @@ non-zero B, so they differ), saved once as PEFT folders that both libraries load
 and with --half-weights (infer/half_weights.py: linear weights in a half type, adapters in fp32):
   merged-half       merged, then its linear weights cast
   mixed-N-half      mixed-N on a base whose linear weights are cast (as `lorakit serve --half-weights`)
+and with --quantize int8 (infer/int8_weights.py: linear weights and head in int8, adapters in fp32):
+  merged-int8       merged, then its linear weights quantised (what llama.cpp's q8_0 export of it holds)
+  mixed-N-int8      mixed-N on a base whose linear weights are int8 (as `lorakit serve --quantize int8`)
 --model-config NAME builds NAME's published shape with random weights instead (bench/model_shapes.py;
 the prompts are still tokenised by --model's tokenizer) and writes serve_throughput_NAME.json, so the
 cost of many adapters can be compared across model sizes.
@@ -136,6 +140,16 @@ def lorakit_variants(args, root: Path, names: list[str], ids: list[list[int]], t
         variants["merged-half"] = run(use_decode_linears(merged_half).to(args.device), [None] * len(ids))
         half_model = _with_adapters(use_decode_linears(half_model), root, names).to(args.device)
         variants[f"mixed-{len(names)}-half"] = run(half_model, spreads[len(names)])
+    if args.quantize:
+        from lorakit.infer.int8_weights import use_int8_weights
+
+        merged_int8 = lorakit.merge_and_unload(_with_adapters(load_base(), root, names[:1]))
+        use_int8_weights(merged_int8, args.quantize)
+        variants["merged-int8"] = run(use_decode_linears(merged_int8).to(args.device), [None] * len(ids))
+        int8_model = load_base()
+        use_int8_weights(int8_model, args.quantize)
+        int8_model = _with_adapters(use_decode_linears(int8_model), root, names).to(args.device)
+        variants[f"mixed-{len(names)}-int8"] = run(int8_model, spreads[len(names)])
     return variants
 
 
@@ -205,7 +219,8 @@ def summarise(runs: list[dict], args) -> list[dict]:
         rows.append({"what": f"{variant} tok/s", **min_median([rate[(i, variant)] for i in repeats])})
     pairs = [(f"mixed-{args.adapters}", base) for base in ("merged", "merged-hf", "peft-mixed", "peft-switch")]
     pairs += [(f"mixed-{args.adapters}-half", "merged-half"), ("merged-half", "merged"),
-              (f"mixed-{args.adapters}-half", "merged"), ("merged", "merged-forward"),
+              (f"mixed-{args.adapters}-half", "merged"), (f"mixed-{args.adapters}-int8", "merged-int8"),
+              ("merged-int8", "merged"), (f"mixed-{args.adapters}-int8", "merged"), ("merged", "merged-forward"),
               (f"mixed-{args.adapters}", f"mixed-{args.adapters}-forward"),
               (f"mixed-{args.adapters}-forward", "merged-forward")]
     for ours, base in pairs:
@@ -224,6 +239,7 @@ def variant_labels(args) -> list[str]:
     labels = ["merged", "merged-hf", *[f"mixed-{k}" for k in spreads], *[f"mixed-{k}-grouped" for k in spreads]]
     labels += ["merged-forward", f"mixed-{args.adapters}-forward"]
     labels += ["merged-half", f"mixed-{args.adapters}-half"] if args.half_weights else []
+    labels += ["merged-int8", f"mixed-{args.adapters}-int8"] if args.quantize else []
     return labels + ([] if args.skip_peft else ["peft-mixed", "peft-switch"])
 
 
@@ -254,6 +270,8 @@ def main() -> None:
     parser.add_argument("--skip-peft", action="store_true", help="lorakit variants only")
     parser.add_argument("--half-weights", choices=["auto", "bf16", "fp16"], default=None,
                         help="add merged-half and mixed-N-half: linear weights in a half type (auto: where faster)")
+    parser.add_argument("--quantize", choices=["int8"], default=None,
+                        help="add merged-int8 and mixed-N-int8: linear weights and head in int8, adapters fp32")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: the GPU when there is one)")
     parser.add_argument("--results-dir", default=None, help="where serve_throughput.json goes (default runs/bench)")
     parser.add_argument("--variants", default=None,
@@ -309,7 +327,11 @@ def main() -> None:
                      "mixed-K-forward: the same with every decode step through the model's own forward instead of "
                      "lorakit's feature-major step; "
                      "peft-mixed: PEFT's generate(adapter_names=...); peft-switch: PEFT, set_adapter per group. "
-                     f"All variants take turns in each of {args.repeats} rounds after {args.warmup} untimed run(s); "
+                     + ("merged-half, mixed-K-half: linear weights in a half type (lorakit serve --half-weights); "
+                        if args.half_weights else "")
+                     + ("merged-int8, mixed-K-int8: linear weights and head in int8, one scale per output channel, "
+                        "adapters in fp32 (lorakit serve --quantize int8). " if args.quantize else "")
+                     + f"All variants take turns in each of {args.repeats} rounds after {args.warmup} untimed run(s); "
                      "ratios are taken within a round."),
         columns=[("repeat", "round"), ("variant", "variant"), ("tokens_per_s", "generated tok/s"), ("seconds", "s")],
         summary=summary, machine_info=machine(device=_device_name(args.device)), out_dir=args.results_dir,

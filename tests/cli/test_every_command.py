@@ -117,6 +117,8 @@ CASES = {
         ["--model", "{model}", "--input", "{folder}", "--output", "{root}/scratch/o.jsonl"],
         ["--model", "{model}", "--input", "{prompts}", "--output", "{under-a-file}"],
         ["--model", "{model}", "--input", "{prompts}"], ["--model", "{model}"],
+        ["--model", "{model}", "--prompt", "p", "--quantize", "int8", "--load-in-4bit"],
+        ["--model", "{model}", "--prompt", "p", "--quantize", "int4"],
         ["--model", "{model}", "--prompt", "p", "--max-new-tokens", "-1"],
         ["--model", "{model}", "--prompt", "p", "--temperature", "-1"],
         ["--model", "{model}", "--prompt", "p", "--temperature", "nan"],
@@ -159,7 +161,8 @@ CASES = {
         ["--model", "{model}", "--adapter", "a={adapter}", "--adapter", "a={adapter}"],
         ["--model", "{model}", "--adapter", "../a={adapter}"], ["--model", "{model}", "--adapter", "="],
         ["--model", "{model}", "--port", "-1"], ["--model", "{model}", "--max-batch", "0"],
-        ["--model", "{model}", "--port", "http"],
+        ["--model", "{model}", "--port", "http"], ["--model", "{model}", "--quantize", "int4"],
+        ["--model", "{model}", "--quantize", "int8", "--half-weights", "bf16"],
     ],
     "inspect": [["{missing}"], ["{folder}"], ["{empty}"], ["{model}"], ["{under-a-file}"], []],
     "export": [

@@ -42,6 +42,33 @@ def test_batched_generation_equals_one_at_a_time(tmp_path):
     assert len(set(alone)) > 5  # not a degenerate constant output
 
 
+def test_generation_on_int8_weights_is_what_the_library_gives_and_follows_the_adapter(tmp_path):
+    from lorakit.infer.int8_weights import use_int8_weights
+
+    folder = toy_model_folder(tmp_path / "model")
+    model = lorakit.inject(load_causal_lm(folder), lorakit.LoraConfig(r=4, target_modules=TOY_TARGETS))
+    perturb(model, std=0.2)
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    instructions = [f"say {WORDS[i]} {i}" for i in range(6)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"instruction": t}) + "\n" for t in instructions))
+
+    def cli(*extra):
+        subprocess.run(
+            [sys.executable, "-m", "lorakit", "generate", "--model", str(folder), "--template", "seed", "--input",
+             str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"), "--max-new-tokens", "8", *extra],
+            check=True,
+        )
+        return [json.loads(line)["output"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+
+    quantised = cli("--adapter", str(tmp_path / "adapter"), "--quantize", "int8")
+    reference = load_causal_lm(folder)
+    use_int8_weights(reference, "int8")
+    lorakit.load_adapter(reference, tmp_path / "adapter")
+    prompts = [f"### Instruction:\n{t}\n\n### Command:\n" for t in instructions]
+    assert quantised == generate(reference, load_tokenizer(folder), prompts, GenerationConfig(max_new_tokens=8))
+    assert quantised != cli("--quantize", "int8")  # the adapter took part
+
+
 def test_inspect_and_merge(tmp_path):
     folder = toy_model_folder(tmp_path / "model")
     model = lorakit.inject(load_causal_lm(folder), lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))

@@ -55,6 +55,11 @@ def add_model_arguments(parser, model_required: bool = True) -> None:
         "--device-map", help="'auto' spreads the base over all GPUs (accelerate's device_map); default: one device"
     )
     add_quantization_flags(parser)
+    parser.add_argument(
+        "--quantize", choices=["off", "int8"], default="off",
+        help="int8: the base's linear weights and head stored as int8 on a CPU, as `lorakit serve --quantize int8` "
+        "serves them (weight-only, one scale per output channel; the adapter stays fp32)",
+    )
 
 
 def load_for_inference(args):
@@ -64,7 +69,7 @@ def load_for_inference(args):
     from lorakit.infer.load import load_for_inference as load
 
     model, tokenizer, template, note = load(
-        args.model, args.adapter, args.template, args.bits, getattr(args, "device_map", None)
+        args.model, args.adapter, args.template, args.bits, getattr(args, "device_map", None), args.quantize
     )
     if note:
         print(f"note: {note}", file=sys.stderr)

@@ -6,7 +6,7 @@ import argparse
 import os
 
 from lorakit.cli.parsing import subcommand
-from lorakit.serve.config import HALF_WEIGHTS, PREFILLS, SCHEDULERS, ServeConfig
+from lorakit.serve.config import HALF_WEIGHTS, PREFILLS, QUANTIZE, SCHEDULERS, ServeConfig
 
 EXAMPLES = """examples:
   lorakit serve --model smollm2-135m-instruct --adapter ros2=runs/ros2-demo/adapter
@@ -27,6 +27,7 @@ FLAGS = [
     "scheduler",
     "prefill",
     "half_weights",
+    "quantize",
     "max_batch",
     "max_kv_tokens",
     "batch_wait_ms",
@@ -59,7 +60,8 @@ def add_parser(commands) -> None:
     for name in FLAGS:
         default = getattr(defaults, name)
         kind = type(default) if default is not None else str
-        choices = {"scheduler": SCHEDULERS, "prefill": PREFILLS, "half_weights": HALF_WEIGHTS}.get(name)
+        choices = {"scheduler": SCHEDULERS, "prefill": PREFILLS, "half_weights": HALF_WEIGHTS,
+                   "quantize": QUANTIZE}.get(name)
         parser.add_argument(
             f"--{name.replace('_', '-')}", type=kind, default=default, choices=choices, help=ServeConfig.help_of(name)
         )

@@ -7,7 +7,7 @@ feature-major instead, (features, rows), as that product comes out: a projection
 next one's input without a transpose, norms reduce over the features, the MLP runs
 down(silu(gate) * up) on (features, rows) blocks, and attention sees its heads as strided views.
 It walks the decoder layers itself, so no module stack, mask builder or output record runs per
-step. Plain linears (`lora.base.PLAIN_LINEARS`) multiply directly; a LoRA layer in a mixed-adapter
+step. Frozen linears (`lora.base.FROZEN_LINEARS`, int8 ones too) multiply directly; a LoRA layer in a mixed-adapter
 batch computes its base and its rows' terms feature-major as well, the batch's adapters side by
 side (lora/mixed_features.py); any other projection (a LoRA layer outside a mixed batch, a DoRA
 layer, a quantised layer) is called as a module on a (rows, 1, in) view and read back as a view.
@@ -31,7 +31,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from lorakit.infer.kv_cache import RoomyLayer, roomy_cache
-from lorakit.lora.base import FEW_ROWS, PLAIN_LINEARS, weight_major_product
+from lorakit.lora.base import FEW_ROWS, FROZEN_LINEARS, frozen_features
 from lorakit.lora.mixed_features import features_forward
 
 MODEL_TYPES = ("llama", "qwen2")
@@ -191,8 +191,8 @@ class _Input:
 
 def _project(module: nn.Module, given: _Input) -> torch.Tensor:
     """module(x) for a feature-major input x, (in, B) -> (out, B)."""
-    if type(module) in PLAIN_LINEARS:
-        return weight_major_product(given.x, module.weight, module.bias)
+    if type(module) in FROZEN_LINEARS:
+        return frozen_features(module, given.x)
     state = getattr(module, "row_adapters", None)
     if state is not None and not module.disabled:  # a LoRA layer in a mixed-adapter batch
         out = features_forward(state, module, given.x)

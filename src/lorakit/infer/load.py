@@ -12,9 +12,10 @@ from torch import nn
 
 from lorakit.checkpoint.peft_io import WEIGHTS_NAME, load_adapter, read_adapter_weights
 from lorakit.checkpoint.run_card import read_run_card
-from lorakit.config import QuantizationConfig
+from lorakit.config import ConfigError, QuantizationConfig
 from lorakit.data.formats import DataError
 from lorakit.data.templates import get_template
+from lorakit.infer.int8_weights import use_int8_weights
 from lorakit.models import default_device, load_causal_lm, load_sequence_classifier, load_tokenizer
 from lorakit.quant import quantize_model
 from lorakit.quant.merge import GAP_PROMPTS, LogitGap, merge_with_report
@@ -39,18 +40,29 @@ def load_for_inference(
     template: str | None = None,
     bits: int | None = None,
     device_map: str | None = None,
+    quantize: str = "off",
 ):
     """(model, tokenizer, prompt template, note) for a base and optionally an adapter folder.
 
     The template is `template` if given, else the adapter's (its run card), else the tokenizer's
     chat template, else the bare instruction ('raw'). `note` says when the adapter was trained on a
-    base quantised otherwise than `bits` asks (None when not).
+    base quantised otherwise than `bits` asks (None when not). `quantize` "int8" stores the base's linear
+    weights as int8 on the CPU (infer/int8_weights.py), as `lorakit serve --quantize int8` does.
+
+    Raises:
+        ConfigError: `quantize` together with `bits`, or int8 weights off the CPU.
     """
+    if quantize != "off" and bits:
+        raise ConfigError(f"--quantize {quantize} and --load-in-{bits}bit: choose one of the two")
     tokenizer = load_tokenizer(model_name)
     model = load_causal_lm(model_name, device_map=device_map)
     if not device_map:
         model = model.to(default_device())
     note = quantize_as_asked(model, bits, adapter)
+    try:
+        use_int8_weights(model, quantize)
+    except ValueError as err:
+        raise ConfigError(f"--quantize: {err}") from None
     if adapter:
         load_adapter(model, adapter)
     spec = template or read_run_card(adapter).get("template") or ("chat" if tokenizer.chat_template else "raw")

@@ -209,4 +209,36 @@ class HalfWeightLinear(FrozenLinear):
     input's type, as `decode_linear` computes."""
 
 
+INT8_IN_MULTIPLE = 16  # `int8_linear` takes weights whose input width is a multiple of this
+
+
+class Int8WeightLinear(FrozenLinear):
+    """A FrozenLinear whose weight is int8 (out, in) with one bf16 scale per output channel, `weight_scales` (out,):
+    W = weight * weight_scales[:, None] (infer/int8_weights.py). It multiplies as `int8_linear` does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.weight, self.weight_scales, self.bias)
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + b in x's dtype for an int8 weight (out, in) with per-output-channel `scales` (out,), bf16: x is
+    rounded to bf16 and the products accumulate in fp32 inside aten::_weight_int8pack_mm, which answers in bf16
+    (it reads a quarter of fp32's bytes; with fp32 inputs it runs a slow reference loop instead). Its vector
+    kernels load x and the weight 16 values at a time from aligned addresses: `in` must be a multiple of
+    INT8_IN_MULTIPLE (else it reads past the rows), and x is copied into a fresh, aligned block."""
+    rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16, copy=True, memory_format=torch.contiguous_format)
+    out = torch.ops.aten._weight_int8pack_mm(rows, weight, scales).to(x.dtype)
+    if bias is not None:
+        out += bias
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
 PLAIN_LINEARS = (nn.Linear, FrozenLinear, HalfWeightLinear)  # computed by `decode_linear` without a module call
+FROZEN_LINEARS = (*PLAIN_LINEARS, Int8WeightLinear)  # computed by `frozen_features` without a module call
+
+
+def frozen_features(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """W x + b of a FROZEN_LINEARS module for feature-major x (in, B) -> (out, B), possibly a transposed view."""
+    if type(module) is Int8WeightLinear:
+        return int8_linear(x.t(), module.weight, module.weight_scales, module.bias).t()
+    return weight_major_product(x, module.weight, module.bias)

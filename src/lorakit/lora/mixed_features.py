@@ -31,7 +31,7 @@ import weakref
 import torch
 from torch import nn
 
-from lorakit.lora.base import PLAIN_LINEARS, weight_major_product
+from lorakit.lora.base import FROZEN_LINEARS, frozen_features
 
 _UNCOVERED = object()
 
@@ -60,7 +60,7 @@ def features_forward(state, layer: nn.Module, x: torch.Tensor) -> torch.Tensor |
     """A LoRA layer's output in a mixed batch (lora/mixed.py's RowAdapters `state`) for a feature-major input
     x (in, B), as (out, B); None where this does not apply (the grouped strategy, embeddings, a base other than
     a plain Linear, DoRA's output scale): call the layer then."""
-    if state.strategy == "grouped" or layer.kind != "linear" or type(layer.base_layer) not in PLAIN_LINEARS:
+    if state.strategy == "grouped" or layer.kind != "linear" or type(layer.base_layer) not in FROZEN_LINEARS:
         return None
     if state.features is None:
         state.features = FeatureTerms()
@@ -84,7 +84,7 @@ class FeatureTerms:
         if entry is _UNCOVERED:
             return None
         base = layer.base_layer
-        out = weight_major_product(x, base.weight, base.bias)
+        out = frozen_features(base, x)
         if entry is None:  # none of the batch's adapters is on this layer
             return out
         side, start, stop, B = entry

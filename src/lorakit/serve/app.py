@@ -32,8 +32,10 @@ def build_app(model_name: str, adapters: dict[str, str], config: ServeConfig) ->
     Raises:
         RegistryError: an adapter name is not allowed.  AdapterError: an adapter does not load.
     """
+    from lorakit.config import ConfigError
     from lorakit.infer.decode_linears import use_decode_linears
     from lorakit.infer.half_weights import use_half_weights
+    from lorakit.infer.int8_weights import use_int8_weights
     from lorakit.models import default_device, load_causal_lm, load_tokenizer
     from lorakit.serve.malloc import keep_freed_memory
 
@@ -41,6 +43,10 @@ def build_app(model_name: str, adapters: dict[str, str], config: ServeConfig) ->
     tokenizer = load_tokenizer(model_name)
     model = load_causal_lm(model_name).to(default_device()).eval()
     half = use_half_weights(model, config.half_weights, rows=config.max_batch)
+    try:
+        half = use_int8_weights(model, config.quantize) or half
+    except ValueError as err:
+        raise ConfigError(f"--quantize: {err}") from None
     log.info("the base model's linear weights: %s", half or "fp32")
     use_decode_linears(model)  # after the cast, which takes plain Linears only
     registry = AdapterRegistry(model, config.served_model_name or str(model_name), config.adapters_root)

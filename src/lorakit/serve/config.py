@@ -9,6 +9,7 @@ from lorakit.config import ConfigError, _help
 SCHEDULERS = ("continuous", "batch")  # serve/continuous.py, serve/scheduler.py
 HALF_WEIGHTS = ("off", "auto", "fp16", "bf16")  # infer/half_weights.py
 PREFILLS = ("beside", "apart")  # infer/continuous.py: RunningBatch
+QUANTIZE = ("off", "int8")  # infer/int8_weights.py
 
 
 @dataclass
@@ -44,6 +45,13 @@ class ServeConfig:
         "then close to the fp32 model's, not equal",
         default="off",
     )
+    quantize: str = _help(
+        "int8: the base model's linear weights, the head's too, stored as int8 with one scale per output channel "
+        "on a CPU (weight-only, a quarter of fp32's bytes; the products take bf16 inputs and accumulate in fp32); "
+        "adapters, embeddings, norms and KV cache stay fp32; outputs are close to the fp32 model's, not equal; "
+        "not together with --half-weights",
+        default="off",
+    )
     max_batch: int = _help("most requests decoding together in one batch", default=16)
     max_kv_tokens: int = _help(
         "continuous scheduler: most KV-cache tokens the running batch may hold, counting each request's "
@@ -77,6 +85,10 @@ class ServeConfig:
             problems.append(f"prefill must be one of {', '.join(PREFILLS)} (got {self.prefill!r})")
         if self.half_weights not in HALF_WEIGHTS:
             problems.append(f"half_weights must be one of {', '.join(HALF_WEIGHTS)} (got {self.half_weights!r})")
+        if self.quantize not in QUANTIZE:
+            problems.append(f"quantize must be one of {', '.join(QUANTIZE)} (got {self.quantize!r})")
+        elif self.quantize != "off" and self.half_weights != "off":
+            problems.append(f"quantize {self.quantize} and half_weights {self.half_weights}: choose one of the two")
         if problems:
             raise ConfigError("serve: " + "; ".join(problems))
 

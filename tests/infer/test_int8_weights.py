@@ -1,0 +1,142 @@
+"""int8 linear weights for decoding: what is quantised, the rounding bound, outputs close to fp32 with every row's
+own adapter, the feature-major step equal to the forward, merging refused, and bad settings refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+from conftest import TOY_TARGETS, perturb, tiny_llama, tiny_qwen2, toy_model_folder
+from lorakit.infer.decode_linears import use_decode_linears
+from lorakit.infer.int8_weights import int8_linear_from, int8_rows, use_int8_weights
+from lorakit.lora.base import Int8WeightLinear, dequantize_model, dequantized_weight, is_quantized
+from lorakit.lora.mixed import row_adapters
+from lorakit.models import load_causal_lm
+
+from test_decode_step import assert_same, decode_both, with_adapters
+
+NAMES = ["a", "b"]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    folder = toy_model_folder(root / "model")
+    model = load_causal_lm(folder)
+    for seed, name in enumerate(NAMES):
+        lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=TOY_TARGETS), name)
+        perturb(model, name, std=0.3, seed=seed)
+        lorakit.save_adapter(model, root / name, name)
+    return folder, root
+
+
+def loaded(toy, quantize: str):
+    folder, root = toy
+    model = load_causal_lm(folder).eval()
+    used = use_int8_weights(model, quantize)
+    for name in NAMES:
+        lorakit.load_adapter(model, root / name, name)
+    return model, used
+
+
+def mixed_logits(model, rows: list[str | None]) -> torch.Tensor:
+    ids = torch.arange(3, 3 + 7 * len(rows)).reshape(len(rows), 7) % 40 + 3
+    with torch.no_grad(), row_adapters(model, rows):
+        return model(input_ids=ids).logits
+
+
+def test_each_weight_is_within_half_a_step_of_its_int8_value():
+    weight = torch.randn(48, 40) * torch.logspace(-3, 1, 48)[:, None]  # rows of very different sizes
+    weight[5] = 0  # an all-zero row keeps a usable scale
+    q, scales = int8_rows(weight)
+    assert q.dtype == torch.int8 and scales.dtype == torch.bfloat16 and scales.shape == (48,)
+    assert q.abs().amax(1)[torch.arange(48) != 5].ge(126).all()  # each row uses the whole int8 range
+    step = scales.float()[:, None]
+    assert ((q.float() * step - weight).abs() <= 0.5 * step * 1.01).all()
+    assert torch.isfinite(step).all() and q[5].eq(0).all()
+
+
+def test_an_int8_linear_computes_its_dequantised_weight_with_bf16_inputs():
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 24)
+    quantised = int8_linear_from(linear)
+    x = torch.randn(2, 3, 48)
+    expected = x.to(torch.bfloat16).float() @ dequantized_weight(quantised).t() + linear.bias.detach()
+    got = quantised(x)
+    assert got.dtype == torch.float32 and got.shape == (2, 3, 24)
+    torch.testing.assert_close(got, expected, atol=0.02, rtol=0.01)  # the kernel answers in bf16
+    assert (got - linear(x)).abs().max() < 0.05  # and that is close to the fp32 layer
+
+
+def test_every_linear_the_tied_head_too_is_int8_and_the_embeddings_stay_fp32():
+    model = tiny_llama()
+    embeddings = model.get_input_embeddings().weight.detach().clone()
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert use_int8_weights(model, "int8") == "int8"
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 2 * 7 + 1 and all(type(m) is Int8WeightLinear for m in linears)
+    assert model.get_output_embeddings().weight.dtype == torch.int8
+    assert torch.equal(model.get_input_embeddings().weight, embeddings)
+    assert not model.config.tie_word_embeddings
+
+
+def test_a_linear_the_kernel_cannot_take_stays_fp32():
+    model = nn.Sequential(nn.Linear(48, 40), nn.Linear(40, 16))  # 40 inputs: not a multiple of 16
+    model.config = tiny_llama().config
+    use_int8_weights(model, "int8")
+    assert type(model[0]) is Int8WeightLinear and type(model[1]) is nn.Linear
+
+
+def test_off_changes_nothing_and_unknown_settings_or_devices_are_refused(toy):
+    model, used = loaded(toy, "off")
+    assert used is None and not any(type(m) is Int8WeightLinear for m in model.modules())
+    with pytest.raises(ValueError, match="expected one of off, int8"):
+        use_int8_weights(tiny_llama(), "int4")
+    with pytest.raises(ValueError, match="CPU only"):
+        use_int8_weights(tiny_llama().to("meta"), "int8")
+
+
+def test_a_mixed_batch_on_int8_weights_stays_close_to_fp32_with_each_rows_adapter(toy):
+    rows = ["a", "b", None, "a"]
+    fp32 = mixed_logits(loaded(toy, "off")[0], rows)
+    model, used = loaded(toy, "int8")
+    assert used == "int8"
+    assert all(p.dtype == torch.float32 for name, p in model.named_parameters() if "lora_" in name)
+    quantised = mixed_logits(model, rows)
+    rounding = (quantised - fp32).abs().max().item()
+    base = mixed_logits(loaded(toy, "off")[0], [None] * len(rows))
+    adapter_effect = (fp32 - base)[[0, 1, 3]].abs().max().item()
+    assert rounding <= 0.05 * fp32.abs().max().item()
+    assert rounding < 0.1 * adapter_effect  # every row still gets its own adapter's term
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2-with-biases"])
+def test_the_lean_step_on_int8_weights_equals_the_forward(build):
+    model = build()
+    assert use_int8_weights(model, "int8") == "int8"
+    assert_same(*decode_both(use_decode_linears(model)), atol=1e-4)
+
+
+def test_adapters_on_int8_weights_decode_as_through_the_forward():
+    model = tiny_llama()
+    use_int8_weights(model, "int8")
+    model = with_adapters(use_decode_linears(model))
+    with row_adapters(model, ["a", "b", None], "gathered"):
+        assert_same(*decode_both(model), atol=1e-4)
+
+
+def test_merging_into_int8_is_refused_until_dequantised(toy):
+    model, _ = loaded(toy, "int8")
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert is_quantized(q_proj.base_layer)
+    with pytest.raises(TypeError, match="cannot merge into a quantised Int8WeightLinear"):
+        q_proj.merge(["a"])
+    before = mixed_logits(model, ["a"])
+    dequantize_model(model)
+    assert not any(type(m) is Int8WeightLinear for m in model.modules())
+    after = mixed_logits(model, ["a"])  # the same int8-rounded weights, now multiplied in fp32 (x no longer bf16)
+    assert (after - before).abs().max() <= 0.01 * before.abs().max()
+    q_proj.merge(["a"])
+    assert q_proj.merged == ["a"]
