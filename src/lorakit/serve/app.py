@@ -22,6 +22,7 @@ from lorakit.serve.protocol import ApiError, Ask, chunk, model_list, new_id, par
 from lorakit.serve.registry import AdapterRegistry, RegistryError
 from lorakit.serve.continuous import ContinuousScheduler
 from lorakit.serve.scheduler import BatchScheduler, Job
+from lorakit.serve.threads import on_a_thread_of_its_own
 
 log = logging.getLogger(__name__)
 
@@ -39,19 +40,23 @@ def build_app(model_name: str, adapters: dict[str, str], config: ServeConfig) ->
     from lorakit.models import default_device, load_causal_lm, load_tokenizer
     from lorakit.serve.malloc import keep_freed_memory
 
+    def load():
+        model = load_causal_lm(model_name).to(default_device()).eval()
+        half = use_half_weights(model, config.half_weights, rows=config.max_batch)
+        try:
+            half = use_int8_weights(model, config.quantize) or half
+        except ValueError as err:
+            raise ConfigError(f"--quantize: {err}") from None
+        log.info("the base model's linear weights: %s", half or "fp32")
+        use_decode_linears(model)  # after the cast, which takes plain Linears only
+        registry = AdapterRegistry(model, config.served_model_name or str(model_name), config.adapters_root)
+        for name, path in adapters.items():
+            registry.add(name, path)
+        return model, registry
+
     keep_freed_memory()  # batches free and re-allocate the same buffers: keep them (see serve/malloc.py)
     tokenizer = load_tokenizer(model_name)
-    model = load_causal_lm(model_name).to(default_device()).eval()
-    half = use_half_weights(model, config.half_weights, rows=config.max_batch)
-    try:
-        half = use_int8_weights(model, config.quantize) or half
-    except ValueError as err:
-        raise ConfigError(f"--quantize: {err}") from None
-    log.info("the base model's linear weights: %s", half or "fp32")
-    use_decode_linears(model)  # after the cast, which takes plain Linears only
-    registry = AdapterRegistry(model, config.served_model_name or str(model_name), config.adapters_root)
-    for name, path in adapters.items():
-        registry.add(name, path)
+    model, registry = on_a_thread_of_its_own(load)  # leaves the worker's OpenMP team the only one (threads.py)
     return create_app(model, tokenizer, registry, config)
 
 
@@ -124,7 +129,8 @@ def create_app(model, tokenizer, registry: AdapterRegistry, config: ServeConfig)
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object {name, path}")
         try:  # loading reads files and takes the model lock: off the event loop
-            folder = await anyio.to_thread.run_sync(registry.load, body.get("name"), body.get("path"))
+            folder = await anyio.to_thread.run_sync(on_a_thread_of_its_own, registry.load, body.get("name"),
+                                                    body.get("path"))
         except RegistryError as err:
             raise ApiError(err.status, str(err), err.param) from None
         return {"id": body["name"], "object": "model", "root": str(folder), "parent": registry.base_name}
@@ -133,7 +139,7 @@ def create_app(model, tokenizer, registry: AdapterRegistry, config: ServeConfig)
     async def unload(name: str, request: Request):
         inputs.authorize(request, manage=True)
         try:
-            await anyio.to_thread.run_sync(registry.unload, name)
+            await anyio.to_thread.run_sync(on_a_thread_of_its_own, registry.unload, name)
         except RegistryError as err:
             raise ApiError(err.status, str(err), err.param) from None
         return {"id": name, "object": "model", "deleted": True}
