@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import lorakit
-from conftest import TOY_TARGETS, perturb, tiny_llama, tiny_qwen2, toy_model_folder
+from conftest import tiny_llama, tiny_qwen2
 from lorakit.infer.decode_linears import use_decode_linears
 from lorakit.infer.int8_weights import int8_linear_from, int8_rows, use_int8_weights
 from lorakit.lora.base import Int8WeightLinear, dequantize_model, dequantized_weight, is_quantized
@@ -16,20 +16,10 @@ from lorakit.lora.mixed import row_adapters
 from lorakit.models import load_causal_lm
 
 from test_decode_step import assert_same, decode_both, with_adapters
+import test_half_weights
+from test_half_weights import NAMES, mixed_logits
 
-NAMES = ["a", "b"]
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    folder = toy_model_folder(root / "model")
-    model = load_causal_lm(folder)
-    for seed, name in enumerate(NAMES):
-        lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=TOY_TARGETS), name)
-        perturb(model, name, std=0.3, seed=seed)
-        lorakit.save_adapter(model, root / name, name)
-    return folder, root
+toy = test_half_weights.toy  # the fixture: a toy model folder with adapters "a" and "b" saved beside it
 
 
 def loaded(toy, quantize: str):
@@ -39,12 +29,6 @@ def loaded(toy, quantize: str):
     for name in NAMES:
         lorakit.load_adapter(model, root / name, name)
     return model, used
-
-
-def mixed_logits(model, rows: list[str | None]) -> torch.Tensor:
-    ids = torch.arange(3, 3 + 7 * len(rows)).reshape(len(rows), 7) % 40 + 3
-    with torch.no_grad(), row_adapters(model, rows):
-        return model(input_ids=ids).logits
 
 
 def test_each_weight_is_within_half_a_step_of_its_int8_value():
