@@ -30,7 +30,7 @@ def on_a_thread_of_its_own(fn: Callable[..., T], *args) -> T:
         except BaseException as err:  # handed to the caller's thread
             error.append(err)
 
-    thread = threading.Thread(target=run, name="lorakit-load")
+    thread = threading.Thread(target=run, name="lorakit-load", daemon=True)  # Ctrl-C while loading still exits
     thread.start()
     thread.join()
     if error:
