@@ -2,9 +2,10 @@
 
 A decode step is mostly reading weights (infer/half_weights.py says why), so the fewer bytes a weight
 takes, the faster the step. `use_int8_weights` turns every plain `nn.Linear` of the model, the output
-head included, whose input width is a multiple of 16 (the kernel's; every real model's are) into an `Int8WeightLinear` (lora/base.py): weight-only int8, symmetric, one scale per
-output channel (scale = max |W_row| / 127), the products taking bf16 activations and accumulating in
-fp32 inside PyTorch's own kernel (aten::_weight_int8pack_mm). llama.cpp's q8_0 stores all 2-D weights
+head included, whose input width is a multiple of 16 (the kernel's; every real model's is) into an
+`Int8WeightLinear` (lora/base.py): weight-only int8, symmetric, one scale per output channel
+(scale = max |W_row| / 127), the products taking bf16 activations and accumulating in fp32 inside
+PyTorch's own kernel (aten::_weight_int8pack_mm). llama.cpp's q8_0 stores all 2-D weights
 in int8 too, with one scale per 32 weights, and rounds the activations to int8 as well.
 
 LoRA layers wrap these bases as they wrap any Linear, and their adapters' terms, the embeddings, the
@@ -75,8 +76,8 @@ register_quantized_backend(Int8WeightsBackend())
 
 @torch.no_grad()
 def use_int8_weights(model: nn.Module, setting: str = "int8") -> str | None:
-    """Store the model's plain fp32 linear weights (the head's too) of an input width the kernel takes as int8 when `setting` is "int8";
-    returns "int8", or None for "off".
+    """Store the model's plain fp32 linear weights (the head's too) as int8 when `setting` is "int8", those of an
+    input width the kernel takes; returns "int8", or None for "off".
 
     Raises:
         ValueError: an unknown setting, or a model that is not on the CPU.
@@ -88,7 +89,7 @@ def use_int8_weights(model: nn.Module, setting: str = "int8") -> str | None:
     linears = [(name, m) for name, m in model.named_modules()
                if type(m) is nn.Linear and m.weight.dtype == torch.float32 and m.in_features % INT8_IN_MULTIPLE == 0]
     if any(m.weight.device.type != "cpu" for _, m in linears):
-        raise ValueError("quantize int8: int8 weights run on the CPU only; serve this model without --quantize")
+        raise ValueError("int8 weights run on the CPU only, and this model is not on it; leave --quantize off")
     for name, linear in linears:
         model.set_submodule(name, int8_linear_from(linear))
     if linears and getattr(model.config, "tie_word_embeddings", False):
