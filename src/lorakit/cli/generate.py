@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from lorakit.cli.parsing import add_quantization_flags, subcommand
+from lorakit.serve.config import QUANTIZE
 
 EXAMPLES = """examples:
   lorakit generate --model smollm2-135m-instruct --adapter runs/ros2-demo/adapter --prompt "Move forward at 0.5 m/s"
@@ -56,7 +57,7 @@ def add_model_arguments(parser, model_required: bool = True) -> None:
     )
     add_quantization_flags(parser)
     parser.add_argument(
-        "--quantize", choices=["off", "int8"], default="off",
+        "--quantize", choices=QUANTIZE, default="off",
         help="int8: the base's linear weights and head stored as int8 on a CPU, as `lorakit serve --quantize int8` "
         "serves them (weight-only, one scale per output channel; the adapter stays fp32)",
     )
