@@ -29,10 +29,11 @@ def toy(tmp_path_factory):
     return folder, root
 
 
-def loaded(toy, half: str):
+def loaded(toy, setting: str, cast=use_half_weights):
+    """The toy model with its weights cast as `cast(model, setting)` does, then adapters "a" and "b" loaded."""
     folder, root = toy
     model = load_causal_lm(folder).eval()
-    used = use_half_weights(model, half)
+    used = cast(model, setting)
     for name in NAMES:
         lorakit.load_adapter(model, root / name, name)
     return model, used

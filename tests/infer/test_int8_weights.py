@@ -7,28 +7,21 @@ import pytest
 import torch
 from torch import nn
 
-import lorakit
 from conftest import tiny_llama, tiny_qwen2
 from lorakit.infer.decode_linears import use_decode_linears
 from lorakit.infer.int8_weights import int8_linear_from, int8_rows, use_int8_weights
 from lorakit.lora.base import Int8WeightLinear, dequantize_model, dequantized_weight, is_quantized
 from lorakit.lora.mixed import row_adapters
-from lorakit.models import load_causal_lm
 
 from test_decode_step import assert_same, decode_both, with_adapters
 import test_half_weights
-from test_half_weights import NAMES, mixed_logits
+from test_half_weights import mixed_logits
 
 toy = test_half_weights.toy  # the fixture: a toy model folder with adapters "a" and "b" saved beside it
 
 
 def loaded(toy, quantize: str):
-    folder, root = toy
-    model = load_causal_lm(folder).eval()
-    used = use_int8_weights(model, quantize)
-    for name in NAMES:
-        lorakit.load_adapter(model, root / name, name)
-    return model, used
+    return test_half_weights.loaded(toy, quantize, use_int8_weights)
 
 
 def test_each_weight_is_within_half_a_step_of_its_int8_value():

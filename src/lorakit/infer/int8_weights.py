@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorakit.lora.base import INT8_IN_MULTIPLE, Int8WeightLinear, register_quantized_backend
+from lorakit.lora.base import INT8_IN_MULTIPLE, Int8WeightLinear, plain_linear, register_quantized_backend
 from lorakit.train.half_base import leave_the_weights_file
 
 QUANTIZE_SETTINGS = ("off", "int8")
@@ -64,11 +64,7 @@ class Int8WeightsBackend:
 
     @staticmethod
     def to_plain(module: nn.Module) -> nn.Linear:
-        plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-        plain.weight.data.copy_(Int8WeightsBackend.dequantize(module))
-        if module.bias is not None:
-            plain.bias.data.copy_(module.bias)
-        return plain.requires_grad_(False)
+        return plain_linear(module, Int8WeightsBackend.dequantize(module))
 
 
 register_quantized_backend(Int8WeightsBackend())

@@ -63,6 +63,16 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     return backend.dequantize(module) if backend else module.weight.detach().float()
 
 
+def plain_linear(module: nn.Module, weight: torch.Tensor) -> nn.Linear:
+    """A frozen float32 nn.Linear with `weight` (out, in) and `module`'s bias, in `module`'s train/eval mode: what a
+    quantised backend's `to_plain` hands back."""
+    plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device=weight.device)
+    plain.weight.data.copy_(weight)
+    if module.bias is not None:
+        plain.bias.data.copy_(module.bias.detach().float())
+    return plain.requires_grad_(False).train(module.training)
+
+
 def layer_kind(module: nn.Module) -> str | None:
     """'linear', 'conv1d' or 'embedding' for a base layer LoRA can wrap, else None."""
     if isinstance(module, nn.Linear):  # also bitsandbytes' Linear4bit / Linear8bitLt

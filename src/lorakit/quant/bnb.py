@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lorakit.config import QuantizationConfig
+from lorakit.lora.base import plain_linear
 from lorakit.models import DTYPES
 
 log = logging.getLogger(__name__)
@@ -166,11 +167,4 @@ def full_precision_bytes(module: nn.Module) -> int:
 
 def to_plain_linear(module: nn.Module) -> nn.Linear:
     """A float32 nn.Linear computing what the quantised `module` computes (up to the compute dtype)."""
-    weight = dequantized_weight(module)
-    plain = nn.Linear(
-        module.in_features, module.out_features, bias=module.bias is not None, device=weight.device
-    )
-    plain.weight.data.copy_(weight)
-    if module.bias is not None:
-        plain.bias.data.copy_(module.bias.detach().float())
-    return plain.requires_grad_(False).train(module.training)
+    return plain_linear(module, dequantized_weight(module))
