@@ -29,6 +29,7 @@ from torch import nn
 from lorakit.lora.base import base_input_grad, base_linear
 from lorakit.lora.layer import LoraLayer
 from lorakit.lora.variants import LoraAdapter
+from lorakit.lora.variants.lora import down_to_rank, grad_of_B
 from lorakit.mapped_pages import drop_file_pages
 from lorakit.train.fused_norm import restored_input, saved_input
 
@@ -92,8 +93,8 @@ def siblings_backward(grad, x, weight, adapters, params, saved, need_grad_x: boo
     grads_B, dus, at, r_at = [], [], 0, 0
     for adapter, A, B in zip(adapters, As, Bs):
         g_i = g2[:, at : at + B.shape[0]]  # (N, out_i), a column slice
-        grads_B.append((g_i.T @ u[:, r_at : r_at + A.shape[0]]).mul_(adapter.scaling))  # (out_i, r)
-        dus.append((g_i @ B).mul_(adapter.scaling))  # (N, r)
+        grads_B.append(grad_of_B(g_i, u[:, r_at : r_at + A.shape[0]]).mul_(adapter.scaling))  # (out_i, r)
+        dus.append(down_to_rank(g_i, B).mul_(adapter.scaling))  # (N, r)
         at, r_at = at + B.shape[0], r_at + A.shape[0]
     grad_x = base_input_grad(g2, weight) if need_grad_x else None  # (N, in): every sibling's W in one GEMM
     if all(keep is None for keep in keeps):

@@ -143,6 +143,21 @@ def lora_forward(x, weight, bias, A, B, scaling: float, p: float, training: bool
     return y, u, keep
 
 
+def grad_of_B(grad: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """grad^T u, (out, r), for grad (N, out) and the r-wide u (N, r), computed as (u^T grad)^T.
+
+    Both are the same sums; on the CPU, MKL took 3-4x as long the first way round at LoRA's shapes
+    (N 470, out 192 to 1536, r 8), which made these small products a tenth of a training step.
+    """
+    return (u.T @ grad).T.contiguous()
+
+
+def down_to_rank(grad: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """grad B, (..., r), for grad (..., out) and B (out, r), with B read through a copy of B^T: MKL multiplies
+    by a transposed narrow matrix about twice as fast as by the (out, r) one at LoRA's shapes."""
+    return grad @ B.T.contiguous().T
+
+
 def lora_backward(grad, x, weight, A, B, u, keep, scaling: float, p: float, need_grad_x: bool = True):
     """(dL/dx or None, dL/dA, dL/dB) for `lora_forward`, given g = dL/dy:
 
@@ -151,8 +166,8 @@ def lora_backward(grad, x, weight, A, B, u, keep, scaling: float, p: float, need
     """
     # The scale goes on the r-wide products, never on a (tokens x features) tensor.
     g2 = grad.reshape(-1, grad.shape[-1])  # (N, out)
-    grad_B = (g2.T @ u.reshape(-1, u.shape[-1])).mul_(scaling)  # (out, r)
-    du = (grad @ B).mul_(scaling)  # (..., r)
+    grad_B = grad_of_B(g2, u.reshape(-1, u.shape[-1])).mul_(scaling)  # (out, r)
+    du = down_to_rank(grad, B).mul_(scaling)  # (..., r)
     du2 = du.reshape(-1, du.shape[-1])
     if keep is None:
         grad_A = du2.T @ x.reshape(-1, x.shape[-1])  # (r, in)
