@@ -7,10 +7,21 @@ heads, 3 key/value heads) that is three times the key/value memory in every laye
 kernels take grouped heads directly (`enable_gqa=True`) with a mask, so this attention function
 passes them through; everywhere else (a GPU, a paged cache, a position bias) it hands over to
 transformers' own SDPA function unchanged.
+
+Packed rows (data/packing.py) get a block-diagonal causal mask, and a masked SDPA computes every
+query against every key of the row, the masked-out blocks included. Where the mask is exactly the
+one the position ids describe (each example attending to itself), each example runs as its own
+causal SDPA instead (`example_spans`), as long as that does less work counting a fixed cost per
+call (`SPAN_COST`): on SmolLM2-135M's packed ROS 2 rows (2 rows of ~237 tokens, 4-6 examples each),
+a layer's attention forward and backward took 4.3 ms against 6.2 masked. Every query still sees
+exactly the keys the mask allows, so the result is the masked one up to float rounding.
 """
 
 from __future__ import annotations
 
+import weakref
+
+import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
@@ -18,6 +29,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "lorakit_sdpa"
+# One SDPA call's fixed cost in attention scores: below about this many an example's call costs more than its
+# share of the masked row (measured: a call ~45 us, a score ~55-65 ns, forward and backward).
+SPAN_COST = 2000
 
 
 def grouped_sdpa_attention(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -28,12 +42,65 @@ def grouped_sdpa_attention(module: nn.Module, query, key, value, attention_mask,
             or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
+    spans = example_spans(attention_mask, kwargs.get("position_ids"), query.shape[2], key.shape[2])
+    if spans is not None and not dropout:
+        return _by_example(query, key, value, spans, scaling), None
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = bool(causal and attention_mask is None and query.shape[2] > 1)
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal, enable_gqa=True
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _by_example(query, key, value, spans: list[list[tuple[int, int]]], scaling: float | None) -> torch.Tensor:
+    """(batch, q, heads, dim): each example's causal attention over its own span of its row."""
+    rows = []
+    for b, row in enumerate(spans):
+        parts = [
+            F.scaled_dot_product_attention(query[b : b + 1, :, start:stop], key[b : b + 1, :, start:stop],
+                                           value[b : b + 1, :, start:stop], scale=scaling, is_causal=True,
+                                           enable_gqa=True).transpose(1, 2)
+            for start, stop in row
+        ]
+        rows.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
+    return torch.cat(rows).contiguous()
+
+
+_last_mask: tuple = (None, None)  # (a weak reference to the last mask seen, its spans): one check per forward
+
+
+def example_spans(mask, position_ids, q_len: int, k_len: int) -> list[list[tuple[int, int]]] | None:
+    """Each row's examples as (start, stop) spans, where `mask` (batch, 1, q, k, bool) is exactly the causal
+    mask of examples whose position ids restart at 0, and attending by example costs less than the masked
+    row (SPAN_COST); else None. Every layer of a forward gets the same mask: it is checked once."""
+    global _last_mask
+    if mask is None or position_ids is None or mask.dtype != torch.bool or mask.dim() != 4 or q_len != k_len \
+            or mask.shape[-1] != k_len or position_ids.shape[-1] != q_len:
+        return None
+    seen, spans = _last_mask
+    if seen is not None and seen() is mask:
+        return spans
+    spans = _spans_of(mask, position_ids)
+    _last_mask = (weakref.ref(mask), spans)
+    return spans
+
+
+def _spans_of(mask: torch.Tensor, position_ids: torch.Tensor) -> list[list[tuple[int, int]]] | None:
+    rows, length = mask.shape[0], mask.shape[-1]
+    positions = position_ids.expand(rows, length).tolist()
+    spans = [[start for start, p in enumerate(row) if p == 0] for row in positions]
+    if any(not starts or starts[0] != 0 for starts in spans):
+        return None
+    spans = [list(zip(starts, [*starts[1:], length])) for starts in spans]
+    work = sum((stop - start) ** 2 + SPAN_COST for row in spans for start, stop in row)
+    if work > rows * length * length:
+        return None
+    expected = torch.zeros(rows, 1, length, length, dtype=torch.bool)
+    for b, row in enumerate(spans):
+        for start, stop in row:
+            expected[b, 0, start:stop, start:stop] = torch.ones(stop - start, stop - start, dtype=torch.bool).tril()
+    return spans if torch.equal(mask.expand(rows, 1, length, length).cpu(), expected) else None
 
 
 def use_grouped_attention(model: nn.Module) -> bool:
