@@ -38,7 +38,8 @@ LoRA params per real token, causal attention over each example's own tokens, the
 positions only); what a variant does beyond that (pad tokens, logits nobody needs) is its own cost.
 The peak is measured with torch.mm at the model's own matrix shapes (each linear layer's forward
 and input-gradient product, at the batch's mean real-token count) before every round; the highest
-rate seen is the peak. The per-step losses of c and d are compared with b's (same start, data,
+rate seen is the peak (a half type slower than fp32 at the largest shape is timed there only: auto never
+chooses it). The per-step losses of c and d are compared with b's (same start, data,
 schedule). Also printed: the GEMM-bound MFU, the MFU of a step that did only its useful work with
 its frozen-weight and head GEMMs at the rates measured at their own shapes (LoRA and attention at
 the peak): the ceiling no implementation on these GEMM kernels passes. Prints every run, then
@@ -131,6 +132,17 @@ def gemm_bound_mfu(work: list[list[int]], rates: dict, useful_flops: float, peak
     seconds = sum(2 * m * k * n * count / (rates[(m, k, n)] * 1e9) for m, k, n, count in work)
     seconds += max(useful_flops - gemm_flops, 0.0) / (peak * 1e9)
     return useful_flops / seconds / (peak * 1e9)
+
+
+def half_peak(shapes: list[tuple[int, int, int]], dtype, fp32_rates: dict) -> float:
+    """The best rate of a half type at the model's shapes. A type slower than fp32 at the largest shape is timed
+    there only: train.half_base auto never picks it, so its peak is no variant's MFU denominator, and a type
+    without hardware support (fp16 on a CPU without AVX-512 FP16 or AMX) would take minutes a shape."""
+    largest = max(shapes, key=lambda s: s[0] * s[1] * s[2])
+    rate = gemm_rates([largest], dtype=dtype)[largest]
+    if rate < fp32_rates[largest]:
+        return rate
+    return max(rate, *gemm_rates(shapes, dtype=dtype).values())
 
 
 def run_peft(args, recipe: str) -> dict:
@@ -351,7 +363,7 @@ def main() -> None:
         print(f"round {repeat}: fp32 GEMM at the model's shapes: best {max(rates.values()):.1f} GFLOP/s "
               f"(of {len(rates)} shapes, slowest {min(rates.values()):.1f})", flush=True)
         for name in half_seen if "h" in variants else ():
-            half_seen[name].append(max(gemm_rates(shapes, dtype=HALF_TYPES[name]).values()))
+            half_seen[name].append(half_peak(shapes, HALF_TYPES[name], rates))
             print(f"  {name} GEMM at the model's shapes: best {half_seen[name][-1]:.1f} GFLOP/s", flush=True)
         for variant, what in variants.items():
             row = child(args, variant)
