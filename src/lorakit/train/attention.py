@@ -55,16 +55,18 @@ def grouped_sdpa_attention(module: nn.Module, query, key, value, attention_mask,
 
 def _by_example(query, key, value, spans: list[list[tuple[int, int]]], scaling: float | None) -> torch.Tensor:
     """(batch, q, heads, dim): each example's causal attention over its own span of its row."""
+    # unbind and split rather than indexing: their backward puts the pieces' gradients together in one
+    # tensor, where an index's would make a zero-filled tensor of the whole input for every piece
     rows = []
-    for b, row in enumerate(spans):
+    for q, k, v, row in zip(query.unbind(0), key.unbind(0), value.unbind(0), spans):
+        lengths = [stop - start for start, stop in row]
         parts = [
-            F.scaled_dot_product_attention(query[b : b + 1, :, start:stop], key[b : b + 1, :, start:stop],
-                                           value[b : b + 1, :, start:stop], scale=scaling, is_causal=True,
+            F.scaled_dot_product_attention(q_part[None], k_part[None], v_part[None], scale=scaling, is_causal=True,
                                            enable_gqa=True).transpose(1, 2)
-            for start, stop in row
+            for q_part, k_part, v_part in zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1))
         ]
-        rows.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
-    return torch.cat(rows).contiguous()
+        rows.append(torch.cat(parts, dim=1))
+    return torch.cat(rows)
 
 
 _last_mask: tuple = (None, None)  # (a weak reference to the last mask seen, its spans): one check per forward
