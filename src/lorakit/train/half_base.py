@@ -10,10 +10,10 @@ embeddings and the head. Each base GEMM multiplies in the weight's type (the GEM
 fp32 inside) and hands its result on as fp32 (lora/base.py: `base_linear`, `base_input_grad`).
 Only layers on the fused path with a plain LoRA adapter are cast; the base keeps the half type
 for the rest of the process (a merge into it rounds to that type). A frozen head without a bias
-gets a copy in the half type beside its fp32 weight (`half_weight`, which the embeddings tied to it
-keep using): the training loss multiplies by that copy (train/loss.py), the model's own forward
-(generation, scores) by the fp32 weight. On SmolLM2-135M the head is a fifth of the useful FLOPs and
-took a fifth of a step in fp32.
+gets a copy in the half type (`half_weight`) beside its fp32 weight, which the embeddings tied to it
+keep using: the training loss multiplies by the copy (train/loss.py), the model's own forward
+(generation, scores) by the fp32 weight. On SmolLM2-135M the head is a seventh of the useful FLOPs
+and took a fifth of a step in fp32.
 """
 
 from __future__ import annotations
