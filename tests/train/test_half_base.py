@@ -12,7 +12,6 @@ from lorakit.lora.adapters import lora_layers
 from lorakit.train import half_base
 from lorakit.train.lean import use_fused_paths
 from lorakit.train.loop import accumulate_gradients
-from lorakit.train.loss import causal_lm_loss_sum
 from lorakit.train.objectives import CausalLMObjective
 from conftest import TINY_MODELS, VOCAB
 
@@ -72,30 +71,6 @@ def test_only_frozen_bases_change_type():
     assert model.model.norm.weight.dtype == torch.float32 and model.lm_head.weight.dtype == torch.float32
     group = model.model.layers[0].self_attn.q_proj.sibling_group
     assert group.weight.dtype == torch.float16 and group.applies()  # packed after the cast
-
-
-def test_the_training_loss_multiplies_by_a_half_copy_of_the_frozen_head(input_ids):
-    model = lorakit.inject(TINY_MODELS["llama"](), lorakit.LoraConfig(r=4, target_modules=ALL_PROJECTIONS,
-                                                                      init_lora_weights=False))
-    model.train()
-    batch = {"input_ids": input_ids, "labels": input_ids.clone()}
-
-    def loss_and_grads():
-        model.zero_grad(set_to_none=True)
-        loss = causal_lm_loss_sum(model, batch)
-        loss.backward()
-        return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
-
-    use_fused_paths(model, half_base="bf16")
-    head = model.get_output_embeddings()
-    assert head.weight.dtype == torch.float32  # the model's own forward (and tied embeddings) keep fp32
-    assert torch.equal(head.half_weight, head.weight.to(torch.bfloat16))
-    half_loss, half_grads = loss_and_grads()
-    del head.half_weight  # the same half base with the head in fp32
-    loss, grads = loss_and_grads()
-    assert half_loss != loss  # the copy really multiplied
-    assert torch.allclose(half_loss, loss, rtol=1e-2)
-    assert (half_grads - grads).norm() <= 3e-2 * grads.norm()
 
 
 def test_auto_follows_the_probe_and_off_never_casts(monkeypatch):

@@ -9,11 +9,7 @@ What stays fp32: the LoRA A and B (and their optimizer state), activations betwe
 embeddings and the head. Each base GEMM multiplies in the weight's type (the GEMM accumulates in
 fp32 inside) and hands its result on as fp32 (lora/base.py: `base_linear`, `base_input_grad`).
 Only layers on the fused path with a plain LoRA adapter are cast; the base keeps the half type
-for the rest of the process (a merge into it rounds to that type). A frozen head without a bias
-gets a copy in the half type (`half_weight`) beside its fp32 weight, which the embeddings tied to it
-keep using: the training loss multiplies by the copy (train/loss.py), the model's own forward
-(generation, scores) by the fp32 weight. On SmolLM2-135M the head is a seventh of the useful FLOPs
-and took a fifth of a step in fp32.
+for the rest of the process (a merge into it rounds to that type).
 """
 
 from __future__ import annotations
@@ -106,9 +102,6 @@ def use_half_base(model: nn.Module, setting: str = "auto") -> str | None:
                 param.data = param.data.to(HALF_TYPES[name])
                 drop_file_pages(read)  # a weights file's pages this cast read: not read again, not kept resident
     leave_the_weights_file(model)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if isinstance(head, nn.Linear) and head.bias is None and not head.weight.requires_grad:
-        head.half_weight = head.weight.detach().to(HALF_TYPES[name])  # the training loss's head (train/loss.py)
     return name
 
 

@@ -44,8 +44,7 @@ def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torc
     rows, row_targets = hidden[keep], targets[keep]  # (N, d), (N,)
     head = model.get_output_embeddings()
     if isinstance(head, nn.Linear) and head.bias is None and not head.weight.requires_grad:
-        # train.half_base's copy of the head where it made one (train/half_base.py)
-        return HeadCrossEntropy.apply(rows, getattr(head, "half_weight", head.weight), row_targets)
+        return HeadCrossEntropy.apply(rows, head.weight, row_targets)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, rows.shape[0], CHUNK_ROWS):
         logits = head(rows[start : start + CHUNK_ROWS]).float()  # (chunk, vocab)
@@ -59,8 +58,6 @@ class HeadCrossEntropy(torch.autograd.Function):
     Autograd through the head would keep every chunk's (rows x vocab) logits and softmax until
     backward; here each chunk's logits live only inside the loop, and what is kept is dL/dh,
     the size of the hidden states:  dL/dh_i = (softmax(W h_i) - onehot(t_i)) W.
-    A W in a half type multiplies h and the softmax rounded to its type, the GEMM accumulating in
-    fp32; the logits come out in that type and the softmax and the loss are taken in fp32.
     """
 
     @staticmethod
@@ -72,14 +69,10 @@ class HeadCrossEntropy(torch.autograd.Function):
         # then the softmax. Fresh tensors per chunk (logits, log-softmax, softmax) would each be tens of
         # MB, which the allocator maps and the OS faults in anew every time.
         buffer = rows.new_empty((min(CHUNK_ROWS, rows.shape[0]), weight.shape[0]), dtype=torch.float32)
-        # train.half_base's head: the GEMMs' side of the buffer, in the weight's half type
-        half = torch.empty_like(buffer, dtype=weight.dtype) if weight.dtype != rows.dtype else None
         for start in range(0, rows.shape[0], CHUNK_ROWS):
             chunk, chunk_targets = rows[start : start + CHUNK_ROWS], targets[start : start + CHUNK_ROWS]
             logits = buffer[: len(chunk_targets)]
-            if half is not None:
-                logits.copy_(torch.mm(chunk.to(weight.dtype), weight.T, out=half[: len(chunk_targets)]))
-            elif chunk.dtype == torch.float32:
+            if chunk.dtype == weight.dtype == torch.float32:
                 torch.mm(chunk, weight.T, out=logits)
             else:
                 logits.copy_(chunk @ weight.T)
@@ -90,9 +83,7 @@ class HeadCrossEntropy(torch.autograd.Function):
             if want_grad:
                 probs = logits.div_(sums)
                 probs[torch.arange(len(chunk_targets)), chunk_targets] -= 1
-                if half is not None:
-                    probs = half[: len(chunk_targets)].copy_(probs)
-                grad_rows[start : start + CHUNK_ROWS] = (probs @ weight.to(probs.dtype)).to(rows.dtype)
+                grad_rows[start : start + CHUNK_ROWS] = (probs @ weight.float()).to(rows.dtype)
         ctx.save_for_backward(grad_rows)
         return total
 
