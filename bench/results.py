@@ -119,6 +119,17 @@ def gemm_rates(shapes: list[tuple[int, int, int]], seconds: float = 0.3, dtype=N
     return rates
 
 
+def half_peak(shapes: list[tuple[int, int, int]], dtype, fp32_rates: dict) -> float:
+    """The best rate of a half type at the model's shapes. A type slower than fp32 at the largest shape is timed
+    there only: train.half_base auto never picks it, so its peak is no variant's MFU denominator, and a type
+    without hardware support (fp16 on a CPU without AVX-512 FP16 or AMX) would take minutes a shape."""
+    largest = max(shapes, key=lambda s: s[0] * s[1] * s[2])
+    rate = gemm_rates([largest], dtype=dtype)[largest]
+    if rate < fp32_rates[largest]:
+        return rate
+    return max(rate, *gemm_rates(shapes, dtype=dtype).values())
+
+
 def min_median(values: list[float]) -> dict:
     """{"min", "median", "max", "n"} of a bench's repeated figures."""
     return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}

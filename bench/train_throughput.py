@@ -59,7 +59,7 @@ from pathlib import Path
 
 import torch
 from model_shapes import MODEL_CONFIGS, base_model
-from results import RssSampler, gemm_rates, machine, min_median, write_result
+from results import RssSampler, gemm_rates, half_peak, machine, min_median, write_result
 
 from lorakit import allocator
 from lorakit.train.half_base import HALF_TYPES
@@ -132,17 +132,6 @@ def gemm_bound_mfu(work: list[list[int]], rates: dict, useful_flops: float, peak
     seconds = sum(2 * m * k * n * count / (rates[(m, k, n)] * 1e9) for m, k, n, count in work)
     seconds += max(useful_flops - gemm_flops, 0.0) / (peak * 1e9)
     return useful_flops / seconds / (peak * 1e9)
-
-
-def half_peak(shapes: list[tuple[int, int, int]], dtype, fp32_rates: dict) -> float:
-    """The best rate of a half type at the model's shapes. A type slower than fp32 at the largest shape is timed
-    there only: train.half_base auto never picks it, so its peak is no variant's MFU denominator, and a type
-    without hardware support (fp16 on a CPU without AVX-512 FP16 or AMX) would take minutes a shape."""
-    largest = max(shapes, key=lambda s: s[0] * s[1] * s[2])
-    rate = gemm_rates([largest], dtype=dtype)[largest]
-    if rate < fp32_rates[largest]:
-        return rate
-    return max(rate, *gemm_rates(shapes, dtype=dtype).values())
 
 
 def run_peft(args, recipe: str) -> dict:

@@ -107,3 +107,20 @@ def test_a_benchs_named_records_follow_its_own(tmp_path):
     order = ["train_throughput", "serve_throughput", "serve_throughput_qwen2.5-1.5b", "serve_load", "zzz"]
     positions = [page.index(f"## {bench} title") for bench in order]
     assert positions == sorted(positions)
+
+
+def test_a_half_type_slower_than_fp32_is_timed_at_the_largest_shape_only(monkeypatch):
+    timed = []
+
+    def rates(shapes, dtype=None):
+        timed.append(list(shapes))
+        return {shape: 5.0 if dtype is not None else 100.0 for shape in shapes}
+
+    monkeypatch.setattr(results, "gemm_rates", rates)
+    shapes = [(8, 64, 64), (8, 256, 64), (8, 64, 32)]
+    fp32 = rates(shapes)
+    timed.clear()
+    assert results.half_peak(shapes, "half", fp32) == 5.0 and timed == [[(8, 256, 64)]]
+    fast = {shape: 1.0 for shape in shapes}  # fp32 slower than the half type: every shape is timed
+    timed.clear()
+    assert results.half_peak(shapes, "half", fast) == 5.0 and timed == [[(8, 256, 64)], shapes]

@@ -71,19 +71,3 @@ def test_summary_compares_the_default_with_peft_on_the_same_allocator():
     assert rows["p / b peak memory"]["median"] == pytest.approx(2500 / 3000)
 
 
-
-def test_a_half_type_slower_than_fp32_is_timed_at_the_largest_shape_only(monkeypatch):
-    timed = []
-
-    def rates(shapes, dtype=None):
-        timed.append(list(shapes))
-        return {shape: 5.0 if dtype is not None else 100.0 for shape in shapes}
-
-    monkeypatch.setattr(train_throughput, "gemm_rates", rates)
-    shapes = [(8, 64, 64), (8, 256, 64), (8, 64, 32)]
-    fp32 = rates(shapes)
-    timed.clear()
-    assert train_throughput.half_peak(shapes, "half", fp32) == 5.0 and timed == [[(8, 256, 64)]]
-    fast = {shape: 1.0 for shape in shapes}  # fp32 slower than the half type: every shape is timed
-    timed.clear()
-    assert train_throughput.half_peak(shapes, "half", fast) == 5.0 and timed == [[(8, 256, 64)], shapes]
