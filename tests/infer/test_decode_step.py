@@ -143,11 +143,17 @@ def test_the_next_batch_over_the_same_adapters_builds_nothing_until_one_changes(
     assert decode() is not kept
 
 
-def test_siblings_share_one_down_product_per_step():
-    """q/k/v (and gate/up) multiply x by their side-by-side A once: per layer 7 base products and 4 down
-    products, the up products ride on addmm."""
+@pytest.mark.parametrize("kernel", ["kernel", "products"])
+def test_siblings_share_one_down_product_per_step(kernel, monkeypatch):
+    """Without the per-column kernel, q/k/v (and gate/up) multiply x by their side-by-side A once: per layer
+    7 base products and 4 down products, the up products ride on addmm. With it, the base products alone."""
     from torch.profiler import profile
 
+    from lorakit.lora import column_kernel
+
+    if kernel == "kernel" and column_kernel.load() is None:
+        pytest.skip("no C compiler here to build the kernel")
+    monkeypatch.setenv("LORAKIT_COLUMN_KERNEL", "1" if kernel == "kernel" else "0")
     model = with_adapters(tiny_llama())
     with row_adapters(model, ["a", "b", "a"], "gathered"):
         cache, mask, position, tokens = prefilled(model)
@@ -156,8 +162,12 @@ def test_siblings_share_one_down_product_per_step():
             decode_logits(model, tokens, mask, position, cache)
     counts = {e.key: e.count for e in prof.key_averages()}
     layers = model.config.num_hidden_layers
-    assert counts.get("aten::mm") == layers * (7 + 4) + 1  # + the head
-    assert counts.get("aten::addmm_") == layers * 7
+    if kernel == "kernel":
+        assert counts.get("aten::mm") == layers * 7 + 1  # + the head
+        assert "aten::addmm_" not in counts
+    else:
+        assert counts.get("aten::mm") == layers * (7 + 4) + 1
+        assert counts.get("aten::addmm_") == layers * 7
     assert "aten::bmm" not in counts
 
 

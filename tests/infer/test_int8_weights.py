@@ -101,7 +101,9 @@ def test_adapters_on_int8_weights_decode_as_through_the_forward():
     use_int8_weights(model, "int8")
     model = with_adapters(use_decode_linears(model))
     with row_adapters(model, ["a", "b", None], "gathered"):
-        assert_same(*decode_both(model), atol=1e-4)
+        # The int8 product rounds its input to bf16: an input one fp32 rounding away (the lean step's norms sum
+        # in another order) can land on the neighbouring bf16 value, 2^-8 of it apart, and carry that on.
+        assert_same(*decode_both(model), atol=1e-3)
 
 
 def test_merging_into_int8_is_refused_until_dequantised(toy):

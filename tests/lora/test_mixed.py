@@ -28,10 +28,12 @@ def alone(model, name, ids):
     return logits_of(model, ids)
 
 
+@pytest.mark.parametrize("kernel", ["kernel", "products"])  # lora/column_kernel.py, or the products without it
 @pytest.mark.parametrize("ranks", [(4, 8, 2), (4, 4, 4)], ids=["ranks-differ", "ranks-equal"])
 @pytest.mark.parametrize("strategy", ["stacked", "gathered", "grouped"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_each_row_gets_its_own_adapter(arch, strategy, ranks):
+def test_each_row_gets_its_own_adapter(arch, strategy, ranks, kernel, monkeypatch):
+    monkeypatch.setenv("LORAKIT_COLUMN_KERNEL", "1" if kernel == "kernel" else "0")
     model = with_adapters(arch, dict(zip("abc", ranks)))  # different ranks: zero padding must not matter
     names = ["b", None, "a", "c", "a"]
     ids = torch.randint(3, 128, (len(names), 7), generator=torch.Generator().manual_seed(0))
@@ -77,7 +79,8 @@ def test_in_place_and_autograd_paths_agree(strategy):
 
 
 @pytest.mark.parametrize("strategy", ["stacked", "gathered"])
-def test_siblings_share_one_down_projection_and_survive_row_selection(strategy):
+def test_siblings_share_one_down_projection_and_survive_row_selection(strategy, monkeypatch):
+    monkeypatch.setenv("LORAKIT_COLUMN_KERNEL", "0")  # the products' own state is inspected
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = with_adapters("llama", {"a": 4, "b": 8}, targets=targets)
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
@@ -117,7 +120,9 @@ def test_auto_stacks_shared_adapters_and_gathers_distinct_ones():
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_a_joined_state_computes_what_a_state_built_for_all_its_rows_does(arch):
+@pytest.mark.parametrize("kernel", ["kernel", "products"])
+def test_a_joined_state_computes_what_a_state_built_for_all_its_rows_does(arch, kernel, monkeypatch):
+    monkeypatch.setenv("LORAKIT_COLUMN_KERNEL", "1" if kernel == "kernel" else "0")
     model = with_adapters(arch, {"a": 4, "b": 4, "c": 4, "d": 2, "e": 8})
     named = lora_layers(model)
     siblings = sibling_layers(named)

@@ -11,7 +11,10 @@ For a sibling group fed x (in, B) a step computes
 
 two plain products per layer in the weight-major form a decode step's few rows multiply fastest in
 (lora/base.py), with no per-row copies and no transposes; each adapter's factors are read once a
-step however many rows use it, and zero mask entries contribute exact zeros.
+step however many rows use it, and zero mask entries contribute exact zeros. Those products do n
+times the arithmetic a column needs when n adapters share the batch, so where lorakit's per-column
+kernel is built (lora/column_kernel.py: fp32, the CPU) each column multiplies by its own adapter's
+ranks only, from the same factors.
 
 The side-by-side factors are built for a set of adapters and kept while every row's adapter is
 among them: rows joining or leaving (continuous batching) change only the mask. When a row brings
@@ -31,6 +34,7 @@ import weakref
 import torch
 from torch import nn
 
+from lorakit.lora import column_kernel
 from lorakit.lora.base import FROZEN_LINEARS, frozen_features
 
 _UNCOVERED = object()
@@ -56,6 +60,21 @@ class _SideBySide:
         return self._h
 
 
+def rows_forward(state, layer: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+    """out + each row's LoRA term for a row-major input x (B, ..., in) whose base output is `out` (B, ..., out),
+    through the per-column kernel, every token of row b with row b's adapter; None where the kernel does not
+    apply (not built, autograd, not fp32 on the CPU, an output scale): use the other paths then."""
+    if (
+        state.strategy == "grouped" or layer.kind != "linear" or torch.is_grad_enabled()
+        or x.dtype != torch.float32 or out.dtype != torch.float32 or not x.is_cpu
+        or not column_kernel.enabled() or column_kernel.load() is None
+    ):
+        return None
+    if state.features is None:
+        state.features = FeatureTerms()
+    return state.features.rows(state, layer, x, out)
+
+
 def features_forward(state, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """A LoRA layer's output in a mixed batch (lora/mixed.py's RowAdapters `state`) for a feature-major input
     x (in, B), as (out, B); None where this does not apply (the grouped strategy, embeddings, a base other than
@@ -75,6 +94,10 @@ class FeatureTerms:
         self._layers: dict[int, tuple[_SideBySide, int, int, torch.Tensor] | object | None] = {}
         self._names: list[str | None] | None = None  # the state's rows the slots were made for
         self._slots = torch.zeros(0, dtype=torch.long)
+        # (id(layer), tokens a row) -> the kernel's first rank and rank count per column
+        self._columns: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._work = torch.empty(0)  # the kernel's scratch, grown as needed
+        self._kernel = column_kernel.load() if column_kernel.enabled() else None
 
     def forward(self, state, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """W x + b + each row's LoRA term, (out, B), for feature-major x (in, B); None when the layer is
@@ -87,11 +110,46 @@ class FeatureTerms:
         out = frozen_features(base, x)
         if entry is None:  # none of the batch's adapters is on this layer
             return out
-        side, start, stop, B = entry
+        side, start, stop, B, term = entry
+        if term is not None and self._kernel is not None and x.dtype == out.dtype == torch.float32 and x.is_cpu:
+            return self._by_column(layer, x, term, out, 1)
         h = side.of(x, self._slots)[start:stop]
         if B.dtype != out.dtype:  # adapters kept in another type than the step's: their term in theirs
             return out.add_(torch.mm(B, h).to(out.dtype))
         return out.addmm_(B, h)
+
+    def rows(self, state, layer: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+        """out + each row's LoRA term for row-major x (B, ..., in) and its base output (B, ..., out); None
+        when the kernel does not cover the layer."""
+        self._follow(state)
+        entry = self._layers[id(layer)] if id(layer) in self._layers else self._build(state, layer)
+        if entry is None:  # none of the batch's adapters is on this layer
+            return out
+        if entry is _UNCOVERED or entry[4] is None or self._kernel is None:
+            return None
+        rows, fan_in = len(state.names), x.shape[-1]
+        tokens = x.numel() // (fan_in * rows) if rows else 0
+        if tokens * rows * fan_in != x.numel() or x.shape[0] != rows:
+            return None
+        y = out if out.is_contiguous() else out.contiguous()
+        columns = x.reshape(rows * tokens, fan_in).t()  # (in, columns): a view, or a copy of a strided x
+        self._by_column(layer, columns, entry[4], y.view(rows * tokens, -1).t(), tokens)
+        return y
+
+    def _by_column(self, layer: nn.Module, x: torch.Tensor, term, out: torch.Tensor, tokens: int) -> torch.Tensor:
+        """out (out, n) += each column's own LoRA term for x (in, n), through the per-column kernel; each row's
+        slot covers `tokens` consecutive columns."""
+        key = (id(layer), tokens)
+        columns = self._columns.get(key)
+        if columns is None:
+            first, count = term.columns(self._slots)
+            if tokens > 1:
+                first, count = first.repeat_interleave(tokens), count.repeat_interleave(tokens)
+            columns = self._columns[key] = (first, count)
+        size = x.shape[1] * (x.shape[0] + out.shape[0])
+        if self._work.numel() < size:
+            self._work = torch.empty(size)
+        return column_kernel.add_columns(self._kernel, x, term, *columns, out, self._work)
 
     def _follow(self, state) -> None:
         """When the state's rows changed (its adapters change only with them): new slots, and the factors
@@ -105,6 +163,7 @@ class FeatureTerms:
             self._layers.clear()
         slot = {name: k + 1 for k, name in enumerate(self.adapters)}
         self._slots = torch.tensor([slot.get(name, 0) for name in state.names], dtype=torch.long)
+        self._columns.clear()
         self._names = state.names
 
     def _build(self, state, layer: nn.Module):
@@ -133,8 +192,8 @@ class FeatureTerms:
 
 
 def _side_by_side(group: list[nn.Module], found: list[list[tuple]]) -> dict[int, object]:
-    """id(member) -> its entry (side, start, stop, s B), _UNCOVERED or None, for a sibling group whose
-    members have the adapters `found` ((slot, row factors) per member)."""
+    """id(member) -> its entry (side, start, stop, s B, its kernel's ColumnTerm or None), _UNCOVERED or None,
+    for a sibling group whose members have the adapters `found` ((slot, row factors) per member)."""
     present = [(m, f) for m, f in zip(group, found) if f]
     if any(scale is not None for _, f in present for _, (_, _, _, scale) in f):
         return {id(m): _UNCOVERED for m in group}
@@ -152,6 +211,10 @@ def _side_by_side(group: list[nn.Module], found: list[list[tuple]]) -> dict[int,
         for _, (_, part, s, _) in f:
             torch.mul(part, s, out=B[:, column : column + part.shape[1]])
             column += part.shape[1]
-        entries[id(member)] = (side, start, start + B.shape[1], B)
-        start += B.shape[1]
+        stop = start + B.shape[1]
+        term = None
+        if B.dtype == A.dtype == torch.float32 and B.is_cpu and column_kernel.enabled() and column_kernel.load():
+            term = column_kernel.ColumnTerm(A[start:stop], B.t(), side.owner[start:stop])
+        entries[id(member)] = (side, start, stop, B, term)
+        start = stop
     return entries

@@ -1,0 +1,163 @@
+"""The per-column LoRA kernel: each column's term equals its own adapter's products, in every layout."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import lorakit
+from conftest import TINY_MODELS, logits_of, perturb
+from lorakit.lora import column_kernel
+from lorakit.lora.mixed import row_adapters
+
+pytestmark = pytest.mark.skipif(column_kernel.load() is None, reason="no C compiler here to build the kernel")
+
+
+def factors(ranks: list[int], fan_in: int, fan_out: int, seed: int = 0):
+    """A (W, in), s B (out, W) and owner (W,) for adapters of the given ranks in slots 1.."""
+    generator = torch.Generator().manual_seed(seed)
+    A = torch.randn(sum(ranks), fan_in, generator=generator)
+    B = torch.randn(fan_out, sum(ranks), generator=generator)
+    owner = torch.cat([torch.full((r,), k + 1) for k, r in enumerate(ranks)])
+    return A, B, owner
+
+
+def term_of(A, B, owner):
+    return column_kernel.ColumnTerm(A, B.t(), owner)
+
+
+def expected(x: torch.Tensor, y: torch.Tensor, A, B, owner, slots) -> torch.Tensor:
+    """y + each column's term, column by column in float64."""
+    out = y.double().clone()
+    for b, slot in enumerate(slots.tolist()):
+        rows = owner == slot
+        out[:, b] += B[:, rows].double() @ (A[rows].double() @ x[:, b].double())
+    return out.float()
+
+
+@pytest.mark.parametrize("layout", ["feature-major", "y-transposed", "row-major", "x-strided"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_each_column_gets_its_own_adapters_term(layout, threads):
+    # odd sizes: the vector loops' tails; slot 4 has no ranks
+    ranks, fan_in, fan_out = [4, 8, 2, 0, 5], 37, 150
+    A, B, owner = factors([r for r in ranks if r], fan_in, fan_out)
+    owner = torch.cat([torch.full((r,), k + 1) for k, r in enumerate(ranks)])
+    term = term_of(A, B, owner)
+    slots = torch.tensor([2, 0, 1, 5, 4, 3, 2, 9, 1])  # 0: no adapter, 4: none here, 9: beyond this layer's
+    n = len(slots)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(fan_in, n, generator=generator)
+    y = torch.randn(fan_out, n, generator=generator)
+    want = expected(x, y, A, B, owner, slots)
+    if layout == "y-transposed":  # (out, n) as a view of a row-major (n, out) buffer
+        y = y.t().contiguous().t()
+    elif layout == "row-major":  # x and y as views of (n, in) and (n, out) rows: a prompt's tokens
+        x, y = x.t().contiguous().t(), y.t().contiguous().t()
+    elif layout == "x-strided":
+        x = torch.randn(fan_in, 2 * n)[:, ::2].copy_(x)
+    first, count = term.columns(slots)
+    work = torch.full((n * (fan_in + fan_out),), float("nan"))  # scratch: never read before written
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        result = column_kernel.add_columns(column_kernel.load(), x, term, first, count, y, work)
+    finally:
+        torch.set_num_threads(previous)
+    assert result is y
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    untouched = (slots == 0) | (slots == 4) | (slots == 9)
+    assert torch.equal(y[:, untouched], want[:, untouched])  # columns without ranks here are left alone
+
+
+@pytest.mark.parametrize("first, count", [([0, 0], [2, 4]), ([0, 4], [2, 2]), ([-1, 0], [2, 0])],
+                         ids=["above-the-largest-rank", "past-the-rows", "before-the-rows"])
+def test_ranks_outside_the_layers_write_nothing(first, count):
+    A, B, owner = factors([2, 3], 8, 6)
+    term = term_of(A, B, owner)
+    x, y = torch.randn(8, 2), torch.randn(6, 2)
+    before = y.clone()
+    with pytest.raises(AssertionError, match="outside"):
+        column_kernel.add_columns(column_kernel.load(), x, term, torch.tensor(first), torch.tensor(count), y,
+                                  torch.empty(2 * 14))
+    assert torch.equal(y, before)
+    with pytest.raises(ValueError, match="ascending"):
+        term_of(A, B, owner.flip(0))
+
+
+def test_built_once_into_the_cache_and_rebuilt_for_another_compiler(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
+    column_kernel.load.cache_clear()
+    try:
+        assert column_kernel.load() is not None
+        built = list((tmp_path / "kernels").iterdir())
+        assert len(built) == 1 and built[0].suffix == ".so"  # no temporary file left beside it
+        stamp = built[0].stat().st_mtime_ns
+        column_kernel.load.cache_clear()
+        assert column_kernel.load() is not None and built[0].stat().st_mtime_ns == stamp  # taken from the cache
+    finally:
+        column_kernel.load.cache_clear()
+
+
+def test_without_a_compiler_mixed_batches_keep_the_products(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    column_kernel.load.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="lorakit.lora.column_kernel"):
+            assert column_kernel.load() is None
+        assert "could not be built" in caplog.text
+        model, ids, names = mixed_model()
+        with row_adapters(model, names) as state:
+            mixed = logits_of(model, ids)
+        assert state.features is None  # the products served the batch
+        assert_rows_equal_alone(model, ids, names, mixed)
+    finally:
+        column_kernel.load.cache_clear()
+
+
+def mixed_model():
+    model = TINY_MODELS["llama"]()
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    for seed, (name, r) in enumerate({"a": 4, "b": 8, "c": 2}.items()):
+        lorakit.inject(model, lorakit.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets), name)
+        perturb(model, name, std=0.2, seed=seed)
+    ids = torch.randint(3, 128, (4, 6), generator=torch.Generator().manual_seed(0))
+    return model, ids, ["c", "a", None, "b"]
+
+
+def assert_rows_equal_alone(model, ids, names, mixed):
+    for row, name in enumerate(names):
+        if name is None:
+            with lorakit.disable_adapters(model):
+                alone = logits_of(model, ids[row : row + 1])
+        else:
+            lorakit.set_adapter(model, name)
+            alone = logits_of(model, ids[row : row + 1])
+        torch.testing.assert_close(mixed[row : row + 1], alone, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["stacked", "gathered"])
+def test_a_mixed_forward_goes_through_the_kernel(strategy):
+    model, ids, names = mixed_model()
+    with row_adapters(model, names, strategy) as state:
+        mixed = logits_of(model, ids)
+    assert state.features is not None and len(state.features._columns) == 7 * len(model.model.layers)
+    assert not state._rows  # no per-row copies were built
+    assert_rows_equal_alone(model, ids, names, mixed)
+
+
+def test_every_layout_gives_the_same_bits():
+    # a prompt's tokens (row-major) and a decode step (feature-major) must not round a column differently
+    A, B, owner = factors([3, 8, 5], 45, 70, seed=2)
+    term = term_of(A, B, owner)
+    slots = torch.tensor([3, 1, 2, 2, 0, 1])
+    first, count = term.columns(slots)
+    x, y = torch.randn(45, 6), torch.randn(70, 6)
+    results = []
+    for x_in, y_out in [(x, y.clone()), (x.t().contiguous().t(), y.t().contiguous().t()),
+                        (x, y.t().contiguous().t()), (x.t().contiguous().t(), y.clone())]:
+        results.append(column_kernel.add_columns(column_kernel.load(), x_in, term, first, count, y_out,
+                                                 torch.empty(6 * (45 + 70))))
+    assert all(torch.equal(results[0], other) for other in results[1:])
