@@ -97,6 +97,31 @@ def test_the_lean_step_equals_the_forward_with_per_row_adapters(strategy):
     assert not torch.allclose(got[0], base[0], atol=1e-3)  # the adapters took part
 
 
+def test_a_step_over_many_adapters_goes_by_slot_lanes_and_equals_the_forward(monkeypatch):
+    from lorakit.lora import column_kernel
+
+    if column_kernel.load() is None:
+        pytest.skip("no C compiler here to build the kernel")
+    model = tiny_llama()
+    names = [f"a{k}" for k in range(10)]  # ranks 2 and 3: the lanes read under twice the columns' factors
+    for seed, name in enumerate(names):
+        lorakit.inject(model, lorakit.LoraConfig(r=2 + seed % 2, lora_alpha=8, target_modules=TARGETS), name)
+        perturb(model, name, std=0.3, seed=seed)
+    rows = [*names, None, "a3"]
+    calls = []
+    plan = column_kernel.lanes_call
+
+    def counted(*args):
+        call = plan(*args)
+        return lambda x, y: calls.append(1) or call(x, y)
+
+    monkeypatch.setattr(column_kernel, "lanes_call", counted)
+    with row_adapters(model, rows, "gathered"):
+        got, expected, lean_cache, plain_cache = decode_both(model, rows=len(rows))
+    assert_same(got, expected, lean_cache, plain_cache)
+    assert len(calls) == 3 * 7 * model.config.num_hidden_layers  # every projection of each step, by lanes
+
+
 def with_adapters(model, dora_on: str | None = None):
     """Adapters "a" (rank 2) and "b" (rank 4) on every projection, perturbed; `dora_on` a DoRA adapter "d"."""
     for seed, name in enumerate(["a", "b"]):

@@ -139,11 +139,14 @@ def assert_rows_equal_alone(model, ids, names, mixed):
 
 
 @pytest.mark.parametrize("strategy", ["stacked", "gathered"])
-def test_a_mixed_forward_goes_through_the_kernel(strategy):
+def test_a_mixed_forward_goes_through_the_kernel(strategy, monkeypatch):
     model, ids, names = mixed_model()
+    calls = []
+    add = column_kernel.add_columns
+    monkeypatch.setattr(column_kernel, "add_columns", lambda *args: calls.append(1) or add(*args))
     with row_adapters(model, names, strategy) as state:
         mixed = logits_of(model, ids)
-    assert state.features is not None and len(state.features._columns) == 7 * len(model.model.layers)
+    assert state.features is not None and len(calls) == 7 * len(model.model.layers)
     assert not state._rows  # no per-row copies were built
     assert_rows_equal_alone(model, ids, names, mixed)
 
@@ -161,3 +164,57 @@ def test_every_layout_gives_the_same_bits():
         results.append(column_kernel.add_columns(column_kernel.load(), x_in, term, first, count, y_out,
                                                  torch.empty(6 * (45 + 70))))
     assert all(torch.equal(results[0], other) for other in results[1:])
+
+
+@pytest.mark.parametrize("n", [5, 16, 21])  # a partial block of columns, a full one, one and a part
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("x_layout", ["feature-major", "row-major"])
+def test_lanes_give_each_column_its_own_adapters_term(n, threads, x_layout):
+    # 20 slots: two lane groups; ranks differ (zeros past a slot's own), slot 4 has none, 9: beyond the layer
+    ranks = [4, 8, 2, 0, 5] + [3] * 15
+    A, B, owner = factors([r for r in ranks if r], 37, 150, seed=3)
+    owner = torch.cat([torch.full((r,), k + 1) for k, r in enumerate(ranks) if r])
+    term = term_of(A, B, owner)
+    assert term.groups == 2
+    slots = torch.tensor([2, 0, 1, 20, 4, 3, 2, 17, 1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16])[:n]
+    generator = torch.Generator().manual_seed(n)
+    x, y = torch.randn(37, n, generator=generator), torch.randn(150, n, generator=generator)
+    want = expected(x, y, A, B, owner, slots)
+    if x_layout == "row-major":
+        x = x.t().contiguous().t()
+    lane, lane_floats, column_floats = term.lane_columns(slots)
+    assert lane[1] == -1 and lane[4] == -1 and lane[0] == 1 and lane_floats > 0 and column_floats > 0
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        result = column_kernel.add_lanes(column_kernel.load(), x, term, lane, y,
+                                         torch.full((16 * 37 + 2 * 8 * 16,), float("nan")))
+    finally:
+        torch.set_num_threads(previous)
+    assert result is y
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    untouched = (slots == 0) | (slots == 4)
+    assert torch.equal(y[:, untouched], want[:, untouched])
+
+
+def test_lanes_outside_the_layers_write_nothing():
+    A, B, owner = factors([2, 3], 8, 6)
+    term = term_of(A, B, owner)
+    x, y = torch.randn(8, 2), torch.randn(6, 2)
+    before = y.clone()
+    for lane in ([0, 16], [-2, 0]):
+        with pytest.raises(AssertionError, match="outside"):
+            column_kernel.add_lanes(column_kernel.load(), x, term, torch.tensor(lane), y, torch.empty(16 * 8 + 48))
+    assert torch.equal(y, before)
+    call = column_kernel.lanes_call(column_kernel.load(), term, torch.tensor([0, 1]), x.shape, y.shape,
+                                    torch.empty(16 * 8 + 48))
+    with pytest.raises(ValueError, match="planned shapes"):
+        call(torch.randn(8, 3), torch.randn(6, 3))
+    with pytest.raises(ValueError, match="fp32"):
+        call(x.double(), y)
+    with pytest.raises(ValueError, match="do not match"):  # the scratch is too small
+        column_kernel.lanes_call(column_kernel.load(), term, torch.tensor([0, 1]), x.shape, y.shape, torch.empty(8))
+    assert torch.equal(y, before)
+    with pytest.raises(ValueError, match="contiguous"):  # y's columns
+        column_kernel.add_lanes(column_kernel.load(), x, term, torch.tensor([0, 1]), y.t().contiguous().t(),
+                                torch.empty(16 * 8 + 48))

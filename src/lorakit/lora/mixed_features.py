@@ -14,7 +14,9 @@ two plain products per layer in the weight-major form a decode step's few rows m
 step however many rows use it, and zero mask entries contribute exact zeros. Those products do n
 times the arithmetic a column needs when n adapters share the batch, so where lorakit's per-column
 kernel is built (lora/column_kernel.py: fp32, the CPU) each column multiplies by its own adapter's
-ranks only, from the same factors.
+ranks only, from the same factors, or, for a decode step's columns over most of the kept adapters,
+from the factors laid out by slot lanes (ColumnTerm.lanes); such a layer's step is then kept for the
+batch's next steps (the base product and one bound kernel call).
 
 The side-by-side factors are built for a set of adapters and kept while every row's adapter is
 among them: rows joining or leaving (continuous batching) change only the mask. When a row brings
@@ -79,6 +81,11 @@ def features_forward(state, layer: nn.Module, x: torch.Tensor) -> torch.Tensor |
     """A LoRA layer's output in a mixed batch (lora/mixed.py's RowAdapters `state`) for a feature-major input
     x (in, B), as (out, B); None where this does not apply (the grouped strategy, embeddings, a base other than
     a plain Linear, DoRA's output scale): call the layer then."""
+    features = state.features
+    if features is not None and state.names is features._names:
+        fast = features._steps.get(id(layer))
+        if fast is not None:  # this layer's kernel step for the batch, kept at its first step
+            return fast(x)
     if state.strategy == "grouped" or layer.kind != "linear" or type(layer.base_layer) not in FROZEN_LINEARS:
         return None
     if state.features is None:
@@ -94,9 +101,12 @@ class FeatureTerms:
         self._layers: dict[int, tuple[_SideBySide, int, int, torch.Tensor] | object | None] = {}
         self._names: list[str | None] | None = None  # the state's rows the slots were made for
         self._slots = torch.zeros(0, dtype=torch.long)
-        # (id(layer), tokens a row) -> the kernel's first rank and rank count per column
-        self._columns: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        # (a layer's ranks per slot, tokens a row, contiguous columns) -> each column's (lane,) or (first rank,
+        # rank count)
+        self._columns: dict[tuple, tuple[torch.Tensor, ...]] = {}
         self._work = torch.empty(0)  # the kernel's scratch, grown as needed
+        self._calls: dict[int, object] = {}  # id(ColumnTerm) -> its lane kernel call for the batch's decode steps
+        self._steps: dict[int, object] = {}  # id(layer) -> x -> its output, base product and lane call
         self._kernel = column_kernel.load() if column_kernel.enabled() else None
 
     def forward(self, state, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -112,7 +122,11 @@ class FeatureTerms:
             return out
         side, start, stop, B, term = entry
         if term is not None and self._kernel is not None and x.dtype == out.dtype == torch.float32 and x.is_cpu:
-            return self._by_column(layer, x, term, out, 1)
+            out = self._by_column(x, term, out, 1)
+            call = self._calls.get(id(term))
+            if call is not None:  # by lanes: the next steps go straight to the base product and this call
+                self._steps[id(layer)] = lambda x: call(x, frozen_features(base, x))
+            return out
         h = side.of(x, self._slots)[start:stop]
         if B.dtype != out.dtype:  # adapters kept in another type than the step's: their term in theirs
             return out.add_(torch.mm(B, h).to(out.dtype))
@@ -133,23 +147,44 @@ class FeatureTerms:
             return None
         y = out if out.is_contiguous() else out.contiguous()
         columns = x.reshape(rows * tokens, fan_in).t()  # (in, columns): a view, or a copy of a strided x
-        self._by_column(layer, columns, entry[4], y.view(rows * tokens, -1).t(), tokens)
+        self._by_column(columns, entry[4], y.view(rows * tokens, -1).t(), tokens)
         return y
 
-    def _by_column(self, layer: nn.Module, x: torch.Tensor, term, out: torch.Tensor, tokens: int) -> torch.Tensor:
+    def _by_column(self, x: torch.Tensor, term, out: torch.Tensor, tokens: int) -> torch.Tensor:
         """out (out, n) += each column's own LoRA term for x (in, n), through the per-column kernel; each row's
         slot covers `tokens` consecutive columns."""
-        key = (id(layer), tokens)
+        contiguous = out.stride(1) == 1  # a decode step's columns, not a prompt's tokens
+        key = (term.slots_key, tokens, contiguous)  # the same for every layer with the same adapters' ranks
         columns = self._columns.get(key)
         if columns is None:
-            first, count = term.columns(self._slots)
-            if tokens > 1:
-                first, count = first.repeat_interleave(tokens), count.repeat_interleave(tokens)
-            columns = self._columns[key] = (first, count)
-        size = x.shape[1] * (x.shape[0] + out.shape[0])
+            columns = self._columns[key] = self._columns_of(term, tokens, contiguous)
+        if len(columns) == 1:  # by slot lanes: the call kept for the batch's next steps
+            call = self._calls.get(id(term))
+            if call is None:
+                self._grow(column_kernel.LANES * (x.shape[0] + term.groups * term.max_rank))
+                call = self._calls[id(term)] = column_kernel.lanes_call(
+                    self._kernel, term, columns[0], x.shape, out.shape, self._work
+                )
+            return call(x, out)
+        self._grow(x.shape[1] * (x.shape[0] + out.shape[0]))
+        return column_kernel.add_columns(self._kernel, x, term, *columns, out, self._work)
+
+    def _grow(self, size: int) -> None:
+        """A scratch of at least `size` floats for the kernel; a new one (calls kept for the batch keep theirs)."""
         if self._work.numel() < size:
             self._work = torch.empty(size)
-        return column_kernel.add_columns(self._kernel, x, term, *columns, out, self._work)
+
+    def _columns_of(self, term, tokens: int, contiguous: bool) -> tuple[torch.Tensor, ...]:
+        """(lane,) where the lane kernel reads at most twice the factors the column kernel would (a decode step's
+        contiguous columns over most of the kept adapters), else (first rank, rank count) per column."""
+        if tokens == 1 and contiguous and term.groups:
+            lane, lane_floats, column_floats = term.lane_columns(self._slots)
+            if lane_floats <= 2 * column_floats:
+                return (lane,)
+        first, count = term.columns(self._slots)
+        if tokens > 1:
+            first, count = first.repeat_interleave(tokens), count.repeat_interleave(tokens)
+        return first, count
 
     def _follow(self, state) -> None:
         """When the state's rows changed (its adapters change only with them): new slots, and the factors
@@ -164,26 +199,28 @@ class FeatureTerms:
         slot = {name: k + 1 for k, name in enumerate(self.adapters)}
         self._slots = torch.tensor([slot.get(name, 0) for name in state.names], dtype=torch.long)
         self._columns.clear()
+        self._calls.clear()
+        self._steps.clear()
         self._names = state.names
 
     def _build(self, state, layer: nn.Module):
         """The side-by-side factors of the layer's sibling group (or the layer alone); returns the layer's entry.
 
-        They are kept on the group's first layer, with what they were built from (each adapter's factors,
-        by storage and version), and taken from there while those are unchanged: a new batch over the
+        They are kept on the group's first layer, with what they were built from (each adapter, its scaling and
+        its parameters by storage and version), and taken from there while those are unchanged: a new batch over the
         same adapters (the next request, the next `generate_mixed`) builds nothing."""
         group = state.siblings.get(id(layer), [layer])
-        found = [[(k + 1, m.adapters[n].row_factors(m)) for k, n in enumerate(self.adapters) if n in m.adapters]
-                 for m in group]
+        present = [[(k + 1, m.adapters[n]) for k, n in enumerate(self.adapters) if n in m.adapters] for m in group]
         # The adapter itself by weak reference (an adapter unloaded and another loaded under its name never
-        # matches, whatever memory it reuses), its factors by storage and version (trained in place).
+        # matches, whatever memory it reuses), its parameters by storage and version (trained in place).
         source = tuple(
-            (k, weakref.ref(m.adapters[self.adapters[k - 1]]), A.data_ptr(), A._version, B.data_ptr(), B._version,
-             s, scale is None)
-            for m, f in zip(group, found) for k, (A, B, s, scale) in f
+            (k, weakref.ref(adapter), adapter.scaling,
+             *[(p.data_ptr(), p._version) for p in adapter._parameters.values() if p is not None])
+            for found in present for k, adapter in found
         )
         kept = getattr(group[0], "side_by_side", None)
         if kept is None or kept[0] != source:
+            found = [[(k, adapter.row_factors(m)) for k, adapter in f] for m, f in zip(group, present)]
             kept = (source, _side_by_side(group, found))
             group[0].side_by_side = kept
         for member in group:
