@@ -113,13 +113,14 @@ def test_a_step_over_many_adapters_goes_by_slot_lanes_and_equals_the_forward(mon
 
     def counted(*args):
         call = plan(*args)
-        return lambda x, y: calls.append(1) or call(x, y)
+        return lambda x, ys: calls.append(len(ys)) or call(x, ys)
 
     monkeypatch.setattr(column_kernel, "lanes_call", counted)
     with row_adapters(model, rows, "gathered"):
         got, expected, lean_cache, plain_cache = decode_both(model, rows=len(rows))
     assert_same(got, expected, lean_cache, plain_cache)
-    assert len(calls) == 3 * 7 * model.config.num_hidden_layers  # every projection of each step, by lanes
+    # each step: one call for q/k/v, o, gate/up and down each, by lanes: every projection
+    assert calls == [3, 1, 2, 1] * 3 * model.config.num_hidden_layers
 
 
 def with_adapters(model, dora_on: str | None = None):

@@ -151,70 +151,92 @@ def test_a_mixed_forward_goes_through_the_kernel(strategy, monkeypatch):
     assert_rows_equal_alone(model, ids, names, mixed)
 
 
-def test_every_layout_gives_the_same_bits():
-    # a prompt's tokens (row-major) and a decode step (feature-major) must not round a column differently
+@pytest.mark.parametrize("threads", [1, 2])
+def test_every_layout_gives_the_same_bits(threads):
+    # a prompt's tokens (row-major) and a decode step (feature-major) must not round a column differently;
+    # columns 0-3 and 4-7 go as blocks of four through the same ranks, the rest one by one
     A, B, owner = factors([3, 8, 5], 45, 70, seed=2)
     term = term_of(A, B, owner)
-    slots = torch.tensor([3, 1, 2, 2, 0, 1])
+    slots = torch.tensor([3, 3, 3, 3, 1, 1, 1, 1, 1, 2, 0, 0, 2, 2])
+    n = len(slots)
     first, count = term.columns(slots)
-    x, y = torch.randn(45, 6), torch.randn(70, 6)
+    x, y = torch.randn(45, n), torch.randn(70, n)
+    want = expected(x, y, A, B, owner, slots)
     results = []
-    for x_in, y_out in [(x, y.clone()), (x.t().contiguous().t(), y.t().contiguous().t()),
-                        (x, y.t().contiguous().t()), (x.t().contiguous().t(), y.clone())]:
-        results.append(column_kernel.add_columns(column_kernel.load(), x_in, term, first, count, y_out,
-                                                 torch.empty(6 * (45 + 70))))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for x_in, y_out in [(x, y.clone()), (x.t().contiguous().t(), y.t().contiguous().t()),
+                            (x, y.t().contiguous().t()), (x.t().contiguous().t(), y.clone())]:
+            results.append(column_kernel.add_columns(column_kernel.load(), x_in, term, first, count, y_out,
+                                                     torch.empty(n * (45 + 70))))
+    finally:
+        torch.set_num_threads(previous)
     assert all(torch.equal(results[0], other) for other in results[1:])
+    torch.testing.assert_close(results[0], want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(results[0][:, 10:12], y[:, 10:12])  # no adapter: left alone
 
 
 @pytest.mark.parametrize("n", [5, 16, 21])  # a partial block of columns, a full one, one and a part
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("x_layout", ["feature-major", "row-major"])
 def test_lanes_give_each_column_its_own_adapters_term(n, threads, x_layout):
-    # 20 slots: two lane groups; ranks differ (zeros past a slot's own), slot 4 has none, 9: beyond the layer
-    ranks = [4, 8, 2, 0, 5] + [3] * 15
-    A, B, owner = factors([r for r in ranks if r], 37, 150, seed=3)
-    owner = torch.cat([torch.full((r,), k + 1) for k, r in enumerate(ranks) if r])
-    term = term_of(A, B, owner)
-    assert term.groups == 2
+    # a sibling group of three layers fed the same x (as q/k/v): 20 slots, two lane groups; ranks differ per slot
+    # and per layer (zeros past a slot's own); slot 4 has ranks on no layer, slot 5 on the first layer only,
+    # and the third layer has slots up to 12 only (one lane group of its own)
+    ranks = [[4, 8, 2, 0, 5] + [3] * 15, [2, 1, 6, 0, 0] + [2] * 15, [1, 3, 3, 0, 0] + [4] * 7]
+    fan_in, fan_outs = 37, [150, 20, 33]
+    layers = []
+    for seed, (layer_ranks, fan_out) in enumerate(zip(ranks, fan_outs)):
+        A, B, _ = factors([r for r in layer_ranks if r], fan_in, fan_out, seed=3 + seed)
+        owner = torch.cat([torch.full((r,), k + 1) for k, r in enumerate(layer_ranks) if r])
+        layers.append((A, B, owner))
+    group = column_kernel.LaneGroup([term_of(*layer) for layer in layers])
+    assert group.groups == 2 and group.ranks == 8 + 6 + 4
     slots = torch.tensor([2, 0, 1, 20, 4, 3, 2, 17, 1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16])[:n]
     generator = torch.Generator().manual_seed(n)
-    x, y = torch.randn(37, n, generator=generator), torch.randn(150, n, generator=generator)
-    want = expected(x, y, A, B, owner, slots)
+    x = torch.randn(fan_in, n, generator=generator)
+    ys = [torch.randn(fan_out, n, generator=generator) for fan_out in fan_outs]
+    wants = [expected(x, y, *layer, slots) for y, layer in zip(ys, layers)]
     if x_layout == "row-major":
         x = x.t().contiguous().t()
-    lane, lane_floats, column_floats = term.lane_columns(slots)
+    lane, lane_floats, column_floats = group.lane_columns(slots)
     assert lane[1] == -1 and lane[4] == -1 and lane[0] == 1 and lane_floats > 0 and column_floats > 0
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        result = column_kernel.add_lanes(column_kernel.load(), x, term, lane, y,
-                                         torch.full((16 * 37 + 2 * 8 * 16,), float("nan")))
+        result = column_kernel.add_lanes(column_kernel.load(), x, group, lane, ys,
+                                         torch.full((16 * fan_in + 2 * 18 * 16,), float("nan")))
     finally:
         torch.set_num_threads(previous)
-    assert result is y
-    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    assert all(r is y for r, y in zip(result, ys))
     untouched = (slots == 0) | (slots == 4)
-    assert torch.equal(y[:, untouched], want[:, untouched])
+    for y, want in zip(ys, wants):
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(y[:, untouched], want[:, untouched])
 
 
 def test_lanes_outside_the_layers_write_nothing():
     A, B, owner = factors([2, 3], 8, 6)
-    term = term_of(A, B, owner)
+    group = column_kernel.LaneGroup([term_of(A, B, owner)])
     x, y = torch.randn(8, 2), torch.randn(6, 2)
     before = y.clone()
+    kernel, work = column_kernel.load(), torch.empty(16 * 8 + 48)
     for lane in ([0, 16], [-2, 0]):
         with pytest.raises(AssertionError, match="outside"):
-            column_kernel.add_lanes(column_kernel.load(), x, term, torch.tensor(lane), y, torch.empty(16 * 8 + 48))
+            column_kernel.add_lanes(kernel, x, group, torch.tensor(lane), [y], work)
     assert torch.equal(y, before)
-    call = column_kernel.lanes_call(column_kernel.load(), term, torch.tensor([0, 1]), x.shape, y.shape,
-                                    torch.empty(16 * 8 + 48))
+    call = column_kernel.lanes_call(kernel, group, torch.tensor([0, 1]), x.shape, [y.shape], work)
     with pytest.raises(ValueError, match="planned shapes"):
-        call(torch.randn(8, 3), torch.randn(6, 3))
+        call(torch.randn(8, 3), [torch.randn(6, 3)])
     with pytest.raises(ValueError, match="fp32"):
-        call(x.double(), y)
+        call(x.double(), [y])
     with pytest.raises(ValueError, match="do not match"):  # the scratch is too small
-        column_kernel.lanes_call(column_kernel.load(), term, torch.tensor([0, 1]), x.shape, y.shape, torch.empty(8))
-    assert torch.equal(y, before)
+        column_kernel.lanes_call(kernel, group, torch.tensor([0, 1]), x.shape, [y.shape], torch.empty(8))
+    with pytest.raises(ValueError, match="do not match"):  # one y for a group of one
+        column_kernel.lanes_call(kernel, group, torch.tensor([0, 1]), x.shape, [y.shape, y.shape], work)
     with pytest.raises(ValueError, match="contiguous"):  # y's columns
-        column_kernel.add_lanes(column_kernel.load(), x, term, torch.tensor([0, 1]), y.t().contiguous().t(),
-                                torch.empty(16 * 8 + 48))
+        column_kernel.add_lanes(kernel, x, group, torch.tensor([0, 1]), [y.t().contiguous().t()], work)
+    assert torch.equal(y, before)
+    with pytest.raises(ValueError, match="same input size"):
+        column_kernel.LaneGroup([term_of(A, B, owner), term_of(*factors([2, 3], 9, 6)[:2], owner)])

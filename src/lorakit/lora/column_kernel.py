@@ -8,9 +8,10 @@ needs when n adapters share the batch. On the CPU, where a decode step is bound 
     y[:, b] += (s B)_b A_b x[:, b]
 
 reading only its adapter's ranks, on the process's OpenMP threads (torch's own libgomp). For a decode
-step's contiguous columns over up to a few groups of 16 adapters, `add_lanes` computes the same terms
-from the factors laid out by slot lanes (`ColumnTerm.lanes`), reading them front to back as full
-vectors, with no gather of the inputs and no transpose of the outputs.
+step's contiguous columns over up to a few groups of 16 adapters, `add_lanes` computes the same terms,
+for every layer of a sibling group at once, from the factors laid out by slot lanes (`LaneGroup`),
+reading them front to back as full vectors, with no gather of the inputs and no transpose of the
+outputs.
 
 It is compiled once per machine with the system's C compiler (`cc`, or $CC) into the cache folder
 (`$LORAKIT_CACHE/kernels`, atomically) and loaded with ctypes. `load()` returns the library, or None where
@@ -47,10 +48,12 @@ _COLUMNS_ARGS = [
 ]
 _LANES_ARGS = [
     ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # x, in, n, its strides
-    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # AL, BL, groups, R, out
-    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,  # lane, y, its feature stride
+    ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,  # AL, groups, R, lane
+    ctypes.c_int64, ctypes.c_void_p,  # members, their table (rank0, ranks, out, y's feature stride)
+    *[ctypes.c_void_p] * 4, *[ctypes.c_void_p] * 4,  # each member's BL, its y
     ctypes.c_void_p, ctypes.c_int,  # work, threads
 ]
+MEMBERS = 4  # the members of a sibling group one lane call serves at most (column_kernel.c's MEMBERS)
 LANES = 16  # slots a lane group holds: one 16-float vector
 
 
@@ -136,31 +139,59 @@ class ColumnTerm:
         """Lane groups of 16 slots that cover this layer's slots 1 .. (slot 0 has no adapter)."""
         return -(-(len(self.slot_count) - 2) // LANES)
 
-    def lanes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The factors by slot lanes, AL (groups, R, in, 16) and BL (groups, out, R, 16), R the largest rank,
-        lane l of group g holding slot 16 g + l + 1 (zeros past a slot's own ranks); built on first use."""
-        if self._lanes is None:
-            slots, R = self.groups * LANES, self.max_rank
-            A = self.A.new_zeros((slots, R, self.A.shape[1]))
-            BT = self.BT.new_zeros((slots, R, self.BT.shape[1]))
-            for slot in range(1, len(self.slot_count) - 1):
-                first, count = int(self.slot_first[slot]), int(self.slot_count[slot])
-                A[slot - 1, :count] = self.A[first : first + count]
-                BT[slot - 1, :count] = self.BT[first : first + count]
-            AL = A.view(self.groups, LANES, R, -1).permute(0, 2, 3, 1).contiguous()
-            BL = BT.view(self.groups, LANES, R, -1).permute(0, 3, 2, 1).contiguous()
-            self._lanes = AL, BL
-        return self._lanes
+    def lane_factors(self, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors by slot lanes over `groups` (at least this layer's), AL (groups, R, in, 16) and BL
+        (groups, out, R, 16), R the largest rank, lane l of group g holding slot 16 g + l + 1 (zeros past a slot's
+        own ranks and for slots without ranks here)."""
+        slots, R = groups * LANES, self.max_rank
+        A = self.A.new_zeros((slots, R, self.A.shape[1]))
+        BT = self.BT.new_zeros((slots, R, self.BT.shape[1]))
+        for slot in range(1, len(self.slot_count) - 1):
+            first, count = int(self.slot_first[slot]), int(self.slot_count[slot])
+            A[slot - 1, :count] = self.A[first : first + count]
+            BT[slot - 1, :count] = self.BT[first : first + count]
+        AL = A.view(groups, LANES, R, -1).permute(0, 2, 3, 1).contiguous()
+        BL = BT.view(groups, LANES, R, -1).permute(0, 3, 2, 1).contiguous()
+        return AL, BL
+
+
+class LaneGroup:
+    """The lane layouts of a sibling group's layers fed the same x (q/k/v, gate/up; or one layer): AL of every
+    member's ranks one after the other, (groups, sum of R, in, 16), and each member's BL, so that one kernel call
+    adds every member's terms."""
+
+    def __init__(self, terms: list[ColumnTerm]):
+        if not 1 <= len(terms) <= MEMBERS or len({t.A.shape[1] for t in terms}) != 1:
+            raise ValueError(f"a lane group holds 1 to {MEMBERS} layers of the same input size")
+        self.terms = terms
+        self.groups = max(t.groups for t in terms)
+        factors = [t.lane_factors(self.groups) for t in terms]
+        self.AL = torch.cat([AL for AL, _ in factors], dim=1)
+        self.BL = [BL for _, BL in factors]
+        ranks = [t.max_rank for t in terms]
+        rank0 = [sum(ranks[:m]) for m in range(len(terms))]
+        self.outs = [t.BT.shape[1] for t in terms]
+        # rank0, ranks, out, y's feature stride (filled per call's plan)
+        self.table = [(r0, r, out) for r0, r, out in zip(rank0, ranks, self.outs)]
+
+    @property
+    def ranks(self) -> int:
+        return self.AL.shape[1]
 
     def lane_columns(self, slots: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        """Each column's lane (its slot - 1, or -1 where its slot has no ranks here) for the columns' slots (n,),
-        with the factor floats the lane kernel reads for them and those the column kernel reads."""
-        count = self.slot_count[slots.clamp(max=len(self.slot_count) - 1)]
-        lane = torch.where(count > 0, slots - 1, -1).contiguous()
+        """Each column's lane (its slot - 1, or -1 where no member has ranks for its slot) for the columns' slots
+        (n,), with the factor floats the lane kernel reads for them and those the column kernel would."""
+        lane_floats = column_floats = 0
+        present = torch.zeros(len(slots), dtype=torch.bool)
+        for term in self.terms:
+            count = term.slot_count[slots.clamp(max=len(term.slot_count) - 1)]
+            present |= count > 0
+            fan = term.A.shape[1] + term.BT.shape[1]
+            column_floats += int(term.slot_count[slots[count > 0].unique()].sum()) * fan
+            lane_floats += term.max_rank * fan
+        lane = torch.where(present, slots - 1, -1).contiguous()
         groups = len(set((lane[lane >= 0] // LANES).tolist()))
-        fan = self.A.shape[1] + self.BT.shape[1]
-        distinct = slots[count > 0].unique()
-        return lane, groups * LANES * self.max_rank * fan, int(self.slot_count[distinct].sum()) * fan
+        return lane, groups * LANES * lane_floats, column_floats
 
 
 def add_columns(kernel, x: torch.Tensor, term: ColumnTerm, first: torch.Tensor, count: torch.Tensor,
@@ -180,34 +211,38 @@ def add_columns(kernel, x: torch.Tensor, term: ColumnTerm, first: torch.Tensor, 
     return y
 
 
-def add_lanes(kernel, x: torch.Tensor, term: ColumnTerm, lane: torch.Tensor, y: torch.Tensor,
-              work: torch.Tensor) -> torch.Tensor:
-    """y (out, n) += each column's LoRA term for feature-major x (in, n), in place, through the lane layout;
-    fp32 CPU tensors, y's columns contiguous (stride 1), x's any. `work` holds at least 16 * in + groups * R * 16
-    floats."""
-    return lanes_call(kernel, term, lane, x.shape, y.shape, work)(x, y)
+def add_lanes(kernel, x: torch.Tensor, group: LaneGroup, lane: torch.Tensor, ys: list[torch.Tensor],
+              work: torch.Tensor) -> list[torch.Tensor]:
+    """Each member's y_m (out_m, n) += each column's LoRA term for feature-major x (in, n), in place, through the
+    lane layout; fp32 CPU tensors, the y_m's columns contiguous (stride 1), x's any. `work` holds at least
+    16 * in + groups * R * 16 floats."""
+    return lanes_call(kernel, group, lane, x.shape, [y.shape for y in ys], work)(x, ys)
 
 
-def lanes_call(kernel, term: ColumnTerm, lane: torch.Tensor, x_shape, y_shape, work: torch.Tensor):
-    """add_lanes for x of x_shape (in, n) and y of y_shape (out, n) with all but x and y bound: f(x, y) -> y.
-    A decode step calls it for every layer, so it does little more than the C call."""
-    AL, BL = term.lanes()
-    (fan_in, n), fan_out = x_shape, y_shape[0]
-    scratch = LANES * (fan_in + AL.shape[0] * AL.shape[1])
-    if len(lane) != n or AL.shape[2] != fan_in or BL.shape[1] != fan_out or work.numel() < scratch:
-        raise ValueError("add_lanes: shapes or scratch do not match the layer's")
-    x_shape, y_shape = tuple(x_shape), tuple(y_shape)
-    constant = (AL.data_ptr(), BL.data_ptr(), AL.shape[0], AL.shape[1], fan_out, lane.data_ptr())
-    function, threads = kernel.lora_lanes, torch.get_num_threads()
+def lanes_call(kernel, group: LaneGroup, lane: torch.Tensor, x_shape, y_shapes, work: torch.Tensor):
+    """add_lanes for x of x_shape (in, n) and the members' y of y_shapes (out_m, n) with all but x and the y bound:
+    f(x, ys) -> ys. A decode step calls it for every sibling group, so it does little more than the C call."""
+    (fan_in, n), members = x_shape, len(group.terms)
+    x_shape, y_shapes = tuple(x_shape), [tuple(shape) for shape in y_shapes]
+    scratch = LANES * (fan_in + group.groups * group.ranks)
+    if (len(lane) != n or group.AL.shape[2] != fan_in or len(y_shapes) != members or work.numel() < scratch
+            or any(shape != (out, n) for shape, out in zip(y_shapes, group.outs))):
+        raise ValueError("add_lanes: shapes or scratch do not match the layers'")
+    # each member's row: rank0, ranks, out, y's feature stride (n: y contiguous, columns of stride 1)
+    table = torch.tensor([[*row, n] for row in group.table], dtype=torch.int64)
+    pointers = [BL.data_ptr() for BL in group.BL] + [0] * (MEMBERS - members)
+    head = (group.AL.data_ptr(), group.groups, group.ranks, lane.data_ptr(), members, table.data_ptr(), *pointers)
+    function, threads, missing = kernel.lora_lanes, torch.get_num_threads(), [0] * (MEMBERS - members)
 
-    def call(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if (x.shape != x_shape or y.shape != y_shape or y.stride(1) != 1 or x.dtype != torch.float32
-                or y.dtype != torch.float32 or not x.is_cpu or not y.is_cpu):
-            raise ValueError("add_lanes needs fp32 CPU x and y of the planned shapes, y's columns contiguous")
-        x_stride = x.stride()
-        if function(x.data_ptr(), fan_in, n, *x_stride, *constant, y.data_ptr(), y.stride(0), work.data_ptr(), threads):
-            raise AssertionError("a column's lane lies outside its layer's")
-        return y
+    def call(x: torch.Tensor, ys: list[torch.Tensor]) -> list[torch.Tensor]:
+        if (x.shape != x_shape or x.dtype != torch.float32 or not x.is_cpu or len(ys) != members
+                or any(y.shape != shape or y.dtype != torch.float32 or not y.is_cpu or not y.is_contiguous()
+                       for y, shape in zip(ys, y_shapes))):
+            raise ValueError("add_lanes needs fp32 CPU x and contiguous y of the planned shapes")
+        if function(x.data_ptr(), fan_in, n, *x.stride(), *head, *[y.data_ptr() for y in ys], *missing,
+                    work.data_ptr(), threads):
+            raise AssertionError("a column's lane lies outside its layers'")
+        return ys
 
-    call.memory = (AL, BL, lane, work)  # what the bound addresses point into, alive as long as the call
+    call.memory = (group, lane, table, work)  # what the bound addresses point into, alive as long as the call
     return call

@@ -15,8 +15,9 @@ step however many rows use it, and zero mask entries contribute exact zeros. Tho
 times the arithmetic a column needs when n adapters share the batch, so where lorakit's per-column
 kernel is built (lora/column_kernel.py: fp32, the CPU) each column multiplies by its own adapter's
 ranks only, from the same factors, or, for a decode step's columns over most of the kept adapters,
-from the factors laid out by slot lanes (ColumnTerm.lanes); such a layer's step is then kept for the
-batch's next steps (the base product and one bound kernel call).
+from the factors laid out by slot lanes (column_kernel.LaneGroup), one kernel call for a whole sibling
+group: its first layer's call computes every member's base product and terms, and each member takes its
+own output (_GroupStep, kept for the batch's next steps).
 
 The side-by-side factors are built for a set of adapters and kept while every row's adapter is
 among them: rows joining or leaving (continuous batching) change only the mask. When a row brings
@@ -31,6 +32,7 @@ runs as a module).
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -93,6 +95,27 @@ def features_forward(state, layer: nn.Module, x: torch.Tensor) -> torch.Tensor |
     return state.features.forward(state, layer, x)
 
 
+class _GroupStep:
+    """A sibling group's decode step by slot lanes: every member's base product and, in one kernel call, their
+    LoRA terms, computed at the group's first call for an x and handed to each member's call for the same x."""
+
+    def __init__(self, bases: list[nn.Module], call):
+        self.bases, self.call = bases, call
+        self._x: torch.Tensor | None = None  # held while a member's output waits: never another tensor's id
+        self._outs: list[torch.Tensor | None] = [None] * len(bases)
+
+    def __call__(self, index: int, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Member `index`'s output for x; `out`: its base product where the caller has it already."""
+        if x is not self._x or self._outs[index] is None:
+            outs = [out if k == index and out is not None else frozen_features(base, x)
+                    for k, base in enumerate(self.bases)]
+            self._x, self._outs = x, self.call(x, outs)
+        result, self._outs[index] = self._outs[index], None
+        if all(o is None for o in self._outs):
+            self._x = None
+        return result
+
+
 class FeatureTerms:
     """The side-by-side factors of a RowAdapters state's batch, per layer, for feature-major steps."""
 
@@ -101,12 +124,11 @@ class FeatureTerms:
         self._layers: dict[int, tuple[_SideBySide, int, int, torch.Tensor] | object | None] = {}
         self._names: list[str | None] | None = None  # the state's rows the slots were made for
         self._slots = torch.zeros(0, dtype=torch.long)
-        # (a layer's ranks per slot, tokens a row, contiguous columns) -> each column's (lane,) or (first rank,
-        # rank count)
+        # (a layer's ranks per slot, tokens a row) -> each column's first rank and rank count
         self._columns: dict[tuple, tuple[torch.Tensor, ...]] = {}
         self._work = torch.empty(0)  # the kernel's scratch, grown as needed
-        self._calls: dict[int, object] = {}  # id(ColumnTerm) -> its lane kernel call for the batch's decode steps
-        self._steps: dict[int, object] = {}  # id(layer) -> x -> its output, base product and lane call
+        self._groups: dict[int, _GroupStep | None] = {}  # id(a sibling group's _SideBySide) -> its step by lanes
+        self._steps: dict[int, object] = {}  # id(layer) -> (x, out=None) -> its output, from its group's step
         self._kernel = column_kernel.load() if column_kernel.enabled() else None
 
     def forward(self, state, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -122,11 +144,10 @@ class FeatureTerms:
             return out
         side, start, stop, B, term = entry
         if term is not None and self._kernel is not None and x.dtype == out.dtype == torch.float32 and x.is_cpu:
-            out = self._by_column(x, term, out, 1)
-            call = self._calls.get(id(term))
-            if call is not None:  # by lanes: the next steps go straight to the base product and this call
-                self._steps[id(layer)] = lambda x: call(x, frozen_features(base, x))
-            return out
+            step = self._group_step(state, layer, side, x, out)
+            if step is not None:  # by lanes, with its siblings: the next steps go straight to the kept step
+                return self._steps[id(layer)](x, out)
+            return self._by_column(x, term, out, 1)
         h = side.of(x, self._slots)[start:stop]
         if B.dtype != out.dtype:  # adapters kept in another type than the step's: their term in theirs
             return out.add_(torch.mm(B, h).to(out.dtype))
@@ -153,19 +174,10 @@ class FeatureTerms:
     def _by_column(self, x: torch.Tensor, term, out: torch.Tensor, tokens: int) -> torch.Tensor:
         """out (out, n) += each column's own LoRA term for x (in, n), through the per-column kernel; each row's
         slot covers `tokens` consecutive columns."""
-        contiguous = out.stride(1) == 1  # a decode step's columns, not a prompt's tokens
-        key = (term.slots_key, tokens, contiguous)  # the same for every layer with the same adapters' ranks
+        key = (term.slots_key, tokens)  # the same for every layer with the same adapters' ranks
         columns = self._columns.get(key)
         if columns is None:
-            columns = self._columns[key] = self._columns_of(term, tokens, contiguous)
-        if len(columns) == 1:  # by slot lanes: the call kept for the batch's next steps
-            call = self._calls.get(id(term))
-            if call is None:
-                self._grow(column_kernel.LANES * (x.shape[0] + term.groups * term.max_rank))
-                call = self._calls[id(term)] = column_kernel.lanes_call(
-                    self._kernel, term, columns[0], x.shape, out.shape, self._work
-                )
-            return call(x, out)
+            columns = self._columns[key] = self._columns_of(term, tokens)
         self._grow(x.shape[1] * (x.shape[0] + out.shape[0]))
         return column_kernel.add_columns(self._kernel, x, term, *columns, out, self._work)
 
@@ -174,17 +186,37 @@ class FeatureTerms:
         if self._work.numel() < size:
             self._work = torch.empty(size)
 
-    def _columns_of(self, term, tokens: int, contiguous: bool) -> tuple[torch.Tensor, ...]:
-        """(lane,) where the lane kernel reads at most twice the factors the column kernel would (a decode step's
-        contiguous columns over most of the kept adapters), else (first rank, rank count) per column."""
-        if tokens == 1 and contiguous and term.groups:
-            lane, lane_floats, column_floats = term.lane_columns(self._slots)
-            if lane_floats <= 2 * column_floats:
-                return (lane,)
+    def _columns_of(self, term, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first rank, rank count) per column, each row's slot covering `tokens` consecutive columns."""
         first, count = term.columns(self._slots)
         if tokens > 1:
             first, count = first.repeat_interleave(tokens), count.repeat_interleave(tokens)
         return first, count
+
+    def _group_step(self, state, layer: nn.Module, side: _SideBySide, x: torch.Tensor, out: torch.Tensor):
+        """The batch's step by slot lanes for the layer's sibling group (kept in self._steps for each member), or
+        None where the lanes would read over twice the factors the column kernel reads (few of the kept adapters
+        in use) or do not apply."""
+        if id(side) in self._groups:
+            return self._groups[id(side)]
+        self._groups[id(side)] = None
+        group = state.siblings.get(id(layer), [layer])
+        members = [m for m in group if isinstance(self._layers.get(id(m)), tuple) and self._layers[id(m)][4]]
+        if layer not in members or len(members) > column_kernel.MEMBERS or out.stride(1) != 1:
+            return None
+        if getattr(side, "lanes", None) is None:
+            side.lanes = column_kernel.LaneGroup([self._layers[id(m)][4] for m in members])
+        lanes = side.lanes
+        lane, lane_floats, column_floats = lanes.lane_columns(self._slots)
+        if lane_floats > 2 * column_floats:
+            return None
+        n = x.shape[1]
+        self._grow(column_kernel.LANES * (x.shape[0] + lanes.groups * lanes.ranks))
+        call = column_kernel.lanes_call(self._kernel, lanes, lane, x.shape, [(o, n) for o in lanes.outs], self._work)
+        step = self._groups[id(side)] = _GroupStep([m.base_layer for m in members], call)
+        for index, member in enumerate(members):
+            self._steps[id(member)] = functools.partial(step, index)
+        return step
 
     def _follow(self, state) -> None:
         """When the state's rows changed (its adapters change only with them): new slots, and the factors
@@ -199,7 +231,7 @@ class FeatureTerms:
         slot = {name: k + 1 for k, name in enumerate(self.adapters)}
         self._slots = torch.tensor([slot.get(name, 0) for name in state.names], dtype=torch.long)
         self._columns.clear()
-        self._calls.clear()
+        self._groups.clear()
         self._steps.clear()
         self._names = state.names
 
