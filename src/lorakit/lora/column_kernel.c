@@ -10,7 +10,7 @@
    with torch), and each column computes its term into its own row of `work` (in + out floats a
    column); four columns through the same ranks (a prompt's tokens) go together, each factor row
    loaded once for the four. Where a column's outputs are contiguous (y_feature == 1: row-major
-   outputs), a second pass adds each row to y. Where they are strided (a decode step's feature-major y), one cache
+   outputs), each column adds its term to its row of y. Where they are strided (a decode step's feature-major y), one cache
    line of y holds one output of every column, and threads writing their own columns would fight
    over it: a second pass splits y by outputs over the threads, each adding every column's term
    to its outputs. Either way a column's term is summed the same way, so the two layouts agree to
@@ -106,8 +106,9 @@ static void down4(const float *const xs[4], const float *A, int64_t in, int64_t 
     }
 }
 
-/* d_c[o] = sum_j h[c * count + j] BT[j][o], j in order, for the four columns */
-static void up4(const float *h, const float *BT, int64_t out, int64_t count, float *const ds[4]) {
+/* d_c[o] = sum_j h[c * count + j] BT[j][o], j in order, for the four columns; added to ds[c] where `add`, else
+   stored there */
+static void up4(const float *h, const float *BT, int64_t out, int64_t count, float *const ds[4], int add) {
     int64_t o = 0;
     for (; o + 16 <= out; o += 16) {
         v16 d0 = {0}, d1 = {0}, d2 = {0}, d3 = {0};
@@ -115,21 +116,27 @@ static void up4(const float *h, const float *BT, int64_t out, int64_t count, flo
             v16 b = *(const v16u *)(BT + j * out + o);
             d0 += h[j] * b, d1 += h[count + j] * b, d2 += h[2 * count + j] * b, d3 += h[3 * count + j] * b;
         }
-        *(v16u *)(ds[0] + o) = d0, *(v16u *)(ds[1] + o) = d1, *(v16u *)(ds[2] + o) = d2, *(v16u *)(ds[3] + o) = d3;
+        if (add) {
+            *(v16u *)(ds[0] + o) += d0, *(v16u *)(ds[1] + o) += d1, *(v16u *)(ds[2] + o) += d2;
+            *(v16u *)(ds[3] + o) += d3;
+        } else {
+            *(v16u *)(ds[0] + o) = d0, *(v16u *)(ds[1] + o) = d1, *(v16u *)(ds[2] + o) = d2, *(v16u *)(ds[3] + o) = d3;
+        }
     }
     for (; o < out; o++)
         for (int c = 0; c < 4; c++) {
             float d = 0.f;
             for (int64_t j = 0; j < count; j++) d += h[c * count + j] * BT[j * out + o];
-            ds[c][o] = d;
+            ds[c][o] = add ? ds[c][o] + d : d;
         }
 }
 
-/* Column b's term into its row of work (x in its first `in` floats where gathered, d after them), by blocks:
-   four columns through the same ranks together, any other column alone. */
+/* Column b's term, by blocks: four columns through the same ranks together, any other column alone. Added to
+   y's row b where y's rows are contiguous (y_row: y + b * y_column; else NULL), else stored in work's row b (x
+   in its first `in` floats where gathered, the term after them) for the strided pass. */
 static void terms(const float *x, int64_t in, int64_t n, int64_t x_feature, int64_t x_column, const float *A,
                   const float *BT, int64_t out, const int64_t *first, const int64_t *count, int64_t max_rank,
-                  float *work, int threads) {
+                  float *y_row, int64_t y_column, float *work, int threads) {
 #pragma omp parallel num_threads(threads)
     {
         float h[4 * (max_rank > 0 ? max_rank : 1)];
@@ -150,8 +157,10 @@ static void terms(const float *x, int64_t in, int64_t n, int64_t x_feature, int6
                 }
             }
             if (together && count[b0]) {
+                float *ys[4];
+                for (int c = 0; c < 4; c++) ys[c] = y_row ? y_row + (b0 + c) * y_column : ds[c];
                 down4(xs, A + first[b0] * in, in, count[b0], h);
-                up4(h, BT + first[b0] * out, out, count[b0], ds);
+                up4(h, BT + first[b0] * out, out, count[b0], ys, y_row != 0);
                 continue;
             }
             for (int64_t c = 0; c < width; c++) {
@@ -160,6 +169,11 @@ static void terms(const float *x, int64_t in, int64_t n, int64_t x_feature, int6
                 down(xs[c], A + first[b] * in, in, count[b], h);
                 for (int64_t o = 0; o < out; o++) ds[c][o] = 0.f;
                 up(h, BT + first[b] * out, out, count[b], ds[c]);
+                if (y_row) {
+                    float *yb = y_row + b * y_column;
+#pragma omp simd
+                    for (int64_t o = 0; o < out; o++) yb[o] += ds[c][o];  /* as the strided pass adds it */
+                }
             }
         }
     }
@@ -173,18 +187,11 @@ int lora_columns(const float *x, int64_t in, int64_t n, int64_t x_feature, int64
     for (int64_t b = 0; b < n; b++)
         if (count[b] < 0 || count[b] > max_rank || (count[b] && (first[b] < 0 || first[b] + count[b] > W)))
             return 1;
-    terms(x, in, n, x_feature, x_column, A, BT, out, first, count, max_rank, work, threads);
-    if (y_feature == 1) {  /* each column's outputs contiguous: a row of y each */
-#pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t b = 0; b < n; b++) {
-            if (count[b] == 0) continue;
-            const float *d = work + b * (in + out) + in;
-            float *yb = y + b * y_column;
-#pragma omp simd
-            for (int64_t o = 0; o < out; o++) yb[o] += d[o];  /* as the strided pass adds it: the same sums */
-        }
+    if (y_feature == 1) {  /* each column's outputs contiguous: a row of y each, added as computed */
+        terms(x, in, n, x_feature, x_column, A, BT, out, first, count, max_rank, y, y_column, work, threads);
         return 0;
     }
+    terms(x, in, n, x_feature, x_column, A, BT, out, first, count, max_rank, 0, 0, work, threads);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t o = 0; o < out; o++) {
         float *row = y + o * y_feature;
