@@ -16,6 +16,7 @@ from lorakit.infer.kv_cache import roomy_cache
 from lorakit.lora.base import FEW_ROWS
 from lorakit.lora.adapters import lora_layers
 from lorakit.lora.mixed import RowAdapters, row_adapters, sibling_layers
+from lorakit.lora import column_kernel
 from lorakit.lora.mixed_features import features_forward
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -98,8 +99,6 @@ def test_the_lean_step_equals_the_forward_with_per_row_adapters(strategy):
 
 
 def test_a_step_over_many_adapters_goes_by_slot_lanes_and_equals_the_forward(monkeypatch):
-    from lorakit.lora import column_kernel
-
     if column_kernel.load() is None:
         pytest.skip("no C compiler here to build the kernel")
     model = tiny_llama()
@@ -162,6 +161,10 @@ def test_the_next_batch_over_the_same_adapters_builds_nothing_until_one_changes(
     perturb(model, "b", std=0.3, seed=9)  # trained further, in place
     kept = decode()  # built again, and the new factors decode as the forward does
     assert decode() is kept
+    with row_adapters(model, [None, "b", "b"], "gathered"):  # a subset of the kept adapters
+        assert_same(*decode_both(model, steps=2))
+    if column_kernel.load() is not None:  # with the kernel, the kept factors serve the subset: nothing built
+        assert q_proj.side_by_side is kept
     lorakit.delete_adapter(model, "b")  # another adapter under the same name, maybe in the same memory
     lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS), "b")
     perturb(model, "b", std=0.3, seed=11)
@@ -174,8 +177,6 @@ def test_siblings_share_one_down_product_per_step(kernel, monkeypatch):
     """Without the per-column kernel, q/k/v (and gate/up) multiply x by their side-by-side A once: per layer
     7 base products and 4 down products, the up products ride on addmm. With it, the base products alone."""
     from torch.profiler import profile
-
-    from lorakit.lora import column_kernel
 
     if kernel == "kernel" and column_kernel.load() is None:
         pytest.skip("no C compiler here to build the kernel")

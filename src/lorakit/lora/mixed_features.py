@@ -134,7 +134,7 @@ class FeatureTerms:
     def forward(self, state, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """W x + b + each row's LoRA term, (out, B), for feature-major x (in, B); None when the layer is
         not covered (an output scale)."""
-        self._follow(state)
+        self._follow(state, layer)
         entry = self._layers[id(layer)] if id(layer) in self._layers else self._build(state, layer)
         if entry is _UNCOVERED:
             return None
@@ -156,7 +156,7 @@ class FeatureTerms:
     def rows(self, state, layer: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
         """out + each row's LoRA term for row-major x (B, ..., in) and its base output (B, ..., out); None
         when the kernel does not cover the layer."""
-        self._follow(state)
+        self._follow(state, layer)
         entry = self._layers[id(layer)] if id(layer) in self._layers else self._build(state, layer)
         if entry is None:  # none of the batch's adapters is on this layer
             return out
@@ -218,12 +218,19 @@ class FeatureTerms:
             self._steps[id(member)] = functools.partial(step, index)
         return step
 
-    def _follow(self, state) -> None:
+    def _follow(self, state, layer: nn.Module) -> None:
         """When the state's rows changed (its adapters change only with them): new slots, and the factors
-        built again if a row's adapter is not among them."""
+        built again if a row's adapter is not among them. A new batch first takes the adapters the layers'
+        kept factors were built for when they include its own (where the per-column kernel runs, the kept
+        adapters that no row uses cost nothing), so that batches over subsets of the same adapters (4 of 16,
+        then 16) build nothing."""
         if state.names is self._names:
             return
         used = set(state.distinct)
+        if not self.adapters:
+            kept = getattr(state.siblings.get(id(layer), [layer])[0], "side_by_side", None)
+            if kept is not None and used <= set(kept[2]) and (self._kernel or len(kept[2]) <= 2 * len(used)):
+                self.adapters = list(kept[2])
         if not used <= set(self.adapters):  # keep the adapters still in use or kept recently, when few
             kept = used | set(self.adapters)
             self.adapters = sorted(kept if len(kept) <= 2 * len(used) else used)
@@ -253,7 +260,7 @@ class FeatureTerms:
         kept = getattr(group[0], "side_by_side", None)
         if kept is None or kept[0] != source:
             found = [[(k, adapter.row_factors(m)) for k, adapter in f] for m, f in zip(group, present)]
-            kept = (source, _side_by_side(group, found))
+            kept = (source, _side_by_side(group, found), tuple(self.adapters))
             group[0].side_by_side = kept
         for member in group:
             self._layers[id(member)] = kept[1].get(id(member))
