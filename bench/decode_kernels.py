@@ -9,6 +9,7 @@ the output: the evidence for which weight types `lorakit serve` offers.
                   layout "weight")
      fp32-columns the same with x copied column-major, one row as two copies of itself (layout "columns")
      fp32-rows    (x^T W^T)^T, the rows made contiguous and W read transposed (layout "rows")
+     fp32-kernel  lorakit's own product (lora/weight_kernel.py, layout "kernel"), where a C compiler built it
      bf16, fp16   the same on weights cast to the half type (`lorakit serve --half-weights`)
      int8-dyn     PyTorch's dynamic int8 linear (quantized::linear_dynamic, x86 engine): int8 weights per
                   output channel, the activations quantised to int8 per tensor at each call
@@ -38,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # results: the benches
 
 from results import machine, min_median, write_result  # noqa: E402
 
+from lorakit.lora import weight_kernel  # noqa: E402
 from lorakit.lora.base import _product, measure_layouts  # noqa: E402
 from lorakit.models import load_causal_lm, load_tokenizer  # noqa: E402
 
@@ -47,6 +49,8 @@ PROMPTS = [
     "Describe how a LoRA adapter works.", "Give two tips for writing clear code.", "What does a compiler do?",
 ]
 FP32_LAYOUTS = {"fp32": "weight", "fp32-columns": "columns", "fp32-rows": "rows"}  # lora/base.py's layouts
+if weight_kernel.enabled() and weight_kernel.load() is not None:
+    FP32_LAYOUTS["fp32-kernel"] = "kernel"
 KERNELS = [*FP32_LAYOUTS, "bf16", "fp16", "int8-dyn", "int8-wo"]
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lorakit.lora import base
+from lorakit.lora import base, weight_kernel
 from lorakit.lora.base import FEW_ROWS, LAYOUT_ROWS, LAYOUTS, decode_linear, weight_major_product
 
 
@@ -70,13 +70,16 @@ def test_each_decode_layout_reads_x_as_it_says_and_equals_the_product(rows, layo
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(40, rows, generator=generator)  # feature-major, as a decode step keeps them
     weight, bias = torch.randn(24, 40, generator=generator), torch.randn(24, generator=generator)
-    with _Products() as seen:
+    if layout == "kernel" and weight_kernel.load() is None:
+        pytest.skip("no C compiler here to build the kernel")
+    with _Products() as seen, torch.no_grad():  # as in a decode step (the kernel has no autograd)
         out = weight_major_product(x, weight, bias)
     columns = max(rows, 2)  # one row goes in as two copies of itself
     expected = {
         "weight": [((24, 40), (40, rows), (rows, 1))],
         "columns": [((24, 40), (40, columns), (1, 40))],
         "rows": [((rows, 40), (40, 24), (1, 40))],
+        "kernel": [],  # lorakit's own product, no aten::mm
     }[layout]
     assert seen == expected
     assert out.shape == (24, rows)
@@ -84,12 +87,24 @@ def test_each_decode_layout_reads_x_as_it_says_and_equals_the_product(rows, layo
     assert torch.allclose(decode_linear(x.t(), weight, bias), F.linear(x.t(), weight, bias), atol=1e-5)
 
 
-def test_more_rows_than_the_measured_layouts_multiply_as_stored():
-    x, weight = torch.randn(40, LAYOUT_ROWS + 1), torch.randn(24, 40)
-    with _Products() as seen:
+@pytest.mark.parametrize("at_most", ["columns", "kernel"])
+def test_more_rows_than_the_measured_layouts_multiply_as_stored_or_through_the_kernel(at_most, monkeypatch):
+    # past LAYOUT_ROWS rows the kernel goes on where it was the choice at LAYOUT_ROWS; else W x as stored
+    if at_most == "kernel" and weight_kernel.load() is None:
+        pytest.skip("no C compiler here to build the kernel")
+    monkeypatch.setattr(base, "_layouts", dict.fromkeys(range(1, LAYOUT_ROWS + 1), at_most))
+    x, weight = torch.randn(40, LAYOUT_ROWS + 5), torch.randn(24, 40)
+    with _Products() as seen, torch.no_grad():
         out = weight_major_product(x, weight, None)
-    assert seen == [((24, 40), (40, LAYOUT_ROWS + 1), (LAYOUT_ROWS + 1, 1))]
+    if at_most == "kernel":
+        assert seen == []
+    else:
+        assert seen == [((24, 40), (40, LAYOUT_ROWS + 5), (LAYOUT_ROWS + 5, 1))]
     assert torch.allclose(out, weight @ x, atol=1e-5)
+    few = torch.randn(3, 40, requires_grad=True)  # under autograd: never the kernel
+    with _Products() as seen:
+        weight_major_product(few.t(), weight, None).sum().backward()
+    assert seen and few.grad is not None
 
 
 def test_layouts_are_measured_once_per_process_for_every_row_count(monkeypatch):
@@ -109,10 +124,14 @@ def test_measure_layouts_names_a_layout_for_each_row_count():
 
 
 def test_measure_layouts_takes_the_fastest(monkeypatch):
-    """With products made to take 1 ms (weight), 2 ms (columns) and 0.2 ms (rows), every count takes rows."""
-    pause = {"weight": 1e-3, "columns": 2e-3, "rows": 2e-4}
+    """With products made to take 1 ms (weight), 2 ms (columns), 0.2 ms (rows) and 0.5 ms (kernel), the counts
+    that time the BLAS layouts take rows, the others the kernel (or the weight, where it is not built)."""
+    pause = {"weight": 1e-3, "columns": 2e-3, "rows": 2e-4, "kernel": 5e-4}
     monkeypatch.setattr(base, "_product", lambda x, weight, layout: time.sleep(pause[layout]))
-    assert base.measure_layouts(rounds=1) == dict.fromkeys(range(1, LAYOUT_ROWS + 1), "rows")
+    past = "kernel" if weight_kernel.load() is not None else "weight"
+    assert base.measure_layouts(rounds=1) == {
+        rows: "rows" if rows <= base.BLAS_LAYOUT_ROWS else past for rows in range(1, LAYOUT_ROWS + 1)
+    }
 
 
 class _Products(TorchDispatchMode):

@@ -105,7 +105,7 @@ def test_without_a_compiler_mixed_batches_keep_the_products(tmp_path, monkeypatc
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     column_kernel.load.cache_clear()
     try:
-        with caplog.at_level(logging.WARNING, logger="lorakit.lora.column_kernel"):
+        with caplog.at_level(logging.WARNING, logger="lorakit.native"):
             assert column_kernel.load() is None
         assert "could not be built" in caplog.text
         model, ids, names = mixed_model()

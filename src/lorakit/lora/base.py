@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.lora import weight_kernel
+
 try:  # GPT-2's Conv1D is a Linear with a transposed weight.
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a hard dependency
@@ -135,8 +137,11 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 #   weight   W x, x row-major (in, B), as a decode step keeps it
 #   columns  W x, x copied column-major (each row's features contiguous); one row goes in as two copies of itself
 #   rows     (x^T W^T)^T, the rows made contiguous and W read transposed
-LAYOUTS = ("weight", "columns", "rows")
-LAYOUT_ROWS = 8
+#   kernel   lorakit's own product (lora/weight_kernel.py), where it is built: the weight read once, 16 rows at
+#            a time; also used past LAYOUT_ROWS rows when it is the choice at LAYOUT_ROWS
+LAYOUTS = ("weight", "columns", "rows", "kernel")
+LAYOUT_ROWS = 16
+BLAS_LAYOUT_ROWS = 8  # past this many rows only "weight" and "kernel" are timed (the other two were never faster)
 _layouts: dict[int, str] = {}
 
 
@@ -154,12 +159,15 @@ def measure_layouts(rounds: int = 3, margin: float = 0.05) -> dict[int, str]:
     second on idle cores. Timed while other processes load the cores (two servers starting at once), the
     products slow down by 50x and their order is noise: then it mostly keeps "weight"."""
     weights = [torch.full(shape, 1.0 / 2048) for shape in [(2048, 512), (512, 2048)] * 8]
+    kernel = weight_kernel.enabled() and weight_kernel.load() is not None
     chosen = {}
     for rows in range(1, LAYOUT_ROWS + 1):
         inputs = {size: torch.ones(size, rows) for size in (512, 2048)}
-        best = dict.fromkeys(LAYOUTS, float("inf"))
+        layouts = [layout for layout in LAYOUTS if (kernel or layout != "kernel")
+                   and (rows <= BLAS_LAYOUT_ROWS or layout in ("weight", "kernel"))]
+        best = dict.fromkeys(layouts, float("inf"))
         for _ in range(rounds):
-            for layout in LAYOUTS:
+            for layout in layouts:
                 start = time.perf_counter()
                 for weight in weights:
                     _product(inputs[weight.shape[1]], weight, layout)
@@ -178,6 +186,8 @@ def _product(x: torch.Tensor, weight: torch.Tensor, layout: str) -> torch.Tensor
         return out[:, :1].contiguous() if rows == 1 else out
     if layout == "rows":
         return torch.mm(x.t().contiguous(), weight.t()).t()
+    if layout == "kernel":
+        return weight_kernel.product(x, weight)
     return torch.mm(weight, x)
 
 
@@ -190,8 +200,11 @@ def weight_major_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if weight.dtype != x.dtype:
         return weight_major_product(x.to(weight.dtype), weight, bias).to(x.dtype)
     rows = x.shape[1]
-    if 0 < rows <= LAYOUT_ROWS and weight.dtype == torch.float32 and x.device.type == "cpu":
-        out = _product(x, weight, decode_layouts()[rows])
+    if 0 < rows and weight.dtype == torch.float32 and x.device.type == "cpu":
+        layout = decode_layouts()[min(rows, LAYOUT_ROWS)]
+        if (rows > LAYOUT_ROWS and layout != "kernel") or (layout == "kernel" and torch.is_grad_enabled()):
+            layout = "weight"  # the kernel has no autograd
+        out = _product(x, weight, layout)
     else:
         out = torch.mm(weight, x)
     if bias is not None:

@@ -13,32 +13,23 @@ for every layer of a sibling group at once, from the factors laid out by slot la
 reading them front to back as full vectors, with no gather of the inputs and no transpose of the
 outputs.
 
-It is compiled once per machine with the system's C compiler (`cc`, or $CC) into the cache folder
-(`$LORAKIT_CACHE/kernels`, atomically) and loaded with ctypes. `load()` returns the library, or None where
-it cannot be built (no compiler, another platform); `enabled()` is false where LORAKIT_COLUMN_KERNEL=0.
-Callers keep the side-by-side products then.
+It is compiled once per machine with the system's C compiler (lorakit/native.py) and loaded with
+ctypes. `load()` returns the library, or None where it cannot be built (no compiler, another platform);
+`enabled()` is false where LORAKIT_COLUMN_KERNEL=0. Callers keep the side-by-side products then.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
 import os
-import platform
-import subprocess
-import tempfile
 from functools import cache
 from pathlib import Path
 
 import torch
 
-from lorakit.models import cache_root
-
-log = logging.getLogger(__name__)
+from lorakit import native
 
 SOURCE = Path(__file__).with_suffix(".c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC", "--param=vect-max-peeling-for-alignment=0"]
 _COLUMNS_ARGS = [
     ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # x, in, n, its strides
     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,  # A, BT, W, out
@@ -66,49 +57,12 @@ def enabled() -> bool:
 def load():
     """The kernel's library (lora_columns, lora_lanes), built on first use; None where it cannot be built here
     (logged once)."""
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "aarch64"):
-        return None
-    try:
-        library = ctypes.CDLL(str(_built()))  # after torch: its libgomp.so.1 serves the kernel's OpenMP
-    except (OSError, subprocess.CalledProcessError) as error:
-        log.warning("the per-column LoRA kernel could not be built (%s); mixed batches use side-by-side products",
-                    str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__)
+    library = native.load_library(SOURCE, what="the per-column LoRA kernel (mixed batches use side-by-side products)")
+    if library is None:
         return None
     library.lora_columns.argtypes, library.lora_columns.restype = _COLUMNS_ARGS, ctypes.c_int
     library.lora_lanes.argtypes, library.lora_lanes.restype = _LANES_ARGS, ctypes.c_int
     return library
-
-
-def _built() -> Path:
-    """The shared library for this source, compiler and CPU, compiled into the cache when missing."""
-    compiler = os.environ.get("CC", "cc")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode() + _cpu_flags().encode()
-    ).hexdigest()[:16]
-    target = cache_root() / "kernels" / f"column_kernel-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=".column_kernel-", suffix=".so", dir=target.parent)
-    os.close(handle)
-    try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, check=True)
-        os.replace(tmp, target)  # atomic: a concurrent build or a crash never leaves half a library
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return target
-
-
-def _cpu_flags() -> str:
-    """The CPU's feature flags (-march=native builds for them), so another CPU sharing the cache builds its own."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
 
 
 class ColumnTerm:

@@ -1,0 +1,40 @@
+"""lorakit's decode-step product kernel: W x for a few columns, equal to the float64 product, each column's
+result independent of the others."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorakit.lora import weight_kernel
+
+pytestmark = pytest.mark.skipif(weight_kernel.load() is None, reason="no C compiler here to build the kernel")
+
+
+@pytest.mark.parametrize("n", [1, 5, 16, 17, 40])  # partial blocks of 16 columns, a full one, several
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_product_equals_float64_and_each_column_is_its_own(n, threads):
+    generator = torch.Generator().manual_seed(n)
+    weight = torch.randn(37, 23, generator=generator)  # 37 rows: a last block of 8 rows holds 5
+    x = torch.randn(23, n, generator=generator)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = weight_kernel.product(x, weight)
+        alone = weight_kernel.product(x[:, -1:].clone(), weight)
+    finally:
+        torch.set_num_threads(previous)
+    assert out.shape == (37, n)
+    torch.testing.assert_close(out, (weight.double() @ x.double()).float(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[:, -1:], alone)  # the same bits, whatever else the batch holds
+    strided = weight_kernel.product(x.t().contiguous().t(), weight)  # x read as stored, or copied
+    assert torch.equal(strided, out)
+
+
+def test_wrong_inputs_are_refused():
+    weight = torch.randn(8, 4)
+    with pytest.raises(ValueError, match="does not take"):
+        weight_kernel.product(torch.randn(5, 3), weight)
+    with pytest.raises(ValueError, match="fp32"):
+        weight_kernel.product(torch.randn(4, 3).double(), weight)
+    assert weight_kernel.product(torch.randn(4, 0), weight).shape == (8, 0)
