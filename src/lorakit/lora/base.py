@@ -195,15 +195,15 @@ def weight_major_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     """W x + b for feature-major x (in, B) -> (out, B): `decode_linear`'s product without its transpose back
     (infer/decode_step.py keeps a decode step feature-major). A half-type weight multiplies in its own type
     and the result goes on in x's, as `decode_linear` computes. Up to LAYOUT_ROWS rows of fp32 on the CPU, x
-    is read in the layout `decode_layouts` found fastest: the same numbers up to float rounding, the result
-    possibly a transposed view."""
+    is read in the layout `decode_layouts` found fastest (past them too where that is lorakit's kernel; never the
+    kernel under autograd): the same numbers up to float rounding, the result possibly a transposed view."""
     if weight.dtype != x.dtype:
         return weight_major_product(x.to(weight.dtype), weight, bias).to(x.dtype)
     rows = x.shape[1]
     if 0 < rows and weight.dtype == torch.float32 and x.device.type == "cpu":
         layout = decode_layouts()[min(rows, LAYOUT_ROWS)]
         if (rows > LAYOUT_ROWS and layout != "kernel") or (layout == "kernel" and torch.is_grad_enabled()):
-            layout = "weight"  # the kernel has no autograd
+            layout = "weight"
         out = _product(x, weight, layout)
     else:
         out = torch.mm(weight, x)

@@ -7,24 +7,25 @@
    side-by-side products with a mask do n times that.
 
    Blocks of four columns are split over the caller's OpenMP threads (the process's libgomp, shared
-   with torch), and each column computes its term into its own row of `work` (in + out floats a
-   column); four columns through the same ranks (a prompt's tokens) go together, each factor row
+   with torch); four columns through the same ranks (a prompt's tokens) go together, each factor row
    loaded once for the four. Where a column's outputs are contiguous (y_feature == 1: row-major
-   outputs), each column adds its term to its row of y. Where they are strided (a decode step's feature-major y), one cache
-   line of y holds one output of every column, and threads writing their own columns would fight
-   over it: a second pass splits y by outputs over the threads, each adding every column's term
-   to its outputs. Either way a column's term is summed the same way, so the two layouts agree to
-   the bit.
+   outputs), each column adds its term to its row of y as it computes it. Where they are strided (a
+   decode step's feature-major y), one cache line of y holds one output of every column, and threads
+   writing their own columns would fight over it: each column's term goes into its own row of `work`
+   (in + out floats a column), and a second pass splits y by outputs over the threads, each adding
+   every column's term to its outputs. Either way a column's term is summed the same way, so the two
+   layouts agree to the bit.
 
    lora_lanes computes the same terms for a decode step's contiguous columns, for every layer of a
-   sibling group fed the same x (q/k/v, gate/up) in one call, from the factors laid out by slot lanes: the ranks of slots 16 g + 1 .. 16 g + 16 interleaved, so that one 16-float
-   vector holds rank j, feature i of all sixteen slots. Column c's lane is moved into column c's
-   vector position with one shuffle, and a block of 16 columns advances through the factors as one
-   stream of full vectors: no gather of x, no transpose of the outputs, the factors read
-   front to back. It sums in another order than lora_columns (four partial sums over the inputs),
-   so the two agree to fp32 rounding, not to the bit.
+   sibling group fed the same x (q/k/v, gate/up) in one call, from the factors laid out by slot
+   lanes: the ranks of slots 16 g + 1 .. 16 g + 16 interleaved, so that one 16-float vector holds
+   rank j, feature i of all sixteen slots. Column c's lane is moved into column c's vector position
+   with one shuffle, and a block of 16 columns advances through the factors as one stream of full
+   vectors: no gather of x, no transpose of the outputs, the factors read front to back. It sums in
+   another order than lora_columns (four partial sums over the inputs), so the two agree to fp32
+   rounding, not to the bit.
 
-   Built by lorakit/lora/column_kernel.py with the system's C compiler. */
+   Built by lorakit/native.py, for lorakit/lora/column_kernel.py. */
 
 #include <stdint.h>
 
@@ -289,7 +290,8 @@ int lora_lanes(const float *x, int64_t in, int64_t n, int64_t x_feature, int64_t
                     const float *bl = BL[m] + (g * out + o) * ranks * 16, *hg = h + (g * R + row[0]) * 16;
                     __builtin_prefetch(bl + AHEAD, 0, 0), __builtin_prefetch(bl + AHEAD + 16, 0, 0);
                     v16 d = lanes_of(bl, idx[g]) * *(const v16u *)hg;
-                    for (int64_t j = 1; j < ranks; j++) d += lanes_of(bl + j * 16, idx[g]) * *(const v16u *)(hg + j * 16);
+                    for (int64_t j = 1; j < ranks; j++)
+                        d += lanes_of(bl + j * 16, idx[g]) * *(const v16u *)(hg + j * 16);
                     term = (v16)(((i16)d & in_group[g]) | ((i16)term & ~in_group[g]));
                 }
                 float *yo = Y[m] + o * row[3] + c;

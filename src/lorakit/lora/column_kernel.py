@@ -125,11 +125,12 @@ class LaneGroup:
         ranks = [t.max_rank for t in terms]
         rank0 = [sum(ranks[:m]) for m in range(len(terms))]
         self.outs = [t.BT.shape[1] for t in terms]
-        # rank0, ranks, out, y's feature stride (filled per call's plan)
-        self.table = [(r0, r, out) for r0, r, out in zip(rank0, ranks, self.outs)]
+        # each member's first rank in AL, its ranks, its outputs (lanes_call adds y's feature stride)
+        self.table = list(zip(rank0, ranks, self.outs))
 
     @property
     def ranks(self) -> int:
+        """All members' ranks, AL's second axis."""
         return self.AL.shape[1]
 
     def lane_columns(self, slots: torch.Tensor) -> tuple[torch.Tensor, int, int]:
