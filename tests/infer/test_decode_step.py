@@ -16,7 +16,7 @@ from lorakit.infer.kv_cache import roomy_cache
 from lorakit.lora.base import FEW_ROWS
 from lorakit.lora.adapters import lora_layers
 from lorakit.lora.mixed import RowAdapters, row_adapters, sibling_layers
-from lorakit.lora import column_kernel
+from lorakit.lora import base, column_kernel, group_kernel
 from lorakit.lora.mixed_features import features_forward
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -98,28 +98,40 @@ def test_the_lean_step_equals_the_forward_with_per_row_adapters(strategy):
     assert not torch.allclose(got[0], base[0], atol=1e-3)  # the adapters took part
 
 
-def test_a_step_over_many_adapters_goes_by_slot_lanes_and_equals_the_forward(monkeypatch):
-    if column_kernel.load() is None:
-        pytest.skip("no C compiler here to build the kernel")
+@pytest.mark.parametrize("layout", ["weight", "kernel"])  # bases by BLAS: lanes; by lorakit's kernel: one pass
+def test_a_step_over_many_adapters_goes_by_slot_lanes_and_equals_the_forward(layout, monkeypatch):
+    if column_kernel.load() is None or (layout == "kernel" and group_kernel.load() is None):
+        pytest.skip("no C compiler here to build the kernels")
+    monkeypatch.setattr(base, "_layouts", dict.fromkeys(range(1, base.LAYOUT_ROWS + 1), layout))
     model = tiny_llama()
     names = [f"a{k}" for k in range(10)]  # ranks 2 and 3: the lanes read under twice the columns' factors
     for seed, name in enumerate(names):
         lorakit.inject(model, lorakit.LoraConfig(r=2 + seed % 2, lora_alpha=8, target_modules=TARGETS), name)
         perturb(model, name, std=0.3, seed=seed)
     rows = [*names, None, "a3"]
-    calls = []
-    plan = column_kernel.lanes_call
+    calls, passes = [], []
+    plan, plan_pass = column_kernel.lanes_call, group_kernel.group_call
 
     def counted(*args):
         call = plan(*args)
         return lambda x, ys: calls.append(len(ys)) or call(x, ys)
 
+    def counted_pass(*args):
+        call = plan_pass(*args)
+        return lambda x: passes.append(len(args[1].terms)) or call(x)
+
     monkeypatch.setattr(column_kernel, "lanes_call", counted)
+    monkeypatch.setattr(group_kernel, "group_call", counted_pass)
     with row_adapters(model, rows, "gathered"):
         got, expected, lean_cache, plain_cache = decode_both(model, rows=len(rows))
     assert_same(got, expected, lean_cache, plain_cache)
-    # each step: one call for q/k/v, o, gate/up and down each, by lanes: every projection
-    assert calls == [3, 1, 2, 1] * 3 * model.config.num_hidden_layers
+    # each step: one call for q/k/v, o, gate/up and down each, by lanes: every projection; with the kernel's bases
+    # the first step (whose first member's base is computed before its group is planned) by lanes, then in one pass
+    layers = model.config.num_hidden_layers
+    if layout == "weight":
+        assert calls == [3, 1, 2, 1] * 3 * layers and not passes
+    else:
+        assert calls == [3, 1, 2, 1] * layers and passes == [3, 1, 2, 1] * 2 * layers
 
 
 def with_adapters(model, dora_on: str | None = None):

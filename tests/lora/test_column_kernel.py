@@ -240,3 +240,16 @@ def test_lanes_outside_the_layers_write_nothing():
     assert torch.equal(y, before)
     with pytest.raises(ValueError, match="same input size"):
         column_kernel.LaneGroup([term_of(A, B, owner), term_of(*factors([2, 3], 9, 6)[:2], owner)])
+
+
+def test_lane_columns_are_kept_for_the_last_slot_lists():
+    A, B, owner = factors([2, 3, 1], 8, 6)
+    group = column_kernel.LaneGroup([term_of(A, B, owner)])
+    first = group.lane_columns(torch.tensor([1, 0, 3]))
+    assert group.lane_columns(torch.tensor([1, 0, 3]))[0] is first[0]  # the same slots: what was worked out
+    other = group.lane_columns(torch.tensor([3, 2]))
+    assert other[0].tolist() == [2, 1] and other[0] is not first[0]
+    for k in range(8):  # eight other slot lists push the first one out
+        group.lane_columns(torch.tensor([k % 3 + 1] * (k + 3)))
+    again = group.lane_columns(torch.tensor([1, 0, 3]))
+    assert again[0] is not first[0] and again[0].tolist() == first[0].tolist() == [0, -1, 2]

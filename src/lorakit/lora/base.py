@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.lora import weight_kernel
+from lorakit.lora import onednn_linear, weight_kernel
 
 try:  # GPT-2's Conv1D is a Linear with a transposed weight.
     from transformers.pytorch_utils import Conv1D
@@ -119,10 +119,14 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """`base_linear` for generation: without autograd, a few rows on the CPU (a decode step) multiply as
     (W x^T)^T. MKL streams the weight once that way round; as x W^T it repacks the weight first, and a
     decode step, which is mostly reading weights, took up to 1.5x as long (SmolLM2-135M's projections at
-    16 rows, fp32 and bf16). The product is the same up to float rounding."""
+    16 rows, fp32 and bf16). More rows of fp32 (a prompt) go through oneDNN where it is faster here
+    (lora/onednn_linear.py). The product is the same up to float rounding."""
     if weight.dtype != x.dtype:
         return decode_linear(x.to(weight.dtype), weight, bias).to(x.dtype)
     if x.device.type != "cpu" or torch.is_grad_enabled() or not 0 < x.numel() <= FEW_ROWS * x.shape[-1]:
+        if x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() and not torch.is_grad_enabled() \
+                and onednn_linear.faster():  # a prompt's rows: oneDNN where this CPU runs it faster than MKL
+            return onednn_linear.linear(x, weight, bias)
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1])
     out = weight_major_product(rows.t(), weight, None).t().contiguous()

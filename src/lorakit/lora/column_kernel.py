@@ -127,6 +127,7 @@ class LaneGroup:
         self.outs = [t.BT.shape[1] for t in terms]
         # each member's first rank in AL, its ranks, its outputs (lanes_call adds y's feature stride)
         self.table = list(zip(rank0, ranks, self.outs))
+        self._columns: dict[tuple[int, ...], tuple[torch.Tensor, int, int]] = {}  # lane_columns by the slots
 
     @property
     def ranks(self) -> int:
@@ -135,7 +136,17 @@ class LaneGroup:
 
     def lane_columns(self, slots: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         """Each column's lane (its slot - 1, or -1 where no member has ranks for its slot) for the columns' slots
-        (n,), with the factor floats the lane kernel reads for them and those the column kernel would."""
+        (n,), with the factor floats the lane kernel reads for them and those the column kernel would. Kept for
+        the last few slot lists (the next batch over the same rows finds them); the lanes are not to be written."""
+        key = tuple(slots.tolist())
+        found = self._columns.get(key)
+        if found is None:
+            if len(self._columns) >= 8:
+                self._columns.pop(next(iter(self._columns)))
+            found = self._columns[key] = self._lane_columns(slots)
+        return found
+
+    def _lane_columns(self, slots: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         lane_floats = column_floats = 0
         present = torch.zeros(len(slots), dtype=torch.bool)
         for term in self.terms:

@@ -38,8 +38,8 @@ import weakref
 import torch
 from torch import nn
 
-from lorakit.lora import column_kernel
-from lorakit.lora.base import FROZEN_LINEARS, frozen_features
+from lorakit.lora import column_kernel, group_kernel
+from lorakit.lora.base import FROZEN_LINEARS, FrozenLinear, decode_layouts, frozen_features
 
 _UNCOVERED = object()
 
@@ -97,19 +97,23 @@ def features_forward(state, layer: nn.Module, x: torch.Tensor) -> torch.Tensor |
 
 class _GroupStep:
     """A sibling group's decode step by slot lanes: every member's base product and, in one kernel call, their
-    LoRA terms, computed at the group's first call for an x and handed to each member's call for the same x."""
+    LoRA terms, computed at the group's first call for an x and handed to each member's call for the same x.
+    `fused`, where given, computes both in one pass (lora/group_kernel.py), the same to the bit for the bases."""
 
-    def __init__(self, bases: list[nn.Module], call):
-        self.bases, self.call = bases, call
+    def __init__(self, bases: list[nn.Module], call, fused=None):
+        self.bases, self.call, self.fused = bases, call, fused
         self._x: torch.Tensor | None = None  # held while a member's output waits: never another tensor's id
         self._outs: list[torch.Tensor | None] = [None] * len(bases)
 
     def __call__(self, index: int, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Member `index`'s output for x; `out`: its base product where the caller has it already."""
         if x is not self._x or self._outs[index] is None:
-            outs = [out if k == index and out is not None else frozen_features(base, x)
-                    for k, base in enumerate(self.bases)]
-            self._x, self._outs = x, self.call(x, outs)
+            if out is None and self.fused is not None and not torch.is_grad_enabled():
+                outs = self.fused(x)
+            else:
+                outs = self.call(x, [out if k == index and out is not None else frozen_features(base, x)
+                                     for k, base in enumerate(self.bases)])
+            self._x, self._outs = x, outs
         result, self._outs[index] = self._outs[index], None
         if all(o is None for o in self._outs):
             self._x = None
@@ -213,10 +217,23 @@ class FeatureTerms:
         n = x.shape[1]
         self._grow(column_kernel.LANES * (x.shape[0] + lanes.groups * lanes.ranks))
         call = column_kernel.lanes_call(self._kernel, lanes, lane, x.shape, [(o, n) for o in lanes.outs], self._work)
-        step = self._groups[id(side)] = _GroupStep([m.base_layer for m in members], call)
+        bases = [m.base_layer for m in members]
+        step = self._groups[id(side)] = _GroupStep(bases, call, self._fused(lanes, lane, bases, x.shape[0]))
         for index, member in enumerate(members):
             self._steps[id(member)] = functools.partial(step, index)
         return step
+
+    def _fused(self, lanes, lane: torch.Tensor, bases: list[nn.Module], fan_in: int):
+        """The group's step in one pass (lora/group_kernel.py) where the step's columns multiply their fp32 bases
+        by lorakit's product kernel (`decode_layouts`), or None."""
+        n, function = len(lane), group_kernel.load()
+        if (function is None or not 1 <= n <= group_kernel.COLUMNS or lanes.groups > group_kernel.GROUPS
+                or decode_layouts()[n] != "kernel"
+                or any(type(base) not in (nn.Linear, FrozenLinear) or base.weight.dtype != torch.float32
+                       or not base.weight.is_cpu or not base.weight.is_contiguous() for base in bases)):
+            return None
+        work = torch.empty(column_kernel.LANES * (fan_in + lanes.groups * lanes.ranks))
+        return group_kernel.group_call(function, lanes, lane, bases, fan_in, work)
 
     def _follow(self, state, layer: nn.Module) -> None:
         """When the state's rows changed (its adapters change only with them): new slots, and the factors
@@ -249,7 +266,10 @@ class FeatureTerms:
         its parameters by storage and version), and taken from there while those are unchanged: a new batch over the
         same adapters (the next request, the next `generate_mixed`) builds nothing."""
         group = state.siblings.get(id(layer), [layer])
-        present = [[(k + 1, m.adapters[n]) for k, n in enumerate(self.adapters) if n in m.adapters] for m in group]
+        present = []
+        for member in group:
+            adapters = member.adapters._modules  # the ModuleDict's own dict: read 16 times a layer
+            present.append([(k + 1, adapters[n]) for k, n in enumerate(self.adapters) if n in adapters])
         # The adapter itself by weak reference (an adapter unloaded and another loaded under its name never
         # matches, whatever memory it reuses), its parameters by storage and version (trained in place).
         source = tuple(

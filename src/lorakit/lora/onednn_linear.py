@@ -1,0 +1,57 @@
+"""fp32 products of many rows (a prompt's tokens) through oneDNN, where it is faster than torch's default.
+
+PyTorch's CPU builds multiply fp32 through MKL, which runs its AVX2 code on AMD CPUs: on a 2-core EPYC
+with AVX-512 it reached about 210 GFLOP/s at a SmolLM2-135M prompt's shapes (576 tokens), oneDNN's
+fp32 kernels, which ship in the same build (the op inductor uses for linear layers), 480-520. Which is
+faster depends on the CPU, so `faster()` times both once per process at a prompt-sized product and
+`linear` is used only where oneDNN won by a margin. Never under autograd (the op has no backward).
+The results equal F.linear's to float rounding. LORAKIT_ONEDNN_LINEAR=0 leaves it out.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+
+
+def available() -> bool:
+    """Whether this build has oneDNN's linear op (and LORAKIT_ONEDNN_LINEAR is not 0)."""
+    return (
+        os.environ.get("LORAKIT_ONEDNN_LINEAR", "1") != "0"
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + b through oneDNN for fp32 CPU tensors, x (..., in)."""
+    rows = x.reshape(-1, x.shape[-1])
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
+    out = torch.ops.mkldnn._linear_pointwise(rows, weight.contiguous(), bias, "none", [], "")
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+@cache
+def faster(rounds: int = 3, margin: float = 0.1) -> bool:
+    """Whether oneDNN multiplies a prompt-sized fp32 product (512 rows by a 2048 x 512 weight and its transpose)
+    at least `margin` faster than F.linear here; timed once per process (about 50 ms), the two taking turns."""
+    if not available():
+        return False
+    x = {512: torch.full((512, 512), 0.5), 2048: torch.full((512, 2048), 0.5)}
+    weights = [torch.full((2048, 512), 1.0 / 2048), torch.full((512, 2048), 1.0 / 2048)]
+    best = {F.linear: float("inf"), linear: float("inf")}
+    try:
+        for _ in range(rounds):
+            for function in best:
+                start = time.perf_counter()
+                for weight in weights:
+                    function(x[weight.shape[1]], weight, None)
+                best[function] = min(best[function], time.perf_counter() - start)
+    except RuntimeError:  # the op exists but refuses these tensors in this build
+        return False
+    return best[linear] < (1 - margin) * best[F.linear]

@@ -1,0 +1,93 @@
+"""lorakit's group decode-step kernel: each member's W x + b + each column's LoRA term in one pass, equal to the
+float64 result, the bases the same to the bit as the product kernel's; bad arguments refused, nothing written."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lorakit.lora import column_kernel, group_kernel, weight_kernel
+from test_column_kernel import expected, factors, term_of
+
+pytestmark = pytest.mark.skipif(group_kernel.load() is None, reason="no C compiler here to build the kernel")
+
+
+def sibling_group(fan_in: int = 37, fan_outs=(150, 20, 33), biases=(True, False, True)):
+    """Three layers fed the same x (as q/k/v) over 20 slots, two lane groups, ranks differing per slot and per layer
+    (slot 4 on no layer, slot 5 on the first only, the third up to slot 12), with their frozen linears."""
+    ranks = [[4, 8, 2, 0, 5] + [3] * 15, [2, 1, 6, 0, 0] + [2] * 15, [1, 3, 3, 0, 0] + [4] * 7]
+    layers, bases = [], []
+    for seed, (layer_ranks, fan_out, bias) in enumerate(zip(ranks, fan_outs, biases)):
+        A, B, _ = factors([r for r in layer_ranks if r], fan_in, fan_out, seed=3 + seed)
+        owner = torch.cat([torch.full((r,), k + 1) for k, r in enumerate(layer_ranks) if r])
+        layers.append((A, B, owner))
+        torch.manual_seed(seed)
+        bases.append(nn.Linear(fan_in, fan_out, bias=bias).requires_grad_(False))
+    return column_kernel.LaneGroup([term_of(*layer) for layer in layers]), layers, bases
+
+
+def scratch(group, fan_in: int) -> torch.Tensor:
+    return torch.full((16 * fan_in + group.groups * group.ranks * 16,), float("nan"))
+
+
+@pytest.mark.parametrize("n", [1, 5, 16])  # one column, a partial block, a full one
+@pytest.mark.parametrize("threads", [1, 2])
+def test_each_member_gets_its_base_and_each_column_its_adapters_term(n, threads):
+    group, layers, bases = sibling_group()
+    slots = torch.tensor([2, 0, 1, 20, 4, 3, 2, 17, 1, 5, 6, 7, 8, 9, 10, 11])[:n]
+    x = torch.randn(37, n, generator=torch.Generator().manual_seed(n))
+    lane = group.lane_columns(slots)[0]
+    call = group_kernel.group_call(group_kernel.load(), group, lane, bases, 37, scratch(group, 37))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ys = call(x)
+        again = call(x)
+    finally:
+        torch.set_num_threads(previous)
+    untouched = (slots == 0) | (slots == 4)
+    for y, y_again, base, layer in zip(ys, again, bases, layers):
+        plain = (base.weight.double() @ x.double()).float()
+        if base.bias is not None:
+            plain += base.bias[:, None]
+        torch.testing.assert_close(y, expected(x, plain, *layer, slots), rtol=1e-5, atol=1e-5)
+        assert torch.equal(y, y_again)
+        # the columns without a term: the product kernel's bits, plus the bias as the decode step adds it
+        bits = weight_kernel.product(x, base.weight)
+        if base.bias is not None:
+            bits += base.bias[:, None]
+        assert torch.equal(y[:, untouched], bits[:, untouched])
+
+
+def test_without_terms_the_bases_are_the_product_kernels_bits():
+    group, _, bases = sibling_group(fan_in=64, fan_outs=(96, 40, 24))  # several blocks of 8 rows per member
+    x = torch.randn(64, 16)
+    ys = group_kernel.group_call(group_kernel.load(), group, torch.full((16,), -1), bases, 64, scratch(group, 64))(x)
+    for y, base in zip(ys, bases):
+        bits = weight_kernel.product(x, base.weight)
+        if base.bias is not None:
+            bits += base.bias[:, None]
+        assert torch.equal(y, bits)
+
+
+def test_bad_arguments_are_refused():
+    group, _, bases = sibling_group()
+    function, work = group_kernel.load(), scratch(group, 37)
+    lane = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="do not match"):  # more columns than one block
+        group_kernel.group_call(function, group, torch.zeros(17, dtype=torch.long), bases, 37, work)
+    with pytest.raises(ValueError, match="do not match"):  # a base of another width
+        group_kernel.group_call(function, group, lane, [nn.Linear(36, 150), *bases[1:]], 37, work)
+    with pytest.raises(ValueError, match="do not match"):  # a half-type base
+        group_kernel.group_call(function, group, lane, [nn.Linear(37, 150).half(), *bases[1:]], 37, work)
+    with pytest.raises(ValueError, match="do not match"):  # the scratch too small
+        group_kernel.group_call(function, group, lane, bases, 37, torch.empty(8))
+    call = group_kernel.group_call(function, group, torch.tensor([0, 40]), bases, 37, work)
+    with pytest.raises(AssertionError, match="outside"):  # a lane past the two groups
+        call(torch.randn(37, 2))
+    call = group_kernel.group_call(function, group, lane, bases, 37, work)
+    with pytest.raises(ValueError, match="fp32 CPU"):
+        call(torch.randn(37, 3))
+    with pytest.raises(ValueError, match="fp32 CPU"):
+        call(torch.randn(37, 2).double())

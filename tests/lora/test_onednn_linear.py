@@ -1,0 +1,69 @@
+"""oneDNN's fp32 linear for a prompt's rows: equal to F.linear to float rounding, taken by decode_linear for many rows
+without autograd where it is the faster one here, and left out on request."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorakit.lora import base, onednn_linear
+
+pytestmark = pytest.mark.skipif(not onednn_linear.available(), reason="this torch build has no oneDNN linear")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_equals_f_linear_for_rows_of_any_layout(bias):
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(40, 24, generator=generator)
+    b = torch.randn(40, generator=generator) if bias else None
+    x = torch.randn(3, 70, 24, generator=generator)
+    want = F.linear(x.double(), weight.double(), None if b is None else b.double()).float()
+    got = onednn_linear.linear(x, weight, b)
+    assert got.shape == (3, 70, 40)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    strided = onednn_linear.linear(x.transpose(0, 1).contiguous().transpose(0, 1), weight, b)  # copied, same rows
+    assert torch.equal(strided, got)
+
+
+def test_decode_linear_takes_it_for_many_rows_without_autograd(monkeypatch):
+    calls = []
+    real = onednn_linear.linear
+    monkeypatch.setattr(onednn_linear, "linear", lambda *args: calls.append(args[0].shape) or real(*args))
+    monkeypatch.setattr(onednn_linear, "faster", lambda: True)
+    weight = torch.randn(16, 8)
+    many = torch.randn(2, base.FEW_ROWS, 8)  # more rows than a decode step's
+    with torch.no_grad():
+        out = base.decode_linear(many, weight, None)
+        base.decode_linear(torch.randn(4, 8), weight, None)  # a decode step's rows: the product kernel's way
+    assert calls == [many.shape]
+    torch.testing.assert_close(out, F.linear(many, weight), rtol=1e-5, atol=1e-5)
+    base.decode_linear(many.requires_grad_(), weight, None)  # under autograd: F.linear
+    assert len(calls) == 1
+    monkeypatch.setattr(onednn_linear, "faster", lambda: False)  # MKL faster on this CPU
+    with torch.no_grad():
+        base.decode_linear(many, weight, None)
+    assert len(calls) == 1
+
+
+def test_left_out_on_request(monkeypatch):
+    monkeypatch.setenv("LORAKIT_ONEDNN_LINEAR", "0")
+    assert not onednn_linear.available()
+
+
+def test_faster_is_the_one_that_won_the_timing(monkeypatch):
+    def slow(*args):
+        time.sleep(0.1)  # far slower than either product
+
+    try:
+        onednn_linear.faster.cache_clear()
+        monkeypatch.setattr(onednn_linear, "linear", slow)
+        assert onednn_linear.faster(rounds=1) is False
+        onednn_linear.faster.cache_clear()
+        monkeypatch.setattr(onednn_linear, "linear", lambda *args: None)
+        monkeypatch.setattr(onednn_linear.F, "linear", slow)
+        assert onednn_linear.faster(rounds=1) is True
+    finally:
+        onednn_linear.faster.cache_clear()  # measured again, on the real functions, when next asked
