@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lorakit.lora import base, onednn_linear, weight_kernel
@@ -151,3 +152,36 @@ class _Products(TorchDispatchMode):
 
 def test_no_rows_give_an_empty_product():
     assert weight_major_product(torch.randn(40, 0), torch.randn(24, 40), torch.randn(24)).shape == (24, 0)
+
+
+@pytest.mark.parametrize("from_rows", [1, 17])  # the int8 kernel from 1 row on, or never
+def test_int8_weights_multiply_through_the_kernel_from_its_row_count(from_rows, monkeypatch):
+    from lorakit.infer.int8_weights import int8_linear_from
+
+    if weight_kernel.load() is None:
+        pytest.skip("no C compiler here to build the kernel")
+    monkeypatch.setattr(base, "_int8_rows", [from_rows])
+    calls = []
+    real = weight_kernel.int8_product
+    monkeypatch.setattr(weight_kernel, "int8_product", lambda *args: calls.append(1) or real(*args))
+    module = int8_linear_from(nn.Linear(32, 24))
+    x = torch.randn(32, 5)
+    with torch.no_grad():
+        out = base.frozen_features(module, x)
+    want = base.int8_linear(x.t(), module.weight, module.weight_scales, module.bias).t()  # x and out in bf16
+    torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)
+    assert len(calls) == (from_rows == 1)
+    exact = (module.weight.double() * module.weight_scales.double()[:, None]) @ x.double() + module.bias.double()[:, None]
+    if from_rows == 1:  # fp32 x, fp32 sums: closer to the scaled weight's product than the bf16 path
+        torch.testing.assert_close(out, exact.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_kernel_rows_is_where_the_kernel_won_the_timing(monkeypatch):
+    if weight_kernel.load() is None:
+        pytest.skip("no C compiler here to build the kernel")
+    slow = lambda *args: time.sleep(0.002)  # noqa: E731 - far slower than either product of these shapes
+    monkeypatch.setattr(weight_kernel, "int8_product", slow)
+    assert base._measure_int8_rows(rounds=1) == LAYOUT_ROWS + 1  # never
+    monkeypatch.undo()
+    monkeypatch.setattr(base, "int8_linear", slow)
+    assert base._measure_int8_rows(rounds=1) == 1  # from the first row on

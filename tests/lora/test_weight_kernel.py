@@ -38,3 +38,30 @@ def test_wrong_inputs_are_refused():
     with pytest.raises(ValueError, match="fp32"):
         weight_kernel.product(torch.randn(4, 3).double(), weight)
     assert weight_kernel.product(torch.randn(4, 0), weight).shape == (8, 0)
+
+
+@pytest.mark.parametrize("n", [1, 5, 16, 17, 40])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_int8_product_equals_float64_of_the_scaled_weight(n, threads):
+    generator = torch.Generator().manual_seed(n)
+    weight = torch.randint(-127, 128, (37, 48), generator=generator, dtype=torch.int8)  # 48 inputs: 3 groups of 16
+    scales = torch.rand(37, generator=generator) / 100
+    x = torch.randn(48, n, generator=generator)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = weight_kernel.int8_product(x, weight, scales)
+        alone = weight_kernel.int8_product(x[:, -1:].clone(), weight, scales)
+    finally:
+        torch.set_num_threads(previous)
+    want = (scales.double()[:, None] * weight.double()) @ x.double()
+    torch.testing.assert_close(out, want.float(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[:, -1:], alone)
+
+
+def test_the_int8_product_refuses_what_it_cannot_take():
+    x, scales = torch.randn(24, 3), torch.ones(8)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        weight_kernel.int8_product(x, torch.zeros(8, 24, dtype=torch.int8), scales)
+    with pytest.raises(ValueError, match="int8 weight"):
+        weight_kernel.int8_product(torch.randn(32, 3), torch.zeros(8, 32), scales)

@@ -265,7 +265,56 @@ FROZEN_LINEARS = (*PLAIN_LINEARS, Int8WeightLinear)  # computed by `frozen_featu
 
 
 def frozen_features(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """W x + b of a FROZEN_LINEARS module for feature-major x (in, B) -> (out, B), possibly a transposed view."""
+    """W x + b of a FROZEN_LINEARS module for feature-major x (in, B) -> (out, B), possibly a transposed view. An
+    int8 weight multiplies fp32 x through lorakit's kernel from the row count where it is faster (`int8_kernel_rows`)."""
     if type(module) is Int8WeightLinear:
+        if x.dtype == torch.float32 and x.is_cpu and not torch.is_grad_enabled() and x.shape[1] >= int8_kernel_rows():
+            scales = module.weight_scales
+            kept = module.__dict__.get("_fp32_scales")
+            if kept is None or kept[0] is not scales or kept[1] != scales._version:  # widened once, not every step
+                kept = module.__dict__["_fp32_scales"] = (scales, scales._version, scales.float())
+            out = weight_kernel.int8_product(x, module.weight, kept[2])
+            return out if module.bias is None else out.add_(module.bias[:, None])
         return int8_linear(x.t(), module.weight, module.weight_scales, module.bias).t()
     return weight_major_product(x, module.weight, module.bias)
+
+
+_int8_rows: list[int] = []  # the fewest rows from which the int8 kernel is the faster, measured once
+
+
+def int8_kernel_rows(rounds: int = 3) -> int:
+    """The fewest columns from which lorakit's int8 kernel multiplies an int8 weight faster than `int8_linear` here
+    (of 1, 2, 4, 8, 12 and 16, faster at each of them from there on); past 16 where it never is or cannot be built.
+    Timed once per process on 48 MB of int8 weights shaped as an MLP's (about half a second)."""
+    if not _int8_rows:
+        _int8_rows.append(_measure_int8_rows(rounds))
+    return _int8_rows[0]
+
+
+def _measure_int8_rows(rounds: int) -> int:
+    never = LAYOUT_ROWS + 1
+    if not weight_kernel.enabled() or weight_kernel.load() is None:
+        return never
+    weights = [torch.ones(shape, dtype=torch.int8) for shape in [(2048, 512), (512, 2048)] * 24]  # 48 MB: past the caches
+    scales = {size: torch.full((size,), 1.0 / 2048) for size in (512, 2048)}
+    faster = []
+    for rows in (1, 2, 4, 8, 12, 16):
+        inputs = {size: torch.ones(size, rows) for size in (512, 2048)}
+        best = [float("inf"), float("inf")]
+        for _ in range(rounds):
+            for k in (0, 1):
+                start = time.perf_counter()
+                for weight in weights:
+                    x, out_scales = inputs[weight.shape[1]], scales[weight.shape[0]]
+                    if k:
+                        weight_kernel.int8_product(x, weight, out_scales)
+                    else:
+                        int8_linear(x.t(), weight, out_scales.to(torch.bfloat16), None)
+                best[k] = min(best[k], time.perf_counter() - start)
+        faster.append((rows, best[1] < best[0]))
+    chosen = never
+    for rows, kernel_wins in reversed(faster):
+        if not kernel_wins:
+            break
+        chosen = rows
+    return chosen

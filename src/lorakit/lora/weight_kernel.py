@@ -1,7 +1,8 @@
 """A decode step's fp32 base products through lorakit's own C kernel (weight_kernel.c).
 
 `product(x, weight)` computes W x for a feature-major x (in, n), as torch.mm does, reading the weight
-once, front to back, 16 columns at a time. lora/base.py's `decode_layouts` times it beside the BLAS
+once, front to back, 16 columns at a time; `int8_product` the same for an int8 weight with one scale
+per output (infer/int8_weights.py), its weights widened to fp32 as they are read. lora/base.py's `decode_layouts` times it beside the BLAS
 layouts once per process and uses it for the column counts where it is faster. It is compiled once per
 machine (lorakit/native.py); `load()` returns None where it cannot be built, and LORAKIT_WEIGHT_KERNEL=0
 leaves it out.
@@ -30,14 +31,18 @@ def enabled() -> bool:
 
 
 @cache
+def _library():
+    library = native.load_library(SOURCE, FLAGS, what="the decode-step product kernel (BLAS serves instead)")
+    if library is not None:
+        library.weight_product.argtypes, library.weight_product.restype = _ARGS, None
+        library.int8_weight_product.argtypes, library.int8_weight_product.restype = [ctypes.c_void_p, *_ARGS], None
+    return library
+
+
 def load():
     """The kernel's C function, built on first use; None where it cannot be built here (logged once)."""
-    library = native.load_library(SOURCE, FLAGS, what="the decode-step product kernel (BLAS serves instead)")
-    if library is None:
-        return None
-    function = library.weight_product
-    function.argtypes, function.restype = _ARGS, None
-    return function
+    library = _library()
+    return None if library is None else library.weight_product
 
 
 def product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -54,4 +59,23 @@ def product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if n and fan_out:
         function(weight.data_ptr(), x.data_ptr(), out.data_ptr(), fan_out, fan_in, n, pad.data_ptr(),
                  torch.get_num_threads())
+    return out
+
+
+def int8_product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """diag(scales) Q x (out, n) for fp32 CPU x (in, n), an int8 weight Q (out, in) whose `in` is a multiple of 16 and
+    fp32 scales (out,): each column's sums over the inputs in fp32, in order, then scaled."""
+    library = _library()
+    if (library is None or x.dtype != torch.float32 or weight.dtype != torch.int8 or scales.dtype != torch.float32
+            or x.device.type != "cpu"):
+        raise ValueError("the int8 product kernel takes fp32 x, an int8 weight and fp32 scales on the CPU")
+    (fan_in, n), (fan_out, weight_in) = x.shape, weight.shape
+    if weight_in != fan_in or fan_in % 16 or scales.shape != (fan_out,):
+        raise ValueError(f"weight {tuple(weight.shape)} does not take x {tuple(x.shape)} (in a multiple of 16)")
+    x, weight, scales = x.contiguous(), weight.contiguous(), scales.contiguous()
+    out = torch.empty(fan_out, n)
+    pad = torch.empty(16 * fan_in) if n % 16 else out
+    if n and fan_out:
+        library.int8_weight_product(weight.data_ptr(), scales.data_ptr(), x.data_ptr(), out.data_ptr(), fan_out,
+                                    fan_in, n, pad.data_ptr(), torch.get_num_threads())
     return out
