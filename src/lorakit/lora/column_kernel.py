@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections import Counter
 from functools import cache
 from pathlib import Path
 
@@ -128,6 +129,8 @@ class LaneGroup:
         # each member's first rank in AL, its ranks, its outputs (lanes_call adds y's feature stride)
         self.table = list(zip(rank0, ranks, self.outs))
         self._columns: dict[tuple[int, ...], tuple[torch.Tensor, int, int]] = {}  # lane_columns by the slots
+        # what lane_columns depends on besides the slots: groups with the same key plan the same for any slots
+        self.layout_key = tuple((t.slots_key, t.A.shape[1], t.BT.shape[1], t.max_rank) for t in terms)
 
     @property
     def ranks(self) -> int:
@@ -147,17 +150,21 @@ class LaneGroup:
         return found
 
     def _lane_columns(self, slots: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        # The lanes read every slot's factors of the groups in use once per block of 16 columns; the column kernel
+        # a column's own adapter's once per column, or per four consecutive columns of one adapter (a prompt's).
         lane_floats = column_floats = 0
         present = torch.zeros(len(slots), dtype=torch.bool)
+        columns = Counter(slots.tolist())  # columns per slot
         for term in self.terms:
             count = term.slot_count[slots.clamp(max=len(term.slot_count) - 1)]
             present |= count > 0
             fan = term.A.shape[1] + term.BT.shape[1]
-            column_floats += int(term.slot_count[slots[count > 0].unique()].sum()) * fan
+            ranks = term.slot_count.tolist()
+            column_floats += sum(ranks[min(s, len(ranks) - 1)] * -(-c // 4) for s, c in columns.items()) * fan
             lane_floats += term.max_rank * fan
         lane = torch.where(present, slots - 1, -1).contiguous()
         groups = len(set((lane[lane >= 0] // LANES).tolist()))
-        return lane, groups * LANES * lane_floats, column_floats
+        return lane, -(-len(slots) // LANES) * groups * LANES * lane_floats, column_floats
 
 
 def add_columns(kernel, x: torch.Tensor, term: ColumnTerm, first: torch.Tensor, count: torch.Tensor,

@@ -133,6 +133,8 @@ class FeatureTerms:
         self._work = torch.empty(0)  # the kernel's scratch, grown as needed
         self._groups: dict[int, _GroupStep | None] = {}  # id(a sibling group's _SideBySide) -> its step by lanes
         self._steps: dict[int, object] = {}  # id(layer) -> (x, out=None) -> its output, from its group's step
+        # LaneGroup.layout_key -> its lane_columns for the rows' slots: the 30 layers of a model plan 4 groups' worth
+        self._lane_plans: dict[tuple, tuple[torch.Tensor, int, int]] = {}
         self._kernel = column_kernel.load() if column_kernel.enabled() else None
 
     def forward(self, state, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -143,14 +145,16 @@ class FeatureTerms:
         if entry is _UNCOVERED:
             return None
         base = layer.base_layer
-        out = frozen_features(base, x)
         if entry is None:  # none of the batch's adapters is on this layer
-            return out
+            return frozen_features(base, x)
         side, start, stop, B, term = entry
-        if term is not None and self._kernel is not None and x.dtype == out.dtype == torch.float32 and x.is_cpu:
-            step = self._group_step(state, layer, side, x, out)
-            if step is not None:  # by lanes, with its siblings: the next steps go straight to the kept step
-                return self._steps[id(layer)](x, out)
+        kernel = term is not None and self._kernel is not None and x.dtype == torch.float32 and x.is_cpu
+        if kernel and self._group_step(state, layer, side, x) is not None:  # one pass: no base product first
+            return self._steps[id(layer)](x)
+        out = frozen_features(base, x)
+        if kernel and out.dtype == torch.float32:
+            if self._group_step(state, layer, side, x, out) is not None:  # by lanes, with its siblings: the next
+                return self._steps[id(layer)](x, out)  # steps go straight to the kept step
             return self._by_column(x, term, out, 1)
         h = side.of(x, self._slots)[start:stop]
         if B.dtype != out.dtype:  # adapters kept in another type than the step's: their term in theirs
@@ -197,28 +201,36 @@ class FeatureTerms:
             first, count = first.repeat_interleave(tokens), count.repeat_interleave(tokens)
         return first, count
 
-    def _group_step(self, state, layer: nn.Module, side: _SideBySide, x: torch.Tensor, out: torch.Tensor):
+    def _group_step(self, state, layer: nn.Module, side: _SideBySide, x: torch.Tensor, out: torch.Tensor | None = None):
         """The batch's step by slot lanes for the layer's sibling group (kept in self._steps for each member), or
         None where the lanes would read over twice the factors the column kernel reads (few of the kept adapters
-        in use) or do not apply."""
+        in use) or do not apply. Without `out` (the layer's base product, not computed yet) only a step in one pass
+        (`_fused`) is made; else None, and the group is planned again when called with it."""
         if id(side) in self._groups:
             return self._groups[id(side)]
-        self._groups[id(side)] = None
         group = state.siblings.get(id(layer), [layer])
         members = [m for m in group if isinstance(self._layers.get(id(m)), tuple) and self._layers[id(m)][4]]
-        if layer not in members or len(members) > column_kernel.MEMBERS or out.stride(1) != 1:
+        if layer not in members or len(members) > column_kernel.MEMBERS or (out is not None and out.stride(1) != 1):
+            self._groups[id(side)] = None
             return None
         if getattr(side, "lanes", None) is None:
             side.lanes = column_kernel.LaneGroup([self._layers[id(m)][4] for m in members])
         lanes = side.lanes
-        lane, lane_floats, column_floats = lanes.lane_columns(self._slots)
+        plan = self._lane_plans.get(lanes.layout_key)
+        if plan is None:
+            plan = self._lane_plans[lanes.layout_key] = lanes.lane_columns(self._slots)
+        lane, lane_floats, column_floats = plan
         if lane_floats > 2 * column_floats:
+            self._groups[id(side)] = None
+            return None
+        bases = [m.base_layer for m in members]
+        fused = self._fused(lanes, lane, bases, x.shape[0])
+        if fused is None and out is None:
             return None
         n = x.shape[1]
         self._grow(column_kernel.LANES * (x.shape[0] + lanes.groups * lanes.ranks))
         call = column_kernel.lanes_call(self._kernel, lanes, lane, x.shape, [(o, n) for o in lanes.outs], self._work)
-        bases = [m.base_layer for m in members]
-        step = self._groups[id(side)] = _GroupStep(bases, call, self._fused(lanes, lane, bases, x.shape[0]))
+        step = self._groups[id(side)] = _GroupStep(bases, call, fused)
         for index, member in enumerate(members):
             self._steps[id(member)] = functools.partial(step, index)
         return step
@@ -255,6 +267,7 @@ class FeatureTerms:
         slot = {name: k + 1 for k, name in enumerate(self.adapters)}
         self._slots = torch.tensor([slot.get(name, 0) for name in state.names], dtype=torch.long)
         self._columns.clear()
+        self._lane_plans.clear()
         self._groups.clear()
         self._steps.clear()
         self._names = state.names
