@@ -253,3 +253,16 @@ def test_lane_columns_are_kept_for_the_last_slot_lists():
         group.lane_columns(torch.tensor([k % 3 + 1] * (k + 3)))
     again = group.lane_columns(torch.tensor([1, 0, 3]))
     assert again[0] is not first[0] and again[0].tolist() == first[0].tolist() == [0, -1, 2]
+
+
+def test_lanes_are_weighed_per_block_of_16_columns():
+    # 16 adapters of rank 2: a decode step's 16 rows, one per adapter, read the same factors by lanes as column by
+    # column; with a 40-token prompt of one adapter beside them the lanes read all 16 adapters' factors for each of
+    # 4 blocks of columns, the column kernel the prompt's adapter's once per 4 of its tokens
+    A, B, owner = factors([2] * 16, 8, 6)
+    group = column_kernel.LaneGroup([term_of(A, B, owner)])
+    rows = torch.arange(1, 17)
+    _, lane_floats, column_floats = group.lane_columns(rows)
+    assert lane_floats == column_floats == 16 * 2 * (8 + 6)
+    _, lane_floats, column_floats = group.lane_columns(torch.cat([rows, torch.full((40,), 3)]))
+    assert lane_floats == 4 * 16 * 2 * (8 + 6) and column_floats == (15 + 1 + 10) * 2 * (8 + 6)
