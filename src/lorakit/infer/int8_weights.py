@@ -4,8 +4,10 @@ A decode step is mostly reading weights (infer/half_weights.py says why), so the
 takes, the faster the step. `use_int8_weights` turns every plain `nn.Linear` of the model, the output
 head included, whose input width is a multiple of 16 (the kernel's; every real model's is) into an
 `Int8WeightLinear` (lora/base.py): weight-only int8, symmetric, one scale per output channel
-(scale = max |W_row| / 127), the products taking bf16 activations and accumulating in fp32 inside
-PyTorch's own kernel (aten::_weight_int8pack_mm). llama.cpp's q8_0 stores all 2-D weights
+(scale = max |W_row| / 127). Decode steps of enough rows multiply them through lorakit's int8 kernel
+(fp32 activations and sums, the weights widened as they are read; lora/base.py: int8_kernel_rows), other
+products take bf16 activations and accumulate in fp32 inside PyTorch's own kernel
+(aten::_weight_int8pack_mm). llama.cpp's q8_0 stores all 2-D weights
 in int8 too, with one scale per 32 weights, and rounds the activations to int8 as well.
 
 LoRA layers wrap these bases as they wrap any Linear, and their adapters' terms, the embeddings, the

@@ -15,7 +15,7 @@ the LoRA code never imports lorakit.quant.
 
 from __future__ import annotations
 
-import time
+import functools
 from typing import Protocol
 
 import torch
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.lora import onednn_linear, weight_kernel
+from lorakit.lora.turns import best_times
 
 try:  # GPT-2's Conv1D is a Linear with a transposed weight.
     from transformers.pytorch_utils import Conv1D
@@ -169,16 +170,15 @@ def measure_layouts(rounds: int = 3, margin: float = 0.05) -> dict[int, str]:
         inputs = {size: torch.ones(size, rows) for size in (512, 2048)}
         layouts = [layout for layout in LAYOUTS if (kernel or layout != "kernel")
                    and (rows <= BLAS_LAYOUT_ROWS or layout in ("weight", "kernel"))]
-        best = dict.fromkeys(layouts, float("inf"))
-        for _ in range(rounds):
-            for layout in layouts:
-                start = time.perf_counter()
-                for weight in weights:
-                    _product(inputs[weight.shape[1]], weight, layout)
-                best[layout] = min(best[layout], time.perf_counter() - start)
+        best = best_times({layout: functools.partial(_products, inputs, weights, layout) for layout in layouts}, rounds)
         fastest = min(best, key=best.get)
         chosen[rows] = fastest if best[fastest] < (1 - margin) * best["weight"] else "weight"
     return chosen
+
+
+def _products(inputs: dict[int, torch.Tensor], weights: list[torch.Tensor], layout: str) -> None:
+    for weight in weights:
+        _product(inputs[weight.shape[1]], weight, layout)
 
 
 def _product(x: torch.Tensor, weight: torch.Tensor, layout: str) -> torch.Tensor:
@@ -241,7 +241,8 @@ INT8_IN_MULTIPLE = 16  # `int8_linear` takes weights whose input width is a mult
 
 class Int8WeightLinear(FrozenLinear):
     """A FrozenLinear whose weight is int8 (out, in) with one bf16 scale per output channel, `weight_scales` (out,):
-    W = weight * weight_scales[:, None] (infer/int8_weights.py). It multiplies as `int8_linear` does."""
+    W = weight * weight_scales[:, None] (infer/int8_weights.py). It multiplies as `int8_linear` does; a decode step's
+    feature-major products (`frozen_features`) go through lorakit's int8 kernel where it is faster."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int8_linear(x, self.weight, self.weight_scales, self.bias)
@@ -297,21 +298,21 @@ def _measure_int8_rows(rounds: int) -> int:
         return never
     weights = [torch.ones(shape, dtype=torch.int8) for shape in [(2048, 512), (512, 2048)] * 24]  # 48 MB: past the caches
     scales = {size: torch.full((size,), 1.0 / 2048) for size in (512, 2048)}
+    half_scales = {size: s.to(torch.bfloat16) for size, s in scales.items()}
+
+    def products(inputs: dict[int, torch.Tensor], kernel: bool) -> None:
+        for weight in weights:
+            x = inputs[weight.shape[1]]
+            if kernel:
+                weight_kernel.int8_product(x, weight, scales[weight.shape[0]])
+            else:
+                int8_linear(x.t(), weight, half_scales[weight.shape[0]], None)
+
     faster = []
     for rows in (1, 2, 4, 8, 12, 16):
         inputs = {size: torch.ones(size, rows) for size in (512, 2048)}
-        best = [float("inf"), float("inf")]
-        for _ in range(rounds):
-            for k in (0, 1):
-                start = time.perf_counter()
-                for weight in weights:
-                    x, out_scales = inputs[weight.shape[1]], scales[weight.shape[0]]
-                    if k:
-                        weight_kernel.int8_product(x, weight, out_scales)
-                    else:
-                        int8_linear(x.t(), weight, out_scales.to(torch.bfloat16), None)
-                best[k] = min(best[k], time.perf_counter() - start)
-        faster.append((rows, best[1] < best[0]))
+        best = best_times({kernel: functools.partial(products, inputs, kernel) for kernel in (False, True)}, rounds)
+        faster.append((rows, best[True] < best[False]))
     chosen = never
     for rows, kernel_wins in reversed(faster):
         if not kernel_wins:

@@ -10,12 +10,14 @@ The results equal F.linear's to float rounding. LORAKIT_ONEDNN_LINEAR=0 leaves i
 
 from __future__ import annotations
 
+import functools
 import os
-import time
 from functools import cache
 
 import torch
 import torch.nn.functional as F
+
+from lorakit.lora.turns import best_times
 
 
 def available() -> bool:
@@ -44,14 +46,14 @@ def faster(rounds: int = 3, margin: float = 0.1) -> bool:
         return False
     x = {512: torch.full((512, 512), 0.5), 2048: torch.full((512, 2048), 0.5)}
     weights = [torch.full((2048, 512), 1.0 / 2048), torch.full((512, 2048), 1.0 / 2048)]
-    best = {F.linear: float("inf"), linear: float("inf")}
+
+    def products(function) -> None:
+        for weight in weights:
+            function(x[weight.shape[1]], weight, None)
+
     try:
-        for _ in range(rounds):
-            for function in best:
-                start = time.perf_counter()
-                for weight in weights:
-                    function(x[weight.shape[1]], weight, None)
-                best[function] = min(best[function], time.perf_counter() - start)
+        best = best_times({"mkl": functools.partial(products, F.linear), "onednn": functools.partial(products, linear)},
+                          rounds)
     except RuntimeError:  # the op exists but refuses these tensors in this build
         return False
-    return best[linear] < (1 - margin) * best[F.linear]
+    return best["onednn"] < (1 - margin) * best["mkl"]

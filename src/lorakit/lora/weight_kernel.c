@@ -19,17 +19,29 @@
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
 
+/* x's last, partial block of columns (n % 16 of them) copied into pad (16 per input), zeros past them */
+static void pad_last_block(const float *x, int64_t in, int64_t n, float *pad) {
+    int64_t tail = n % 16, first = n - tail;
+    if (tail)
+        for (int64_t i = 0; i < in; i++)
+            for (int l = 0; l < 16; l++) pad[i * 16 + l] = l < tail ? x[i * n + first + l] : 0.f;
+}
+
+/* the rows of block o (8 from row o, fewer at the end: past the last row, row o again), elements of `size` bytes */
+static int64_t block_rows(const char *W, int64_t out, int64_t in, int64_t size, int64_t o, const char *w[8]) {
+    int64_t rows = out - o < 8 ? out - o : 8;
+    for (int r = 0; r < 8; r++) w[r] = W + (o + (r < rows ? r : 0)) * in * size;
+    return rows;
+}
+
 void weight_product(const float *W, const float *x, float *y, int64_t out, int64_t in, int64_t n, float *pad,
                     int threads) {
     int64_t blocks = (n + 15) / 16, tail = n % 16;
-    if (tail)
-        for (int64_t i = 0; i < in; i++)
-            for (int l = 0; l < 16; l++) pad[i * 16 + l] = l < tail ? x[i * n + (blocks - 1) * 16 + l] : 0.f;
+    pad_last_block(x, in, n, pad);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t o = 0; o < out; o += 8) {
-        int64_t rows = out - o < 8 ? out - o : 8;
         const float *w[8];
-        for (int r = 0; r < 8; r++) w[r] = W + (o + (r < rows ? r : 0)) * in;  /* past the last row: row o again */
+        int64_t rows = block_rows((const char *)W, out, in, sizeof(float), o, (const char **)w);
         const char *next = (const char *)(W + (o + 8) * in);  /* the next block's 8 rows, asked for meanwhile */
         for (int64_t c = 0; c < blocks; c++) {
             int padded = tail && c == blocks - 1;
@@ -77,14 +89,11 @@ void int8_weight_product(const int8_t *Q, const float *scales, const float *x, f
                          int64_t n, float *pad, int threads) {
     int64_t blocks = (n + 15) / 16, tail = n % 16;
     if (in % 16) return;
-    if (tail)
-        for (int64_t i = 0; i < in; i++)
-            for (int l = 0; l < 16; l++) pad[i * 16 + l] = l < tail ? x[i * n + (blocks - 1) * 16 + l] : 0.f;
+    pad_last_block(x, in, n, pad);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t o = 0; o < out; o += 8) {
-        int64_t rows = out - o < 8 ? out - o : 8;
         const int8_t *q[8];
-        for (int r = 0; r < 8; r++) q[r] = Q + (o + (r < rows ? r : 0)) * in;  /* past the last row: row o again */
+        int64_t rows = block_rows((const char *)Q, out, in, 1, o, (const char **)q);
         const char *next = (const char *)(Q + (o + 8) * in);  /* the next block's 8 rows, asked for meanwhile */
         float w[8][CHUNK] __attribute__((aligned(64)));
         for (int64_t c = 0; c < blocks; c++) {
