@@ -15,6 +15,8 @@ the output: the evidence for which weight types `lorakit serve` offers.
                   output channel, the activations quantised to int8 per tensor at each call
      int8-wo      weight-only int8 (aten::_weight_int8pack_mm): int8 weights per output channel, bf16
                   activations
+     int8-kernel  lorakit's int8 product (lora/weight_kernel.py: int8_product): the same int8 weights, fp32
+                  activations and sums, where a C compiler built it
    Printed and recorded: each round's time per kernel, and its ratio to fp32 in the same round; and the layout
    lora/base.py's measure_layouts picks at each row count on this machine (the one lorakit's step uses).
 2. Output: greedy continuations (32 tokens) of 8 chat prompts with every linear (head included) in each
@@ -52,6 +54,8 @@ FP32_LAYOUTS = {"fp32": "weight", "fp32-columns": "columns", "fp32-rows": "rows"
 if weight_kernel.enabled() and weight_kernel.load() is not None:
     FP32_LAYOUTS["fp32-kernel"] = "kernel"
 KERNELS = [*FP32_LAYOUTS, "bf16", "fp16", "int8-dyn", "int8-wo"]
+if weight_kernel.enabled() and weight_kernel.load() is not None:
+    KERNELS.append("int8-kernel")
 
 
 def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,6 +100,21 @@ class Int8WeightOnly(nn.Module):
         return out.view(*x.shape[:-1], self.q.shape[0])
 
 
+class Int8Kernel(Int8WeightOnly):
+    """lorakit's int8 product on the same int8 weights: fp32 activations and sums, scaled per output channel."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear)
+        self.scale = self.scale.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        out = weight_kernel.int8_product(rows.t(), self.q, self.scale).t()
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.q.shape[0])
+
+
 class HalfLinear(nn.Module):
     """A linear whose weight is kept in a half type, fp32 in and out."""
 
@@ -117,7 +136,7 @@ def converted(model: nn.Module, kernel: str) -> nn.Module:
     if out.get_output_embeddings() is not None and out.config.tie_word_embeddings:
         out.lm_head.weight = nn.Parameter(out.lm_head.weight.detach().clone())  # converted on its own
     make = {"bf16": lambda m: HalfLinear(m, torch.bfloat16), "fp16": lambda m: HalfLinear(m, torch.float16),
-            "int8-dyn": Int8Dynamic, "int8-wo": Int8WeightOnly}[kernel]  # fmt: skip
+            "int8-dyn": Int8Dynamic, "int8-wo": Int8WeightOnly, "int8-kernel": Int8Kernel}[kernel]  # fmt: skip
     for name, module in list(out.named_modules()):
         if type(module) is nn.Linear:
             out.set_submodule(name, make(module))
@@ -135,6 +154,10 @@ def step_products(weights: list[torch.Tensor], kernel: str, rows: int):
         cast = [w.to(dtype) for w in weights]
         columns = {k: x.t().contiguous().to(dtype) for k, x in inputs.items()}
         return lambda: [torch.mm(w, columns[w.shape[1]]) for w in cast]
+    if kernel == "int8-kernel":  # x feature-major, as lorakit's step hands it to the kernel
+        quantised = [int8_rows(w) for w in weights]
+        columns = {k: x.t().contiguous() for k, x in inputs.items()}
+        return lambda: [weight_kernel.int8_product(columns[q.shape[1]], q, s) for q, s in quantised]
     layers = [(Int8Dynamic if kernel == "int8-dyn" else Int8WeightOnly)(_linear(w)) for w in weights]
     return lambda: [layer(inputs[w.shape[1]]) for layer, w in zip(layers, weights)]
 
