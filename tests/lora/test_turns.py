@@ -8,7 +8,7 @@ from lorakit.lora.turns import best_times
 
 
 def test_each_way_runs_once_a_round_in_turn_and_keeps_its_best():
-    order, slow_times = [], iter([0.03, 0.01, 0.02])
+    order, slow_times = [], iter([0.06, 0.01, 0.04])
 
     def fast():
         order.append("fast")
@@ -20,4 +20,4 @@ def test_each_way_runs_once_a_round_in_turn_and_keeps_its_best():
     best = best_times({"fast": fast, "slow": slow}, rounds=3)
     assert order == ["fast", "slow"] * 3
     assert best["fast"] < best["slow"]
-    assert 0.01 <= best["slow"] < 0.02  # the best of its three rounds
+    assert 0.01 <= best["slow"] < 0.035  # the best of its three rounds, not the first or the last

@@ -267,7 +267,8 @@ FROZEN_LINEARS = (*PLAIN_LINEARS, Int8WeightLinear)  # computed by `frozen_featu
 
 def frozen_features(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """W x + b of a FROZEN_LINEARS module for feature-major x (in, B) -> (out, B), possibly a transposed view. An
-    int8 weight multiplies fp32 x through lorakit's kernel from the row count where it is faster (`int8_kernel_rows`)."""
+    int8 weight multiplies fp32 x through lorakit's kernel from the row count where it is faster
+    (`int8_kernel_rows`)."""
     if type(module) is Int8WeightLinear:
         if x.dtype == torch.float32 and x.is_cpu and not torch.is_grad_enabled() and x.shape[1] >= int8_kernel_rows():
             scales = module.weight_scales
@@ -296,7 +297,8 @@ def _measure_int8_rows(rounds: int) -> int:
     never = LAYOUT_ROWS + 1
     if not weight_kernel.enabled() or weight_kernel.load() is None:
         return never
-    weights = [torch.ones(shape, dtype=torch.int8) for shape in [(2048, 512), (512, 2048)] * 24]  # 48 MB: past the caches
+    # 48 MB of weights: past the caches, as a model's are
+    weights = [torch.ones(shape, dtype=torch.int8) for shape in [(2048, 512), (512, 2048)] * 24]
     scales = {size: torch.full((size,), 1.0 / 2048) for size in (512, 2048)}
     half_scales = {size: s.to(torch.bfloat16) for size, s in scales.items()}
 

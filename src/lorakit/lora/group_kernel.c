@@ -264,6 +264,7 @@ int group_step(const float *x, int64_t in, int64_t n, int64_t members, const int
         else st.used[g] = 0;
     }
     st.total = st.start[members];
+    if (st.total == 0) return 0; /* no outputs */
     st.tasks = used_groups * R;
     st.h = work + 16 * in;
     st.xb = x;

@@ -2,8 +2,9 @@
 
 `product(x, weight)` computes W x for a feature-major x (in, n), as torch.mm does, reading the weight
 once, front to back, 16 columns at a time; `int8_product` the same for an int8 weight with one scale
-per output (infer/int8_weights.py), its weights widened to fp32 as they are read. lora/base.py's `decode_layouts` times it beside the BLAS
-layouts once per process and uses it for the column counts where it is faster. It is compiled once per
+per output (infer/int8_weights.py), its weights widened to fp32 as they are read. lora/base.py's
+`decode_layouts` times the fp32 product beside the BLAS layouts once per process and uses it for the
+column counts where it is faster (`int8_kernel_rows` likewise for int8). It is compiled once per
 machine (lorakit/native.py); `load()` returns None where it cannot be built, and LORAKIT_WEIGHT_KERNEL=0
 leaves it out.
 """
