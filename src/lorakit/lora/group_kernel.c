@@ -2,13 +2,14 @@
 
    A decode step of a mixed-adapter batch computes, for the layers of a sibling group fed the same x
    (q/k/v, gate/up; or one layer), y_m = W_m x + b_m + each column's (s B)_b A_b x. The base products
-   (weight_kernel.c's loop: 8 weight rows, 16 columns, one broadcast weight per row and input) are bound
-   by arithmetic; the LoRA terms, read by slot lanes (column_kernel.c's lora_lanes: the factors of 16
-   slots interleaved, each column's lane moved into place with one shuffle), are bound by memory: the
-   factors of every adapter in the batch stream in once a step and little is done with them. Run one
-   after the other, a step waits on memory for the factors with its arithmetic units idle. Here each
-   thread's blocks of weight rows carry the lane work with them, and ask the memory for the factors
-   the next block will read while they compute:
+   (weight_kernel.c's loop: 8 weight rows, 16 columns, one broadcast weight per row and input) stream
+   the weights; the LoRA terms, read by slot lanes (column_kernel.c's lora_lanes: the factors of 16
+   slots interleaved, each column's lane moved into place with one shuffle), stream the factors of every
+   adapter in the batch and do little with them. Run one after the other, the lanes wait on memory with
+   the arithmetic units idle. Here each thread's blocks of weight rows carry the lane work with them,
+   and ask the memory for the next block's weights and the factors it will read while they compute
+   (where the products already read memory at full speed, the factors' bytes cost about the same either
+   way; the pass still saves a call and a pass over x per group):
 
    - phase 1: the first blocks; each also computes whole ranks h[g][j] = A_j x for every column (one
      more vector sum in the block's loop, on the same x vector), the ranks spread evenly over them;

@@ -1,10 +1,10 @@
 """A sibling group's decode step, base products and slot-lane LoRA terms in one pass (group_kernel.c).
 
-In a mixed-adapter decode step the base products of a sibling group (q/k/v, gate/up) are bound by
-arithmetic and its adapters' LoRA terms by memory: every adapter's factors stream in once a step.
-`group_call` binds a group's weights, biases and lane layout (column_kernel.LaneGroup) for a batch's
-columns, and the call computes every member's W x + b + its columns' terms, the factors read while the
-products compute. Each member's W x + b is the same to the bit as lora/weight_kernel.py's product plus
+In a mixed-adapter decode step the base products of a sibling group (q/k/v, gate/up) stream its weights
+and its adapters' LoRA terms stream every adapter's factors, doing little with them. `group_call` binds a
+group's weights, biases and lane layout (column_kernel.LaneGroup) for a batch's columns, and the call
+computes every member's W x + b + its columns' terms in one pass, the factors read while the products
+compute. Each member's W x + b is the same to the bit as lora/weight_kernel.py's product plus
 its bias, so it serves where `lora.base.decode_layouts` multiplies the step's columns by that kernel.
 
 It is compiled once per machine (lorakit/native.py) with the product kernel's flags; `load()` returns
