@@ -171,7 +171,8 @@ def test_int8_weights_multiply_through_the_kernel_from_its_row_count(from_rows, 
     want = base.int8_linear(x.t(), module.weight, module.weight_scales, module.bias).t()  # x and out in bf16
     torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)
     assert len(calls) == (from_rows == 1)
-    exact = (module.weight.double() * module.weight_scales.double()[:, None]) @ x.double() + module.bias.double()[:, None]
+    scaled = module.weight.double() * module.weight_scales.double()[:, None]
+    exact = scaled @ x.double() + module.bias.double()[:, None]
     if from_rows == 1:  # fp32 x, fp32 sums: closer to the scaled weight's product than the bf16 path
         torch.testing.assert_close(out, exact.float(), rtol=1e-5, atol=1e-5)
 

@@ -105,6 +105,11 @@ static inline const float *task_factors(const Step *st, int64_t q) {
     return st->AL + (g * st->R + q % st->R) * st->in * 16;
 }
 
+/* where rank task q's sums for every column go in h */
+static inline float *h_of(const Step *st, int64_t q) {
+    return st->h + (st->task_group[q / st->R] * st->R + q % st->R) * 16;
+}
+
 /* each used group's (s B) rows o .. o + rows of member m: one span per group */
 static int b_spans(const Step *st, int m, int64_t o, int64_t rows, Span *spans, int count) {
     for (int64_t g = 0; g < st->groups && count < SPANS; g++)
@@ -189,13 +194,13 @@ static void block(const Step *st, int64_t k) {
         int64_t q = first_task(st, k), last = first_task(st, k + 1);
         if (q < last) { /* the first rank rides in the block's loop, any others follow it */
             rows8(st, w, s, task_factors(st, q), st->idx[st->task_group[q / st->R]], &t, spans, count);
-            *(v16u *)(st->h + (st->task_group[q / st->R] * st->R + q % st->R) * 16) = t;
+            *(v16u *)h_of(st, q) = t;
             for (q++; q < last; q++) {
                 const float *a = task_factors(st, q);
                 i16 idx = st->idx[st->task_group[q / st->R]];
                 v16 u = {0};
                 for (int64_t i = 0; i < st->in; i++) u += lanes_of(a + i * 16, idx) * *(const v16u *)(st->xb + i * 16);
-                *(v16u *)(st->h + (st->task_group[q / st->R] * st->R + q % st->R) * 16) = u;
+                *(v16u *)h_of(st, q) = u;
             }
         } else {
             rows8(st, w, s, 0, st->idx[0], &t, spans, count);

@@ -98,10 +98,12 @@ def features_forward(state, layer: nn.Module, x: torch.Tensor) -> torch.Tensor |
 class _GroupStep:
     """A sibling group's decode step by slot lanes: every member's base product and, in one kernel call, their
     LoRA terms, computed at the group's first call for an x and handed to each member's call for the same x.
-    `fused`, where given, computes both in one pass (lora/group_kernel.py), the same to the bit for the bases."""
+    `fused`, where given, computes both in one pass (lora/group_kernel.py), the same to the bit for the bases;
+    the lane call is then made (`make_call()`) only if a step cannot take that pass."""
 
-    def __init__(self, bases: list[nn.Module], call, fused=None):
-        self.bases, self.call, self.fused = bases, call, fused
+    def __init__(self, bases: list[nn.Module], make_call, fused=None):
+        self.bases, self.fused = bases, fused
+        self._make_call, self._call = make_call, None
         self._x: torch.Tensor | None = None  # held while a member's output waits: never another tensor's id
         self._outs: list[torch.Tensor | None] = [None] * len(bases)
 
@@ -111,8 +113,10 @@ class _GroupStep:
             if out is None and self.fused is not None and not torch.is_grad_enabled():
                 outs = self.fused(x)
             else:
-                outs = self.call(x, [out if k == index and out is not None else frozen_features(base, x)
-                                     for k, base in enumerate(self.bases)])
+                if self._call is None:
+                    self._call = self._make_call()
+                outs = self._call(x, [out if k == index and out is not None else frozen_features(base, x)
+                                      for k, base in enumerate(self.bases)])
             self._x, self._outs = x, outs
         result, self._outs[index] = self._outs[index], None
         if all(o is None for o in self._outs):
@@ -229,8 +233,9 @@ class FeatureTerms:
             return None
         n = x.shape[1]
         self._grow(column_kernel.LANES * (x.shape[0] + lanes.groups * lanes.ranks))
-        call = column_kernel.lanes_call(self._kernel, lanes, lane, x.shape, [(o, n) for o in lanes.outs], self._work)
-        step = self._groups[id(side)] = _GroupStep(bases, call, fused)
+        make_call = functools.partial(column_kernel.lanes_call, self._kernel, lanes, lane, x.shape,
+                                      [(o, n) for o in lanes.outs], self._work)
+        step = self._groups[id(side)] = _GroupStep(bases, make_call, fused)
         for index, member in enumerate(members):
             self._steps[id(member)] = functools.partial(step, index)
         return step

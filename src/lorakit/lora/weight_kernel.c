@@ -104,8 +104,10 @@ void int8_weight_product(const int8_t *Q, const float *scales, const float *x, f
             for (int64_t i0 = 0; i0 < in; i0 += CHUNK) {
                 int64_t size = in - i0 < CHUNK ? in - i0 : CHUNK;
                 for (int64_t i = 0; i < size; i += 16) {
-                    if (c == 0)  /* the next block's 8 rows: 128 bytes for these 16 inputs */
-                        __builtin_prefetch(next + 8 * (i0 + i), 0, 3), __builtin_prefetch(next + 8 * (i0 + i) + 64, 0, 3);
+                    if (c == 0) {  /* the next block's 8 rows: 128 bytes for these 16 inputs */
+                        __builtin_prefetch(next + 8 * (i0 + i), 0, 3);
+                        __builtin_prefetch(next + 8 * (i0 + i) + 64, 0, 3);
+                    }
                     for (int r = 0; r < 8; r++) *(v16 *)(w[r] + i) = widen(q[r] + i0 + i);
                 }
                 const float *x0 = xb + i0 * stride;
