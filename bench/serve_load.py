@@ -76,6 +76,8 @@ def parse_args() -> argparse.Namespace:
                         help="add lorakit-continuous-half: `lorakit serve --half-weights` with this setting")
     parser.add_argument("--quantize", choices=["int8"], default=None,
                         help="add lorakit-continuous-int8: `lorakit serve --quantize` with this setting")
+    parser.add_argument("--lora-dtype", choices=["bf16"], default=None,
+                        help="add lorakit serve --lora-dtype DTYPE (on fp32, and on --quantize's weights)")
     parser.add_argument("--prefill-apart", action="store_true",
                         help="add lorakit-continuous-apart: `lorakit serve --prefill apart`")
     parser.add_argument("--quick", action="store_true", help="a smoke run: rates 1,4, K 1,4, 6 requests, 4-8 tokens")
@@ -229,6 +231,12 @@ def lorakit_servers(args, root: Path, names: list[str], log_dir: Path) -> list[S
         if scheduler == "continuous" and args.quantize:
             servers.append(Server(f"lorakit-continuous-{args.quantize}", [*argv, "--quantize", args.quantize], names,
                                   log_dir, env))
+        if scheduler == "continuous" and args.lora_dtype:
+            narrow = [*argv, "--lora-dtype", args.lora_dtype]
+            servers.append(Server(f"lorakit-continuous-lora-{args.lora_dtype}", narrow, names, log_dir, env))
+            if args.quantize:
+                servers.append(Server(f"lorakit-continuous-{args.quantize}-lora-{args.lora_dtype}",
+                                      [*narrow, "--quantize", args.quantize], names, log_dir, env))
     return servers
 
 
@@ -247,7 +255,8 @@ def llama_servers(args, root: Path, names: list[str], log_dir: Path) -> list[Ser
                        check=True, env={**os.environ, **env}, stdout=subprocess.DEVNULL)  # fmt: skip
         slots, per_slot = args.max_batch, 1024
         argv = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", "{port}", "--api-key", KEY,
-                "-t", str(args.threads), "-tb", str(args.threads), "-np", str(slots), "-c", str(slots * per_slot)]
+                "-t", str(args.threads), "-tb", str(args.threads), "-np", str(slots), "-c", str(slots * per_slot),
+                "--threads-http", str(args.requests + 4)]  # a connection each, as lorakit's server takes them
         servers.append(Server(f"llama-{kind}", argv, ["merged"], log_dir))  # fmt: skip
     return servers
 
@@ -305,7 +314,8 @@ def summarise(runs: list[dict], args) -> list[dict]:
     if any(name == "lorakit-continuous-apart" for name, _ in systems):
         pairs += [(f"lorakit-continuous K={k} / lorakit-continuous-apart", ("lorakit-continuous", k),
                    ("lorakit-continuous-apart", k)) for k in args.k_list]  # fmt: skip
-    ours = [s for s in ("lorakit-continuous", "lorakit-continuous-half", "lorakit-continuous-int8")
+    ours = [s for s in ("lorakit-continuous", "lorakit-continuous-half", "lorakit-continuous-int8",
+                        "lorakit-continuous-lora-bf16", "lorakit-continuous-int8-lora-bf16")
             if any(s == name for name, _ in systems)]
     pairs += [(f"{o} K={k} / {s}", (o, k), (s, 1))
               for o in ours for k in args.k_list for s, _ in systems if s.startswith("llama")]  # fmt: skip
@@ -370,6 +380,8 @@ def main() -> None:
             + ("lorakit-continuous-apart: the same with `--prefill apart`; " if args.prefill_apart else "")
             + (f"lorakit-continuous-{args.quantize}: the same with `--quantize {args.quantize}`; " if args.quantize
                else "")
+            + (f"lorakit-continuous-*lora-{args.lora_dtype}: the same with `--lora-dtype {args.lora_dtype}`; "
+               if args.lora_dtype else "")
             + f"llama-*: llama.cpp's llama-server ({args.max_batch} parallel slots) on "
             "the base with adapter 0 merged, exported to GGUF by `lorakit export`. Every server uses "
             f"{args.threads} threads and runs as its own process on loopback; the client (openai, asyncio) shares "

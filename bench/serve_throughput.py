@@ -3,7 +3,7 @@
     python bench/serve_throughput.py [--model smollm2-135m-instruct] [--adapters 16] [--requests 16]
                                      [--new-tokens 32] [--rank 8] [--repeats 3] [--warmup 1] [--skip-peft]
                                      [--device cuda|cpu] [--results-dir DIR] [--variants merged,mixed-16]
-                                     [--half-weights auto|bf16|fp16] [--quantize int8]
+                                     [--half-weights auto|bf16|fp16] [--quantize int8] [--lora-dtype bf16]
                                      [--model-config qwen2.5-1.5b]
 
 The same --requests ROS 2 prompts (left-padded, greedy, exactly --new-tokens new tokens each) in
@@ -26,6 +26,9 @@ and with --half-weights (infer/half_weights.py: linear weights in a half type, a
 and with --quantize int8 (infer/int8_weights.py: linear weights and head in int8, adapters in fp32):
   merged-int8       merged, then its linear weights quantised (what llama.cpp's q8_0 export of it holds)
   mixed-N-int8      mixed-N on a base whose linear weights are int8 (as `lorakit serve --quantize int8`)
+and with --lora-dtype bf16 (lora/adapters.py: round_adapter, as `lorakit serve --lora-dtype bf16`):
+  mixed-N-lora-bf16 mixed-N with every adapter's factors rounded to bf16 (the mixed batch reads them at
+                    half the bytes); mixed-N-int8-lora-bf16 the same on the int8 base (with --quantize)
 --model-config NAME builds NAME's published shape with random weights instead (bench/model_shapes.py;
 the prompts are still tokenised by --model's tokenizer) and writes serve_throughput_NAME.json, so the
 cost of many adapters can be compared across model sizes.
@@ -49,6 +52,7 @@ import torch
 from model_shapes import MODEL_CONFIGS, base_model
 from results import machine, min_median, write_result
 
+LORA_DTYPES = {"bf16": torch.bfloat16}  # --lora-dtype, as `lorakit serve --lora-dtype`
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -150,6 +154,18 @@ def lorakit_variants(args, root: Path, names: list[str], ids: list[list[int]], t
         use_int8_weights(int8_model, args.quantize)
         int8_model = _with_adapters(use_decode_linears(int8_model), root, names).to(args.device)
         variants[f"mixed-{len(names)}-int8"] = run(int8_model, spreads[len(names)])
+    if args.lora_dtype:  # the adapters rounded to --lora-dtype, on the fp32 base (and the int8 one)
+        from lorakit.infer.int8_weights import use_int8_weights
+
+        for suffix, quantize in {"": None, "-int8": args.quantize}.items():
+            if suffix and not quantize:
+                continue
+            narrow = load_base()
+            if quantize:
+                use_int8_weights(narrow, quantize)
+            narrow = _with_adapters(use_decode_linears(narrow), root, names, LORA_DTYPES[args.lora_dtype])
+            label = f"mixed-{len(names)}{suffix}-lora-{args.lora_dtype}"
+            variants[label] = run(narrow.to(args.device), spreads[len(names)])
     return variants
 
 
@@ -164,11 +180,16 @@ def _through_the_forward(fn):
     return run
 
 
-def _with_adapters(model, root: Path, names: list[str]):
+def _with_adapters(model, root: Path, names: list[str], lora_dtype=None):
+    """model with the adapters `names` loaded; each rounded to lora_dtype's values where given (serve's
+    --lora-dtype)."""
     import lorakit
+    from lorakit.lora.adapters import round_adapter
 
     for name in names:
         lorakit.load_adapter(model, root / name, name)
+        if lora_dtype is not None:
+            round_adapter(model, name, lora_dtype)
     return model
 
 
@@ -223,6 +244,10 @@ def summarise(runs: list[dict], args) -> list[dict]:
               ("merged-int8", "merged"), (f"mixed-{args.adapters}-int8", "merged"), ("merged", "merged-forward"),
               (f"mixed-{args.adapters}", f"mixed-{args.adapters}-forward"),
               (f"mixed-{args.adapters}-forward", "merged-forward")]
+    pairs += [(f"mixed-{args.adapters}-lora-{args.lora_dtype}", base)
+              for base in ("merged", f"mixed-{args.adapters}")]
+    pairs += [(f"mixed-{args.adapters}-int8-lora-{args.lora_dtype}", base)
+              for base in ("merged-int8", f"mixed-{args.adapters}-int8")]
     for ours, base in pairs:
         if base in variants and ours in variants:
             rows.append({"what": f"{ours} / {base}", **min_median([rate[(i, ours)] / rate[(i, base)] for i in repeats])})
@@ -240,6 +265,8 @@ def variant_labels(args) -> list[str]:
     labels += ["merged-forward", f"mixed-{args.adapters}-forward"]
     labels += ["merged-half", f"mixed-{args.adapters}-half"] if args.half_weights else []
     labels += ["merged-int8", f"mixed-{args.adapters}-int8"] if args.quantize else []
+    labels += [f"mixed-{args.adapters}-lora-{args.lora_dtype}"] if args.lora_dtype else []
+    labels += [f"mixed-{args.adapters}-int8-lora-{args.lora_dtype}"] if args.lora_dtype and args.quantize else []
     return labels + ([] if args.skip_peft else ["peft-mixed", "peft-switch"])
 
 
@@ -272,6 +299,8 @@ def main() -> None:
                         help="add merged-half and mixed-N-half: linear weights in a half type (auto: where faster)")
     parser.add_argument("--quantize", choices=["int8"], default=None,
                         help="add merged-int8 and mixed-N-int8: linear weights and head in int8, adapters fp32")
+    parser.add_argument("--lora-dtype", choices=sorted(LORA_DTYPES), default=None,
+                        help="add mixed-N-lora-DTYPE: the adapters' factors rounded to DTYPE (serve --lora-dtype)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: the GPU when there is one)")
     parser.add_argument("--results-dir", default=None, help="where serve_throughput.json goes (default runs/bench)")
     parser.add_argument("--variants", default=None,
@@ -331,6 +360,9 @@ def main() -> None:
                         if args.half_weights else "")
                      + ("merged-int8, mixed-K-int8: linear weights and head in int8, one scale per output channel, "
                         "adapters in fp32 (lorakit serve --quantize int8). " if args.quantize else "")
+                     + (f"mixed-K-lora-{args.lora_dtype}: every adapter's factors rounded to {args.lora_dtype} "
+                        f"(lorakit serve --lora-dtype {args.lora_dtype}), read at half the bytes, computed in fp32. "
+                        if args.lora_dtype else "")
                      + f"All variants take turns in each of {args.repeats} rounds after {args.warmup} untimed run(s); "
                      "ratios are taken within a round."),
         columns=[("repeat", "round"), ("variant", "variant"), ("tokens_per_s", "generated tok/s"), ("seconds", "s")],

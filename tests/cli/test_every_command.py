@@ -163,6 +163,7 @@ CASES = {
         ["--model", "{model}", "--port", "-1"], ["--model", "{model}", "--max-batch", "0"],
         ["--model", "{model}", "--port", "http"], ["--model", "{model}", "--quantize", "int4"],
         ["--model", "{model}", "--quantize", "int8", "--half-weights", "bf16"],
+        ["--model", "{model}", "--lora-dtype", "fp16"],
     ],
     "inspect": [["{missing}"], ["{folder}"], ["{empty}"], ["{model}"], ["{under-a-file}"], []],
     "export": [

@@ -14,7 +14,7 @@ from lorakit.infer.decode_step import decode_and_prefill, decode_logits, lean_de
 from lorakit.infer.half_weights import use_half_weights
 from lorakit.infer.kv_cache import roomy_cache
 from lorakit.lora.base import FEW_ROWS
-from lorakit.lora.adapters import lora_layers
+from lorakit.lora.adapters import lora_layers, round_adapter
 from lorakit.lora.mixed import RowAdapters, row_adapters, sibling_layers
 from lorakit.lora import base, column_kernel, group_kernel
 from lorakit.lora.mixed_features import features_forward
@@ -132,6 +132,27 @@ def test_a_step_over_many_adapters_goes_by_slot_lanes_and_equals_the_forward(lay
         assert calls == [3, 1, 2, 1] * 3 * layers and not passes
     else:
         assert not calls and passes == [3, 1, 2, 1] * 3 * layers
+
+
+def test_adapters_rounded_to_bf16_decode_by_bf16_lanes_and_equal_the_forward(monkeypatch):
+    if column_kernel.load(torch.bfloat16) is None or group_kernel.load(torch.bfloat16) is None:
+        pytest.skip("no C compiler here to build the kernels")
+    model = tiny_llama()
+    names = [f"a{k}" for k in range(10)]
+    for seed, name in enumerate(names):  # scaling 2: s B of bf16 values is one too
+        lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS), name)
+        perturb(model, name, std=0.3, seed=seed)
+        round_adapter(model, name, torch.bfloat16)
+    types = []
+    plan, plan_pass = column_kernel.lanes_call, group_kernel.group_call
+    monkeypatch.setattr(column_kernel, "lanes_call", lambda kernel, group, *a: types.append(group.AL.dtype)
+                        or plan(kernel, group, *a))
+    monkeypatch.setattr(group_kernel, "group_call", lambda function, group, *a: types.append(group.AL.dtype)
+                        or plan_pass(function, group, *a))
+    with row_adapters(model, [*names, None, "a3"], "gathered"):
+        got, expected, lean_cache, plain_cache = decode_both(model, rows=12)
+    assert_same(got, expected, lean_cache, plain_cache)
+    assert types and set(types) == {torch.bfloat16}  # every sibling group's lanes, in bf16
 
 
 def with_adapters(model, dora_on: str | None = None):

@@ -3,6 +3,8 @@ float64 result, the bases the same to the bit as the product kernel's; bad argum
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -13,13 +15,16 @@ from test_column_kernel import expected, factors, term_of
 pytestmark = pytest.mark.skipif(group_kernel.load() is None, reason="no C compiler here to build the kernel")
 
 
-def sibling_group(fan_in: int = 37, fan_outs=(150, 20, 33), biases=(True, False, True)):
+def sibling_group(fan_in: int = 37, fan_outs=(150, 20, 33), biases=(True, False, True), bf16: bool = False):
     """Three layers fed the same x (as q/k/v) over 20 slots, two lane groups, ranks differing per slot and per layer
-    (slot 4 on no layer, slot 5 on the first only, the third up to slot 12), with their frozen linears."""
+    (slot 4 on no layer, slot 5 on the first only, the third up to slot 12), with their frozen linears; `bf16`:
+    every factor rounded to a bf16 value."""
     ranks = [[4, 8, 2, 0, 5] + [3] * 15, [2, 1, 6, 0, 0] + [2] * 15, [1, 3, 3, 0, 0] + [4] * 7]
     layers, bases = [], []
     for seed, (layer_ranks, fan_out, bias) in enumerate(zip(ranks, fan_outs, biases)):
         A, B, _ = factors([r for r in layer_ranks if r], fan_in, fan_out, seed=3 + seed)
+        if bf16:
+            A, B = A.bfloat16().float(), B.bfloat16().float()
         owner = torch.cat([torch.full((r,), k + 1) for k, r in enumerate(layer_ranks) if r])
         layers.append((A, B, owner))
         torch.manual_seed(seed)
@@ -91,3 +96,31 @@ def test_bad_arguments_are_refused():
         call(torch.randn(37, 3))
     with pytest.raises(ValueError, match="fp32 CPU"):
         call(torch.randn(37, 2).double())
+
+
+def test_factors_that_are_bf16_values_are_read_as_bf16_lanes_with_the_fp32_lanes_bits():
+    group, layers, bases = sibling_group(bf16=True)
+    assert group.AL.dtype == torch.bfloat16 and all(BL.dtype == torch.bfloat16 for BL in group.BL)  # half the bytes
+    assert sibling_group()[0].AL.dtype == torch.float32  # factors that are not bf16 values stay fp32
+    wide = copy.copy(group)  # the same values in fp32 lanes
+    wide.AL, wide.BL = group.AL.float(), [BL.float() for BL in group.BL]
+    slots = torch.tensor([2, 0, 1, 20, 4, 3, 2, 17, 1, 5, 6, 7, 8, 9, 10, 11])
+    x = torch.randn(37, 16, generator=torch.Generator().manual_seed(3))
+    lane = group.lane_columns(slots)[0]
+    narrow_pass = group_kernel.group_call(group_kernel.load(torch.bfloat16), group, lane, bases, 37, scratch(group, 37))
+    wide_pass = group_kernel.group_call(group_kernel.load(), wide, lane, bases, 37, scratch(group, 37))
+    ys = [torch.randn(out, 16) for out in group.outs]
+    narrow_lanes = column_kernel.add_lanes(column_kernel.load(torch.bfloat16), x, group, lane, [y.clone() for y in ys],
+                                           scratch(group, 37))
+    wide_lanes = column_kernel.add_lanes(column_kernel.load(), x, wide, lane, [y.clone() for y in ys], scratch(group, 37))
+    for narrow, wide_y, base, layer in zip(narrow_pass(x), wide_pass(x), bases, layers):
+        assert torch.equal(narrow, wide_y)
+        plain = (base.weight.double() @ x.double()).float() + (0 if base.bias is None else base.bias[:, None])
+        torch.testing.assert_close(narrow, expected(x, plain, *layer, slots), rtol=1e-5, atol=1e-5)
+    for narrow, wide_y, y, layer in zip(narrow_lanes, wide_lanes, ys, layers):
+        assert torch.equal(narrow, wide_y)
+        torch.testing.assert_close(narrow, expected(x, y, *layer, slots), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="do not match"):  # bf16 lanes through the fp32 build
+        group_kernel.group_call(group_kernel.load(), group, lane, bases, 37, scratch(group, 37))
+    with pytest.raises(ValueError, match="built for them"):
+        column_kernel.add_lanes(column_kernel.load(), x, group, lane, [y.clone() for y in ys], scratch(group, 37))

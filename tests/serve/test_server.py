@@ -234,10 +234,11 @@ def test_client_disconnecting_mid_stream(server, client):
     assert server.app.state.scheduler.cancelled == 1
 
 
-@pytest.mark.parametrize("weights", [{"half_weights": "bf16"}, {"quantize": "int8"}], ids=["bf16", "int8"])
+@pytest.mark.parametrize("weights", [{"half_weights": "bf16"}, {"quantize": "int8"}, {"lora_dtype": "bf16"}],
+                         ids=["bf16", "int8", "lora-bf16"])
 def test_a_server_on_half_or_int8_weights_answers_each_request_as_it_would_alone(toy, weights):
-    """bf16 or int8 linear weights: a concurrent mixed batch gives each request what the same server gives it
-    alone."""
+    """bf16 or int8 linear weights, or adapters rounded to bf16: a concurrent mixed batch gives each request what
+    the same server gives it alone."""
     folder, adapters = toy
     config = ServeConfig(max_batch=16, batch_wait_ms=100, max_tokens=40, **weights)
     app = build_app(str(folder), {n: str(adapters / n) for n in NAMES}, config)

@@ -6,7 +6,7 @@ import argparse
 import os
 
 from lorakit.cli.parsing import subcommand
-from lorakit.serve.config import HALF_WEIGHTS, PREFILLS, QUANTIZE, SCHEDULERS, ServeConfig
+from lorakit.serve.config import HALF_WEIGHTS, LORA_DTYPES, PREFILLS, QUANTIZE, SCHEDULERS, ServeConfig
 
 EXAMPLES = """examples:
   lorakit serve --model smollm2-135m-instruct --adapter ros2=runs/ros2-demo/adapter
@@ -28,6 +28,7 @@ FLAGS = [
     "prefill",
     "half_weights",
     "quantize",
+    "lora_dtype",
     "max_batch",
     "max_kv_tokens",
     "batch_wait_ms",
@@ -61,7 +62,7 @@ def add_parser(commands) -> None:
         default = getattr(defaults, name)
         kind = type(default) if default is not None else str
         choices = {"scheduler": SCHEDULERS, "prefill": PREFILLS, "half_weights": HALF_WEIGHTS,
-                   "quantize": QUANTIZE}.get(name)
+                   "quantize": QUANTIZE, "lora_dtype": LORA_DTYPES}.get(name)
         parser.add_argument(
             f"--{name.replace('_', '-')}", type=kind, default=default, choices=choices, help=ServeConfig.help_of(name)
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from lorakit.config import LoraConfig
@@ -128,6 +129,19 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             del wrapper.copies[name]
             wrapper.active = None if wrapper.active == name else wrapper.active
     model.lora_configs = {k: v for k, v in model.lora_configs.items() if k != name}
+
+
+@torch.no_grad()
+def round_adapter(model: nn.Module, name: str, dtype: torch.dtype) -> None:
+    """Round every LoRA factor of adapter `name` to the nearest `dtype` value, kept in its own type: the adapter
+    an adapter trained or saved in `dtype` would be. In bf16 a mixed batch's kernels then read its factors at
+    half the bytes (lora/column_kernel.py's lane layouts); the computation stays in the factors' type."""
+    adapter_config(model, name)
+    for _, layer in lora_layers(model):
+        adapter = layer.adapters._modules.get(name)
+        for param in [] if adapter is None else adapter.parameters():
+            if param.is_floating_point():
+                param.copy_(param.to(dtype))
 
 
 def in_saved_module(param_name: str) -> bool:

@@ -202,13 +202,27 @@ int lora_columns(const float *x, int64_t in, int64_t n, int64_t x_feature, int64
     return 0;
 }
 
-/* How far ahead (floats) the lane loops ask for the factors they will read: 2 KiB, about 7% faster than
+/* The lane layouts' factors are fp32, or bf16 where built with -DLANE_BF16 (half the bytes, widened to fp32 as
+   read; the sums in fp32 as before). */
+#ifdef LANE_BF16
+typedef uint16_t lane_t;
+typedef uint16_t w16u __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t u16 __attribute__((vector_size(64)));
+/* the lane vector at p in fp32, lane l taken from lane idx[l] */
+static inline v16 lanes_of(const lane_t *p, i16 idx) {
+    u16 wide = __builtin_convertvector(*(const w16u *)p, u16); /* a bf16 is the top half of its fp32 */
+    return __builtin_shuffle((v16)(wide << 16), idx);
+}
+#else
+typedef float lane_t;
+/* the 16 floats at p, lane l taken from lane idx[l] */
+static inline v16 lanes_of(const lane_t *p, i16 idx) { return __builtin_shuffle(*(const v16u *)p, idx); }
+#endif
+
+/* How far ahead (in lane elements) the lane loops ask for the factors they will read: 2 KiB, about 7% faster than
    the hardware's own prefetching alone on a 2-core EPYC (bench: 210 calls of a 135M model's shapes). A
    prefetch past the end of the factors is harmless: it never faults. */
-#define AHEAD 512
-
-/* the 16 floats at p, lane l taken from lane idx[l] */
-static inline v16 lanes_of(const float *p, i16 idx) { return __builtin_shuffle(*(const v16u *)p, idx); }
+#define AHEAD (2048 / (int64_t)sizeof(lane_t))
 
 #define MEMBERS 4  /* layers of a sibling group (q/k/v, gate/up) one lora_lanes call serves at most */
 
@@ -219,11 +233,11 @@ static inline v16 lanes_of(const float *p, i16 idx) { return __builtin_shuffle(*
    y_feature of each member. lane[b]: column b's lane over all groups (its slot - 1), or -1 for a column left
    alone. `work` holds 16 * in + groups * R * 16 floats. Returns 0, or 1 when a lane lies outside the groups or
    a member's ranks outside R (nothing is written then). */
-int lora_lanes(const float *x, int64_t in, int64_t n, int64_t x_feature, int64_t x_column, const float *AL,
+int lora_lanes(const float *x, int64_t in, int64_t n, int64_t x_feature, int64_t x_column, const lane_t *AL,
                int64_t groups, int64_t R, const int64_t *lane, int64_t members, const int64_t *table,
-               const float *BL0, const float *BL1, const float *BL2, const float *BL3,
+               const lane_t *BL0, const lane_t *BL1, const lane_t *BL2, const lane_t *BL3,
                float *y0, float *y1, float *y2, float *y3, float *work, int threads) {
-    const float *BL[MEMBERS] = {BL0, BL1, BL2, BL3};
+    const lane_t *BL[MEMBERS] = {BL0, BL1, BL2, BL3};
     float *Y[MEMBERS] = {y0, y1, y2, y3};
     int64_t start[MEMBERS + 1] = {0};  /* where each member's outputs start among all members' */
     if (members < 1 || members > MEMBERS) return 1;
@@ -264,7 +278,7 @@ int lora_lanes(const float *x, int64_t in, int64_t n, int64_t x_feature, int64_t
             for (int64_t t = 0; t < groups * R; t++) {  /* h[g][j] = A_j x for every column, lanes of group g */
                 int64_t g = t / R;
                 if (!used[g]) continue;
-                const float *a = AL + t * in * 16;
+                const lane_t *a = AL + t * in * 16;
                 v16 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
                 int64_t i = 0;
                 for (; i + 4 <= in; i += 4) {
@@ -287,7 +301,8 @@ int lora_lanes(const float *x, int64_t in, int64_t n, int64_t x_feature, int64_t
                 v16 term = {0};  /* y[o] += sum_j (s B)[o][j] h[j], each column from its group */
                 for (int64_t g = 0; g < groups; g++) {
                     if (!used[g]) continue;
-                    const float *bl = BL[m] + (g * out + o) * ranks * 16, *hg = h + (g * R + row[0]) * 16;
+                    const lane_t *bl = BL[m] + (g * out + o) * ranks * 16;
+                    const float *hg = h + (g * R + row[0]) * 16;
                     __builtin_prefetch(bl + AHEAD, 0, 0), __builtin_prefetch(bl + AHEAD + 16, 0, 0);
                     v16 d = lanes_of(bl, idx[g]) * *(const v16u *)hg;
                     for (int64_t j = 1; j < ranks; j++)

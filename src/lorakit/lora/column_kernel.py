@@ -13,6 +13,10 @@ for every layer of a sibling group at once, from the factors laid out by slot la
 reading them front to back as full vectors, with no gather of the inputs and no transpose of the
 outputs.
 
+The lane layouts hold fp32 factors, or bf16 ones where every factor of the group is a bf16 value (an
+adapter trained or saved in bf16, or rounded to it: `lorakit serve --lora-dtype bf16`): the same values
+at half the bytes, so the same sums, read by the kernel's bf16 build.
+
 It is compiled once per machine with the system's C compiler (lorakit/native.py) and loaded with
 ctypes. `load()` returns the library, or None where it cannot be built (no compiler, another platform);
 `enabled()` is false where LORAKIT_COLUMN_KERNEL=0. Callers keep the side-by-side products then.
@@ -47,6 +51,7 @@ _LANES_ARGS = [
 ]
 MEMBERS = 4  # the members of a sibling group one lane call serves at most (column_kernel.c's MEMBERS)
 LANES = 16  # slots a lane group holds: one 16-float vector
+LANE_TYPES = (torch.float32, torch.bfloat16)  # the lane layouts' factor types, bf16 where it holds them exactly
 
 
 def enabled() -> bool:
@@ -55,15 +60,24 @@ def enabled() -> bool:
 
 
 @cache
-def load():
-    """The kernel's library (lora_columns, lora_lanes), built on first use; None where it cannot be built here
-    (logged once)."""
-    library = native.load_library(SOURCE, what="the per-column LoRA kernel (mixed batches use side-by-side products)")
+def load(lanes: torch.dtype = torch.float32):
+    """The kernel's library (lora_columns, lora_lanes), built on first use, its lane layouts' factors of type
+    `lanes` (fp32 or bf16: `library.lane_dtype`); None where it cannot be built here (logged once)."""
+    library = native.load_library(SOURCE, native.FLAGS + lane_flags(lanes),
+                                  what="the per-column LoRA kernel (mixed batches use side-by-side products)")
     if library is None:
         return None
     library.lora_columns.argtypes, library.lora_columns.restype = _COLUMNS_ARGS, ctypes.c_int
     library.lora_lanes.argtypes, library.lora_lanes.restype = _LANES_ARGS, ctypes.c_int
+    library.lane_dtype = lanes
     return library
+
+
+def lane_flags(lanes: torch.dtype) -> list[str]:
+    """The C flags that build a lane kernel for factors of type `lanes` (column_kernel.c, group_kernel.c)."""
+    if lanes not in LANE_TYPES:
+        raise ValueError(f"lane factors are fp32 or bf16, not {lanes}")
+    return ["-DLANE_BF16"] if lanes == torch.bfloat16 else []
 
 
 class ColumnTerm:
@@ -113,7 +127,7 @@ class ColumnTerm:
 class LaneGroup:
     """The lane layouts of a sibling group's layers fed the same x (q/k/v, gate/up; or one layer): AL of every
     member's ranks one after the other, (groups, sum of R, in, 16), and each member's BL, so that one kernel call
-    adds every member's terms."""
+    adds every member's terms; in bf16 where every factor is a bf16 value, else fp32."""
 
     def __init__(self, terms: list[ColumnTerm]):
         if not 1 <= len(terms) <= MEMBERS or len({t.A.shape[1] for t in terms}) != 1:
@@ -123,6 +137,8 @@ class LaneGroup:
         factors = [t.lane_factors(self.groups) for t in terms]
         self.AL = torch.cat([AL for AL, _ in factors], dim=1)
         self.BL = [BL for _, BL in factors]
+        if load(torch.bfloat16) is not None and all(_bf16_values(t) for t in [self.AL, *self.BL]):  # half the bytes
+            self.AL, self.BL = self.AL.to(torch.bfloat16), [BL.to(torch.bfloat16) for BL in self.BL]
         ranks = [t.max_rank for t in terms]
         rank0 = [sum(ranks[:m]) for m in range(len(terms))]
         self.outs = [t.BT.shape[1] for t in terms]
@@ -167,6 +183,11 @@ class LaneGroup:
         return lane, -(-len(slots) // LANES) * groups * LANES * lane_floats, column_floats
 
 
+def _bf16_values(t: torch.Tensor) -> bool:
+    """Whether every value of fp32 `t` is a bf16 value (bf16 keeps fp32's exponents, 8 of its 24 bits)."""
+    return bool((t.view(torch.int32) & 0xFFFF).eq(0).all())
+
+
 def add_columns(kernel, x: torch.Tensor, term: ColumnTerm, first: torch.Tensor, count: torch.Tensor,
                 y: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
     """y (out, n) += each column's LoRA term for feature-major x (in, n), in place; fp32 CPU tensors, any
@@ -198,6 +219,8 @@ def lanes_call(kernel, group: LaneGroup, lane: torch.Tensor, x_shape, y_shapes, 
     (fan_in, n), members = x_shape, len(group.terms)
     x_shape, y_shapes = tuple(x_shape), [tuple(shape) for shape in y_shapes]
     scratch = LANES * (fan_in + group.groups * group.ranks)
+    if kernel.lane_dtype != group.AL.dtype:
+        raise ValueError(f"add_lanes: {group.AL.dtype} lanes need the kernel built for them (load({group.AL.dtype}))")
     if (len(lane) != n or group.AL.shape[2] != fan_in or len(y_shapes) != members or work.numel() < scratch
             or any(shape != (out, n) for shape, out in zip(y_shapes, group.outs))):
         raise ValueError("add_lanes: shapes or scratch do not match the layers'")

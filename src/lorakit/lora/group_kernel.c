@@ -20,6 +20,9 @@
    so that a member's W x (+ b) is the same to the bit as weight_product's (+ the bias), and the term
    is added to it once, as lora_lanes adds it. At most 16 columns (one block of columns).
 
+   The factors are fp32, or bf16 where built with -DLANE_BF16 (half the bytes; each lane vector widened to fp32
+   as it is read, the sums in fp32 as before).
+
    Built by lorakit/native.py with FMA contraction, as weight_kernel.c; called by lora/group_kernel.py. */
 
 #include <stdint.h>
@@ -27,6 +30,14 @@
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
 typedef int32_t i16 __attribute__((vector_size(64)));
+#ifdef LANE_BF16
+typedef uint16_t lane_t;
+typedef uint16_t w16u __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t u16 __attribute__((vector_size(64)));
+#else
+typedef float lane_t;
+#endif
+#define LANE_BYTES (16 * (int64_t)sizeof(lane_t)) /* one lane vector: 16 slots' factors */
 
 #define MEMBERS 4 /* layers of a sibling group one call serves at most */
 #define GROUPS 4  /* groups of 16 slots at most */
@@ -34,11 +45,12 @@ typedef int32_t i16 __attribute__((vector_size(64)));
 
 typedef struct {
     const char *at;
-    int64_t lines; /* 64-byte lines from `at` */
+    int64_t lines; /* lane vectors from `at` */
 } Span;
 
 typedef struct { /* what a call shares with its blocks */
-    const float *xb, *W[MEMBERS], *bias[MEMBERS], *AL, *BL[MEMBERS];
+    const float *xb, *W[MEMBERS], *bias[MEMBERS];
+    const lane_t *AL, *BL[MEMBERS];
     float *Y[MEMBERS], *h;
     int64_t in, n, members, R, groups, rank0[MEMBERS], ranks[MEMBERS], out[MEMBERS], start[MEMBERS + 1];
     int64_t total, split, tasks, task_group[GROUPS];
@@ -46,16 +58,24 @@ typedef struct { /* what a call shares with its blocks */
     int used[GROUPS];
 } Step;
 
-static inline v16 lanes_of(const float *p, i16 idx) { return __builtin_shuffle(*(const v16u *)p, idx); }
+/* the lane vector at p in fp32, lane l taken from lane idx[l] */
+#ifdef LANE_BF16
+static inline v16 lanes_of(const lane_t *p, i16 idx) {
+    u16 wide = __builtin_convertvector(*(const w16u *)p, u16); /* a bf16 is the top half of its fp32 */
+    return __builtin_shuffle((v16)(wide << 16), idx);
+}
+#else
+static inline v16 lanes_of(const lane_t *p, i16 idx) { return __builtin_shuffle(*(const v16u *)p, idx); }
+#endif
 
-/* inputs [i0, i1) of 8 weight rows: s[r] += w[r][i] x[i]; with `a`, *t += lanes(a[i]) x[i]; one cache line from
+/* inputs [i0, i1) of 8 weight rows: s[r] += w[r][i] x[i]; with `a`, *t += lanes(a[i]) x[i]; one lane vector from
    `ask` per input on the way (none without `ask`) */
 static inline __attribute__((always_inline)) void stretch(const float *const w[8], const float *xb, int64_t i0,
-                                                          int64_t i1, v16 s[8], const float *a, i16 idx, v16 *t,
+                                                          int64_t i1, v16 s[8], const lane_t *a, i16 idx, v16 *t,
                                                           const char *ask, const char *next) {
     v16 a0 = s[0], a1 = s[1], a2 = s[2], a3 = s[3], a4 = s[4], a5 = s[5], a6 = s[6], a7 = s[7], u = *t;
     for (int64_t i = i0; i < i1; i++) {
-        if (ask) __builtin_prefetch(ask + 64 * (i - i0), 0, 3);
+        if (ask) __builtin_prefetch(ask + LANE_BYTES * (i - i0), 0, 3);
         if ((i & 1) == 0) __builtin_prefetch(next + 32 * i, 0, 3); /* the next block's weights, as weight_product */
         v16 xv = *(const v16u *)(xb + i * 16);
         if (a) u += lanes_of(a + i * 16, idx) * xv;
@@ -66,7 +86,7 @@ static inline __attribute__((always_inline)) void stretch(const float *const w[8
 }
 
 /* s[r] = the block's 8 rows times x over all inputs (with rank `a`'s sum into *t), asking for the spans on the way */
-static void rows8(const Step *st, const float *const w[8], v16 s[8], const float *a, i16 idx, v16 *t,
+static void rows8(const Step *st, const float *const w[8], v16 s[8], const lane_t *a, i16 idx, v16 *t,
                   const Span *spans, int count) {
     const char *next = (const char *)(w[0] + 8 * st->in); /* the next 8 rows (of this member or the next one) */
     v16 zero = {0};
@@ -100,7 +120,7 @@ static inline int64_t first_taken(const Step *st, int64_t k) {
 }
 
 /* the factors of rank task q: A_j over the inputs, one lane vector per input */
-static inline const float *task_factors(const Step *st, int64_t q) {
+static inline const lane_t *task_factors(const Step *st, int64_t q) {
     int64_t g = st->task_group[q / st->R];
     return st->AL + (g * st->R + q % st->R) * st->in * 16;
 }
@@ -161,7 +181,8 @@ static v16 term_of(const Step *st, int m, int64_t o) {
     if (ranks == 0) return term;
     for (int64_t g = 0; g < st->groups; g++) {
         if (!st->used[g]) continue;
-        const float *bl = st->BL[m] + (g * st->out[m] + o) * ranks * 16, *hg = st->h + (g * st->R + st->rank0[m]) * 16;
+        const lane_t *bl = st->BL[m] + (g * st->out[m] + o) * ranks * 16;
+        const float *hg = st->h + (g * st->R + st->rank0[m]) * 16;
         v16 d = lanes_of(bl, st->idx[g]) * *(const v16u *)hg;
         for (int64_t j = 1; j < ranks; j++) d += lanes_of(bl + j * 16, st->idx[g]) * *(const v16u *)(hg + j * 16);
         term = (v16)(((i16)d & st->in_group[g]) | ((i16)term & ~st->in_group[g]));
@@ -196,7 +217,7 @@ static void block(const Step *st, int64_t k) {
             rows8(st, w, s, task_factors(st, q), st->idx[st->task_group[q / st->R]], &t, spans, count);
             *(v16u *)h_of(st, q) = t;
             for (q++; q < last; q++) {
-                const float *a = task_factors(st, q);
+                const lane_t *a = task_factors(st, q);
                 i16 idx = st->idx[st->task_group[q / st->R]];
                 v16 u = {0};
                 for (int64_t i = 0; i < st->in; i++) u += lanes_of(a + i * 16, idx) * *(const v16u *)(st->xb + i * 16);
@@ -237,11 +258,12 @@ static void add_terms(const Step *st, int64_t p) {
 int group_step(const float *x, int64_t in, int64_t n, int64_t members, const int64_t *table,
                const float *W0, const float *W1, const float *W2, const float *W3,
                const float *b0, const float *b1, const float *b2, const float *b3,
-               const float *AL, int64_t groups, int64_t R, const int64_t *lane,
-               const float *BL0, const float *BL1, const float *BL2, const float *BL3,
+               const lane_t *AL, int64_t groups, int64_t R, const int64_t *lane,
+               const lane_t *BL0, const lane_t *BL1, const lane_t *BL2, const lane_t *BL3,
                float *y0, float *y1, float *y2, float *y3, float *work, int threads) {
     Step st = {.in = in, .n = n, .members = members, .R = R, .groups = groups, .AL = AL};
-    const float *W[MEMBERS] = {W0, W1, W2, W3}, *bias[MEMBERS] = {b0, b1, b2, b3}, *BL[MEMBERS] = {BL0, BL1, BL2, BL3};
+    const float *W[MEMBERS] = {W0, W1, W2, W3}, *bias[MEMBERS] = {b0, b1, b2, b3};
+    const lane_t *BL[MEMBERS] = {BL0, BL1, BL2, BL3};
     float *Y[MEMBERS] = {y0, y1, y2, y3};
     if (members < 1 || members > MEMBERS || n < 1 || n > 16 || in < 1 || R < 0 || groups < 1 || groups > GROUPS)
         return 1;

@@ -3,8 +3,8 @@
 In a mixed-adapter decode step the base products of a sibling group (q/k/v, gate/up) stream its weights
 and its adapters' LoRA terms stream every adapter's factors, doing little with them. `group_call` binds a
 group's weights, biases and lane layout (column_kernel.LaneGroup) for a batch's columns, and the call
-computes every member's W x + b + its columns' terms in one pass, the factors read while the products
-compute. Each member's W x + b is the same to the bit as lora/weight_kernel.py's product plus
+computes every member's W x + b + its columns' terms in one pass, the factors (fp32 or bf16 lanes: load's
+`lanes`) read while the products compute. Each member's W x + b is the same to the bit as lora/weight_kernel.py's product plus
 its bias, so it serves where `lora.base.decode_layouts` multiplies the step's columns by that kernel.
 
 It is compiled once per machine (lorakit/native.py) with the product kernel's flags; `load()` returns
@@ -21,7 +21,7 @@ import torch
 
 from lorakit import native
 from lorakit.lora import weight_kernel
-from lorakit.lora.column_kernel import LANES, MEMBERS, LaneGroup
+from lorakit.lora.column_kernel import LANES, MEMBERS, LaneGroup, lane_flags
 
 SOURCE = Path(__file__).with_suffix(".c")
 COLUMNS = 16  # the most columns one call takes: one block of the product kernel
@@ -36,15 +36,18 @@ _ARGS = [
 
 
 @cache
-def load():
-    """The kernel's C function, built on first use; None where it cannot be built here (logged once)."""
+def load(lanes: torch.dtype = torch.float32):
+    """The kernel's C function for lane layouts of type `lanes` (fp32 or bf16: `function.lane_dtype`), built on
+    first use; None where it cannot be built here (logged once)."""
     if not weight_kernel.enabled():
         return None
-    library = native.load_library(SOURCE, weight_kernel.FLAGS, what="the group decode-step kernel")
+    flags = weight_kernel.FLAGS + lane_flags(lanes)
+    library = native.load_library(SOURCE, flags, what="the group decode-step kernel")
     if library is None:
         return None
     function = library.group_step
     function.argtypes, function.restype = _ARGS, ctypes.c_int
+    function.lane_dtype = lanes
     return function
 
 
@@ -56,7 +59,7 @@ def group_call(function, group: LaneGroup, lane: torch.Tensor, bases: list, fan_
     weights = [base.weight.detach() for base in bases]
     biases = [None if base.bias is None else base.bias.detach() for base in bases]
     if (not 1 <= n <= COLUMNS or group.groups > GROUPS or len(bases) != members
-            or group.AL.shape[2] != fan_in or work.numel() < LANES * (fan_in + group.groups * group.ranks)
+            or function.lane_dtype != group.AL.dtype or group.AL.shape[2] != fan_in or work.numel() < LANES * (fan_in + group.groups * group.ranks)
             or any(w.shape != (out, fan_in) or w.dtype != torch.float32 or not w.is_contiguous() or not w.is_cpu
                    for w, out in zip(weights, group.outs))
             or any(b is not None and (b.dtype != torch.float32 or not b.is_contiguous()) for b in biases)):

@@ -233,8 +233,8 @@ class FeatureTerms:
             return None
         n = x.shape[1]
         self._grow(column_kernel.LANES * (x.shape[0] + lanes.groups * lanes.ranks))
-        make_call = functools.partial(column_kernel.lanes_call, self._kernel, lanes, lane, x.shape,
-                                      [(o, n) for o in lanes.outs], self._work)
+        make_call = functools.partial(column_kernel.lanes_call, column_kernel.load(lanes.AL.dtype), lanes, lane,
+                                      x.shape, [(o, n) for o in lanes.outs], self._work)
         step = self._groups[id(side)] = _GroupStep(bases, make_call, fused)
         for index, member in enumerate(members):
             self._steps[id(member)] = functools.partial(step, index)
@@ -243,7 +243,7 @@ class FeatureTerms:
     def _fused(self, lanes, lane: torch.Tensor, bases: list[nn.Module], fan_in: int):
         """The group's step in one pass (lora/group_kernel.py) where the step's columns multiply their fp32 bases
         by lorakit's product kernel (`decode_layouts`), or None."""
-        n, function = len(lane), group_kernel.load()
+        n, function = len(lane), group_kernel.load(lanes.AL.dtype)
         if (function is None or not 1 <= n <= group_kernel.COLUMNS or lanes.groups > group_kernel.GROUPS
                 or decode_layouts()[n] != "kernel"
                 or any(type(base) not in (nn.Linear, FrozenLinear) or base.weight.dtype != torch.float32

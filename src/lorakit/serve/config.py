@@ -10,6 +10,7 @@ SCHEDULERS = ("continuous", "batch")  # serve/continuous.py, serve/scheduler.py
 HALF_WEIGHTS = ("off", "auto", "fp16", "bf16")  # infer/half_weights.py
 PREFILLS = ("beside", "apart")  # infer/continuous.py: RunningBatch
 QUANTIZE = ("off", "int8")  # infer/int8_weights.py
+LORA_DTYPES = ("fp32", "bf16")  # lora/adapters.py: round_adapter
 
 
 @dataclass
@@ -52,6 +53,12 @@ class ServeConfig:
         "not together with --half-weights",
         default="off",
     )
+    lora_dtype: str = _help(
+        "fp32 | bf16: every loaded adapter's factors rounded to bf16 (as an adapter trained or saved in bf16 "
+        "holds them), so that a mixed batch reads them at half the bytes; products and sums stay fp32; outputs "
+        "are then close to the fp32 adapter's, not equal. An adapter saved in bf16 is read that way already",
+        default="fp32",
+    )
     max_batch: int = _help("most requests decoding together in one batch", default=16)
     max_kv_tokens: int = _help(
         "continuous scheduler: most KV-cache tokens the running batch may hold, counting each request's "
@@ -89,6 +96,8 @@ class ServeConfig:
             problems.append(f"quantize must be one of {', '.join(QUANTIZE)} (got {self.quantize!r})")
         elif self.quantize != "off" and self.half_weights != "off":
             problems.append(f"quantize {self.quantize} and half_weights {self.half_weights}: choose one of the two")
+        if self.lora_dtype not in LORA_DTYPES:
+            problems.append(f"lora_dtype must be one of {', '.join(LORA_DTYPES)} (got {self.lora_dtype!r})")
         if problems:
             raise ConfigError("serve: " + "; ".join(problems))
 

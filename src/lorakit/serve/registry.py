@@ -15,10 +15,11 @@ import threading
 from collections import Counter
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from lorakit.checkpoint.peft_io import load_adapter
-from lorakit.lora.adapters import delete_adapter, saved_modules
+from lorakit.lora.adapters import delete_adapter, round_adapter, saved_modules
 
 log = logging.getLogger(__name__)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -33,8 +34,10 @@ class RegistryError(Exception):
 
 
 class AdapterRegistry:
-    def __init__(self, model: nn.Module, base_name: str, root: str | Path | None = None):
-        self.model, self.base_name = model, base_name
+    def __init__(self, model: nn.Module, base_name: str, root: str | Path | None = None,
+                 lora_dtype: torch.dtype | None = None):
+        """`lora_dtype`: every loaded adapter's factors rounded to that type's values (ServeConfig.lora_dtype)."""
+        self.model, self.base_name, self.lora_dtype = model, base_name, lora_dtype
         self.root = Path(root).resolve() if root is not None else None
         self.paths: dict[str, str] = {}  # adapter name -> folder it came from
         self.lock = threading.Lock()
@@ -76,6 +79,8 @@ class AdapterRegistry:
     def _load(self, name: str, folder: str | Path) -> None:
         self.version += 1
         load_adapter(self.model, folder, name)
+        if self.lora_dtype is not None:
+            round_adapter(self.model, name, self.lora_dtype)
         if any(name in wrapper.copies for _, wrapper in saved_modules(self.model)):
             delete_adapter(self.model, name)  # a per-adapter head cannot differ per row of a batch
             raise RegistryError(
