@@ -143,7 +143,9 @@ async def drive(url: str, models: list[str], plan: list[dict]) -> dict:
     import httpx
     import openai
 
-    limits = httpx.Limits(max_connections=len(plan) + 4, max_keepalive_connections=len(plan) + 4)
+    # a new connection per request: a kept one that the server closes while idle (llama-server's keep-alive
+    # timeout) would fail the next request sent on it, an error of the client, not of the server
+    limits = httpx.Limits(max_connections=len(plan) + 4, max_keepalive_connections=0)
     async with openai.AsyncOpenAI(
         base_url=url, api_key=KEY, max_retries=0, timeout=600, http_client=openai.DefaultAsyncHttpxClient(limits=limits)
     ) as client:

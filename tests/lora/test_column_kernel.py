@@ -9,7 +9,7 @@ import torch
 
 import lorakit
 from conftest import TINY_MODELS, logits_of, perturb
-from lorakit.lora import column_kernel
+from lorakit.lora import column_kernel, group_kernel, weight_kernel
 from lorakit.lora.mixed import row_adapters
 
 pytestmark = pytest.mark.skipif(column_kernel.load() is None, reason="no C compiler here to build the kernel")
@@ -113,8 +113,9 @@ def test_without_a_compiler_mixed_batches_keep_the_products(tmp_path, monkeypatc
             mixed = logits_of(model, ids)
         assert state.features is None  # the products served the batch
         assert_rows_equal_alone(model, ids, names, mixed)
-    finally:
-        column_kernel.load.cache_clear()
+    finally:  # every kernel first asked for without a compiler is asked for again by later tests
+        for load in (column_kernel.load, group_kernel.load, weight_kernel._library):
+            load.cache_clear()
 
 
 def mixed_model():
