@@ -112,7 +112,8 @@ def test_factors_that_are_bf16_values_are_read_as_bf16_lanes_with_the_fp32_lanes
     ys = [torch.randn(out, 16) for out in group.outs]
     narrow_lanes = column_kernel.add_lanes(column_kernel.load(torch.bfloat16), x, group, lane, [y.clone() for y in ys],
                                            scratch(group, 37))
-    wide_lanes = column_kernel.add_lanes(column_kernel.load(), x, wide, lane, [y.clone() for y in ys], scratch(group, 37))
+    wide_lanes = column_kernel.add_lanes(column_kernel.load(), x, wide, lane, [y.clone() for y in ys],
+                                         scratch(group, 37))
     for narrow, wide_y, base, layer in zip(narrow_pass(x), wide_pass(x), bases, layers):
         assert torch.equal(narrow, wide_y)
         plain = (base.weight.double() @ x.double()).float() + (0 if base.bias is None else base.bias[:, None])

@@ -133,8 +133,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 @torch.no_grad()
 def round_adapter(model: nn.Module, name: str, dtype: torch.dtype) -> None:
-    """Round every LoRA factor of adapter `name` to the nearest `dtype` value, kept in its own type: the adapter
-    an adapter trained or saved in `dtype` would be. In bf16 a mixed batch's kernels then read its factors at
+    """Round every parameter of adapter `name` (its factors; a DoRA magnitude too) to the nearest `dtype` value,
+    kept in its own type: the adapter an adapter trained or saved in `dtype` would be. In bf16 a mixed batch's kernels then read its factors at
     half the bytes (lora/column_kernel.py's lane layouts); the computation stays in the factors' type."""
     adapter_config(model, name)
     for _, layer in lora_layers(model):

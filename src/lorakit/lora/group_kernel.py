@@ -4,8 +4,9 @@ In a mixed-adapter decode step the base products of a sibling group (q/k/v, gate
 and its adapters' LoRA terms stream every adapter's factors, doing little with them. `group_call` binds a
 group's weights, biases and lane layout (column_kernel.LaneGroup) for a batch's columns, and the call
 computes every member's W x + b + its columns' terms in one pass, the factors (fp32 or bf16 lanes: load's
-`lanes`) read while the products compute. Each member's W x + b is the same to the bit as lora/weight_kernel.py's product plus
-its bias, so it serves where `lora.base.decode_layouts` multiplies the step's columns by that kernel.
+`lanes`) read while the products compute. Each member's W x + b is the same to the bit as
+lora/weight_kernel.py's product plus its bias, so it serves where `lora.base.decode_layouts` multiplies the
+step's columns by that kernel.
 
 It is compiled once per machine (lorakit/native.py) with the product kernel's flags; `load()` returns
 None where it cannot be built, and LORAKIT_WEIGHT_KERNEL=0 leaves it out with the product kernel.
@@ -59,7 +60,8 @@ def group_call(function, group: LaneGroup, lane: torch.Tensor, bases: list, fan_
     weights = [base.weight.detach() for base in bases]
     biases = [None if base.bias is None else base.bias.detach() for base in bases]
     if (not 1 <= n <= COLUMNS or group.groups > GROUPS or len(bases) != members
-            or function.lane_dtype != group.AL.dtype or group.AL.shape[2] != fan_in or work.numel() < LANES * (fan_in + group.groups * group.ranks)
+            or function.lane_dtype != group.AL.dtype or group.AL.shape[2] != fan_in
+            or work.numel() < LANES * (fan_in + group.groups * group.ranks)
             or any(w.shape != (out, fan_in) or w.dtype != torch.float32 or not w.is_contiguous() or not w.is_cpu
                    for w, out in zip(weights, group.outs))
             or any(b is not None and (b.dtype != torch.float32 or not b.is_contiguous()) for b in biases)):

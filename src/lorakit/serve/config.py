@@ -56,7 +56,8 @@ class ServeConfig:
     lora_dtype: str = _help(
         "fp32 | bf16: every loaded adapter's factors rounded to bf16 (as an adapter trained or saved in bf16 "
         "holds them), so that a mixed batch reads them at half the bytes; products and sums stay fp32; outputs "
-        "are then close to the fp32 adapter's, not equal. An adapter saved in bf16 is read that way already",
+        "are then close to the fp32 adapter's, not equal. Needs a scaling (lora_alpha / r) that is a power of two "
+        "for the scaled B to stay a bf16 value; factors that are bf16 values already are read that way anyway",
         default="fp32",
     )
     max_batch: int = _help("most requests decoding together in one batch", default=16)
