@@ -28,7 +28,8 @@ arrival to the last reply), time to first token and inter-token latency p50 / p9
 streamed chunks, each chunk divided by the tokens it carried is not known, so a chunk holding
 several tokens counts once), and errors. Systems take turns within every (repeat, rate, K).
 The summary gives, per system and K, the highest rate whose p99 time to first token stays under
---ttft-bound seconds, and ratios within each run: continuous / batch throughput, and lorakit
+--ttft-bound seconds (give enough --requests, e.g. 128, that a rate past a server's capacity builds a queue
+within a run: with few requests a run measures a burst, which any scheduler absorbs), and ratios within each run: continuous / batch throughput, and lorakit
 continuous / llama.cpp, at each rate and with each system at its own highest rate under the bound.
 Writes runs/bench/serve_load.json.
 """
