@@ -119,6 +119,7 @@ CASES = {
         ["--model", "{model}", "--input", "{prompts}"], ["--model", "{model}"],
         ["--model", "{model}", "--prompt", "p", "--quantize", "int8", "--load-in-4bit"],
         ["--model", "{model}", "--prompt", "p", "--quantize", "int4"],
+        ["--model", "{model}", "--prompt", "p", "--lora-dtype", "fp16"],
         ["--model", "{model}", "--prompt", "p", "--max-new-tokens", "-1"],
         ["--model", "{model}", "--prompt", "p", "--temperature", "-1"],
         ["--model", "{model}", "--prompt", "p", "--temperature", "nan"],

@@ -69,6 +69,38 @@ def test_generation_on_int8_weights_is_what_the_library_gives_and_follows_the_ad
     assert quantised != cli("--quantize", "int8")  # the adapter took part
 
 
+def test_generation_on_bf16_factors_is_the_rounded_adapters(tmp_path):
+    from lorakit.lora.adapters import round_adapter
+
+    folder = toy_model_folder(tmp_path / "model")
+    model = lorakit.inject(load_causal_lm(folder), lorakit.LoraConfig(r=4, target_modules=TOY_TARGETS))
+    perturb(model, std=0.2)
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    round_adapter(model, "default", torch.bfloat16)
+    lorakit.save_adapter(model, tmp_path / "rounded")
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"instruction": f"say {w}"}) + "\n" for w in WORDS))
+
+    def cli(adapter, *extra):
+        subprocess.run(
+            [sys.executable, "-m", "lorakit", "generate", "--model", str(folder), "--template", "seed", "--input",
+             str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"), "--max-new-tokens", "8",
+             "--adapter", str(tmp_path / adapter), *extra],
+            check=True,
+        )
+        return [json.loads(line)["output"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+
+    assert cli("adapter", "--lora-dtype", "bf16") == cli("rounded")
+    assert cli("rounded", "--lora-dtype", "bf16") == cli("rounded")  # bf16 values stay as they are
+    from lorakit.infer.load import load_for_inference
+
+    loaded = {lora: dict(load_for_inference(str(folder), str(tmp_path / "adapter"), "seed", lora_dtype=lora)[0]
+                         .named_parameters()) for lora in ("fp32", "bf16")}
+    rounded = dict(model.named_parameters())
+    factors = [name for name in rounded if ".adapters.default." in name]
+    assert factors and all(torch.equal(loaded["bf16"][n], rounded[n]) for n in factors)
+    assert not all(torch.equal(loaded["fp32"][n], rounded[n]) for n in factors)  # the flag is what rounded them
+
+
 def test_inspect_and_merge(tmp_path):
     folder = toy_model_folder(tmp_path / "model")
     model = lorakit.inject(load_causal_lm(folder), lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from lorakit.cli.parsing import add_quantization_flags, subcommand
-from lorakit.serve.config import QUANTIZE
+from lorakit.serve.config import LORA_DTYPES, QUANTIZE
 
 EXAMPLES = """examples:
   lorakit generate --model smollm2-135m-instruct --adapter runs/ros2-demo/adapter --prompt "Move forward at 0.5 m/s"
@@ -61,6 +61,11 @@ def add_model_arguments(parser, model_required: bool = True) -> None:
         help="int8: the base's linear weights and head stored as int8 on a CPU, as `lorakit serve --quantize int8` "
         "serves them (weight-only, one scale per output channel; the adapter stays fp32)",
     )
+    parser.add_argument(
+        "--lora-dtype", choices=LORA_DTYPES, default="fp32",
+        help="bf16: the adapter's factors rounded to bf16 values, as `lorakit serve --lora-dtype bf16` serves them "
+        "(to score a task on them before serving)",
+    )
 
 
 def load_for_inference(args):
@@ -70,7 +75,8 @@ def load_for_inference(args):
     from lorakit.infer.load import load_for_inference as load
 
     model, tokenizer, template, note = load(
-        args.model, args.adapter, args.template, args.bits, getattr(args, "device_map", None), args.quantize
+        args.model, args.adapter, args.template, args.bits, getattr(args, "device_map", None), args.quantize,
+        args.lora_dtype,
     )
     if note:
         print(f"note: {note}", file=sys.stderr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from lorakit.checkpoint.peft_io import WEIGHTS_NAME, load_adapter, read_adapter_weights
@@ -16,6 +17,7 @@ from lorakit.config import ConfigError, QuantizationConfig
 from lorakit.data.formats import DataError
 from lorakit.data.templates import get_template
 from lorakit.infer.int8_weights import use_int8_weights
+from lorakit.lora.adapters import round_adapter
 from lorakit.models import default_device, load_causal_lm, load_sequence_classifier, load_tokenizer
 from lorakit.quant import quantize_model
 from lorakit.quant.merge import GAP_PROMPTS, LogitGap, merge_with_report
@@ -41,13 +43,15 @@ def load_for_inference(
     bits: int | None = None,
     device_map: str | None = None,
     quantize: str = "off",
+    lora_dtype: str = "fp32",
 ):
     """(model, tokenizer, prompt template, note) for a base and optionally an adapter folder.
 
     The template is `template` if given, else the adapter's (its run card), else the tokenizer's
     chat template, else the bare instruction ('raw'). `note` says when the adapter was trained on a
     base quantised otherwise than `bits` asks (None when not). `quantize` "int8" stores the base's linear
-    weights as int8 on the CPU (infer/int8_weights.py), as `lorakit serve --quantize int8` does.
+    weights as int8 on the CPU (infer/int8_weights.py), as `lorakit serve --quantize int8` does; `lora_dtype`
+    "bf16" rounds the adapter's factors to bf16 values, as `lorakit serve --lora-dtype bf16` does.
 
     Raises:
         ConfigError: `quantize` together with `bits`, or int8 weights off the CPU.
@@ -65,6 +69,8 @@ def load_for_inference(
         raise ConfigError(f"--quantize: {err}") from None
     if adapter:
         load_adapter(model, adapter)
+        if lora_dtype == "bf16":
+            round_adapter(model, "default", torch.bfloat16)
     spec = template or read_run_card(adapter).get("template") or ("chat" if tokenizer.chat_template else "raw")
     return model, tokenizer, get_template("{instruction}" if spec == "raw" else spec, tokenizer), note
 
