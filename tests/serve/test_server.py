@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+import torch
 import uvicorn
 
 import lorakit
@@ -242,6 +243,9 @@ def test_a_server_on_half_or_int8_weights_answers_each_request_as_it_would_alone
     folder, adapters = toy
     config = ServeConfig(max_batch=16, batch_wait_ms=100, max_tokens=40, **weights)
     app = build_app(str(folder), {n: str(adapters / n) for n in NAMES}, config)
+    if "lora_dtype" in weights:  # every adapter the server loaded holds bf16 values
+        factors = [p for n, p in app.state.registry.model.named_parameters() if ".adapters." in n]
+        assert factors and all(torch.equal(p, p.bfloat16().float()) for p in factors)
     plan = [(NAMES[i % 4], PROMPTS[i % len(PROMPTS)]) for i in range(8)]
     with Server(app) as running:
         client = openai.OpenAI(base_url=running.url, api_key="none", max_retries=0, timeout=60)
