@@ -14,6 +14,8 @@ Each system is one server process on loopback, started once and kept for every r
                        (the base's linear weights in a half type, the adapters in fp32)
   lorakit-continuous-int8  with --quantize int8: `lorakit serve --scheduler continuous --quantize int8`
                        (the base's linear weights and head in int8, the adapters in fp32)
+  lorakit-continuous[-int8]-lora-bf16  with --lora-dtype bf16: the same with `--lora-dtype bf16` (the adapters
+                       rounded to bf16 values, read at half the bytes)
   lorakit-continuous-apart  with --prefill-apart: `lorakit serve --scheduler continuous --prefill apart`
                        (joiners prefilled in a pass of their own rather than beside the rows' decode step)
   llama-f32, llama-q8_0  llama.cpp's `llama-server` (continuous batching, --parallel slots) on the
@@ -28,9 +30,9 @@ arrival to the last reply), time to first token and inter-token latency p50 / p9
 streamed chunks, each chunk divided by the tokens it carried is not known, so a chunk holding
 several tokens counts once), and errors. Systems take turns within every (repeat, rate, K).
 The summary gives, per system and K, the highest rate whose p99 time to first token stays under
---ttft-bound seconds (give enough --requests, e.g. 128, that a rate past a server's capacity builds a queue
-within a run: with few requests a run measures a burst, which any scheduler absorbs), and ratios within each run: continuous / batch throughput, and lorakit
-continuous / llama.cpp, at each rate and with each system at its own highest rate under the bound.
+--ttft-bound seconds (a sustained rate needs enough --requests, e.g. 128, for a queue to build past a
+server's capacity: with few, a run is a burst any scheduler absorbs), and ratios within each run: continuous /
+batch and lorakit continuous / llama.cpp, at each rate and with each at its own highest rate under the bound.
 Writes runs/bench/serve_load.json.
 """
 
@@ -144,8 +146,7 @@ async def drive(url: str, models: list[str], plan: list[dict]) -> dict:
     import httpx
     import openai
 
-    # a new connection per request: a kept one that the server closes while idle (llama-server's keep-alive
-    # timeout) would fail the next request sent on it, an error of the client, not of the server
+    # a connection per request: one kept open that llama-server closed while idle fails the next request sent on it
     limits = httpx.Limits(max_connections=len(plan) + 4, max_keepalive_connections=0)
     async with openai.AsyncOpenAI(
         base_url=url, api_key=KEY, max_retries=0, timeout=600, http_client=openai.DefaultAsyncHttpxClient(limits=limits)

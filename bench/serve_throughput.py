@@ -52,7 +52,6 @@ import torch
 from model_shapes import MODEL_CONFIGS, base_model
 from results import machine, min_median, write_result
 
-LORA_DTYPES = {"bf16": torch.bfloat16}  # --lora-dtype, as `lorakit serve --lora-dtype`
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -157,9 +156,9 @@ def lorakit_variants(args, root: Path, names: list[str], ids: list[list[int]], t
     if args.lora_dtype:  # the adapters rounded to --lora-dtype, on the fp32 base (and the int8 one)
         from lorakit.infer.int8_weights import use_int8_weights
 
-        for suffix, quantize in {"": None, "-int8": args.quantize}.items():
-            if suffix and not quantize:
-                continue
+        from lorakit.lora.adapters import LORA_DTYPES
+
+        for suffix, quantize in [("", None)] + ([("-int8", args.quantize)] if args.quantize else []):
             narrow = load_base()
             if quantize:
                 use_int8_weights(narrow, quantize)
@@ -299,7 +298,7 @@ def main() -> None:
                         help="add merged-half and mixed-N-half: linear weights in a half type (auto: where faster)")
     parser.add_argument("--quantize", choices=["int8"], default=None,
                         help="add merged-int8 and mixed-N-int8: linear weights and head in int8, adapters fp32")
-    parser.add_argument("--lora-dtype", choices=sorted(LORA_DTYPES), default=None,
+    parser.add_argument("--lora-dtype", choices=["bf16"], default=None,
                         help="add mixed-N-lora-DTYPE: the adapters' factors rounded to DTYPE (serve --lora-dtype)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: the GPU when there is one)")
     parser.add_argument("--results-dir", default=None, help="where serve_throughput.json goes (default runs/bench)")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from lorakit.checkpoint.peft_io import WEIGHTS_NAME, load_adapter, read_adapter_weights
@@ -17,7 +16,7 @@ from lorakit.config import ConfigError, QuantizationConfig
 from lorakit.data.formats import DataError
 from lorakit.data.templates import get_template
 from lorakit.infer.int8_weights import use_int8_weights
-from lorakit.lora.adapters import round_adapter
+from lorakit.lora.adapters import LORA_DTYPES, round_adapter
 from lorakit.models import default_device, load_causal_lm, load_sequence_classifier, load_tokenizer
 from lorakit.quant import quantize_model
 from lorakit.quant.merge import GAP_PROMPTS, LogitGap, merge_with_report
@@ -69,8 +68,8 @@ def load_for_inference(
         raise ConfigError(f"--quantize: {err}") from None
     if adapter:
         load_adapter(model, adapter)
-        if lora_dtype == "bf16":
-            round_adapter(model, "default", torch.bfloat16)
+        if LORA_DTYPES[lora_dtype] is not None:
+            round_adapter(model, "default", LORA_DTYPES[lora_dtype])
     spec = template or read_run_card(adapter).get("template") or ("chat" if tokenizer.chat_template else "raw")
     return model, tokenizer, get_template("{instruction}" if spec == "raw" else spec, tokenizer), note
 

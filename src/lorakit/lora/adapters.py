@@ -131,11 +131,14 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     model.lora_configs = {k: v for k, v in model.lora_configs.items() if k != name}
 
 
+LORA_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # serve/generate --lora-dtype: the type adapters round to
+
+
 @torch.no_grad()
 def round_adapter(model: nn.Module, name: str, dtype: torch.dtype) -> None:
     """Round every parameter of adapter `name` (its factors; a DoRA magnitude too) to the nearest `dtype` value,
-    kept in its own type: the adapter an adapter trained or saved in `dtype` would be. In bf16 a mixed batch's kernels then read its factors at
-    half the bytes (lora/column_kernel.py's lane layouts); the computation stays in the factors' type."""
+    kept in its own type, as an adapter trained or saved in `dtype` holds them. In bf16 a mixed batch's kernels
+    then read its factors at half the bytes (lora/column_kernel.py's lane layouts); the arithmetic is unchanged."""
     adapter_config(model, name)
     for _, layer in lora_layers(model):
         adapter = layer.adapters._modules.get(name)

@@ -33,12 +33,11 @@ def build_app(model_name: str, adapters: dict[str, str], config: ServeConfig) ->
     Raises:
         RegistryError: an adapter name is not allowed.  AdapterError: an adapter does not load.
     """
-    import torch
-
     from lorakit.config import ConfigError
     from lorakit.infer.decode_linears import use_decode_linears
     from lorakit.infer.half_weights import use_half_weights
     from lorakit.infer.int8_weights import use_int8_weights
+    from lorakit.lora.adapters import LORA_DTYPES
     from lorakit.models import default_device, load_causal_lm, load_tokenizer
     from lorakit.serve.malloc import keep_freed_memory
 
@@ -51,8 +50,8 @@ def build_app(model_name: str, adapters: dict[str, str], config: ServeConfig) ->
             raise ConfigError(f"--quantize: {err}") from None
         log.info("the base model's linear weights: %s", half or "fp32")
         use_decode_linears(model)  # after the cast, which takes plain Linears only
-        lora_dtype = {"bf16": torch.bfloat16}.get(config.lora_dtype)  # fp32: the adapters as saved
-        registry = AdapterRegistry(model, config.served_model_name or str(model_name), config.adapters_root, lora_dtype)
+        registry = AdapterRegistry(model, config.served_model_name or str(model_name), config.adapters_root,
+                                   LORA_DTYPES[config.lora_dtype])
         for name, path in adapters.items():
             registry.add(name, path)
         return model, registry

@@ -10,7 +10,7 @@ SCHEDULERS = ("continuous", "batch")  # serve/continuous.py, serve/scheduler.py
 HALF_WEIGHTS = ("off", "auto", "fp16", "bf16")  # infer/half_weights.py
 PREFILLS = ("beside", "apart")  # infer/continuous.py: RunningBatch
 QUANTIZE = ("off", "int8")  # infer/int8_weights.py
-LORA_DTYPES = ("fp32", "bf16")  # lora/adapters.py: round_adapter
+LORA_DTYPES = ("fp32", "bf16")  # lora/adapters.py's LORA_DTYPES, named here without importing torch
 
 
 @dataclass
