@@ -74,7 +74,8 @@ def _kill_at_step(proc: subprocess.Popen, log: Path, step: int, extra_s: float) 
     """
     deadline = time.time() + 240
     while proc.poll() is None and time.time() < deadline:
-        done = [int(n) for n in re.findall(r"\| *(\d+)/\d+ \[", log.read_text(errors="replace"))]
+        # the training bar's counts only: the model's "Loading weights" bar ends at 21/21 before any step ran
+        done = [int(n) for n in re.findall(r"train: [^|]*\|[^|]*\| *(\d+)/\d+ \[", log.read_text(errors="replace"))]
         if done and max(done) >= max(step, done[0] + 1):
             break
         time.sleep(0.01)

@@ -159,3 +159,30 @@ def test_a_joined_state_computes_what_a_state_built_for_all_its_rows_does(arch, 
     assert wider.extend(alone) and wider.names == ["e", "a", "d", "e"]
     torch.testing.assert_close(forward(wider, [0, 1, 2, 3]), forward(RowAdapters(wider.names, "gathered", siblings),
                                                                       [0, 1, 2, 3]), rtol=0, atol=1e-6)
+
+
+def test_the_kernel_skips_the_terms_of_padding_tokens_only(monkeypatch):
+    """A prompt pass's left padding (RowAdapters.padding) gets no LoRA term through the per-column kernel: no token
+    attends to it. Every other token gets its row's adapter's term, as without the padding given."""
+    from lorakit.lora import column_kernel
+
+    if column_kernel.load() is None:
+        pytest.skip("no C compiler here to build the kernel")
+    monkeypatch.setenv("LORAKIT_COLUMN_KERNEL", "1")
+    model = with_adapters("llama", {"a": 4, "b": 8})
+    layer = model.model.layers[0].mlp.down_proj
+    names = ["b", "a", None, "a"]
+    x = torch.randn(len(names), 6, layer.in_features, generator=torch.Generator().manual_seed(3))
+    padding = torch.zeros(len(names), 6, dtype=torch.bool)
+    padding[0, :2] = padding[1, :5] = padding[3, :1] = True
+    with torch.no_grad(), row_adapters(model, names, "gathered") as state:
+        full = layer(x)
+        state.padding = padding
+        skipped = layer(x)
+        state.padding = None
+        again = layer(x)
+        base = layer.base_layer(x)
+    torch.testing.assert_close(skipped[padding], base[padding], rtol=0, atol=0)
+    torch.testing.assert_close(skipped[~padding], full[~padding])  # blocks of four columns differ: fp32 rounding
+    torch.testing.assert_close(again, full, rtol=0, atol=0)
+    assert not torch.allclose(full[padding], base[padding])  # the padding had terms to skip

@@ -34,7 +34,7 @@ from transformers.cache_utils import DynamicLayer
 from lorakit.infer.decode_step import decode_and_prefill, decode_logits, lean_decodes
 from lorakit.infer.generate import stop_token_ids
 from lorakit.infer.kv_cache import roomy_cache
-from lorakit.infer.multi_adapter import Completion, Request, _left_pad, _pad_id, _Row
+from lorakit.infer.multi_adapter import Completion, Request, _left_pad, _pad_id, _Row, padding
 from lorakit.infer.sampling import next_tokens
 from lorakit.lora.adapters import lora_layers
 from lorakit.lora.mixed import RowAdapters, sibling_layers
@@ -137,6 +137,7 @@ class RunningBatch:
         if strategy == "auto" and self._state is not None and self._state.strategy == "gathered":
             strategy = "gathered"
         state = RowAdapters([r.adapter for r in requests], strategy, self.siblings)
+        state.padding = padding(mask)
         with self._adapters(state):
             logits = self.model(
                 input_ids=ids,
@@ -145,6 +146,7 @@ class RunningBatch:
                 past_key_values=cache,
                 logits_to_keep=1,
             ).logits[:, -1]
+        state.padding = None
         self._admit_prefilled(entries, logits, cache, mask, position[:, -1:] + 1, state)
 
     def _join_beside_a_step(self, requests: list[Request], entries: list[_Live]) -> None:

@@ -127,6 +127,7 @@ def generate_mixed(
     try:
         with row_adapters(model, [r.adapter for r in requests], strategy) as state:
             live = list(range(len(rows)))  # request index of each batch row
+            state.padding = padding(mask)
             logits = model(
                 input_ids=ids,
                 attention_mask=mask,
@@ -134,6 +135,7 @@ def generate_mixed(
                 past_key_values=cache,
                 logits_to_keep=1,
             ).logits[:, -1]
+            state.padding = None
             while True:
                 tokens = next_tokens(
                     logits,
@@ -170,6 +172,12 @@ def _step(row: _Row, i: int, token: int, eos: set[int], tokenizer, on_text: OnTe
 
 def _pad_id(tokenizer, eos: set[int]) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
+
+
+def padding(mask: torch.Tensor) -> torch.Tensor | None:
+    """Where a left-padded batch's attention mask (B, L) is padding, or None where it has none."""
+    pad = mask == 0
+    return pad if bool(pad.any()) else None
 
 
 def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -160,6 +160,9 @@ class RowAdapters:
         self._rows: dict[int, tuple[_Down, int, int, torch.Tensor, torch.Tensor | None] | None] = {}
         self._layers: dict[int, nn.Module] = {}  # id(layer) -> layer, for the layers built
         self.features = None  # a mixed_features.FeatureTerms, made by its first feature-major step
+        # (B, T), true at the left padding of the prompt pass about to run: no token attends to those and their
+        # outputs are never read, so the per-column kernel skips their LoRA terms (None: no padding to skip)
+        self.padding: torch.Tensor | None = None
         self.names: list[str | None] = []
         self.index = torch.zeros(0, dtype=torch.long)
         self._set_rows(list(names))

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import functools
 import weakref
+from itertools import chain
+from operator import attrgetter
 
 import torch
 from torch import nn
@@ -42,6 +44,7 @@ from lorakit.lora import column_kernel, group_kernel
 from lorakit.lora.base import FROZEN_LINEARS, FrozenLinear, decode_layouts, frozen_features
 
 _UNCOVERED = object()
+_PARAMETERS, _SCALING, _VERSION = attrgetter("_parameters"), attrgetter("scaling"), attrgetter("_version")
 
 
 class _SideBySide:
@@ -140,6 +143,7 @@ class FeatureTerms:
         # LaneGroup.layout_key -> its lane_columns for the rows' slots: the 30 layers of a model plan 4 groups' worth
         self._lane_plans: dict[tuple, tuple[torch.Tensor, int, int]] = {}
         self._kernel = column_kernel.load() if column_kernel.enabled() else None
+        self._padding: torch.Tensor | None = None  # the state's padding the columns were planned for
 
     def forward(self, state, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """W x + b + each row's LoRA term, (out, B), for feature-major x (in, B); None when the layer is
@@ -178,18 +182,22 @@ class FeatureTerms:
         tokens = x.numel() // (fan_in * rows) if rows else 0
         if tokens * rows * fan_in != x.numel() or x.shape[0] != rows:
             return None
+        if state.padding is not self._padding:  # a new prompt pass: plan its columns again
+            self._padding = state.padding
+            self._columns.clear()
+        padded = self._padding is not None and tokens > 1 and self._padding.shape == (rows, tokens)
         y = out if out.is_contiguous() else out.contiguous()
         columns = x.reshape(rows * tokens, fan_in).t()  # (in, columns): a view, or a copy of a strided x
-        self._by_column(columns, entry[4], y.view(rows * tokens, -1).t(), tokens)
+        self._by_column(columns, entry[4], y.view(rows * tokens, -1).t(), tokens, padded)
         return y
 
-    def _by_column(self, x: torch.Tensor, term, out: torch.Tensor, tokens: int) -> torch.Tensor:
+    def _by_column(self, x: torch.Tensor, term, out: torch.Tensor, tokens: int, padded: bool = False) -> torch.Tensor:
         """out (out, n) += each column's own LoRA term for x (in, n), through the per-column kernel; each row's
-        slot covers `tokens` consecutive columns."""
-        key = (term.slots_key, tokens)  # the same for every layer with the same adapters' ranks
+        slot covers `tokens` consecutive columns; `padded`: the state's padding tokens are skipped."""
+        key = (term.slots_key, tokens, padded)  # the same for every layer with the same adapters' ranks
         columns = self._columns.get(key)
         if columns is None:
-            columns = self._columns[key] = self._columns_of(term, tokens)
+            columns = self._columns[key] = self._columns_of(term, tokens, self._padding if padded else None)
         self._grow(x.shape[1] * (x.shape[0] + out.shape[0]))
         return column_kernel.add_columns(self._kernel, x, term, *columns, out, self._work)
 
@@ -198,11 +206,14 @@ class FeatureTerms:
         if self._work.numel() < size:
             self._work = torch.empty(size)
 
-    def _columns_of(self, term, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(first rank, rank count) per column, each row's slot covering `tokens` consecutive columns."""
+    def _columns_of(self, term, tokens: int, padding: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first rank, rank count) per column, each row's slot covering `tokens` consecutive columns; no ranks
+        where `padding` (rows, tokens) is true."""
         first, count = term.columns(self._slots)
         if tokens > 1:
             first, count = first.repeat_interleave(tokens), count.repeat_interleave(tokens)
+        if padding is not None:
+            count = count.masked_fill(padding.reshape(-1).to(count.device), 0)
         return first, count
 
     def _group_step(self, state, layer: nn.Module, side: _SideBySide, x: torch.Tensor, out: torch.Tensor | None = None):
@@ -263,8 +274,8 @@ class FeatureTerms:
         used = set(state.distinct)
         if not self.adapters:
             kept = getattr(state.siblings.get(id(layer), [layer])[0], "side_by_side", None)
-            if kept is not None and used <= set(kept[2]) and (self._kernel or len(kept[2]) <= 2 * len(used)):
-                self.adapters = list(kept[2])
+            if kept is not None and used <= set(kept.adapters) and (self._kernel or len(kept.adapters) <= 2 * len(used)):
+                self.adapters = list(kept.adapters)
         if not used <= set(self.adapters):  # keep the adapters still in use or kept recently, when few
             kept = used | set(self.adapters)
             self.adapters = sorted(kept if len(kept) <= 2 * len(used) else used)
@@ -288,21 +299,44 @@ class FeatureTerms:
         for member in group:
             adapters = member.adapters._modules  # the ModuleDict's own dict: read 16 times a layer
             present.append([(k + 1, adapters[n]) for k, n in enumerate(self.adapters) if n in adapters])
-        # The adapter itself by weak reference (an adapter unloaded and another loaded under its name never
-        # matches, whatever memory it reuses), its parameters by storage and version (trained in place).
-        source = tuple(
-            (k, weakref.ref(adapter), adapter.scaling,
-             *[(p.data_ptr(), p._version) for p in adapter._parameters.values() if p is not None])
-            for found in present for k, adapter in found
-        )
         kept = getattr(group[0], "side_by_side", None)
-        if kept is None or kept[0] != source:
+        if kept is None or not kept.holds(present):
             found = [[(k, adapter.row_factors(m)) for k, adapter in f] for m, f in zip(group, present)]
-            kept = (source, _side_by_side(group, found), tuple(self.adapters))
-            group[0].side_by_side = kept
+            kept = group[0].side_by_side = _Kept(present, _side_by_side(group, found), tuple(self.adapters))
         for member in group:
-            self._layers[id(member)] = kept[1].get(id(member))
+            self._layers[id(member)] = kept.entries.get(id(member))
         return self._layers[id(layer)]
+
+
+class _Kept:
+    """A sibling group's side-by-side factors (`entries`: id(member) -> its entry), the adapters they were built for,
+    and what they were built from (`source`: each adapter's slot, the adapter and its parameters by id, its scaling,
+    its parameters' storage and version, trained in place). The adapters and parameters are watched by weak
+    reference: once one is freed the factors never hold again, whatever object later takes its id (an adapter
+    unloaded and another loaded under its name)."""
+
+    def __init__(self, present: list[list[tuple[int, nn.Module]]], entries: dict, adapters: tuple[str, ...]):
+        self.entries, self.adapters = entries, adapters
+        self.source, watched = _source(present)
+        self.freed = False
+        self._refs = [weakref.ref(o, self._freed) for o in watched]
+
+    def _freed(self, _ref) -> None:
+        self.freed = True
+
+    def holds(self, present: list[list[tuple[int, nn.Module]]]) -> bool:
+        """Whether these factors are those of the adapters `present` ((slot, adapter) per member), unchanged."""
+        return not self.freed and self.source == _source(present)[0]
+
+
+def _source(present: list[list[tuple[int, nn.Module]]]) -> tuple[tuple, list]:
+    """What factors built for `present` ((slot, adapter) per member) are built from, and the adapters and parameters
+    to watch. Read for every sibling group of every new batch: each piece in one C-level pass over all the adapters."""
+    adapters = [adapter for found in present for _, adapter in found]
+    params = [p for p in chain.from_iterable(map(dict.values, map(_PARAMETERS, adapters))) if p is not None]
+    source = (tuple(k for found in present for k, _ in found), tuple(map(id, adapters)), tuple(map(_SCALING, adapters)),
+              tuple(map(id, params)), tuple(map(torch.Tensor.data_ptr, params)), tuple(map(_VERSION, params)))
+    return source, adapters + params
 
 
 def _side_by_side(group: list[nn.Module], found: list[list[tuple]]) -> dict[int, object]:
