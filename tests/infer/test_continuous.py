@@ -143,6 +143,35 @@ def test_rows_joining_a_lean_batch_keep_its_side_by_side_factors(toy):  # noqa: 
     assert [len(c.done.token_ids) for c in rows] == [n for _, _, n in plan]
 
 
+def test_a_prompt_pass_of_its_own_takes_the_batchs_kept_factors(toy, monkeypatch):  # noqa: F811
+    """A join prefilled in a forward pass of its own (an idle batch, or prefill="apart") uses the batch's
+    side-by-side factors, valid until adapters_changed(): it neither builds them again nor re-reads every
+    adapter's parameters to check them; its rows keep their merged outputs."""
+    from lorakit.lora import mixed_features
+
+    folder, root = toy
+    tokenizer, model = loaded(toy, NAMES)
+    batch = RunningBatch(model, tokenizer, prefill="apart")
+
+    def serve(plan):
+        ask = [Request(tokenizer(PROMPTS[p])["input_ids"], a, 3, ignore_eos=True) for p, a in plan]
+        rows = [Collect() for _ in ask]
+        batch.join(ask, [c.text for c in rows], [c.finish for c in rows])
+        while len(batch):
+            batch.step()
+        return [c.done.text for c in rows]
+
+    serve([(0, "a"), (1, "b")])
+    features, checks = batch._features, []
+    monkeypatch.setattr(mixed_features._Kept, "holds", lambda kept, present: checks.append(kept) or True)
+    texts = serve([(2, "b"), (3, "a")])
+    assert checks == [] and batch._features is features
+    assert texts == [merged_output(merged_model(folder, root / a), tokenizer, PROMPTS[p], 3) for p, a in [(2, "b"), (3, "a")]]
+    batch.adapters_changed()  # adapters loaded or unloaded: the next join checks the kept factors
+    serve([(2, "b"), (3, "a")])
+    assert checks
+
+
 @pytest.mark.parametrize("prefill", ["beside", "apart"])
 def test_a_request_joining_a_lean_batch_is_prefilled_in_the_decode_steps_pass(toy, prefill):  # noqa: F811
     """Rows decoding through lorakit's step: a joiner's prompt rides in the pass that decodes the running

@@ -137,6 +137,7 @@ class RunningBatch:
         if strategy == "auto" and self._state is not None and self._state.strategy == "gathered":
             strategy = "gathered"
         state = RowAdapters([r.adapter for r in requests], strategy, self.siblings)
+        state.features = self._features  # the kept side-by-side factors: valid until adapters_changed()
         state.padding = padding(mask)
         with self._adapters(state):
             logits = self.model(
