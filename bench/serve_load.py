@@ -4,7 +4,7 @@
     python bench/serve_load.py [--model smollm2-135m-instruct] [--rates 0.5,1,2] [--adapters 1,4,16]
                                [--requests 16] [--max-tokens 8-32] [--rank 8] [--repeats 1]
                                [--schedulers continuous,batch] [--llama-server PATH] [--gguf f32,q8_0]
-                               [--threads 2] [--half-weights auto|bf16|fp16] [--quantize int8]
+                               [--threads 2] [--half-weights auto|bf16|fp16] [--quantize int8|w8a8]
                                [--prefill-apart] [--quick]
 
 Each system is one server process on loopback, started once and kept for every run:
@@ -12,7 +12,7 @@ Each system is one server process on loopback, started once and kept for every r
   lorakit-batch        `lorakit serve --scheduler batch`, the same adapters
   lorakit-continuous-half  with --half-weights: `lorakit serve --scheduler continuous --half-weights X`
                        (the base's linear weights in a half type, the adapters in fp32)
-  lorakit-continuous-int8  with --quantize int8: `lorakit serve --scheduler continuous --quantize int8`
+  lorakit-continuous-Q      with --quantize Q (int8 or w8a8): `lorakit serve --scheduler continuous --quantize Q`
                        (the base's linear weights and head in int8, the adapters in fp32)
   lorakit-continuous[-int8]-lora-bf16  with --lora-dtype bf16: the same with `--lora-dtype bf16` (the adapters
                        rounded to bf16 values, read at half the bytes)
@@ -77,7 +77,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--half-weights", choices=["auto", "bf16", "fp16"], default=None,
                         help="add lorakit-continuous-half: `lorakit serve --half-weights` with this setting")
-    parser.add_argument("--quantize", choices=["int8"], default=None,
+    parser.add_argument("--quantize", choices=["int8", "w8a8"], default=None,
                         help="add lorakit-continuous-int8: `lorakit serve --quantize` with this setting")
     parser.add_argument("--lora-dtype", choices=["bf16"], default=None,
                         help="add lorakit serve --lora-dtype DTYPE (on fp32, and on --quantize's weights)")

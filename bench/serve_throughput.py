@@ -3,7 +3,7 @@
     python bench/serve_throughput.py [--model smollm2-135m-instruct] [--adapters 16] [--requests 16]
                                      [--new-tokens 32] [--rank 8] [--repeats 3] [--warmup 1] [--skip-peft]
                                      [--device cuda|cpu] [--results-dir DIR] [--variants merged,mixed-16]
-                                     [--half-weights auto|bf16|fp16] [--quantize int8] [--lora-dtype bf16]
+                                     [--half-weights auto|bf16|fp16] [--quantize int8,w8a8] [--lora-dtype bf16]
                                      [--model-config qwen2.5-1.5b]
 
 The same --requests ROS 2 prompts (left-padded, greedy, exactly --new-tokens new tokens each) in
@@ -23,12 +23,13 @@ non-zero B, so they differ), saved once as PEFT folders that both libraries load
 and with --half-weights (infer/half_weights.py: linear weights in a half type, adapters in fp32):
   merged-half       merged, then its linear weights cast
   mixed-N-half      mixed-N on a base whose linear weights are cast (as `lorakit serve --half-weights`)
-and with --quantize int8 (infer/int8_weights.py: linear weights and head in int8, adapters in fp32):
-  merged-int8       merged, then its linear weights quantised (what llama.cpp's q8_0 export of it holds)
-  mixed-N-int8      mixed-N on a base whose linear weights are int8 (as `lorakit serve --quantize int8`)
+and with --quantize Q, Q one or more of int8 and w8a8 (infer/int8_weights.py: linear weights and head in
+int8, adapters in fp32; w8a8: the products' inputs rounded to int8 too, as llama.cpp's q8_0):
+  merged-Q          merged, then its linear weights quantised (what llama.cpp's q8_0 export of it holds)
+  mixed-N-Q         mixed-N on a base whose linear weights are int8 (as `lorakit serve --quantize Q`)
 and with --lora-dtype bf16 (lora/adapters.py: round_adapter, as `lorakit serve --lora-dtype bf16`):
   mixed-N-lora-bf16 mixed-N with every adapter's factors rounded to bf16 (the mixed batch reads them at
-                    half the bytes); mixed-N-int8-lora-bf16 the same on the int8 base (with --quantize)
+                    half the bytes); mixed-N-Q-lora-bf16 the same on each --quantize base
 --model-config NAME builds NAME's published shape with random weights instead (bench/model_shapes.py;
 the prompts are still tokenised by --model's tokenizer) and writes serve_throughput_NAME.json, so the
 cost of many adapters can be compared across model sizes.
@@ -143,22 +144,20 @@ def lorakit_variants(args, root: Path, names: list[str], ids: list[list[int]], t
         variants["merged-half"] = run(use_decode_linears(merged_half).to(args.device), [None] * len(ids))
         half_model = _with_adapters(use_decode_linears(half_model), root, names).to(args.device)
         variants[f"mixed-{len(names)}-half"] = run(half_model, spreads[len(names)])
-    if args.quantize:
-        from lorakit.infer.int8_weights import use_int8_weights
+    from lorakit.infer.int8_weights import use_int8_weights
 
+    for quantize in args.quantize:
         merged_int8 = lorakit.merge_and_unload(_with_adapters(load_base(), root, names[:1]))
-        use_int8_weights(merged_int8, args.quantize)
-        variants["merged-int8"] = run(use_decode_linears(merged_int8).to(args.device), [None] * len(ids))
+        use_int8_weights(merged_int8, quantize)
+        variants[f"merged-{quantize}"] = run(use_decode_linears(merged_int8).to(args.device), [None] * len(ids))
         int8_model = load_base()
-        use_int8_weights(int8_model, args.quantize)
+        use_int8_weights(int8_model, quantize)
         int8_model = _with_adapters(use_decode_linears(int8_model), root, names).to(args.device)
-        variants[f"mixed-{len(names)}-int8"] = run(int8_model, spreads[len(names)])
-    if args.lora_dtype:  # the adapters rounded to --lora-dtype, on the fp32 base (and the int8 one)
-        from lorakit.infer.int8_weights import use_int8_weights
-
+        variants[f"mixed-{len(names)}-{quantize}"] = run(int8_model, spreads[len(names)])
+    if args.lora_dtype:  # the adapters rounded to --lora-dtype, on the fp32 base (and each int8 one)
         from lorakit.lora.adapters import LORA_DTYPES
 
-        for suffix, quantize in [("", None)] + ([("-int8", args.quantize)] if args.quantize else []):
+        for suffix, quantize in [("", None)] + [(f"-{q}", q) for q in args.quantize]:
             narrow = load_base()
             if quantize:
                 use_int8_weights(narrow, quantize)
@@ -239,14 +238,16 @@ def summarise(runs: list[dict], args) -> list[dict]:
         rows.append({"what": f"{variant} tok/s", **min_median([rate[(i, variant)] for i in repeats])})
     pairs = [(f"mixed-{args.adapters}", base) for base in ("merged", "merged-hf", "peft-mixed", "peft-switch")]
     pairs += [(f"mixed-{args.adapters}-half", "merged-half"), ("merged-half", "merged"),
-              (f"mixed-{args.adapters}-half", "merged"), (f"mixed-{args.adapters}-int8", "merged-int8"),
-              ("merged-int8", "merged"), (f"mixed-{args.adapters}-int8", "merged"), ("merged", "merged-forward"),
+              (f"mixed-{args.adapters}-half", "merged"), ("merged", "merged-forward"),
               (f"mixed-{args.adapters}", f"mixed-{args.adapters}-forward"),
               (f"mixed-{args.adapters}-forward", "merged-forward")]
-    pairs += [(f"mixed-{args.adapters}-lora-{args.lora_dtype}", base)
-              for base in ("merged", f"mixed-{args.adapters}")]
-    pairs += [(f"mixed-{args.adapters}-int8-lora-{args.lora_dtype}", base)
-              for base in ("merged-int8", f"mixed-{args.adapters}-int8")]
+    for q in args.quantize:
+        pairs += [(f"mixed-{args.adapters}-{q}", f"merged-{q}"), (f"merged-{q}", "merged"),
+                  (f"mixed-{args.adapters}-{q}", "merged")]
+    pairs += [("merged-w8a8", "merged-int8")]
+    pairs += [(f"mixed-{args.adapters}{q}-lora-{args.lora_dtype}", base)
+              for q in ["", *[f"-{q}" for q in args.quantize]]
+              for base in (f"merged{q}", f"mixed-{args.adapters}{q}")]
     for ours, base in pairs:
         if base in variants and ours in variants:
             rows.append({"what": f"{ours} / {base}", **min_median([rate[(i, ours)] / rate[(i, base)] for i in repeats])})
@@ -263,9 +264,9 @@ def variant_labels(args) -> list[str]:
     labels = ["merged", "merged-hf", *[f"mixed-{k}" for k in spreads], *[f"mixed-{k}-grouped" for k in spreads]]
     labels += ["merged-forward", f"mixed-{args.adapters}-forward"]
     labels += ["merged-half", f"mixed-{args.adapters}-half"] if args.half_weights else []
-    labels += ["merged-int8", f"mixed-{args.adapters}-int8"] if args.quantize else []
+    labels += [label for q in args.quantize for label in (f"merged-{q}", f"mixed-{args.adapters}-{q}")]
     labels += [f"mixed-{args.adapters}-lora-{args.lora_dtype}"] if args.lora_dtype else []
-    labels += [f"mixed-{args.adapters}-int8-lora-{args.lora_dtype}"] if args.lora_dtype and args.quantize else []
+    labels += [f"mixed-{args.adapters}-{q}-lora-{args.lora_dtype}" for q in args.quantize] if args.lora_dtype else []
     return labels + ([] if args.skip_peft else ["peft-mixed", "peft-switch"])
 
 
@@ -296,8 +297,9 @@ def main() -> None:
     parser.add_argument("--skip-peft", action="store_true", help="lorakit variants only")
     parser.add_argument("--half-weights", choices=["auto", "bf16", "fp16"], default=None,
                         help="add merged-half and mixed-N-half: linear weights in a half type (auto: where faster)")
-    parser.add_argument("--quantize", choices=["int8"], default=None,
-                        help="add merged-int8 and mixed-N-int8: linear weights and head in int8, adapters fp32")
+    parser.add_argument("--quantize", type=_quantize_settings, default=[],
+                        help="int8 and/or w8a8, comma-separated: add merged-Q and mixed-N-Q for each, linear weights "
+                        "and head in int8 (w8a8: inputs rounded to int8 too), adapters fp32")
     parser.add_argument("--lora-dtype", choices=["bf16"], default=None,
                         help="add mixed-N-lora-DTYPE: the adapters' factors rounded to DTYPE (serve --lora-dtype)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: the GPU when there is one)")
@@ -358,7 +360,10 @@ def main() -> None:
                      + ("merged-half, mixed-K-half: linear weights in a half type (lorakit serve --half-weights); "
                         if args.half_weights else "")
                      + ("merged-int8, mixed-K-int8: linear weights and head in int8, one scale per output channel, "
-                        "adapters in fp32 (lorakit serve --quantize int8). " if args.quantize else "")
+                        "adapters in fp32 (lorakit serve --quantize int8). " if "int8" in args.quantize else "")
+                     + ("merged-w8a8, mixed-K-w8a8: the same int8 weights, each product's inputs rounded to int8 per "
+                        "block of 32 as llama.cpp's q8_0 rounds them, multiplied in int8 (lorakit serve --quantize "
+                        "w8a8). " if "w8a8" in args.quantize else "")
                      + (f"mixed-K-lora-{args.lora_dtype}: every adapter's factors rounded to {args.lora_dtype} "
                         f"(lorakit serve --lora-dtype {args.lora_dtype}), read at half the bytes, computed in fp32. "
                         if args.lora_dtype else "")
@@ -368,6 +373,13 @@ def main() -> None:
         summary=summary, machine_info=machine(device=_device_name(args.device)), out_dir=args.results_dir,
     )
     print(f"wrote {path}")
+
+
+def _quantize_settings(text: str) -> list[str]:
+    settings = [s.strip() for s in text.split(",") if s.strip()]
+    if not settings or any(s not in ("int8", "w8a8") for s in settings):
+        raise argparse.ArgumentTypeError(f"expected int8 and/or w8a8, comma-separated, got {text!r}")
+    return settings
 
 
 def _device_name(device: str) -> str:

@@ -66,6 +66,34 @@ def test_a_linear_the_kernel_cannot_take_stays_fp32():
     assert type(model[0]) is Int8WeightLinear and type(model[1]) is nn.Linear
 
 
+def test_w8a8_rounds_the_inputs_of_every_layer_whose_width_takes_blocks_of_32():
+    """w8a8: the same int8 weights; layers of 32k inputs round their inputs to int8 in every fp32 product, the
+    forward's rows and a decode step's columns alike (lora/weight_kernel.py: w8a8_product); others keep fp32 inputs."""
+    from lorakit.lora.base import frozen_features, int8_linear
+    from lorakit.lora.weight_kernel import w8a8_product
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48), nn.Linear(48, 16))  # 48 inputs: a multiple of 16, not of 32
+    model.config = tiny_llama().config
+    reference = [nn.Linear(64, 48), nn.Linear(48, 16)]
+    for plain, linear in zip(reference, model):
+        plain.load_state_dict(linear.state_dict())
+    assert use_int8_weights(model, "w8a8") == "w8a8"
+    first, second = model
+    assert type(first) is type(second) is Int8WeightLinear
+    assert first.int8_activations and not second.int8_activations
+    x = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        rows = first(x)
+        want = w8a8_product(x.reshape(-1, 64).t().contiguous(), first.weight, first.weight_scales.float())
+        assert torch.equal(rows.reshape(-1, 48), (want + first.bias[:, None]).t())
+        assert torch.equal(frozen_features(first, x.reshape(-1, 64).t()), rows.reshape(-1, 48).t())
+        assert (rows - reference[0](x)).abs().max() < 0.05
+        assert torch.equal(second(rows), int8_linear(rows, second.weight, second.weight_scales, second.bias))
+    with torch.enable_grad():  # autograd: the weight-only product, as int8
+        torch.testing.assert_close(first(x), int8_linear_from(reference[0])(x))
+
+
 def test_off_changes_nothing_and_unknown_settings_or_devices_are_refused(toy):
     model, used = loaded(toy, "off")
     assert used is None and not any(type(m) is Int8WeightLinear for m in model.modules())
@@ -94,6 +122,16 @@ def test_the_lean_step_on_int8_weights_equals_the_forward(build):
     model = build()
     assert use_int8_weights(model, "int8") == "int8"
     assert_same(*decode_both(use_decode_linears(model)), atol=1e-4)
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2-with-biases"])
+def test_the_lean_step_on_w8a8_equals_the_forward(build):
+    model = build()
+    assert use_int8_weights(model, "w8a8") == "w8a8"
+    assert any(m.int8_activations for m in model.modules() if type(m) is Int8WeightLinear)
+    # an input one fp32 rounding away (the lean step's norms sum in another order) can round to the neighbouring
+    # int8 value, 1/127 of its block's largest apart, and carry that on
+    assert_same(*decode_both(use_decode_linears(model)), atol=2e-3)
 
 
 def test_adapters_on_int8_weights_decode_as_through_the_forward():

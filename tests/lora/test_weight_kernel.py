@@ -65,3 +65,45 @@ def test_the_int8_product_refuses_what_it_cannot_take():
         weight_kernel.int8_product(x, torch.zeros(8, 24, dtype=torch.int8), scales)
     with pytest.raises(ValueError, match="int8 weight"):
         weight_kernel.int8_product(torch.randn(32, 3), torch.zeros(8, 32), scales)
+
+
+def w8a8_reference(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """diag(scales) Q xq in float64: x rounded per column and block of 32 inputs (d = max |x| / 127, q = x / d rounded
+    half to even), each block's integer sums exact, then scaled by its d."""
+    fan_in, n = x.shape
+    blocks = x.view(fan_in // 32, 32, n)
+    amax = blocks.abs().amax(1, keepdim=True)
+    q = torch.round(blocks * torch.where(amax > 0, 127 / amax, torch.zeros_like(amax)))
+    assert q.abs().max() <= 127
+    sums = torch.einsum("obi,bin->obn", weight.view(len(weight), fan_in // 32, 32).double(), q.double())
+    return scales.double()[:, None] * (sums * (amax[:, 0] / 127).double()[None]).sum(1)
+
+
+@pytest.mark.parametrize("n", [1, 5, 16, 17, 40])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_w8a8_product_sums_the_weight_times_the_inputs_rounded_per_block(n, threads):
+    generator = torch.Generator().manual_seed(n)
+    weight = torch.randint(-127, 128, (37, 96), generator=generator, dtype=torch.int8)  # 96 inputs: 3 blocks of 32
+    scales = torch.rand(37, generator=generator) / 100
+    x = torch.randn(96, n, generator=generator) * torch.logspace(-2, 2, 96)[:, None]  # blocks of different sizes
+    x[:32, 0] = 0  # a block of zeros: scale 0, no division by it
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = weight_kernel.w8a8_product(x, weight, scales)
+        alone = weight_kernel.w8a8_product(x[:, -1:].clone(), weight, scales)
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(out, w8a8_reference(x, weight, scales).float(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(out[:, -1:], alone)  # the same bits, whatever else the batch holds
+    exact = (scales.double()[:, None] * weight.double()) @ x.double()
+    error = (out.double() - exact).abs().max() / exact.abs().max()
+    assert 0 < error < 0.02  # rounded inputs: close to the product, not equal
+
+
+def test_the_w8a8_product_refuses_what_it_cannot_take():
+    scales = torch.ones(8)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        weight_kernel.w8a8_product(torch.randn(48, 3), torch.zeros(8, 48, dtype=torch.int8), scales)
+    with pytest.raises(ValueError, match="int8 weight"):
+        weight_kernel.w8a8_product(torch.randn(32, 3), torch.zeros(8, 32), scales)

@@ -235,8 +235,8 @@ def test_client_disconnecting_mid_stream(server, client):
     assert server.app.state.scheduler.cancelled == 1
 
 
-@pytest.mark.parametrize("weights", [{"half_weights": "bf16"}, {"quantize": "int8"}, {"lora_dtype": "bf16"}],
-                         ids=["bf16", "int8", "lora-bf16"])
+@pytest.mark.parametrize("weights", [{"half_weights": "bf16"}, {"quantize": "int8"}, {"quantize": "w8a8"},
+                                     {"lora_dtype": "bf16"}], ids=["bf16", "int8", "w8a8", "lora-bf16"])
 def test_a_server_on_half_or_int8_weights_answers_each_request_as_it_would_alone(toy, weights):
     """bf16 or int8 linear weights, or adapters rounded to bf16: a concurrent mixed batch gives each request what
     the same server gives it alone."""

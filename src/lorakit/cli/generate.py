@@ -59,7 +59,8 @@ def add_model_arguments(parser, model_required: bool = True) -> None:
     parser.add_argument(
         "--quantize", choices=QUANTIZE, default="off",
         help="int8: the base's linear weights and head stored as int8 on a CPU, as `lorakit serve --quantize int8` "
-        "serves them (weight-only, one scale per output channel; the adapter stays fp32)",
+        "serves them (weight-only, one scale per output channel; the adapter stays fp32); w8a8: the same, the "
+        "products' inputs rounded to int8 too, as `lorakit serve --quantize w8a8`",
     )
     parser.add_argument(
         "--lora-dtype", choices=LORA_DTYPES, default="fp32",

@@ -10,6 +10,13 @@ products take bf16 activations and accumulate in fp32 inside PyTorch's own kerne
 (aten::_weight_int8pack_mm). llama.cpp's q8_0 stores all 2-D weights
 in int8 too, with one scale per 32 weights, and rounds the activations to int8 as well.
 
+With the "w8a8" setting every fp32 product of these weights on the CPU (prompt and decode step alike) also rounds
+its inputs to int8, per column and block of 32 inputs with one fp32 scale each (llama.cpp's q8_0 rounds
+activations the same way), and sums each block's products exactly in int32 through lorakit's kernel, with AVX-512
+VNNI's 4-way int8 dot products where the CPU has them (lora/weight_kernel.c: w8a8_product): a decode step reads a
+quarter of fp32's bytes and does about a third of its instructions, where the weight-only kernel widens every
+weight to fp32 and does as many as fp32.
+
 LoRA layers wrap these bases as they wrap any Linear, and their adapters' terms, the embeddings, the
 norms, attention and the KV cache stay fp32. A head tied to the embeddings gets its own int8 copy;
 the embeddings stay fp32. Adapters cannot be merged into an int8 weight (lora/base.py's quantised
@@ -24,7 +31,8 @@ from torch import nn
 from lorakit.lora.base import INT8_IN_MULTIPLE, Int8WeightLinear, plain_linear, register_quantized_backend
 from lorakit.train.half_base import leave_the_weights_file
 
-QUANTIZE_SETTINGS = ("off", "int8")
+QUANTIZE_SETTINGS = ("off", "int8", "w8a8")
+W8A8_IN_MULTIPLE = 32  # the activations' block: w8a8 layers take input widths that are multiples of it
 
 
 def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,8 +82,10 @@ register_quantized_backend(Int8WeightsBackend())
 
 @torch.no_grad()
 def use_int8_weights(model: nn.Module, setting: str = "int8") -> str | None:
-    """Store the model's plain fp32 linear weights (the head's too) as int8 when `setting` is "int8", those of an
-    input width the kernel takes; returns "int8", or None for "off".
+    """Store the model's plain fp32 linear weights (the head's too) as int8 when `setting` is "int8" or "w8a8", those
+    of an input width the kernel takes; with "w8a8" their products also round the activations to int8 (per column
+    and block of 32 inputs, as llama.cpp's q8_0; layers of another input width keep fp32 activations). Returns the
+    setting, or None for "off".
 
     Raises:
         ValueError: an unknown setting, or a model that is not on the CPU.
@@ -89,8 +99,10 @@ def use_int8_weights(model: nn.Module, setting: str = "int8") -> str | None:
     if any(m.weight.device.type != "cpu" for _, m in linears):
         raise ValueError("int8 weights run on the CPU only, and this model is not on it; leave --quantize off")
     for name, linear in linears:
-        model.set_submodule(name, int8_linear_from(linear))
+        quantized = int8_linear_from(linear)
+        quantized.int8_activations = setting == "w8a8" and linear.in_features % W8A8_IN_MULTIPLE == 0
+        model.set_submodule(name, quantized)
     if linears and getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False  # the head is int8 now, the embeddings fp32: never tie them again
     leave_the_weights_file(model)  # the fp32 pages the quantisation read would otherwise stay resident
-    return "int8"
+    return setting

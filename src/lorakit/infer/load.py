@@ -49,7 +49,8 @@ def load_for_inference(
     The template is `template` if given, else the adapter's (its run card), else the tokenizer's
     chat template, else the bare instruction ('raw'). `note` says when the adapter was trained on a
     base quantised otherwise than `bits` asks (None when not). `quantize` "int8" stores the base's linear
-    weights as int8 on the CPU (infer/int8_weights.py), as `lorakit serve --quantize int8` does; `lora_dtype`
+    weights as int8 on the CPU (infer/int8_weights.py), as `lorakit serve --quantize int8` does ("w8a8": their
+    inputs rounded to int8 too); `lora_dtype`
     "bf16" rounds the adapter's factors to bf16 values, as `lorakit serve --lora-dtype bf16` does.
 
     Raises:

@@ -242,10 +242,37 @@ INT8_IN_MULTIPLE = 16  # `int8_linear` takes weights whose input width is a mult
 class Int8WeightLinear(FrozenLinear):
     """A FrozenLinear whose weight is int8 (out, in) with one bf16 scale per output channel, `weight_scales` (out,):
     W = weight * weight_scales[:, None] (infer/int8_weights.py). It multiplies as `int8_linear` does; a decode step's
-    feature-major products (`frozen_features`) go through lorakit's int8 kernel where it is faster."""
+    feature-major products (`frozen_features`) go through lorakit's int8 kernel where it is faster. With
+    `int8_activations` (w8a8) every fp32 CPU product without autograd rounds x to int8 per block of 32 inputs and
+    multiplies in int8 instead (`w8a8_features`), as llama.cpp's q8_0 does."""
+
+    int8_activations = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8_activations and _w8a8_applies(x):
+            out = w8a8_features(self, x.reshape(-1, x.shape[-1]).t())
+            return out.t().reshape(*x.shape[:-1], self.out_features)
         return int8_linear(x, self.weight, self.weight_scales, self.bias)
+
+
+def _w8a8_applies(x: torch.Tensor) -> bool:
+    return x.dtype == torch.float32 and x.is_cpu and not torch.is_grad_enabled() and weight_kernel.load() is not None
+
+
+def w8a8_features(module: Int8WeightLinear, x: torch.Tensor) -> torch.Tensor:
+    """W xq + b (out, B) of an Int8WeightLinear for feature-major fp32 x (in, B), x rounded to int8 per column and
+    block of 32 inputs (lora/weight_kernel.py: w8a8_product)."""
+    out = weight_kernel.w8a8_product(x, module.weight, _fp32_scales(module))
+    return out if module.bias is None else out.add_(module.bias[:, None])
+
+
+def _fp32_scales(module: Int8WeightLinear) -> torch.Tensor:
+    """The module's bf16 scales widened to fp32, once (kept while the scales are unchanged), not every step."""
+    scales = module.weight_scales
+    kept = module.__dict__.get("_fp32_scales")
+    if kept is None or kept[0] is not scales or kept[1] != scales._version:
+        kept = module.__dict__["_fp32_scales"] = (scales, scales._version, scales.float())
+    return kept[2]
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -270,12 +297,10 @@ def frozen_features(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     int8 weight multiplies fp32 x through lorakit's kernel from the row count where it is faster
     (`int8_kernel_rows`)."""
     if type(module) is Int8WeightLinear:
+        if module.int8_activations and _w8a8_applies(x):
+            return w8a8_features(module, x)
         if x.dtype == torch.float32 and x.is_cpu and not torch.is_grad_enabled() and x.shape[1] >= int8_kernel_rows():
-            scales = module.weight_scales
-            kept = module.__dict__.get("_fp32_scales")
-            if kept is None or kept[0] is not scales or kept[1] != scales._version:  # widened once, not every step
-                kept = module.__dict__["_fp32_scales"] = (scales, scales._version, scales.float())
-            out = weight_kernel.int8_product(x, module.weight, kept[2])
+            out = weight_kernel.int8_product(x, module.weight, _fp32_scales(module))
             return out if module.bias is None else out.add_(module.bias[:, None])
         return int8_linear(x.t(), module.weight, module.weight_scales, module.bias).t()
     return weight_major_product(x, module.weight, module.bias)

@@ -37,6 +37,7 @@ def _library():
     if library is not None:
         library.weight_product.argtypes, library.weight_product.restype = _ARGS, None
         library.int8_weight_product.argtypes, library.int8_weight_product.restype = [ctypes.c_void_p, *_ARGS], None
+        library.w8a8_product.argtypes, library.w8a8_product.restype = [ctypes.c_void_p, *_ARGS], None
     return library
 
 
@@ -79,4 +80,28 @@ def int8_product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) ->
     if n and fan_out:
         library.int8_weight_product(weight.data_ptr(), scales.data_ptr(), x.data_ptr(), out.data_ptr(), fan_out,
                                     fan_in, n, pad.data_ptr(), torch.get_num_threads())
+    return out
+
+
+W8A8_BLOCK = 32  # inputs per activation scale in `w8a8_product` (llama.cpp's q8_0 block)
+
+
+def w8a8_product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """diag(scales) Q xq (out, n) for fp32 CPU x (in, n) rounded to int8 per column and block of 32 inputs (d = max |x|
+    / 127, q = round(x / d)), an int8 weight Q (out, in) with `in` a multiple of 32, and fp32 scales (out,): each
+    block's products summed exactly in int32 (AVX-512 VNNI where the CPU has it), scaled by d into fp32 sums."""
+    library = _library()
+    if (library is None or x.dtype != torch.float32 or weight.dtype != torch.int8 or scales.dtype != torch.float32
+            or x.device.type != "cpu"):
+        raise ValueError("the w8a8 product kernel takes fp32 x, an int8 weight and fp32 scales on the CPU")
+    (fan_in, n), (fan_out, weight_in) = x.shape, weight.shape
+    if weight_in != fan_in or fan_in % W8A8_BLOCK or scales.shape != (fan_out,):
+        raise ValueError(f"weight {tuple(weight.shape)} does not take x {tuple(x.shape)} (in a multiple of 32)")
+    x, weight, scales = x.contiguous(), weight.contiguous(), scales.contiguous()
+    out = torch.empty(fan_out, n)
+    blocks = -(-n // 16)
+    work = torch.empty(blocks * (fan_in * 16 + fan_in // W8A8_BLOCK * 16 * 8), dtype=torch.uint8)
+    if n and fan_out:
+        library.w8a8_product(weight.data_ptr(), scales.data_ptr(), x.data_ptr(), out.data_ptr(), fan_out, fan_in, n,
+                             work.data_ptr(), torch.get_num_threads())
     return out

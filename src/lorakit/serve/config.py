@@ -9,7 +9,7 @@ from lorakit.config import ConfigError, _help
 SCHEDULERS = ("continuous", "batch")  # serve/continuous.py, serve/scheduler.py
 HALF_WEIGHTS = ("off", "auto", "fp16", "bf16")  # infer/half_weights.py
 PREFILLS = ("beside", "apart")  # infer/continuous.py: RunningBatch
-QUANTIZE = ("off", "int8")  # infer/int8_weights.py
+QUANTIZE = ("off", "int8", "w8a8")  # infer/int8_weights.py
 LORA_DTYPES = ("fp32", "bf16")  # lora/adapters.py's LORA_DTYPES, named here without importing torch
 
 
@@ -49,6 +49,8 @@ class ServeConfig:
     quantize: str = _help(
         "int8: the base model's linear weights, the head's too, stored as int8 with one scale per output channel "
         "on a CPU (weight-only, a quarter of fp32's bytes; the products take bf16 inputs and accumulate in fp32); "
+        "w8a8: the same weights, and each product rounds its inputs to int8 per block of 32 (as llama.cpp's q8_0) "
+        "and multiplies in int8 (AVX-512 VNNI where the CPU has it); "
         "adapters, embeddings, norms and KV cache stay fp32; outputs are close to the fp32 model's, not equal; "
         "not together with --half-weights",
         default="off",
