@@ -28,7 +28,8 @@ do the same work. Request i uses adapter i mod K (llama.cpp serves the one merge
 Each request streams; measured per run: generated tok/s (all tokens over the time from the first
 arrival to the last reply), time to first token and inter-token latency p50 / p99 (gaps between
 streamed chunks, each chunk divided by the tokens it carried is not known, so a chunk holding
-several tokens counts once), and errors. Systems take turns within every (repeat, rate, K).
+several tokens counts once), and errors. Systems take turns within every (repeat, rate, K), after an untimed
+burst of 32 requests each.
 The summary gives, per system and K, the highest rate whose p99 time to first token stays under
 --ttft-bound seconds (a sustained rate needs enough --requests, e.g. 128, for a queue to build past a
 server's capacity: with few, a run is a burst any scheduler absorbs), and ratios within each run: continuous /
@@ -57,6 +58,7 @@ from serve_throughput import make_adapters
 LLAMA_SERVER = Path.home() / ".cache" / "lorakit" / "llama.cpp-build" / "bin" / "llama-server"
 INSTRUCT = ROOT.parent / "shared" / "data" / "instruct" / "rasbt_instruction-data.json"
 KEY = "bench-key"
+WARMUP_REQUESTS = 32  # an untimed burst each server gets before the timed runs
 
 
 def parse_args() -> argparse.Namespace:
@@ -78,7 +80,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--half-weights", choices=["auto", "bf16", "fp16"], default=None,
                         help="add lorakit-continuous-half: `lorakit serve --half-weights` with this setting")
     parser.add_argument("--quantize", choices=["int8", "w8a8"], default=None,
-                        help="add lorakit-continuous-int8: `lorakit serve --quantize` with this setting")
+                        help="add lorakit-continuous-Q: `lorakit serve --quantize Q`")
     parser.add_argument("--lora-dtype", choices=["bf16"], default=None,
                         help="add lorakit serve --lora-dtype DTYPE (on fp32, and on --quantize's weights)")
     parser.add_argument("--prefill-apart", action="store_true",
@@ -269,7 +271,9 @@ def llama_servers(args, root: Path, names: list[str], log_dir: Path) -> list[Ser
 def run_all(args, servers: list[Server]) -> list[dict]:
     """Every (repeat, rate, K): each lorakit server with K adapters, then each llama server (K does not
     apply: run once per repeat and rate), all on the same arrivals, prompts and lengths."""
-    warm = workload(args, rate=100.0, seed=args.seed + 99)[:4]
+    # untimed, every server alike: a burst of 32 requests (prompts of many lengths, batches up to the slots), so
+    # that first-time costs (oneDNN preparing each new shape, kernels' plans) do not land in the first timed rate
+    warm = workload(args, rate=100.0, seed=args.seed + 99)[:WARMUP_REQUESTS]
     for server in servers:
         asyncio.run(drive(server.url, server.models, warm))
         print(f"  warmed up {server.name}", flush=True)
@@ -318,9 +322,8 @@ def summarise(runs: list[dict], args) -> list[dict]:
     if any(name == "lorakit-continuous-apart" for name, _ in systems):
         pairs += [(f"lorakit-continuous K={k} / lorakit-continuous-apart", ("lorakit-continuous", k),
                    ("lorakit-continuous-apart", k)) for k in args.k_list]  # fmt: skip
-    ours = [s for s in ("lorakit-continuous", "lorakit-continuous-half", "lorakit-continuous-int8",
-                        "lorakit-continuous-lora-bf16", "lorakit-continuous-int8-lora-bf16")
-            if any(s == name for name, _ in systems)]
+    ours = list(dict.fromkeys(name for name, _ in systems
+                              if name.startswith("lorakit-continuous") and name != "lorakit-continuous-apart"))
     pairs += [(f"{o} K={k} / {s}", (o, k), (s, 1))
               for o in ours for k in args.k_list for s, _ in systems if s.startswith("llama")]  # fmt: skip
     for label, ours, theirs in pairs:

@@ -3,6 +3,8 @@ result independent of the others."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -11,19 +13,26 @@ from lorakit.lora import weight_kernel
 pytestmark = pytest.mark.skipif(weight_kernel.load() is None, reason="no C compiler here to build the kernel")
 
 
+@contextmanager
+def torch_threads(threads: int):
+    """torch's (and the kernels') thread count set to `threads` inside the block."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("n", [1, 5, 16, 17, 40])  # partial blocks of 16 columns, a full one, several
 @pytest.mark.parametrize("threads", [1, 2])
 def test_the_product_equals_float64_and_each_column_is_its_own(n, threads):
     generator = torch.Generator().manual_seed(n)
     weight = torch.randn(37, 23, generator=generator)  # 37 rows: a last block of 8 rows holds 5
     x = torch.randn(23, n, generator=generator)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         out = weight_kernel.product(x, weight)
         alone = weight_kernel.product(x[:, -1:].clone(), weight)
-    finally:
-        torch.set_num_threads(previous)
     assert out.shape == (37, n)
     torch.testing.assert_close(out, (weight.double() @ x.double()).float(), rtol=1e-5, atol=1e-5)
     assert torch.equal(out[:, -1:], alone)  # the same bits, whatever else the batch holds
@@ -47,13 +56,9 @@ def test_the_int8_product_equals_float64_of_the_scaled_weight(n, threads):
     weight = torch.randint(-127, 128, (37, 48), generator=generator, dtype=torch.int8)  # 48 inputs: 3 groups of 16
     scales = torch.rand(37, generator=generator) / 100
     x = torch.randn(48, n, generator=generator)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         out = weight_kernel.int8_product(x, weight, scales)
         alone = weight_kernel.int8_product(x[:, -1:].clone(), weight, scales)
-    finally:
-        torch.set_num_threads(previous)
     want = (scales.double()[:, None] * weight.double()) @ x.double()
     torch.testing.assert_close(out, want.float(), rtol=1e-5, atol=1e-5)
     assert torch.equal(out[:, -1:], alone)
@@ -87,13 +92,9 @@ def test_the_w8a8_product_sums_the_weight_times_the_inputs_rounded_per_block(n, 
     scales = torch.rand(37, generator=generator) / 100
     x = torch.randn(96, n, generator=generator) * torch.logspace(-2, 2, 96)[:, None]  # blocks of different sizes
     x[:32, 0] = 0  # a block of zeros: scale 0, no division by it
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         out = weight_kernel.w8a8_product(x, weight, scales)
         alone = weight_kernel.w8a8_product(x[:, -1:].clone(), weight, scales)
-    finally:
-        torch.set_num_threads(previous)
     torch.testing.assert_close(out, w8a8_reference(x, weight, scales).float(), rtol=1e-5, atol=1e-6)
     assert torch.equal(out[:, -1:], alone)  # the same bits, whatever else the batch holds
     exact = (scales.double()[:, None] * weight.double()) @ x.double()
