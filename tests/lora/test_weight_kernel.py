@@ -49,12 +49,17 @@ def test_wrong_inputs_are_refused():
     assert weight_kernel.product(torch.randn(4, 0), weight).shape == (8, 0)
 
 
+def int8_weight(seed: int, fan_in: int) -> tuple[torch.Generator, torch.Tensor, torch.Tensor]:
+    """A generator seeded `seed`, an int8 weight of 37 rows (a last block of 8 holds 5) and its per-row scales."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randint(-127, 128, (37, fan_in), generator=generator, dtype=torch.int8)
+    return generator, weight, torch.rand(37, generator=generator) / 100
+
+
 @pytest.mark.parametrize("n", [1, 5, 16, 17, 40])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_the_int8_product_equals_float64_of_the_scaled_weight(n, threads):
-    generator = torch.Generator().manual_seed(n)
-    weight = torch.randint(-127, 128, (37, 48), generator=generator, dtype=torch.int8)  # 48 inputs: 3 groups of 16
-    scales = torch.rand(37, generator=generator) / 100
+    generator, weight, scales = int8_weight(n, 48)  # 48 inputs: 3 groups of 16
     x = torch.randn(48, n, generator=generator)
     with torch_threads(threads):
         out = weight_kernel.int8_product(x, weight, scales)
@@ -87,9 +92,7 @@ def w8a8_reference(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) 
 @pytest.mark.parametrize("n", [1, 5, 16, 17, 40])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_the_w8a8_product_sums_the_weight_times_the_inputs_rounded_per_block(n, threads):
-    generator = torch.Generator().manual_seed(n)
-    weight = torch.randint(-127, 128, (37, 96), generator=generator, dtype=torch.int8)  # 96 inputs: 3 blocks of 32
-    scales = torch.rand(37, generator=generator) / 100
+    generator, weight, scales = int8_weight(n, 96)  # 96 inputs: 3 blocks of 32
     x = torch.randn(96, n, generator=generator) * torch.logspace(-2, 2, 96)[:, None]  # blocks of different sizes
     x[:32, 0] = 0  # a block of zeros: scale 0, no division by it
     with torch_threads(threads):
