@@ -295,7 +295,7 @@ FROZEN_LINEARS = (*PLAIN_LINEARS, Int8WeightLinear)  # computed by `frozen_featu
 def frozen_features(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """W x + b of a FROZEN_LINEARS module for feature-major x (in, B) -> (out, B), possibly a transposed view. An
     int8 weight multiplies fp32 x through lorakit's kernel from the row count where it is faster
-    (`int8_kernel_rows`)."""
+    (`int8_kernel_rows`); one whose inputs are rounded to int8 too (w8a8) always through `w8a8_features`."""
     if type(module) is Int8WeightLinear:
         if module.int8_activations and _w8a8_applies(x):
             return w8a8_features(module, x)
