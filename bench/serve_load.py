@@ -55,6 +55,8 @@ import torch
 from results import ROOT, machine, min_median, write_result
 from serve_throughput import make_adapters
 
+from lorakit.serve.config import QUANTIZE
+
 LLAMA_SERVER = Path.home() / ".cache" / "lorakit" / "llama.cpp-build" / "bin" / "llama-server"
 INSTRUCT = ROOT.parent / "shared" / "data" / "instruct" / "rasbt_instruction-data.json"
 KEY = "bench-key"
@@ -79,7 +81,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--half-weights", choices=["auto", "bf16", "fp16"], default=None,
                         help="add lorakit-continuous-half: `lorakit serve --half-weights` with this setting")
-    parser.add_argument("--quantize", choices=["int8", "w8a8"], default=None,
+    parser.add_argument("--quantize", choices=QUANTIZE[1:], default=None,
                         help="add lorakit-continuous-Q: `lorakit serve --quantize Q`")
     parser.add_argument("--lora-dtype", choices=["bf16"], default=None,
                         help="add lorakit serve --lora-dtype DTYPE (on fp32, and on --quantize's weights)")

@@ -53,6 +53,8 @@ import torch
 from model_shapes import MODEL_CONFIGS, base_model
 from results import machine, min_median, write_result
 
+from lorakit.serve.config import QUANTIZE
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -377,8 +379,8 @@ def main() -> None:
 
 def _quantize_settings(text: str) -> list[str]:
     settings = [s.strip() for s in text.split(",") if s.strip()]
-    if not settings or any(s not in ("int8", "w8a8") for s in settings):
-        raise argparse.ArgumentTypeError(f"expected int8 and/or w8a8, comma-separated, got {text!r}")
+    if not settings or any(s not in QUANTIZE[1:] for s in settings):
+        raise argparse.ArgumentTypeError(f"expected {' and/or '.join(QUANTIZE[1:])}, comma-separated, got {text!r}")
     return settings
 
 

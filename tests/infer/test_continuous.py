@@ -164,11 +164,12 @@ def test_a_prompt_pass_of_its_own_takes_the_batchs_kept_factors(toy, monkeypatch
     serve([(0, "a"), (1, "b")])
     features, checks = batch._features, []
     monkeypatch.setattr(mixed_features._Kept, "holds", lambda kept, present: checks.append(kept) or True)
-    texts = serve([(2, "b"), (3, "a")])
+    plan = [(2, "b"), (3, "a")]
+    texts = serve(plan)
     assert checks == [] and batch._features is features
-    assert texts == [merged_output(merged_model(folder, root / a), tokenizer, PROMPTS[p], 3) for p, a in [(2, "b"), (3, "a")]]
+    assert texts == [merged_output(merged_model(folder, root / a), tokenizer, PROMPTS[p], 3) for p, a in plan]
     batch.adapters_changed()  # adapters loaded or unloaded: the next join checks the kept factors
-    serve([(2, "b"), (3, "a")])
+    serve(plan)
     assert checks
 
 

@@ -29,10 +29,10 @@ import torch
 from torch import nn
 
 from lorakit.lora.base import INT8_IN_MULTIPLE, Int8WeightLinear, plain_linear, register_quantized_backend
+from lorakit.lora.weight_kernel import W8A8_BLOCK
 from lorakit.train.half_base import leave_the_weights_file
 
 QUANTIZE_SETTINGS = ("off", "int8", "w8a8")
-W8A8_IN_MULTIPLE = 32  # the activations' block: w8a8 layers take input widths that are multiples of it
 
 
 def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +100,7 @@ def use_int8_weights(model: nn.Module, setting: str = "int8") -> str | None:
         raise ValueError("int8 weights run on the CPU only, and this model is not on it; leave --quantize off")
     for name, linear in linears:
         quantized = int8_linear_from(linear)
-        quantized.int8_activations = setting == "w8a8" and linear.in_features % W8A8_IN_MULTIPLE == 0
+        quantized.int8_activations = setting == "w8a8" and linear.in_features % W8A8_BLOCK == 0
         model.set_submodule(name, quantized)
     if linears and getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False  # the head is int8 now, the embeddings fp32: never tie them again

@@ -185,19 +185,21 @@ class FeatureTerms:
         if state.padding is not self._padding:  # a new prompt pass: plan its columns again
             self._padding = state.padding
             self._columns.clear()
-        padded = self._padding is not None and tokens > 1 and self._padding.shape == (rows, tokens)
+        padding = self._padding if self._padding is not None and self._padding.shape == (rows, tokens) else None
         y = out if out.is_contiguous() else out.contiguous()
         columns = x.reshape(rows * tokens, fan_in).t()  # (in, columns): a view, or a copy of a strided x
-        self._by_column(columns, entry[4], y.view(rows * tokens, -1).t(), tokens, padded)
+        self._by_column(columns, entry[4], y.view(rows * tokens, -1).t(), tokens, padding)
         return y
 
-    def _by_column(self, x: torch.Tensor, term, out: torch.Tensor, tokens: int, padded: bool = False) -> torch.Tensor:
+    def _by_column(self, x: torch.Tensor, term, out: torch.Tensor, tokens: int,
+                   padding: torch.Tensor | None = None) -> torch.Tensor:
         """out (out, n) += each column's own LoRA term for x (in, n), through the per-column kernel; each row's
-        slot covers `tokens` consecutive columns; `padded`: the state's padding tokens are skipped."""
-        key = (term.slots_key, tokens, padded)  # the same for every layer with the same adapters' ranks
+        slot covers `tokens` consecutive columns; tokens where `padding` (rows, tokens) is true are skipped."""
+        # the same for every layer with the same adapters' ranks (one padding per prompt pass: see rows)
+        key = (term.slots_key, tokens, padding is not None)
         columns = self._columns.get(key)
         if columns is None:
-            columns = self._columns[key] = self._columns_of(term, tokens, self._padding if padded else None)
+            columns = self._columns[key] = self._columns_of(term, tokens, padding)
         self._grow(x.shape[1] * (x.shape[0] + out.shape[0]))
         return column_kernel.add_columns(self._kernel, x, term, *columns, out, self._work)
 
@@ -274,7 +276,8 @@ class FeatureTerms:
         used = set(state.distinct)
         if not self.adapters:
             kept = getattr(state.siblings.get(id(layer), [layer])[0], "side_by_side", None)
-            if kept is not None and used <= set(kept.adapters) and (self._kernel or len(kept.adapters) <= 2 * len(used)):
+            few = kept is not None and (self._kernel or len(kept.adapters) <= 2 * len(used))
+            if few and used <= set(kept.adapters):
                 self.adapters = list(kept.adapters)
         if not used <= set(self.adapters):  # keep the adapters still in use or kept recently, when few
             kept = used | set(self.adapters)

@@ -156,7 +156,8 @@ static void quantize_block(const float *x, int64_t in, int64_t n, int64_t c0, in
     for (int64_t b = 0; b < in / 32; b++) {
         const float *xb = x + b * 32 * n + c0;
         __m512 amax = _mm512_setzero_ps();
-        for (int64_t i = 0; i < 32; i++) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(live, xb + i * n)));
+        for (int64_t i = 0; i < 32; i++)
+            amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(live, xb + i * n)));
         __mmask16 some = _mm512_cmp_ps_mask(amax, _mm512_setzero_ps(), _CMP_GT_OQ);
         __m512 inverse = _mm512_maskz_div_ps(some, _mm512_set1_ps(127.f), amax);
         __m512i sum = _mm512_setzero_si512();
@@ -164,9 +165,11 @@ static void quantize_block(const float *x, int64_t in, int64_t n, int64_t c0, in
             __m512i packed = _mm512_setzero_si512();
             for (int j = 0; j < 4; j++) {
                 __m512 scaled = _mm512_mul_ps(_mm512_maskz_loadu_ps(live, xb + (i + j) * n), inverse);
-                __m512i v = _mm512_cvtps_epi32(_mm512_roundscale_ps(scaled, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+                __m512 rounded = _mm512_roundscale_ps(scaled, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                __m512i v = _mm512_cvtps_epi32(rounded);
                 sum = _mm512_add_epi32(sum, v);
-                packed = _mm512_or_si512(packed, _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0xff)), 8 * j));
+                __m512i low = _mm512_and_si512(v, _mm512_set1_epi32(0xff));
+                packed = _mm512_or_si512(packed, _mm512_slli_epi32(low, 8 * j));
             }
             _mm512_storeu_si512((void *)(q + (b * 32 + i) * 16), packed); /* byte 4 l + j: input i + j of column l */
         }
