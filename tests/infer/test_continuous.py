@@ -98,6 +98,7 @@ def test_cancelled_rows_leave_and_the_cache_shrinks(toy):  # noqa: F811
 def test_a_row_joining_a_gathered_batch_extends_its_adapter_state(toy, monkeypatch):  # noqa: F811
     """Where decode steps run through the model's forward (per-row copies), joiners' copies are appended."""
     monkeypatch.setattr(continuous, "lean_decodes", lambda *args: False)
+    monkeypatch.setattr(continuous, "lean_prefills", lambda *args: False)
     tokenizer, model = loaded(toy, NAMES)
     batch = RunningBatch(model, tokenizer, "gathered")
     ask = [Request(tokenizer(PROMPTS[p])["input_ids"], a, 6) for p, a in [(0, "a"), (1, "b"), (2, "c")]]

@@ -10,13 +10,21 @@ import torch
 import lorakit
 from conftest import VOCAB, perturb, tiny_gpt2, tiny_llama, tiny_qwen2
 from lorakit.infer.decode_linears import use_decode_linears
-from lorakit.infer.decode_step import decode_and_prefill, decode_logits, lean_decodes, through_the_forward
+from lorakit.infer.decode_step import (
+    decode_and_prefill,
+    decode_logits,
+    lean_decodes,
+    lean_prefills,
+    prefill_logits,
+    through_the_forward,
+)
 from lorakit.infer.half_weights import use_half_weights
 from lorakit.infer.kv_cache import roomy_cache
 from lorakit.lora.base import FEW_ROWS
 from lorakit.lora.adapters import lora_layers, round_adapter
 from lorakit.lora.mixed import RowAdapters, row_adapters, sibling_layers
 from lorakit.lora import base, column_kernel, group_kernel
+from lorakit.lora import mixed_features
 from lorakit.lora.mixed_features import features_forward
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -326,6 +334,36 @@ def test_prompts_prefilled_beside_a_step_take_their_own_adapters(strategy):
     assert not torch.allclose(got[1][0], base, atol=1e-3)  # the prompt's adapter took part
 
 
+@pytest.mark.parametrize("strategy", ["gathered", "stacked"])
+def test_prompts_prefilled_on_their_own_equal_each_prompt_alone(strategy):
+    """prefill_logits: the prompts side by side, no padding computed, each with its adapter (a DoRA one too)."""
+    model = with_adapters(tiny_llama(), dora_on="o_proj")
+    prompts = [*PROMPTS, list(range(3, 23)), [4, 5]]  # more columns than a decode step's: by runs of one adapter
+    assert sum(map(len, prompts)) > mixed_features._SEGMENT_COLUMNS
+    names = ["b", None, "d", "a", "a"]
+    columns = [name for name, prompt in zip(names, prompts) for _ in prompt]
+    calls = []
+    hook = model.model.layers[0].register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with torch.no_grad(), row_adapters(model, columns, strategy):
+            logits, cache, mask = prefill_logits(model, prompts)
+    finally:
+        hook.remove()
+    assert not calls, "the decoder layers' forward ran"
+    width = max(map(len, prompts))
+    assert logits.shape[0] == len(prompts) and cache.layers[0].keys.shape[2] == width
+    assert mask.tolist() == [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
+    for j, (name, prompt) in enumerate(zip(names, prompts)):
+        alone = roomy_cache(model.config)
+        with torch.no_grad(), row_adapters(model, [name], strategy):
+            expected = model(input_ids=torch.tensor([prompt]), past_key_values=alone).logits[0, -1]
+        torch.testing.assert_close(logits[j], expected, atol=1e-5, rtol=1e-5)
+        for mine, theirs in zip(cache.layers, alone.layers):  # values up to ~12 here: fp32 rounding to ~1e-4
+            torch.testing.assert_close(mine.keys[j, :, width - len(prompt) :], theirs.keys[0], atol=1e-4, rtol=1e-5)
+            torch.testing.assert_close(mine.values[j, :, width - len(prompt) :], theirs.values[0], atol=1e-4, rtol=1e-5)
+            assert not mine.keys[j, :, : width - len(prompt)].any()
+
+
 def test_other_models_and_settings_go_through_the_forward():
     gpt2, llama = tiny_gpt2(), tiny_llama()
     tokens, cache = torch.zeros(3, dtype=torch.long), roomy_cache(llama.config)
@@ -337,5 +375,7 @@ def test_other_models_and_settings_go_through_the_forward():
         assert not lean_decodes(llama, tokens, cache)
     llama.eval()
     assert not lean_decodes(llama, tokens, cache)  # autograd on
-    with torch.no_grad(), through_the_forward():
-        assert not lean_decodes(llama, tokens, cache)
+    with torch.no_grad():
+        assert lean_prefills(llama) and not lean_prefills(gpt2)
+        with through_the_forward():
+            assert not lean_decodes(llama, tokens, cache) and not lean_prefills(llama)

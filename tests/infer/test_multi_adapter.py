@@ -7,6 +7,7 @@ import torch
 
 import lorakit
 from conftest import TOY_TARGETS, perturb, toy_model_folder
+from lorakit.infer.decode_step import through_the_forward
 from lorakit.infer.generate import GenerationConfig, generate
 from lorakit.infer.multi_adapter import Request, generate_mixed
 from lorakit.models import load_causal_lm, load_tokenizer
@@ -73,6 +74,25 @@ def test_mixed_batch_equals_merged_single_requests(toy):
         assert all(len(c.token_ids) <= max_tokens for c, (_, max_tokens) in zip(got, plan))
     outputs = {c.text for c in got[:1] + got[3:5]}
     assert len(outputs) > 1  # the adapters do differ
+
+
+def test_prompts_of_mixed_lengths_are_prefilled_without_padding(toy):
+    """The prompt pass runs lorakit's walk (no decoder layer forward, no pad token computed) and gives the
+    outputs of the padded pass through the model's forward."""
+    tokenizer, model = loaded(toy, NAMES)
+    requests = [Request(tokenizer(p)["input_ids"], a, 8) for p, a in zip(PROMPTS, ["a", None, "b", "c", "d", "a"])]
+    assert len({len(r.prompt_ids) for r in requests}) > 1
+    calls = []
+    hook = model.model.layers[0].register_forward_hook(lambda *args: calls.append(args[1][0].shape))
+    try:
+        lean = generate_mixed(model, tokenizer, requests)
+        assert not calls, "the decoder layers' forward ran"
+        with through_the_forward():
+            padded = generate_mixed(model, tokenizer, requests)
+    finally:
+        hook.remove()
+    assert calls[0][:2] == (len(requests), max(len(r.prompt_ids) for r in requests))  # the padded prompt pass
+    assert [c.token_ids for c in lean] == [c.token_ids for c in padded]
 
 
 def test_stop_strings_streaming_and_sampling(toy):

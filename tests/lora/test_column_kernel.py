@@ -86,6 +86,53 @@ def test_ranks_outside_the_layers_write_nothing(first, count):
         term_of(A, B, owner.flip(0))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("strided", [False, True], ids=["packed", "rows-wider-than-the-columns"])
+def test_runs_of_one_adapter_get_their_adapters_term(threads, strided):
+    """add_segments: a prompt pass's columns, runs of one slot (blocks of 16 and tails, a run at the rows' end)."""
+    ranks, fan_in, fan_out = [4, 8, 2, 0, 11], 37, 150
+    A, B, owner = factors([r for r in ranks if r], fan_in, fan_out)
+    owner = torch.cat([torch.full((r,), k + 1) for k, r in enumerate(ranks)])
+    term = term_of(A, B, owner)
+    runs = [(2, 5), (0, 3), (1, 16), (5, 21), (4, 2), (9, 4), (3, 33), (2, 1), (5, 7)]  # (slot, columns)
+    slots = torch.cat([torch.full((length,), slot) for slot, length in runs])
+    n = len(slots)
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(fan_in, n, generator=generator), torch.randn(fan_out, n, generator=generator)
+    want = expected(x, y, A, B, owner, slots)
+    if strided:  # (in, n) and (out, n) as the first columns of wider rows
+        x = torch.randn(fan_in, n + 5).narrow(1, 0, n).copy_(x)
+        wide = torch.randn(fan_out, n + 3)
+        y, outside = wide.narrow(1, 0, n).copy_(y), wide[:, n:].clone()
+    plan = column_kernel.segments_of(term, slots)
+    assert [int(c) for c in plan[1]] == [length for slot, length in runs if slot in (1, 2, 3, 5)]
+    work = torch.full((column_kernel.segments_scratch(plan),), float("nan"))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        result = column_kernel.add_segments(column_kernel.load(), x, term, B.contiguous(), plan, y, work)
+    finally:
+        torch.set_num_threads(previous)
+    assert result is y
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    untouched = (slots == 0) | (slots == 4) | (slots == 9)
+    assert torch.equal(y[:, untouched], want[:, untouched])  # columns without ranks here are left alone
+    if strided:
+        assert torch.equal(wide[:, n:], outside)  # nothing past the columns is written
+
+
+def test_a_segment_outside_the_columns_writes_nothing():
+    A, B, owner = factors([2, 3], 8, 6)
+    term = term_of(A, B, owner)
+    x, y = torch.randn(8, 4), torch.randn(6, 4)
+    before = y.clone()
+    for plan in [(torch.tensor([2]), torch.tensor([3]), torch.tensor([0]), torch.tensor([2])),  # past column 4
+                 (torch.tensor([0]), torch.tensor([4]), torch.tensor([2]), torch.tensor([4]))]:  # past rank row 5
+        with pytest.raises(AssertionError, match="outside"):
+            column_kernel.add_segments(column_kernel.load(), x, term, B.contiguous(), plan, y, torch.empty(64))
+        assert torch.equal(y, before)
+
+
 def test_built_once_into_the_cache_and_rebuilt_for_another_compiler(tmp_path, monkeypatch):
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
     column_kernel.load.cache_clear()

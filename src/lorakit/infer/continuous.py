@@ -31,7 +31,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from lorakit.infer.decode_step import decode_and_prefill, decode_logits, lean_decodes
+from lorakit.infer.decode_step import decode_and_prefill, decode_logits, lean_decodes, lean_prefills
 from lorakit.infer.generate import stop_token_ids
 from lorakit.infer.kv_cache import roomy_cache
 from lorakit.infer.multi_adapter import Completion, Request, _left_pad, _pad_id, _Row, padding
@@ -111,7 +111,8 @@ class RunningBatch:
     @torch.no_grad()
     def join(self, requests: list[Request], on_text: list[OnText], on_done: list[OnDone]) -> None:
         """Prefill `requests` together, pick each one's first token, and add those that go on to the batch.
-        Where the running rows decode through lorakit's step, they decode a token in the same pass.
+        Where the running rows decode through lorakit's step, they decode a token in the same pass (and an empty
+        batch's joiners are prefilled by that step's walk, without padding).
 
         Raises:
             ValueError: an empty prompt or a max_tokens below 1 (nothing joins then).
@@ -125,7 +126,8 @@ class RunningBatch:
             )
             for r, t, d in zip(requests, on_text, on_done)
         ]
-        if self.prefill == "beside" and self.live and lean_decodes(self.model, self.tokens, self.cache):
+        lean = lean_decodes(self.model, self.tokens, self.cache) if self.live else lean_prefills(self.model)
+        if self.prefill == "beside" and lean:
             self._join_beside_a_step(requests, entries)
             return
         ids, mask = _left_pad([r.prompt_ids for r in requests], self.pad_id, self.device)
@@ -152,7 +154,8 @@ class RunningBatch:
 
     def _join_beside_a_step(self, requests: list[Request], entries: list[_Live]) -> None:
         """Prefill the joiners' prompts in the same pass as a decode step of the running rows
-        (infer/decode_step.py: decode_and_prefill), which reads the weights once for both."""
+        (infer/decode_step.py: decode_and_prefill), which reads the weights once for both; with no running rows,
+        the prompts alone, without padding."""
         prompts = [r.prompt_ids for r in requests]
         columns = self.adapters() + [r.adapter for r in requests for _ in r.prompt_ids]
         state = RowAdapters(columns, self.strategy, self.siblings)
@@ -162,7 +165,8 @@ class RunningBatch:
             logits, prompt_logits, cache, prompt_mask = decode_and_prefill(
                 self.model, self.tokens, mask, self.position, self.cache, prompts
             )
-        self._stepped(logits, mask)
+        if self.live:
+            self._stepped(logits, mask)
         position = torch.tensor([[len(p)] for p in prompts], dtype=torch.long, device=self.device)
         state = RowAdapters([r.adapter for r in requests], self.strategy, self.siblings)
         self._admit_prefilled(entries, prompt_logits, cache, prompt_mask, position, state)

@@ -16,7 +16,9 @@ It covers causal LMs of the Llama family whose every layer attends to the full c
 (`lean_decodes`): model types "llama" (SmolLM2 among them) and "qwen2", fp32 hidden states, a few
 rows (`lora.base.FEW_ROWS`), CPU, no autograd. Anything else goes through the model's own forward.
 The logits equal the model's forward to float rounding (the norms sum in another order); the same
-cache is updated the same way.
+cache is updated the same way. A batch's prompt pass runs the same walk (`prefill_logits`): the
+prompts' tokens side by side as columns, none of them padding, where a padded forward over prompts of
+mixed lengths computes every row to the longest.
 """
 
 from __future__ import annotations
@@ -71,18 +73,40 @@ def through_the_forward():
 
 def lean_decodes(model: nn.Module, tokens: torch.Tensor, cache) -> bool:
     """Whether `decode_logits` computes this step itself rather than through the model's forward."""
+    return (
+        lean_prefills(model)
+        and tokens.device.type == "cpu"
+        and 0 < tokens.shape[0] <= FEW_ROWS
+        and all(type(layer) in (DynamicLayer, RoomyLayer) for layer in cache.layers)
+    )
+
+
+def lean_prefills(model: nn.Module) -> bool:
+    """Whether `prefill_logits` (and a lean step's prompts) can run for this model, outside its forward."""
     config = model.config
     return (
         not _through_forward
         and config.model_type in MODEL_TYPES
         and not torch.is_grad_enabled()
         and not model.training
-        and tokens.device.type == "cpu"
-        and 0 < tokens.shape[0] <= FEW_ROWS
+        and model.model.norm.weight.device.type == "cpu"
         and model.model.norm.weight.dtype == torch.float32
         and all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or ())
-        and all(type(layer) in (DynamicLayer, RoomyLayer) for layer in cache.layers)
     )
+
+
+def prefill_logits(model: nn.Module, prompts: list[list[int]]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
+    """Prefill `prompts` in one pass without padding (`lean_prefills` must hold): their tokens are the
+    products' columns one prompt after another, each prompt attends causally to itself, and only each
+    prompt's last token goes through the head. A mixed-adapter state set on the LoRA layers covers
+    every prompt token (each with its prompt's adapter); a LoRA output head narrows it to the prompts'
+    last tokens.
+
+    Returns each prompt's (n, V) logits after its last token, the prompts' KV cache (n rows,
+    left-padded to the longest) and its (n, L) mask.
+    """
+    empty = torch.zeros(0, dtype=torch.long)
+    return decode_and_prefill(model, empty, torch.zeros((0, 1), dtype=torch.long), empty[:, None], None, prompts)[1:]
 
 
 def decode_and_prefill(
@@ -90,7 +114,7 @@ def decode_and_prefill(
     prompts: list[list[int]],
 ) -> tuple[torch.Tensor, torch.Tensor, DynamicCache, torch.Tensor]:
     """One pass that decodes the running rows a token and prefills `prompts` beside them (`lean_decodes`
-    must hold for the rows). The prompts' tokens ride in the step's products as more columns, so the
+    must hold for the rows; no rows and no cache: `prefill_logits`). The prompts' tokens ride in the step's products as more columns, so the
     weights, which a decode step mostly spends its time reading, are read once for both; each prompt
     attends causally to itself. A mixed-adapter state set on the LoRA layers covers the rows and then
     every prompt token (each with its prompt's adapter); a LoRA output head narrows it to the columns
@@ -135,14 +159,15 @@ def _lean_logits(
         query = _rotate(_project(attn.q_proj, normed).view(heads, head_dim, -1).permute(2, 0, 1), cos, sin)
         key = _rotate(_project(attn.k_proj, normed).view(kv_heads, head_dim, -1).permute(2, 0, 1), cos, sin)
         value = _project(attn.v_proj, normed).view(kv_heads, head_dim, -1).permute(2, 0, 1)  # (N, kv heads, D)
-        # A query of one token per row: the heads sharing a key/value head are its group of queries.
-        keys, values = cache.update(key[:rows, :, None], value[:rows, :, None], index)
-        group = query[:rows].contiguous().view(rows, kv_heads, heads // kv_heads, head_dim)
-        out = F.scaled_dot_product_attention(group, keys, values, attn_mask=keep, scale=attn.scaling)
-        attended = [out.reshape(rows, heads * head_dim)]
+        attended = []
+        if rows:  # a query of one token per row: the heads sharing a key/value head are its group of queries
+            keys, values = cache.update(key[:rows, :, None], value[:rows, :, None], index)
+            group = query[:rows].contiguous().view(rows, kv_heads, heads // kv_heads, head_dim)
+            out = F.scaled_dot_product_attention(group, keys, values, attn_mask=keep, scale=attn.scaling)
+            attended.append(out.reshape(rows, heads * head_dim))
         if prompts:
             attended += _prefill_attention(attn, query, key, value, starts, lengths, prompt_cache, index)
-        attended = torch.cat(attended) if prompts else attended[0]
+        attended = torch.cat(attended) if len(attended) > 1 else attended[0]
         hidden = hidden + _project(attn.o_proj, _Input(attended.t()))
         normed = _Input(_rms_norm(hidden, layer.post_attention_layernorm))
         mlp = layer.mlp

@@ -1,9 +1,10 @@
 """Generate for a batch of requests that each name their own adapter, in one forward pass per step.
 
 Each request brings its prompt ids, adapter (or None for the base), max_tokens, sampling settings
-and stop strings. The prompts are left-padded into one batch; every step runs the batch once
-through the model with `lora.mixed.row_adapters` set, so row i goes through its own adapter, and
-the KV cache carries the past. A row leaves the batch (and the cache) when it hits EOS, a stop
+and stop strings. The prompts are prefilled in one pass, side by side without padding where lorakit
+walks the model itself (infer/decode_step.py: `prefill_logits`), else left-padded through the model's
+forward; every step then runs the batch once with `lora.mixed.row_adapters` set, so row i goes
+through its own adapter, and the KV cache (left-padded) carries the past. A row leaves the batch (and the cache) when it hits EOS, a stop
 string or its max_tokens, so short requests stop costing compute.
 
 Greedy outputs equal those of generating each request alone with its adapter merged (up to float
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from lorakit.infer.generate import cut_at_stop, stop_token_ids
-from lorakit.infer.decode_step import decode_logits
+from lorakit.infer.decode_step import decode_logits, lean_prefills, prefill_logits
 from lorakit.infer.kv_cache import roomy_cache
 from lorakit.infer.sampling import next_tokens
 from lorakit.lora.mixed import row_adapters
@@ -118,24 +119,22 @@ def generate_mixed(
     rows = [
         _Row(r, torch.Generator(device).manual_seed(r.seed) if r.temperature > 0 else None) for r in requests
     ]
-    ids, mask = _left_pad([r.prompt_ids for r in requests], _pad_id(tokenizer, eos), device)
-    position = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L): left padding does not shift positions
-    cache = roomy_cache(model.config)  # appends each step in place (infer/kv_cache.py)
     was_training = model.training
     if was_training:  # each call walks every module, thousands with many adapters loaded
         model.eval()
     try:
+        features = None  # the prompt pass's side-by-side factors, handed on to the decode steps
+        if device.type == "cpu" and lean_prefills(model):  # the prompts without padding
+            prompts = [r.prompt_ids for r in requests]
+            with row_adapters(model, [r.adapter for r in requests for _ in r.prompt_ids], strategy) as state:
+                logits, cache, mask = prefill_logits(model, prompts)
+                features = state.features
+            position = torch.tensor([[len(p) - 1] for p in prompts], dtype=torch.long, device=device)
+        else:
+            logits, cache, mask, position = _padded_prompt_pass(model, requests, _pad_id(tokenizer, eos), strategy)
         with row_adapters(model, [r.adapter for r in requests], strategy) as state:
+            state.features = features
             live = list(range(len(rows)))  # request index of each batch row
-            state.padding = padding(mask)
-            logits = model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=position,
-                past_key_values=cache,
-                logits_to_keep=1,
-            ).logits[:, -1]
-            state.padding = None
             while True:
                 tokens = next_tokens(
                     logits,
@@ -160,6 +159,21 @@ def generate_mixed(
         if was_training:
             model.train()
     return [Completion(r.text, r.tokens, r.finish_reason, len(r.request.prompt_ids)) for r in rows]
+
+
+def _padded_prompt_pass(model: nn.Module, requests: list[Request], pad_id: int, strategy: str):
+    """The prompts left-padded into one batch through the model's forward: each row's last-token logits (B, V),
+    the KV cache (appended in place by the steps: infer/kv_cache.py), the mask (B, L) and positions (B, L)."""
+    device = next(model.parameters()).device
+    ids, mask = _left_pad([r.prompt_ids for r in requests], pad_id, device)
+    position = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L): left padding does not shift positions
+    cache = roomy_cache(model.config)
+    with row_adapters(model, [r.adapter for r in requests], strategy) as state:
+        state.padding = padding(mask)
+        logits = model(
+            input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, logits_to_keep=1
+        ).logits[:, -1]
+    return logits, cache, mask, position
 
 
 def _step(row: _Row, i: int, token: int, eos: set[int], tokenizer, on_text: OnText | None) -> bool:

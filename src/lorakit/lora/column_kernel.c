@@ -202,6 +202,89 @@ int lora_columns(const float *x, int64_t in, int64_t n, int64_t x_feature, int64
     return 0;
 }
 
+/* Segments of consecutive columns through the same adapter (a prompt pass's tokens side by side), feature-major
+   x (in, n) and y (out, n) with contiguous columns (row strides x_feature, y_feature): segment k covers columns
+   start[k] .. start[k] + length[k] - 1, through rank rows first[k] .. first[k] + count[k] - 1 of A (W, in) and of
+   (s B) (out, W). Blocks of 16 columns of a segment: h (ranks, 16) = A_k x_block, eight ranks at a time held in
+   registers along x's rows (one A value times a row's 16 columns); then each output row o of y gets
+   sum_j (s B)[o][j] h[j] over each block's columns, four rows at a time. The factors are read once a segment, the inputs and outputs
+   along their rows, nothing gathered or transposed. `work` holds sum_k count[k] * 16 * ceil(length[k] / 16)
+   floats. Returns 0, or 1 for a segment outside the columns or its ranks outside the W rank rows (nothing is
+   written then). */
+static inline v16 block_of(const float *p, int64_t w, int full) { /* w <= 16 floats at p, the rest any values */
+    if (w == 16 || full) return *(const v16u *)p; /* `full`: 16 floats at p lie inside the tensor */
+    v16 v = {0};
+    for (int64_t l = 0; l < w; l++) v[l] = p[l];
+    return v;
+}
+
+static const i16 LANE = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+int lora_segments(const float *x, int64_t in, int64_t n, int64_t x_feature, const float *A, const float *B,
+                  int64_t W, int64_t out, int64_t segments, const int64_t *start, const int64_t *length,
+                  const int64_t *first, const int64_t *count, float *y, int64_t y_feature, float *work,
+                  int threads) {
+    int64_t offset[segments + 1];
+    offset[0] = 0;
+    for (int64_t k = 0; k < segments; k++) {
+        if (start[k] < 0 || length[k] < 0 || start[k] + length[k] > n || count[k] < 0 ||
+            (count[k] && (first[k] < 0 || first[k] + count[k] > W)))
+            return 1;
+        offset[k + 1] = offset[k] + count[k] * 16 * ((length[k] + 15) / 16);
+    }
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(dynamic, 1) collapse(2)
+        for (int64_t k = 0; k < segments; k++) /* h = A_k x, a block of 16 columns and 8 ranks at a time */
+            for (int64_t j0 = 0; j0 < W; j0 += 8) {
+                int64_t ranks = count[k];
+                if (j0 >= ranks) continue;
+                const float *a[8];
+                for (int r = 0; r < 8; r++) a[r] = A + (first[k] + (j0 + r < ranks ? j0 + r : ranks - 1)) * in;
+                for (int64_t l0 = 0; l0 < length[k]; l0 += 16) {
+                    int64_t w = length[k] - l0 < 16 ? length[k] - l0 : 16;
+                    int64_t inside = start[k] + l0 + 16 <= n; /* else only the rows before the last run on */
+                    const float *xs = x + start[k] + l0;
+                    v16 s[8] = {{0}};
+                    for (int64_t i = 0; i < in; i++) {
+                        v16 xv = block_of(xs + i * x_feature, w, inside || i + 1 < in);
+                        for (int r = 0; r < 8; r++) s[r] += a[r][i] * xv;
+                    }
+                    float *h = work + offset[k] + l0 * ranks; /* the block's (ranks, 16) */
+                    for (int r = 0; r < 8 && j0 + r < ranks; r++) *(v16u *)(h + (j0 + r) * 16) = s[r];
+                }
+            }
+#pragma omp for schedule(static)
+        for (int64_t o0 = 0; o0 < out; o0 += 4) { /* y[o] += sum_j (s B)[o][j] h[j] over each block's columns */
+            int rows = out - o0 < 4 ? (int)(out - o0) : 4;
+            for (int64_t k = 0; k < segments; k++) {
+                int64_t ranks = count[k];
+                const float *b[4];
+                for (int r = 0; r < 4; r++) b[r] = B + (o0 + (r < rows ? r : 0)) * W + first[k];
+                for (int64_t l0 = 0; l0 < length[k]; l0 += 16) {
+                    int64_t w = length[k] - l0 < 16 ? length[k] - l0 : 16;
+                    const float *h = work + offset[k] + l0 * ranks;
+                    v16 d[4] = {{0}};
+                    for (int64_t j = 0; j < ranks; j++) {
+                        v16 hj = *(const v16u *)(h + j * 16);
+                        for (int r = 0; r < 4; r++) d[r] += b[r][j] * hj;
+                    }
+                    for (int r = 0; r < rows; r++) {
+                        float *yk = y + (o0 + r) * y_feature + start[k] + l0;
+                        if (w == 16)
+                            *(v16u *)yk += d[r];
+                        else if (start[k] + l0 + 16 <= n) /* the row's next columns: read, written back as they are */
+                            *(v16u *)yk += (v16)((i16)d[r] & (LANE < (int32_t)w));
+                        else
+                            for (int64_t l = 0; l < w; l++) yk[l] += d[r][l];
+                    }
+                }
+            }
+        }
+    }
+    return 0;
+}
+
 /* The lane layouts' factors are fp32, or bf16 where built with -DLANE_BF16 (half the bytes, widened to fp32 as
    read; the sums in fp32 as before). */
 #ifdef LANE_BF16

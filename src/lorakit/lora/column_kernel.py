@@ -11,7 +11,9 @@ reading only its adapter's ranks, on the process's OpenMP threads (torch's own l
 step's contiguous columns over up to a few groups of 16 adapters, `add_lanes` computes the same terms,
 for every layer of a sibling group at once, from the factors laid out by slot lanes (`LaneGroup`),
 reading them front to back as full vectors, with no gather of the inputs and no transpose of the
-outputs.
+outputs. For a prompt pass's many columns, runs of consecutive columns through one adapter (a prompt's
+tokens), `add_segments` multiplies each run by its adapter's factors along the rows of the
+feature-major inputs and outputs, reading the factors once a run.
 
 The lane layouts hold fp32 factors, or bf16 ones where every factor of the group is a bf16 value (an
 adapter trained or saved in bf16, or rounded to it: `lorakit serve --lora-dtype bf16`): the same values
@@ -49,6 +51,13 @@ _LANES_ARGS = [
     *[ctypes.c_void_p] * 4, *[ctypes.c_void_p] * 4,  # each member's BL, its y
     ctypes.c_void_p, ctypes.c_int,  # work, threads
 ]
+_SEGMENTS_ARGS = [
+    ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # x, in, n, its feature stride
+    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,  # A, s B, W, out
+    ctypes.c_int64, *[ctypes.c_void_p] * 4,  # segments: their start, length, first rank, rank count
+    ctypes.c_void_p, ctypes.c_int64,  # y, its feature stride
+    ctypes.c_void_p, ctypes.c_int,  # work, threads
+]
 MEMBERS = 4  # the members of a sibling group one lane call serves at most (column_kernel.c's MEMBERS)
 LANES = 16  # slots a lane group holds: one 16-float vector
 LANE_TYPES = (torch.float32, torch.bfloat16)  # the lane layouts' factor types, bf16 where it holds them exactly
@@ -69,6 +78,7 @@ def load(lanes: torch.dtype = torch.float32):
         return None
     library.lora_columns.argtypes, library.lora_columns.restype = _COLUMNS_ARGS, ctypes.c_int
     library.lora_lanes.argtypes, library.lora_lanes.restype = _LANES_ARGS, ctypes.c_int
+    library.lora_segments.argtypes, library.lora_segments.restype = _SEGMENTS_ARGS, ctypes.c_int
     library.lane_dtype = lanes
     return library
 
@@ -203,6 +213,46 @@ def add_columns(kernel, x: torch.Tensor, term: ColumnTerm, first: torch.Tensor, 
     if failed:
         raise AssertionError("a column's ranks lie outside its layer's")
     return y
+
+
+def segments_of(term: ColumnTerm, slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(start, length, first rank, rank count) of each run of consecutive columns with the same slot that has ranks
+    in `term`, for the columns' slots (n,): add_segments' plan."""
+    n = len(slots)
+    change = torch.ones(n, dtype=torch.bool)
+    change[1:] = slots[1:] != slots[:-1]
+    start = torch.nonzero(change).flatten()
+    length = torch.diff(start, append=torch.tensor([n]))
+    first, count = term.columns(slots[start])
+    keep = count > 0
+    return tuple(t[keep].contiguous() for t in (start, length, first, count))
+
+
+def add_segments(kernel, x: torch.Tensor, term: ColumnTerm, B: torch.Tensor, plan: tuple[torch.Tensor, ...],
+                 y: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+    """y (out, n) += each column's LoRA term for feature-major x (in, n), in place, for columns in runs through the
+    same adapter (`plan`: segments_of), from term's A and B = (s B) (out, W) contiguous (term.BT transposed);
+    fp32 CPU tensors whose columns are contiguous (stride 1). `work` holds at least sum(16 * ceil(length / 16) *
+    count) floats (`segments_scratch`)."""
+    start, length, first, count = plan
+    (fan_in, n), fan_out = x.shape, y.shape[0]
+    if (x.stride(1) != 1 or y.stride(1) != 1 or B.shape != term.BT.t().shape or not B.is_contiguous()
+            or work.numel() < segments_scratch(plan)):
+        raise ValueError("add_segments needs x and y with contiguous columns, B (out, W) and enough scratch")
+    failed = kernel.lora_segments(
+        x.data_ptr(), fan_in, n, x.stride(0), term.A.data_ptr(), B.data_ptr(), term.A.shape[0], fan_out,
+        len(start), start.data_ptr(), length.data_ptr(), first.data_ptr(), count.data_ptr(),
+        y.data_ptr(), y.stride(0), work.data_ptr(), torch.get_num_threads(),
+    )
+    if failed:
+        raise AssertionError("a segment lies outside the columns or its ranks outside its layer's")
+    return y
+
+
+def segments_scratch(plan: tuple[torch.Tensor, ...]) -> int:
+    """The floats add_segments' work holds for `plan`: each segment's ranks for its blocks of 16 columns."""
+    _, length, _, count = plan
+    return int((16 * ((length + 15) // 16) * count).sum())
 
 
 def add_lanes(kernel, x: torch.Tensor, group: LaneGroup, lane: torch.Tensor, ys: list[torch.Tensor],

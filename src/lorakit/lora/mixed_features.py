@@ -44,6 +44,7 @@ from lorakit.lora import column_kernel, group_kernel
 from lorakit.lora.base import FROZEN_LINEARS, FrozenLinear, decode_layouts, frozen_features
 
 _UNCOVERED = object()
+_SEGMENT_COLUMNS = 16  # above this many columns (a prompt pass), runs of one adapter go through the kernel at once
 _PARAMETERS, _SCALING, _VERSION = attrgetter("_parameters"), attrgetter("scaling"), attrgetter("_version")
 
 
@@ -163,6 +164,8 @@ class FeatureTerms:
         if kernel and out.dtype == torch.float32:
             if self._group_step(state, layer, side, x, out) is not None:  # by lanes, with its siblings: the next
                 return self._steps[id(layer)](x, out)  # steps go straight to the kept step
+            if x.shape[1] > _SEGMENT_COLUMNS and x.stride(1) == out.stride(1) == 1:  # a prompt pass: runs of one adapter
+                return self._by_segment(x, term, B, out)
             return self._by_column(x, term, out, 1)
         h = side.of(x, self._slots)[start:stop]
         if B.dtype != out.dtype:  # adapters kept in another type than the step's: their term in theirs
@@ -190,6 +193,16 @@ class FeatureTerms:
         columns = x.reshape(rows * tokens, fan_in).t()  # (in, columns): a view, or a copy of a strided x
         self._by_column(columns, entry[4], y.view(rows * tokens, -1).t(), tokens, padding)
         return y
+
+    def _by_segment(self, x: torch.Tensor, term, B: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out (out, n) += each column's LoRA term for feature-major x (in, n), by runs of consecutive columns
+        through one adapter (column_kernel.add_segments): a prompt pass's tokens, side by side."""
+        key = ("segments", term.slots_key)
+        plan = self._columns.get(key)
+        if plan is None:
+            plan = self._columns[key] = column_kernel.segments_of(term, self._slots)
+        self._grow(column_kernel.segments_scratch(plan))
+        return column_kernel.add_segments(self._kernel, x, term, B, plan, out, self._work)
 
     def _by_column(self, x: torch.Tensor, term, out: torch.Tensor, tokens: int,
                    padding: torch.Tensor | None = None) -> torch.Tensor:
