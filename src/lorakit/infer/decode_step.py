@@ -114,11 +114,11 @@ def decode_and_prefill(
     prompts: list[list[int]],
 ) -> tuple[torch.Tensor, torch.Tensor, DynamicCache, torch.Tensor]:
     """One pass that decodes the running rows a token and prefills `prompts` beside them (`lean_decodes`
-    must hold for the rows; no rows and no cache: `prefill_logits`). The prompts' tokens ride in the step's products as more columns, so the
-    weights, which a decode step mostly spends its time reading, are read once for both; each prompt
-    attends causally to itself. A mixed-adapter state set on the LoRA layers covers the rows and then
-    every prompt token (each with its prompt's adapter); a LoRA output head narrows it to the columns
-    whose logits are returned.
+    must hold for the rows; with no rows and no cache, `prefill_logits`). The prompts' tokens ride in the
+    step's products as more columns, so the weights, which a decode step mostly spends its time reading,
+    are read once for both; each prompt attends causally to itself. A mixed-adapter state set on the LoRA
+    layers covers the rows and then every prompt token (each with its prompt's adapter); a LoRA output
+    head narrows it to the columns whose logits are returned.
 
     Returns the rows' (B, V) next-token logits, each prompt's (n, V) logits after its last token, the
     prompts' KV cache (n rows, left-padded to the longest) and its (n, L) mask; the rows' cache is

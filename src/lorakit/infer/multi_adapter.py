@@ -4,8 +4,9 @@ Each request brings its prompt ids, adapter (or None for the base), max_tokens, 
 and stop strings. The prompts are prefilled in one pass, side by side without padding where lorakit
 walks the model itself (infer/decode_step.py: `prefill_logits`), else left-padded through the model's
 forward; every step then runs the batch once with `lora.mixed.row_adapters` set, so row i goes
-through its own adapter, and the KV cache (left-padded) carries the past. A row leaves the batch (and the cache) when it hits EOS, a stop
-string or its max_tokens, so short requests stop costing compute.
+through its own adapter, and the KV cache (left-padded) carries the past. A row leaves the batch
+(and the cache) when it hits EOS, a stop string or its max_tokens, so short requests stop costing
+compute.
 
 Greedy outputs equal those of generating each request alone with its adapter merged (up to float
 rounding of W x + s B A x against (W + s B A) x, which has never flipped a token in the tests).
@@ -124,7 +125,7 @@ def generate_mixed(
         model.eval()
     try:
         features = None  # the prompt pass's side-by-side factors, handed on to the decode steps
-        if device.type == "cpu" and lean_prefills(model):  # the prompts without padding
+        if lean_prefills(model):  # the prompts without padding (CPU, Llama family: infer/decode_step.py)
             prompts = [r.prompt_ids for r in requests]
             with row_adapters(model, [r.adapter for r in requests for _ in r.prompt_ids], strategy) as state:
                 logits, cache, mask = prefill_logits(model, prompts)

@@ -207,10 +207,10 @@ int lora_columns(const float *x, int64_t in, int64_t n, int64_t x_feature, int64
    start[k] .. start[k] + length[k] - 1, through rank rows first[k] .. first[k] + count[k] - 1 of A (W, in) and of
    (s B) (out, W). Blocks of 16 columns of a segment: h (ranks, 16) = A_k x_block, eight ranks at a time held in
    registers along x's rows (one A value times a row's 16 columns); then each output row o of y gets
-   sum_j (s B)[o][j] h[j] over each block's columns, four rows at a time. The factors are read once a segment, the inputs and outputs
-   along their rows, nothing gathered or transposed. `work` holds sum_k count[k] * 16 * ceil(length[k] / 16)
-   floats. Returns 0, or 1 for a segment outside the columns or its ranks outside the W rank rows (nothing is
-   written then). */
+   sum_j (s B)[o][j] h[j] over each block's columns, four rows at a time. The factors are read once a segment,
+   the inputs and outputs along their rows, nothing gathered or transposed. `work` holds
+   sum_k count[k] * 16 * ceil(length[k] / 16) floats. Returns 0, or 1 for a segment outside the columns or its
+   ranks outside the W rank rows (nothing is written then). */
 static inline v16 block_of(const float *p, int64_t w, int full) { /* w <= 16 floats at p, the rest any values */
     if (w == 16 || full) return *(const v16u *)p; /* `full`: 16 floats at p lie inside the tensor */
     v16 v = {0};

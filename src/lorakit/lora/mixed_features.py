@@ -164,7 +164,7 @@ class FeatureTerms:
         if kernel and out.dtype == torch.float32:
             if self._group_step(state, layer, side, x, out) is not None:  # by lanes, with its siblings: the next
                 return self._steps[id(layer)](x, out)  # steps go straight to the kept step
-            if x.shape[1] > _SEGMENT_COLUMNS and x.stride(1) == out.stride(1) == 1:  # a prompt pass: runs of one adapter
+            if x.shape[1] > _SEGMENT_COLUMNS and x.stride(1) == out.stride(1) == 1:  # a prompt pass
                 return self._by_segment(x, term, B, out)
             return self._by_column(x, term, out, 1)
         h = side.of(x, self._slots)[start:stop]
