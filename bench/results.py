@@ -97,6 +97,13 @@ def _memory_gib() -> float | None:
     return None
 
 
+def host_speed() -> dict:
+    """What tells apart hosts that report the same CPU name (cloud hosts do, at up to 2x different speeds): the fp32
+    torch.mm rate at 2048^3 on this process's threads, GFLOP/s. Call it on a quiet machine, before the bench."""
+    (rate,) = gemm_rates([(2048, 2048, 2048)]).values()
+    return {"gemm_gflops_2048": round(rate, 1)}
+
+
 def gemm_rates(shapes: list[tuple[int, int, int]], seconds: float = 0.3, dtype=None) -> dict[tuple[int, int, int], float]:
     """GFLOP/s of torch.mm at each (M, K, N) in `dtype` (default fp32), each timed for about `seconds` after a warm-up."""
     import torch

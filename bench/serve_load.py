@@ -5,7 +5,7 @@
                                [--requests 16] [--max-tokens 8-32] [--rank 8] [--repeats 1]
                                [--schedulers continuous,batch] [--llama-server PATH] [--gguf f32,q8_0]
                                [--threads 2] [--half-weights auto|bf16|fp16] [--quantize int8|w8a8]
-                               [--prefill-apart] [--quick]
+                               [--prefill-apart] [--quick] [--name NAME]
 
 Each system is one server process on loopback, started once and kept for every run:
   lorakit-continuous   `lorakit serve --scheduler continuous` with 16 random rank-r adapters
@@ -34,7 +34,8 @@ The summary gives, per system and K, the highest rate whose p99 time to first to
 --ttft-bound seconds (a sustained rate needs enough --requests, e.g. 128, for a queue to build past a
 server's capacity: with few, a run is a burst any scheduler absorbs), and ratios within each run: continuous /
 batch and lorakit continuous / llama.cpp, at each rate and with each at its own highest rate under the bound.
-Writes runs/bench/serve_load.json.
+Writes runs/bench/serve_load.json, or with --name NAME runs/bench/serve_load_NAME.json: a record kept beside
+the main one (another host, a subset of the systems).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -52,7 +54,7 @@ import time
 from pathlib import Path
 
 import torch
-from results import ROOT, machine, min_median, write_result
+from results import ROOT, host_speed, machine, min_median, write_result
 from serve_throughput import make_adapters
 
 from lorakit.serve.config import QUANTIZE
@@ -89,6 +91,8 @@ def parse_args() -> argparse.Namespace:
                         help="add lorakit-continuous-apart: `lorakit serve --prefill apart`")
     parser.add_argument("--quick", action="store_true", help="a smoke run: rates 1,4, K 1,4, 6 requests, 4-8 tokens")
     parser.add_argument("--results-dir", default=None, help="where serve_load.json goes (default runs/bench)")
+    parser.add_argument("--name", default=None, type=_record_name,
+                        help="write serve_load_NAME.json, a record beside the main one (e.g. another host)")
     args = parser.parse_args()
     if args.quick:
         args.rates, args.adapters, args.requests, args.max_tokens, args.gguf = "1,4", "1,4", 6, "4-8", "q8_0"
@@ -349,6 +353,7 @@ def summarise(runs: list[dict], args) -> list[dict]:
 
 def main() -> None:
     args = parse_args()
+    speed = host_speed()
     from lorakit.serve.malloc import keep_freed_memory
 
     keep_freed_memory()
@@ -376,7 +381,9 @@ def main() -> None:
         print(f"  {row['what']:<78}{cells}")
     low, high = args.token_range
     path = write_result(
-        "serve_load", "Serving under load: continuous batching, per-batch, llama.cpp", runs,
+        "serve_load" + (f"_{args.name}" if args.name else ""),
+        "Serving under load: continuous batching, per-batch, llama.cpp" + (f" ({args.name})" if args.name else ""),
+        runs,
         description=(
             f"{args.model}, {args.requests} streamed requests per run arriving at Poisson times at each rate "
             f"(requests/s), prompts alternating ROS 2 test instructions and the rasbt instruct set, max_tokens "
@@ -400,10 +407,16 @@ def main() -> None:
         columns=[("repeat", "round"), ("rate", "req/s"), ("system", "system"), ("adapters", "K"),
                  ("tokens_per_s", "tok/s"), ("ttft_p50", "TTFT p50 s"), ("ttft_p99", "TTFT p99 s"),
                  ("itl_p50", "ITL p50 s"), ("itl_p99", "ITL p99 s"), ("errors", "errors"), ("seconds", "s")],
-        summary=summary, machine_info=machine(device=f"cpu, {args.threads} threads per server"),
+        summary=summary, machine_info=machine(device=f"cpu, {args.threads} threads per server", **speed),
         out_dir=args.results_dir,
     )  # fmt: skip
     print(f"wrote {path}")
+
+
+def _record_name(text: str) -> str:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]*", text):
+        raise argparse.ArgumentTypeError(f"a record name is lower-case letters, digits, '.' and '-' (got {text!r})")
+    return text
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 from model_shapes import MODEL_CONFIGS, base_model
-from results import machine, min_median, write_result
+from results import host_speed, machine, min_median, write_result
 
 from lorakit.serve.config import QUANTIZE
 
@@ -314,6 +314,7 @@ def main() -> None:
     from lorakit.serve.malloc import keep_freed_memory
 
     keep_freed_memory()  # as `lorakit serve` does; for every variant, PEFT's included
+    speed = host_speed()
 
     args.device = args.device or str(default_device())
     torch.manual_seed(0)
@@ -372,7 +373,7 @@ def main() -> None:
                      + f"All variants take turns in each of {args.repeats} rounds after {args.warmup} untimed run(s); "
                      "ratios are taken within a round."),
         columns=[("repeat", "round"), ("variant", "variant"), ("tokens_per_s", "generated tok/s"), ("seconds", "s")],
-        summary=summary, machine_info=machine(device=_device_name(args.device)), out_dir=args.results_dir,
+        summary=summary, machine_info=machine(device=_device_name(args.device), **speed), out_dir=args.results_dir,
     )
     print(f"wrote {path}")
 

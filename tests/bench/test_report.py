@@ -92,6 +92,13 @@ def test_gemm_rates_time_each_shape():
     assert set(rates) == {(64, 64, 64), (32, 128, 16)} and all(rate > 0 for rate in rates.values())
 
 
+def test_the_host_speed_goes_into_the_machine_line():
+    speed = results.host_speed()
+    assert list(speed) == ["gemm_gflops_2048"] and speed["gemm_gflops_2048"] > 0
+    line = report.machine_line(results.machine(**speed))
+    assert f"measured: gemm_gflops_2048 {report.fmt(speed['gemm_gflops_2048'])}" in line
+
+
 def test_record_names_the_tree_as_the_bench_started(tmp_path, monkeypatch):
     # A long bench outlives edits and commits made meanwhile: the record keeps the tree it started on.
     monkeypatch.setattr(results, "TREE_AT_START", {"commit": "0123456789", "dirty": False})
