@@ -37,6 +37,24 @@ def expected(x: torch.Tensor, y: torch.Tensor, A, B, owner, slots) -> torch.Tens
     return out.float()
 
 
+def on_threads(threads: int, call):
+    """call() on `threads` OpenMP threads; the process's count restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return call()
+    finally:
+        torch.set_num_threads(previous)
+
+
+def assert_own_terms(result, y, want, slots):
+    """The kernel returned y holding `want`; the columns without ranks here (slots 0, 4 and 9) are left alone."""
+    assert result is y
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    untouched = (slots == 0) | (slots == 4) | (slots == 9)
+    assert torch.equal(y[:, untouched], want[:, untouched])
+
+
 @pytest.mark.parametrize("layout", ["feature-major", "y-transposed", "row-major", "x-strided"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_each_column_gets_its_own_adapters_term(layout, threads):
@@ -59,16 +77,8 @@ def test_each_column_gets_its_own_adapters_term(layout, threads):
         x = torch.randn(fan_in, 2 * n)[:, ::2].copy_(x)
     first, count = term.columns(slots)
     work = torch.full((n * (fan_in + fan_out),), float("nan"))  # scratch: never read before written
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        result = column_kernel.add_columns(column_kernel.load(), x, term, first, count, y, work)
-    finally:
-        torch.set_num_threads(previous)
-    assert result is y
-    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
-    untouched = (slots == 0) | (slots == 4) | (slots == 9)
-    assert torch.equal(y[:, untouched], want[:, untouched])  # columns without ranks here are left alone
+    result = on_threads(threads, lambda: column_kernel.add_columns(column_kernel.load(), x, term, first, count, y, work))
+    assert_own_terms(result, y, want, slots)
 
 
 @pytest.mark.parametrize("first, count", [([0, 0], [2, 4]), ([0, 4], [2, 2]), ([-1, 0], [2, 0])],
@@ -107,16 +117,9 @@ def test_runs_of_one_adapter_get_their_adapters_term(threads, strided):
     plan = column_kernel.segments_of(term, slots)
     assert [int(c) for c in plan[1]] == [length for slot, length in runs if slot in (1, 2, 3, 5)]
     work = torch.full((column_kernel.segments_scratch(plan),), float("nan"))
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        result = column_kernel.add_segments(column_kernel.load(), x, term, B.contiguous(), plan, y, work)
-    finally:
-        torch.set_num_threads(previous)
-    assert result is y
-    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
-    untouched = (slots == 0) | (slots == 4) | (slots == 9)
-    assert torch.equal(y[:, untouched], want[:, untouched])  # columns without ranks here are left alone
+    result = on_threads(threads, lambda: column_kernel.add_segments(column_kernel.load(), x, term, B.contiguous(),
+                                                                      plan, y, work))
+    assert_own_terms(result, y, want, slots)
     if strided:
         assert torch.equal(wide[:, n:], outside)  # nothing past the columns is written
 
