@@ -77,7 +77,8 @@ def test_each_column_gets_its_own_adapters_term(layout, threads):
         x = torch.randn(fan_in, 2 * n)[:, ::2].copy_(x)
     first, count = term.columns(slots)
     work = torch.full((n * (fan_in + fan_out),), float("nan"))  # scratch: never read before written
-    result = on_threads(threads, lambda: column_kernel.add_columns(column_kernel.load(), x, term, first, count, y, work))
+    kernel = column_kernel.load()
+    result = on_threads(threads, lambda: column_kernel.add_columns(kernel, x, term, first, count, y, work))
     assert_own_terms(result, y, want, slots)
 
 
