@@ -9,7 +9,7 @@ import torch
 
 import lorakit
 from conftest import TINY_MODELS, logits_of, perturb
-from lorakit.lora import column_kernel, group_kernel, weight_kernel
+from lorakit.lora import column_kernel, group_kernel, mixed_features, weight_kernel
 from lorakit.lora.mixed import row_adapters
 
 pytestmark = pytest.mark.skipif(column_kernel.load() is None, reason="no C compiler here to build the kernel")
@@ -123,6 +123,19 @@ def test_runs_of_one_adapter_get_their_adapters_term(threads, strided):
     assert_own_terms(result, y, want, slots)
     if strided:
         assert torch.equal(wide[:, n:], outside)  # nothing past the columns is written
+
+
+@pytest.mark.parametrize("run, by_runs", [(1, False), (2, False), (4, True), (24, True)])
+def test_a_batch_goes_by_runs_where_its_runs_are_long(run, by_runs):
+    """A prompt pass's tokens (long runs of one adapter) go through add_segments, a decode step's rows (a run each)
+    through the per-column kernel, which takes fewer steps for them."""
+    A, B, owner = factors([8] * 4, 16, 24)
+    terms = mixed_features.FeatureTerms()
+    terms._slots = (torch.arange(64) // run) % 4 + 1
+    plan = terms._segments(term_of(A, B, owner))
+    assert (plan is not None) == by_runs
+    if by_runs:
+        assert plan[1].tolist() == [run] * (64 // run) + ([64 % run] if 64 % run else [])
 
 
 def test_a_segment_outside_the_columns_writes_nothing():
