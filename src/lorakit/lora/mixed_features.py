@@ -17,7 +17,8 @@ kernel is built (lora/column_kernel.py: fp32, the CPU) each column multiplies by
 ranks only, from the same factors, or, for a decode step's columns over most of the kept adapters,
 from the factors laid out by slot lanes (column_kernel.LaneGroup), one kernel call for a whole sibling
 group: its first layer's call computes every member's base product and terms, and each member takes its
-own output (_GroupStep, kept for the batch's next steps).
+own output (_GroupStep, kept for the batch's next steps). A prompt pass's columns, each prompt's tokens a
+run through one adapter, go by runs (column_kernel.add_segments: each run's factors read once).
 
 The side-by-side factors are built for a set of adapters and kept while every row's adapter is
 among them: rows joining or leaving (continuous batching) change only the mask. When a row brings
