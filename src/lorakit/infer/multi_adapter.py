@@ -124,17 +124,17 @@ def generate_mixed(
     if was_training:  # each call walks every module, thousands with many adapters loaded
         model.eval()
     try:
-        features = None  # the prompt pass's side-by-side factors, handed on to the decode steps
-        if lean_prefills(model):  # the prompts without padding (CPU, Llama family: infer/decode_step.py)
+        lean = lean_prefills(model)  # the prompts side by side without padding (CPU, Llama family)
+        if lean:  # their tokens are the pass's columns, each with its request's adapter
             prompts = [r.prompt_ids for r in requests]
-            with row_adapters(model, [r.adapter for r in requests for _ in r.prompt_ids], strategy) as state:
+            with row_adapters(model, [r.adapter for r in requests for _ in r.prompt_ids], strategy) as columns:
                 logits, cache, mask = prefill_logits(model, prompts)
-                features = state.features
             position = torch.tensor([[len(p) - 1] for p in prompts], dtype=torch.long, device=device)
-        else:
-            logits, cache, mask, position = _padded_prompt_pass(model, requests, _pad_id(tokenizer, eos), strategy)
         with row_adapters(model, [r.adapter for r in requests], strategy) as state:
-            state.features = features
+            if lean:
+                state.features = columns.features  # the side-by-side factors the prompt pass built
+            else:  # the same state serves the padded prompt pass and the steps: its per-row factors built once
+                logits, cache, mask, position = _padded_prompt_pass(model, state, requests, _pad_id(tokenizer, eos))
             live = list(range(len(rows)))  # request index of each batch row
             while True:
                 tokens = next_tokens(
@@ -162,18 +162,19 @@ def generate_mixed(
     return [Completion(r.text, r.tokens, r.finish_reason, len(r.request.prompt_ids)) for r in rows]
 
 
-def _padded_prompt_pass(model: nn.Module, requests: list[Request], pad_id: int, strategy: str):
-    """The prompts left-padded into one batch through the model's forward: each row's last-token logits (B, V),
-    the KV cache (appended in place by the steps: infer/kv_cache.py), the mask (B, L) and positions (B, L)."""
+def _padded_prompt_pass(model: nn.Module, state, requests: list[Request], pad_id: int):
+    """The prompts left-padded into one batch through the model's forward, under the rows' adapter `state`: each
+    row's last-token logits (B, V), the KV cache (appended in place by the steps: infer/kv_cache.py), the mask
+    (B, L) and positions (B, L)."""
     device = next(model.parameters()).device
     ids, mask = _left_pad([r.prompt_ids for r in requests], pad_id, device)
     position = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L): left padding does not shift positions
     cache = roomy_cache(model.config)
-    with row_adapters(model, [r.adapter for r in requests], strategy) as state:
-        state.padding = padding(mask)
-        logits = model(
-            input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, logits_to_keep=1
-        ).logits[:, -1]
+    state.padding = padding(mask)
+    logits = model(
+        input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, logits_to_keep=1
+    ).logits[:, -1]
+    state.padding = None
     return logits, cache, mask, position
 
 
