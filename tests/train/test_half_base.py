@@ -168,3 +168,61 @@ def test_the_cast_lets_go_of_each_weights_file_page_it_read(tmp_path):
 
     assert mapped_rss_kb(tmp_path / "model.safetensors") < cast_kb // 10
     assert mapped.dtype == torch.float32
+
+
+def test_the_loss_multiplies_a_frozen_head_in_the_half_type_while_its_weight_is_unchanged(input_ids):
+    from lorakit.train.loss import causal_lm_loss_sum
+
+    model = lorakit.inject(TINY_MODELS["llama"](), lorakit.LoraConfig(r=4, target_modules=ALL_PROJECTIONS))
+    batch = {"input_ids": input_ids, "labels": input_ids.clone(), "attention_mask": torch.ones_like(input_ids)}
+    head = model.get_output_embeddings()
+    assert half_base.half_head_weight(head) is head.weight  # nothing kept before the cast
+    assert use_fused_paths(model, half_base="bf16")["half_base"] == "bf16"
+    kept = half_base.half_head_weight(head)
+    assert kept.dtype == torch.bfloat16 and torch.equal(kept, head.weight.to(torch.bfloat16))
+    assert head.weight.dtype == torch.float32 and model.get_input_embeddings().weight.dtype == torch.float32
+    assert "_half_weight" not in str(model.state_dict().keys())
+
+    def loss_and_grad() -> tuple[float, torch.Tensor]:
+        hidden = []
+        handle = model.model.norm.register_forward_hook(lambda m, i, out: out.retain_grad() or hidden.append(out))
+        loss = causal_lm_loss_sum(model, batch)
+        loss.backward()
+        handle.remove()
+        model.zero_grad(set_to_none=True)
+        return loss.item(), hidden[0].grad
+
+    half_loss, half_grad = loss_and_grad()
+    with torch.no_grad():
+        head.weight.mul_(1.0)  # an in-place write: the copy may be stale, so the fp32 weight is used
+    assert half_base.half_head_weight(head) is head.weight
+    fp32_loss, fp32_grad = loss_and_grad()
+    assert half_loss != fp32_loss  # the half copy really ran
+    assert abs(half_loss - fp32_loss) <= 1e-2 * abs(fp32_loss)
+    assert torch.allclose(half_grad, fp32_grad, rtol=0, atol=2e-2 * fp32_grad.abs().max().item())
+
+
+def test_head_cross_entropy_with_a_half_weight_equals_float64_products_rounded_as_the_half_type_rounds():
+    """Both products take bf16 inputs and answer in bf16 (the logits and dL/dh rounded so); the rest is fp32."""
+    from lorakit.train.loss import HeadCrossEntropy
+
+    generator = torch.Generator().manual_seed(3)
+    rows = torch.randn(300, 32, generator=generator, requires_grad=True)  # more than one chunk of 256
+    weight = torch.randn(97, 32, generator=generator).to(torch.bfloat16)
+    targets = torch.randint(0, 97, (300,), generator=generator)
+    loss = HeadCrossEntropy.apply(rows, weight, targets)
+    loss.backward()
+
+    def bf16(t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.bfloat16).double()
+
+    logits = bf16(bf16(rows.detach()) @ weight.double().T)
+    reference = torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+    probs = torch.softmax(logits, dim=-1)
+    probs[torch.arange(300), targets] -= 1
+    reference_grad = bf16(bf16(probs) @ weight.double())
+    assert loss.dtype == torch.float32 and rows.grad.dtype == torch.float32
+    assert abs(loss.item() - reference) <= 1e-6 * reference
+    assert torch.allclose(rows.grad.double(), reference_grad, rtol=2 ** -7, atol=1e-6)
+    exact = (probs @ weight.double()).float()  # unrounded: the test tells the two apart
+    assert not torch.allclose(rows.grad, exact, rtol=2 ** -7, atol=1e-6)

@@ -6,10 +6,12 @@ before training and keeps the frozen weights of the LoRA layers in the fastest h
 where it beats fp32 by HALF_MARGIN; `off` never casts, `fp16`/`bf16` cast without asking.
 
 What stays fp32: the LoRA A and B (and their optimizer state), activations between layers, norms,
-embeddings and the head. Each base GEMM multiplies in the weight's type (the GEMM accumulates in
+embeddings and the head's weight. Each base GEMM multiplies in the weight's type (the GEMM accumulates in
 fp32 inside) and hands its result on as fp32 (lora/base.py: `base_linear`, `base_input_grad`).
 Only layers on the fused path with a plain LoRA adapter are cast; the base keeps the half type
-for the rest of the process (a merge into it rounds to that type).
+for the rest of the process (a merge into it rounds to that type). A frozen output head (often tied to
+the embeddings, which stay fp32) also gets a half copy of its weight for the loss's two products
+(`half_head_weight`, train/loss.py): a vocabulary-wide GEMM, which in fp32 took a sixth of a step.
 """
 
 from __future__ import annotations
@@ -102,7 +104,29 @@ def use_half_base(model: nn.Module, setting: str = "auto") -> str | None:
                 param.data = param.data.to(HALF_TYPES[name])
                 drop_file_pages(read)  # a weights file's pages this cast read: not read again, not kept resident
     leave_the_weights_file(model)
+    keep_half_head(model, HALF_TYPES[name])
     return name
+
+
+@torch.no_grad()
+def keep_half_head(model: nn.Module, dtype: torch.dtype) -> bool:
+    """Give a frozen, bias-free Linear output head a copy of its weight in `dtype` for the loss's products
+    (the weight itself, maybe tied to the input embeddings, stays as it is); False where the head is not one."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear) or head.bias is not None or head.weight.requires_grad \
+            or head.weight.dtype != torch.float32:
+        return False
+    weight = head.weight
+    head.__dict__["_half_weight"] = (weight, weight._version, weight.detach().to(dtype))
+    return True
+
+
+def half_head_weight(head: nn.Module) -> torch.Tensor:
+    """The half copy `keep_half_head` made of the head's weight while that weight is unchanged, else the weight."""
+    kept = head.__dict__.get("_half_weight")
+    if kept is not None and kept[0] is head.weight and kept[1] == head.weight._version:
+        return kept[2]
+    return head.weight
 
 
 def half_base_in_use(model: nn.Module) -> bool:

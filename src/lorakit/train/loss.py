@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.data.masking import IGNORE_INDEX
+from lorakit.train.half_base import half_head_weight
 
 # Families whose logits are exactly head(trunk(x)): no softcapping or logit scaling to reproduce.
 PLAIN_HEAD_TYPES = {"llama", "qwen2", "qwen3", "mistral", "gpt2", "smollm3", "phi3"}
@@ -44,7 +45,7 @@ def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torc
     rows, row_targets = hidden[keep], targets[keep]  # (N, d), (N,)
     head = model.get_output_embeddings()
     if isinstance(head, nn.Linear) and head.bias is None and not head.weight.requires_grad:
-        return HeadCrossEntropy.apply(rows, head.weight, row_targets)
+        return HeadCrossEntropy.apply(rows, half_head_weight(head), row_targets)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, rows.shape[0], CHUNK_ROWS):
         logits = head(rows[start : start + CHUNK_ROWS]).float()  # (chunk, vocab)
@@ -58,6 +59,9 @@ class HeadCrossEntropy(torch.autograd.Function):
     Autograd through the head would keep every chunk's (rows x vocab) logits and softmax until
     backward; here each chunk's logits live only inside the loop, and what is kept is dL/dh,
     the size of the hidden states:  dL/dh_i = (softmax(W h_i) - onehot(t_i)) W.
+
+    A head weight in a half type below the rows' (train.half_base's copy) multiplies both products in that
+    type, accumulating in fp32 inside; the softmax and the loss stay fp32.
     """
 
     @staticmethod
@@ -75,7 +79,7 @@ class HeadCrossEntropy(torch.autograd.Function):
             if chunk.dtype == weight.dtype == torch.float32:
                 torch.mm(chunk, weight.T, out=logits)
             else:
-                logits.copy_(chunk @ weight.T)
+                logits.copy_(chunk.to(weight.dtype) @ weight.T)
             picked = logits.gather(1, chunk_targets[:, None])  # (chunk, 1): each row's target logit
             top = logits.amax(-1, keepdim=True)
             sums = logits.sub_(top).exp_().sum(-1, keepdim=True)  # logits now hold exp(logit - max)
@@ -83,7 +87,7 @@ class HeadCrossEntropy(torch.autograd.Function):
             if want_grad:
                 probs = logits.div_(sums)
                 probs[torch.arange(len(chunk_targets)), chunk_targets] -= 1
-                grad_rows[start : start + CHUNK_ROWS] = (probs @ weight.float()).to(rows.dtype)
+                grad_rows[start : start + CHUNK_ROWS] = _rows_times(probs, weight, rows.dtype)
         ctx.save_for_backward(grad_rows)
         return total
 
@@ -91,3 +95,11 @@ class HeadCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad):
         (grad_rows,) = ctx.saved_tensors
         return grad_rows * grad.to(grad_rows.dtype), None, None
+
+
+def _rows_times(probs: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """probs W in `dtype`: in W's half type where it is narrower than `dtype` (a half copy of an fp32 model's head),
+    else in fp32 (a half model's own head)."""
+    if weight.dtype != dtype and dtype == torch.float32:
+        return (probs.to(weight.dtype) @ weight).to(dtype)
+    return (probs @ weight.float()).to(dtype)
