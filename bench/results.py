@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
@@ -104,26 +105,37 @@ def host_speed() -> dict:
     return {"gemm_gflops_2048": round(rate, 1)}
 
 
-def gemm_rates(shapes: list[tuple[int, int, int]], seconds: float = 0.3, dtype=None) -> dict[tuple[int, int, int], float]:
-    """GFLOP/s of torch.mm at each (M, K, N) in `dtype` (default fp32), each timed for about `seconds` after a warm-up."""
+def gemm_rates(shapes: list[tuple[int, int, int]], seconds: float = 0.3, dtype=None,
+               onednn: bool = False) -> dict[tuple[int, int, int], float]:
+    """GFLOP/s of torch.mm at each (M, K, N) in `dtype` (default fp32), each timed for about `seconds` after a warm-up.
+    `onednn`: an fp32 product's rate is the faster of torch.mm (MKL) and oneDNN's linear op, which ships in the same
+    build and which lorakit's training uses where it is faster (lora/onednn_linear.py): the ceiling of either."""
     import torch
 
     rates = {}
     for m, k, n in shapes:
         a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         out = torch.empty(m, n, dtype=dtype)
-        start = time.perf_counter()
-        torch.mm(a, b, out=out)
-        warm_up = time.perf_counter() - start
-        if warm_up >= seconds:  # a GEMM this slow (fp16 without hardware support) is its own measurement
-            rates[(m, k, n)] = 2 * m * k * n / warm_up / 1e9
-            continue
-        repeats, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            torch.mm(a, b, out=out)
-            repeats += 1
-        rates[(m, k, n)] = 2 * m * k * n * repeats / (time.perf_counter() - start) / 1e9
+        rates[(m, k, n)] = _rate(functools.partial(torch.mm, a, b, out=out), 2 * m * k * n, seconds)
+        if onednn and a.dtype == torch.float32 and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+            weight = b.t().contiguous()  # (N, K), a linear layer's weight
+            linear = functools.partial(torch.ops.mkldnn._linear_pointwise, a, weight, None, "none", [], "")
+            rates[(m, k, n)] = max(rates[(m, k, n)], _rate(linear, 2 * m * k * n, seconds))
     return rates
+
+
+def _rate(product, flops: int, seconds: float) -> float:
+    """GFLOP/s of `product()` over about `seconds` after one untimed call."""
+    start = time.perf_counter()
+    product()
+    warm_up = time.perf_counter() - start
+    if warm_up >= seconds:  # a GEMM this slow (fp16 without hardware support) is its own measurement
+        return flops / warm_up / 1e9
+    repeats, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        product()
+        repeats += 1
+    return flops * repeats / (time.perf_counter() - start) / 1e9
 
 
 def half_peak(shapes: list[tuple[int, int, int]], dtype, fp32_rates: dict) -> float:

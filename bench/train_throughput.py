@@ -36,9 +36,10 @@ MFU = useful FLOPs per second / the machine's fp32 GEMM peak (h's: the peak of i
 the examples, the same for every variant (lorakit.train.flops: 4 x frozen matmul params and 6 x
 LoRA params per real token, causal attention over each example's own tokens, the head at labelled
 positions only); what a variant does beyond that (pad tokens, logits nobody needs) is its own cost.
-The peak is measured with torch.mm at the model's own matrix shapes (each linear layer's forward
-and input-gradient product, at the batch's mean real-token count) before every round; the highest
-rate seen is the peak (a half type slower than fp32 at the largest shape is timed there only: auto never
+The peak is measured at the model's own matrix shapes (each linear layer's forward and input-gradient
+product, at the batch's mean real-token count) before every round, fp32's as the faster of torch.mm
+(MKL) and oneDNN's linear op at each shape (lorakit's fused paths multiply fp32 through whichever is
+faster here), a half type's with torch.mm (oneDNN's kernels); the highest rate seen is the peak (a half type slower than fp32 at the largest shape is timed there only: auto never
 chooses it). The per-step losses of c and d are compared with b's (same start, data,
 schedule). Also printed: the GEMM-bound MFU, the MFU of a step that did only its useful work with
 its frozen-weight and head GEMMs at the rates measured at their own shapes (LoRA and attention at
@@ -346,7 +347,7 @@ def main() -> None:
     mean_step = timed_flops / (args.steps - args.warmup)
     runs, gemm_seen, round_rates, half_seen = [], [], [], {"fp16": [], "bf16": []}
     for repeat in range(1, args.repeats + 1):
-        rates = gemm_rates(shapes)
+        rates = gemm_rates(shapes, onednn=True)
         round_rates.append(rates)
         gemm_seen.append(max(rates.values()))
         print(f"round {repeat}: fp32 GEMM at the model's shapes: best {max(rates.values()):.1f} GFLOP/s "
@@ -386,7 +387,8 @@ def main() -> None:
                      f"examples (the same for every variant, from the same initial adapter), the first "
                      f"{args.warmup} untimed; the variants take turns in each of {args.repeats} rounds. MFU = useful "
                      f"FLOPs/s ({timed_flops / 1e9:.1f} GFLOP over the timed steps, lorakit.train.flops) / the "
-                     "fp32 GEMM peak measured at the model's matrix shapes (h: the peak of its half type)."),
+                     "fp32 GEMM peak measured at the model's matrix shapes, the faster of MKL and oneDNN at each (h: the "
+                     "peak of its half type)."),
         columns=[("repeat", "round"), ("variant", "variant"), ("real_tokens_per_s", "real tok/s"),
                  ("useful_gflops_per_s", "useful GFLOP/s"), ("mfu", "MFU"), ("peak_rss_mb", "peak RSS MB"),
                  ("training_peak_rss_mb", "training peak RSS MB"), ("allocator", "allocator"), ("seconds", "timed s")],

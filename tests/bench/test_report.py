@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))  # the benches import results.py as a sibling module, as `python bench/x.py` does
@@ -90,6 +91,22 @@ def test_command_line_regenerates_and_checks(tmp_path):
 def test_gemm_rates_time_each_shape():
     rates = results.gemm_rates([(64, 64, 64), (32, 128, 16)], seconds=0.02)
     assert set(rates) == {(64, 64, 64), (32, 128, 16)} and all(rate > 0 for rate in rates.values())
+
+
+def test_an_fp32_rate_with_onednn_is_the_faster_of_both_kernels(monkeypatch):
+    timed = []
+    real = results._rate
+    monkeypatch.setattr(results, "_rate", lambda product, flops, seconds: timed.append(flops) or real(product, flops,
+                                                                                                      seconds))
+    shapes = [(64, 64, 64), (32, 128, 16)]
+    results.gemm_rates(shapes, seconds=0.02)
+    assert len(timed) == 2  # torch.mm only
+    timed.clear()
+    rates = results.gemm_rates(shapes, seconds=0.02, onednn=True)
+    assert len(timed) == 4 and all(rate > 0 for rate in rates.values())  # both kernels at each shape
+    timed.clear()
+    results.gemm_rates(shapes, seconds=0.02, dtype=torch.bfloat16, onednn=True)
+    assert len(timed) == 2  # a half type: torch.mm only
 
 
 def test_the_host_speed_goes_into_the_machine_line():

@@ -67,3 +67,47 @@ def test_faster_is_the_one_that_won_the_timing(monkeypatch):
         assert onednn_linear.faster(rounds=1) is True
     finally:
         onednn_linear.faster.cache_clear()  # measured again, on the real functions, when next asked
+
+
+def test_input_grad_equals_the_float64_product_for_grads_of_any_layout():
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(40, 24, generator=generator)  # (out, in)
+    grad = torch.randn(3, 70, 40, generator=generator)
+    want = (grad.double() @ weight.double()).float()
+    got = onednn_linear.input_grad(grad, weight)
+    assert got.shape == (3, 70, 24) and got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(onednn_linear.input_grad(grad.transpose(0, 1).contiguous().transpose(0, 1), weight), got)
+
+
+def _fused_step(onednn: bool, monkeypatch) -> tuple[torch.Tensor, list[torch.Tensor], list[str]]:
+    """Loss and LoRA gradients of one fused training step of a tiny Llama over 2 x 40 tokens (more rows than
+    FEW_ROWS), every projection adapted, with oneDNN taken or not; and the oneDNN products it ran."""
+    import lorakit
+    from lorakit.train.lean import use_fused_paths
+    from conftest import TINY_MODELS
+
+    calls = []
+    real_linear, real_grad = onednn_linear.linear, onednn_linear.input_grad
+    monkeypatch.setattr(onednn_linear, "linear", lambda *a: calls.append("linear") or real_linear(*a))
+    monkeypatch.setattr(onednn_linear, "input_grad", lambda *a: calls.append("input_grad") or real_grad(*a))
+    monkeypatch.setattr(onednn_linear, "faster", lambda: onednn)
+    torch.manual_seed(0)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = lorakit.inject(TINY_MODELS["llama"](), lorakit.LoraConfig(r=4, target_modules=targets,
+                                                                      init_lora_weights=False)).train()
+    assert use_fused_paths(model)["fused_mlps"] > 0
+    ids = torch.randint(3, 100, (2, 40), generator=torch.Generator().manual_seed(2))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), [p.grad for p in model.parameters() if p.requires_grad], calls
+
+
+def test_a_fused_training_step_multiplies_fp32_through_it_where_faster_with_the_same_loss_and_gradients(monkeypatch):
+    loss, grads, calls = _fused_step(True, monkeypatch)
+    assert {"linear", "input_grad"} <= set(calls)  # forward and backward products both went through oneDNN
+    plain_loss, plain_grads, plain_calls = _fused_step(False, monkeypatch)
+    assert plain_calls == []
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -106,8 +106,11 @@ def dequantize_model(model: nn.Module) -> nn.Module:
 
 def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x W^T + b in x's dtype. A frozen weight kept in a half type (train.half_base) multiplies in its own
-    type, the GEMM accumulating in fp32, and the result goes on in x's type."""
+    type, the GEMM accumulating in fp32, and the result goes on in x's type. Many fp32 rows on the CPU outside
+    autograd (a fused training path's own forward) go through oneDNN where it multiplies faster here."""
     if weight.dtype == x.dtype:
+        if _many_fp32_rows(x, weight):
+            return onednn_linear.linear(x, weight, bias)
         return F.linear(x, weight, bias)
     return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
 
@@ -217,10 +220,20 @@ def weight_major_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 
 def base_input_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """g W (the input gradient of x W^T) in g's dtype, multiplied in the weight's type as `base_linear` does."""
+    """g W (the input gradient of x W^T) in g's dtype, multiplied in the weight's type (and kernel) as
+    `base_linear` does."""
     if weight.dtype == grad.dtype:
+        if _many_fp32_rows(grad, weight):
+            return onednn_linear.input_grad(grad, weight)
         return grad @ weight
     return (grad.to(weight.dtype) @ weight).to(grad.dtype)
+
+
+def _many_fp32_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """More than FEW_ROWS rows of fp32 by a contiguous weight on the CPU, outside autograd, where oneDNN is the faster
+    fp32 GEMM here."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and weight.is_contiguous() and x.numel() > FEW_ROWS * x.shape[-1] and onednn_linear.faster())
 
 
 class FrozenLinear(nn.Linear):

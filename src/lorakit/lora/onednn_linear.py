@@ -1,10 +1,12 @@
-"""fp32 products of many rows (a prompt's tokens) through oneDNN, where it is faster than torch's default.
+"""fp32 products of many rows (a prompt's tokens, a training step's) through oneDNN, where it is faster than
+torch's default.
 
 PyTorch's CPU builds multiply fp32 through MKL, which runs its AVX2 code on AMD CPUs: on a 2-core EPYC
 with AVX-512 it reached about 210 GFLOP/s at a SmolLM2-135M prompt's shapes (576 tokens), oneDNN's
 fp32 kernels, which ship in the same build (the op inductor uses for linear layers), 480-520. Which is
 faster depends on the CPU, so `faster()` times both once per process at a prompt-sized product and
-`linear` is used only where oneDNN won by a margin. Never under autograd (the op has no backward).
+`linear` and `input_grad` are used only where oneDNN won by a margin. Never under autograd (the op has no
+backward): a fused training path calls them inside its own autograd function.
 The results equal F.linear's to float rounding. LORAKIT_ONEDNN_LINEAR=0 leaves it out.
 """
 
@@ -36,6 +38,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
         rows = rows.contiguous()
     out = torch.ops.mkldnn._linear_pointwise(rows, weight.contiguous(), bias, "none", [], "")
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def input_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """g W for fp32 CPU tensors, g (..., out) and W (out, in): `linear` by W^T, read in place (no copy of W)."""
+    rows = grad.reshape(-1, grad.shape[-1])
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
+    out = torch.ops.mkldnn._linear_pointwise(rows, weight.t(), None, "none", [], "")
+    return out.view(*grad.shape[:-1], weight.shape[1])
 
 
 @cache
