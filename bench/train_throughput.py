@@ -3,6 +3,7 @@
     python bench/train_throughput.py [--model smollm2-135m-instruct] [--steps 20] [--warmup 2] [--batch 8]
                                      [--repeats 2]
     python bench/train_throughput.py --model-config qwen2.5-1.5b [--qlora] [--steps 10] [--variants bce]
+    python bench/train_throughput.py --half --variants h --profile 3     # where the default's step time goes
 
 --model-config NAME builds NAME's shape (smollm2-135m, qwen2.5-0.5b, qwen2.5-1.5b: the first seed's
 Qwen2.5-Coder-1.5B, same shape) from its published config with random weights (seeded, the same in
@@ -15,7 +16,9 @@ and --half adds
 and --allocator adds
   p  b on the allocator `lorakit train` runs on (tcmalloc where installed): how much of lorakit's
      memory and speed an allocator alone would give PEFT
---variants picks which of the variants below run (ratios are printed where both sides ran).
+--variants picks which of the variants below run (ratios are printed where both sides ran). --profile N runs N
+more steps of each lorakit variant under torch.profiler after its timed ones and notes its step's time by kind
+of work (frozen, head and LoRA GEMMs, attention, casts, elementwise, optimizer, the rest; bench/step_profile.py).
 
 Every variant runs in its own child process (so each peak RSS is its own): lorakit's on the allocator
 `lorakit train` runs on (lorakit/allocator.py), PEFT's on the system's malloc (p aside), on the same model, the
@@ -53,6 +56,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -61,6 +65,7 @@ from pathlib import Path
 import torch
 from model_shapes import MODEL_CONFIGS, base_model
 from results import RssSampler, gemm_rates, half_peak, machine, min_median, write_result
+from step_profile import step_profile
 
 from lorakit import allocator
 from lorakit.train.half_base import HALF_TYPES
@@ -215,8 +220,8 @@ def run_lorakit(args, memory_mode: bool = False, qlora: bool = False, half: bool
     scheduler = build_scheduler(optimizer, config, args.steps)
     params = [p for p in model.parameters() if p.requires_grad]
     stamps, real, losses = [], [], []
-    sampler = RssSampler()
-    for step in range(args.steps):
+
+    def one_step(step: int) -> None:
         batch = objective.collate(data[step * args.batch : (step + 1) * args.batch])
         real.append(real_tokens(batch))
         losses.append(accumulate_gradients(model, [batch], objective, max_tokens=config.max_tokens_per_forward))
@@ -225,8 +230,16 @@ def run_lorakit(args, memory_mode: bool = False, qlora: bool = False, half: bool
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         stamps.append(time.perf_counter())
+
+    sampler = RssSampler()
+    for step in range(args.steps):
+        one_step(step)
     rss = sampler.stop()
-    return {**_result(stamps, real, args, losses, rss), "half_base": paths["half_base"]}
+    result = {**_result(stamps, real, args, losses, rss), "half_base": paths["half_base"]}
+    if args.profile:  # after the timing: more steps, over the first batches again, under the profiler
+        steps = [args.warmup + i for i in range(min(args.profile, args.steps - args.warmup))]
+        result["profile_ms_per_step"] = step_profile(one_step, steps, vocab=model.config.vocab_size)
+    return result
 
 
 def _work_dir(args) -> Path:
@@ -293,6 +306,19 @@ def summarise(runs: list[dict], variants: dict[str, str]) -> list[dict]:
     return rows
 
 
+def profile_notes(runs: list[dict]) -> list[str]:
+    """One line per profiled variant: its profiled step's self-CPU time by kind (median over rounds), largest first."""
+    lines = []
+    for variant in dict.fromkeys(r["variant"] for r in runs if "profile_ms_per_step" in r):
+        profiles = [r["profile_ms_per_step"] for r in runs if r["variant"] == variant and "profile_ms_per_step" in r]
+        ms = {kind: statistics.median(p[kind] for p in profiles) for kind in profiles[0]}
+        total = sum(ms.values())
+        kinds = ", ".join(f"{kind} {t:.0f} ms ({t / total:.0%})" for kind, t in sorted(ms.items(), key=lambda kv: -kv[1]))
+        lines.append(f"{variant}: where a profiled step's time went (self CPU under torch.profiler, which slows the "
+                     f"step down; median of {len(profiles)} rounds; bench/step_profile.py): {total:.0f} ms: {kinds}")
+    return lines
+
+
 def curve_gap(reference: list[float], other: list[float], window: int = CURVE_WINDOW) -> float:
     """Largest relative gap between the two loss curves, each a running mean over `window` steps
     (the whole run when it is shorter)."""
@@ -320,6 +346,9 @@ def main() -> None:
                         help="add variant p: b on the allocator lorakit train runs on (tcmalloc where installed)")
     parser.add_argument("--variants", default=None,
                         help="which variants run, e.g. bce (default: abcd, and e with --qlora, h with --half, p with --allocator)")
+    parser.add_argument("--profile", type=int, default=0,
+                        help="after its timed steps, each lorakit variant runs this many more under torch.profiler "
+                             "and records where their time went (bench/step_profile.py)")
     parser.add_argument("--variant", choices=[*VARIANTS, *QLORA_VARIANT, *HALF_VARIANT, *ALLOCATOR_VARIANT, "init"],
                         help=argparse.SUPPRESS)  # children
     args = parser.parse_args()
@@ -373,6 +402,8 @@ def main() -> None:
         print(f"{row['repeat']:>5} {row['variant']}  {variants[row['variant']]:<53} {row['real_tokens_per_s']:>10.1f} "
               f"{row['mfu']:>7.2%} {row['peak_rss_mb']:>12.0f} {row['training_peak_rss_mb']:>17.0f}")
     summary = summarise(runs, variants)
+    for line in profile_notes(runs):
+        print(line)
     print(f"\n{'':<48} {'min':>8} {'median':>8} {'max':>8}")
     for row in summary:
         print(f"{row['what']:<48} {row['min']:>8.4g} {row['median']:>8.4g} {row['max']:>8.4g}")
@@ -399,7 +430,7 @@ def main() -> None:
                 f"counted parameters: {info['flop_model']}"),
                ("GEMM-bound MFU per round (a step doing only its useful work: the frozen and head GEMMs at the "
                 "rates measured at their own shapes, LoRA and attention at the peak; no implementation on these "
-                f"GEMM kernels exceeds it): {', '.join(f'{b:.1%}' for b in bounds)}")],
+                f"GEMM kernels exceeds it): {', '.join(f'{b:.1%}' for b in bounds)}"), *profile_notes(runs)],
         out_dir=args.results_dir,
     )
     print(f"wrote {path}")
