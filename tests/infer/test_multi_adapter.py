@@ -141,3 +141,21 @@ def test_eos_ends_a_row(toy):
 
     assert got[0].finish_reason == "stop" and got[0].token_ids == until_eos(full[0].token_ids)
     assert got[1].token_ids == until_eos(full[1].token_ids)  # the other row runs on undisturbed
+
+
+def test_a_batch_runs_its_rows_grouped_by_adapter_and_answers_in_request_order(toy, monkeypatch):
+    from lorakit.infer import multi_adapter
+
+    tokenizer, model = loaded(toy, ["a", "b"])
+    plan = ["b", "a", None, "b", "a"]
+    requests = [Request(tokenizer(PROMPTS[i])["input_ids"], adapter, 6) for i, adapter in enumerate(plan)]
+    assert multi_adapter.by_adapter(requests) == [2, 1, 4, 0, 3]
+    seen = []
+    real = multi_adapter.row_adapters
+    monkeypatch.setattr(multi_adapter, "row_adapters", lambda m, names, *a: seen.append(list(names)) or real(m, names, *a))
+    streamed = {}
+    got = generate_mixed(model, tokenizer, requests, on_text=lambda i, t: streamed.update({i: streamed.get(i, "") + t}))
+    assert seen[-1] == [None, "a", "a", "b", "b"]  # the steps' rows, one adapter's next to each other
+    assert [streamed[i] for i in range(len(requests))] == [c.text for c in got]  # streamed under each request's index
+    for request, completion in zip(requests, got, strict=True):
+        assert generate_mixed(model, tokenizer, [request])[0].token_ids == completion.token_ids
