@@ -152,7 +152,8 @@ def test_a_batch_runs_its_rows_grouped_by_adapter_and_answers_in_request_order(t
     assert multi_adapter.by_adapter(requests) == [2, 1, 4, 0, 3]
     seen = []
     real = multi_adapter.row_adapters
-    monkeypatch.setattr(multi_adapter, "row_adapters", lambda m, names, *a: seen.append(list(names)) or real(m, names, *a))
+    monkeypatch.setattr(multi_adapter, "row_adapters",
+                        lambda m, names, *a: seen.append(list(names)) or real(m, names, *a))
     streamed = {}
     got = generate_mixed(model, tokenizer, requests, on_text=lambda i, t: streamed.update({i: streamed.get(i, "") + t}))
     assert seen[-1] == [None, "a", "a", "b", "b"]  # the steps' rows, one adapter's next to each other
