@@ -1,6 +1,7 @@
 """Where a training step's time goes: torch.profiler's self-CPU time per op, put into a few kinds of work.
 
-    profile = step_profile(run_step, steps=3, vocab=49152)   # {kind: ms per step}
+    profile = step_profile(run_step, steps=[2, 3, 4], vocab=49152)   # {kind: ms per step}
+    lines = profile_notes(runs)   # a bench's runs carrying "profile_ms_per_step": one line per variant
 
 The kinds, by op name and operand shapes:
   frozen GEMMs       matrix products whose every dimension exceeds RANK_WIDTH (the base's projections)
@@ -18,6 +19,7 @@ step down (it records every op's shapes), so the kinds are shares of a profiled 
 from __future__ import annotations
 
 import collections
+import statistics
 from collections.abc import Callable
 
 RANK_WIDTH = 64  # widest LoRA product dimension (a sibling group's concatenated ranks, r <= 16 each)
@@ -61,3 +63,17 @@ def step_profile(run_step: Callable[[int], None], steps: list[int], vocab: int) 
     for event in prof.key_averages(group_by_input_shape=True):
         totals[kind_of(event.key, event.input_shapes or [], vocab)] += event.self_cpu_time_total / 1e3
     return {kind: totals[kind] / len(steps) for kind in KINDS}
+
+
+def profile_notes(runs: list[dict]) -> list[str]:
+    """One line per profiled variant: its profiled step's self-CPU time by kind (median over rounds), largest first."""
+    lines = []
+    for variant in dict.fromkeys(r["variant"] for r in runs if "profile_ms_per_step" in r):
+        profiles = [r["profile_ms_per_step"] for r in runs if r["variant"] == variant and "profile_ms_per_step" in r]
+        ms = {kind: statistics.median(p[kind] for p in profiles) for kind in profiles[0]}
+        total = sum(ms.values())
+        largest_first = sorted(ms.items(), key=lambda kv: -kv[1])
+        kinds = ", ".join(f"{kind} {t:.0f} ms ({t / total:.0%})" for kind, t in largest_first)
+        lines.append(f"{variant}: where a profiled step's time went (self CPU under torch.profiler, which slows the "
+                     f"step down; median of {len(profiles)} rounds; bench/step_profile.py): {total:.0f} ms: {kinds}")
+    return lines

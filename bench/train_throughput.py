@@ -42,7 +42,8 @@ positions only); what a variant does beyond that (pad tokens, logits nobody need
 The peak is measured at the model's own matrix shapes (each linear layer's forward and input-gradient
 product, at the batch's mean real-token count) before every round, fp32's as the faster of torch.mm
 (MKL) and oneDNN's linear op at each shape (lorakit's fused paths multiply fp32 through whichever is
-faster here), a half type's with torch.mm (oneDNN's kernels); the highest rate seen is the peak (a half type slower than fp32 at the largest shape is timed there only: auto never
+faster here), a half type's with torch.mm (oneDNN's kernels); the highest rate seen is the peak (a half
+type slower than fp32 at the largest shape is timed there only: auto never
 chooses it). The per-step losses of c and d are compared with b's (same start, data,
 schedule). Also printed: the GEMM-bound MFU, the MFU of a step that did only its useful work with
 its frozen-weight and head GEMMs at the rates measured at their own shapes (LoRA and attention at
@@ -56,7 +57,6 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -65,7 +65,7 @@ from pathlib import Path
 import torch
 from model_shapes import MODEL_CONFIGS, base_model
 from results import RssSampler, gemm_rates, half_peak, machine, min_median, write_result
-from step_profile import step_profile
+from step_profile import profile_notes, step_profile
 
 from lorakit import allocator
 from lorakit.train.half_base import HALF_TYPES
@@ -306,19 +306,6 @@ def summarise(runs: list[dict], variants: dict[str, str]) -> list[dict]:
     return rows
 
 
-def profile_notes(runs: list[dict]) -> list[str]:
-    """One line per profiled variant: its profiled step's self-CPU time by kind (median over rounds), largest first."""
-    lines = []
-    for variant in dict.fromkeys(r["variant"] for r in runs if "profile_ms_per_step" in r):
-        profiles = [r["profile_ms_per_step"] for r in runs if r["variant"] == variant and "profile_ms_per_step" in r]
-        ms = {kind: statistics.median(p[kind] for p in profiles) for kind in profiles[0]}
-        total = sum(ms.values())
-        kinds = ", ".join(f"{kind} {t:.0f} ms ({t / total:.0%})" for kind, t in sorted(ms.items(), key=lambda kv: -kv[1]))
-        lines.append(f"{variant}: where a profiled step's time went (self CPU under torch.profiler, which slows the "
-                     f"step down; median of {len(profiles)} rounds; bench/step_profile.py): {total:.0f} ms: {kinds}")
-    return lines
-
-
 def curve_gap(reference: list[float], other: list[float], window: int = CURVE_WINDOW) -> float:
     """Largest relative gap between the two loss curves, each a running mean over `window` steps
     (the whole run when it is shorter)."""
@@ -418,8 +405,8 @@ def main() -> None:
                      f"examples (the same for every variant, from the same initial adapter), the first "
                      f"{args.warmup} untimed; the variants take turns in each of {args.repeats} rounds. MFU = useful "
                      f"FLOPs/s ({timed_flops / 1e9:.1f} GFLOP over the timed steps, lorakit.train.flops) / the "
-                     "fp32 GEMM peak measured at the model's matrix shapes, the faster of MKL and oneDNN at each (h: the "
-                     "peak of its half type)."),
+                     "fp32 GEMM peak measured at the model's matrix shapes, the faster of MKL and oneDNN at each "
+                     "(h: the peak of its half type)."),
         columns=[("repeat", "round"), ("variant", "variant"), ("real_tokens_per_s", "real tok/s"),
                  ("useful_gflops_per_s", "useful GFLOP/s"), ("mfu", "MFU"), ("peak_rss_mb", "peak RSS MB"),
                  ("training_peak_rss_mb", "training peak RSS MB"), ("allocator", "allocator"), ("seconds", "timed s")],

@@ -38,3 +38,11 @@ def test_a_profiled_step_splits_its_time_among_the_kinds():
     assert list(ms) == list(step_profile.KINDS)
     assert ms["frozen GEMMs"] > 0 and ms["head GEMMs"] > 0 and ms["LoRA products"] > 0 and ms["elementwise"] > 0
     assert ms["attention"] == 0 and ms["optimizer"] == 0
+
+
+def test_profile_notes_give_each_profiled_variant_its_median_time_by_kind_largest_first():
+    runs = [{"variant": "h", "profile_ms_per_step": {"frozen GEMMs": t, "other": 10.0}} for t in (100.0, 300.0, 200.0)]
+    runs.append({"variant": "b"})  # not profiled: no line
+    (line,) = step_profile.profile_notes(runs)
+    assert line.startswith("h: ") and "median of 3 rounds" in line
+    assert line.endswith("210 ms: frozen GEMMs 200 ms (95%), other 10 ms (5%)")

@@ -72,10 +72,3 @@ def test_summary_compares_the_default_with_peft_on_the_same_allocator():
 
 
 
-
-def test_profile_notes_give_each_profiled_variant_its_median_time_by_kind_largest_first():
-    runs = [{"variant": "h", "profile_ms_per_step": {"frozen GEMMs": t, "other": 10.0}} for t in (100.0, 300.0, 200.0)]
-    runs.append({"variant": "b"})  # not profiled: no line
-    (line,) = train_throughput.profile_notes(runs)
-    assert line.startswith("h: ") and "median of 3 rounds" in line
-    assert line.endswith("210 ms: frozen GEMMs 200 ms (95%), other 10 ms (5%)")
