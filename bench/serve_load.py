@@ -14,8 +14,9 @@ Each system is one server process on loopback, started once and kept for every r
                        (the base's linear weights in a half type, the adapters in fp32)
   lorakit-continuous-Q      with --quantize Q (int8 or w8a8): `lorakit serve --scheduler continuous --quantize Q`
                        (the base's linear weights and head in int8, the adapters in fp32)
-  lorakit-continuous[-int8]-lora-bf16  with --lora-dtype bf16: the same with `--lora-dtype bf16` (the adapters
-                       rounded to bf16 values, read at half the bytes)
+  lorakit-continuous[-Q]-lora-D  with --lora-dtype D (bf16 or int8): the same with `--lora-dtype D` (the
+                       adapters rounded to bf16 values, read at half the bytes; or each rank to int8 values
+                       times a power of two, a quarter)
   lorakit-continuous-apart  with --prefill-apart: `lorakit serve --scheduler continuous --prefill apart`
                        (joiners prefilled in a pass of their own rather than beside the rows' decode step)
   llama-f32, llama-q8_0  llama.cpp's `llama-server` (continuous batching, --parallel slots) on the
@@ -85,7 +86,7 @@ def parse_args() -> argparse.Namespace:
                         help="add lorakit-continuous-half: `lorakit serve --half-weights` with this setting")
     parser.add_argument("--quantize", choices=QUANTIZE[1:], default=None,
                         help="add lorakit-continuous-Q: `lorakit serve --quantize Q`")
-    parser.add_argument("--lora-dtype", choices=["bf16"], default=None,
+    parser.add_argument("--lora-dtype", choices=["bf16", "int8"], default=None,
                         help="add lorakit serve --lora-dtype DTYPE (on fp32, and on --quantize's weights)")
     parser.add_argument("--prefill-apart", action="store_true",
                         help="add lorakit-continuous-apart: `lorakit serve --prefill apart`")

@@ -3,7 +3,7 @@
     python bench/serve_throughput.py [--model smollm2-135m-instruct] [--adapters 16] [--requests 16]
                                      [--new-tokens 32] [--rank 8] [--repeats 3] [--warmup 1] [--skip-peft]
                                      [--device cuda|cpu] [--results-dir DIR] [--variants merged,mixed-16]
-                                     [--half-weights auto|bf16|fp16] [--quantize int8,w8a8] [--lora-dtype bf16]
+                                     [--half-weights auto|bf16|fp16] [--quantize int8,w8a8] [--lora-dtype bf16,int8]
                                      [--model-config qwen2.5-1.5b]
 
 The same --requests ROS 2 prompts (left-padded, greedy, exactly --new-tokens new tokens each) in
@@ -27,9 +27,11 @@ and with --quantize Q, Q one or more of int8 and w8a8 (infer/int8_weights.py: li
 int8, adapters in fp32; w8a8: the products' inputs rounded to int8 too, as llama.cpp's q8_0):
   merged-Q          merged, then its linear weights quantised (what llama.cpp's q8_0 export of it holds)
   mixed-N-Q         mixed-N on a base whose linear weights are int8 (as `lorakit serve --quantize Q`)
-and with --lora-dtype bf16 (lora/adapters.py: round_adapter, as `lorakit serve --lora-dtype bf16`):
-  mixed-N-lora-bf16 mixed-N with every adapter's factors rounded to bf16 (the mixed batch reads them at
-                    half the bytes); mixed-N-Q-lora-bf16 the same on each --quantize base
+and with --lora-dtype D, D one or more of bf16 and int8 (lora/adapters.py: round_adapter, as `lorakit serve
+--lora-dtype D`):
+  mixed-N-lora-D    mixed-N with every adapter's factors rounded to D (bf16: the mixed batch reads them at
+                    half the bytes; int8, values times a power of two per rank: a quarter); mixed-N-Q-lora-D
+                    the same on each --quantize base
 --model-config NAME builds NAME's published shape with random weights instead (bench/model_shapes.py;
 the prompts are still tokenised by --model's tokenizer) and writes serve_throughput_NAME.json, so the
 cost of many adapters can be compared across model sizes.
@@ -156,16 +158,15 @@ def lorakit_variants(args, root: Path, names: list[str], ids: list[list[int]], t
         use_int8_weights(int8_model, quantize)
         int8_model = _with_adapters(use_decode_linears(int8_model), root, names).to(args.device)
         variants[f"mixed-{len(names)}-{quantize}"] = run(int8_model, spreads[len(names)])
-    if args.lora_dtype:  # the adapters rounded to --lora-dtype, on the fp32 base (and each int8 one)
-        from lorakit.lora.adapters import LORA_DTYPES
+    from lorakit.lora.adapters import LORA_DTYPES
 
+    for lora_dtype in args.lora_dtype:  # the adapters rounded to each --lora-dtype, on the fp32 base and int8 ones
         for suffix, quantize in [("", None)] + [(f"-{q}", q) for q in args.quantize]:
             narrow = load_base()
             if quantize:
                 use_int8_weights(narrow, quantize)
-            narrow = _with_adapters(use_decode_linears(narrow), root, names, LORA_DTYPES[args.lora_dtype])
-            label = f"mixed-{len(names)}{suffix}-lora-{args.lora_dtype}"
-            variants[label] = run(narrow.to(args.device), spreads[len(names)])
+            narrow = _with_adapters(use_decode_linears(narrow), root, names, LORA_DTYPES[lora_dtype])
+            variants[f"mixed-{len(names)}{suffix}-lora-{lora_dtype}"] = run(narrow.to(args.device), spreads[len(names)])
     return variants
 
 
@@ -247,7 +248,7 @@ def summarise(runs: list[dict], args) -> list[dict]:
         pairs += [(f"mixed-{args.adapters}-{q}", f"merged-{q}"), (f"merged-{q}", "merged"),
                   (f"mixed-{args.adapters}-{q}", "merged")]
     pairs += [("merged-w8a8", "merged-int8")]
-    pairs += [(f"mixed-{args.adapters}{q}-lora-{args.lora_dtype}", base)
+    pairs += [(f"mixed-{args.adapters}{q}-lora-{lora_dtype}", base) for lora_dtype in args.lora_dtype
               for q in ["", *[f"-{q}" for q in args.quantize]]
               for base in (f"merged{q}", f"mixed-{args.adapters}{q}")]
     for ours, base in pairs:
@@ -267,8 +268,8 @@ def variant_labels(args) -> list[str]:
     labels += ["merged-forward", f"mixed-{args.adapters}-forward"]
     labels += ["merged-half", f"mixed-{args.adapters}-half"] if args.half_weights else []
     labels += [label for q in args.quantize for label in (f"merged-{q}", f"mixed-{args.adapters}-{q}")]
-    labels += [f"mixed-{args.adapters}-lora-{args.lora_dtype}"] if args.lora_dtype else []
-    labels += [f"mixed-{args.adapters}-{q}-lora-{args.lora_dtype}" for q in args.quantize] if args.lora_dtype else []
+    labels += [f"mixed-{args.adapters}{q}-lora-{lora_dtype}" for lora_dtype in args.lora_dtype
+               for q in ["", *[f"-{q}" for q in args.quantize]]]
     return labels + ([] if args.skip_peft else ["peft-mixed", "peft-switch"])
 
 
@@ -302,8 +303,9 @@ def main() -> None:
     parser.add_argument("--quantize", type=_quantize_settings, default=[],
                         help="int8 and/or w8a8, comma-separated: add merged-Q and mixed-N-Q for each, linear weights "
                         "and head in int8 (w8a8: inputs rounded to int8 too), adapters fp32")
-    parser.add_argument("--lora-dtype", choices=["bf16"], default=None,
-                        help="add mixed-N-lora-DTYPE: the adapters' factors rounded to DTYPE (serve --lora-dtype)")
+    parser.add_argument("--lora-dtype", type=_lora_dtypes, default=[],
+                        help="bf16 and/or int8, comma-separated: add mixed-N-lora-DTYPE for each, the adapters' "
+                        "factors rounded to DTYPE (serve --lora-dtype)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: the GPU when there is one)")
     parser.add_argument("--results-dir", default=None, help="where serve_throughput.json goes (default runs/bench)")
     parser.add_argument("--variants", default=None,
@@ -367,15 +369,24 @@ def main() -> None:
                      + ("merged-w8a8, mixed-K-w8a8: the same int8 weights, each product's inputs rounded to int8 per "
                         "block of 32 as llama.cpp's q8_0 rounds them, multiplied in int8 (lorakit serve --quantize "
                         "w8a8). " if "w8a8" in args.quantize else "")
-                     + (f"mixed-K-lora-{args.lora_dtype}: every adapter's factors rounded to {args.lora_dtype} "
-                        f"(lorakit serve --lora-dtype {args.lora_dtype}), read at half the bytes, computed in fp32. "
-                        if args.lora_dtype else "")
+                     + ("mixed-K-lora-bf16: every adapter's factors rounded to bf16 (lorakit serve --lora-dtype "
+                        "bf16), read at half the bytes, computed in fp32. " if "bf16" in args.lora_dtype else "")
+                     + ("mixed-K-lora-int8: every adapter's ranks rounded to int8 values times a power of two "
+                        "(lorakit serve --lora-dtype int8), read at a quarter of the bytes, computed in fp32. "
+                        if "int8" in args.lora_dtype else "")
                      + f"All variants take turns in each of {args.repeats} rounds after {args.warmup} untimed run(s); "
                      "ratios are taken within a round."),
         columns=[("repeat", "round"), ("variant", "variant"), ("tokens_per_s", "generated tok/s"), ("seconds", "s")],
         summary=summary, machine_info=machine(device=_device_name(args.device), **speed), out_dir=args.results_dir,
     )
     print(f"wrote {path}")
+
+
+def _lora_dtypes(text: str) -> list[str]:
+    settings = [s.strip() for s in text.split(",") if s.strip()]
+    if not settings or any(s not in ("bf16", "int8") for s in settings):
+        raise argparse.ArgumentTypeError(f"expected bf16 and/or int8, comma-separated, got {text!r}")
+    return settings
 
 
 def _quantize_settings(text: str) -> list[str]:

@@ -10,6 +10,7 @@ import torch
 
 import lorakit
 from lorakit.infer.generate import GenerationConfig, generate
+from lorakit.lora.int8_factors import int8_rows
 from lorakit.models import load_causal_lm, load_tokenizer
 from conftest import TOY_TARGETS, perturb, toy_model_folder
 
@@ -94,11 +95,14 @@ def test_generation_on_bf16_factors_is_the_rounded_adapters(tmp_path):
     from lorakit.infer.load import load_for_inference
 
     loaded = {lora: dict(load_for_inference(str(folder), str(tmp_path / "adapter"), "seed", lora_dtype=lora)[0]
-                         .named_parameters()) for lora in ("fp32", "bf16")}
+                         .named_parameters()) for lora in ("fp32", "bf16", "int8")}
     rounded = dict(model.named_parameters())
     factors = [name for name in rounded if ".adapters.default." in name]
     assert factors and all(torch.equal(loaded["bf16"][n], rounded[n]) for n in factors)
     assert not all(torch.equal(loaded["fp32"][n], rounded[n]) for n in factors)  # the flag is what rounded them
+    ranks = [loaded["int8"][n] if n.endswith(".A") else loaded["int8"][n].t() for n in factors]  # each rank of each
+    assert all(int8_rows(r, torch.ones(len(r))) is not None for r in ranks)
+    assert not any(int8_rows(loaded["fp32"][n], torch.ones(len(loaded["fp32"][n]))) is not None for n in factors)
 
 
 def test_inspect_and_merge(tmp_path):

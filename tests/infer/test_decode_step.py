@@ -142,15 +142,17 @@ def test_a_step_over_many_adapters_goes_by_slot_lanes_and_equals_the_forward(lay
         assert not calls and passes == [3, 1, 2, 1] * 3 * layers
 
 
-def test_adapters_rounded_to_bf16_decode_by_bf16_lanes_and_equal_the_forward(monkeypatch):
-    if column_kernel.load(torch.bfloat16) is None or group_kernel.load(torch.bfloat16) is None:
+# bf16: scaling 2, so that s B of bf16 values is one too; int8: scaling 1.75, found again in s B's scales
+@pytest.mark.parametrize("dtype, alpha", [(torch.bfloat16, 8), (torch.int8, 7)], ids=["bf16", "int8"])
+def test_adapters_rounded_to_a_narrow_type_decode_by_its_lanes_and_equal_the_forward(monkeypatch, dtype, alpha):
+    if column_kernel.load(dtype) is None or group_kernel.load(dtype) is None:
         pytest.skip("no C compiler here to build the kernels")
     model = tiny_llama()
     names = [f"a{k}" for k in range(10)]
-    for seed, name in enumerate(names):  # scaling 2: s B of bf16 values is one too
-        lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS), name)
+    for seed, name in enumerate(names):
+        lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=alpha, target_modules=TARGETS), name)
         perturb(model, name, std=0.3, seed=seed)
-        round_adapter(model, name, torch.bfloat16)
+        round_adapter(model, name, dtype)
     types = []
     plan, plan_pass = column_kernel.lanes_call, group_kernel.group_call
     monkeypatch.setattr(column_kernel, "lanes_call", lambda kernel, group, *a: types.append(group.AL.dtype)
@@ -160,7 +162,7 @@ def test_adapters_rounded_to_bf16_decode_by_bf16_lanes_and_equal_the_forward(mon
     with row_adapters(model, [*names, None, "a3"], "gathered"):
         got, expected, lean_cache, plain_cache = decode_both(model, rows=12)
     assert_same(got, expected, lean_cache, plain_cache)
-    assert types and set(types) == {torch.bfloat16}  # every sibling group's lanes, in bf16
+    assert types and set(types) == {dtype}  # every sibling group's lanes, in the narrow type
 
 
 def with_adapters(model, dora_on: str | None = None):

@@ -8,6 +8,7 @@ import torch
 import lorakit
 from conftest import perturb, tiny_llama
 from lorakit.lora.adapters import lora_layers, round_adapter
+from lorakit.lora.int8_factors import int8_rows
 
 
 def test_round_adapter_rounds_only_that_adapters_factors_to_bf16_values():
@@ -27,3 +28,29 @@ def test_round_adapter_rounds_only_that_adapters_factors_to_bf16_values():
                 assert torch.equal(p, was)  # the other adapter untouched
     with pytest.raises(KeyError):
         round_adapter(model, "missing", torch.bfloat16)
+
+
+def test_round_adapter_rounds_each_rank_of_that_adapter_to_int8_values_times_a_power_of_two():
+    model = tiny_llama()
+    for seed, name in enumerate(["a", "b"]):
+        lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=["q_proj", "down_proj"]), name)
+        perturb(model, name, std=0.3, seed=seed)
+    before = {(n, k): p.clone() for n, layer in lora_layers(model) for k, p in layer.adapters.named_parameters()}
+    round_adapter(model, "a", torch.int8)
+    for n, layer in lora_layers(model):
+        for k, p in layer.adapters.named_parameters():
+            was = before[(n, k)]
+            assert p.dtype == torch.float32
+            if k.startswith("a."):
+                ranks = p if k == "a.A" else p.t()  # a row of A, a column of B
+                q, c = int8_rows(ranks, torch.ones(len(ranks)))
+                assert torch.equal(torch.log2(c), torch.log2(c).round())  # powers of two
+                # each rank to its nearest value at that scale, its largest within the int8 range at the smallest one
+                step = c[:, None] if k == "a.A" else c[None, :]
+                assert bool(((p - was).abs() <= step / 2).all()) and not torch.equal(p, was)
+                assert bool((q.abs().amax(dim=1) > 63).all())
+            else:
+                assert torch.equal(p, was)  # the other adapter untouched
+    again = {k: p.clone() for k, p in model.named_parameters()}
+    round_adapter(model, "a", torch.int8)  # int8 values stay as they are
+    assert all(torch.equal(p, again[k]) for k, p in model.named_parameters())

@@ -10,26 +10,33 @@ import torch
 from torch import nn
 
 from lorakit.lora import column_kernel, group_kernel, weight_kernel
-from test_column_kernel import expected, factors, term_of
+from lorakit.lora.int8_factors import round_rows
+from test_column_kernel import expected, factors
 
 pytestmark = pytest.mark.skipif(group_kernel.load() is None, reason="no C compiler here to build the kernel")
 
 
-def sibling_group(fan_in: int = 37, fan_outs=(150, 20, 33), biases=(True, False, True), bf16: bool = False):
+def sibling_group(fan_in: int = 37, fan_outs=(150, 20, 33), biases=(True, False, True), bf16: bool = False,
+                  int8: bool = False):
     """Three layers fed the same x (as q/k/v) over 20 slots, two lane groups, ranks differing per slot and per layer
     (slot 4 on no layer, slot 5 on the first only, the third up to slot 12), with their frozen linears; `bf16`:
-    every factor rounded to a bf16 value."""
+    every factor rounded to a bf16 value; `int8`: each rank of A and of B to int8 values times a power of two, B
+    then multiplied by each slot's own scaling (as s B)."""
     ranks = [[4, 8, 2, 0, 5] + [3] * 15, [2, 1, 6, 0, 0] + [2] * 15, [1, 3, 3, 0, 0] + [4] * 7]
-    layers, bases = [], []
+    layers, bases, terms = [], [], []
     for seed, (layer_ranks, fan_out, bias) in enumerate(zip(ranks, fan_outs, biases)):
         A, B, _ = factors([r for r in layer_ranks if r], fan_in, fan_out, seed=3 + seed)
+        owner = torch.cat([torch.full((r,), k + 1) for k, r in enumerate(layer_ranks) if r])
+        scaling = 0.3 + owner / 7 if int8 else torch.ones(len(owner))
         if bf16:
             A, B = A.bfloat16().float(), B.bfloat16().float()
-        owner = torch.cat([torch.full((r,), k + 1) for k, r in enumerate(layer_ranks) if r])
+        if int8:
+            A, B = round_rows(A), round_rows(B.t()).t() * scaling
         layers.append((A, B, owner))
+        terms.append(column_kernel.ColumnTerm(A, B.t(), owner, scaling))
         torch.manual_seed(seed)
         bases.append(nn.Linear(fan_in, fan_out, bias=bias).requires_grad_(False))
-    return column_kernel.LaneGroup([term_of(*layer) for layer in layers]), layers, bases
+    return column_kernel.LaneGroup(terms), layers, bases
 
 
 def scratch(group, fan_in: int) -> torch.Tensor:
@@ -122,6 +129,37 @@ def test_factors_that_are_bf16_values_are_read_as_bf16_lanes_with_the_fp32_lanes
         assert torch.equal(narrow, wide_y)
         torch.testing.assert_close(narrow, expected(x, y, *layer, slots), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="do not match"):  # bf16 lanes through the fp32 build
+        group_kernel.group_call(group_kernel.load(), group, lane, bases, 37, scratch(group, 37))
+    with pytest.raises(ValueError, match="built for them"):
+        column_kernel.add_lanes(column_kernel.load(), x, group, lane, [y.clone() for y in ys], scratch(group, 37))
+
+
+def test_factors_that_are_int8_values_times_a_power_of_two_are_read_as_int8_lanes_with_their_scales():
+    group, layers, bases = sibling_group(int8=True)
+    assert group.AL.dtype == torch.int8 and all(BL.dtype == torch.int8 for BL in group.BL)  # a quarter of the bytes
+    assert group.SL.shape == (group.groups, group.ranks, 16) and sibling_group()[0].SL is None
+    assert sibling_group(bf16=True)[0].AL.dtype == torch.bfloat16  # bf16 values are not taken for int8 ones
+    wide = copy.copy(group)  # fp32 lanes of the same products: each lane rank's two scales on its A, none in SL
+    wide.AL = (group.AL.float() * group.SL[:, :, None, :]).contiguous()
+    wide.BL, wide.SL = [BL.float() for BL in group.BL], None
+    slots = torch.tensor([2, 0, 1, 20, 4, 3, 2, 17, 1, 5, 6, 7, 8, 9, 10, 11])
+    x = torch.randn(37, 16, generator=torch.Generator().manual_seed(3))
+    lane = group.lane_columns(slots)[0]
+    narrow_pass = group_kernel.group_call(group_kernel.load(torch.int8), group, lane, bases, 37, scratch(group, 37))
+    wide_pass = group_kernel.group_call(group_kernel.load(), wide, lane, bases, 37, scratch(group, 37))
+    ys = [torch.randn(out, 16) for out in group.outs]
+    narrow_lanes = column_kernel.add_lanes(column_kernel.load(torch.int8), x, group, lane, [y.clone() for y in ys],
+                                           scratch(group, 37))
+    wide_lanes = column_kernel.add_lanes(column_kernel.load(), x, wide, lane, [y.clone() for y in ys],
+                                         scratch(group, 37))
+    for narrow, wide_y, base, layer in zip(narrow_pass(x), wide_pass(x), bases, layers):
+        plain = (base.weight.double() @ x.double()).float() + (0 if base.bias is None else base.bias[:, None])
+        torch.testing.assert_close(narrow, expected(x, plain, *layer, slots), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(narrow, wide_y, rtol=1e-5, atol=1e-5)
+    for narrow, wide_y, y, layer in zip(narrow_lanes, wide_lanes, ys, layers):
+        torch.testing.assert_close(narrow, expected(x, y, *layer, slots), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(narrow, wide_y, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="do not match"):  # int8 lanes through the fp32 build
         group_kernel.group_call(group_kernel.load(), group, lane, bases, 37, scratch(group, 37))
     with pytest.raises(ValueError, match="built for them"):
         column_kernel.add_lanes(column_kernel.load(), x, group, lane, [y.clone() for y in ys], scratch(group, 37))

@@ -16,6 +16,7 @@ import uvicorn
 import lorakit
 from conftest import TOY_TARGETS, perturb, toy_model_folder
 from lorakit.infer.generate import GenerationConfig, generate
+from lorakit.lora.int8_factors import int8_rows
 from lorakit.models import load_causal_lm, load_tokenizer
 from lorakit.serve.app import build_app
 from lorakit.serve.config import ServeConfig
@@ -236,16 +237,20 @@ def test_client_disconnecting_mid_stream(server, client):
 
 
 @pytest.mark.parametrize("weights", [{"half_weights": "bf16"}, {"quantize": "int8"}, {"quantize": "w8a8"},
-                                     {"lora_dtype": "bf16"}], ids=["bf16", "int8", "w8a8", "lora-bf16"])
+                                     {"lora_dtype": "bf16"}, {"lora_dtype": "int8"}],
+                         ids=["bf16", "int8", "w8a8", "lora-bf16", "lora-int8"])
 def test_a_server_on_half_or_int8_weights_answers_each_request_as_it_would_alone(toy, weights):
-    """bf16 or int8 linear weights, or adapters rounded to bf16: a concurrent mixed batch gives each request what
-    the same server gives it alone."""
+    """bf16 or int8 linear weights, or adapters rounded to bf16 or int8: a concurrent mixed batch gives each request
+    what the same server gives it alone."""
     folder, adapters = toy
     config = ServeConfig(max_batch=16, batch_wait_ms=100, max_tokens=40, **weights)
     app = build_app(str(folder), {n: str(adapters / n) for n in NAMES}, config)
-    if "lora_dtype" in weights:  # every adapter the server loaded holds bf16 values
-        factors = [p for n, p in app.state.registry.model.named_parameters() if ".adapters." in n]
-        assert factors and all(torch.equal(p, p.bfloat16().float()) for p in factors)
+    factors = {n: p for n, p in app.state.registry.model.named_parameters() if ".adapters." in n}
+    if weights.get("lora_dtype") == "bf16":  # every adapter the server loaded holds bf16 values
+        assert factors and all(torch.equal(p, p.bfloat16().float()) for p in factors.values())
+    if weights.get("lora_dtype") == "int8":  # each rank of each: int8 values times a power of two
+        ranks = [p if n.endswith(".A") else p.t() for n, p in factors.items()]
+        assert ranks and all(int8_rows(r, torch.ones(len(r))) is not None for r in ranks)
     plan = [(NAMES[i % 4], PROMPTS[i % len(PROMPTS)]) for i in range(8)]
     with Server(app) as running:
         client = openai.OpenAI(base_url=running.url, api_key="none", max_retries=0, timeout=60)

@@ -64,8 +64,8 @@ def add_model_arguments(parser, model_required: bool = True) -> None:
     )
     parser.add_argument(
         "--lora-dtype", choices=LORA_DTYPES, default="fp32",
-        help="bf16: the adapter's factors rounded to bf16 values, as `lorakit serve --lora-dtype bf16` serves them "
-        "(to score a task on them before serving)",
+        help="bf16: the adapter's factors rounded to bf16 values; int8: each rank of them to int8 values times a "
+        "power of two; as `lorakit serve --lora-dtype` serves them (to score a task on them before serving)",
     )
 
 

@@ -51,7 +51,8 @@ def load_for_inference(
     base quantised otherwise than `bits` asks (None when not). `quantize` "int8" stores the base's linear
     weights as int8 on the CPU (infer/int8_weights.py), as `lorakit serve --quantize int8` does ("w8a8": their
     inputs rounded to int8 too); `lora_dtype`
-    "bf16" rounds the adapter's factors to bf16 values, as `lorakit serve --lora-dtype bf16` does.
+    "bf16" rounds the adapter's factors to bf16 values, "int8" each rank of them to int8 values times a power of
+    two, as `lorakit serve --lora-dtype` does.
 
     Raises:
         ConfigError: `quantize` together with `bits`, or int8 weights off the CPU.

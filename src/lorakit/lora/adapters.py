@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from lorakit.config import LoraConfig
+from lorakit.lora.int8_factors import round_rows
 from lorakit.lora.layer import LoraLayer, SavedModule
 
 
@@ -131,17 +132,24 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     model.lora_configs = {k: v for k, v in model.lora_configs.items() if k != name}
 
 
-LORA_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # serve/generate --lora-dtype: the type adapters round to
+# serve/generate --lora-dtype: the type adapters round to
+LORA_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "int8": torch.int8}
 
 
 @torch.no_grad()
 def round_adapter(model: nn.Module, name: str, dtype: torch.dtype) -> None:
-    """Round every parameter of adapter `name` (its factors; a DoRA magnitude too) to the nearest `dtype` value,
-    kept in its own type, as an adapter trained or saved in `dtype` holds them. In bf16 a mixed batch's kernels
-    then read its factors at half the bytes (lora/column_kernel.py's lane layouts); the arithmetic is unchanged."""
+    """Round adapter `name` to `dtype`'s values, kept in its own type, as an adapter trained or saved in `dtype`
+    holds them: in bf16 every parameter (its factors; a DoRA magnitude too); in int8 each rank of its factors, a row
+    of A and a column of B, to int8 values times a power of two (lora/int8_factors.py), other parameters as they
+    are. A mixed batch's kernels then read the factors at half (bf16) or a quarter (int8) of the bytes
+    (lora/column_kernel.py's lane layouts); the arithmetic is unchanged."""
     adapter_config(model, name)
     for _, layer in lora_layers(model):
         adapter = layer.adapters._modules.get(name)
+        if adapter is not None and dtype == torch.int8:
+            adapter.A.copy_(round_rows(adapter.A))
+            adapter.B.copy_(round_rows(adapter.B.t()).t())
+            continue
         for param in [] if adapter is None else adapter.parameters():
             if param.is_floating_point():
                 param.copy_(param.to(dtype))

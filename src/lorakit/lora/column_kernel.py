@@ -15,9 +15,11 @@ outputs. For a prompt pass's many columns, runs of consecutive columns through o
 tokens), `add_segments` multiplies each run by its adapter's factors along the rows of the
 feature-major inputs and outputs, reading the factors once a run.
 
-The lane layouts hold fp32 factors, or bf16 ones where every factor of the group is a bf16 value (an
-adapter trained or saved in bf16, or rounded to it: `lorakit serve --lora-dtype bf16`): the same values
-at half the bytes, so the same sums, read by the kernel's bf16 build.
+The lane layouts hold fp32 factors; int8 ones where every rank of the group is int8 values times a power of
+two (an adapter rounded by `lorakit serve --lora-dtype int8`, lora/int8_factors.py), each rank's scales folded
+into its sum, a quarter of the bytes; else bf16 ones where every factor is a bf16 value (an adapter trained or
+saved in bf16, or rounded to it: `--lora-dtype bf16`), half the bytes. The same values either way, read by the
+kernel's build for that type.
 
 It is compiled once per machine with the system's C compiler (lorakit/native.py) and loaded with
 ctypes. `load()` returns the library, or None where it cannot be built (no compiler, another platform);
@@ -35,6 +37,7 @@ from pathlib import Path
 import torch
 
 from lorakit import native
+from lorakit.lora.int8_factors import int8_rows
 
 SOURCE = Path(__file__).with_suffix(".c")
 _COLUMNS_ARGS = [
@@ -46,7 +49,7 @@ _COLUMNS_ARGS = [
 ]
 _LANES_ARGS = [
     ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # x, in, n, its strides
-    ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,  # AL, groups, R, lane
+    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,  # AL, SL, groups, R, lane
     ctypes.c_int64, ctypes.c_void_p,  # members, their table (rank0, ranks, out, y's feature stride)
     *[ctypes.c_void_p] * 4, *[ctypes.c_void_p] * 4,  # each member's BL, its y
     ctypes.c_void_p, ctypes.c_int,  # work, threads
@@ -60,7 +63,8 @@ _SEGMENTS_ARGS = [
 ]
 MEMBERS = 4  # the members of a sibling group one lane call serves at most (column_kernel.c's MEMBERS)
 LANES = 16  # slots a lane group holds: one 16-float vector
-LANE_TYPES = (torch.float32, torch.bfloat16)  # the lane layouts' factor types, bf16 where it holds them exactly
+LANE_TYPES = (torch.float32, torch.bfloat16, torch.int8)  # the lane layouts' factor types (where they hold them)
+_LANE_FLAGS = {torch.float32: [], torch.bfloat16: ["-DLANE_BF16"], torch.int8: ["-DLANE_INT8"]}
 
 
 def enabled() -> bool:
@@ -71,7 +75,7 @@ def enabled() -> bool:
 @cache
 def load(lanes: torch.dtype = torch.float32):
     """The kernel's library (lora_columns, lora_lanes), built on first use, its lane layouts' factors of type
-    `lanes` (fp32 or bf16: `library.lane_dtype`); None where it cannot be built here (logged once)."""
+    `lanes` (fp32, bf16 or int8: `library.lane_dtype`); None where it cannot be built here (logged once)."""
     library = native.load_library(SOURCE, native.FLAGS + lane_flags(lanes),
                                   what="the per-column LoRA kernel (mixed batches use side-by-side products)")
     if library is None:
@@ -86,19 +90,21 @@ def load(lanes: torch.dtype = torch.float32):
 def lane_flags(lanes: torch.dtype) -> list[str]:
     """The C flags that build a lane kernel for factors of type `lanes` (column_kernel.c, group_kernel.c)."""
     if lanes not in LANE_TYPES:
-        raise ValueError(f"lane factors are fp32 or bf16, not {lanes}")
-    return ["-DLANE_BF16"] if lanes == torch.bfloat16 else []
+        raise ValueError(f"lane factors are fp32, bf16 or int8, not {lanes}")
+    return _LANE_FLAGS[lanes]
 
 
 class ColumnTerm:
     """One LoRA layer's factors for the kernel: A (W, in) rows and (s B)^T (W, out) rows, the adapters'
     ranks one under the other, and where each slot's ranks lie (slot 0: no adapter)."""
 
-    def __init__(self, A: torch.Tensor, BT: torch.Tensor, owner: torch.Tensor):
-        """A (W, in), BT (W, out) and owner (W,), the slot of each rank row, in ascending order."""
+    def __init__(self, A: torch.Tensor, BT: torch.Tensor, owner: torch.Tensor, scaling: torch.Tensor | None = None):
+        """A (W, in), BT (W, out) and owner (W,), the slot of each rank row, in ascending order; `scaling` (W,) the
+        s each rank row of BT was multiplied by (1 where not given): where int8 lanes look for their scales."""
         if len(owner) and bool((owner[1:] < owner[:-1]).any()):
             raise ValueError("ColumnTerm needs each slot's ranks together, slots in ascending order")
         self.A, self.BT = A.contiguous(), BT.contiguous()
+        self.scaling = torch.ones(len(owner)) if scaling is None else scaling.float().cpu()
         count = torch.bincount(owner.cpu(), minlength=1)  # (slots,): 0 for a slot without ranks here
         # one more slot, past the last, with no ranks: where slots beyond this layer's adapters point
         self.slot_count = torch.cat([count, count.new_zeros(1)])
@@ -118,26 +124,29 @@ class ColumnTerm:
         """Lane groups of 16 slots that cover this layer's slots 1 .. (slot 0 has no adapter)."""
         return -(-(len(self.slot_count) - 2) // LANES)
 
-    def lane_factors(self, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def lane_factors(self, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The factors by slot lanes over `groups` (at least this layer's), AL (groups, R, in, 16) and BL
         (groups, out, R, 16), R the largest rank, lane l of group g holding slot 16 g + l + 1 (zeros past a slot's
-        own ranks and for slots without ranks here)."""
+        own ranks and for slots without ranks here), and each lane rank's scaling (groups, R, 16), 1 where zeros."""
         slots, R = groups * LANES, self.max_rank
         A = self.A.new_zeros((slots, R, self.A.shape[1]))
         BT = self.BT.new_zeros((slots, R, self.BT.shape[1]))
+        scaling = torch.ones((slots, R))
         for slot in range(1, len(self.slot_count) - 1):
             first, count = int(self.slot_first[slot]), int(self.slot_count[slot])
             A[slot - 1, :count] = self.A[first : first + count]
             BT[slot - 1, :count] = self.BT[first : first + count]
+            scaling[slot - 1, :count] = self.scaling[first : first + count]
         AL = A.view(groups, LANES, R, -1).permute(0, 2, 3, 1).contiguous()
         BL = BT.view(groups, LANES, R, -1).permute(0, 3, 2, 1).contiguous()
-        return AL, BL
+        return AL, BL, scaling.view(groups, LANES, R).transpose(1, 2).contiguous()
 
 
 class LaneGroup:
     """The lane layouts of a sibling group's layers fed the same x (q/k/v, gate/up; or one layer): AL of every
     member's ranks one after the other, (groups, sum of R, in, 16), and each member's BL, so that one kernel call
-    adds every member's terms; in bf16 where every factor is a bf16 value, else fp32."""
+    adds every member's terms; in int8 where every rank is int8 values times a power of two (with SL, each lane
+    rank's two scales, (groups, sum of R, 16)), else in bf16 where every factor is a bf16 value, else fp32."""
 
     def __init__(self, terms: list[ColumnTerm]):
         if not 1 <= len(terms) <= MEMBERS or len({t.A.shape[1] for t in terms}) != 1:
@@ -145,9 +154,13 @@ class LaneGroup:
         self.terms = terms
         self.groups = max(t.groups for t in terms)
         factors = [t.lane_factors(self.groups) for t in terms]
-        self.AL = torch.cat([AL for AL, _ in factors], dim=1)
-        self.BL = [BL for _, BL in factors]
-        if load(torch.bfloat16) is not None and all(_bf16_values(t) for t in [self.AL, *self.BL]):  # half the bytes
+        self.AL = torch.cat([AL for AL, _, _ in factors], dim=1)
+        self.BL = [BL for _, BL, _ in factors]
+        self.SL: torch.Tensor | None = None
+        narrow = _int8_lanes(self.AL, self.BL, [scaling for *_, scaling in factors]) if load(torch.int8) else None
+        if narrow is not None:  # a quarter of the bytes
+            self.AL, self.BL, self.SL = narrow
+        elif load(torch.bfloat16) is not None and all(_bf16_values(t) for t in [self.AL, *self.BL]):  # half the bytes
             self.AL, self.BL = self.AL.to(torch.bfloat16), [BL.to(torch.bfloat16) for BL in self.BL]
         ranks = [t.max_rank for t in terms]
         rank0 = [sum(ranks[:m]) for m in range(len(terms))]
@@ -191,6 +204,29 @@ class LaneGroup:
         lane = torch.where(present, slots - 1, -1).contiguous()
         groups = len(set((lane[lane >= 0] // LANES).tolist()))
         return lane, -(-len(slots) // LANES) * groups * LANES * lane_floats, column_floats
+
+
+def _int8_lanes(AL: torch.Tensor, BLs: list[torch.Tensor], scalings: list[torch.Tensor]):
+    """(AL, BLs, SL) in int8 lanes with each lane rank's scales, where every rank of A (over the inputs) and of each
+    BL (over the outputs, after its scaling) is int8 values times a power of two; else None."""
+    groups, R, fan_in, _ = AL.shape
+    found = int8_rows(AL.permute(0, 1, 3, 2).reshape(-1, fan_in), torch.ones(groups * R * LANES))
+    if found is None:
+        return None
+    qA = found[0].view(groups, R, LANES, fan_in).permute(0, 1, 3, 2).contiguous()
+    scales, qBs = [found[1].view(groups, R, LANES)], []
+    for BL, scaling in zip(BLs, scalings):
+        out, ranks = BL.shape[1], BL.shape[2]
+        if not ranks:  # a member without ranks here: nothing to read
+            qBs.append(BL.to(torch.int8))
+            scales.append(scaling)
+            continue
+        found = int8_rows(BL.permute(0, 2, 3, 1).reshape(-1, out), scaling.reshape(-1))
+        if found is None:
+            return None
+        qBs.append(found[0].view(groups, ranks, LANES, out).permute(0, 3, 1, 2).contiguous())
+        scales.append(found[1].view(groups, ranks, LANES))
+    return qA, qBs, (scales[0] * torch.cat(scales[1:], dim=1)).contiguous()
 
 
 def _bf16_values(t: torch.Tensor) -> bool:
@@ -277,7 +313,9 @@ def lanes_call(kernel, group: LaneGroup, lane: torch.Tensor, x_shape, y_shapes, 
     # each member's row: rank0, ranks, out, y's feature stride (n: y contiguous, columns of stride 1)
     table = torch.tensor([[*row, n] for row in group.table], dtype=torch.int64)
     pointers = [BL.data_ptr() for BL in group.BL] + [0] * (MEMBERS - members)
-    head = (group.AL.data_ptr(), group.groups, group.ranks, lane.data_ptr(), members, table.data_ptr(), *pointers)
+    scales = 0 if group.SL is None else group.SL.data_ptr()
+    head = (group.AL.data_ptr(), scales, group.groups, group.ranks, lane.data_ptr(), members, table.data_ptr(),
+            *pointers)
     function, threads, missing = kernel.lora_lanes, torch.get_num_threads(), [0] * (MEMBERS - members)
 
     def call(x: torch.Tensor, ys: list[torch.Tensor]) -> list[torch.Tensor]:

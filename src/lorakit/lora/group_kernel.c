@@ -20,8 +20,9 @@
    so that a member's W x (+ b) is the same to the bit as weight_product's (+ the bias), and the term
    is added to it once, as lora_lanes adds it. At most 16 columns (one block of columns).
 
-   The factors are fp32, or bf16 where built with -DLANE_BF16 (half the bytes; each lane vector widened to fp32
-   as it is read, the sums in fp32 as before).
+   The factors are fp32, bf16 where built with -DLANE_BF16 (half the bytes; each lane vector widened to fp32
+   as it is read, the sums in fp32 as before), or int8 where built with -DLANE_INT8 (a quarter of the bytes;
+   each slot's rank j of A x multiplied by its factor in SL, both factors' scales, as lora_lanes does).
 
    Built by lorakit/native.py with FMA contraction, as weight_kernel.c; called by lora/group_kernel.py. */
 
@@ -30,7 +31,11 @@
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
 typedef int32_t i16 __attribute__((vector_size(64)));
-#ifdef LANE_BF16
+#if defined(LANE_INT8)
+#include <immintrin.h>
+typedef int8_t lane_t;
+typedef int8_t b16u __attribute__((vector_size(16), aligned(1)));
+#elif defined(LANE_BF16)
 typedef uint16_t lane_t;
 typedef uint16_t w16u __attribute__((vector_size(32), aligned(2)));
 typedef uint32_t u16 __attribute__((vector_size(64)));
@@ -51,6 +56,7 @@ typedef struct {
 typedef struct { /* what a call shares with its blocks */
     const float *xb, *W[MEMBERS], *bias[MEMBERS];
     const lane_t *AL, *BL[MEMBERS];
+    const float *SL; /* null, or each slot's rank factors (groups, R, 16) */
     float *Y[MEMBERS], *h;
     int64_t in, n, members, R, groups, rank0[MEMBERS], ranks[MEMBERS], out[MEMBERS], start[MEMBERS + 1];
     int64_t total, split, tasks, task_group[GROUPS];
@@ -59,7 +65,16 @@ typedef struct { /* what a call shares with its blocks */
 } Step;
 
 /* the lane vector at p in fp32, lane l taken from lane idx[l] */
-#ifdef LANE_BF16
+#if defined(LANE_INT8)
+static inline v16 lanes_of(const lane_t *p, i16 idx) {
+#ifdef __AVX512F__ /* one widening load and one conversion (GCC widens a generic int8 vector byte by byte) */
+    v16 wide = (v16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+#else
+    v16 wide = __builtin_convertvector(*(const b16u *)p, v16);
+#endif
+    return __builtin_shuffle(wide, idx);
+}
+#elif defined(LANE_BF16)
 static inline v16 lanes_of(const lane_t *p, i16 idx) {
     u16 wide = __builtin_convertvector(*(const w16u *)p, u16); /* a bf16 is the top half of its fp32 */
     return __builtin_shuffle((v16)(wide << 16), idx);
@@ -128,6 +143,13 @@ static inline const lane_t *task_factors(const Step *st, int64_t q) {
 /* where rank task q's sums for every column go in h */
 static inline float *h_of(const Step *st, int64_t q) {
     return st->h + (st->task_group[q / st->R] * st->R + q % st->R) * 16;
+}
+
+/* rank task q's sums for every column, stored in h times its factors where SL holds them */
+static inline void put_h(const Step *st, int64_t q, v16 sum) {
+    int64_t g = st->task_group[q / st->R];
+    if (st->SL) sum *= __builtin_shuffle(*(const v16u *)(st->SL + (g * st->R + q % st->R) * 16), st->idx[g]);
+    *(v16u *)h_of(st, q) = sum;
 }
 
 /* each used group's (s B) rows o .. o + rows of member m: one span per group */
@@ -215,13 +237,13 @@ static void block(const Step *st, int64_t k) {
         int64_t q = first_task(st, k), last = first_task(st, k + 1);
         if (q < last) { /* the first rank rides in the block's loop, any others follow it */
             rows8(st, w, s, task_factors(st, q), st->idx[st->task_group[q / st->R]], &t, spans, count);
-            *(v16u *)h_of(st, q) = t;
+            put_h(st, q, t);
             for (q++; q < last; q++) {
                 const lane_t *a = task_factors(st, q);
                 i16 idx = st->idx[st->task_group[q / st->R]];
                 v16 u = {0};
                 for (int64_t i = 0; i < st->in; i++) u += lanes_of(a + i * 16, idx) * *(const v16u *)(st->xb + i * 16);
-                *(v16u *)h_of(st, q) = u;
+                put_h(st, q, u);
             }
         } else {
             rows8(st, w, s, 0, st->idx[0], &t, spans, count);
@@ -252,16 +274,16 @@ static void add_terms(const Step *st, int64_t p) {
 
 /* For each member m (table row m: rank0, ranks, out) y_m (out_m, n) = W_m x + b_m (b_m may be null) + each
    column's LoRA term, x (in, n) and y_m row-major, n <= 16 columns. AL (groups, R, in, 16) and BL_m (groups,
-   out_m, ranks_m, 16) as lora_lanes takes them; lane[b]: column b's lane (its slot - 1), or -1 for a column
+   out_m, ranks_m, 16) and SL (null, or (groups, R, 16)) as lora_lanes takes them; lane[b]: column b's lane (its slot - 1), or -1 for a column
    with no term. `work` holds 16 * in + groups * R * 16 floats. Returns 0, or 1 for arguments out of range
    (nothing is written then). */
 int group_step(const float *x, int64_t in, int64_t n, int64_t members, const int64_t *table,
                const float *W0, const float *W1, const float *W2, const float *W3,
                const float *b0, const float *b1, const float *b2, const float *b3,
-               const lane_t *AL, int64_t groups, int64_t R, const int64_t *lane,
+               const lane_t *AL, const float *SL, int64_t groups, int64_t R, const int64_t *lane,
                const lane_t *BL0, const lane_t *BL1, const lane_t *BL2, const lane_t *BL3,
                float *y0, float *y1, float *y2, float *y3, float *work, int threads) {
-    Step st = {.in = in, .n = n, .members = members, .R = R, .groups = groups, .AL = AL};
+    Step st = {.in = in, .n = n, .members = members, .R = R, .groups = groups, .AL = AL, .SL = SL};
     const float *W[MEMBERS] = {W0, W1, W2, W3}, *bias[MEMBERS] = {b0, b1, b2, b3};
     const lane_t *BL[MEMBERS] = {BL0, BL1, BL2, BL3};
     float *Y[MEMBERS] = {y0, y1, y2, y3};

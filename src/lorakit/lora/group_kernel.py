@@ -3,7 +3,7 @@
 In a mixed-adapter decode step the base products of a sibling group (q/k/v, gate/up) stream its weights
 and its adapters' LoRA terms stream every adapter's factors, doing little with them. `group_call` binds a
 group's weights, biases and lane layout (column_kernel.LaneGroup) for a batch's columns, and the call
-computes every member's W x + b + its columns' terms in one pass, the factors (fp32 or bf16 lanes: load's
+computes every member's W x + b + its columns' terms in one pass, the factors (fp32, bf16 or int8 lanes: load's
 `lanes`) read while the products compute. Each member's W x + b is the same to the bit as
 lora/weight_kernel.py's product plus its bias, so it serves where `lora.base.decode_layouts` multiplies the
 step's columns by that kernel.
@@ -30,7 +30,7 @@ GROUPS = 4  # the most lane groups (of 16 slots) one call takes (group_kernel.c'
 _ARGS = [
     ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,  # x, in, n, members, table
     *[ctypes.c_void_p] * 8,  # each member's weight, its bias
-    ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,  # AL, groups, R, lane
+    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,  # AL, SL, groups, R, lane
     *[ctypes.c_void_p] * 8,  # each member's BL, its y
     ctypes.c_void_p, ctypes.c_int,  # work, threads
 ]
@@ -38,7 +38,7 @@ _ARGS = [
 
 @cache
 def load(lanes: torch.dtype = torch.float32):
-    """The kernel's C function for lane layouts of type `lanes` (fp32 or bf16: `function.lane_dtype`), built on
+    """The kernel's C function for lane layouts of type `lanes` (fp32, bf16, int8: `function.lane_dtype`), built on
     first use; None where it cannot be built here (logged once)."""
     if not weight_kernel.enabled():
         return None
@@ -71,7 +71,7 @@ def group_call(function, group: LaneGroup, lane: torch.Tensor, bases: list, fan_
     head = (
         fan_in, n, members, table.data_ptr(),
         *[w.data_ptr() for w in weights], *missing, *[0 if b is None else b.data_ptr() for b in biases], *missing,
-        group.AL.data_ptr(), group.groups, group.ranks, lane.data_ptr(),
+        group.AL.data_ptr(), 0 if group.SL is None else group.SL.data_ptr(), group.groups, group.ranks, lane.data_ptr(),
         *[BL.data_ptr() for BL in group.BL], *missing,
     )
     shapes = [(out, n) for out in group.outs]

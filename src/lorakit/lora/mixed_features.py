@@ -377,14 +377,15 @@ def _side_by_side(group: list[nn.Module], found: list[list[tuple]]) -> dict[int,
     for member, f in present:
         first = f[0][1][1]
         B = first.new_empty((first.shape[0], sum(B.shape[1] for _, (_, B, _, _) in f)))  # (out, width): s B
-        column = 0
+        column, scaling = 0, []
         for _, (_, part, s, _) in f:
             torch.mul(part, s, out=B[:, column : column + part.shape[1]])
             column += part.shape[1]
+            scaling.append(torch.full((part.shape[1],), s, dtype=torch.float32))
         stop = start + B.shape[1]
         term = None
         if B.dtype == A.dtype == torch.float32 and B.is_cpu and column_kernel.enabled() and column_kernel.load():
-            term = column_kernel.ColumnTerm(A[start:stop], B.t(), side.owner[start:stop])
+            term = column_kernel.ColumnTerm(A[start:stop], B.t(), side.owner[start:stop], torch.cat(scaling))
         entries[id(member)] = (side, start, stop, B, term)
         start = stop
     return entries

@@ -10,7 +10,7 @@ SCHEDULERS = ("continuous", "batch")  # serve/continuous.py, serve/scheduler.py
 HALF_WEIGHTS = ("off", "auto", "fp16", "bf16")  # infer/half_weights.py
 PREFILLS = ("beside", "apart")  # infer/continuous.py: RunningBatch
 QUANTIZE = ("off", "int8", "w8a8")  # infer/int8_weights.py
-LORA_DTYPES = ("fp32", "bf16")  # lora/adapters.py's LORA_DTYPES, named here without importing torch
+LORA_DTYPES = ("fp32", "bf16", "int8")  # lora/adapters.py's LORA_DTYPES, named here without importing torch
 
 
 @dataclass
@@ -56,10 +56,12 @@ class ServeConfig:
         default="off",
     )
     lora_dtype: str = _help(
-        "fp32 | bf16: every loaded adapter's factors rounded to bf16 (as an adapter trained or saved in bf16 "
-        "holds them), so that a mixed batch reads them at half the bytes; products and sums stay fp32; outputs "
-        "are then close to the fp32 adapter's, not equal. Needs a scaling (lora_alpha / r) that is a power of two "
-        "for the scaled B to stay a bf16 value; factors that are bf16 values already are read that way anyway",
+        "fp32 | bf16 | int8: every loaded adapter's factors rounded to bf16 (as an adapter trained or saved in bf16 "
+        "holds them), or each rank of them (a row of A, a column of B) to int8 values times a power of two, so that "
+        "a mixed batch reads them at half (bf16) or a quarter (int8) of the bytes; products and sums stay fp32; "
+        "outputs are then close to the fp32 adapter's, not equal. bf16 needs a scaling (lora_alpha / r) that is a "
+        "power of two for the scaled B to stay a bf16 value; factors that are such values already are read that way "
+        "anyway",
         default="fp32",
     )
     max_batch: int = _help("most requests decoding together in one batch", default=16)
