@@ -1,7 +1,7 @@
 """Serving throughput with many adapters on one base: lorakit's mixed batches against merged and PEFT.
 
     python bench/serve_throughput.py [--model smollm2-135m-instruct] [--adapters 16] [--requests 16]
-                                     [--new-tokens 32] [--rank 8] [--repeats 3] [--warmup 1] [--skip-peft]
+                                     [--new-tokens 32] [--rank 8] [--repeats 3] [--turns 1] [--warmup 1] [--skip-peft]
                                      [--device cuda|cpu] [--results-dir DIR] [--variants merged,mixed-16]
                                      [--half-weights auto|bf16|fp16] [--quantize int8,w8a8] [--lora-dtype bf16,int8]
                                      [--model-config qwen2.5-1.5b]
@@ -36,7 +36,7 @@ and with --lora-dtype D, D one or more of bf16 and int8 (lora/adapters.py: round
 the prompts are still tokenised by --model's tokenizer) and writes serve_throughput_NAME.json, so the
 cost of many adapters can be compared across model sizes.
 Every variant runs --warmup times untimed, then all of them take turns in each of --repeats
-rounds (PEFT's included), so a drift of the machine's speed hits them alike. Every round's figure
+rounds (PEFT's included; --turns K: K turns a round, the round's figure over a variant's K runs), so a drift of the machine's speed hits them alike. Every round's figure
 is printed, then min / median per variant, and the ratios of mixed-N to both merged baselines and
 to PEFT, each taken within a round. Models run on --device (the GPU when there is one). The
 process keeps freed memory (serve/malloc.py), as `lorakit serve` does. Writes
@@ -86,22 +86,33 @@ def prompts(tokenizer, n: int) -> list[str]:
 
 
 def timed_rounds(variants: dict, args) -> list[dict]:
-    """Each variant --warmup times untimed, then --repeats rounds in which every variant runs once in
-    turn; returns one {"repeat", "variant", "seconds"} per timed run."""
+    """Each variant --warmup times untimed, then --repeats rounds in which the variants take --turns turns, each
+    variant running once a turn; returns one {"repeat", "turn", "variant", "seconds"} per timed run."""
     for label, fn in variants.items():
         for _ in range(args.warmup):
             fn()
         print(f"  warmed up {label}", flush=True)
     runs = []
     for repeat in range(1, args.repeats + 1):
-        for label, fn in variants.items():
-            _sync(args.device)
-            start = time.perf_counter()
-            fn()
-            _sync(args.device)
-            runs.append({"repeat": repeat, "variant": label, "seconds": time.perf_counter() - start})
-            print(f"  round {repeat}  {label:<20} {runs[-1]['seconds']:.2f} s", flush=True)
+        for turn in range(1, args.turns + 1):
+            for label, fn in variants.items():
+                _sync(args.device)
+                start = time.perf_counter()
+                fn()
+                _sync(args.device)
+                runs.append({"repeat": repeat, "turn": turn, "variant": label, "seconds": time.perf_counter() - start})
+                print(f"  round {repeat} turn {turn}  {label:<20} {runs[-1]['seconds']:.2f} s", flush=True)
     return runs
+
+
+def round_figures(runs: list[dict], tokens: int) -> list[dict]:
+    """One {"repeat", "variant", "seconds", "tokens_per_s"} per round and variant: its turns' tokens over their
+    summed seconds."""
+    rounds: dict[tuple[int, str], list[float]] = {}
+    for run in runs:
+        rounds.setdefault((run["repeat"], run["variant"]), []).append(run["seconds"])
+    return [{"repeat": repeat, "variant": variant, "seconds": sum(seconds),
+             "tokens_per_s": tokens * len(seconds) / sum(seconds)} for (repeat, variant), seconds in rounds.items()]
 
 
 def _sync(device: str) -> None:
@@ -296,6 +307,8 @@ def main() -> None:
     parser.add_argument("--model-config", choices=sorted(MODEL_CONFIGS), default=None,
                         help="that shape with random weights instead of --model's (prompts still use its tokenizer)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--turns", type=int, default=1,
+                        help="runs of each variant a round, taking turns; the round's figure is over their summed time")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before each variant")
     parser.add_argument("--skip-peft", action="store_true", help="lorakit variants only")
     parser.add_argument("--half-weights", choices=["auto", "bf16", "fp16"], default=None,
@@ -337,15 +350,16 @@ def main() -> None:
     tokens = args.requests * args.new_tokens
     for run in runs:
         run["tokens_per_s"] = tokens / run["seconds"]
+    rounds = round_figures(runs, tokens)
     print(
         f"\n{args.model_config or args.model} on {_device_name(args.device)}: {args.requests} requests x "
         f"{args.new_tokens} new tokens, {args.adapters} rank-{args.rank} adapters; generated tok/s in each round:"
     )
-    repeats = sorted({r["repeat"] for r in runs})
+    repeats = sorted({r["repeat"] for r in rounds})
     print(f"  {'variant':<20}" + "".join(f"{'round ' + str(i):>10}" for i in repeats))
     for variant in variants:
-        print(f"  {variant:<20}" + "".join(f"{r['tokens_per_s']:>10.1f}" for r in runs if r["variant"] == variant))
-    summary = summarise(runs, args)
+        print(f"  {variant:<20}" + "".join(f"{r['tokens_per_s']:>10.1f}" for r in rounds if r["variant"] == variant))
+    summary = summarise(rounds, args)
     print(f"\n  {'':<32} {'min':>8} {'median':>8} {'max':>8}")
     for row in summary:
         print(f"  {row['what']:<32} {row['min']:>8.2f} {row['median']:>8.2f} {row['max']:>8.2f}")
@@ -374,9 +388,12 @@ def main() -> None:
                      + ("mixed-K-lora-int8: every adapter's ranks rounded to int8 values times a power of two "
                         "(lorakit serve --lora-dtype int8), read at a quarter of the bytes, computed in fp32. "
                         if "int8" in args.lora_dtype else "")
-                     + f"All variants take turns in each of {args.repeats} rounds after {args.warmup} untimed run(s); "
-                     "ratios are taken within a round."),
-        columns=[("repeat", "round"), ("variant", "variant"), ("tokens_per_s", "generated tok/s"), ("seconds", "s")],
+                     + f"All variants take turns in each of {args.repeats} rounds after {args.warmup} untimed run(s)"
+                     + (f", {args.turns} turns a round; a round's figure is a variant's {args.turns} runs' tokens over "
+                        "their summed seconds" if args.turns > 1 else "")
+                     + "; ratios are taken within a round."),
+        columns=[("repeat", "round"), *([("turn", "turn")] if args.turns > 1 else []), ("variant", "variant"),
+                 ("tokens_per_s", "generated tok/s"), ("seconds", "s")],
         summary=summary, machine_info=machine(device=_device_name(args.device), **speed), out_dir=args.results_dir,
     )
     print(f"wrote {path}")
