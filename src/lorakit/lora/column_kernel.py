@@ -287,8 +287,8 @@ def add_segments(kernel, x: torch.Tensor, term: ColumnTerm, B: torch.Tensor, pla
 
 def segments_scratch(plan: tuple[torch.Tensor, ...]) -> int:
     """The floats add_segments' work holds for `plan`: each segment's ranks for its blocks of 16 columns."""
-    _, length, _, count = plan
-    return int((16 * ((length + 15) // 16) * count).sum())
+    _, length, _, count = plan  # a few segments: Python's ints are faster than torch's ops on them
+    return sum(16 * ((n + 15) // 16) * c for n, c in zip(length.tolist(), count.tolist()))
 
 
 def add_lanes(kernel, x: torch.Tensor, group: LaneGroup, lane: torch.Tensor, ys: list[torch.Tensor],
