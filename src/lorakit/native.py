@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -44,7 +45,7 @@ def built(source: Path, flags: list[str] = FLAGS) -> Path:
     compiler = os.environ.get("CC", "cc")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256(
-        source.read_bytes() + " ".join(flags).encode() + version.encode() + _cpu_flags().encode()
+        _source_bytes(source) + " ".join(flags).encode() + version.encode() + _cpu_flags().encode()
     ).hexdigest()[:16]
     target = cache_root() / "kernels" / f"{source.stem}-{key}.so"
     if target.exists():
@@ -58,6 +59,13 @@ def built(source: Path, flags: list[str] = FLAGS) -> Path:
     finally:
         Path(tmp).unlink(missing_ok=True)
     return target
+
+
+def _source_bytes(source: Path) -> bytes:
+    """The source and the local headers it includes (`#include "name.h"` beside it), so that editing one builds anew."""
+    text = source.read_bytes()
+    headers = re.findall(rb'^#include "([^"]+)"', text, flags=re.MULTILINE)
+    return text + b"".join((source.parent / name.decode()).read_bytes() for name in headers)
 
 
 def _cpu_flags() -> str:

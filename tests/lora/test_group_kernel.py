@@ -105,61 +105,48 @@ def test_bad_arguments_are_refused():
         call(torch.randn(37, 2).double())
 
 
-def test_factors_that_are_bf16_values_are_read_as_bf16_lanes_with_the_fp32_lanes_bits():
-    group, layers, bases = sibling_group(bf16=True)
-    assert group.AL.dtype == torch.bfloat16 and all(BL.dtype == torch.bfloat16 for BL in group.BL)  # half the bytes
-    assert sibling_group()[0].AL.dtype == torch.float32  # factors that are not bf16 values stay fp32
-    wide = copy.copy(group)  # the same values in fp32 lanes
-    wide.AL, wide.BL = group.AL.float(), [BL.float() for BL in group.BL]
+def narrow_group(dtype: torch.dtype):
+    """A sibling group whose factors the lanes hold in `dtype` (bf16 values; int8 values times powers of two), its
+    layers and bases, and the same group in fp32 lanes of the same products (int8: each lane rank's two scales
+    on its A, none in SL)."""
+    group, layers, bases = sibling_group(bf16=dtype == torch.bfloat16, int8=dtype == torch.int8)
+    wide = copy.copy(group)
+    scales = 1 if group.SL is None else group.SL[:, :, None, :]
+    wide.AL, wide.BL, wide.SL = (group.AL.float() * scales).contiguous(), [BL.float() for BL in group.BL], None
+    return group, layers, bases, wide
+
+
+def test_factors_of_a_narrow_type_are_kept_in_lanes_of_that_type():
+    bf16, int8, fp32 = (sibling_group(bf16=True)[0], sibling_group(int8=True)[0], sibling_group()[0])
+    assert bf16.AL.dtype == torch.bfloat16 and all(BL.dtype == torch.bfloat16 for BL in bf16.BL)  # half the bytes
+    assert int8.AL.dtype == torch.int8 and all(BL.dtype == torch.int8 for BL in int8.BL)  # a quarter of the bytes
+    assert int8.SL.shape == (int8.groups, int8.ranks, 16) and bf16.SL is None and fp32.SL is None
+    assert fp32.AL.dtype == torch.float32  # factors that are neither stay fp32
+
+
+# bf16 lanes hold the same values as fp32 ones and give the same bits; int8 lanes' scales apply to each rank's sum
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8], ids=["bf16", "int8"])
+def test_narrow_lanes_give_the_fp32_lanes_terms(dtype):
+    group, layers, bases, wide = narrow_group(dtype)
     slots = torch.tensor([2, 0, 1, 20, 4, 3, 2, 17, 1, 5, 6, 7, 8, 9, 10, 11])
     x = torch.randn(37, 16, generator=torch.Generator().manual_seed(3))
     lane = group.lane_columns(slots)[0]
-    narrow_pass = group_kernel.group_call(group_kernel.load(torch.bfloat16), group, lane, bases, 37, scratch(group, 37))
+    narrow_pass = group_kernel.group_call(group_kernel.load(dtype), group, lane, bases, 37, scratch(group, 37))
     wide_pass = group_kernel.group_call(group_kernel.load(), wide, lane, bases, 37, scratch(group, 37))
     ys = [torch.randn(out, 16) for out in group.outs]
-    narrow_lanes = column_kernel.add_lanes(column_kernel.load(torch.bfloat16), x, group, lane, [y.clone() for y in ys],
+    narrow_lanes = column_kernel.add_lanes(column_kernel.load(dtype), x, group, lane, [y.clone() for y in ys],
                                            scratch(group, 37))
     wide_lanes = column_kernel.add_lanes(column_kernel.load(), x, wide, lane, [y.clone() for y in ys],
                                          scratch(group, 37))
-    for narrow, wide_y, base, layer in zip(narrow_pass(x), wide_pass(x), bases, layers):
-        assert torch.equal(narrow, wide_y)
-        plain = (base.weight.double() @ x.double()).float() + (0 if base.bias is None else base.bias[:, None])
-        torch.testing.assert_close(narrow, expected(x, plain, *layer, slots), rtol=1e-5, atol=1e-5)
-    for narrow, wide_y, y, layer in zip(narrow_lanes, wide_lanes, ys, layers):
-        assert torch.equal(narrow, wide_y)
-        torch.testing.assert_close(narrow, expected(x, y, *layer, slots), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="do not match"):  # bf16 lanes through the fp32 build
-        group_kernel.group_call(group_kernel.load(), group, lane, bases, 37, scratch(group, 37))
-    with pytest.raises(ValueError, match="built for them"):
-        column_kernel.add_lanes(column_kernel.load(), x, group, lane, [y.clone() for y in ys], scratch(group, 37))
-
-
-def test_factors_that_are_int8_values_times_a_power_of_two_are_read_as_int8_lanes_with_their_scales():
-    group, layers, bases = sibling_group(int8=True)
-    assert group.AL.dtype == torch.int8 and all(BL.dtype == torch.int8 for BL in group.BL)  # a quarter of the bytes
-    assert group.SL.shape == (group.groups, group.ranks, 16) and sibling_group()[0].SL is None
-    assert sibling_group(bf16=True)[0].AL.dtype == torch.bfloat16  # bf16 values are not taken for int8 ones
-    wide = copy.copy(group)  # fp32 lanes of the same products: each lane rank's two scales on its A, none in SL
-    wide.AL = (group.AL.float() * group.SL[:, :, None, :]).contiguous()
-    wide.BL, wide.SL = [BL.float() for BL in group.BL], None
-    slots = torch.tensor([2, 0, 1, 20, 4, 3, 2, 17, 1, 5, 6, 7, 8, 9, 10, 11])
-    x = torch.randn(37, 16, generator=torch.Generator().manual_seed(3))
-    lane = group.lane_columns(slots)[0]
-    narrow_pass = group_kernel.group_call(group_kernel.load(torch.int8), group, lane, bases, 37, scratch(group, 37))
-    wide_pass = group_kernel.group_call(group_kernel.load(), wide, lane, bases, 37, scratch(group, 37))
-    ys = [torch.randn(out, 16) for out in group.outs]
-    narrow_lanes = column_kernel.add_lanes(column_kernel.load(torch.int8), x, group, lane, [y.clone() for y in ys],
-                                           scratch(group, 37))
-    wide_lanes = column_kernel.add_lanes(column_kernel.load(), x, wide, lane, [y.clone() for y in ys],
-                                         scratch(group, 37))
-    for narrow, wide_y, base, layer in zip(narrow_pass(x), wide_pass(x), bases, layers):
-        plain = (base.weight.double() @ x.double()).float() + (0 if base.bias is None else base.bias[:, None])
-        torch.testing.assert_close(narrow, expected(x, plain, *layer, slots), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(narrow, wide_y, rtol=1e-5, atol=1e-5)
-    for narrow, wide_y, y, layer in zip(narrow_lanes, wide_lanes, ys, layers):
-        torch.testing.assert_close(narrow, expected(x, y, *layer, slots), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(narrow, wide_y, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="do not match"):  # int8 lanes through the fp32 build
+    plains = [(b.weight.double() @ x.double()).float() + (0 if b.bias is None else b.bias[:, None]) for b in bases]
+    for narrow, wide_y, before, layer in [*zip(narrow_pass(x), wide_pass(x), plains, layers),
+                                          *zip(narrow_lanes, wide_lanes, ys, layers)]:
+        torch.testing.assert_close(narrow, expected(x, before, *layer, slots), rtol=1e-5, atol=1e-5)
+        if dtype == torch.bfloat16:
+            assert torch.equal(narrow, wide_y)
+        else:
+            torch.testing.assert_close(narrow, wide_y, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="do not match"):  # narrow lanes through the fp32 build
         group_kernel.group_call(group_kernel.load(), group, lane, bases, 37, scratch(group, 37))
     with pytest.raises(ValueError, match="built for them"):
         column_kernel.add_lanes(column_kernel.load(), x, group, lane, [y.clone() for y in ys], scratch(group, 37))

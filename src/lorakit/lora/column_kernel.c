@@ -27,11 +27,7 @@
 
    Built by lorakit/native.py, for lorakit/lora/column_kernel.py. */
 
-#include <stdint.h>
-
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
-typedef int32_t i16 __attribute__((vector_size(64)));
+#include "lanes.h" /* v16, i16, and the lane layouts' factor types */
 
 static void down(const float *restrict xb, const float *restrict A, int64_t in, int64_t count,
                  float *restrict h) {
@@ -285,40 +281,6 @@ int lora_segments(const float *x, int64_t in, int64_t n, int64_t x_feature, cons
     return 0;
 }
 
-/* The lane layouts' factors are fp32, bf16 where built with -DLANE_BF16 (half the bytes, widened to fp32 as
-   read), or int8 where built with -DLANE_INT8 (a quarter of the bytes, each rank of each slot scaled by its own
-   factor: SL). The sums are in fp32 either way. */
-#if defined(LANE_INT8)
-#include <immintrin.h>
-typedef int8_t lane_t;
-typedef int8_t b16u __attribute__((vector_size(16), aligned(1)));
-/* the lane vector at p in fp32, lane l taken from lane idx[l] */
-static inline v16 lanes_of(const lane_t *p, i16 idx) {
-#ifdef __AVX512F__ /* one widening load and one conversion (GCC widens a generic int8 vector byte by byte) */
-    v16 wide = (v16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
-#else
-    v16 wide = __builtin_convertvector(*(const b16u *)p, v16);
-#endif
-    return __builtin_shuffle(wide, idx);
-}
-#elif defined(LANE_BF16)
-typedef uint16_t lane_t;
-typedef uint16_t w16u __attribute__((vector_size(32), aligned(2)));
-typedef uint32_t u16 __attribute__((vector_size(64)));
-static inline v16 lanes_of(const lane_t *p, i16 idx) {
-    u16 wide = __builtin_convertvector(*(const w16u *)p, u16); /* a bf16 is the top half of its fp32 */
-    return __builtin_shuffle((v16)(wide << 16), idx);
-}
-#else
-typedef float lane_t;
-static inline v16 lanes_of(const lane_t *p, i16 idx) { return __builtin_shuffle(*(const v16u *)p, idx); }
-#endif
-
-/* rank t's sums for every column times its scales (SL: (groups, R, 16) by slot lanes; null: the factors unscaled) */
-static inline v16 scaled(v16 sum, const float *SL, int64_t t, i16 idx) {
-    return SL ? sum * __builtin_shuffle(*(const v16u *)(SL + t * 16), idx) : sum;
-}
-
 /* How far ahead (in lane elements) the lane loops ask for the factors they will read: 2 KiB, about 7% faster than
    the hardware's own prefetching alone on a 2-core EPYC (bench: 210 calls of a 135M model's shapes). A
    prefetch past the end of the factors is harmless: it never faults. */
@@ -390,7 +352,7 @@ int lora_lanes(const float *x, int64_t in, int64_t n, int64_t x_feature, int64_t
                     s3 += lanes_of(a + i * 16 + 48, idx[g]) * *(const v16u *)(xb + (i + 3) * stride);
                 }
                 for (; i < in; i++) s0 += lanes_of(a + i * 16, idx[g]) * *(const v16u *)(xb + i * stride);
-                *(v16u *)(h + t * 16) = scaled((s0 + s1) + (s2 + s3), SL, t, idx[g]);
+                *(v16u *)(h + t * 16) = scaled((s0 + s1) + (s2 + s3), SL ? SL + t * 16 : 0, idx[g]);
             }
 #pragma omp for schedule(static)
             for (int64_t all = 0; all < start[members]; all++) {  /* the members' outputs, one after the other */

@@ -20,28 +20,13 @@
    so that a member's W x (+ b) is the same to the bit as weight_product's (+ the bias), and the term
    is added to it once, as lora_lanes adds it. At most 16 columns (one block of columns).
 
-   The factors are fp32, bf16 where built with -DLANE_BF16 (half the bytes; each lane vector widened to fp32
-   as it is read, the sums in fp32 as before), or int8 where built with -DLANE_INT8 (a quarter of the bytes;
-   each slot's rank j of A x multiplied by its factor in SL, both factors' scales, as lora_lanes does).
+   The factors are fp32, bf16 or int8 (lanes.h: each lane vector widened to fp32 as it is read, the sums in
+   fp32; int8's rank j of A x multiplied by its factor in SL, both factors' scales, as lora_lanes does).
 
    Built by lorakit/native.py with FMA contraction, as weight_kernel.c; called by lora/group_kernel.py. */
 
-#include <stdint.h>
+#include "lanes.h" /* v16, i16, and the lane layouts' factor types */
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
-typedef int32_t i16 __attribute__((vector_size(64)));
-#if defined(LANE_INT8)
-#include <immintrin.h>
-typedef int8_t lane_t;
-typedef int8_t b16u __attribute__((vector_size(16), aligned(1)));
-#elif defined(LANE_BF16)
-typedef uint16_t lane_t;
-typedef uint16_t w16u __attribute__((vector_size(32), aligned(2)));
-typedef uint32_t u16 __attribute__((vector_size(64)));
-#else
-typedef float lane_t;
-#endif
 #define LANE_BYTES (16 * (int64_t)sizeof(lane_t)) /* one lane vector: 16 slots' factors */
 
 #define MEMBERS 4 /* layers of a sibling group one call serves at most */
@@ -63,25 +48,6 @@ typedef struct { /* what a call shares with its blocks */
     i16 idx[GROUPS], in_group[GROUPS], touched;
     int used[GROUPS];
 } Step;
-
-/* the lane vector at p in fp32, lane l taken from lane idx[l] */
-#if defined(LANE_INT8)
-static inline v16 lanes_of(const lane_t *p, i16 idx) {
-#ifdef __AVX512F__ /* one widening load and one conversion (GCC widens a generic int8 vector byte by byte) */
-    v16 wide = (v16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
-#else
-    v16 wide = __builtin_convertvector(*(const b16u *)p, v16);
-#endif
-    return __builtin_shuffle(wide, idx);
-}
-#elif defined(LANE_BF16)
-static inline v16 lanes_of(const lane_t *p, i16 idx) {
-    u16 wide = __builtin_convertvector(*(const w16u *)p, u16); /* a bf16 is the top half of its fp32 */
-    return __builtin_shuffle((v16)(wide << 16), idx);
-}
-#else
-static inline v16 lanes_of(const lane_t *p, i16 idx) { return __builtin_shuffle(*(const v16u *)p, idx); }
-#endif
 
 /* inputs [i0, i1) of 8 weight rows: s[r] += w[r][i] x[i]; with `a`, *t += lanes(a[i]) x[i]; one lane vector from
    `ask` per input on the way (none without `ask`) */
@@ -148,8 +114,7 @@ static inline float *h_of(const Step *st, int64_t q) {
 /* rank task q's sums for every column, stored in h times its factors where SL holds them */
 static inline void put_h(const Step *st, int64_t q, v16 sum) {
     int64_t g = st->task_group[q / st->R];
-    if (st->SL) sum *= __builtin_shuffle(*(const v16u *)(st->SL + (g * st->R + q % st->R) * 16), st->idx[g]);
-    *(v16u *)h_of(st, q) = sum;
+    *(v16u *)h_of(st, q) = scaled(sum, st->SL ? st->SL + (g * st->R + q % st->R) * 16 : 0, st->idx[g]);
 }
 
 /* each used group's (s B) rows o .. o + rows of member m: one span per group */
