@@ -36,8 +36,9 @@ and with --lora-dtype D, D one or more of bf16 and int8 (lora/adapters.py: round
 the prompts are still tokenised by --model's tokenizer) and writes serve_throughput_NAME.json, so the
 cost of many adapters can be compared across model sizes.
 Every variant runs --warmup times untimed, then all of them take turns in each of --repeats
-rounds (PEFT's included; --turns K: K turns a round, the round's figure over a variant's K runs), so a drift of the machine's speed hits them alike. Every round's figure
-is printed, then min / median per variant, and the ratios of mixed-N to both merged baselines and
+rounds (PEFT's included; --turns K: K turns a round, the round's figure over a variant's K runs),
+so a drift of the machine's speed hits them alike. Every round's figure is printed, then min /
+median per variant, and the ratios of mixed-N to both merged baselines and
 to PEFT, each taken within a round. Models run on --device (the GPU when there is one). The
 process keeps freed memory (serve/malloc.py), as `lorakit serve` does. Writes
 runs/bench/serve_throughput.json.

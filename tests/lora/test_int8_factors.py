@@ -9,7 +9,8 @@ from lorakit.lora.int8_factors import int8_rows, round_rows
 
 
 def test_rows_round_to_the_nearest_int8_value_at_the_smallest_power_of_two_that_holds_them():
-    v = torch.randn(6, 40, generator=torch.Generator().manual_seed(0)) * torch.tensor([1e-3, 0.1, 1, 3, 50, 1e4])[:, None]
+    magnitudes = torch.tensor([1e-3, 0.1, 1, 3, 50, 1e4])[:, None]
+    v = torch.randn(6, 40, generator=torch.Generator().manual_seed(0)) * magnitudes
     rounded = round_rows(v)
     q, c = int8_rows(rounded, torch.ones(6))
     assert q.dtype == torch.int8 and torch.equal(q.float() * c[:, None], rounded)

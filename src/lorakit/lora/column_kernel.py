@@ -157,7 +157,9 @@ class LaneGroup:
         self.AL = torch.cat([AL for AL, _, _ in factors], dim=1)
         self.BL = [BL for _, BL, _ in factors]
         self.SL: torch.Tensor | None = None
-        narrow = _int8_lanes(self.AL, self.BL, [scaling for *_, scaling in factors]) if load(torch.int8) else None
+        narrow = None
+        if load(torch.int8) is not None:
+            narrow = _int8_lanes(self.AL, self.BL, [scaling for *_, scaling in factors])
         if narrow is not None:  # a quarter of the bytes
             self.AL, self.BL, self.SL = narrow
         elif load(torch.bfloat16) is not None and all(_bf16_values(t) for t in [self.AL, *self.BL]):  # half the bytes
