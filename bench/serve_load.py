@@ -307,7 +307,8 @@ def _ms(seconds: float | None) -> str:
 
 
 def summarise(runs: list[dict], args) -> list[dict]:
-    """Highest sustained rate per system and K; continuous / batch and lorakit / llama.cpp tok/s ratios."""
+    """Highest sustained rate per system and K; continuous / batch, lorakit / llama.cpp and each variant of lorakit's
+    continuous server / its plain one tok/s ratios, for the systems that ran."""
     rows = []
     systems = list(dict.fromkeys((r["system"], r["adapters"]) for r in runs))
     by = {(r["repeat"], r["rate"], r["system"], r["adapters"]): r for r in runs}
@@ -333,7 +334,11 @@ def summarise(runs: list[dict], args) -> list[dict]:
                               if name.startswith("lorakit-continuous") and name != "lorakit-continuous-apart"))
     pairs += [(f"{o} K={k} / {s}", (o, k), (s, 1))
               for o in ours for k in args.k_list for s, _ in systems if s.startswith("llama")]  # fmt: skip
-    for label, ours, theirs in pairs:
+    # each variant of lorakit serve (quantised, half, narrow adapters) against its plain fp32 self
+    pairs += [(f"{o} K={k} / lorakit-continuous", (o, k), ("lorakit-continuous", k))
+              for o in ours if o != "lorakit-continuous" for k in args.k_list]  # fmt: skip
+    present = set(systems)
+    for label, ours, theirs in [pair for pair in pairs if pair[1] in present and pair[2] in present]:
         if "/" not in label:
             label = f"{label} / lorakit-batch"
         if ours in sustained:  # each system at its own highest rate under the bound
