@@ -25,7 +25,7 @@ from lorakit.lora.adapters import lora_layers, round_adapter
 from lorakit.lora.mixed import RowAdapters, row_adapters, sibling_layers
 from lorakit.lora import base, column_kernel, group_kernel
 from lorakit.lora import mixed_features
-from lorakit.lora.mixed_features import features_forward
+from lorakit.lora.mixed_features import FeatureTerms, features_forward
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -275,6 +275,22 @@ def test_rows_leaving_and_joining_keep_the_side_by_side_factors_while_their_adap
     assert term(state) is kept
     state.extend(RowAdapters(["c"], "gathered", siblings))  # a new adapter: built again
     assert term(state) is not kept
+    if column_kernel.load() is None:
+        return
+    # with the kernel, an adapter once seen stays kept: rows of "d" alone, then "a" back, build only for "d"
+    model = lorakit.inject(model, lorakit.LoraConfig(r=2, lora_alpha=8, target_modules=TARGETS), "d")
+    perturb(model, "d", std=0.3, seed=8)
+    names = lora_layers(model)
+    siblings = sibling_layers(names)
+    layer = names[0][1]
+    features = FeatureTerms()
+    built = []
+    for rows in (["a", "b", "c"], ["d"], ["d", "a"], ["b", "c"]):  # as a running batch's states, one after another
+        state = RowAdapters(rows, "gathered", siblings)
+        state.features = features
+        built.append(term(state))
+    assert built[1] is not built[0] and built[3] is built[2] is built[1]
+    assert features.adapters == ["a", "b", "c", "d"]
 
 
 PROMPTS = [[5, 9, 11, 4], [7, 3], [8, 40, 8, 2, 6, 100, 9]]

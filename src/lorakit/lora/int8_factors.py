@@ -38,6 +38,8 @@ def int8_rows(v: torch.Tensor, unit: torch.Tensor) -> tuple[torch.Tensor, torch.
     of two; None where some row of fp32 `v` is not such values (an adapter not rounded by `round_rows`)."""
     if v.dtype != torch.float32 or not len(v) or not v.shape[1]:
         return None
+    if len(v) > 1 and int8_rows(v[:1], unit[:1]) is None:  # most factors are not: one row tells, at little cost
+        return None
     c = scales(v.abs().amax(dim=1), unit.float())
     q = torch.round(v.double() / c.double()[:, None])
     if not bool((q.abs() <= QMAX).all()):  # also false for NaN

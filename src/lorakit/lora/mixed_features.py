@@ -47,6 +47,9 @@ from lorakit.lora.base import FROZEN_LINEARS, FrozenLinear, decode_layouts, froz
 _UNCOVERED = object()
 _SEGMENT_COLUMNS = 16  # above this many columns (a prompt pass), runs of one adapter go through the kernel at once
 _SEGMENT_BLOCK = 3  # ... where the runs' blocks of 16 columns are at most a third of the columns (see _segments)
+# With the per-column kernel, the factors are kept for every adapter a batch has used, up to this many (four lane
+# groups): rows joining and leaving (continuous batching) then build nothing once each adapter has been seen.
+KEEP_ADAPTERS = 64
 _PARAMETERS, _SCALING, _VERSION = attrgetter("_parameters"), attrgetter("scaling"), attrgetter("_version")
 
 
@@ -289,7 +292,9 @@ class FeatureTerms:
         built again if a row's adapter is not among them. A new batch first takes the adapters the layers'
         kept factors were built for when they include its own (where the per-column kernel runs, the kept
         adapters that no row uses cost nothing), so that batches over subsets of the same adapters (4 of 16,
-        then 16) build nothing."""
+        then 16) build nothing; a row's new adapter joins the kept ones (with the kernel, up to KEEP_ADAPTERS
+        of them; else while they are at most twice those in use), so that rows joining and leaving a running
+        batch build the factors again only for an adapter not seen before."""
         if state.names is self._names:
             return
         used = set(state.distinct)
@@ -300,7 +305,8 @@ class FeatureTerms:
                 self.adapters = list(kept.adapters)
         if not used <= set(self.adapters):  # keep the adapters still in use or kept recently, when few
             kept = used | set(self.adapters)
-            self.adapters = sorted(kept if len(kept) <= 2 * len(used) else used)
+            few = len(kept) <= (KEEP_ADAPTERS if self._kernel is not None else 2 * len(used))
+            self.adapters = sorted(kept if few else used)
             self._layers.clear()
         slot = {name: k + 1 for k, name in enumerate(self.adapters)}
         self._slots = torch.tensor([slot.get(name, 0) for name in state.names], dtype=torch.long)
