@@ -50,6 +50,7 @@ import argparse
 import functools
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -314,10 +315,10 @@ def main() -> None:
     parser.add_argument("--skip-peft", action="store_true", help="lorakit variants only")
     parser.add_argument("--half-weights", choices=["auto", "bf16", "fp16"], default=None,
                         help="add merged-half and mixed-N-half: linear weights in a half type (auto: where faster)")
-    parser.add_argument("--quantize", type=_quantize_settings, default=[],
+    parser.add_argument("--quantize", type=_settings(QUANTIZE[1:]), default=[],
                         help="int8 and/or w8a8, comma-separated: add merged-Q and mixed-N-Q for each, linear weights "
                         "and head in int8 (w8a8: inputs rounded to int8 too), adapters fp32")
-    parser.add_argument("--lora-dtype", type=_lora_dtypes, default=[],
+    parser.add_argument("--lora-dtype", type=_settings(("bf16", "int8")), default=[],
                         help="bf16 and/or int8, comma-separated: add mixed-N-lora-DTYPE for each, the adapters' "
                         "factors rounded to DTYPE (serve --lora-dtype)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: the GPU when there is one)")
@@ -400,18 +401,15 @@ def main() -> None:
     print(f"wrote {path}")
 
 
-def _lora_dtypes(text: str) -> list[str]:
-    settings = [s.strip() for s in text.split(",") if s.strip()]
-    if not settings or any(s not in ("bf16", "int8") for s in settings):
-        raise argparse.ArgumentTypeError(f"expected bf16 and/or int8, comma-separated, got {text!r}")
-    return settings
+def _settings(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
+    """An argparse type: one or more of `allowed`, comma-separated (a list)."""
+    def parse(text: str) -> list[str]:
+        settings = [s.strip() for s in text.split(",") if s.strip()]
+        if not settings or any(s not in allowed for s in settings):
+            raise argparse.ArgumentTypeError(f"expected {' and/or '.join(allowed)}, comma-separated, got {text!r}")
+        return settings
 
-
-def _quantize_settings(text: str) -> list[str]:
-    settings = [s.strip() for s in text.split(",") if s.strip()]
-    if not settings or any(s not in QUANTIZE[1:] for s in settings):
-        raise argparse.ArgumentTypeError(f"expected {' and/or '.join(QUANTIZE[1:])}, comma-separated, got {text!r}")
-    return settings
+    return parse
 
 
 def _device_name(device: str) -> str:

@@ -293,8 +293,8 @@ int lora_segments(const float *x, int64_t in, int64_t n, int64_t x_feature, cons
    ranks one after the other (member m's from rank0_m, ranks_m of them), and BL_m (groups, out_m, ranks_m, 16);
    lane l of group g holds slot 16 g + l + 1 (zero ranks past a slot's own); SL (groups, R, 16), where not null,
    the factor each slot's rank j of A x is multiplied by (int8 lanes: both factors' scales). table holds rank0,
-   ranks, out and y_feature of each member. lane[b]: column b's lane over all groups (its slot - 1), or -1 for a column left
-   alone. `work` holds 16 * in + groups * R * 16 floats. Returns 0, or 1 when a lane lies outside the groups or
+   ranks, out and y_feature of each member. lane[b]: column b's lane over all groups (its slot - 1), or -1 for a
+   column left alone. `work` holds 16 * in + groups * R * 16 floats. Returns 0, or 1 when a lane lies outside the groups or
    a member's ranks outside R (nothing is written then). */
 int lora_lanes(const float *x, int64_t in, int64_t n, int64_t x_feature, int64_t x_column, const lane_t *AL,
                const float *SL, int64_t groups, int64_t R, const int64_t *lane, int64_t members, const int64_t *table,

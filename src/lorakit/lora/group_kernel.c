@@ -240,8 +240,8 @@ static void add_terms(const Step *st, int64_t p) {
 /* For each member m (table row m: rank0, ranks, out) y_m (out_m, n) = W_m x + b_m (b_m may be null) + each
    column's LoRA term, x (in, n) and y_m row-major, n <= 16 columns. AL (groups, R, in, 16), BL_m (groups,
    out_m, ranks_m, 16) and SL (null, or (groups, R, 16)) as lora_lanes takes them; lane[b]: column b's lane
-   (its slot - 1), or -1 for a column with no term. `work` holds 16 * in + groups * R * 16 floats. Returns 0, or 1 for arguments out of range
-   (nothing is written then). */
+   (its slot - 1), or -1 for a column with no term. `work` holds 16 * in + groups * R * 16 floats. Returns 0, or
+   1 for arguments out of range (nothing is written then). */
 int group_step(const float *x, int64_t in, int64_t n, int64_t members, const int64_t *table,
                const float *W0, const float *W1, const float *W2, const float *W3,
                const float *b0, const float *b1, const float *b2, const float *b3,
