@@ -10,6 +10,7 @@ the output: the evidence for which weight types `lorakit serve` offers.
      fp32-columns the same with x copied column-major, one row as two copies of itself (layout "columns")
      fp32-rows    (x^T W^T)^T, the rows made contiguous and W read transposed (layout "rows")
      fp32-kernel  lorakit's own product (lora/weight_kernel.py, layout "kernel"), where a C compiler built it
+     fp32-few     lorakit's own product for 1 to 4 rows (weight_kernel.few_columns_product, layout "few"), likewise
      bf16, fp16   the same on weights cast to the half type (`lorakit serve --half-weights`)
      int8-dyn     PyTorch's dynamic int8 linear (quantized::linear_dynamic, x86 engine): int8 weights per
                   output channel, the activations quantised to int8 per tensor at each call
@@ -53,6 +54,7 @@ PROMPTS = [
 FP32_LAYOUTS = {"fp32": "weight", "fp32-columns": "columns", "fp32-rows": "rows"}  # lora/base.py's layouts
 if weight_kernel.enabled() and weight_kernel.load() is not None:
     FP32_LAYOUTS["fp32-kernel"] = "kernel"
+    FP32_LAYOUTS["fp32-few"] = "few"
 KERNELS = [*FP32_LAYOUTS, "bf16", "fp16", "int8-dyn", "int8-wo"]
 if weight_kernel.enabled() and weight_kernel.load() is not None:
     KERNELS.append("int8-kernel")
@@ -181,7 +183,7 @@ def speed(weights: list[torch.Tensor], rows_list: list[int], repeats: int) -> li
     """Each round: one pass over all weights per kernel, the kernels taking turns."""
     runs = []
     for rows in rows_list:
-        products = {kernel: step_products(weights, kernel, rows) for kernel in KERNELS}
+        products = {kernel: step_products(weights, kernel, rows) for kernel in KERNELS if takes(kernel, rows)}
         for run in products.values():
             run()  # warm-up: oneDNN and fbgemm prepare their kernels on first use
         for repeat in range(repeats):
@@ -196,6 +198,11 @@ def speed(weights: list[torch.Tensor], rows_list: list[int], repeats: int) -> li
             cells = "  ".join(f"{k} {s * 1000:6.1f} ms" for k, s in times.items())
             print(f"  {rows:>2} rows  round {repeat}  {cells}", flush=True)
     return runs
+
+
+def takes(kernel: str, rows: int) -> bool:
+    """Whether `kernel` multiplies `rows` rows (the few-rows product: at most weight_kernel.FEW_COLUMNS)."""
+    return kernel != "fp32-few" or rows <= weight_kernel.FEW_COLUMNS
 
 
 def output_check(model, tokenizer, tokens: int) -> list[dict]:
@@ -237,7 +244,7 @@ def main() -> None:
     runs += output_check(model, tokenizer, args.tokens)
     summary = []
     for rows in sorted({r["rows"] for r in runs if r["part"] == "speed"}):
-        for kernel in KERNELS[1:]:
+        for kernel in [k for k in KERNELS[1:] if takes(k, rows)]:
             ratios = [r["vs_fp32"] for r in runs if r.get("rows") == rows and r["kernel"] == kernel]
             summary.append({"what": f"{rows} rows: fp32 time / {kernel} time (same round)", **min_median(ratios)})
     path = write_result(

@@ -72,9 +72,9 @@ def test_each_decode_layout_reads_x_as_it_says_and_equals_the_product(rows, layo
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(40, rows, generator=generator)  # feature-major, as a decode step keeps them
     weight, bias = torch.randn(24, 40, generator=generator), torch.randn(24, generator=generator)
-    if layout == "kernel" and weight_kernel.load() is None:
+    if layout in ("kernel", "few") and weight_kernel.load() is None:
         pytest.skip("no C compiler here to build the kernel")
-    with _Products() as seen, torch.no_grad():  # as in a decode step (the kernel has no autograd)
+    with _Products() as seen, torch.no_grad():  # as in a decode step (the kernels have no autograd)
         out = weight_major_product(x, weight, bias)
     columns = max(rows, 2)  # one row goes in as two copies of itself
     expected = {
@@ -82,6 +82,8 @@ def test_each_decode_layout_reads_x_as_it_says_and_equals_the_product(rows, layo
         "columns": [((24, 40), (40, columns), (1, 40))],
         "rows": [((rows, 40), (40, 24), (1, 40))],
         "kernel": [],  # lorakit's own product, no aten::mm
+        # lorakit's own product for a few rows; past them W x as stored
+        "few": [] if rows <= weight_kernel.FEW_COLUMNS else [((24, 40), (40, rows), (rows, 1))],
     }[layout]
     assert seen == expected
     assert out.shape == (24, rows)
@@ -126,14 +128,17 @@ def test_measure_layouts_names_a_layout_for_each_row_count():
 
 
 def test_measure_layouts_takes_the_fastest(monkeypatch):
-    """With products made to take 1 ms (weight), 2 ms (columns), 0.2 ms (rows) and 0.5 ms (kernel), the counts
-    that time the BLAS layouts take rows, the others the kernel (or the weight, where it is not built)."""
-    pause = {"weight": 1e-3, "columns": 2e-3, "rows": 2e-4, "kernel": 5e-4}
+    """With products made to take 1 ms (weight), 2 ms (columns), 0.2 ms (rows), 0.5 ms (kernel) and 0.1 ms (few),
+    the counts up to FEW_COLUMNS take few, then those that time the BLAS layouts rows, the others the kernel (where
+    the kernels are not built: rows, then the weight)."""
+    pause = {"weight": 1e-3, "columns": 2e-3, "rows": 2e-4, "kernel": 5e-4, "few": 1e-4}
     monkeypatch.setattr(base, "_product", lambda x, weight, layout: time.sleep(pause[layout]))
-    past = "kernel" if weight_kernel.enabled() and weight_kernel.load() is not None else "weight"
-    assert base.measure_layouts(rounds=1) == {
-        rows: "rows" if rows <= base.BLAS_LAYOUT_ROWS else past for rows in range(1, LAYOUT_ROWS + 1)
-    }
+    built = weight_kernel.enabled() and weight_kernel.load() is not None
+    expected = {rows: "rows" if rows <= base.BLAS_LAYOUT_ROWS else "kernel" if built else "weight"
+                for rows in range(1, LAYOUT_ROWS + 1)}
+    if built:
+        expected.update(dict.fromkeys(range(1, weight_kernel.FEW_COLUMNS + 1), "few"))
+    assert base.measure_layouts(rounds=1) == expected
 
 
 class _Products(TorchDispatchMode):

@@ -49,6 +49,34 @@ def test_wrong_inputs_are_refused():
     assert weight_kernel.product(torch.randn(4, 0), weight).shape == (8, 0)
 
 
+@pytest.mark.parametrize("n", range(1, weight_kernel.FEW_COLUMNS + 1))
+@pytest.mark.parametrize("fan_in", [16, 45])  # whole vectors of 16 inputs; 13 more after them
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_few_columns_product_equals_float64_and_each_column_is_its_own(n, fan_in, threads):
+    generator = torch.Generator().manual_seed(10 * n + fan_in)
+    weight = torch.randn(37, fan_in, generator=generator)  # 37 rows: a last block of 4 rows holds 1
+    x = torch.randn(fan_in, n, generator=generator)
+    with torch_threads(threads):
+        out = weight_kernel.few_columns_product(x, weight)
+        alone = weight_kernel.few_columns_product(x[:, -1:].clone(), weight)
+    assert out.shape == (37, n)
+    torch.testing.assert_close(out, (weight.double() @ x.double()).float(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[:, -1:], alone)  # the same bits, whatever else the batch holds
+    assert torch.equal(weight_kernel.few_columns_product(x.t().contiguous().t(), weight), out)
+
+
+def test_the_few_columns_product_refuses_what_it_cannot_take():
+    weight = torch.randn(8, 4)
+    with pytest.raises(ValueError, match="1 to 4 columns"):
+        weight_kernel.few_columns_product(torch.randn(4, weight_kernel.FEW_COLUMNS + 1), weight)
+    with pytest.raises(ValueError, match="1 to 4 columns"):
+        weight_kernel.few_columns_product(torch.randn(4, 0), weight)
+    with pytest.raises(ValueError, match="does not take"):
+        weight_kernel.few_columns_product(torch.randn(5, 2), weight)
+    with pytest.raises(ValueError, match="fp32"):
+        weight_kernel.few_columns_product(torch.randn(4, 2).double(), weight)
+
+
 def int8_weight(seed: int, fan_in: int) -> tuple[torch.Generator, torch.Tensor, torch.Tensor]:
     """A generator seeded `seed`, an int8 weight of 37 rows (a last block of 8 holds 5) and its per-row scales."""
     generator = torch.Generator().manual_seed(seed)

@@ -147,7 +147,10 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 #   rows     (x^T W^T)^T, the rows made contiguous and W read transposed
 #   kernel   lorakit's own product (lora/weight_kernel.py), where it is built: the weight read once, 16 rows at
 #            a time; also used past LAYOUT_ROWS rows when it is the choice at LAYOUT_ROWS
-LAYOUTS = ("weight", "columns", "rows", "kernel")
+#   few      lorakit's own product for 1 to weight_kernel.FEW_COLUMNS rows, where it is built: the weight read once,
+#            each row's 16 inputs against 16 of every column at a time
+LAYOUTS = ("weight", "columns", "rows", "kernel", "few")
+_OWN = ("kernel", "few")  # lorakit's own products: built where a C compiler is, no autograd
 LAYOUT_ROWS = 16
 BLAS_LAYOUT_ROWS = 8  # past this many rows only "weight" and "kernel" are timed (the other two were never faster)
 _layouts: dict[int, str] = {}
@@ -171,8 +174,9 @@ def measure_layouts(rounds: int = 3, margin: float = 0.05) -> dict[int, str]:
     chosen = {}
     for rows in range(1, LAYOUT_ROWS + 1):
         inputs = {size: torch.ones(size, rows) for size in (512, 2048)}
-        layouts = [layout for layout in LAYOUTS if (kernel or layout != "kernel")
-                   and (rows <= BLAS_LAYOUT_ROWS or layout in ("weight", "kernel"))]
+        layouts = [layout for layout in LAYOUTS if (kernel or layout not in _OWN)
+                   and (rows <= BLAS_LAYOUT_ROWS or layout in ("weight", "kernel"))
+                   and (rows <= weight_kernel.FEW_COLUMNS or layout != "few")]
         best = best_times({layout: functools.partial(_products, inputs, weights, layout) for layout in layouts}, rounds)
         fastest = min(best, key=best.get)
         chosen[rows] = fastest if best[fastest] < (1 - margin) * best["weight"] else "weight"
@@ -195,6 +199,8 @@ def _product(x: torch.Tensor, weight: torch.Tensor, layout: str) -> torch.Tensor
         return torch.mm(x.t().contiguous(), weight.t()).t()
     if layout == "kernel":
         return weight_kernel.product(x, weight)
+    if layout == "few":
+        return weight_kernel.few_columns_product(x, weight)
     return torch.mm(weight, x)
 
 
@@ -202,14 +208,16 @@ def weight_major_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     """W x + b for feature-major x (in, B) -> (out, B): `decode_linear`'s product without its transpose back
     (infer/decode_step.py keeps a decode step feature-major). A half-type weight multiplies in its own type
     and the result goes on in x's, as `decode_linear` computes. Up to LAYOUT_ROWS rows of fp32 on the CPU, x
-    is read in the layout `decode_layouts` found fastest (past them too where that is lorakit's kernel; never the
-    kernel under autograd): the same numbers up to float rounding, the result possibly a transposed view."""
+    is read in the layout `decode_layouts` found fastest (past them too where that is lorakit's kernel; never
+    lorakit's own products under autograd): the same numbers up to float rounding, the result possibly a
+    transposed view."""
     if weight.dtype != x.dtype:
         return weight_major_product(x.to(weight.dtype), weight, bias).to(x.dtype)
     rows = x.shape[1]
     if 0 < rows and weight.dtype == torch.float32 and x.device.type == "cpu":
         layout = decode_layouts()[min(rows, LAYOUT_ROWS)]
-        if (rows > LAYOUT_ROWS and layout != "kernel") or (layout == "kernel" and torch.is_grad_enabled()):
+        if ((rows > LAYOUT_ROWS and layout != "kernel") or (layout in _OWN and torch.is_grad_enabled())
+                or (layout == "few" and rows > weight_kernel.FEW_COLUMNS)):
             layout = "weight"
         out = _product(x, weight, layout)
     else:

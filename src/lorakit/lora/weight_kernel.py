@@ -1,10 +1,12 @@
 """A decode step's fp32 base products through lorakit's own C kernel (weight_kernel.c).
 
 `product(x, weight)` computes W x for a feature-major x (in, n), as torch.mm does, reading the weight
-once, front to back, 16 columns at a time; `int8_product` the same for an int8 weight with one scale
-per output (infer/int8_weights.py), its weights widened to fp32 as they are read. lora/base.py's
-`decode_layouts` times the fp32 product beside the BLAS layouts once per process and uses it for the
-column counts where it is faster (`int8_kernel_rows` likewise for int8). It is compiled once per
+once, front to back, 16 columns at a time; `few_columns_product` the same for 1 to 4 columns (a decode
+step of a few rows, where the 16-column loop would do up to 16 times the arithmetic), 16 inputs of a row
+against 16 of each column at a time; `int8_product` the same for an int8 weight with one scale per output
+(infer/int8_weights.py), its weights widened to fp32 as they are read. lora/base.py's `decode_layouts`
+times both fp32 products beside the BLAS layouts once per process and uses each for the column counts
+where it is the fastest (`int8_kernel_rows` likewise for int8). It is compiled once per
 machine (lorakit/native.py); `load()` returns None where it cannot be built, and LORAKIT_WEIGHT_KERNEL=0
 leaves it out.
 """
@@ -38,6 +40,8 @@ def _library():
         library.weight_product.argtypes, library.weight_product.restype = _ARGS, None
         library.int8_weight_product.argtypes, library.int8_weight_product.restype = [ctypes.c_void_p, *_ARGS], None
         library.w8a8_product.argtypes, library.w8a8_product.restype = [ctypes.c_void_p, *_ARGS], None
+        few = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]  # W, xt, y, out, in, n, threads
+        library.few_columns_product.argtypes, library.few_columns_product.restype = few, None
     return library
 
 
@@ -61,6 +65,26 @@ def product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if n and fan_out:
         function(weight.data_ptr(), x.data_ptr(), out.data_ptr(), fan_out, fan_in, n, pad.data_ptr(),
                  torch.get_num_threads())
+    return out
+
+
+FEW_COLUMNS = 4  # the most columns `few_columns_product` takes (weight_kernel.c's FEW)
+
+
+def few_columns_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """W x (out, n) for fp32 CPU x (in, n) with 1 <= n <= FEW_COLUMNS and weight (out, in), the weight read once; each
+    output summed in 16 lanes and then across them (as BLAS sums, not in input order)."""
+    library = _library()
+    if library is None or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError("the product kernel takes fp32 CPU tensors, and needs a C compiler")
+    (fan_in, n), (fan_out, weight_in) = x.shape, weight.shape
+    if weight_in != fan_in or not 1 <= n <= FEW_COLUMNS:
+        raise ValueError(f"weight {tuple(weight.shape)} does not take x {tuple(x.shape)} (1 to {FEW_COLUMNS} columns)")
+    columns, weight = x.t().contiguous(), weight.contiguous()  # (n, in): one column's features after another
+    out = torch.empty(fan_out, n)
+    if fan_out:
+        library.few_columns_product(weight.data_ptr(), columns.data_ptr(), out.data_ptr(), fan_out, fan_in, n,
+                                    torch.get_num_threads())
     return out
 
 
