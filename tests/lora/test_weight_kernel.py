@@ -24,19 +24,27 @@ def torch_threads(threads: int):
         torch.set_num_threads(previous)
 
 
-@pytest.mark.parametrize("n", [1, 5, 16, 17, 40])  # partial blocks of 16 columns, a full one, several
+# (product, columns, inputs): the 16-column kernel over partial blocks of 16 columns, a full one, several (37 rows:
+# a last block of 8 rows holds 5); the few-columns one over 1 to 4 columns, whole vectors of 16 inputs and 13 more
+# after them (a last block of 4 rows holds 1)
+PRODUCTS = [("product", n, 23) for n in [1, 5, 16, 17, 40]]
+PRODUCTS += [("few_columns_product", n, fan_in) for n in range(1, weight_kernel.FEW_COLUMNS + 1) for fan_in in [16, 45]]
+
+
+@pytest.mark.parametrize(("name", "n", "fan_in"), PRODUCTS)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_the_product_equals_float64_and_each_column_is_its_own(n, threads):
-    generator = torch.Generator().manual_seed(n)
-    weight = torch.randn(37, 23, generator=generator)  # 37 rows: a last block of 8 rows holds 5
-    x = torch.randn(23, n, generator=generator)
+def test_the_product_equals_float64_and_each_column_is_its_own(name, n, fan_in, threads):
+    product = getattr(weight_kernel, name)
+    generator = torch.Generator().manual_seed(10 * n + fan_in)
+    weight = torch.randn(37, fan_in, generator=generator)
+    x = torch.randn(fan_in, n, generator=generator)
     with torch_threads(threads):
-        out = weight_kernel.product(x, weight)
-        alone = weight_kernel.product(x[:, -1:].clone(), weight)
+        out = product(x, weight)
+        alone = product(x[:, -1:].clone(), weight)
     assert out.shape == (37, n)
     torch.testing.assert_close(out, (weight.double() @ x.double()).float(), rtol=1e-5, atol=1e-5)
     assert torch.equal(out[:, -1:], alone)  # the same bits, whatever else the batch holds
-    strided = weight_kernel.product(x.t().contiguous().t(), weight)  # x read as stored, or copied
+    strided = product(x.t().contiguous().t(), weight)  # x read as stored, or copied
     assert torch.equal(strided, out)
 
 
@@ -47,22 +55,6 @@ def test_wrong_inputs_are_refused():
     with pytest.raises(ValueError, match="fp32"):
         weight_kernel.product(torch.randn(4, 3).double(), weight)
     assert weight_kernel.product(torch.randn(4, 0), weight).shape == (8, 0)
-
-
-@pytest.mark.parametrize("n", range(1, weight_kernel.FEW_COLUMNS + 1))
-@pytest.mark.parametrize("fan_in", [16, 45])  # whole vectors of 16 inputs; 13 more after them
-@pytest.mark.parametrize("threads", [1, 2])
-def test_the_few_columns_product_equals_float64_and_each_column_is_its_own(n, fan_in, threads):
-    generator = torch.Generator().manual_seed(10 * n + fan_in)
-    weight = torch.randn(37, fan_in, generator=generator)  # 37 rows: a last block of 4 rows holds 1
-    x = torch.randn(fan_in, n, generator=generator)
-    with torch_threads(threads):
-        out = weight_kernel.few_columns_product(x, weight)
-        alone = weight_kernel.few_columns_product(x[:, -1:].clone(), weight)
-    assert out.shape == (37, n)
-    torch.testing.assert_close(out, (weight.double() @ x.double()).float(), rtol=1e-5, atol=1e-5)
-    assert torch.equal(out[:, -1:], alone)  # the same bits, whatever else the batch holds
-    assert torch.equal(weight_kernel.few_columns_product(x.t().contiguous().t(), weight), out)
 
 
 def test_the_few_columns_product_refuses_what_it_cannot_take():
