@@ -85,6 +85,23 @@ def test_the_lean_step_equals_the_forward(build):
     assert_same(*decode_both(model))
 
 
+@pytest.mark.parametrize("step_ops_on", [True, False], ids=["step-ops", "torch"])
+def test_the_lean_step_takes_the_step_ops_where_built_and_equals_the_forward_either_way(step_ops_on, monkeypatch):
+    from lorakit.infer import step_ops
+
+    if step_ops_on and step_ops._library() is None:
+        pytest.skip("no C compiler here to build the kernels")
+    calls = []
+    for name in ("rms_norm", "rotate"):
+        real = getattr(step_ops, name)
+        monkeypatch.setattr(step_ops, name, lambda *a, _real=real, _name=name: calls.append(_name) or (
+            _real(*a) if step_ops_on else None))
+    model = use_decode_linears(tiny_llama())
+    assert_same(*decode_both(model))
+    layers, steps = len(model.model.layers), 3
+    assert calls.count("rms_norm") == steps * (2 * layers + 1) and calls.count("rotate") == steps * 2 * layers
+
+
 def test_the_lean_step_equals_the_forward_through_frozen_and_half_weight_linears():
     assert_same(*decode_both(use_decode_linears(tiny_llama())))
     model = tiny_llama()

@@ -32,6 +32,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from lorakit.infer import step_ops
 from lorakit.infer.kv_cache import RoomyLayer, roomy_cache
 from lorakit.lora.base import FEW_ROWS, FROZEN_LINEARS, frozen_features
 from lorakit.lora.mixed_features import features_forward
@@ -156,8 +157,8 @@ def _lean_logits(
         attn = layer.self_attn
         head_dim = attn.head_dim
         normed = _Input(_rms_norm(hidden, layer.input_layernorm))
-        query = _rotate(_project(attn.q_proj, normed).view(heads, head_dim, -1).permute(2, 0, 1), cos, sin)
-        key = _rotate(_project(attn.k_proj, normed).view(kv_heads, head_dim, -1).permute(2, 0, 1), cos, sin)
+        query = _rotated(_project(attn.q_proj, normed), heads, head_dim, cos, sin)  # (N, heads, D)
+        key = _rotated(_project(attn.k_proj, normed), kv_heads, head_dim, cos, sin)
         value = _project(attn.v_proj, normed).view(kv_heads, head_dim, -1).permute(2, 0, 1)  # (N, kv heads, D)
         attended = []
         if rows:  # a query of one token per row: the heads sharing a key/value head are its group of queries
@@ -227,8 +228,20 @@ def _project(module: nn.Module, given: _Input) -> torch.Tensor:
 
 
 def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """Llama's RMSNorm over the features of feature-major x (H, B)."""
+    """Llama's RMSNorm over the features of feature-major x (H, B): in one call where step_ops serves."""
+    out = step_ops.rms_norm(x, norm.weight, norm.variance_epsilon)
+    if out is not None:
+        return out
     return norm.weight[:, None] * (x * torch.rsqrt(x.pow(2).mean(0, keepdim=True) + norm.variance_epsilon))
+
+
+def _rotated(projected: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotary embedding of a projection's feature-major output (heads x D, N), as (N, heads, D): in one call
+    where step_ops serves."""
+    out = step_ops.rotate(projected, heads, head_dim, cos, sin)
+    if out is not None:
+        return out
+    return _rotate(projected.view(heads, head_dim, -1).permute(2, 0, 1), cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
