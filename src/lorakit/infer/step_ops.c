@@ -2,8 +2,9 @@
    handful of torch operations (and their Python) it takes: at one to a few rows a step is mostly such calls.
 
    - rms_norm: Llama's RMSNorm of each column of x (H, B): y = w (x / sqrt(mean(x^2) + eps)), computed as
-     infer/decode_step.py's torch expression is (the squares summed over the features in order, then
-     w * (x * r) with r = 1 / sqrt(mean + eps)), without multiply-add contraction, so the same bits.
+     infer/decode_step.py's torch expression is, w * (x * r) with r = 1 / sqrt(mean + eps), without
+     multiply-add contraction; the squares are summed over the features in order (torch's reduction may
+     take another order: the same up to float rounding).
    - rotate: rotary position embedding of a projection's output x (heads D, N), feature-major, into
      y (N, heads, D): y = x cos + rotate_half(x) sin with cos, sin (N, D), as transformers'
      apply_rotary_pos_emb computes it (two products, then their sum).
