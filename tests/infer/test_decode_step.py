@@ -9,6 +9,7 @@ import torch
 
 import lorakit
 from conftest import VOCAB, perturb, tiny_gpt2, tiny_llama, tiny_qwen2
+from lorakit.infer import step_ops
 from lorakit.infer.decode_linears import use_decode_linears
 from lorakit.infer.decode_step import (
     decode_and_prefill,
@@ -87,8 +88,6 @@ def test_the_lean_step_equals_the_forward(build):
 
 @pytest.mark.parametrize("step_ops_on", [True, False], ids=["step-ops", "torch"])
 def test_the_lean_step_takes_the_step_ops_where_built_and_equals_the_forward_either_way(step_ops_on, monkeypatch):
-    from lorakit.infer import step_ops
-
     if step_ops_on and step_ops._library() is None:
         pytest.skip("no C compiler here to build the kernels")
     calls = []
