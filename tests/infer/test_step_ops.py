@@ -18,7 +18,8 @@ def test_rms_norm_equals_the_torch_expression(features, columns):
     generator = torch.Generator().manual_seed(features + columns)
     x, weight = torch.randn(features, columns, generator=generator), torch.randn(features, generator=generator)
     expected = weight[:, None] * (x * torch.rsqrt(x.pow(2).mean(0, keepdim=True) + 1e-5))
-    out = step_ops.rms_norm(x, nn.Parameter(weight), 1e-5)
+    with torch.no_grad():  # as in a decode step: a model's norm weight is a parameter
+        out = step_ops.rms_norm(x, nn.Parameter(weight), 1e-5)
     assert out.shape == (features, columns)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)  # the squares summed in another order
     assert torch.equal(step_ops.rms_norm(x.t().contiguous().t(), weight, 1e-5), out)  # x read as stored, or copied
@@ -41,3 +42,7 @@ def test_what_they_do_not_take_is_left_to_torch():
     assert step_ops.rotate(x.bfloat16(), 2, 8, cos, cos) is None
     assert step_ops.rotate(x, 2, 8, torch.randn(3, 1, 8), cos) is None  # positions for 3 columns, x has 2
     assert step_ops.rotate(torch.randn(14, 2), 2, 7, torch.randn(2, 1, 7), torch.randn(2, 1, 7)) is None  # odd D
+    tracked = torch.randn(16, 2, requires_grad=True)  # a gradient asked of it: torch computes it (no backward here)
+    assert step_ops.rms_norm(tracked, weight, 1e-5) is None and step_ops.rotate(tracked, 2, 8, cos, cos) is None
+    with torch.no_grad():
+        assert step_ops.rms_norm(tracked, nn.Parameter(weight), 1e-5) is not None

@@ -34,16 +34,18 @@ def _library():
 
 
 def _fp32_cpu(*tensors: torch.Tensor) -> bool:
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+    """fp32 CPU tensors that no gradient is asked of (the kernels have no backward)."""
+    grad = torch.is_grad_enabled()
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and not (grad and t.requires_grad) for t in tensors)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """weight[:, None] * (x / sqrt(mean(x^2 over the features) + eps)) for feature-major x (H, B), or None where the
-    kernel does not serve (not fp32 CPU, not built)."""
+    kernel does not serve (not fp32 CPU, under autograd, not built)."""
     library = _library()
     if library is None or not _fp32_cpu(x, weight) or x.dim() != 2 or weight.shape != (x.shape[0],):
         return None
-    x, weight = x.contiguous(), weight.detach().contiguous()
+    x, weight = x.contiguous(), weight.contiguous()
     out = torch.empty_like(x)
     library.rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps)
     return out
