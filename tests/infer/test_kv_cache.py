@@ -50,3 +50,18 @@ def test_a_model_decodes_the_same_logits_on_either_cache(tmp_path):
         logits.append(torch.stack(seen))
     assert all(type(layer) is RoomyLayer for layer in cache.layers)
     torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-6)
+
+
+def test_reserve_makes_room_for_tokens_written_later_and_keeps_what_is_cached():
+    layer = RoomyLayer()
+    first = torch.randn(2, 3, 5, 4)
+    keys, _ = layer.update(first, first + 1)
+    room = keys.data_ptr()
+    for n in range(1, ROOM + 2):
+        keys, values = layer.reserve(1)
+        assert keys.shape == (2, 3, 5 + n, 4) and values.shape == keys.shape and keys.stride() == values.stride()
+        assert (keys.data_ptr() == room) == (n <= ROOM)  # in place until the room is full, then moved once
+        keys[:, :, -1], values[:, :, -1] = float(n), -float(n)  # as the decode layer kernel writes them
+    assert torch.equal(layer.keys[:, :, :5], first) and torch.equal(layer.values[:, :, :5], first + 1)
+    steps = torch.arange(1, ROOM + 2, dtype=torch.float32)
+    assert torch.equal(layer.keys[0, 0, 5:, 0], steps) and torch.equal(layer.values[1, 2, 5:, 3], -steps)

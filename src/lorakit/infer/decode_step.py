@@ -32,7 +32,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from lorakit.infer import step_ops
+from lorakit.infer import decode_layer, step_ops
 from lorakit.infer.kv_cache import RoomyLayer, roomy_cache
 from lorakit.lora.base import FEW_ROWS, FROZEN_LINEARS, frozen_features
 from lorakit.lora.mixed_features import features_forward
@@ -153,7 +153,13 @@ def _lean_logits(
     starts = [rows + sum(lengths[:j]) for j in range(len(lengths))]
     prompt_cache = roomy_cache(config) if prompts else None
     hidden = embeds.t().contiguous()  # (H, N) residual stream
+    # a step of rows only: each layer in one C call where it serves (infer/decode_layer.py)
+    whole = (cos[:, 0].contiguous(), sin[:, 0].contiguous(), keep.view(rows, -1)) \
+        if not prompts and decode_layer.serves(rows) else None
     for index, layer in enumerate(inner.layers):
+        if whole is not None and index < len(cache.layers) \
+                and decode_layer.run(layer, hidden, *whole, cache.layers[index], config):
+            continue
         attn = layer.self_attn
         head_dim = attn.head_dim
         normed = _Input(_rms_norm(hidden, layer.input_layernorm))

@@ -31,6 +31,15 @@ class RoomyLayer(DynamicLayer):
         self._rooms = (keys_room, values_room)
         return self.keys, self.values
 
+    def reserve(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Room for `count` more tokens of an initialized layer: its keys and values, their last `count` tokens
+        not yet written (infer/decode_layer.py writes them)."""
+        keys_room, values_room = self._rooms
+        self.keys, keys_room = _grow(self.keys, keys_room, count)
+        self.values, values_room = _grow(self.values, values_room, count)
+        self._rooms = (keys_room, values_room)
+        return self.keys, self.values
+
     def reset(self) -> None:
         super().reset()
         self._rooms = (None, None)
@@ -46,8 +55,16 @@ def roomy_cache(config) -> DynamicCache:
 def _append(cached: torch.Tensor, room: torch.Tensor | None, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cached + new along the sequence (dim -2), written into `room` when cached is its filled start and
     the new states fit; otherwise into a fresh buffer. Returns the filled view and its buffer."""
+    filled, room = _grow(cached, room, new.shape[-2], new)
+    filled[:, :, filled.shape[-2] - new.shape[-2] :] = new
+    return filled, room
+
+
+def _grow(cached: torch.Tensor, room: torch.Tensor | None, count: int, like: torch.Tensor | None = None):
+    """(the filled view of cached and `count` more tokens, its buffer): `room` where cached is its filled start and
+    they fit, else a fresh buffer shaped as `like` (cached where None) with ROOM spare tokens; the new tokens unwritten."""
     length = cached.shape[-2] if cached.numel() else 0
-    total = length + new.shape[-2]
+    total = length + count
     fits = (
         room is not None
         and length > 0
@@ -57,8 +74,8 @@ def _append(cached: torch.Tensor, room: torch.Tensor | None, new: torch.Tensor) 
         and total <= room.shape[-2]
     )
     if not fits:
-        room = new.new_empty((*new.shape[:2], total + ROOM, new.shape[-1]))
+        like = cached if like is None else like
+        room = like.new_empty((*like.shape[:2], total + ROOM, like.shape[-1]))
         if length:
             room[:, :, :length] = cached
-    room[:, :, length:total] = new
     return room[:, :, :total], room

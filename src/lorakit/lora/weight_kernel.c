@@ -66,37 +66,7 @@ void weight_product(const float *W, const float *x, float *y, int64_t out, int64
     }
 }
 
-#define FEW 4 /* the most columns few_columns_product takes */
-
-/* block o's 4 rows (past the last row: row o again) times N columns of xt, 16 inputs a step: 4 N sums in registers,
-   each summed across its lanes at the end, then the inputs past the last multiple of 16 in order */
-static inline __attribute__((always_inline)) void few_block(const float *W, const float *xt, float *y, int64_t out,
-                                                            int64_t in, const int N, int64_t o) {
-    int64_t rows = out - o < 4 ? out - o : 4, body = in - in % 16;
-    const float *w[4];
-    for (int r = 0; r < 4; r++) w[r] = W + (o + (r < rows ? r : 0)) * in;
-    const float *next = W + (o + 4) * in; /* the next block's rows, 4 cache lines asked for every 16 inputs */
-    v16 zero = {0}, a[4][FEW];
-    for (int r = 0; r < 4; r++)
-        for (int c = 0; c < N; c++) a[r][c] = zero;
-    for (int64_t i = 0; i < body; i += 16) {
-        if (o + 4 < out)
-            for (int k = 0; k < 4; k++) __builtin_prefetch(next + 4 * i + 16 * k, 0, 3);
-        v16 xv[FEW];
-        for (int c = 0; c < N; c++) xv[c] = *(const v16u *)(xt + c * in + i);
-        for (int r = 0; r < 4; r++) {
-            v16 wv = *(const v16u *)(w[r] + i);
-            for (int c = 0; c < N; c++) a[r][c] += wv * xv[c];
-        }
-    }
-    for (int r = 0; r < rows; r++)
-        for (int c = 0; c < N; c++) {
-            float s = 0.f;
-            for (int l = 0; l < 16; l++) s += a[r][c][l];
-            for (int64_t i = body; i < in; i++) s += w[r][i] * xt[c * in + i];
-            y[(o + r) * N + c] = s;
-        }
-}
+#include "few_columns.h"
 
 /* y (out, n) = W x for 1 <= n <= FEW columns (a decode step of a few rows), xt the columns of x, each contiguous (n,
    in). At so few columns the loop above does 16 / n times the arithmetic it needs, and BLAS wants copies around a
@@ -105,14 +75,7 @@ static inline __attribute__((always_inline)) void few_block(const float *W, cons
 void few_columns_product(const float *W, const float *xt, float *y, int64_t out, int64_t in, int64_t n, int threads) {
     if (n < 1 || n > FEW) return;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t o = 0; o < out; o += 4) {
-        switch (n) { /* a constant column count each, so that the sums stay in registers */
-        case 1: few_block(W, xt, y, out, in, 1, o); break;
-        case 2: few_block(W, xt, y, out, in, 2, o); break;
-        case 3: few_block(W, xt, y, out, in, 3, o); break;
-        default: few_block(W, xt, y, out, in, 4, o); break;
-        }
-    }
+    for (int64_t o = 0; o < out; o += 4) few_rows(W, xt, y, out, in, n, o);
 }
 
 #ifdef __AVX512F__

@@ -1,0 +1,56 @@
+/* The few-columns product's block (weight_kernel.c: few_columns_product; infer/decode_layer.c): 4 rows of a weight
+   (out, in) times 1 to FEW columns, each column's inputs contiguous, 16 inputs of each row against 16 of each column
+   at a time, the weight streamed once. */
+
+#ifndef LORAKIT_FEW_COLUMNS_H
+#define LORAKIT_FEW_COLUMNS_H
+
+#include <stdint.h>
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+
+#define FEW 4 /* the most columns few_columns_product takes */
+
+/* block o's 4 rows (past the last row: row o again) times N columns of xt, 16 inputs a step: 4 N sums in registers,
+   each summed across its lanes at the end, then the inputs past the last multiple of 16 in order */
+static inline __attribute__((always_inline)) void few_block(const float *W, const float *xt, float *y, int64_t out,
+                                                            int64_t in, const int N, int64_t o) {
+    int64_t rows = out - o < 4 ? out - o : 4, body = in - in % 16;
+    const float *w[4];
+    for (int r = 0; r < 4; r++) w[r] = W + (o + (r < rows ? r : 0)) * in;
+    const float *next = W + (o + 4) * in; /* the next block's rows, 4 cache lines asked for every 16 inputs */
+    v16 zero = {0}, a[4][FEW];
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < N; c++) a[r][c] = zero;
+    for (int64_t i = 0; i < body; i += 16) {
+        if (o + 4 < out)
+            for (int k = 0; k < 4; k++) __builtin_prefetch(next + 4 * i + 16 * k, 0, 3);
+        v16 xv[FEW];
+        for (int c = 0; c < N; c++) xv[c] = *(const v16u *)(xt + c * in + i);
+        for (int r = 0; r < 4; r++) {
+            v16 wv = *(const v16u *)(w[r] + i);
+            for (int c = 0; c < N; c++) a[r][c] += wv * xv[c];
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < N; c++) {
+            float s = 0.f;
+            for (int l = 0; l < 16; l++) s += a[r][c][l];
+            for (int64_t i = body; i < in; i++) s += w[r][i] * xt[c * in + i];
+            y[(o + r) * N + c] = s;
+        }
+}
+
+/* block o of W (rows o to o + 3) times n columns, n a constant in each case so that the sums stay in registers */
+static inline void few_rows(const float *W, const float *xt, float *y, int64_t out, int64_t in, int64_t n,
+                            int64_t o) {
+    switch (n) {
+    case 1: few_block(W, xt, y, out, in, 1, o); break;
+    case 2: few_block(W, xt, y, out, in, 2, o); break;
+    case 3: few_block(W, xt, y, out, in, 3, o); break;
+    default: few_block(W, xt, y, out, in, 4, o); break;
+    }
+}
+
+#endif
