@@ -38,8 +38,10 @@ def test_ratios_are_taken_within_a_round():
 
 
 def test_lorakits_systems_decode_the_embedded_model(tmp_path):
-    args = argparse.Namespace(model="smollm2-135m-instruct", prompt=8, new_tokens=2, adapters=1, rank=2)
+    args = argparse.Namespace(model="smollm2-135m-instruct", prompt=8, new_tokens=12, adapters=1, rank=2)
     adapter = tmp_path / decode_speed.make_adapters(args, tmp_path)[0]
     systems = decode_speed.lorakit_systems(args, adapter)
     assert set(systems) == {"lorakit", "lorakit-4k-pages", "lorakit-op-by-op"}
-    assert all(system(1) > 0 for system in systems.values())
+    for system in systems.values():
+        system(1)  # warm-up, as the bench runs it: the first step times the layouts and loads the kernels
+        assert system(1) > 0
