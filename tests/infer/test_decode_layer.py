@@ -116,3 +116,12 @@ def test_a_weight_replaced_or_cast_after_a_step_is_read_anew(few_layout, layer_c
     down.weight.data = down.weight.data.bfloat16()  # the same parameter, cast: the layer is no longer the kernel's
     assert decode_layer._plan(model.model.layers[1], model.config) is None
     assert decode_layer._plan(model.model.layers[0], model.config) is not None
+
+
+def test_a_layer_of_other_shapes_than_the_kernel_takes_is_left_to_torch(few_layout):
+    model = use_decode_linears(tiny_llama())
+    layer = model.model.layers[0]
+    assert decode_layer._plan(layer, model.config) is not None
+    up = layer.mlp.up_proj
+    up.weight = torch.nn.Parameter(up.weight[:-1].clone(), requires_grad=False)  # no longer gate's width
+    assert decode_layer._plan(layer, model.config) is None

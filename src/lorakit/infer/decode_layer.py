@@ -98,11 +98,19 @@ def _plan(layer: nn.Module, config) -> _Plan | None:
             or getattr(config, "hidden_act", "silu") != "silu"):
         return None
     attn, weights = layer._modules["self_attn"], tensors[0:14:2]
+    hidden, width = weights[0].shape[1], weights[-1].shape[1]
+    attended, kv = config.num_attention_heads * attn.head_dim, config.num_key_value_heads * attn.head_dim
+    shapes = [(attended, hidden), (kv, hidden), (kv, hidden), (hidden, attended), (width, hidden), (width, hidden),
+              (hidden, width)]  # the shapes decode_layer.c takes them in
+    if [tuple(w.shape) for w in weights] != shapes or any(
+            b is not None and b.shape != (w.shape[0],) for w, b in zip(weights, tensors[1:14:2])) or any(
+            t.shape != (hidden,) for t in tensors[14:]):
+        return None
     pointers = [None if t is None else t.data_ptr() for t in tensors]
     plan = _Plan(where, (ctypes.c_void_p * 7)(*pointers[0:14:2]), (ctypes.c_void_p * 7)(*pointers[1:14:2]),
                  (ctypes.c_void_p * 2)(*pointers[14:]),
-                 (ctypes.c_int64 * 5)(weights[0].shape[1], config.num_attention_heads, config.num_key_value_heads,
-                                      attn.head_dim, weights[-1].shape[1]),
+                 (ctypes.c_int64 * 5)(hidden, config.num_attention_heads, config.num_key_value_heads, attn.head_dim,
+                                      width),
                  norms[0].variance_epsilon, attn.scaling)
     _plans[layer] = plan
     return plan
