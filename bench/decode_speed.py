@@ -154,8 +154,8 @@ def main() -> None:
     path = write_result(
         "decode_speed", "Decode speed of a few streams: lorakit beside llama.cpp", runs,
         description=(
-            f"{args.model} with one rank-8 adapter merged; {args.prompt}-token prompts, {args.new_tokens} greedy tokens "
-            f"per row; decode tokens per second (prompt pass and first token left out), {args.threads} threads. "
+            f"{args.model} with one rank-8 adapter merged; {args.prompt}-token prompts, {args.new_tokens} greedy "
+            f"tokens per row; decode tokens per second (prompt pass and first token left out), {args.threads} threads. "
             "lorakit: generate_mixed on the model `lorakit serve` prepares; lorakit-4k-pages: its weights not moved "
             "onto huge pages; lorakit-op-by-op: each layer's small operations as torch calls, not one C call; "
             "llama-*: llama.cpp's llama-batched-bench (S_TG) on the `lorakit export` of the same merged model. "

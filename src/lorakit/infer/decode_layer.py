@@ -40,9 +40,9 @@ def _library():
         return None
     library = native.load_library(SOURCE, weight_kernel.FLAGS, what="the decode step's layer kernel (torch serves)")
     if library is not None:
-        pointer, size = ctypes.c_void_p, ctypes.c_int64
-        library.decode_layer.argtypes = [pointer, size, pointer, pointer, pointer, ctypes.c_float, pointer, pointer,
-                                         pointer, pointer, pointer, pointer, size, pointer, ctypes.c_float, ctypes.c_int]
+        pointer, size, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+        library.decode_layer.argtypes = [pointer, size, pointer, pointer, pointer, real, pointer, pointer, pointer,
+                                         pointer, pointer, pointer, size, pointer, real, ctypes.c_int]
         library.decode_layer.restype = ctypes.c_int
     return library
 

@@ -5,8 +5,8 @@ that stream crosses a page every 4 KiB, each a translation the CPU looks up; on 
 one every 2 MiB. `move_to_huge_pages` copies a serving model's tensors of at least MIN_BYTES into one
 anonymous mapping advised MADV_HUGEPAGE, one after another in the model's order (as a GGUF file lays
 them out), each tensor becoming a view of it; tensors that shared memory (a head tied to the embeddings)
-still do. On SmolLM2-135M, merged, one to four rows decoded 1.07-1.09x as fast (median of 8 rounds,
-alternating, on a 2-core AMD EPYC). Pages of a weights file that the copy read are let go
+still do; one mapping, not one per tensor, is what pays (bench/decode_speed.py times lorakit against
+lorakit-4k-pages). Pages of a weights file that the copy read are let go
 (mapped_pages.py). Nothing moves off Linux, where the kernel has transparent huge pages set to
 "never", or with LORAKIT_HUGE_PAGES=0.
 """

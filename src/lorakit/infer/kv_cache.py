@@ -62,7 +62,8 @@ def _append(cached: torch.Tensor, room: torch.Tensor | None, new: torch.Tensor) 
 
 def _grow(cached: torch.Tensor, room: torch.Tensor | None, count: int, like: torch.Tensor | None = None):
     """(the filled view of cached and `count` more tokens, its buffer): `room` where cached is its filled start and
-    they fit, else a fresh buffer shaped as `like` (cached where None) with ROOM spare tokens; the new tokens unwritten."""
+    they fit, else a fresh buffer shaped as `like` (cached where None) with ROOM spare tokens; the new tokens are
+    left unwritten."""
     length = cached.shape[-2] if cached.numel() else 0
     total = length + count
     fits = (
