@@ -57,7 +57,7 @@ static inline __attribute__((always_inline)) void stretch(const float *const w[8
     v16 a0 = s[0], a1 = s[1], a2 = s[2], a3 = s[3], a4 = s[4], a5 = s[5], a6 = s[6], a7 = s[7], u = *t;
     for (int64_t i = i0; i < i1; i++) {
         if (ask) __builtin_prefetch(ask + LANE_BYTES * (i - i0), 0, 3);
-        if ((i & 1) == 0) __builtin_prefetch(next + 32 * i, 0, 3); /* the next block's weights, as weight_product */
+        if ((i & 1) == 0) __builtin_prefetch(next + 32 * i, 0, 1); /* the next block's weights, as weight_product */
         v16 xv = *(const v16u *)(xb + i * 16);
         if (a) u += lanes_of(a + i * 16, idx) * xv;
         a0 += w[0][i] * xv, a1 += w[1][i] * xv, a2 += w[2][i] * xv, a3 += w[3][i] * xv;
