@@ -143,7 +143,7 @@ def test_a_step_over_many_adapters_goes_by_slot_lanes_and_equals_the_forward(lay
 
     def counted_pass(*args):
         call = plan_pass(*args)
-        return lambda x: passes.append(len(args[1].terms)) or call(x)
+        return lambda x, lane: passes.append(len(args[1].terms)) or call(x, lane)
 
     monkeypatch.setattr(column_kernel, "lanes_call", counted)
     monkeypatch.setattr(group_kernel, "group_call", counted_pass)

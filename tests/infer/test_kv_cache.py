@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from conftest import toy_model_folder
-from lorakit.infer.kv_cache import ROOM, RoomyLayer, roomy_cache
+from lorakit.infer.kv_cache import ROOM, SPARE_ROWS, RoomyLayer, join_rows, keep_rows, roomy_cache
 from lorakit.models import load_causal_lm
 
 
@@ -65,3 +66,67 @@ def test_reserve_makes_room_for_tokens_written_later_and_keeps_what_is_cached():
     assert torch.equal(layer.keys[:, :, :5], first) and torch.equal(layer.values[:, :, :5], first + 1)
     steps = torch.arange(1, ROOM + 2, dtype=torch.float32)
     assert torch.equal(layer.keys[0, 0, 5:, 0], steps) and torch.equal(layer.values[1, 2, 5:, 3], -steps)
+
+
+def filled(rows: int, tokens: int, layer: DynamicLayer | None = None) -> DynamicLayer:
+    layer = RoomyLayer() if layer is None else layer
+    states = torch.randn(rows, 2, tokens, 4)
+    layer.update(states, -states)
+    return layer
+
+
+def a_cache(layers: list[DynamicLayer]) -> DynamicCache:
+    cache = DynamicCache()
+    cache.layers = layers
+    return cache
+
+
+def test_rows_leave_in_place_and_the_next_steps_append_in_place():
+    layers = [filled(5, 3), filled(5, 3, DynamicLayer())]
+    before = [layer.keys.clone() for layer in layers]
+    room = layers[0].keys.untyped_storage().data_ptr()
+    order = keep_rows(a_cache(layers), [0, 1, 3, 4])
+    assert order == [0, 1, 4, 3]  # row 4 takes row 2's place; the others stay
+    for layer, keys in zip(layers, before):
+        assert torch.equal(layer.keys, keys[order]) and torch.equal(layer.values, -keys[order])
+    assert layers[0].keys.untyped_storage().data_ptr() == room  # moved within the room
+    step = torch.randn(4, 2, 1, 4)
+    keys, values = layers[0].update(step, -step)
+    assert keys.untyped_storage().data_ptr() == room  # appended in place, not copied into fresh room
+    assert torch.equal(keys, torch.cat([before[0][order], step], dim=-2)) and torch.equal(values, -keys)
+    assert keep_rows(a_cache([filled(3, 2)]), [2]) == [2]  # a kept row from past the end fills the first place
+
+
+def test_leading_tokens_cut_away_still_append_in_place():
+    layer = filled(2, 6)
+    kept = layer.keys[:, :, 2:].clone()
+    layer.keys, layer.values = layer.keys[:, :, 2:], layer.values[:, :, 2:]  # as rows leaving cut the columns
+    room = layer.keys.untyped_storage().data_ptr()
+    step = torch.randn(2, 2, 1, 4)
+    keys, values = layer.update(step, -step)
+    assert keys.untyped_storage().data_ptr() == room
+    assert torch.equal(keys, torch.cat([kept, step], dim=-2)) and torch.equal(values, -keys)
+
+
+def test_joining_rows_take_the_rooms_spare_rows_and_left_pad_with_zeros():
+    layer, joiners = filled(3, 5), filled(2, 5)
+    join_rows(layer, joiners, 5)  # no spare rows yet: all copied once into fresh room, with spare rows
+    assert layer._rooms[0].shape[0] == 5 + SPARE_ROWS and layer.keys.shape == (5, 2, 5, 4)
+    running, room = layer.keys.clone(), layer.keys.untyped_storage().data_ptr()
+    short = filled(2, 3)
+    join_rows(layer, short, 5)
+    assert layer.keys.untyped_storage().data_ptr() == room  # into the spare rows: the running rows stay put
+    padded = torch.cat([torch.zeros(2, 2, 2, 4), short.keys], dim=-2)
+    assert torch.equal(layer.keys, torch.cat([running, padded])) and torch.equal(layer.values, -layer.keys)
+    long = filled(1, 8)
+    join_rows(layer, long, 8)  # a longer joiner: every row padded to its width, in fresh room
+    assert layer.keys.untyped_storage().data_ptr() != room and layer.keys.shape == (8, 2, 8, 4)
+    assert torch.equal(layer.keys[:7, :, :3], torch.zeros(7, 2, 3, 4)) and torch.equal(layer.keys[7], long.keys[0])
+    assert torch.equal(layer.keys[:5, :, 3:], running) and torch.equal(layer.values, -layer.keys)
+    step = torch.randn(8, 2, 1, 4)
+    keys, _ = layer.update(step, -step)  # the next step appends in place
+    assert keys.untyped_storage().data_ptr() == layer._rooms[0].untyped_storage().data_ptr()
+    plain, plain_joiners = filled(2, 3, DynamicLayer()), filled(1, 4, DynamicLayer())
+    expected = torch.cat([torch.cat([torch.zeros(2, 2, 1, 4), plain.keys], dim=-2), plain_joiners.keys])
+    join_rows(plain, plain_joiners, 4)  # another kind of layer: concatenated
+    assert torch.equal(plain.keys, expected) and torch.equal(plain.values, -expected)

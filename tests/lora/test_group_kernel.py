@@ -50,12 +50,12 @@ def test_each_member_gets_its_base_and_each_column_its_adapters_term(n, threads)
     slots = torch.tensor([2, 0, 1, 20, 4, 3, 2, 17, 1, 5, 6, 7, 8, 9, 10, 11])[:n]
     x = torch.randn(37, n, generator=torch.Generator().manual_seed(n))
     lane = group.lane_columns(slots)[0]
-    call = group_kernel.group_call(group_kernel.load(), group, lane, bases, 37, scratch(group, 37))
+    call = group_kernel.group_call(group_kernel.load(), group, bases, 37, scratch(group, 37))
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        ys = call(x)
-        again = call(x)
+        ys = call(x, lane)
+        again = call(x, lane)
     finally:
         torch.set_num_threads(previous)
     untouched = (slots == 0) | (slots == 4)
@@ -75,7 +75,7 @@ def test_each_member_gets_its_base_and_each_column_its_adapters_term(n, threads)
 def test_without_terms_the_bases_are_the_product_kernels_bits():
     group, _, bases = sibling_group(fan_in=64, fan_outs=(96, 40, 24))  # several blocks of 8 rows per member
     x = torch.randn(64, 16)
-    ys = group_kernel.group_call(group_kernel.load(), group, torch.full((16,), -1), bases, 64, scratch(group, 64))(x)
+    ys = group_kernel.group_call(group_kernel.load(), group, bases, 64, scratch(group, 64))(x, torch.full((16,), -1))
     for y, base in zip(ys, bases):
         bits = weight_kernel.product(x, base.weight)
         if base.bias is not None:
@@ -87,22 +87,25 @@ def test_bad_arguments_are_refused():
     group, _, bases = sibling_group()
     function, work = group_kernel.load(), scratch(group, 37)
     lane = torch.tensor([0, 1])
-    with pytest.raises(ValueError, match="do not match"):  # more columns than one block
-        group_kernel.group_call(function, group, torch.zeros(17, dtype=torch.long), bases, 37, work)
     with pytest.raises(ValueError, match="do not match"):  # a base of another width
-        group_kernel.group_call(function, group, lane, [nn.Linear(36, 150), *bases[1:]], 37, work)
+        group_kernel.group_call(function, group, [nn.Linear(36, 150), *bases[1:]], 37, work)
     with pytest.raises(ValueError, match="do not match"):  # a half-type base
-        group_kernel.group_call(function, group, lane, [nn.Linear(37, 150).half(), *bases[1:]], 37, work)
+        group_kernel.group_call(function, group, [nn.Linear(37, 150).half(), *bases[1:]], 37, work)
     with pytest.raises(ValueError, match="do not match"):  # the scratch too small
-        group_kernel.group_call(function, group, lane, bases, 37, torch.empty(8))
-    call = group_kernel.group_call(function, group, torch.tensor([0, 40]), bases, 37, work)
+        group_kernel.group_call(function, group, bases, 37, torch.empty(8))
+    call = group_kernel.group_call(function, group, bases, 37, work)
     with pytest.raises(AssertionError, match="outside"):  # a lane past the two groups
-        call(torch.randn(37, 2))
-    call = group_kernel.group_call(function, group, lane, bases, 37, work)
+        call(torch.randn(37, 2), torch.tensor([0, 40]))
+    with pytest.raises(ValueError, match="fp32 CPU"):  # more columns than one block
+        call(torch.randn(37, 17), torch.zeros(17, dtype=torch.long))
     with pytest.raises(ValueError, match="fp32 CPU"):
-        call(torch.randn(37, 3))
+        call(torch.randn(37, 3), lane)
     with pytest.raises(ValueError, match="fp32 CPU"):
-        call(torch.randn(37, 2).double())
+        call(torch.randn(37, 2).double(), lane)
+    with pytest.raises(ValueError, match="int64"):
+        call(torch.randn(37, 2), lane.int())
+    # one call serves any columns' lanes: the lanes of each step of a batch whose rows change
+    assert torch.equal(call(torch.ones(37, 1), lane[1:])[0], call(torch.ones(37, 2), lane)[0][:, 1:])
 
 
 def narrow_group(dtype: torch.dtype):
@@ -131,15 +134,15 @@ def test_narrow_lanes_give_the_fp32_lanes_terms(dtype):
     slots = torch.tensor([2, 0, 1, 20, 4, 3, 2, 17, 1, 5, 6, 7, 8, 9, 10, 11])
     x = torch.randn(37, 16, generator=torch.Generator().manual_seed(3))
     lane = group.lane_columns(slots)[0]
-    narrow_pass = group_kernel.group_call(group_kernel.load(dtype), group, lane, bases, 37, scratch(group, 37))
-    wide_pass = group_kernel.group_call(group_kernel.load(), wide, lane, bases, 37, scratch(group, 37))
+    narrow_pass = group_kernel.group_call(group_kernel.load(dtype), group, bases, 37, scratch(group, 37))
+    wide_pass = group_kernel.group_call(group_kernel.load(), wide, bases, 37, scratch(group, 37))
     ys = [torch.randn(out, 16) for out in group.outs]
     narrow_lanes = column_kernel.add_lanes(column_kernel.load(dtype), x, group, lane, [y.clone() for y in ys],
                                            scratch(group, 37))
     wide_lanes = column_kernel.add_lanes(column_kernel.load(), x, wide, lane, [y.clone() for y in ys],
                                          scratch(group, 37))
     plains = [(b.weight.double() @ x.double()).float() + (0 if b.bias is None else b.bias[:, None]) for b in bases]
-    for narrow, wide_y, before, layer in [*zip(narrow_pass(x), wide_pass(x), plains, layers),
+    for narrow, wide_y, before, layer in [*zip(narrow_pass(x, lane), wide_pass(x, lane), plains, layers),
                                           *zip(narrow_lanes, wide_lanes, ys, layers)]:
         torch.testing.assert_close(narrow, expected(x, before, *layer, slots), rtol=1e-5, atol=1e-5)
         if dtype == torch.bfloat16:
@@ -147,6 +150,6 @@ def test_narrow_lanes_give_the_fp32_lanes_terms(dtype):
         else:
             torch.testing.assert_close(narrow, wide_y, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="do not match"):  # narrow lanes through the fp32 build
-        group_kernel.group_call(group_kernel.load(), group, lane, bases, 37, scratch(group, 37))
+        group_kernel.group_call(group_kernel.load(), group, bases, 37, scratch(group, 37))
     with pytest.raises(ValueError, match="built for them"):
         column_kernel.add_lanes(column_kernel.load(), x, group, lane, [y.clone() for y in ys], scratch(group, 37))

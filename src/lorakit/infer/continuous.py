@@ -12,8 +12,10 @@ adapter, sampling settings, generator and KV length.
 The KV cache is one left-padded `DynamicCache` (B, heads, T, head_dim), appended in place
 (infer/kv_cache.py): a row shorter than the longest holds zero keys on its left, masked out by the
 attention mask, and its positions are its own (position ids per row), so padding changes nothing a
-row computes. Joining pads the shorter of the two caches on the left; when rows leave, columns no
-remaining row uses are cut away, so T stays the longest live row's length.
+row computes. Joining pads the shorter of the two caches on the left, the rows copied once into fresh
+room; a leaving row's place is taken by one of the last rows, the others staying where they are, and
+columns no remaining row uses are cut away (a view: nothing moves), so T stays the longest live row's
+length. A row's place in the batch thus changes only when it fills a leaving row's.
 
 Greedy outputs equal those of generating each request alone with its adapter merged (up to float
 rounding, as for `generate_mixed`).
@@ -33,7 +35,7 @@ from transformers.cache_utils import DynamicLayer
 
 from lorakit.infer.decode_step import decode_and_prefill, decode_logits, lean_decodes, lean_prefills
 from lorakit.infer.generate import stop_token_ids
-from lorakit.infer.kv_cache import roomy_cache
+from lorakit.infer.kv_cache import join_rows, keep_rows, roomy_cache
 from lorakit.infer.multi_adapter import Completion, Request, _left_pad, _pad_id, _Row, padding
 from lorakit.infer.sampling import next_tokens
 from lorakit.lora.adapters import lora_layers
@@ -249,12 +251,13 @@ class RunningBatch:
         return False
 
     def _select(self, keep: list[int]) -> None:
-        """Keep the rows at positions `keep`; cut the cache columns no remaining row uses."""
+        """Keep the rows at positions `keep`; cut the cache columns no remaining row uses. The kept rows stay in place
+        but for those that move into a leaving row's place (kv_cache.keep_rows): the rows' order is the cache's."""
         if not keep:
             self.cancel_all()
             return
+        keep = keep_rows(self.cache, keep)
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        self.cache.batch_select_indices(index)
         if self._state is not None:
             self._state.select(keep)
         self.live = [self.live[b] for b in keep]
@@ -287,18 +290,14 @@ class RunningBatch:
             self._state = None  # rebuilt for the new set of rows at the next step
         width = max(self.mask.shape[1], mask.shape[1])
         for old, new in zip(self.cache.layers, cache.layers):
-            old.keys = torch.cat([_pad_left(old.keys, width), _pad_left(new.keys, width)])
-            old.values = torch.cat([_pad_left(old.values, width), _pad_left(new.values, width)])
+            join_rows(old, new, width)
         self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)])
         self.position = torch.cat([self.position, position])
         self.tokens = torch.cat([self.tokens, tokens])
         self.live += entries
 
 
-def _pad_left(x: torch.Tensor, width: int) -> torch.Tensor:
-    """Zeros on the left of the sequence dimension (-2 for (B, H, T, D) caches, -1 for (B, T) masks)."""
-    dim = -2 if x.dim() == 4 else -1
-    missing = width - x.shape[dim]
-    if missing == 0:
-        return x
-    return F.pad(x, (0, 0, missing, 0) if dim == -2 else (missing, 0))
+def _pad_left(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """A (B, T) mask with zeros on the left up to `width` tokens."""
+    missing = width - mask.shape[-1]
+    return mask if missing == 0 else F.pad(mask, (missing, 0))

@@ -52,14 +52,15 @@ def load(lanes: torch.dtype = torch.float32):
     return function
 
 
-def group_call(function, group: LaneGroup, lane: torch.Tensor, bases: list, fan_in: int, work: torch.Tensor):
-    """f(x) -> [y_m]: each member's W_m x + b_m + its columns' LoRA terms, (out_m, n), for fp32 CPU x (in, n) of
-    the n = len(lane) columns; `bases` the members' frozen fp32 linears, `work` at least
-    16 * in + groups * R * 16 floats (kept by the call)."""
-    n, members = len(lane), len(group.terms)
+def group_call(function, group: LaneGroup, bases: list, fan_in: int, work: torch.Tensor):
+    """f(x, lane) -> [y_m]: each member's W_m x + b_m + its columns' LoRA terms, (out_m, n), for fp32 CPU x (in, n)
+    of the n = len(lane) columns, lane[b] column b's lane (int64); `bases` the members' frozen fp32 linears, `work`
+    at least 16 * in + groups * R * 16 floats (kept by the call). Prepared once for the group and its bases: a batch
+    whose rows change (continuous batching) passes each step's lanes."""
+    members = len(group.terms)
     weights = [base.weight.detach() for base in bases]
     biases = [None if base.bias is None else base.bias.detach() for base in bases]
-    if (not 1 <= n <= COLUMNS or group.groups > GROUPS or len(bases) != members
+    if (group.groups > GROUPS or len(bases) != members
             or function.lane_dtype != group.AL.dtype or group.AL.shape[2] != fan_in
             or work.numel() < LANES * (fan_in + group.groups * group.ranks)
             or any(w.shape != (out, fan_in) or w.dtype != torch.float32 or not w.is_contiguous() or not w.is_cpu
@@ -68,23 +69,26 @@ def group_call(function, group: LaneGroup, lane: torch.Tensor, bases: list, fan_
         raise ValueError("group_call: shapes, types or scratch do not match the layers'")
     table = torch.tensor([[rank0, ranks, out] for rank0, ranks, out in group.table], dtype=torch.int64)
     missing = [0] * (MEMBERS - members)
-    head = (
-        fan_in, n, members, table.data_ptr(),
+    middle = (
+        members, table.data_ptr(),
         *[w.data_ptr() for w in weights], *missing, *[0 if b is None else b.data_ptr() for b in biases], *missing,
-        group.AL.data_ptr(), 0 if group.SL is None else group.SL.data_ptr(), group.groups, group.ranks, lane.data_ptr(),
-        *[BL.data_ptr() for BL in group.BL], *missing,
+        group.AL.data_ptr(), 0 if group.SL is None else group.SL.data_ptr(), group.groups, group.ranks,
     )
-    shapes = [(out, n) for out in group.outs]
-    threads = torch.get_num_threads()
+    tail = (*[BL.data_ptr() for BL in group.BL], *missing)
+    outs = group.outs
 
-    def call(x: torch.Tensor) -> list[torch.Tensor]:
-        if x.shape != (fan_in, n) or x.dtype != torch.float32 or not x.is_cpu:
-            raise ValueError(f"group_call: x must be fp32 CPU ({fan_in}, {n}), got {tuple(x.shape)} {x.dtype}")
+    def call(x: torch.Tensor, lane: torch.Tensor) -> list[torch.Tensor]:
+        n = len(lane)
+        if (not 1 <= n <= COLUMNS or lane.dtype != torch.int64 or not lane.is_contiguous()
+                or x.shape != (fan_in, n) or x.dtype != torch.float32 or not x.is_cpu):
+            raise ValueError(f"group_call: x must be fp32 CPU ({fan_in}, n) and lane n int64s, 1 <= n <= {COLUMNS}; "
+                             f"got x {tuple(x.shape)} {x.dtype}, lane {tuple(lane.shape)} {lane.dtype}")
         x = x.contiguous()
-        ys = [torch.empty(shape) for shape in shapes]
-        if function(x.data_ptr(), *head, *[y.data_ptr() for y in ys], *missing, work.data_ptr(), threads):
+        ys = [torch.empty(out, n) for out in outs]
+        if function(x.data_ptr(), fan_in, n, *middle, lane.data_ptr(), *tail, *[y.data_ptr() for y in ys], *missing,
+                    work.data_ptr(), torch.get_num_threads()):
             raise AssertionError("a column's lane lies outside its layers'")
         return ys
 
-    call.memory = (group, lane, table, weights, biases, work)  # what the bound addresses point into
+    call.memory = (group, table, weights, biases, work)  # what the bound addresses point into
     return call

@@ -145,6 +145,7 @@ class FeatureTerms:
         self._columns: dict[tuple, tuple[torch.Tensor, ...] | None] = {}
         self._work = torch.empty(0)  # the kernel's scratch, grown as needed
         self._groups: dict[int, _GroupStep | None] = {}  # id(a sibling group's _SideBySide) -> its step by lanes
+        self._passes: dict[int, tuple] = {}  # id(a sibling group's _SideBySide) -> (it, its pass or None): _fused
         self._steps: dict[int, object] = {}  # id(layer) -> (x, out=None) -> its output, from its group's step
         # LaneGroup.layout_key -> its lane_columns for the rows' slots: the 30 layers of a model plan 4 groups' worth
         self._lane_plans: dict[tuple, tuple[torch.Tensor, int, int]] = {}
@@ -263,29 +264,34 @@ class FeatureTerms:
             self._groups[id(side)] = None
             return None
         bases = [m.base_layer for m in members]
-        fused = self._fused(lanes, lane, bases, x.shape[0])
+        fused = self._fused(side, lanes, bases, x.shape[0], len(lane))
         if fused is None and out is None:
             return None
         n = x.shape[1]
         self._grow(column_kernel.LANES * (x.shape[0] + lanes.groups * lanes.ranks))
         make_call = functools.partial(column_kernel.lanes_call, column_kernel.load(lanes.AL.dtype), lanes, lane,
                                       x.shape, [(o, n) for o in lanes.outs], self._work)
-        step = self._groups[id(side)] = _GroupStep(bases, make_call, fused)
+        step = self._groups[id(side)] = _GroupStep(bases, make_call, fused and functools.partial(fused, lane=lane))
         for index, member in enumerate(members):
             self._steps[id(member)] = functools.partial(step, index)
         return step
 
-    def _fused(self, lanes, lane: torch.Tensor, bases: list[nn.Module], fan_in: int):
-        """The group's step in one pass (lora/group_kernel.py) where the step's columns multiply their fp32 bases
-        by lorakit's product kernel (`decode_layouts`), or None."""
-        n, function = len(lane), group_kernel.load(lanes.AL.dtype)
-        if (function is None or not 1 <= n <= group_kernel.COLUMNS or lanes.groups > group_kernel.GROUPS
-                or decode_layouts()[n] != "kernel"
-                or any(type(base) not in (nn.Linear, FrozenLinear) or base.weight.dtype != torch.float32
-                       or not base.weight.is_cpu or not base.weight.is_contiguous() for base in bases)):
+    def _fused(self, side: _SideBySide, lanes, bases: list[nn.Module], fan_in: int, n: int):
+        """The group's step in one pass (lora/group_kernel.py: f(x, lane)) where n columns multiply their fp32 bases
+        by lorakit's product kernel (`decode_layouts`), or None. Prepared once per group while its factors are kept
+        (rows joining and leaving only change the lanes)."""
+        if not 1 <= n <= group_kernel.COLUMNS or decode_layouts()[n] != "kernel":
             return None
-        work = torch.empty(column_kernel.LANES * (fan_in + lanes.groups * lanes.ranks))
-        return group_kernel.group_call(function, lanes, lane, bases, fan_in, work)
+        kept = self._passes.get(id(side))
+        if kept is None:
+            function, call = group_kernel.load(lanes.AL.dtype), None
+            if function is not None and lanes.groups <= group_kernel.GROUPS and all(
+                    type(base) in (nn.Linear, FrozenLinear) and base.weight.dtype == torch.float32
+                    and base.weight.is_cpu and base.weight.is_contiguous() for base in bases):
+                work = torch.empty(column_kernel.LANES * (fan_in + lanes.groups * lanes.ranks))
+                call = group_kernel.group_call(function, lanes, bases, fan_in, work)
+            kept = self._passes[id(side)] = (side, call)  # the side held: its id names no other while kept
+        return kept[1]
 
     def _follow(self, state, layer: nn.Module) -> None:
         """When the state's rows changed (its adapters change only with them): new slots, and the factors
@@ -308,6 +314,7 @@ class FeatureTerms:
             few = len(kept) <= (KEEP_ADAPTERS if self._kernel is not None else 2 * len(used))
             self.adapters = sorted(kept if few else used)
             self._layers.clear()
+            self._passes.clear()
         slot = {name: k + 1 for k, name in enumerate(self.adapters)}
         self._slots = torch.tensor([slot.get(name, 0) for name in state.names], dtype=torch.long)
         self._columns.clear()
