@@ -13,7 +13,7 @@ from lorakit.infer.decode_step import _rotate
 pytestmark = pytest.mark.skipif(step_ops._library() is None, reason="no C compiler here to build the kernels")
 
 
-@pytest.mark.parametrize(("features", "columns"), [(576, 1), (576, 16), (37, 3)])
+@pytest.mark.parametrize(("features", "columns"), [(576, 1), (576, 16), (37, 3), (64, 300)])  # 300: two chunks
 def test_rms_norm_equals_the_torch_expression(features, columns):
     generator = torch.Generator().manual_seed(features + columns)
     x, weight = torch.randn(features, columns, generator=generator), torch.randn(features, generator=generator)
@@ -23,6 +23,8 @@ def test_rms_norm_equals_the_torch_expression(features, columns):
     assert out.shape == (features, columns)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)  # the squares summed in another order
     assert torch.equal(step_ops.rms_norm(x.t().contiguous().t(), weight, 1e-5), out)  # x read as stored, or copied
+    alone = step_ops.rms_norm(x[:, -1:].contiguous(), weight, 1e-5)
+    assert torch.equal(alone, out[:, -1:])  # a column's bits whatever the others: normed side by side, not mixed
 
 
 @pytest.mark.parametrize(("heads", "head_dim", "columns"), [(9, 64, 1), (3, 64, 16), (2, 8, 5)])

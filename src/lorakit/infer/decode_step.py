@@ -199,9 +199,9 @@ def _prefill_attention(attn, query, key, value, starts, lengths, prompt_cache, i
         q, k, v = (x[start : start + length].transpose(0, 1)[None].contiguous() for x in (query, key, value))
         attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=True)
         out.append(attended[0].transpose(0, 1).reshape(length, -1))
-        keys.append(F.pad(k, (0, 0, width - length, 0)))
-        values.append(F.pad(v, (0, 0, width - length, 0)))
-    prompt_cache.update(torch.cat(keys), torch.cat(values), index)
+        keys.append(k if length == width else F.pad(k, (0, 0, width - length, 0)))
+        values.append(v if length == width else F.pad(v, (0, 0, width - length, 0)))
+    prompt_cache.update(*(torch.cat(states) if len(states) > 1 else states[0] for states in (keys, values)), index)
     return out
 
 
