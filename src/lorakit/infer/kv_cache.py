@@ -7,10 +7,10 @@ states into it; attention gets a view of the filled part: the room's first rows,
 A view cut from that one (leading tokens no row uses any more, trailing rows) still appends in place.
 A continuous batch's rows come and go without moving the others (`keep_rows`: a leaving row's place
 is taken by one of the last rows; `join_rows`: the joiners' prefilled rows written into the room's
-spare rows, or all rows copied once into fresh room), where concatenating and selecting rows would copy the whole cache twice, once
-then once more into room at the next step. Code that swaps `keys` / `values` for other tensors needs
-no care: the next update moves them into fresh room. `roomy_cache(config)` is a `DynamicCache` whose
-full-attention layers are RoomyLayers.
+spare rows, or all rows copied once into fresh room), where concatenating and selecting rows would
+copy the whole cache twice, once then once more into room at the next step. Code that swaps `keys` /
+`values` for other tensors needs no care: the next update moves them into fresh room.
+`roomy_cache(config)` is a `DynamicCache` whose full-attention layers are RoomyLayers.
 """
 
 from __future__ import annotations
@@ -151,8 +151,8 @@ def _append(cached: torch.Tensor, room: torch.Tensor | None, new: torch.Tensor) 
 
 def _grow(cached: torch.Tensor, room: torch.Tensor | None, count: int, like: torch.Tensor | None = None):
     """(the filled view of cached and `count` more tokens, its buffer): `room` where cached is a view of it
-    (`_start_in`) and they fit, else a fresh buffer shaped as `like` (cached where None) with ROOM spare tokens; the new tokens are
-    left unwritten."""
+    (`_start_in`) and they fit, else a fresh buffer shaped as `like` (cached where None) with ROOM spare tokens;
+    the new tokens are left unwritten."""
     length = cached.shape[-2] if cached.numel() else 0
     total = length + count
     start = _start_in(cached, room)
