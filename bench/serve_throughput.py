@@ -37,7 +37,8 @@ the prompts are still tokenised by --model's tokenizer) and writes serve_through
 cost of many adapters can be compared across model sizes.
 Every variant runs --warmup times untimed, then all of them take turns in each of --repeats
 rounds (PEFT's included; --turns K: K turns a round, the round's figure over a variant's K runs),
-so a drift of the machine's speed hits them alike. Every round's figure is printed, then min /
+in --variants' order and in reverse every other turn, so that a drift of the machine's speed hits
+neighbours alike (list each variant beside its baseline). Every round's figure is printed, then min /
 median per variant, and the ratios of mixed-N to both merged baselines and
 to PEFT, each taken within a round. Models run on --device (the GPU when there is one). The
 process keeps freed memory (serve/malloc.py), as `lorakit serve` does. Writes
@@ -89,21 +90,24 @@ def prompts(tokenizer, n: int) -> list[str]:
 
 def timed_rounds(variants: dict, args) -> list[dict]:
     """Each variant --warmup times untimed, then --repeats rounds in which the variants take --turns turns, each
-    variant running once a turn; returns one {"repeat", "turn", "variant", "seconds"} per timed run."""
+    variant running once a turn, in their order and in reverse every other turn (a drift of the machine's speed
+    then hits neighbours alike: put each variant beside its baseline); returns one {"repeat", "turn", "variant",
+    "seconds"} per timed run, in the order they ran."""
     for label, fn in variants.items():
         for _ in range(args.warmup):
             fn()
         print(f"  warmed up {label}", flush=True)
-    runs = []
+    runs, order = [], list(variants.items())
     for repeat in range(1, args.repeats + 1):
         for turn in range(1, args.turns + 1):
-            for label, fn in variants.items():
+            for label, fn in order:
                 _sync(args.device)
                 start = time.perf_counter()
                 fn()
                 _sync(args.device)
                 runs.append({"repeat": repeat, "turn": turn, "variant": label, "seconds": time.perf_counter() - start})
                 print(f"  round {repeat} turn {turn}  {label:<20} {runs[-1]['seconds']:.2f} s", flush=True)
+            order.reverse()
     return runs
 
 
@@ -286,12 +290,12 @@ def variant_labels(args) -> list[str]:
     return labels + ([] if args.skip_peft else ["peft-mixed", "peft-switch"])
 
 
-def chosen_variants(parser: argparse.ArgumentParser, args) -> set[str] | None:
-    """The labels --variants names (None: all); an unknown label exits with code 2 and one line."""
+def chosen_variants(parser: argparse.ArgumentParser, args) -> list[str] | None:
+    """The labels --variants names, in its order (None: all); an unknown label exits with code 2 and one line."""
     if args.variants is None:
         return None
-    chosen, known = {v.strip() for v in args.variants.split(",") if v.strip()}, variant_labels(args)
-    unknown = sorted(chosen - set(known))
+    chosen, known = list(dict.fromkeys(v.strip() for v in args.variants.split(",") if v.strip())), variant_labels(args)
+    unknown = sorted(set(chosen) - set(known))
     if unknown or not chosen:
         parser.exit(2, f"--variants: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(known)}\n")
     return chosen
@@ -324,7 +328,8 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: the GPU when there is one)")
     parser.add_argument("--results-dir", default=None, help="where serve_throughput.json goes (default runs/bench)")
     parser.add_argument("--variants", default=None,
-                        help="comma-separated labels to time, e.g. merged,mixed-16 (default: all of them)")
+                        help="comma-separated labels to time, in the order they take turns, e.g. merged,mixed-16 "
+                        "(default: all of them)")
     args = parser.parse_args()
     args.variants = chosen_variants(parser, args)
     from lorakit.models import default_device
@@ -347,7 +352,7 @@ def main() -> None:
         if not args.skip_peft:
             variants.update(peft_variants(args, Path(tmp), names, texts, tokenizer))
         if args.variants is not None:
-            variants = {label: fn for label, fn in variants.items() if label in args.variants}
+            variants = {label: variants[label] for label in args.variants}  # in the order given
         runs = timed_rounds(variants, args)
     tokens = args.requests * args.new_tokens
     for run in runs:
@@ -390,7 +395,8 @@ def main() -> None:
                      + ("mixed-K-lora-int8: every adapter's ranks rounded to int8 values times a power of two "
                         "(lorakit serve --lora-dtype int8), read at a quarter of the bytes, computed in fp32. "
                         if "int8" in args.lora_dtype else "")
-                     + f"All variants take turns in each of {args.repeats} rounds after {args.warmup} untimed run(s)"
+                     + f"All variants take turns in each of {args.repeats} rounds after {args.warmup} untimed run(s), "
+                     "in the order listed and in reverse every other turn"
                      + (f", {args.turns} turns a round; a round's figure is a variant's {args.turns} runs' tokens over "
                         "their summed seconds" if args.turns > 1 else "")
                      + "; ratios are taken within a round."),

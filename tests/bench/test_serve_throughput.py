@@ -26,3 +26,25 @@ def test_a_rounds_figure_is_its_turns_tokens_over_their_summed_time_and_ratios_s
     rows = {row["what"]: row for row in serve_throughput.summarise(list(rounds.values()), args)}
     ratio = rows["mixed-16-lora-int8 / merged"]
     assert ratio["min"] == pytest.approx(0.5) and ratio["max"] == pytest.approx(0.8)  # 4/8 and 4/5, round by round
+
+
+def test_variants_take_turns_in_the_order_given_and_in_reverse_every_other_turn(capsys):
+    ran = []
+    variants = {label: (lambda label=label: ran.append(label)) for label in ("merged", "mixed-16-lora-int8", "mixed-16")}
+    args = argparse.Namespace(warmup=1, repeats=2, turns=3, device="cpu")
+    runs = serve_throughput.timed_rounds(variants, args)
+    forward, backward = ["merged", "mixed-16-lora-int8", "mixed-16"], ["mixed-16", "mixed-16-lora-int8", "merged"]
+    assert ran[3:] == (forward + backward) * 3  # after one warm-up each: the reversal runs on across rounds
+    assert [(r["repeat"], r["turn"]) for r in runs[:6]] == [(1, 1)] * 3 + [(1, 2)] * 3
+    assert [r["variant"] for r in runs] == ran[3:]
+
+
+def test_variants_keep_the_order_given_and_an_unknown_one_exits_with_code_2(capsys):
+    parser = argparse.ArgumentParser()
+    args = argparse.Namespace(adapters=16, quantize=[], lora_dtype=["int8"], half_weights=None, skip_peft=True,
+                              variants="mixed-16-lora-int8,merged,mixed-16-lora-int8")
+    assert serve_throughput.chosen_variants(parser, args) == ["mixed-16-lora-int8", "merged"]
+    args.variants = "merged,mixed-99"
+    with pytest.raises(SystemExit) as exit_:
+        serve_throughput.chosen_variants(parser, args)
+    assert exit_.value.code == 2 and "mixed-99" in capsys.readouterr().err
