@@ -125,6 +125,18 @@ def test_the_w8a8_product_sums_the_weight_times_the_inputs_rounded_per_block(n, 
     assert 0 < error < 0.02  # rounded inputs: close to the product, not equal
 
 
+@pytest.mark.parametrize("fan_in", [64, 96, 160])  # blocks of 32 in pairs only, and one left over
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_w8a8_product_of_a_few_columns_has_the_bits_of_sixteen(fan_in, threads):
+    generator, weight, scales = int8_weight(fan_in, fan_in)  # 37 rows: a last block of 16 holds 5
+    x = torch.randn(fan_in, 17, generator=generator)
+    with torch_threads(threads):
+        many = weight_kernel.w8a8_product(x, weight, scales)  # the 16-column loop
+        for n in range(1, weight_kernel.FEW_COLUMNS + 1):  # the few-columns loop (where the CPU has VNNI)
+            assert torch.equal(weight_kernel.w8a8_product(x[:, :n].contiguous(), weight, scales), many[:, :n])
+    torch.testing.assert_close(many, w8a8_reference(x, weight, scales).float(), rtol=1e-5, atol=1e-6)
+
+
 def test_the_w8a8_product_refuses_what_it_cannot_take():
     scales = torch.ones(8)
     with pytest.raises(ValueError, match="multiple of 32"):

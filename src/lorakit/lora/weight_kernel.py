@@ -124,7 +124,7 @@ def w8a8_product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) ->
     x, weight, scales = x.contiguous(), weight.contiguous(), scales.contiguous()
     out = torch.empty(fan_out, n)
     blocks = -(-n // 16)
-    work = torch.empty(blocks * (fan_in * 16 + fan_in // W8A8_BLOCK * 16 * 8), dtype=torch.uint8)
+    work = torch.empty(blocks * (fan_in * 16 + fan_in // W8A8_BLOCK * 16 * 8) + FEW_COLUMNS * fan_in, dtype=torch.uint8)
     if n and fan_out:
         library.w8a8_product(weight.data_ptr(), scales.data_ptr(), x.data_ptr(), out.data_ptr(), fan_out, fan_in, n,
                              work.data_ptr(), torch.get_num_threads())
