@@ -1,19 +1,22 @@
 """Decode speed of one to a few streams: lorakit's decode loop beside llama.cpp's, on the same merged model.
 
     python bench/decode_speed.py [--model smollm2-135m-instruct] [--rows 1,2,4,16] [--prompt 64] [--new-tokens 32]
-                                 [--repeats 5] [--threads 2] [--batched-bench PATH] [--gguf f32]
+                                 [--repeats 5] [--threads 2] [--batched-bench PATH] [--gguf f32] [--quantize w8a8]
 
 One rank-8 adapter (random, non-zero) merged into --model, then:
   lorakit            the merged model prepared as `lorakit serve` prepares it (use_decode_linears), --rows requests
                      of a --prompt-token prompt, greedy, decoded by generate_mixed
   lorakit-4k-pages   the same with its weights left where they were loaded (LORAKIT_HUGE_PAGES=0)
   lorakit-op-by-op   the same with each layer's small operations as torch calls (no decode_layer.c call)
+  lorakit-Q          with --quantize Q (int8 or w8a8): the merged model's linear weights and head in int8, as
+                     `lorakit serve --quantize Q` prepares them (w8a8: their inputs rounded to int8 too, as llama.cpp's
+                     q8_0 rounds them; compare it with --gguf q8_0)
   llama-T            llama.cpp's llama-batched-bench (the build `make llama-server` makes) on the same merged model
                      exported by `lorakit export --outtype T`: -npp --prompt -ntg --new-tokens -npl rows -t --threads
 Each figure is decode tokens per second, prompt pass and first token left out on both sides: lorakit's time for
 --new-tokens + 1 tokens less its time for 1, llama.cpp's S_TG. The systems take turns in every round (the order
-reversed every other round), every round printed; the ratios are taken within a round. Writes
-runs/bench/decode_speed.json.
+reversed every other round), every round printed; the ratios are taken within a round (lorakit over every other
+system, and lorakit-Q over llama-q8_0). Writes runs/bench/decode_speed.json.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ def lorakit_systems(args, adapter: Path) -> dict:
     import lorakit
     from lorakit.infer import decode_layer
     from lorakit.infer.decode_linears import use_decode_linears
+    from lorakit.infer.int8_weights import use_int8_weights
     from lorakit.infer.multi_adapter import Request, generate_mixed
     from lorakit.models import load_causal_lm, load_tokenizer
     from lorakit.serve.malloc import keep_freed_memory
@@ -50,12 +54,15 @@ def lorakit_systems(args, adapter: Path) -> dict:
     keep_freed_memory()  # as `lorakit serve` runs
     tokenizer = load_tokenizer(args.model)
 
-    def merged(huge_pages: bool):
+    def merged(huge_pages: bool, quantize: str | None = None):
         model = load_causal_lm(args.model).eval()
         lorakit.load_adapter(model, adapter, "a")
         os.environ["LORAKIT_HUGE_PAGES"] = "1" if huge_pages else "0"
         try:
-            return use_decode_linears(lorakit.merge_and_unload(model))
+            model = lorakit.merge_and_unload(model)
+            if quantize:
+                use_int8_weights(model, quantize)
+            return use_decode_linears(model)
         finally:
             os.environ.pop("LORAKIT_HUGE_PAGES")
 
@@ -76,8 +83,11 @@ def lorakit_systems(args, adapter: Path) -> dict:
         return tok_s
 
     huge, small = merged(True), merged(False)
-    return {"lorakit": system(huge, True), "lorakit-4k-pages": system(small, True),
-            "lorakit-op-by-op": system(huge, False)}
+    systems = {"lorakit": system(huge, True), "lorakit-4k-pages": system(small, True),
+               "lorakit-op-by-op": system(huge, False)}
+    if getattr(args, "quantize", None):
+        systems[f"lorakit-{args.quantize}"] = system(merged(True, args.quantize), True)
+    return systems
 
 
 def llama_systems(args, adapter: Path, root: Path) -> dict:
@@ -109,7 +119,8 @@ def s_tg(table: str, prompt: int) -> float:
 
 
 def summarise(runs: list[dict]) -> list[dict]:
-    """Per row count: each system's tok/s (min / median), and lorakit over each other system within a round."""
+    """Per row count: each system's tok/s (min / median), and lorakit over each other system within a round, and an
+    int8 lorakit (lorakit-int8, lorakit-w8a8) over llama-q8_0."""
     summary = []
     for rows in sorted({r["rows"] for r in runs}):
         figures = {}
@@ -118,9 +129,12 @@ def summarise(runs: list[dict]) -> list[dict]:
                 figures.setdefault(r["system"], {})[r["round"]] = r["tok_s"]
         for name, per_round in figures.items():
             summary.append({"what": f"{rows} rows: {name} tok/s", **min_median(list(per_round.values()))})
-        for other in [name for name in figures if name != "lorakit"]:
-            ratios = [figures["lorakit"][k] / figures[other][k] for k in figures["lorakit"] if k in figures[other]]
-            summary.append({"what": f"{rows} rows: lorakit / {other} (same round)", **min_median(ratios)})
+        pairs = [("lorakit", name) for name in figures if name != "lorakit"]
+        pairs += [(name, "llama-q8_0") for name in ("lorakit-int8", "lorakit-w8a8") if name in figures]
+        for ours, other in pairs:
+            if ours in figures and other in figures:
+                ratios = [figures[ours][k] / figures[other][k] for k in figures[ours] if k in figures[other]]
+                summary.append({"what": f"{rows} rows: {ours} / {other} (same round)", **min_median(ratios)})
     return summary
 
 
@@ -134,6 +148,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--batched-bench", default=str(BATCHED_BENCH))
     parser.add_argument("--gguf", default="f32", help="GGUF types for llama.cpp, comma-separated")
+    parser.add_argument("--quantize", choices=["int8", "w8a8"], default=None,
+                        help="add lorakit-Q: the merged model's weights in int8, as lorakit serve --quantize Q")
     parser.add_argument("--results-dir", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -158,7 +174,9 @@ def main() -> None:
             f"tokens per row; decode tokens per second (prompt pass and first token left out), {args.threads} threads. "
             "lorakit: generate_mixed on the model `lorakit serve` prepares; lorakit-4k-pages: its weights not moved "
             "onto huge pages; lorakit-op-by-op: each layer's small operations as torch calls, not one C call; "
-            "llama-*: llama.cpp's llama-batched-bench (S_TG) on the `lorakit export` of the same merged model. "
+            + (f"lorakit-{args.quantize}: its linear weights and head in int8 (lorakit serve --quantize "
+               f"{args.quantize}); " if args.quantize else "")
+            + "llama-*: llama.cpp's llama-batched-bench (S_TG) on the `lorakit export` of the same merged model. "
             "The systems take turns in each round."
         ),
         columns=[("rows", "rows"), ("round", "round"), ("system", "system"), ("tok_s", "tok/s")],

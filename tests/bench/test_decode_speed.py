@@ -37,11 +37,21 @@ def test_ratios_are_taken_within_a_round():
     assert rows["1 rows: llama-f32 tok/s"]["median"] == pytest.approx(50.0)
 
 
+def test_an_int8_lorakit_is_also_taken_over_llamas_q8_0():
+    figures = {"lorakit": 40.0, "lorakit-w8a8": 60.0, "llama-f32": 50.0, "llama-q8_0": 80.0}
+    runs = [{"rows": 1, "round": 1, "system": s, "tok_s": v} for s, v in figures.items()]
+    rows = {row["what"]: row for row in decode_speed.summarise(runs)}
+    assert rows["1 rows: lorakit-w8a8 / llama-q8_0 (same round)"]["median"] == pytest.approx(0.75)
+    assert rows["1 rows: lorakit / llama-q8_0 (same round)"]["median"] == pytest.approx(0.5)
+    assert "1 rows: lorakit-w8a8 / llama-f32 (same round)" not in rows
+
+
 def test_lorakits_systems_decode_the_embedded_model(tmp_path):
-    args = argparse.Namespace(model="smollm2-135m-instruct", prompt=8, new_tokens=12, adapters=1, rank=2)
+    args = argparse.Namespace(model="smollm2-135m-instruct", prompt=8, new_tokens=12, adapters=1, rank=2,
+                              quantize="w8a8")
     adapter = tmp_path / decode_speed.make_adapters(args, tmp_path)[0]
     systems = decode_speed.lorakit_systems(args, adapter)
-    assert set(systems) == {"lorakit", "lorakit-4k-pages", "lorakit-op-by-op"}
+    assert set(systems) == {"lorakit", "lorakit-4k-pages", "lorakit-op-by-op", "lorakit-w8a8"}
     for system in systems.values():
         system(1)  # warm-up, as the bench runs it: the first step times the layouts and loads the kernels
         assert system(1) > 0
