@@ -13,6 +13,7 @@ from conftest import VOCAB, tiny_llama, tiny_qwen2
 from lorakit.infer import decode_layer
 from lorakit.infer.decode_linears import use_decode_linears
 from lorakit.infer.decode_step import decode_and_prefill, decode_logits
+from lorakit.infer.int8_weights import use_int8_weights
 from lorakit.lora import base
 from lorakit.lora.mixed import row_adapters
 from test_decode_step import TARGETS, assert_same, decode_both, prefilled
@@ -125,3 +126,32 @@ def test_a_layer_of_other_shapes_than_the_kernel_takes_is_left_to_torch(few_layo
     up = layer.mlp.up_proj
     up.weight = torch.nn.Parameter(up.weight[:-1].clone(), requires_grad=False)  # no longer gate's width
     assert decode_layer._plan(layer, model.config) is None
+
+
+w8a8_here = pytest.mark.skipif(decode_layer._library() is None or not decode_layer._library().decode_layer_w8a8(),
+                               reason="the layer kernel takes w8a8 weights where the CPU has AVX-512 VNNI")
+
+
+@w8a8_here
+@pytest.mark.parametrize("rows", [1, 2, 4])
+@pytest.mark.parametrize("build", [tiny_llama, qwen2_with_biases], ids=["llama", "qwen2-with-biases"])
+def test_a_w8a8_model_runs_every_layer_in_one_call_and_the_step_equals_its_forward(build, rows, few_layout,
+                                                                                    layer_calls):
+    model = build()
+    use_int8_weights(model, "w8a8")  # every projection int8, its inputs rounded to int8 as the forward rounds them
+    model = use_decode_linears(model)
+    assert_same(*decode_both(model, steps=4, rows=rows))
+    assert layer_calls == [True] * (4 * len(model.model.layers))
+
+
+@w8a8_here
+def test_a_layer_of_int8_and_fp32_projections_is_left_to_torch(few_layout, layer_calls):
+    model = tiny_llama()
+    use_int8_weights(model, "w8a8")
+    model = use_decode_linears(model)
+    layer = model.model.layers[0]
+    assert decode_layer._plan(layer, model.config) is not None
+    layer.mlp.down_proj.int8_activations = False  # int8 weights, fp32 inputs: not the kernel's
+    assert decode_layer._plan(layer, model.config) is None
+    assert_same(*decode_both(model, rows=2))
+    assert layer_calls == [False, True] * 3

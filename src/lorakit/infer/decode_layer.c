@@ -25,23 +25,47 @@
 #include <stdlib.h>
 
 #include "../lora/few_columns.h"
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include "../lora/w8a8_rows.h"
+#define W8A8 1
+#else
+#define W8A8 0
+#endif
 
 enum { Q, K, V, O, GATE, UP, DOWN, WEIGHTS };
 
+/* Where a layer's weights are int8 with their inputs rounded to int8 (w8a8): each weight's fp32 scales (out) and
+   room for the rounded columns. */
+typedef struct {
+    const float *const *scales;
+    int8_t *q;
+    float *d;
+    int32_t *sums;
+} Int8;
+
 /* y[k] (outs[k], n) = W[k] x + bias[k] for `count` weights by the same x, its n columns contiguous (n, in): the
-   4-row blocks of all of them in one parallel loop */
+   blocks of all of them in one parallel loop, 4 rows of fp32 weights or, with `int8`, 16 rows of int8 ones times x
+   rounded per block of 32 (lora/w8a8_rows.h: the bits of lorakit's w8a8 product) */
 static void products(int count, const float *const *W, const float *const *bias, const int64_t *outs, int64_t in,
-                     const float *xt, float **y, int64_t n, int threads) {
-    int64_t starts[WEIGHTS + 1] = {0};
-    for (int k = 0; k < count; k++) starts[k + 1] = starts[k] + (outs[k] + 3) / 4;
+                     const float *xt, float **y, int64_t n, const Int8 *int8, int threads) {
+    int64_t starts[WEIGHTS + 1] = {0}, rows = int8 ? 16 : 4;
+    for (int k = 0; k < count; k++) starts[k + 1] = starts[k] + (outs[k] + rows - 1) / rows;
+#if W8A8
+    if (int8) quantize_columns(xt, in, n, int8->q, int8->d, int8->sums);
+#endif
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t block = 0; block < starts[count]; block++) {
         int k = 0;
         while (block >= starts[k + 1]) k++;
-        int64_t o = (block - starts[k]) * 4;
-        few_rows(W[k], xt, y[k], outs[k], in, n, o);
+        int64_t o = (block - starts[k]) * rows;
+#if W8A8
+        if (int8)
+            w8a8_rows((const int8_t *)W[k], int8->scales[k], int8->q, int8->d, int8->sums, y[k], outs[k], in, n, o);
+        else
+#endif
+            few_rows(W[k], xt, y[k], outs[k], in, n, o);
         if (bias[k])
-            for (int64_t r = o; r < o + 4 && r < outs[k]; r++)
+            for (int64_t r = o; r < o + rows && r < outs[k]; r++)
                 for (int64_t c = 0; c < n; c++) y[k][r * n + c] += bias[k][r];
     }
 }
@@ -92,30 +116,39 @@ static void attend(const float *q, const float *keys, const float *values, int64
     }
 }
 
+/* Whether decode_layer takes w8a8 layers here (AVX-512 VNNI): 1 or 0 */
+int decode_layer_w8a8(void) { return W8A8; }
+
 /* One layer, as the comment above says. W and bias: the 7 projections' weights (out, in) and biases (NULL where
-   none) in the order q, k, v, o, gate, up, down; norms: the input and post-attention norms' weights (H each); dims:
-   H, heads, kv_heads, D, I (the MLP's width); cos_, sin_ (B, D); keys, values with `strides` (row, head, token),
-   T tokens counting this step's; keep (B, T). Returns 0, or -1 where its memory could not be had (h unchanged). */
-int decode_layer(float *h, int64_t B, const float *const *W, const float *const *bias, const float *const *norms,
-                 float eps, const int64_t *dims, const float *cos_, const float *sin_, float *keys, float *values,
-                 const int64_t *strides, int64_t T, const float *keep, float scale, int threads) {
+   none) in the order q, k, v, o, gate, up, down; scales: NULL for fp32 weights, or for w8a8 ones (int8 weights, their
+   inputs rounded to int8 per block of 32, every `in` a multiple of 32) each weight's fp32 scales; norms: the input
+   and post-attention norms' weights (H each); dims: H, heads, kv_heads, D, I (the MLP's width); cos_, sin_ (B, D);
+   keys, values with `strides` (row, head, token), T tokens counting this step's; keep (B, T). Returns 0, or -1 where
+   its memory could not be had or w8a8 is not built here (h unchanged). */
+int decode_layer(float *h, int64_t B, const float *const *W, const float *const *bias, const float *const *scales,
+                 const float *const *norms, float eps, const int64_t *dims, const float *cos_, const float *sin_,
+                 float *keys, float *values, const int64_t *strides, int64_t T, const float *keep, float scale,
+                 int threads) {
     int64_t H = dims[0], heads = dims[1], kv_heads = dims[2], D = dims[3], I = dims[4], group = heads / kv_heads;
-    if (B < 1 || B > FEW) return -1;
+    if (B < 1 || B > FEW || (scales && !W8A8)) return -1;
     int64_t widest = H > I ? H : I, attn_width = heads * D;
     if (attn_width > widest) widest = attn_width;
+    Int8 room = {scales, malloc(B * widest), malloc(sizeof(float) * B * (widest / 32 + 1)),
+                 malloc(sizeof(int32_t) * B * (widest / 32 + 1))}, *int8 = scales ? &room : NULL;
     float *x = malloc(sizeof(float) * B * widest), *q = malloc(sizeof(float) * B * attn_width),
           *k = malloc(sizeof(float) * B * kv_heads * D), *v = malloc(sizeof(float) * B * kv_heads * D),
           *a = malloc(sizeof(float) * B * attn_width), *gate = malloc(sizeof(float) * B * I),
           *up = malloc(sizeof(float) * B * I), *o = malloc(sizeof(float) * B * H),
           *scores = malloc(sizeof(float) * T * (threads > 0 ? threads : 1)); /* each thread's T scores */
     int status = -1;
-    if (!x || !q || !k || !v || !a || !gate || !up || !o || !scores) goto done;
+    if (!x || !q || !k || !v || !a || !gate || !up || !o || !scores || !room.q || !room.d || !room.sums) goto done;
 
     rms_norm_rows(h, norms[0], x, H, B, eps);
     {
         const int64_t outs[3] = {attn_width, kv_heads * D, kv_heads * D};
         float *y[3] = {q, k, v};
-        products(3, W + Q, bias + Q, outs, H, x, y, B, threads);
+        Int8 qkv = int8 ? (Int8){scales + Q, room.q, room.d, room.sums} : room;
+        products(3, W + Q, bias + Q, outs, H, x, y, B, int8 ? &qkv : NULL, threads);
     }
     for (int64_t b = 0; b < B; b++)
         for (int64_t g = 0; g < kv_heads; g++) {
@@ -137,7 +170,8 @@ int decode_layer(float *h, int64_t B, const float *const *W, const float *const 
     }
     {
         float *y[1] = {o};
-        products(1, W + O, bias + O, &H, attn_width, a, y, B, threads);
+        Int8 own = int8 ? (Int8){scales + O, room.q, room.d, room.sums} : room;
+        products(1, W + O, bias + O, &H, attn_width, a, y, B, int8 ? &own : NULL, threads);
     }
     for (int64_t i = 0; i < H * B; i++) h[i] += o[i];
 
@@ -145,7 +179,8 @@ int decode_layer(float *h, int64_t B, const float *const *W, const float *const 
     {
         const int64_t outs[2] = {I, I};
         float *y[2] = {gate, up};
-        products(2, W + GATE, bias + GATE, outs, H, x, y, B, threads);
+        Int8 mlp = int8 ? (Int8){scales + GATE, room.q, room.d, room.sums} : room;
+        products(2, W + GATE, bias + GATE, outs, H, x, y, B, int8 ? &mlp : NULL, threads);
     }
     for (int64_t j = 0; j < I; j++)
         for (int64_t b = 0; b < B; b++) {
@@ -154,11 +189,13 @@ int decode_layer(float *h, int64_t B, const float *const *W, const float *const 
         }
     {
         float *y[1] = {o};
-        products(1, W + DOWN, bias + DOWN, &H, I, x, y, B, threads);
+        Int8 own = int8 ? (Int8){scales + DOWN, room.q, room.d, room.sums} : room;
+        products(1, W + DOWN, bias + DOWN, &H, I, x, y, B, int8 ? &own : NULL, threads);
     }
     for (int64_t i = 0; i < H * B; i++) h[i] += o[i];
     status = 0;
 done:
     free(x), free(q), free(k), free(v), free(a), free(gate), free(up), free(o), free(scores);
+    free(room.q), free(room.d), free(room.sums);
     return status;
 }

@@ -4,7 +4,9 @@ At one to a few rows a decode step's products run at memory speed through the fe
 what is left is the twenty-odd small torch operations a layer around them, each with its dispatch and
 Python. `run` computes a layer of a Llama-family model in one call instead, where every one of its seven
 projections is a frozen fp32 Linear (`lora.base.FrozenLinear`: a merged or base model that serves; a LoRA
-layer in a mixed batch keeps infer/decode_step.py's walk), the step has rows only (no prompt beside them),
+layer in a mixed batch keeps infer/decode_step.py's walk), or every one a w8a8 Int8WeightLinear (`lorakit
+serve --quantize w8a8`: int8 weights, inputs rounded to int8, the bits of lorakit's w8a8 product, where the CPU
+has AVX-512 VNNI), the step has rows only (no prompt beside them),
 the few-columns kernel is this process's choice for that many rows (`lora.base.decode_layouts`), and the
 layer's cache appends in place (`kv_cache.RoomyLayer`); else it returns False and the step computes the
 layer with torch. The results are the torch walk's up to float rounding (the attention sums its tokens in
@@ -26,7 +28,7 @@ from torch import nn
 from lorakit import native
 from lorakit.infer.kv_cache import RoomyLayer
 from lorakit.lora import weight_kernel
-from lorakit.lora.base import FrozenLinear, decode_layouts
+from lorakit.lora.base import FrozenLinear, Int8WeightLinear, decode_layouts, fp32_scales
 
 SOURCE = Path(__file__).with_suffix(".c")
 PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
@@ -41,9 +43,10 @@ def _library():
     library = native.load_library(SOURCE, weight_kernel.FLAGS, what="the decode step's layer kernel (torch serves)")
     if library is not None:
         pointer, size, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-        library.decode_layer.argtypes = [pointer, size, pointer, pointer, pointer, real, pointer, pointer, pointer,
-                                         pointer, pointer, pointer, size, pointer, real, ctypes.c_int]
+        library.decode_layer.argtypes = [pointer, size, pointer, pointer, pointer, pointer, real, pointer, pointer,
+                                         pointer, pointer, pointer, pointer, size, pointer, real, ctypes.c_int]
         library.decode_layer.restype = ctypes.c_int
+        library.decode_layer_w8a8.argtypes, library.decode_layer_w8a8.restype = [], ctypes.c_int
     return library
 
 
@@ -63,6 +66,7 @@ class _Plan:
     where: tuple
     weights: ctypes.Array
     biases: ctypes.Array
+    scales: ctypes.Array | None  # w8a8 weights' fp32 scales; None for fp32 weights
     norms: ctypes.Array
     dims: ctypes.Array  # hidden size, heads, key/value heads, head size, the MLP's width
     eps: float
@@ -72,29 +76,37 @@ class _Plan:
 _plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # decoder layer -> its _Plan
 
 
-def _tensors(layer: nn.Module) -> list | None:
-    """The layer's 7 projections' weights and biases (decode_layer.c's order), then its 2 norms' weights; None where a
-    projection is not a FrozenLinear."""
+def _tensors(layer: nn.Module) -> tuple[list, list | None] | None:
+    """The layer's 7 projections' weights and biases (decode_layer.c's order), then its 2 norms' weights, and the
+    projections' fp32 scales where all 7 are w8a8 (else None); None where the projections are not all FrozenLinear or
+    all w8a8 Int8WeightLinear."""
     blocks, tensors = {block: layer._modules[block]._modules for block in ("self_attn", "mlp")}, []
-    for block, name in PROJECTIONS:
-        module = blocks[block].get(name)
-        if type(module) is not FrozenLinear:
-            return None
+    modules = [blocks[block].get(name) for block, name in PROJECTIONS]
+    int8 = all(type(m) is Int8WeightLinear and m.int8_activations for m in modules)
+    if not int8 and any(type(m) is not FrozenLinear for m in modules):
+        return None
+    for module in modules:
         tensors += (module._parameters["weight"], module._parameters["bias"])
-    return tensors + [layer._modules[name]._parameters["weight"] for name in NORMS]
+    scales = [fp32_scales(m) for m in modules] if int8 else None
+    return tensors + [layer._modules[name]._parameters["weight"] for name in NORMS], scales
 
 
 def _plan(layer: nn.Module, config) -> _Plan | None:
     """The layer's kernel arguments (made anew when a tensor moved), or None where the kernel does not take it."""
-    tensors = _tensors(layer)
-    if tensors is None:
+    found = _tensors(layer)
+    if found is None:
         return None
-    where = tuple(None if t is None else (t.data_ptr(), t.dtype, t.shape) for t in tensors)
+    tensors, scales = found
+    where = tuple(None if t is None else (t.data_ptr(), t.dtype, t.shape) for t in tensors + (scales or []))
     plan = _plans.get(layer)
     if plan is not None and plan.where == where:
         return plan
     norms = [layer._modules[name] for name in NORMS]
-    if (not all(_fp32(t) for t in tensors) or len({getattr(n, "variance_epsilon", None) for n in norms}) != 1
+    weights_ok = all(_fp32(t) for t in tensors[0:14:2]) if scales is None else (
+        _library().decode_layer_w8a8() == 1 and all(_fp32(s) for s in scales)
+        and all(w.dtype == torch.int8 and w.is_contiguous() and w.shape[1] % 32 == 0 for w in tensors[0:14:2]))
+    if (not weights_ok or not all(_fp32(t) for t in tensors[1:14:2] + tensors[14:])
+            or len({getattr(n, "variance_epsilon", None) for n in norms}) != 1
             or getattr(config, "hidden_act", "silu") != "silu"):
         return None
     attn, weights = layer._modules["self_attn"], tensors[0:14:2]
@@ -108,6 +120,7 @@ def _plan(layer: nn.Module, config) -> _Plan | None:
         return None
     pointers = [None if t is None else t.data_ptr() for t in tensors]
     plan = _Plan(where, (ctypes.c_void_p * 7)(*pointers[0:14:2]), (ctypes.c_void_p * 7)(*pointers[1:14:2]),
+                 None if scales is None else (ctypes.c_void_p * 7)(*[s.data_ptr() for s in scales]),
                  (ctypes.c_void_p * 2)(*pointers[14:]),
                  (ctypes.c_int64 * 5)(hidden, config.num_attention_heads, config.num_key_value_heads, attn.head_dim,
                                       width),
@@ -138,7 +151,7 @@ def run(layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Te
         return False
     keys, values = cache_layer.reserve(1)  # (B, kv heads, T, D) contiguous rooms' views, the new token unwritten
     status = _library().decode_layer(
-        hidden.data_ptr(), rows, plan.weights, plan.biases, plan.norms, plan.eps, plan.dims, cos.data_ptr(),
+        hidden.data_ptr(), rows, plan.weights, plan.biases, plan.scales, plan.norms, plan.eps, plan.dims, cos.data_ptr(),
         sin.data_ptr(), keys.data_ptr(), values.data_ptr(), (ctypes.c_int64 * 3)(*keys.stride()[:3]), keys.shape[2],
         keep.data_ptr(), plan.scale, torch.get_num_threads(),
     )

@@ -283,11 +283,11 @@ def _w8a8_applies(x: torch.Tensor) -> bool:
 def w8a8_features(module: Int8WeightLinear, x: torch.Tensor) -> torch.Tensor:
     """W xq + b (out, B) of an Int8WeightLinear for feature-major fp32 x (in, B), x rounded to int8 per column and
     block of 32 inputs (lora/weight_kernel.py: w8a8_product)."""
-    out = weight_kernel.w8a8_product(x, module.weight, _fp32_scales(module))
+    out = weight_kernel.w8a8_product(x, module.weight, fp32_scales(module))
     return out if module.bias is None else out.add_(module.bias[:, None])
 
 
-def _fp32_scales(module: Int8WeightLinear) -> torch.Tensor:
+def fp32_scales(module: Int8WeightLinear) -> torch.Tensor:
     """The module's bf16 scales widened to fp32, once (kept while the scales are unchanged), not every step."""
     scales = module.weight_scales
     kept = module.__dict__.get("_fp32_scales")
@@ -321,7 +321,7 @@ def frozen_features(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if module.int8_activations and _w8a8_applies(x):
             return w8a8_features(module, x)
         if x.dtype == torch.float32 and x.is_cpu and not torch.is_grad_enabled() and x.shape[1] >= int8_kernel_rows():
-            out = weight_kernel.int8_product(x, module.weight, _fp32_scales(module))
+            out = weight_kernel.int8_product(x, module.weight, fp32_scales(module))
             return out if module.bias is None else out.add_(module.bias[:, None])
         return int8_linear(x.t(), module.weight, module.weight_scales, module.bias).t()
     return weight_major_product(x, module.weight, module.bias)

@@ -241,94 +241,24 @@ static inline void block_dots(const int8_t *const w[8], int64_t i0, const int8_t
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-/* w8a8 for 1 to FEW columns. The 16-column loop below multiplies every weight by 16 columns whatever n is, so at one
-   to a few columns it computes rather than reads. Here a thread takes 16 weight rows at a time, 64 inputs (two
-   blocks of 32) of each row against the same 64 of each column's q, one vpdpbusd each, and asks the second level for
-   the next 16 rows on the way; the 16 rows' sums are then added across their lanes into one vector per block, lane r
-   for row r, and each block goes into the rows' fp32 sums in order, as the 16-column loop adds them: the same integer
-   sums, the same multiply-adds, the same bits. A 135M model's int8 products and head at one column (135 MB), the
-   C calls alone, the two loops taking turns: 6.8 against 9.7 ms (medians of 15; a plain read of as many bytes:
-   4.7 ms). */
+#include "w8a8_rows.h"
 
-/* t[r]: lanes 0-7 the partial sums of block 2k of row r, lanes 8-15 those of block 2k + 1; *even, *odd: each row's
-   whole sums (lane r), by adding neighbouring lanes and then neighbouring rows' vectors, as a transpose would */
-static inline __attribute__((always_inline)) void row_sums(const __m512i t[16], __m512i *even, __m512i *odd) {
-    __m512i x[8], y[4];
-    for (int m = 0; m < 8; m++) /* each 128-bit quarter: rows 2m, 2m + 1, two partial sums each */
-        x[m] = _mm512_add_epi32(_mm512_unpacklo_epi32(t[2 * m], t[2 * m + 1]),
-                                _mm512_unpackhi_epi32(t[2 * m], t[2 * m + 1]));
-    for (int m = 0; m < 4; m++) /* quarter q: the sum of lanes 4q .. 4q + 3 of rows 4m .. 4m + 3 */
-        y[m] = _mm512_add_epi32(_mm512_unpacklo_epi64(x[2 * m], x[2 * m + 1]), _mm512_unpackhi_epi64(x[2 * m], x[2 * m + 1]));
-    __m512i p01 = _mm512_add_epi32(_mm512_shuffle_i32x4(y[0], y[1], 0x88), _mm512_shuffle_i32x4(y[0], y[1], 0xdd));
-    __m512i p23 = _mm512_add_epi32(_mm512_shuffle_i32x4(y[2], y[3], 0x88), _mm512_shuffle_i32x4(y[2], y[3], 0xdd));
-    *even = _mm512_shuffle_i32x4(p01, p23, 0x88); /* quarters: rows 0-3, 4-7, 8-11, 12-15 */
-    *odd = _mm512_shuffle_i32x4(p01, p23, 0xdd);
-}
-
-/* blocks b and b + 1 (or b alone: `bytes` its 32) of rows o .. o + 15 against column c's q, into the rows' sums f */
-static inline __attribute__((always_inline)) v16 w8a8_step(const int8_t *w, const int64_t at[16], const int8_t *qc,
-                                                           const float *dc, const int32_t *sc, int64_t b, int two,
-                                                           v16 f) {
-    const __m512i flip = _mm512_set1_epi32((int32_t)0x80808080u);
-    __mmask64 bytes = two ? ~(__mmask64)0 : (__mmask64)0xffffffffu;
-    __m512i qv = _mm512_maskz_loadu_epi8(bytes, qc + b * 32), t[16], even, odd;
-    for (int r = 0; r < 16; r++)
-        t[r] = _mm512_dpbusd_epi32(_mm512_setzero_si512(),
-                                   _mm512_xor_si512(_mm512_maskz_loadu_epi8(bytes, w + at[r] + b * 32), flip), qv);
-    row_sums(t, &even, &odd);
-    f += __builtin_convertvector((i16v)even - sc[b] * 128, v16) * dc[b];
-    if (two) f += __builtin_convertvector((i16v)odd - sc[b + 1] * 128, v16) * dc[b + 1];
-    return f;
-}
-
-/* rows o .. o + 15 (past the last row: row o again, not stored) times N <= FEW columns: q (N, in) each column's
-   rounded inputs, d and sums (N, in / 32) */
-static inline __attribute__((always_inline)) void w8a8_rows16(const int8_t *Q, const float *scales, const int8_t *q,
-                                                              const float *d, const int32_t *sums, float *y,
-                                                              int64_t out, int64_t in, const int N, int64_t o) {
-    int64_t rows = out - o < 16 ? out - o : 16, groups = in / 32, pairs = groups - groups % 2;
-    const int8_t *w = Q + o * in;
-    int64_t at[16]; /* each row's offset from w (past the last row: row o's) */
-    for (int r = 0; r < 16; r++) at[r] = (r < rows ? r : 0) * in;
-    v16 f[FEW];
-    for (int c = 0; c < N; c++) f[c] = (v16){0};
-    const char *next = (const char *)(w + 16 * in); /* the next 16 rows, 16 * 64 bytes of them asked for each step */
-    for (int64_t b = 0; b < pairs; b += 2) { /* a second column reads the rows' bytes again from the first level */
-        if (o + 16 < out)
-            for (int k = 0; k < 16; k++) __builtin_prefetch(next + b * 512 + 64 * k, 0, 2);
-        for (int c = 0; c < N; c++) f[c] = w8a8_step(w, at, q + c * in, d + c * groups, sums + c * groups, b, 1, f[c]);
-    }
-    if (pairs < groups)
-        for (int c = 0; c < N; c++)
-            f[c] = w8a8_step(w, at, q + c * in, d + c * groups, sums + c * groups, pairs, 0, f[c]);
-    for (int c = 0; c < N; c++)
-        for (int r = 0; r < rows; r++) y[(o + r) * N + c] = f[c][r] * scales[o + r];
-}
-
-/* the few-columns product; `work` as w8a8_product's, then n * in bytes */
+/* the few-columns product; `work`: n * in floats, n * in bytes, then n * in / 32 floats and as many int32 */
 static void w8a8_few(const int8_t *Q, const float *scales, const float *x, float *y, int64_t out, int64_t in,
                      int64_t n, char *work, int threads) {
-    int64_t groups = in / 32;
-    int8_t *lanes = (int8_t *)work, *q = (int8_t *)(work + in * 16 + groups * 16 * 8);
-    float *d16 = (float *)(work + in * 16), d[FEW * (in / 32)];
-    int32_t *sums16 = (int32_t *)(work + in * 16 + groups * 16 * 4), sums[FEW * (in / 32)];
-    quantize_block(x, in, n, 0, n, lanes, d16, sums16); /* the 16-column loop's rounding, then one column a row */
-    for (int64_t c = 0; c < n; c++) {
-        for (int64_t i = 0; i < in; i++) q[c * in + i] = lanes[((i >> 2) * 16 + c) * 4 + (i & 3)];
-        for (int64_t b = 0; b < groups; b++) d[c * groups + b] = d16[b * 16 + c], sums[c * groups + b] = sums16[b * 16 + c];
-    }
+    float *xt = (float *)work, *d = (float *)(work + n * in * 5);
+    int8_t *q = (int8_t *)(work + n * in * 4);
+    int32_t *sums = (int32_t *)(work + n * in * 5 + n * (in / 32) * 4);
+    for (int64_t c = 0; c < n; c++) /* each column's inputs contiguous */
+        for (int64_t i = 0; i < in; i++) xt[c * in + i] = x[i * n + c];
+    quantize_columns(xt, in, n, q, d, sums);
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t o = 0; o < out; o += 16) switch (n) { /* N a constant in each case: the sums stay in registers */
-        case 1: w8a8_rows16(Q, scales, q, d, sums, y, out, in, 1, o); break;
-        case 2: w8a8_rows16(Q, scales, q, d, sums, y, out, in, 2, o); break;
-        case 3: w8a8_rows16(Q, scales, q, d, sums, y, out, in, 3, o); break;
-        default: w8a8_rows16(Q, scales, q, d, sums, y, out, in, 4, o); break;
-        }
+    for (int64_t o = 0; o < out; o += 16) w8a8_rows(Q, scales, q, d, sums, y, out, in, n, o);
 }
 #endif
 
 /* `work`: for each block of 16 columns, in * 16 bytes of q, then in / 32 * 16 floats of d and as many int32 sums
-   (and, for FEW columns or fewer, n * in bytes more) */
+   (for FEW columns or fewer, w8a8_few's: fewer bytes) */
 void w8a8_product(const int8_t *Q, const float *scales, const float *x, float *y, int64_t out, int64_t in, int64_t n,
                   char *work, int threads) {
     int64_t blocks = (n + 15) / 16, groups = in / 32, stride = in * 16 + groups * 16 * 8;

@@ -124,7 +124,8 @@ def w8a8_product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) ->
     x, weight, scales = x.contiguous(), weight.contiguous(), scales.contiguous()
     out = torch.empty(fan_out, n)
     blocks = -(-n // 16)
-    work = torch.empty(blocks * (fan_in * 16 + fan_in // W8A8_BLOCK * 16 * 8) + FEW_COLUMNS * fan_in, dtype=torch.uint8)
+    few = n * (fan_in * 5 + fan_in // W8A8_BLOCK * 8) if n <= FEW_COLUMNS else 0  # the few-columns loop's
+    work = torch.empty(max(blocks * (fan_in * 16 + fan_in // W8A8_BLOCK * 16 * 8), few), dtype=torch.uint8)
     if n and fan_out:
         library.w8a8_product(weight.data_ptr(), scales.data_ptr(), x.data_ptr(), out.data_ptr(), fan_out, fan_in, n,
                              work.data_ptr(), torch.get_num_threads())
