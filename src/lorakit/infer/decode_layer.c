@@ -14,8 +14,8 @@
 
    The products are weight_kernel.c's few-columns blocks (lora/few_columns.h), or for a w8a8 model (int8 weights,
    each product's input rounded to int8 per block of 32) its few-columns int8 rows (lora/w8a8_rows.h), the same
-   sums in the same order; the rest computes infer/decode_step.py's expressions, the attention's sums in token order (torch's
-   SDPA may take another: the same up to float rounding). The cache: element (b, g, t, d) of the keys and of
+   sums in the same order; the rest computes infer/decode_step.py's expressions, the attention's sums in token
+   order (torch's SDPA may take another: the same up to float rounding). The cache: element (b, g, t, d) of the keys and of
    the values at b * strides[0] + g * strides[1] + t * strides[2] + d; keep (B, T) is 0 or -inf per cached token.
 
    Built by lorakit/native.py; called by lorakit/infer/decode_layer.py. */
