@@ -134,15 +134,20 @@ int decode_layer(float *h, int64_t B, const float *const *W, const float *const 
     if (B < 1 || B > FEW || (scales && !W8A8)) return -1;
     int64_t widest = H > I ? H : I, attn_width = heads * D;
     if (attn_width > widest) widest = attn_width;
-    Int8 room = {scales, malloc(B * widest), malloc(sizeof(float) * B * (widest / 32 + 1)),
-                 malloc(sizeof(int32_t) * B * (widest / 32 + 1))}, *int8 = scales ? &room : NULL;
+    Int8 room = {scales, NULL, NULL, NULL}, *int8 = scales ? &room : NULL; /* room for the rounded inputs */
+    if (int8) {
+        room.q = malloc(B * widest);
+        room.d = malloc(sizeof(float) * B * (widest / 32 + 1));
+        room.sums = malloc(sizeof(int32_t) * B * (widest / 32 + 1));
+    }
     float *x = malloc(sizeof(float) * B * widest), *q = malloc(sizeof(float) * B * attn_width),
           *k = malloc(sizeof(float) * B * kv_heads * D), *v = malloc(sizeof(float) * B * kv_heads * D),
           *a = malloc(sizeof(float) * B * attn_width), *gate = malloc(sizeof(float) * B * I),
           *up = malloc(sizeof(float) * B * I), *o = malloc(sizeof(float) * B * H),
           *scores = malloc(sizeof(float) * T * (threads > 0 ? threads : 1)); /* each thread's T scores */
     int status = -1;
-    if (!x || !q || !k || !v || !a || !gate || !up || !o || !scores || !room.q || !room.d || !room.sums) goto done;
+    if (!x || !q || !k || !v || !a || !gate || !up || !o || !scores || (int8 && (!room.q || !room.d || !room.sums)))
+        goto done;
 
     rms_norm_rows(h, norms[0], x, H, B, eps);
     {

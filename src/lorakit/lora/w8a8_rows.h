@@ -1,12 +1,11 @@
 /* The w8a8 product for 1 to FEW columns (weight_kernel.c: w8a8_product; infer/decode_layer.c). weight_kernel.c's
-   16-column loop multiplies every weight by 16 columns whatever n is, so at one
-   to a few columns it computes rather than reads. Here a thread takes 16 weight rows at a time, 64 inputs (two
-   blocks of 32) of each row against the same 64 of each column's q, one vpdpbusd each, and asks the second level for
-   the next 16 rows on the way; the 16 rows' sums are then added across their lanes into one vector per block, lane r
-   for row r, and each block goes into the rows' fp32 sums in order, as the 16-column loop adds them: the same integer
-   sums, the same multiply-adds, the same bits. A 135M model's int8 products and head at one column (135 MB), the
-   C calls alone, the two loops taking turns: 6.8 against 9.7 ms (medians of 15; a plain read of as many bytes:
-   4.7 ms). */
+   16-column loop multiplies every weight by 16 columns whatever n is, so at one to a few columns it computes rather
+   than reads. Here a thread takes 16 weight rows at a time, 64 inputs (two blocks of 32) of each row against the same
+   64 of each column's q, one vpdpbusd each, and asks the second level for the next 16 rows on the way; the 16 rows'
+   sums are then added across their lanes into one vector per block, lane r for row r, and each block goes into the
+   rows' fp32 sums in order, as the 16-column loop adds them: the same integer sums, the same multiply-adds, the same
+   bits. A 135M model's int8 products and head at one column (135 MB), the C calls alone, the two loops taking turns:
+   6.8 against 9.7 ms (medians of 15; a plain read of as many bytes: 4.7 ms). */
 
 #ifndef LORAKIT_W8A8_ROWS_H
 #define LORAKIT_W8A8_ROWS_H
@@ -28,7 +27,7 @@ static void quantize_columns(const float *xt, int64_t in, int64_t n, int8_t *q, 
         for (int64_t b = 0; b < in / 32; b++) {
             const float *x = xt + c * in + b * 32;
             float amax = 0.f;
-            for (int i = 0; i < 32; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+            for (int i = 0; i < 32; i++) amax = amax > fabsf(x[i]) ? amax : fabsf(x[i]); /* as _mm512_max_ps */
             float inverse = amax > 0.f ? 127.f / amax : 0.f;
             int32_t sum = 0;
             for (int i = 0; i < 32; i++) {
@@ -41,7 +40,6 @@ static void quantize_columns(const float *xt, int64_t in, int64_t n, int8_t *q, 
         }
 }
 
-
 /* t[r]: lanes 0-7 the partial sums of block 2k of row r, lanes 8-15 those of block 2k + 1; *even, *odd: each row's
    whole sums (lane r), by adding neighbouring lanes and then neighbouring rows' vectors, as a transpose would */
 static inline __attribute__((always_inline)) void row_sums(const __m512i t[16], __m512i *even, __m512i *odd) {
@@ -50,7 +48,8 @@ static inline __attribute__((always_inline)) void row_sums(const __m512i t[16], 
         x[m] = _mm512_add_epi32(_mm512_unpacklo_epi32(t[2 * m], t[2 * m + 1]),
                                 _mm512_unpackhi_epi32(t[2 * m], t[2 * m + 1]));
     for (int m = 0; m < 4; m++) /* quarter q: the sum of lanes 4q .. 4q + 3 of rows 4m .. 4m + 3 */
-        y[m] = _mm512_add_epi32(_mm512_unpacklo_epi64(x[2 * m], x[2 * m + 1]), _mm512_unpackhi_epi64(x[2 * m], x[2 * m + 1]));
+        y[m] = _mm512_add_epi32(_mm512_unpacklo_epi64(x[2 * m], x[2 * m + 1]),
+                                _mm512_unpackhi_epi64(x[2 * m], x[2 * m + 1]));
     __m512i p01 = _mm512_add_epi32(_mm512_shuffle_i32x4(y[0], y[1], 0x88), _mm512_shuffle_i32x4(y[0], y[1], 0xdd));
     __m512i p23 = _mm512_add_epi32(_mm512_shuffle_i32x4(y[2], y[3], 0x88), _mm512_shuffle_i32x4(y[2], y[3], 0xdd));
     *even = _mm512_shuffle_i32x4(p01, p23, 0x88); /* quarters: rows 0-3, 4-7, 8-11, 12-15 */

@@ -258,7 +258,7 @@ static void w8a8_few(const int8_t *Q, const float *scales, const float *x, float
 #endif
 
 /* `work`: for each block of 16 columns, in * 16 bytes of q, then in / 32 * 16 floats of d and as many int32 sums
-   (for FEW columns or fewer, w8a8_few's: fewer bytes) */
+   (for FEW columns or fewer, with VNNI, w8a8_few's: n * in * 5 bytes, then n * in / 32 floats and as many int32) */
 void w8a8_product(const int8_t *Q, const float *scales, const float *x, float *y, int64_t out, int64_t in, int64_t n,
                   char *work, int threads) {
     int64_t blocks = (n + 15) / 16, groups = in / 32, stride = in * 16 + groups * 16 * 8;
