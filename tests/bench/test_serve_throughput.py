@@ -30,7 +30,8 @@ def test_a_rounds_figure_is_its_turns_tokens_over_their_summed_time_and_ratios_s
 
 def test_variants_take_turns_in_the_order_given_and_in_reverse_every_other_turn(capsys):
     ran = []
-    variants = {label: (lambda label=label: ran.append(label)) for label in ("merged", "mixed-16-lora-int8", "mixed-16")}
+    labels = ("merged", "mixed-16-lora-int8", "mixed-16")
+    variants = {label: (lambda label=label: ran.append(label)) for label in labels}
     args = argparse.Namespace(warmup=1, repeats=2, turns=3, device="cpu")
     runs = serve_throughput.timed_rounds(variants, args)
     forward, backward = ["merged", "mixed-16-lora-int8", "mixed-16"], ["mixed-16", "mixed-16-lora-int8", "merged"]

@@ -155,3 +155,16 @@ def test_a_layer_of_int8_and_fp32_projections_is_left_to_torch(few_layout, layer
     assert decode_layer._plan(layer, model.config) is None
     assert_same(*decode_both(model, rows=2))
     assert layer_calls == [False, True] * 3
+
+
+@w8a8_here
+def test_w8a8_scales_changed_in_place_are_read_anew(few_layout, layer_calls):
+    model = tiny_llama()
+    use_int8_weights(model, "w8a8")
+    model = use_decode_linears(model)
+    layer = model.model.layers[0]
+    before = decode_layer._plan(layer, model.config)
+    layer.mlp.up_proj.weight_scales.mul_(2)  # the same tensor, new values: the kernel's fp32 copy must follow
+    assert decode_layer._plan(layer, model.config) is not before
+    assert_same(*decode_both(model, rows=2))
+    assert layer_calls and all(layer_calls)

@@ -15,8 +15,9 @@
    The products are weight_kernel.c's few-columns blocks (lora/few_columns.h), or for a w8a8 model (int8 weights,
    each product's input rounded to int8 per block of 32) its few-columns int8 rows (lora/w8a8_rows.h), the same
    sums in the same order; the rest computes infer/decode_step.py's expressions, the attention's sums in token
-   order (torch's SDPA may take another: the same up to float rounding). The cache: element (b, g, t, d) of the keys and of
-   the values at b * strides[0] + g * strides[1] + t * strides[2] + d; keep (B, T) is 0 or -inf per cached token.
+   order (torch's SDPA may take another: the same up to float rounding). The cache: element (b, g, t, d) of the keys
+   and of the values at b * strides[0] + g * strides[1] + t * strides[2] + d; keep (B, T) is 0 or -inf per cached
+   token.
 
    Built by lorakit/native.py; called by lorakit/infer/decode_layer.py. */
 
@@ -35,24 +36,24 @@
 
 enum { Q, K, V, O, GATE, UP, DOWN, WEIGHTS };
 
-/* Where a layer's weights are int8 with their inputs rounded to int8 (w8a8): each weight's fp32 scales (out) and
-   room for the rounded columns. */
+/* room for a product's input columns rounded to int8 (w8a8): q (n, in), d and sums (n, in / 32) */
 typedef struct {
-    const float *const *scales;
     int8_t *q;
     float *d;
     int32_t *sums;
-} Int8;
+} Rounded;
 
 /* y[k] (outs[k], n) = W[k] x + bias[k] for `count` weights by the same x, its n columns contiguous (n, in): the
-   blocks of all of them in one parallel loop, 4 rows of fp32 weights or, with `int8`, 16 rows of int8 ones times x
-   rounded per block of 32 (lora/w8a8_rows.h: the bits of lorakit's w8a8 product) */
-static void products(int count, const float *const *W, const float *const *bias, const int64_t *outs, int64_t in,
-                     const float *xt, float **y, int64_t n, const Int8 *int8, int threads) {
-    int64_t starts[WEIGHTS + 1] = {0}, rows = int8 ? 16 : 4;
+   blocks of all of them in one parallel loop, 4 rows of fp32 weights or, with `scales` (each weight's fp32 scales),
+   16 rows of int8 ones times x rounded per block of 32 into `r` (lora/w8a8_rows.h: the bits of lorakit's w8a8
+   product) */
+static void products(int count, const float *const *W, const float *const *bias, const float *const *scales,
+                     const int64_t *outs, int64_t in, const float *xt, float **y, int64_t n, const Rounded *r,
+                     int threads) {
+    int64_t starts[WEIGHTS + 1] = {0}, rows = scales ? 16 : 4;
     for (int k = 0; k < count; k++) starts[k + 1] = starts[k] + (outs[k] + rows - 1) / rows;
 #if W8A8
-    if (int8) quantize_columns(xt, in, n, int8->q, int8->d, int8->sums);
+    if (scales) quantize_columns(xt, in, n, r->q, r->d, r->sums);
 #endif
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t block = 0; block < starts[count]; block++) {
@@ -60,8 +61,8 @@ static void products(int count, const float *const *W, const float *const *bias,
         while (block >= starts[k + 1]) k++;
         int64_t o = (block - starts[k]) * rows;
 #if W8A8
-        if (int8)
-            w8a8_rows((const int8_t *)W[k], int8->scales[k], int8->q, int8->d, int8->sums, y[k], outs[k], in, n, o);
+        if (scales)
+            w8a8_rows((const int8_t *)W[k], scales[k], r->q, r->d, r->sums, y[k], outs[k], in, n, o);
         else
 #endif
             few_rows(W[k], xt, y[k], outs[k], in, n, o);
@@ -134,8 +135,8 @@ int decode_layer(float *h, int64_t B, const float *const *W, const float *const 
     if (B < 1 || B > FEW || (scales && !W8A8)) return -1;
     int64_t widest = H > I ? H : I, attn_width = heads * D;
     if (attn_width > widest) widest = attn_width;
-    Int8 room = {scales, NULL, NULL, NULL}, *int8 = scales ? &room : NULL; /* room for the rounded inputs */
-    if (int8) {
+    Rounded room = {NULL, NULL, NULL}; /* for w8a8 weights' rounded inputs */
+    if (scales) {
         room.q = malloc(B * widest);
         room.d = malloc(sizeof(float) * B * (widest / 32 + 1));
         room.sums = malloc(sizeof(int32_t) * B * (widest / 32 + 1));
@@ -146,15 +147,14 @@ int decode_layer(float *h, int64_t B, const float *const *W, const float *const 
           *up = malloc(sizeof(float) * B * I), *o = malloc(sizeof(float) * B * H),
           *scores = malloc(sizeof(float) * T * (threads > 0 ? threads : 1)); /* each thread's T scores */
     int status = -1;
-    if (!x || !q || !k || !v || !a || !gate || !up || !o || !scores || (int8 && (!room.q || !room.d || !room.sums)))
+    if (!x || !q || !k || !v || !a || !gate || !up || !o || !scores || (scales && (!room.q || !room.d || !room.sums)))
         goto done;
 
     rms_norm_rows(h, norms[0], x, H, B, eps);
     {
         const int64_t outs[3] = {attn_width, kv_heads * D, kv_heads * D};
         float *y[3] = {q, k, v};
-        Int8 qkv = int8 ? (Int8){scales + Q, room.q, room.d, room.sums} : room;
-        products(3, W + Q, bias + Q, outs, H, x, y, B, int8 ? &qkv : NULL, threads);
+        products(3, W + Q, bias + Q, scales ? scales + Q : NULL, outs, H, x, y, B, &room, threads);
     }
     for (int64_t b = 0; b < B; b++)
         for (int64_t g = 0; g < kv_heads; g++) {
@@ -176,8 +176,7 @@ int decode_layer(float *h, int64_t B, const float *const *W, const float *const 
     }
     {
         float *y[1] = {o};
-        Int8 own = int8 ? (Int8){scales + O, room.q, room.d, room.sums} : room;
-        products(1, W + O, bias + O, &H, attn_width, a, y, B, int8 ? &own : NULL, threads);
+        products(1, W + O, bias + O, scales ? scales + O : NULL, &H, attn_width, a, y, B, &room, threads);
     }
     for (int64_t i = 0; i < H * B; i++) h[i] += o[i];
 
@@ -185,8 +184,7 @@ int decode_layer(float *h, int64_t B, const float *const *W, const float *const 
     {
         const int64_t outs[2] = {I, I};
         float *y[2] = {gate, up};
-        Int8 mlp = int8 ? (Int8){scales + GATE, room.q, room.d, room.sums} : room;
-        products(2, W + GATE, bias + GATE, outs, H, x, y, B, int8 ? &mlp : NULL, threads);
+        products(2, W + GATE, bias + GATE, scales ? scales + GATE : NULL, outs, H, x, y, B, &room, threads);
     }
     for (int64_t j = 0; j < I; j++)
         for (int64_t b = 0; b < B; b++) {
@@ -195,8 +193,7 @@ int decode_layer(float *h, int64_t B, const float *const *W, const float *const 
         }
     {
         float *y[1] = {o};
-        Int8 own = int8 ? (Int8){scales + DOWN, room.q, room.d, room.sums} : room;
-        products(1, W + DOWN, bias + DOWN, &H, I, x, y, B, int8 ? &own : NULL, threads);
+        products(1, W + DOWN, bias + DOWN, scales ? scales + DOWN : NULL, &H, I, x, y, B, &room, threads);
     }
     for (int64_t i = 0; i < H * B; i++) h[i] += o[i];
     status = 0;

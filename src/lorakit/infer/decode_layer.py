@@ -78,7 +78,7 @@ _plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # decoder layer
 
 def _tensors(layer: nn.Module) -> tuple[list, list | None] | None:
     """The layer's 7 projections' weights and biases (decode_layer.c's order), then its 2 norms' weights, and the
-    projections' fp32 scales where all 7 are w8a8 (else None); None where the projections are not all FrozenLinear or
+    projections' modules where all 7 are w8a8 (else None); None where the projections are not all FrozenLinear or
     all w8a8 Int8WeightLinear."""
     blocks, tensors = {block: layer._modules[block]._modules for block in ("self_attn", "mlp")}, []
     modules = [blocks[block].get(name) for block, name in PROJECTIONS]
@@ -87,8 +87,7 @@ def _tensors(layer: nn.Module) -> tuple[list, list | None] | None:
         return None
     for module in modules:
         tensors += (module._parameters["weight"], module._parameters["bias"])
-    scales = [fp32_scales(m) for m in modules] if int8 else None
-    return tensors + [layer._modules[name]._parameters["weight"] for name in NORMS], scales
+    return tensors + [layer._modules[name]._parameters["weight"] for name in NORMS], modules if int8 else None
 
 
 def _plan(layer: nn.Module, config) -> _Plan | None:
@@ -96,11 +95,14 @@ def _plan(layer: nn.Module, config) -> _Plan | None:
     found = _tensors(layer)
     if found is None:
         return None
-    tensors, scales = found
-    where = tuple(None if t is None else (t.data_ptr(), t.dtype, t.shape) for t in tensors + (scales or []))
+    tensors, int8 = found
+    where = tuple(None if t is None else (t.data_ptr(), t.dtype, t.shape) for t in tensors)
+    if int8:  # the scales the kernel's fp32 copies are made from, and whether they changed in place
+        where += tuple((m.weight_scales.data_ptr(), m.weight_scales._version) for m in int8)
     plan = _plans.get(layer)
     if plan is not None and plan.where == where:
         return plan
+    scales = None if int8 is None else [fp32_scales(m) for m in int8]  # kept by each module
     norms = [layer._modules[name] for name in NORMS]
     weights_ok = all(_fp32(t) for t in tensors[0:14:2]) if scales is None else (
         _library().decode_layer_w8a8() == 1 and all(_fp32(s) for s in scales)
@@ -151,9 +153,9 @@ def run(layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Te
         return False
     keys, values = cache_layer.reserve(1)  # (B, kv heads, T, D) contiguous rooms' views, the new token unwritten
     status = _library().decode_layer(
-        hidden.data_ptr(), rows, plan.weights, plan.biases, plan.scales, plan.norms, plan.eps, plan.dims, cos.data_ptr(),
-        sin.data_ptr(), keys.data_ptr(), values.data_ptr(), (ctypes.c_int64 * 3)(*keys.stride()[:3]), keys.shape[2],
-        keep.data_ptr(), plan.scale, torch.get_num_threads(),
+        hidden.data_ptr(), rows, plan.weights, plan.biases, plan.scales, plan.norms, plan.eps, plan.dims,
+        cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(), (ctypes.c_int64 * 3)(*keys.stride()[:3]),
+        keys.shape[2], keep.data_ptr(), plan.scale, torch.get_num_threads(),
     )
     if status != 0:
         raise MemoryError("the decode layer kernel could not allocate its working memory")
