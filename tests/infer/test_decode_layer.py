@@ -132,23 +132,27 @@ w8a8_here = pytest.mark.skipif(decode_layer._library() is None or not decode_lay
                                reason="the layer kernel takes w8a8 weights where the CPU has AVX-512 VNNI")
 
 
+def w8a8_model(build):
+    """build()'s model with every projection int8, its inputs rounded to int8 as the forward rounds them, prepared
+    for decoding."""
+    model = build()
+    use_int8_weights(model, "w8a8")
+    return use_decode_linears(model)
+
+
 @w8a8_here
 @pytest.mark.parametrize("rows", [1, 2, 4])
 @pytest.mark.parametrize("build", [tiny_llama, qwen2_with_biases], ids=["llama", "qwen2-with-biases"])
 def test_a_w8a8_model_runs_every_layer_in_one_call_and_the_step_equals_its_forward(build, rows, few_layout,
                                                                                     layer_calls):
-    model = build()
-    use_int8_weights(model, "w8a8")  # every projection int8, its inputs rounded to int8 as the forward rounds them
-    model = use_decode_linears(model)
+    model = w8a8_model(build)
     assert_same(*decode_both(model, steps=4, rows=rows))
     assert layer_calls == [True] * (4 * len(model.model.layers))
 
 
 @w8a8_here
 def test_a_layer_of_int8_and_fp32_projections_is_left_to_torch(few_layout, layer_calls):
-    model = tiny_llama()
-    use_int8_weights(model, "w8a8")
-    model = use_decode_linears(model)
+    model = w8a8_model(tiny_llama)
     layer = model.model.layers[0]
     assert decode_layer._plan(layer, model.config) is not None
     layer.mlp.down_proj.int8_activations = False  # int8 weights, fp32 inputs: not the kernel's
@@ -159,9 +163,7 @@ def test_a_layer_of_int8_and_fp32_projections_is_left_to_torch(few_layout, layer
 
 @w8a8_here
 def test_w8a8_scales_changed_in_place_are_read_anew(few_layout, layer_calls):
-    model = tiny_llama()
-    use_int8_weights(model, "w8a8")
-    model = use_decode_linears(model)
+    model = w8a8_model(tiny_llama)
     layer = model.model.layers[0]
     before = decode_layer._plan(layer, model.config)
     layer.mlp.up_proj.weight_scales.mul_(2)  # the same tensor, new values: the kernel's fp32 copy must follow
