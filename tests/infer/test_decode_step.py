@@ -159,6 +159,31 @@ def test_a_step_over_many_adapters_goes_by_slot_lanes_and_equals_the_forward(lay
         assert not calls and passes == [3, 1, 2, 1] * 3 * layers
 
 
+def test_the_one_pass_steps_are_kept_with_the_factors_until_a_base_weight_is_replaced(monkeypatch):
+    if column_kernel.load() is None or group_kernel.load() is None:
+        pytest.skip("no C compiler here to build the kernels")
+    monkeypatch.setattr(base, "_layouts", dict.fromkeys(range(1, base.LAYOUT_ROWS + 1), "kernel"))
+    model = tiny_llama()
+    names = [f"a{k}" for k in range(10)]
+    for seed, name in enumerate(names):
+        lorakit.inject(model, lorakit.LoraConfig(r=2 + seed % 2, lora_alpha=8, target_modules=TARGETS), name)
+        perturb(model, name, std=0.3, seed=seed)
+    made, plan_pass = [], group_kernel.group_call
+    monkeypatch.setattr(group_kernel, "group_call", lambda *args: made.append(1) or plan_pass(*args))
+
+    def decode() -> int:
+        made.clear()
+        with row_adapters(model, [*names, None, "a3"], "gathered"):
+            assert_same(*decode_both(model, rows=12, steps=2))
+        return len(made)
+
+    assert decode() == 4 * model.config.num_hidden_layers  # q/k/v, o, gate/up and down: each group's pass made
+    assert decode() == 0  # the next batch over the same adapters takes them as they are
+    o_proj = model.model.layers[1].self_attn.o_proj.base_layer
+    o_proj.weight.data = o_proj.weight.detach() * 1.5  # new memory: that group's pass is made again, and follows it
+    assert decode() == 1
+
+
 # bf16: scaling 2, so that s B of bf16 values is one too; int8: scaling 1.75, found again in s B's scales
 @pytest.mark.parametrize("dtype, alpha", [(torch.bfloat16, 8), (torch.int8, 7)], ids=["bf16", "int8"])
 def test_adapters_rounded_to_a_narrow_type_decode_by_its_lanes_and_equal_the_forward(monkeypatch, dtype, alpha):
@@ -397,6 +422,26 @@ def test_prompts_prefilled_on_their_own_equal_each_prompt_alone(strategy):
             torch.testing.assert_close(mine.keys[j, :, width - len(prompt) :], theirs.keys[0], atol=1e-4, rtol=1e-5)
             torch.testing.assert_close(mine.values[j, :, width - len(prompt) :], theirs.values[0], atol=1e-4, rtol=1e-5)
             assert not mine.keys[j, :, : width - len(prompt)].any()
+
+
+def test_a_prompt_pass_adds_every_projections_terms_by_runs(monkeypatch):
+    """o_proj's input (the attention's output, a transposed view) too: its columns copied contiguous once, for the
+    base product and the runs."""
+    if column_kernel.load() is None:
+        pytest.skip("no C compiler here to build the kernels")
+    model = with_adapters(tiny_llama())
+    prompts = [list(range(3, 23)), list(range(5, 25))]
+    segments, by_column = [], []
+    add_segments, per_column = column_kernel.add_segments, FeatureTerms._by_column
+    monkeypatch.setattr(column_kernel, "add_segments", lambda *args: segments.append(1) or add_segments(*args))
+    monkeypatch.setattr(FeatureTerms, "_by_column", lambda *args: by_column.append(1) or per_column(*args))
+    with torch.no_grad(), row_adapters(model, ["a"] * 20 + ["b"] * 20, "gathered"):
+        logits, _, _ = prefill_logits(model, prompts)
+    assert len(segments) == len(TARGETS) * model.config.num_hidden_layers and not by_column
+    for j, name in enumerate(["a", "b"]):
+        with torch.no_grad(), row_adapters(model, [name], "gathered"):
+            expected = model(input_ids=torch.tensor([prompts[j]])).logits[0, -1]
+        torch.testing.assert_close(logits[j], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_other_models_and_settings_go_through_the_forward():

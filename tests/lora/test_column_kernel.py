@@ -132,10 +132,26 @@ def test_a_batch_goes_by_runs_where_its_runs_are_long(run, by_runs):
     A, B, owner = factors([8] * 4, 16, 24)
     terms = mixed_features.FeatureTerms()
     terms._slots = (torch.arange(64) // run) % 4 + 1
-    plan = terms._segments(term_of(A, B, owner))
-    assert (plan is not None) == by_runs
+    planned = terms._segments(term_of(A, B, owner))
+    assert (planned is not None) == by_runs
     if by_runs:
+        plan, scratch = planned
         assert plan[1].tolist() == [run] * (64 // run) + ([64 % run] if 64 % run else [])
+        assert scratch == column_kernel.segments_scratch(plan)
+
+
+def test_a_scratch_too_small_for_the_segments_writes_nothing():
+    A, B, owner = factors([2, 3], 8, 6)
+    term = term_of(A, B, owner)
+    x, y = torch.randn(8, 20), torch.randn(6, 20)
+    before = y.clone()
+    plan = column_kernel.segments_of(term, torch.tensor([1] * 12 + [2] * 8))  # 2 * 16 + 3 * 16 floats
+    assert column_kernel.segments_scratch(plan) == 80
+    with pytest.raises(ValueError, match="larger scratch"):
+        column_kernel.add_segments(column_kernel.load(), x, term, B.contiguous(), plan, y, torch.empty(79))
+    assert torch.equal(y, before)
+    column_kernel.add_segments(column_kernel.load(), x, term, B.contiguous(), plan, y, torch.empty(80))
+    assert not torch.equal(y, before)
 
 
 def test_a_segment_outside_the_columns_writes_nothing():

@@ -205,8 +205,8 @@ int lora_columns(const float *x, int64_t in, int64_t n, int64_t x_feature, int64
    registers along x's rows (one A value times a row's 16 columns); then each output row o of y gets
    sum_j (s B)[o][j] h[j] over each block's columns, four rows at a time. The factors are read once a segment,
    the inputs and outputs along their rows, nothing gathered or transposed. `work` holds
-   sum_k count[k] * 16 * ceil(length[k] / 16) floats. Returns 0, or 1 for a segment outside the columns or its
-   ranks outside the W rank rows (nothing is written then). */
+   sum_k count[k] * 16 * ceil(length[k] / 16) floats of the work_floats given. Returns 0, 1 for a segment outside
+   the columns or its ranks outside the W rank rows, or 2 for too small a `work` (nothing is written then). */
 static inline v16 block_of(const float *p, int64_t w, int full) { /* w <= 16 floats at p, the rest any values */
     if (w == 16 || full) return *(const v16u *)p; /* `full`: 16 floats at p lie inside the tensor */
     v16 v = {0};
@@ -219,7 +219,7 @@ static const i16 LANE = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 int lora_segments(const float *x, int64_t in, int64_t n, int64_t x_feature, const float *A, const float *B,
                   int64_t W, int64_t out, int64_t segments, const int64_t *start, const int64_t *length,
                   const int64_t *first, const int64_t *count, float *y, int64_t y_feature, float *work,
-                  int threads) {
+                  int64_t work_floats, int threads) {
     int64_t offset[segments + 1];
     offset[0] = 0;
     for (int64_t k = 0; k < segments; k++) {
@@ -228,6 +228,7 @@ int lora_segments(const float *x, int64_t in, int64_t n, int64_t x_feature, cons
             return 1;
         offset[k + 1] = offset[k] + count[k] * 16 * ((length[k] + 15) / 16);
     }
+    if (offset[segments] > work_floats) return 2;
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(dynamic, 1) collapse(2)

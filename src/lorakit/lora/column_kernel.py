@@ -59,7 +59,7 @@ _SEGMENTS_ARGS = [
     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,  # A, s B, W, out
     ctypes.c_int64, *[ctypes.c_void_p] * 4,  # segments: their start, length, first rank, rank count
     ctypes.c_void_p, ctypes.c_int64,  # y, its feature stride
-    ctypes.c_void_p, ctypes.c_int,  # work, threads
+    ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,  # work, its floats, threads
 ]
 MEMBERS = 4  # the members of a sibling group one lane call serves at most (column_kernel.c's MEMBERS)
 LANES = 16  # slots a lane group holds: one 16-float vector
@@ -271,17 +271,18 @@ def add_segments(kernel, x: torch.Tensor, term: ColumnTerm, B: torch.Tensor, pla
     """y (out, n) += each column's LoRA term for feature-major x (in, n), in place, for columns in runs through the
     same adapter (`plan`: segments_of), from term's A and B = (s B) (out, W) contiguous (term.BT transposed);
     fp32 CPU tensors whose columns are contiguous (stride 1). `work` holds at least sum(16 * ceil(length / 16) *
-    count) floats (`segments_scratch`)."""
+    count) floats (`segments_scratch`; the kernel checks it)."""
     start, length, first, count = plan
     (fan_in, n), fan_out = x.shape, y.shape[0]
-    if (x.stride(1) != 1 or y.stride(1) != 1 or B.shape != term.BT.t().shape or not B.is_contiguous()
-            or work.numel() < segments_scratch(plan)):
-        raise ValueError("add_segments needs x and y with contiguous columns, B (out, W) and enough scratch")
+    if x.stride(1) != 1 or y.stride(1) != 1 or B.shape != term.BT.t().shape or not B.is_contiguous():
+        raise ValueError("add_segments needs x and y with contiguous columns and B (out, W)")
     failed = kernel.lora_segments(
         x.data_ptr(), fan_in, n, x.stride(0), term.A.data_ptr(), B.data_ptr(), term.A.shape[0], fan_out,
         len(start), start.data_ptr(), length.data_ptr(), first.data_ptr(), count.data_ptr(),
-        y.data_ptr(), y.stride(0), work.data_ptr(), torch.get_num_threads(),
+        y.data_ptr(), y.stride(0), work.data_ptr(), work.numel(), torch.get_num_threads(),
     )
+    if failed == 2:
+        raise ValueError("add_segments needs a larger scratch (segments_scratch)")
     if failed:
         raise AssertionError("a segment lies outside the columns or its ranks outside its layer's")
     return y

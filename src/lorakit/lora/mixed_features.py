@@ -58,6 +58,8 @@ class _SideBySide:
 
     def __init__(self, A: torch.Tensor, owner: torch.Tensor):
         self.A, self.owner = A, owner
+        self.lanes = None  # its factors by slot lanes (column_kernel.LaneGroup), laid out at a decode step's first use
+        self.group_pass: tuple | None = None  # (its bases' weights, the group's step in one pass or None): _fused
         self._x: torch.Tensor | None = None
         self._slots: torch.Tensor | None = None
         self._h: torch.Tensor | None = None
@@ -141,11 +143,11 @@ class FeatureTerms:
         self._layers: dict[int, tuple[_SideBySide, int, int, torch.Tensor] | object | None] = {}
         self._names: list[str | None] | None = None  # the state's rows the slots were made for
         self._slots = torch.zeros(0, dtype=torch.long)
-        # (a layer's ranks per slot, tokens a row) -> each column's first rank and rank count
-        self._columns: dict[tuple, tuple[torch.Tensor, ...] | None] = {}
+        # (a layer's ranks per slot, tokens a row) -> each column's first rank and rank count; ("segments", ranks per
+        # slot) -> the runs' plan and its scratch (_segments)
+        self._columns: dict[tuple, tuple | None] = {}
         self._work = torch.empty(0)  # the kernel's scratch, grown as needed
         self._groups: dict[int, _GroupStep | None] = {}  # id(a sibling group's _SideBySide) -> its step by lanes
-        self._passes: dict[int, tuple] = {}  # id(a sibling group's _SideBySide) -> (it, its pass or None): _fused
         self._steps: dict[int, object] = {}  # id(layer) -> (x, out=None) -> its output, from its group's step
         # LaneGroup.layout_key -> its lane_columns for the rows' slots: the 30 layers of a model plan 4 groups' worth
         self._lane_plans: dict[tuple, tuple[torch.Tensor, int, int]] = {}
@@ -166,13 +168,16 @@ class FeatureTerms:
         kernel = term is not None and self._kernel is not None and x.dtype == torch.float32 and x.is_cpu
         if kernel and self._group_step(state, layer, side, x) is not None:  # one pass: no base product first
             return self._steps[id(layer)](x)
+        if kernel and x.shape[1] > _SEGMENT_COLUMNS and x.stride(1) != 1 and self._segments(term) is not None:
+            x = x.contiguous()  # a prompt pass's runs read contiguous columns (o_proj's input is a transposed view)
         out = frozen_features(base, x)
         if kernel and out.dtype == torch.float32:
             if self._group_step(state, layer, side, x, out) is not None:  # by lanes, with its siblings: the next
                 return self._steps[id(layer)](x, out)  # steps go straight to the kept step
-            plan = self._segments(term) if x.shape[1] > _SEGMENT_COLUMNS else None
-            if plan is not None and x.stride(1) == out.stride(1) == 1:  # a prompt pass: runs of one adapter
-                self._grow(column_kernel.segments_scratch(plan))
+            planned = self._segments(term) if x.shape[1] > _SEGMENT_COLUMNS else None
+            if planned is not None and x.stride(1) == out.stride(1) == 1:  # a prompt pass: runs of one adapter
+                plan, scratch = planned
+                self._grow(scratch)
                 return column_kernel.add_segments(self._kernel, x, term, B, plan, out, self._work)
             return self._by_column(x, term, out, 1)
         h = side.of(x, self._slots)[start:stop]
@@ -202,16 +207,18 @@ class FeatureTerms:
         self._by_column(columns, entry[4], y.view(rows * tokens, -1).t(), tokens, padding)
         return y
 
-    def _segments(self, term) -> tuple[torch.Tensor, ...] | None:
-        """The batch's columns as runs of one adapter (column_kernel.segments_of) where add_segments computes them in
-        fewer steps than the per-column kernel (a prompt pass's tokens), else None (a decode step's rows, each a run
-        of its own). add_segments costs about _SEGMENT_BLOCK columns of the per-column kernel per block of up to 16
-        columns of a run (576 -> 1536, 16 rank-8 adapters: 7.3 against 2.6 us)."""
+    def _segments(self, term) -> tuple[tuple[torch.Tensor, ...], int] | None:
+        """The batch's columns as runs of one adapter (column_kernel.segments_of) and the scratch add_segments needs
+        for them, where add_segments computes them in fewer steps than the per-column kernel (a prompt pass's tokens),
+        else None (a decode step's rows, each a run of its own). add_segments costs about _SEGMENT_BLOCK columns of
+        the per-column kernel per block of up to 16 columns of a run (576 -> 1536, 16 rank-8 adapters: 7.3 against
+        2.6 us). Planned once per set of ranks per slot: every layer of a model shares a few."""
         key = ("segments", term.slots_key)
         if key not in self._columns:
             plan = column_kernel.segments_of(term, self._slots)
             blocks = int(((plan[1] + 15) // 16).sum())
-            self._columns[key] = plan if 0 < _SEGMENT_BLOCK * blocks <= int(plan[1].sum()) else None
+            few = 0 < _SEGMENT_BLOCK * blocks <= int(plan[1].sum())
+            self._columns[key] = (plan, column_kernel.segments_scratch(plan)) if few else None
         return self._columns[key]
 
     def _by_column(self, x: torch.Tensor, term, out: torch.Tensor, tokens: int,
@@ -253,7 +260,7 @@ class FeatureTerms:
         if layer not in members or len(members) > column_kernel.MEMBERS or (out is not None and out.stride(1) != 1):
             self._groups[id(side)] = None
             return None
-        if getattr(side, "lanes", None) is None:
+        if side.lanes is None:
             side.lanes = column_kernel.LaneGroup([self._layers[id(m)][4] for m in members])
         lanes = side.lanes
         plan = self._lane_plans.get(lanes.layout_key)
@@ -278,19 +285,22 @@ class FeatureTerms:
 
     def _fused(self, side: _SideBySide, lanes, bases: list[nn.Module], fan_in: int, n: int):
         """The group's step in one pass (lora/group_kernel.py: f(x, lane)) where n columns multiply their fp32 bases
-        by lorakit's product kernel (`decode_layouts`), or None. Prepared once per group while its factors are kept
-        (rows joining and leaving only change the lanes)."""
+        by lorakit's product kernel (`decode_layouts`), or None. Prepared once per group and kept with its factors,
+        for as long as the bases keep their weights: rows joining and leaving and the next batches over the same
+        adapters only change the lanes."""
         if not 1 <= n <= group_kernel.COLUMNS or decode_layouts()[n] != "kernel":
             return None
-        kept = self._passes.get(id(side))
-        if kept is None:
+        weights = tuple((base.weight, base.bias) for base in bases)
+        key = tuple((w.data_ptr(), w.dtype, w.shape, w.stride(), b is None or b.data_ptr()) for w, b in weights)
+        kept = side.group_pass
+        if kept is None or kept[0] != key:
             function, call = group_kernel.load(lanes.AL.dtype), None
             if function is not None and lanes.groups <= group_kernel.GROUPS and all(
                     type(base) in (nn.Linear, FrozenLinear) and base.weight.dtype == torch.float32
                     and base.weight.is_cpu and base.weight.is_contiguous() for base in bases):
                 work = torch.empty(column_kernel.LANES * (fan_in + lanes.groups * lanes.ranks))
                 call = group_kernel.group_call(function, lanes, bases, fan_in, work)
-            kept = self._passes[id(side)] = (side, call)  # the side held: its id names no other while kept
+            kept = side.group_pass = (key, call)
         return kept[1]
 
     def _follow(self, state, layer: nn.Module) -> None:
@@ -314,7 +324,6 @@ class FeatureTerms:
             few = len(kept) <= (KEEP_ADAPTERS if self._kernel is not None else 2 * len(used))
             self.adapters = sorted(kept if few else used)
             self._layers.clear()
-            self._passes.clear()
         slot = {name: k + 1 for k, name in enumerate(self.adapters)}
         self._slots = torch.tensor([slot.get(name, 0) for name in state.names], dtype=torch.long)
         self._columns.clear()
