@@ -1,10 +1,11 @@
-"""A sibling group's decode step, base products and slot-lane LoRA terms in one pass (group_kernel.c).
+"""A sibling group's decode step, base products and slot-lane LoRA terms in one call (group_kernel.c).
 
 In a mixed-adapter decode step the base products of a sibling group (q/k/v, gate/up) stream its weights
 and its adapters' LoRA terms stream every adapter's factors, doing little with them. `group_call` binds a
 group's weights, biases and lane layout (column_kernel.LaneGroup) for a batch's columns, and the call
-computes every member's W x + b + its columns' terms in one pass, the factors (fp32, bf16 or int8 lanes: load's
-`lanes`) read while the products compute. Each member's W x + b is the same to the bit as
+computes every member's W x + b + its columns' terms in one parallel region: the columns' ranks from the A
+factors first (fp32, bf16 or int8 lanes: load's `lanes`), then the products, each output's term added before it
+is stored. Each member's W x + b is the same to the bit as
 lora/weight_kernel.py's product plus its bias, so it serves where `lora.base.decode_layouts` multiplies the
 step's columns by that kernel.
 
