@@ -290,7 +290,7 @@ class FeatureTerms:
         adapters only change the lanes."""
         if not 1 <= n <= group_kernel.COLUMNS or decode_layouts()[n] != "kernel":
             return None
-        weights = tuple((base.weight, base.bias) for base in bases)
+        weights = tuple((base.weight, getattr(base, "bias", None)) for base in bases)
         key = tuple((w.data_ptr(), w.dtype, w.shape, w.stride(), b is None or b.data_ptr()) for w, b in weights)
         kept = side.group_pass
         if kept is None or kept[0] != key:
