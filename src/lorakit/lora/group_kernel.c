@@ -34,7 +34,7 @@ typedef struct { /* what a call shares with its blocks */
     const lane_t *AL, *BL[MEMBERS];
     const float *SL; /* null, or each slot's rank factors (groups, R, 16) */
     float *Y[MEMBERS], *h;
-    int64_t in, n, members, R, groups, rank0[MEMBERS], ranks[MEMBERS], out[MEMBERS], start[MEMBERS + 1];
+    int64_t in, n, R, groups, rank0[MEMBERS], ranks[MEMBERS], out[MEMBERS], start[MEMBERS + 1];
     int64_t total, tasks, task_group[GROUPS];
     i16 idx[GROUPS], in_group[GROUPS], touched;
     int used[GROUPS];
@@ -122,8 +122,7 @@ static void block(const Step *st, int64_t k) {
     for (int64_t r = 0; r < rows; r++) {
         v16 v = s[r];
         if (st->bias[m]) v += st->bias[m][o + r];
-        v16 term = st->tasks ? term_of(st, m, o + r) : (v16){0};
-        v = (v16)(((i16)(v + term) & st->touched) | ((i16)v & ~st->touched));
+        v = (v16)(((i16)(v + term_of(st, m, o + r)) & st->touched) | ((i16)v & ~st->touched));
         store(st->Y[m] + (o + r) * st->n, v, st->n);
     }
 }
@@ -139,7 +138,7 @@ int group_step(const float *x, int64_t in, int64_t n, int64_t members, const int
                const lane_t *AL, const float *SL, int64_t groups, int64_t R, const int64_t *lane,
                const lane_t *BL0, const lane_t *BL1, const lane_t *BL2, const lane_t *BL3,
                float *y0, float *y1, float *y2, float *y3, float *work, int threads) {
-    Step st = {.in = in, .n = n, .members = members, .R = R, .groups = groups, .AL = AL, .SL = SL};
+    Step st = {.in = in, .n = n, .R = R, .groups = groups, .AL = AL, .SL = SL};
     const float *W[MEMBERS] = {W0, W1, W2, W3}, *bias[MEMBERS] = {b0, b1, b2, b3};
     const lane_t *BL[MEMBERS] = {BL0, BL1, BL2, BL3};
     float *Y[MEMBERS] = {y0, y1, y2, y3};
