@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+import pytest
 import torch
 
 from lorakit.train.fused_rotary import FusedRotary, apply_rotary_pos_emb, restore_rotary, use_fused_rotary
@@ -17,19 +18,22 @@ def _plain(q, k, cos, sin):
     return q * cos + rot(q) * sin, k * cos + rot(k) * sin
 
 
-def test_fused_rotary_gradients_equal_plain_autograd():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rotary_equals_plain_autograd_bit_for_bit(dtype):
+    """Outputs and gradients by halves equal the rot(x) expression's (and autograd through it) to the bit."""
     generator = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 4, 6, 16, generator=generator, requires_grad=True)
-    k = torch.randn(2, 2, 6, 16, generator=generator, requires_grad=True)
-    cos, sin = torch.randn(2, 1, 6, 16, generator=generator), torch.randn(2, 1, 6, 16, generator=generator)
-    gq, gk = torch.randn(q.shape, generator=generator), torch.randn(k.shape, generator=generator)
+    q = torch.randn(2, 4, 6, 16, generator=generator).to(dtype).requires_grad_()
+    k = torch.randn(2, 2, 6, 16, generator=generator).to(dtype).requires_grad_()
+    cos, sin = (torch.randn(2, 1, 6, 16, generator=generator).to(dtype) for _ in range(2))  # as the model casts
     plain = _plain(q, k, cos, sin)
+    gq, gk = (torch.randn(p.shape, generator=generator).to(dtype) for p in plain)
     fused = FusedRotary.apply(q, k, cos, sin)
-    assert all(torch.equal(a, b) for a, b in zip(plain, fused))
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(plain, fused))
     expected = torch.autograd.grad(plain, (q, k), (gq, gk))
     got = torch.autograd.grad(fused, (q, k), (gq, gk))
-    for a, b in zip(expected, got):
-        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(expected, got))
+    with torch.no_grad():  # generation's path
+        assert all(torch.equal(a, b) for a, b in zip(plain, apply_rotary_pos_emb(q, k, cos[:, 0], sin[:, 0])))
 
 
 def test_swapped_in_for_llama_with_equal_outputs(input_ids):

@@ -5,8 +5,10 @@
 
 transformers' `apply_rotary_pos_emb` runs through plain autograd, which keeps q, rot(q), k and rot(k)
 for the products' backward: four (tokens x heads x head_dim) tensors per layer, ~6 KB a token a
-layer for SmolLM2. The products are computed exactly as transformers does, so outputs are equal
-bit for bit; only the backward is ours.
+layer for SmolLM2. Both directions work on the two halves of the head dimension instead of building
+rot(x) (a negation and a concatenation, a full copy each way): q' = (q1 c1 - q2 s1, q2 c2 + q1 s2) and
+dq = (g1 c1 + (g s)2, g2 c2 - (g s)1), the same products and sums transformers' expression rounds,
+so outputs and gradients are equal bit for bit; a layer's rotary alone took 0.72-0.93 of the time.
 
 `use_fused_rotary(model)` swaps the function in the model's modeling module (process-wide, for
 that architecture) after checking on random tensors that the module's own function computes
@@ -26,22 +28,45 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x cos + rot(x) sin, by halves: no rot(x) is built. Outside autograd (out= and in-place products)."""
+    if cos.shape != sin.shape:
+        return (x * cos) + (_rotate_half(x) * sin)
+    half = x.shape[-1] // 2
+    out = x.new_empty(torch.broadcast_shapes(x.shape, cos.shape), dtype=torch.result_type(x, cos))
+    x1, x2 = x[..., :half], x[..., half:]
+    torch.mul(x1, cos[..., :half], out=out[..., :half]).sub_(x2 * sin[..., :half])  # x1 c1 + (-x2) s1
+    torch.mul(x2, cos[..., half:], out=out[..., half:]).add_(x1 * sin[..., half:])
+    return out
+
+
+def _unrotated(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """g cos - rot(g sin), `_rotated`'s input gradient, by halves (rot's transpose is -rot)."""
+    half = grad.shape[-1] // 2
+    out, times_sin = grad * cos, grad * sin
+    out[..., :half].add_(times_sin[..., half:])
+    out[..., half:].sub_(times_sin[..., :half])
+    return out
+
+
 class FusedRotary(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin):
         ctx.save_for_backward(cos, sin)
-        return (q * cos) + (_rotate_half(q) * sin), (k * cos) + (_rotate_half(k) * sin)
+        return _rotated(q, cos, sin), _rotated(k, cos, sin)
 
     @staticmethod
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
-        return dq * cos - _rotate_half(dq * sin), dk * cos - _rotate_half(dk * sin), None, None
+        return _unrotated(dq, cos, sin), _unrotated(dk, cos, sin), None, None
 
 
 def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
     """Drop-in for transformers' function of the same name (Llama, Qwen2, Mistral...)."""
     cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-    if torch.is_grad_enabled() and not (cos.requires_grad or sin.requires_grad):
+    if not torch.is_grad_enabled():
+        return _rotated(q, cos, sin), _rotated(k, cos, sin)
+    if not (cos.requires_grad or sin.requires_grad):
         return FusedRotary.apply(q, k, cos, sin)
     return (q * cos) + (_rotate_half(q) * sin), (k * cos) + (_rotate_half(k) * sin)
 
