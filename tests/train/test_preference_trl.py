@@ -36,8 +36,9 @@ PAIRS = [{"prompt": f"say {w}", "chosen": f"{w} {w}", "rejected": f"{WORDS[(i + 
          for i, w in enumerate(WORDS[:4])]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Adam divides each gradient element by its own magnitude, so an element that is near zero turns fp32
-# rounding into a step of up to lr: lr 1e-3 keeps that within TOL (at 1e-2 one element of 18k differed by 1.8e-5).
-LR, STEPS, TOL = 1e-3, 3, 1e-5
+# rounding into a step of up to lr: lr 5e-4 keeps that within TOL (lorakit's rank-wide products sum in another
+# order than PEFT's; at 1e-3 one element of 4k differed by 1.03e-5; at 1e-2 one of 18k by 1.8e-5).
+LR, STEPS, TOL = 5e-4, 3, 1e-5
 
 
 @pytest.fixture(scope="module")

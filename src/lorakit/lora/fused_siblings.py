@@ -28,6 +28,7 @@ from torch import nn
 
 from lorakit.lora.base import base_input_grad, base_linear
 from lorakit.lora.layer import LoraLayer
+from lorakit.lora.rank_kernel import rank_gradient, rank_product
 from lorakit.lora.variants import LoraAdapter
 from lorakit.lora.variants.lora import down_to_rank, grad_of_B
 from lorakit.mapped_pages import drop_file_pages
@@ -67,7 +68,7 @@ def siblings_forward(x, weight, bias, adapters, params, training: bool):
     y = base_linear(x, weight, bias)  # (..., sum out)
     keeps: list[torch.Tensor | None] = [None] * len(adapters)
     if not training or all(a.p == 0 for a in adapters):
-        u = x2 @ torch.cat(As).T  # (N, sum r): one GEMM for every A
+        u = rank_product(x2, torch.cat(As))  # (N, sum r): one product for every A
     else:  # each sibling its own mask, drawn in order as the separate layers draw them
         us = []
         for i, (adapter, A) in enumerate(zip(adapters, As)):
@@ -99,7 +100,7 @@ def siblings_backward(grad, x, weight, adapters, params, saved, need_grad_x: boo
     grad_x = base_input_grad(g2, weight) if need_grad_x else None  # (N, in): every sibling's W in one GEMM
     if all(keep is None for keep in keeps):
         du = torch.cat(dus, dim=1)  # (N, sum r)
-        grads_A = list((du.T @ x2).split([A.shape[0] for A in As]))
+        grads_A = list(rank_gradient(x2, du).split([A.shape[0] for A in As]))
         if grad_x is not None:
             grad_x.addmm_(du, torch.cat(As))
     else:

@@ -27,6 +27,7 @@ from torch import nn
 
 from lorakit.lora.base import base_input_grad, base_linear
 from lorakit.lora.inits import initialize
+from lorakit.lora.rank_kernel import rank_gradient, rank_product
 
 
 class LoraAdapter(nn.Module):
@@ -135,7 +136,7 @@ def lora_forward(x, weight, bias, A, B, scaling: float, p: float, training: bool
         keep = torch.rand_like(x) >= p  # bool: a quarter of the memory of the dropped copy
         u = ((x * keep) @ A.T).div_(1 - p)  # (..., r); the inverted-dropout scale on the r-wide product
     else:
-        u = x @ A.T  # (..., r)
+        u = rank_product(x.reshape(-1, x.shape[-1]), A).view(*x.shape[:-1], A.shape[0])  # (..., r)
     y = base_linear(x, weight, bias)
     # The LoRA term rides on the up-projection's GEMM (addmm_ with alpha = s): no (tokens x out)
     # temporaries for s * (u B^T) and the sum, each a full pass over the output.
@@ -144,18 +145,14 @@ def lora_forward(x, weight, bias, A, B, scaling: float, p: float, training: bool
 
 
 def grad_of_B(grad: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """grad^T u, (out, r), for grad (N, out) and the r-wide u (N, r), computed as (u^T grad)^T.
-
-    Both are the same sums; on the CPU, MKL took 3-4x as long the first way round at LoRA's shapes
-    (N 470, out 192 to 1536, r 8), which made these small products a tenth of a training step.
-    """
-    return (u.T @ grad).T.contiguous()
+    """grad^T u, (out, r), for grad (N, out) and the r-wide u (N, r), computed as (u^T grad)^T: through the rank
+    kernel where it applies (lora/rank_kernel.py); MKL took 3-4x as long the first way round."""
+    return rank_gradient(grad, u).T.contiguous()
 
 
 def down_to_rank(grad: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """grad B, (..., r), for grad (..., out) and B (out, r), with B read through a copy of B^T: MKL multiplies
-    by a transposed narrow matrix about twice as fast as by the (out, r) one at LoRA's shapes."""
-    return grad @ B.T.contiguous().T
+    """grad B, (..., r), for grad (..., out) and B (out, r), through the rank kernel (lora/rank_kernel.py)."""
+    return rank_product(grad.reshape(-1, grad.shape[-1]), B.T).view(*grad.shape[:-1], B.shape[1])
 
 
 def lora_backward(grad, x, weight, A, B, u, keep, scaling: float, p: float, need_grad_x: bool = True):
@@ -170,7 +167,7 @@ def lora_backward(grad, x, weight, A, B, u, keep, scaling: float, p: float, need
     du = down_to_rank(grad, B).mul_(scaling)  # (..., r)
     du2 = du.reshape(-1, du.shape[-1])
     if keep is None:
-        grad_A = du2.T @ x.reshape(-1, x.shape[-1])  # (r, in)
+        grad_A = rank_gradient(x.reshape(-1, x.shape[-1]), du2)  # (r, in)
     else:  # drop(x) recomputed from the mask; 1 / (1 - p) applied to the (r, in) product
         grad_A = (du2.T @ (x * keep).reshape(-1, x.shape[-1])).div_(1 - p)
     grad_x = None
