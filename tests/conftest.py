@@ -175,3 +175,13 @@ def data_error_of(call, *args, **kwargs) -> str:
     message = str(info.value)
     assert "\n" not in message, f"error spans lines: {message!r}"
     return message
+
+
+def on_threads(threads: int, call):
+    """call() on `threads` OpenMP threads; the process's count restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return call()
+    finally:
+        torch.set_num_threads(previous)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lorakit
-from conftest import TINY_MODELS, logits_of, perturb
+from conftest import TINY_MODELS, logits_of, on_threads, perturb
 from lorakit.lora import column_kernel, group_kernel, mixed_features, weight_kernel
 from lorakit.lora.mixed import row_adapters
 
@@ -35,16 +35,6 @@ def expected(x: torch.Tensor, y: torch.Tensor, A, B, owner, slots) -> torch.Tens
         rows = owner == slot
         out[:, b] += B[:, rows].double() @ (A[rows].double() @ x[:, b].double())
     return out.float()
-
-
-def on_threads(threads: int, call):
-    """call() on `threads` OpenMP threads; the process's count restored after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return call()
-    finally:
-        torch.set_num_threads(previous)
 
 
 def assert_own_terms(result, y, want, slots):

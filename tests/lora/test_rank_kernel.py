@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import on_threads
 from lorakit.lora import rank_kernel
 from lorakit.lora.rank_kernel import rank_gradient, rank_product
 
@@ -12,15 +13,6 @@ pytestmark = pytest.mark.skipif(rank_kernel.load() is None, reason="needs a C co
 
 # (rows, width, ranks): a training step's shape, tails of both loops, a sibling group's 24 ranks, one rank
 SHAPES = [(474, 576, 8), (7, 37, 11), (100, 1536, 24), (1, 16, 1), (33, 200, 8)]
-
-
-def on_threads(threads: int, call):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return call()
-    finally:
-        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("rows, width, ranks", SHAPES)
