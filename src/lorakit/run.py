@@ -119,7 +119,7 @@ def run_causal_lm(run: RunConfig, echo=print, run_log: RunLog | None = None) -> 
         write_run_card(result.adapter_dir, template=run.data.template, task=run.eval.task, model=run.model,
                        quantization=to_dict(run.quantization) if run.quantization.bits else None)
     summary.update(steps=result.steps, seconds=round(result.seconds, 1), adapter=result.adapter_dir,
-                   eval=result.final_eval, best_checkpoint=result.best_checkpoint)
+                   eval=result.final_eval, best_checkpoint=result.best_checkpoint, lean_path=result.lean_path)
     summary.update(describe_splits(run.data, run.train, result.best_metric, result.best_checkpoint,
                                    has_eval=bool(data.eval)))
     echo(f"trained {result.steps} steps in {result.seconds:.0f} s; adapter in {result.adapter_dir}")
@@ -200,7 +200,7 @@ def run_classification(run: RunConfig, echo=print, run_log: RunLog | None = None
     summary = {
         "model": run.model, "steps": result.steps, "seconds": round(result.seconds, 1), "adapter": result.adapter_dir,
         "best_metric": best, "eval": result.final_eval, "trainable_share": trainable / total,
-        "best_checkpoint": result.best_checkpoint,
+        "best_checkpoint": result.best_checkpoint, "lean_path": result.lean_path,
         **describe_splits(run.data, run.train, result.best_metric, result.best_checkpoint, has_eval=bool(eval_examples)),
     }
     if test_examples:  # the chosen checkpoint, once, on the test split: accuracy and macro-F1 of one evaluation
@@ -261,7 +261,7 @@ def run_preference(run: RunConfig, echo=print, run_log: RunLog | None = None) ->
         write_run_card(result.adapter_dir, template=run.data.template, task=run.eval.task, model=run.model,
                        quantization=to_dict(run.quantization) if run.quantization.bits else None)
     summary.update(steps=result.steps, seconds=round(result.seconds, 1), adapter=result.adapter_dir,
-                   eval=result.final_eval, best_checkpoint=result.best_checkpoint)
+                   eval=result.final_eval, best_checkpoint=result.best_checkpoint, lean_path=result.lean_path)
     summary.update(describe_splits(run.data, run.train, result.best_metric, result.best_checkpoint))
     echo(f"trained {result.steps} steps in {result.seconds:.0f} s; adapter in {result.adapter_dir}")
     scores = _final_causal_lm_scores(run, model, tokenizer, data, objective, result, summary, echo, run_log)

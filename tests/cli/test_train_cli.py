@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 
 from lorakit.checkpoint.manifest import manifest_problem
 from lorakit.checkpoint.resume import list_checkpoints
+from lorakit.cli import main
+from cli_support import toy_run_config, write_config
 from conftest import TOY_TARGETS, TOY_TASK, toy_model_folder
 
 
@@ -172,3 +174,14 @@ def test_config_errors_are_one_clear_line(toy_run, tmp_path, override, message):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.startswith("lorakit")]
     assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("half", ["bf16", "off"])
+def test_the_summary_says_which_fast_paths_the_run_took(tmp_path, half):
+    """summary.json's lean_path: the half type the frozen base took (None: fp32) and the fused pieces."""
+    config = write_config(tmp_path / "config.yaml", toy_run_config(tmp_path),
+                          train={"output_dir": str(tmp_path / "run"), "half_base": half, "max_steps": 1})
+    assert main(["train", str(config)]) == 0
+    lean = json.loads((tmp_path / "run" / "summary.json").read_text())["lean_path"]
+    assert lean["half_base"] == (None if half == "off" else half)
+    assert lean["fused_rotary"] is True and lean["fused_norms"] > 0

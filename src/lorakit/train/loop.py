@@ -41,6 +41,7 @@ class TrainResult:
     adapter_dir: str
     seconds: float
     history: list[dict] = field(default_factory=list)
+    lean_path: dict = field(default_factory=dict)  # what use_fused_paths applied, e.g. the half type auto chose
 
 
 def seed_everything(seed: int) -> None:
@@ -169,7 +170,7 @@ def train(
     trainable = [p for p in model.parameters() if p.requires_grad]
     precision = Precision(config.precision, device)
     scheduler = build_scheduler(optimizer, config, total_steps)
-    _prepare_model(model, config)
+    lean_path = _prepare_model(model, config)
 
     checkpoints = RunCheckpoints(out, config, ADAPTER, parallel, world, batches, precision.scaler, run_state)
     start_step, state = checkpoints.resume(model, optimizer, scheduler)
@@ -245,18 +246,21 @@ def train(
         adapter_dir=str(adapter_dir),
         seconds=time.time() - started,
         history=metrics.events(),
+        lean_path=lean_path,
     )
 
 
-def _prepare_model(model: nn.Module, config: TrainConfig) -> None:
-    """Gradient checkpointing, the fused paths, and the allocator, as the config asks."""
+def _prepare_model(model: nn.Module, config: TrainConfig) -> dict:
+    """Gradient checkpointing, the fused paths, and the allocator, as the config asks; returns what applied."""
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     sharded = config.fsdp  # FSDP owns the base weights: neither packed nor cast
-    log.info("lean path: %s", use_fused_paths(model, config.fused, config.fuse_projections and not sharded,
-                                              "off" if sharded else config.half_base))
+    applied = use_fused_paths(model, config.fused, config.fuse_projections and not sharded,
+                              "off" if sharded else config.half_base)
+    log.info("lean path: %s", applied)
     if config.release_memory:
         release_freed_memory()
+    return applied
 
 
 def _roll_back(step: int, problem: str, guard: DivergenceGuard, precision: Precision, model: nn.Module,
