@@ -7,7 +7,9 @@ import torch
 
 from conftest import on_threads
 from lorakit.lora import rank_kernel
+from lorakit.lora.fused_siblings import siblings_backward, siblings_forward
 from lorakit.lora.rank_kernel import rank_gradient, rank_product
+from lorakit.lora.variants.lora import LoraAdapter, lora_backward, lora_forward
 
 pytestmark = pytest.mark.skipif(rank_kernel.load() is None, reason="needs a C compiler")
 
@@ -44,3 +46,34 @@ def test_autograd_and_other_types_go_through_torch(monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(rank_gradient(x, product), product.T @ x)
     assert not calls  # turned off: the library is not even asked for
+
+
+def _lora_step(weight: torch.Tensor, siblings: bool) -> list[torch.Tensor]:
+    """A fused path's forward and backward by hand, no dropout: its output and every gradient."""
+    generator = torch.Generator().manual_seed(3)
+    x, grad = torch.randn(40, 32, generator=generator), torch.randn(40, weight.shape[0], generator=generator)
+    if not siblings:
+        A, B = torch.randn(8, 32, generator=generator), torch.randn(weight.shape[0], 8, generator=generator)
+        y, u, keep = lora_forward(x, weight, None, A, B, 2.0, 0.0, True)
+        return [y, *lora_backward(grad, x, weight, A, B, u, keep, 2.0, 0.0)]
+    adapters = [LoraAdapter(32, 24, 8, 16, 0.0, False), LoraAdapter(32, weight.shape[0] - 24, 8, 16, 0.0, False)]
+    params = [torch.randn(p.shape, generator=generator) for a in adapters for p in (a.A, a.B)]
+    y, saved = siblings_forward(x, weight, None, adapters, params, True)
+    grad_x, grads = siblings_backward(grad, x, weight, adapters, params, saved, True)
+    return [y, grad_x, *grads]
+
+
+@pytest.mark.parametrize("siblings", [False, True], ids=["one layer", "siblings"])
+def test_a_half_base_keeps_torchs_products_and_an_fp32_base_takes_the_kernel(monkeypatch, siblings):
+    weight = torch.randn(40, 32, generator=torch.Generator().manual_seed(4))
+    library, calls = rank_kernel.load(), []
+    monkeypatch.setattr(rank_kernel, "load", lambda: calls.append(1) or library)
+    with torch.no_grad():
+        _lora_step(weight, siblings)
+        assert calls  # an fp32 base: the kernel's products
+        calls.clear()
+        half = _lora_step(weight.bfloat16(), siblings)
+        assert not calls  # a half base: torch's, bit for bit what the kernel turned off gives
+        monkeypatch.setenv("LORAKIT_RANK_KERNEL", "0")
+        for ours, off in zip(half, _lora_step(weight.bfloat16(), siblings), strict=True):
+            assert torch.equal(ours, off)

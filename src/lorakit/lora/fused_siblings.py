@@ -28,7 +28,7 @@ from torch import nn
 
 from lorakit.lora.base import base_input_grad, base_linear
 from lorakit.lora.layer import LoraLayer
-from lorakit.lora.rank_kernel import rank_gradient, rank_product
+from lorakit.lora.rank_kernel import rank_gradient, rank_product, suits
 from lorakit.lora.variants import LoraAdapter
 from lorakit.lora.variants.lora import down_to_rank, grad_of_B
 from lorakit.mapped_pages import drop_file_pages
@@ -68,7 +68,7 @@ def siblings_forward(x, weight, bias, adapters, params, training: bool):
     y = base_linear(x, weight, bias)  # (..., sum out)
     keeps: list[torch.Tensor | None] = [None] * len(adapters)
     if not training or all(a.p == 0 for a in adapters):
-        u = rank_product(x2, torch.cat(As))  # (N, sum r): one product for every A
+        u = rank_product(x2, torch.cat(As), suits(weight))  # (N, sum r): one product for every A
     else:  # each sibling its own mask, drawn in order as the separate layers draw them
         us = []
         for i, (adapter, A) in enumerate(zip(adapters, As)):
@@ -90,17 +90,18 @@ def siblings_backward(grad, x, weight, adapters, params, saved, need_grad_x: boo
     As, Bs = params[0::2], params[1::2]
     u, *keeps = saved
     g2 = grad.reshape(-1, grad.shape[-1])  # (N, sum out)
-    x2 = x.reshape(-1, x.shape[-1])
+    x2, kernel = x.reshape(-1, x.shape[-1]), suits(weight)
     grads_B, dus, at, r_at = [], [], 0, 0
     for adapter, A, B in zip(adapters, As, Bs):
         g_i = g2[:, at : at + B.shape[0]]  # (N, out_i), a column slice
-        grads_B.append(grad_of_B(g_i, u[:, r_at : r_at + A.shape[0]]).mul_(adapter.scaling))  # (out_i, r)
-        dus.append(down_to_rank(g_i, B).mul_(adapter.scaling))  # (N, r)
+        u_i = u[:, r_at : r_at + A.shape[0]]
+        grads_B.append(grad_of_B(g_i, u_i, kernel).mul_(adapter.scaling))  # (out_i, r)
+        dus.append(down_to_rank(g_i, B, kernel).mul_(adapter.scaling))  # (N, r)
         at, r_at = at + B.shape[0], r_at + A.shape[0]
     grad_x = base_input_grad(g2, weight) if need_grad_x else None  # (N, in): every sibling's W in one GEMM
     if all(keep is None for keep in keeps):
         du = torch.cat(dus, dim=1)  # (N, sum r)
-        grads_A = list(rank_gradient(x2, du).split([A.shape[0] for A in As]))
+        grads_A = list(rank_gradient(x2, du, kernel).split([A.shape[0] for A in As]))
         if grad_x is not None:
             grad_x.addmm_(du, torch.cat(As))
     else:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.lora.base import is_quantized
+from lorakit.lora.rank_kernel import suits
 from lorakit.lora.variants.lora import LoraAdapter, down_to_rank, lora_backward, lora_forward
 
 
@@ -163,7 +164,7 @@ class DoraAdapter(LoraAdapter):
         grad_x = None
         if need_grad_x:
             inner = (grad * (c - 1)) @ weight  # (..., in)
-            du = down_to_rank(scaled, B).mul_(self.scaling)  # (..., r)
+            du = down_to_rank(scaled, B, suits(weight)).mul_(self.scaling)  # (..., r)
             inner.view(-1, inner.shape[-1]).addmm_(du.reshape(-1, du.shape[-1]), A)
             grad_x = (grad @ weight).add_(inner.mul_(keep), alpha=1 / (1 - p))
         return grad_x, (grad_A, grad_B, grad_m)

@@ -27,7 +27,7 @@ from torch import nn
 
 from lorakit.lora.base import base_input_grad, base_linear
 from lorakit.lora.inits import initialize
-from lorakit.lora.rank_kernel import rank_gradient, rank_product
+from lorakit.lora.rank_kernel import rank_gradient, rank_product, suits
 
 
 class LoraAdapter(nn.Module):
@@ -136,7 +136,8 @@ def lora_forward(x, weight, bias, A, B, scaling: float, p: float, training: bool
         keep = torch.rand_like(x) >= p  # bool: a quarter of the memory of the dropped copy
         u = ((x * keep) @ A.T).div_(1 - p)  # (..., r); the inverted-dropout scale on the r-wide product
     else:
-        u = rank_product(x.reshape(-1, x.shape[-1]), A).view(*x.shape[:-1], A.shape[0])  # (..., r)
+        u = rank_product(x.reshape(-1, x.shape[-1]), A, suits(weight))
+        u = u.view(*x.shape[:-1], A.shape[0])  # (..., r)
     y = base_linear(x, weight, bias)
     # The LoRA term rides on the up-projection's GEMM (addmm_ with alpha = s): no (tokens x out)
     # temporaries for s * (u B^T) and the sum, each a full pass over the output.
@@ -144,15 +145,15 @@ def lora_forward(x, weight, bias, A, B, scaling: float, p: float, training: bool
     return y, u, keep
 
 
-def grad_of_B(grad: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def grad_of_B(grad: torch.Tensor, u: torch.Tensor, kernel: bool = True) -> torch.Tensor:
     """grad^T u, (out, r), for grad (N, out) and the r-wide u (N, r), computed as (u^T grad)^T: through the rank
     kernel where it applies (lora/rank_kernel.py); MKL took 3-4x as long the first way round."""
-    return rank_gradient(grad, u).T.contiguous()
+    return rank_gradient(grad, u, kernel).T.contiguous()
 
 
-def down_to_rank(grad: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+def down_to_rank(grad: torch.Tensor, B: torch.Tensor, kernel: bool = True) -> torch.Tensor:
     """grad B, (..., r), for grad (..., out) and B (out, r), through the rank kernel (lora/rank_kernel.py)."""
-    return rank_product(grad.reshape(-1, grad.shape[-1]), B.T).view(*grad.shape[:-1], B.shape[1])
+    return rank_product(grad.reshape(-1, grad.shape[-1]), B.T, kernel).view(*grad.shape[:-1], B.shape[1])
 
 
 def lora_backward(grad, x, weight, A, B, u, keep, scaling: float, p: float, need_grad_x: bool = True):
@@ -162,12 +163,12 @@ def lora_backward(grad, x, weight, A, B, u, keep, scaling: float, p: float, need
         dL/dx = g W + (du A) * mask / (1 - p)
     """
     # The scale goes on the r-wide products, never on a (tokens x features) tensor.
-    g2 = grad.reshape(-1, grad.shape[-1])  # (N, out)
-    grad_B = grad_of_B(g2, u.reshape(-1, u.shape[-1])).mul_(scaling)  # (out, r)
-    du = down_to_rank(grad, B).mul_(scaling)  # (..., r)
+    g2, kernel = grad.reshape(-1, grad.shape[-1]), suits(weight)  # (N, out)
+    grad_B = grad_of_B(g2, u.reshape(-1, u.shape[-1]), kernel).mul_(scaling)  # (out, r)
+    du = down_to_rank(grad, B, kernel).mul_(scaling)  # (..., r)
     du2 = du.reshape(-1, du.shape[-1])
     if keep is None:
-        grad_A = rank_gradient(x.reshape(-1, x.shape[-1]), du2)  # (r, in)
+        grad_A = rank_gradient(x.reshape(-1, x.shape[-1]), du2, kernel)  # (r, in)
     else:  # drop(x) recomputed from the mask; 1 / (1 - p) applied to the (r, in) product
         grad_A = (du2.T @ (x * keep).reshape(-1, x.shape[-1])).div_(1 - p)
     grad_x = None
