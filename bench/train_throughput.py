@@ -20,7 +20,8 @@ and --allocator adds
 more steps of each lorakit variant under torch.profiler after its timed ones and notes its step's time by kind
 of work (frozen, head and LoRA GEMMs, attention, casts, elementwise, optimizer, the rest; bench/step_profile.py).
 
-Every variant runs in its own child process (so each peak RSS is its own): lorakit's on the allocator
+Every variant runs in its own child process (so each peak RSS is its own; what loading freed is handed back to
+the OS before the steps, as `lorakit train` does): lorakit's on the allocator
 `lorakit train` runs on (lorakit/allocator.py), PEFT's on the system's malloc (p aside), on the same model, the
 same ROS 2 examples in the same order, the same initial adapter (r=8 on all seven projections),
 the same batch, learning rate, linear schedule and number of steps:
@@ -183,6 +184,7 @@ def run_peft(args, recipe: str) -> dict:
         remove_unused_columns=False, dataloader_num_workers=0, seed=0,
     )
     trainer = InOrderTrainer(model=model, args=training, train_dataset=data, data_collator=collate, callbacks=[Clock()])
+    allocator.release_free_memory()  # what loading freed goes back to the OS before the steps, as lorakit's do
     sampler = RssSampler()
     trainer.train()
     rss = sampler.stop()
@@ -214,6 +216,7 @@ def run_lorakit(args, memory_mode: bool = False, qlora: bool = False, half: bool
         max_tokens_per_forward=pack_length if memory_mode else 0, half_base="auto" if half else "off",
     )
     paths = use_fused_paths(model, config.fused, config.fuse_projections, config.half_base)  # as train() does
+    allocator.release_free_memory()  # what loading, quantising and casting freed: back to the OS, as train() does
     if config.release_memory:
         release_freed_memory()
     optimizer = build_optimizer(model, config)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import lorakit
+from lorakit import allocator
 from lorakit.config import TrainConfig
 from lorakit.data.collate import pad_batch
 from lorakit.data.masking import tokenize_dataset
@@ -114,3 +119,35 @@ def test_time_budget_stops_then_evaluates_and_saves(tmp_path):
     assert "eval_loss" in result.final_eval  # the stopping step was evaluated...
     assert int(result.best_checkpoint.rsplit("-", 1)[1]) == result.steps  # ...and saved, so keep-best sees it
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+QUANTISED_THEN_PREPARED = """
+import torch
+from torch import nn
+from lorakit import allocator
+from lorakit.config import QuantizationConfig, TrainConfig
+from lorakit.quant.model import quantize_model
+from lorakit.train.loop import _prepare_model
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+model = nn.Sequential(*[nn.Linear(1024, 1024, bias=False) for _ in range(48)])  # 192 MB of fp32 weights
+quantize_model(model, QuantizationConfig(bits=4, type="nf4"))  # 24 MB of them stay, as NF4
+before = resident()
+_prepare_model(model, TrainConfig())
+print(allocator.in_use(), before - resident())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or allocator.library("auto") is None,
+                    reason="needs Linux and tcmalloc (make setup installs it)")
+def test_what_quantising_freed_goes_back_to_the_os_before_training():
+    """On the allocator `lorakit train` runs on, the fp32 weights a QLoRA base was quantised from stayed resident
+    until training ended; preparing the model for training hands them back."""
+    env = allocator.preload_env({"PATH": os.environ.get("PATH", ""), allocator.ENV: "tcmalloc"})
+    out = subprocess.run([sys.executable, "-c", QUANTISED_THEN_PREPARED], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    name, returned = out.stdout.split()
+    assert name == "tcmalloc"
+    assert int(returned) >= 150 << 20

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lorakit.allocator import release_free_memory
 from lorakit.checkpoint.peft_io import save_adapter
 from lorakit.config import TrainConfig
 from lorakit.data.collate import split_rows
@@ -251,13 +252,16 @@ def train(
 
 
 def _prepare_model(model: nn.Module, config: TrainConfig) -> dict:
-    """Gradient checkpointing, the fused paths, and the allocator, as the config asks; returns what applied."""
+    """Gradient checkpointing, the fused paths, and the allocator, as the config asks; returns what applied. What
+    loading, quantising (QLoRA) and casting the base (train.half_base) freed goes back to the OS first: the
+    allocator keeps freed pages, and a base built in fp32 left as much resident as the fp32 model."""
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     sharded = config.fsdp  # FSDP owns the base weights: neither packed nor cast
     applied = use_fused_paths(model, config.fused, config.fuse_projections and not sharded,
                               "off" if sharded else config.half_base)
     log.info("lean path: %s", applied)
+    release_free_memory()
     if config.release_memory:
         release_freed_memory()
     return applied
