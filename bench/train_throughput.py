@@ -6,8 +6,10 @@
     python bench/train_throughput.py --half --variants h --profile 3     # where the default's step time goes
 
 --model-config NAME builds NAME's shape (smollm2-135m, qwen2.5-0.5b, qwen2.5-1.5b: the first seed's
-Qwen2.5-Coder-1.5B, same shape) from its published config with random weights (seeded, the same in
-every child; nothing is downloaded), so cost can be compared across sizes; the examples are still
+Qwen2.5-Coder-1.5B, same shape) from its published config with random weights (seeded; nothing is downloaded),
+saved once as a bf16 checkpoint, as the published weights are, which every child loads as `lorakit train`
+loads one (in fp32; e's QLoRA base in bf16, each linear quantised from its fp32 copy), so cost and memory
+can be compared across sizes; the examples are still
 tokenised by --model's tokenizer (its ids are valid in every listed vocabulary). --qlora adds
   e  lorakit QLoRA: as c on an NF4 base (double quantisation, bitsandbytes), fp32 compute
 and --half adds
@@ -64,7 +66,7 @@ import time
 from pathlib import Path
 
 import torch
-from model_shapes import MODEL_CONFIGS, base_model
+from model_shapes import MODEL_CONFIGS, base_model, random_model
 from results import RssSampler, gemm_rates, half_peak, machine, min_median, write_result
 from step_profile import profile_notes, step_profile
 
@@ -98,10 +100,20 @@ def examples(tokenizer, args) -> list[dict]:
     return out
 
 
-def load_model(args):
-    """--model's weights, or with --model-config that shape with seeded random weights (the same in every child)."""
-    model = base_model(args.model, args.model_config)
-    return model if args.model_config is None else model.train()
+def load_model(args, qlora: bool = False):
+    """--model's weights, or with --model-config that shape's seeded random weights, saved once by the init child as a
+    bf16 checkpoint (as the published Qwen2.5 weights are) and loaded as `lorakit train` loads one: in fp32, and a
+    QLoRA base in the type it is stored in (run.py's _load_dtype), quantised after."""
+    from lorakit.models import load_causal_lm, stored_dtype
+
+    if args.model_config is None:
+        return base_model(args.model) if not qlora else load_causal_lm(args.model, stored_dtype(args.model))
+    folder = _base_dir(args)
+    return load_causal_lm(folder, stored_dtype(folder) if qlora else torch.float32).train()
+
+
+def _base_dir(args) -> Path:
+    return _work_dir(args) / f"base-{args.model_config}"
 
 
 def prepare(args) -> dict:
@@ -114,6 +126,8 @@ def prepare(args) -> dict:
 
     tokenizer = load_tokenizer(args.model)
     data = examples(tokenizer, args)
+    if args.model_config is not None:  # the shape's random weights, as a bf16 checkpoint every variant loads
+        random_model(args.model_config).to(torch.bfloat16).save_pretrained(_base_dir(args))
     model = get_peft_model(load_model(args), LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
     model.save_pretrained(_init_dir(args))
     peft_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -204,7 +218,7 @@ def run_lorakit(args, memory_mode: bool = False, qlora: bool = False, half: bool
 
     tokenizer = load_tokenizer(args.model)
     data = examples(tokenizer, args)
-    model = load_model(args)
+    model = load_model(args, qlora)
     if qlora:
         quantize_model(model, QuantizationConfig(bits=4, type="nf4", double_quant=True))
     lorakit.load_adapter(model, _init_dir(args))  # the initial adapter every variant starts from

@@ -136,6 +136,21 @@ def load_causal_lm(
     return _from_pretrained(AutoModelForCausalLM, resolve_model(name_or_path), "model", dtype=dtype, **extra)
 
 
+def stored_dtype(name_or_path: NameOrPath) -> torch.dtype:
+    """The type a model's config says its weights are stored in, where that is bf16 or fp16; else fp32. Loading in
+    it keeps the stored values exactly and needs half of an fp32 load's memory."""
+    from transformers import AutoConfig
+
+    path = resolve_model(name_or_path)
+    if isinstance(path, Path) and not (path / "config.json").is_file():
+        return torch.float32
+    config = AutoConfig.from_pretrained(path)
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return stored if stored in (torch.bfloat16, torch.float16) else torch.float32
+
+
 def _from_pretrained(auto, path: Path | str, what: str, **kwargs):
     """`auto.from_pretrained(path)`, with transformers' ValueError for files it cannot use (an unknown
     model_type, a tokenizer it cannot build) turned into a one-line ModelNotFoundError."""

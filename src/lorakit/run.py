@@ -19,7 +19,7 @@ from lorakit.infer.score import score_generations
 from lorakit.checkpoint.peft_io import load_adapter
 from lorakit.lora.adapters import disable_adapters, set_adapter
 from lorakit.lora.inject import inject, trainable_counts, trainable_report
-from lorakit.models import default_device, load_causal_lm, load_sequence_classifier, load_tokenizer
+from lorakit.models import default_device, load_causal_lm, load_sequence_classifier, load_tokenizer, stored_dtype
 from lorakit.quant.model import quantize_model, weight_bytes_report
 from lorakit.track.runlog import RunLog
 from lorakit.track.samples import paired_rows
@@ -89,8 +89,9 @@ def run_causal_lm(run: RunConfig, echo=print, run_log: RunLog | None = None) -> 
     of the base and the adapter, and the loss) are on the test split when `data.test_file` is set.
     """
     tokenizer = load_tokenizer(run.model)
-    model = load_causal_lm(run.model).to(default_device())
-    if run.lora.init_lora_weights != "loftq":  # LoftQ quantises after inject, from the full-precision weights
+    quantize_now = run.lora.init_lora_weights != "loftq"  # LoftQ quantises after inject, from the full-precision weights
+    model = load_causal_lm(run.model, _load_dtype(run, quantize_now)).to(default_device())
+    if quantize_now:
         quantize_model(model, run.quantization)
     data = prepare_data(run.data, tokenizer, run.train.seed)
     stats = data.stats["train"]
@@ -223,8 +224,9 @@ def run_preference(run: RunConfig, echo=print, run_log: RunLog | None = None) ->
     of the chosen checkpoint, on the test split when data.test_file is set.
     """
     tokenizer = load_tokenizer(run.model)
-    model = load_causal_lm(run.model).to(default_device())
-    if run.lora.init_lora_weights != "loftq" or run.train.init_adapter:
+    quantize_now = run.lora.init_lora_weights != "loftq" or bool(run.train.init_adapter)
+    model = load_causal_lm(run.model, _load_dtype(run, quantize_now)).to(default_device())
+    if quantize_now:
         quantize_model(model, run.quantization)
     data = prepare_preference_data(run.data, tokenizer, run.train.seed)
     stats = data.stats["train"]
@@ -285,6 +287,13 @@ def _start_adapter(model, run: RunConfig, needs_reference: bool) -> Reference:
 
 RUNS = {CausalLMObjective: run_causal_lm, ClassificationObjective: run_classification,  # per objective
         DPOObjective: run_preference, ORPOObjective: run_preference}
+
+
+def _load_dtype(run: RunConfig, quantize_now: bool) -> torch.dtype:
+    """fp32; or, for a base quantised right after loading (QLoRA), the type its weights are stored in: each linear is
+    quantised from its fp32 copy and the rest goes to fp32, the same model as an fp32 load's, while loading a bf16 or
+    fp16 checkpoint holds half of an fp32 model at its peak."""
+    return stored_dtype(run.model) if run.quantization.bits and quantize_now else torch.float32
 
 
 def _quantize_after_inject(model, run: RunConfig, echo) -> dict | None:

@@ -10,7 +10,7 @@ import lorakit
 from lorakit.config import QuantizationConfig
 from lorakit.lora.adapters import lora_layers
 from lorakit.lora.merge import merge_and_unload
-from lorakit.models import load_causal_lm
+from lorakit.models import load_causal_lm, stored_dtype
 from lorakit.quant import dequantize_model, is_quantized, quantize_model, weight_bytes_report
 from conftest import TINY_MODELS, TOY_TARGETS, bnb_load, logits_of, perturb, toy_model_folder
 
@@ -106,3 +106,28 @@ def test_dequantize_model_keeps_outputs_and_counts_bytes(input_ids):
     dequantize_model(model)
     assert weight_bytes_report(model).quantized_layers == 0 and not hasattr(model, "is_loaded_in_4bit")
     assert (logits_of(model, input_ids) - before).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_a_half_checkpoint_loaded_in_its_own_type_quantises_to_the_fp32_loads_model(tmp_path, input_ids, stored):
+    """QLoRA loads a checkpoint stored in a half type in that type (half an fp32 load's peak memory): each linear
+    is quantised from its fp32 copy and the rest goes to fp32, so the model is the fp32 load's, to the bit."""
+    folder = toy_model_folder(tmp_path / "model")
+    load_causal_lm(folder).to(stored).save_pretrained(folder)
+    assert stored_dtype(folder) == stored
+    wide = quantize_model(load_causal_lm(folder), NF4)
+    narrow = quantize_model(load_causal_lm(folder, stored_dtype(folder)), NF4)
+    mine, theirs = narrow.state_dict(), wide.state_dict()
+    assert mine.keys() == theirs.keys()
+    for key, value in theirs.items():
+        assert mine[key].dtype == value.dtype and torch.equal(mine[key], value), key
+    for (name, buffer), (_, other) in zip(wide.named_buffers(), narrow.named_buffers()):
+        assert other.dtype == buffer.dtype and torch.equal(other, buffer), name
+    assert narrow.config.dtype == torch.float32
+    assert torch.equal(logits_of(narrow.eval(), input_ids), logits_of(wide.eval(), input_ids))
+
+
+def test_an_fp32_checkpoint_and_a_folder_without_a_type_load_in_fp32(tmp_path):
+    folder = toy_model_folder(tmp_path / "model")
+    assert stored_dtype(folder) == torch.float32
+    assert stored_dtype(tmp_path) == torch.float32  # no config.json: loading will say what is wrong

@@ -67,9 +67,12 @@ def quantize_model(model: nn.Module, config: QuantizationConfig) -> nn.Module:
 
 def _prepare_for_kbit_training(model: nn.Module, config: QuantizationConfig) -> None:
     """What `prepare_model_for_kbit_training` does, but the freezing (inject does that) and checkpointing (the loop)."""
+    cast = False
     for param in model.parameters():
         if param.dtype in (torch.float16, torch.bfloat16):
-            param.data = param.data.float()
+            param.data, cast = param.data.float(), True
+    if cast and getattr(model, "config", None) is not None:  # loaded in its stored half type: now an fp32 model
+        model.config.dtype = torch.float32
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     # transformers' flags for a bitsandbytes-loaded model: PEFT dispatches on them, and
