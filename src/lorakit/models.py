@@ -142,12 +142,12 @@ def stored_dtype(name_or_path: NameOrPath) -> torch.dtype:
     from transformers import AutoConfig
 
     path = resolve_model(name_or_path)
-    if isinstance(path, Path) and not (path / "config.json").is_file():
+    try:  # a config that cannot be read means fp32 here: loading the model then says what is wrong with it
+        config = AutoConfig.from_pretrained(path).to_dict()
+    except (OSError, ValueError):
         return torch.float32
-    config = AutoConfig.from_pretrained(path)
-    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(stored, str):
-        stored = getattr(torch, stored, None)
+    stored = config.get("dtype") or config.get("torch_dtype")
+    stored = getattr(torch, stored, None) if isinstance(stored, str) else stored
     return stored if stored in (torch.bfloat16, torch.float16) else torch.float32
 
 

@@ -13,9 +13,10 @@ sys.path.insert(0, str(BENCH))  # the benches import results.py as a sibling mod
 train_throughput = importlib.import_module("train_throughput")
 
 
-def _run(repeat: int, variant: str, tok_s: float, rss: float, losses: list[float]) -> dict:
+def _run(repeat: int, variant: str, tok_s: float, rss: float, losses: list[float], training: float | None = None) -> dict:
+    """A child's result; `training`: its largest RSS during the steps (default: the process peak)."""
     return {"repeat": repeat, "variant": variant, "real_tokens_per_s": tok_s, "mfu": tok_s / 1000,
-            "peak_rss_mb": rss, "losses": losses}
+            "peak_rss_mb": rss, "training_peak_rss_mb": rss if training is None else training, "losses": losses}
 
 
 def test_summary_of_a_subset_has_only_the_ratios_whose_sides_ran():
@@ -39,12 +40,13 @@ def test_summary_without_the_baseline_has_no_ratios():
 
 
 def test_summary_compares_the_half_base_with_fp32_lorakit_and_peft():
-    runs = [_run(1, "b", 100.0, 3000.0, [2.0, 1.0]), _run(1, "c", 150.0, 1500.0, [2.0, 1.0]),
-            _run(1, "h", 300.0, 1200.0, [2.0, 1.01])]
+    runs = [_run(1, "b", 100.0, 3000.0, [2.0, 1.0], training=2900.0), _run(1, "c", 150.0, 1500.0, [2.0, 1.0]),
+            _run(1, "h", 300.0, 1200.0, [2.0, 1.01], training=870.0)]  # h's process peak: loading the fp32 model
     rows = {row["what"]: row for row in train_throughput.summarise(runs, {v: v for v in "bch"})}
     assert rows["h / c speed (same round)"]["median"] == pytest.approx(2.0)
     assert rows["h / b speed (same round)"]["median"] == pytest.approx(3.0)
     assert rows["h / b peak memory"]["median"] == pytest.approx(0.4)
+    assert rows["h / b training peak memory (loading left out)"]["median"] == pytest.approx(0.3)
     assert rows["h vs b: largest relative loss gap per step"]["median"] == pytest.approx(0.01)
 
 

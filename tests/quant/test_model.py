@@ -131,3 +131,5 @@ def test_an_fp32_checkpoint_and_a_folder_without_a_type_load_in_fp32(tmp_path):
     folder = toy_model_folder(tmp_path / "model")
     assert stored_dtype(folder) == torch.float32
     assert stored_dtype(tmp_path) == torch.float32  # no config.json: loading will say what is wrong
+    (tmp_path / "config.json").write_text("{not json")
+    assert stored_dtype(tmp_path) == torch.float32
