@@ -18,4 +18,5 @@ def test_qlora_loads_a_half_checkpoint_in_its_type_and_anything_else_in_fp32(tmp
     assert _load_dtype(qlora, quantize_now=False) == torch.float32  # LoftQ: quantised after inject, from fp32
     assert _load_dtype(RunConfig(model=str(folder)), quantize_now=True) == torch.float32  # no quantisation
     fp32 = toy_model_folder(tmp_path / "fp32")
-    assert _load_dtype(RunConfig(model=str(fp32), quantization=QuantizationConfig(bits=4)), True) == torch.float32
+    fp32_qlora = RunConfig(model=str(fp32), quantization=QuantizationConfig(bits=4))
+    assert _load_dtype(fp32_qlora, quantize_now=True) == torch.float32

@@ -137,8 +137,8 @@ def load_causal_lm(
 
 
 def stored_dtype(name_or_path: NameOrPath) -> torch.dtype:
-    """The type a model's config says its weights are stored in, where that is bf16 or fp16; else fp32. Loading in
-    it keeps the stored values exactly and needs half of an fp32 load's memory."""
+    """The type a model's config says its weights are stored in, where that is bf16 or fp16; else fp32.
+    Loading in it keeps the stored values exactly, in half of an fp32 load's memory."""
     from transformers import AutoConfig
 
     path = resolve_model(name_or_path)

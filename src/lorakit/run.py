@@ -19,7 +19,9 @@ from lorakit.infer.score import score_generations
 from lorakit.checkpoint.peft_io import load_adapter
 from lorakit.lora.adapters import disable_adapters, set_adapter
 from lorakit.lora.inject import inject, trainable_counts, trainable_report
-from lorakit.models import default_device, load_causal_lm, load_sequence_classifier, load_tokenizer, stored_dtype
+from lorakit.models import (
+    default_device, load_causal_lm, load_sequence_classifier, load_tokenizer, stored_dtype,
+)
 from lorakit.quant.model import quantize_model, weight_bytes_report
 from lorakit.track.runlog import RunLog
 from lorakit.track.samples import paired_rows
@@ -89,7 +91,7 @@ def run_causal_lm(run: RunConfig, echo=print, run_log: RunLog | None = None) -> 
     of the base and the adapter, and the loss) are on the test split when `data.test_file` is set.
     """
     tokenizer = load_tokenizer(run.model)
-    quantize_now = run.lora.init_lora_weights != "loftq"  # LoftQ quantises after inject, from the full-precision weights
+    quantize_now = run.lora.init_lora_weights != "loftq"  # LoftQ quantises after inject, from full precision
     model = load_causal_lm(run.model, _load_dtype(run, quantize_now)).to(default_device())
     if quantize_now:
         quantize_model(model, run.quantization)
@@ -290,9 +292,9 @@ RUNS = {CausalLMObjective: run_causal_lm, ClassificationObjective: run_classific
 
 
 def _load_dtype(run: RunConfig, quantize_now: bool) -> torch.dtype:
-    """fp32; or, for a base quantised right after loading (QLoRA), the type its weights are stored in: each linear is
-    quantised from its fp32 copy and the rest goes to fp32, the same model as an fp32 load's, while loading a bf16 or
-    fp16 checkpoint holds half of an fp32 model at its peak."""
+    """fp32; or, for a base quantised right after loading (QLoRA), the type its weights are stored in: each
+    linear is quantised from its fp32 copy and the rest goes to fp32 (the same model as an fp32 load), while a
+    bf16 or fp16 checkpoint is never held whole in fp32."""
     return stored_dtype(run.model) if run.quantization.bits and quantize_now else torch.float32
 
 

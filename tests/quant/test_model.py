@@ -109,8 +109,8 @@ def test_dequantize_model_keeps_outputs_and_counts_bytes(input_ids):
 
 
 @pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_a_half_checkpoint_loaded_in_its_own_type_quantises_to_the_fp32_loads_model(tmp_path, input_ids, stored):
-    """QLoRA loads a checkpoint stored in a half type in that type (half an fp32 load's peak memory): each linear
+def test_a_half_checkpoint_loaded_in_its_type_quantises_to_the_fp32_loads_model(tmp_path, input_ids, stored):
+    """QLoRA loads a checkpoint stored in a half type in that type (never whole in fp32): each linear
     is quantised from its fp32 copy and the rest goes to fp32, so the model is the fp32 load's, to the bit."""
     folder = toy_model_folder(tmp_path / "model")
     load_causal_lm(folder).to(stored).save_pretrained(folder)

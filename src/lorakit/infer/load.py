@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from lorakit.checkpoint.peft_io import WEIGHTS_NAME, load_adapter, read_adapter_weights
@@ -17,7 +18,9 @@ from lorakit.data.formats import DataError
 from lorakit.data.templates import get_template
 from lorakit.infer.int8_weights import use_int8_weights
 from lorakit.lora.adapters import LORA_DTYPES, round_adapter
-from lorakit.models import default_device, load_causal_lm, load_sequence_classifier, load_tokenizer
+from lorakit.models import (
+    default_device, load_causal_lm, load_sequence_classifier, load_tokenizer, stored_dtype,
+)
 from lorakit.quant import quantize_model
 from lorakit.quant.merge import GAP_PROMPTS, LogitGap, merge_with_report
 
@@ -60,7 +63,9 @@ def load_for_inference(
     if quantize != "off" and bits:
         raise ConfigError(f"--quantize {quantize} and --load-in-{bits}bit: choose one of the two")
     tokenizer = load_tokenizer(model_name)
-    model = load_causal_lm(model_name, device_map=device_map)
+    # a base quantised here loads in its stored type, each linear quantised from its fp32 copy (run.py)
+    dtype = stored_dtype(model_name) if bits else torch.float32
+    model = load_causal_lm(model_name, dtype, device_map=device_map)
     if not device_map:
         model = model.to(default_device())
     note = quantize_as_asked(model, bits, adapter)

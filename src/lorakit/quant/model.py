@@ -71,7 +71,7 @@ def _prepare_for_kbit_training(model: nn.Module, config: QuantizationConfig) -> 
     for param in model.parameters():
         if param.dtype in (torch.float16, torch.bfloat16):
             param.data, cast = param.data.float(), True
-    if cast and getattr(model, "config", None) is not None:  # loaded in its stored half type: now an fp32 model
+    if cast and getattr(model, "config", None) is not None:  # loaded in a stored half type: fp32 now
         model.config.dtype = torch.float32
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
