@@ -30,6 +30,13 @@ settings.register_profile("thorough", max_examples=1000, deadline=None, suppress
 settings.load_profile("ci")
 
 
+@pytest.fixture(autouse=True)
+def own_timing_choices(tmp_path_factory, monkeypatch):
+    """Each test times lorakit's timed choices afresh (lorakit/machine_choices.py), in a folder of its own: a
+    test's patched timing never reaches the machine's remembered answers or another test's."""
+    monkeypatch.setenv("LORAKIT_CHOICES", str(tmp_path_factory.mktemp("choices")))
+
+
 def pytest_terminal_summary(terminalreporter):
     """How many generated inputs each data reader was given (property tests), for the record."""
     formats = sys.modules.get("record_formats")

@@ -45,7 +45,7 @@ def built(source: Path, flags: list[str] = FLAGS) -> Path:
     compiler = os.environ.get("CC", "cc")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256(
-        _source_bytes(source) + " ".join(flags).encode() + version.encode() + _cpu_flags().encode()
+        _source_bytes(source) + " ".join(flags).encode() + version.encode() + cpu_flags().encode()
     ).hexdigest()[:16]
     target = cache_root() / "kernels" / f"{source.stem}-{key}.so"
     if target.exists():
@@ -68,7 +68,7 @@ def _source_bytes(source: Path) -> bytes:
     return text + b"".join((source.parent / name.decode()).read_bytes() for name in headers)
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
     """The CPU's feature flags (-march=native builds for them), so another CPU sharing the cache builds its own."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

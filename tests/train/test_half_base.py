@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -74,6 +75,7 @@ def test_only_frozen_bases_change_type():
 
 
 def test_auto_follows_the_probe_and_off_never_casts(monkeypatch):
+    monkeypatch.setenv("LORAKIT_RETIME", "1")  # each probe below is asked, not the first one's answer
     model = lorakit.inject(TINY_MODELS["llama"](), lorakit.LoraConfig(r=2))
     assert use_fused_paths(model, half_base="off")["half_base"] is None
     assert use_fused_paths(model, half_base="auto")["half_base"] is None  # too small to time: fp32
@@ -83,6 +85,16 @@ def test_auto_follows_the_probe_and_off_never_casts(monkeypatch):
     assert all(layer.base_layer.weight.dtype == torch.float32 for _, layer in lora_layers(model))
     monkeypatch.setattr(half_base, "probe_half_type", lambda i, o, rows: ("bf16", {}))
     assert use_fused_paths(model, half_base="auto")["half_base"] == "bf16"
+
+
+def test_auto_is_probed_once_per_machine_and_read_back_by_every_process(monkeypatch):
+    monkeypatch.setattr(half_base, "probe_half_type", lambda i, o, rows: ("fp16", {}))
+    assert half_base.auto_half_type(1024, 1024, 16) == "fp16"
+    script = ("from lorakit.train import half_base\n"
+              "half_base.probe_half_type = lambda i, o, rows: (None, {})  # this process's own timing disagrees\n"
+              "print(half_base.auto_half_type(1024, 1024, 16), half_base.auto_half_type(1024, 2048, 16))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["fp16", "None"]  # the first process's answer; another shape is timed anew
 
 
 def test_probe_times_the_three_types_and_picks_only_a_faster_half():

@@ -4,8 +4,9 @@ torch's default.
 PyTorch's CPU builds multiply fp32 through MKL, which runs its AVX2 code on AMD CPUs: on a 2-core EPYC
 with AVX-512 it reached about 210 GFLOP/s at a SmolLM2-135M prompt's shapes (576 tokens), oneDNN's
 fp32 kernels, which ship in the same build (the op inductor uses for linear layers), 480-520. Which is
-faster depends on the CPU, so `faster()` times both once per process at a prompt-sized product and
-`linear` and `input_grad` are used only where oneDNN won by a margin. Never under autograd (the op has no
+faster depends on the CPU, so `faster()` times both at a prompt-sized product, once per machine (the answer
+kept by lorakit/machine_choices.py, so that every process computes alike), and `linear` and `input_grad` are
+used only where oneDNN won by a margin. Never under autograd (the op has no
 backward): a fused training path calls them inside its own autograd function.
 The results equal F.linear's to float rounding. LORAKIT_ONEDNN_LINEAR=0 leaves it out.
 """
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lorakit.lora.turns import best_times
+from lorakit.machine_choices import remembered
 
 
 def available() -> bool:
@@ -50,9 +52,15 @@ def input_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 @cache
-def faster(rounds: int = 3, margin: float = 0.1) -> bool:
+def faster() -> bool:
     """Whether oneDNN multiplies a prompt-sized fp32 product (512 rows by a 2048 x 512 weight and its transpose)
-    at least `margin` faster than F.linear here; timed once per process (about 50 ms), the two taking turns."""
+    faster than F.linear here by a margin; timed once per machine (`measure_faster`), read once per process."""
+    return available() and remembered("onednn-linear-faster", measure_faster)
+
+
+def measure_faster(rounds: int = 5, margin: float = 0.1) -> bool:
+    """Whether oneDNN is at least `margin` faster at that product, the two taking turns for `rounds` rounds after
+    a warm-up of each (about 0.1 s)."""
     if not available():
         return False
     x = {512: torch.full((512, 512), 0.5), 2048: torch.full((512, 2048), 0.5)}
@@ -63,8 +71,9 @@ def faster(rounds: int = 3, margin: float = 0.1) -> bool:
             function(x[weight.shape[1]], weight, None)
 
     try:
-        best = best_times({"mkl": functools.partial(products, F.linear), "onednn": functools.partial(products, linear)},
-                          rounds)
+        ways = {"mkl": functools.partial(products, F.linear), "onednn": functools.partial(products, linear)}
+        best_times(ways, 1)  # warm-up: oneDNN's first call builds its kernels
+        best = best_times(ways, rounds)
     except RuntimeError:  # the op exists but refuses these tensors in this build
         return False
     return best["onednn"] < (1 - margin) * best["mkl"]

@@ -24,6 +24,7 @@ from torch import nn
 
 from lorakit.lora.adapters import lora_layers
 from lorakit.lora.variants import LoraAdapter
+from lorakit.machine_choices import remembered
 from lorakit.mapped_pages import drop_file_pages
 
 log = logging.getLogger(__name__)
@@ -58,14 +59,20 @@ def probe_half_type(in_features: int, out_features: int, rows: int = PROBE_ROWS)
     return (name if seconds[name] <= HALF_MARGIN * seconds["fp32"] else None), seconds
 
 
+def _logged_probe(in_features: int, out_features: int, rows: int) -> str | None:
+    name, seconds = probe_half_type(in_features, out_features, rows)
+    log.info("half-precision probe at (%d, %d, %d): %s -> %s", rows, in_features, out_features,
+             {k: f"{v * 1e3:.3f} ms" for k, v in seconds.items()}, name or "fp32 (no half type is faster)")
+    return name
+
+
 def auto_half_type(in_features: int, out_features: int, rows: int) -> str | None:
     """`auto`'s choice for a model whose widest weight is (out, in): None below MIN_PROBED_WEIGHT, else the
-    probe's. In a distributed run every process takes rank 0's choice, so the replicas compute alike."""
+    probe's, as first measured on this machine (lorakit/machine_choices.py). In a distributed run every process takes rank 0's choice, so the replicas compute alike."""
     name = None
-    if in_features * out_features >= MIN_PROBED_WEIGHT:
-        name, seconds = probe_half_type(in_features, out_features, rows)
-        log.info("half-precision probe at (%d, %d, %d): %s -> %s", rows, in_features, out_features,
-                 {k: f"{v * 1e3:.3f} ms" for k, v in seconds.items()}, name or "fp32 (no half type is faster)")
+    if in_features * out_features >= MIN_PROBED_WEIGHT:  # timed once per machine: every process casts alike
+        name = remembered(f"half-base {rows}x{in_features}x{out_features}",
+                          lambda: _logged_probe(in_features, out_features, rows))
     if torch.distributed.is_available() and torch.distributed.is_initialized() \
             and torch.distributed.get_world_size() > 1:
         choice = [name]
