@@ -53,14 +53,15 @@ def input_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 @cache
 def faster() -> bool:
-    """Whether oneDNN multiplies a prompt-sized fp32 product (512 rows by a 2048 x 512 weight and its transpose)
-    faster than F.linear here by a margin; timed once per machine (`measure_faster`), read once per process."""
+    """Whether oneDNN multiplies a prompt-sized fp32 product (512 rows by a 2048 x 512 weight and its
+    transpose) faster than F.linear here by a margin: timed once per machine (`measure_faster`), read once per
+    process."""
     return available() and remembered("onednn-linear-faster", measure_faster)
 
 
 def measure_faster(rounds: int = 5, margin: float = 0.1) -> bool:
-    """Whether oneDNN is at least `margin` faster at that product, the two taking turns for `rounds` rounds after
-    a warm-up of each (about 0.1 s)."""
+    """Whether oneDNN is at least `margin` faster at that product, the two taking turns for `rounds` rounds
+    after a warm-up of each (about 0.1 s)."""
     if not available():
         return False
     x = {512: torch.full((512, 512), 0.5), 2048: torch.full((512, 2048), 0.5)}

@@ -2,8 +2,9 @@
 
 Some CPUs run fp16 or bf16 GEMMs faster than fp32 (AVX-512 FP16, AMX); many (AVX2 only) run them
 several times slower. `train.half_base: auto` times the three at one of the model's own shapes
-before training and keeps the frozen weights of the LoRA layers in the fastest half type only
-where it beats fp32 by HALF_MARGIN; `off` never casts, `fp16`/`bf16` cast without asking.
+(once per machine: lorakit/machine_choices.py) before training and keeps the frozen weights of the
+LoRA layers in the fastest half type only where it beats fp32 by HALF_MARGIN; `off` never casts,
+`fp16`/`bf16` cast without asking.
 
 What stays fp32: the LoRA A and B (and their optimizer state), activations between layers, norms,
 embeddings and the head's weight. Each base GEMM multiplies in the weight's type (the GEMM accumulates in
@@ -68,7 +69,8 @@ def _logged_probe(in_features: int, out_features: int, rows: int) -> str | None:
 
 def auto_half_type(in_features: int, out_features: int, rows: int) -> str | None:
     """`auto`'s choice for a model whose widest weight is (out, in): None below MIN_PROBED_WEIGHT, else the
-    probe's, as first measured on this machine (lorakit/machine_choices.py). In a distributed run every process takes rank 0's choice, so the replicas compute alike."""
+    probe's, as first measured on this machine (lorakit/machine_choices.py). In a distributed run every
+    process takes rank 0's choice, so the replicas compute alike."""
     name = None
     if in_features * out_features >= MIN_PROBED_WEIGHT:  # timed once per machine: every process casts alike
         name = remembered(f"half-base {rows}x{in_features}x{out_features}",
