@@ -68,7 +68,7 @@ import time
 from pathlib import Path
 
 import torch
-from model_shapes import MODEL_CONFIGS, base_model, random_model
+from model_shapes import MODEL_CONFIGS, random_model
 from results import RssSampler, gemm_rates, half_peak, machine, min_median, write_result
 from step_profile import profile_notes, step_profile
 
@@ -108,10 +108,9 @@ def load_model(args, qlora: bool = False):
     QLoRA base in the type it is stored in (run.py's _load_dtype), quantised after."""
     from lorakit.models import load_causal_lm, stored_dtype
 
-    if args.model_config is None:
-        return base_model(args.model) if not qlora else load_causal_lm(args.model, stored_dtype(args.model))
-    folder = _base_dir(args)
-    return load_causal_lm(folder, stored_dtype(folder) if qlora else torch.float32).train()
+    folder = args.model if args.model_config is None else _base_dir(args)
+    model = load_causal_lm(folder, stored_dtype(folder) if qlora else torch.float32)
+    return model if args.model_config is None else model.train()
 
 
 def _base_dir(args) -> Path:

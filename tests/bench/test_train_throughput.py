@@ -13,7 +13,8 @@ sys.path.insert(0, str(BENCH))  # the benches import results.py as a sibling mod
 train_throughput = importlib.import_module("train_throughput")
 
 
-def _run(repeat: int, variant: str, tok_s: float, rss: float, losses: list[float], training: float | None = None) -> dict:
+def _run(repeat: int, variant: str, tok_s: float, rss: float, losses: list[float],
+         training: float | None = None) -> dict:
     """A child's result; `training`: its largest RSS during the steps (default: the process peak)."""
     return {"repeat": repeat, "variant": variant, "real_tokens_per_s": tok_s, "mfu": tok_s / 1000,
             "peak_rss_mb": rss, "training_peak_rss_mb": rss if training is None else training, "losses": losses}

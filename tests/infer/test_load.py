@@ -17,7 +17,8 @@ def test_a_bf16_checkpoint_quantised_for_inference_is_the_fp32_loads_model(tmp_p
     load_causal_lm(folder).to(torch.bfloat16).save_pretrained(folder)
     loaded = []  # the type each load asked for (the real load runs)
     real = load_causal_lm
-    monkeypatch.setattr(load, "load_causal_lm", lambda name, dtype, **kw: loaded.append(dtype) or real(name, dtype, **kw))
+    monkeypatch.setattr(load, "load_causal_lm",
+                        lambda name, dtype, **kw: loaded.append(dtype) or real(name, dtype, **kw))
     model, _, _, _ = load_for_inference(str(folder), bits=4)
     assert loaded == [torch.bfloat16]
     load_for_inference(str(folder))
