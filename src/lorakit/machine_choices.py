@@ -1,7 +1,8 @@
 """Choices made by timing, remembered per machine, so that every process on it computes alike.
 
 A few choices lorakit makes by timing two ways of the same work against each other (oneDNN or MKL for fp32
-products: lora/onednn_linear.py; a half-type frozen base: train/half_base.py). The ways round differently,
+products: lora/onednn_linear.py; a half-type frozen base: train/half_base.py; how a decode step's products read
+their few rows, and from how many rows lorakit's int8 kernel multiplies: lora/base.py). The ways round differently,
 so a choice changes a run's numbers in their last bits. Timed anew in every process, a noisy moment could
 decide one way in one process and the other way in the next: a resumed run then did not continue its first
 process's numbers, and two runs of one config differed. `remembered(name, measure)` times once per machine

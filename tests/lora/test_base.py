@@ -3,6 +3,8 @@ measured fastest, equal to F.linear up to float rounding."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pytest
@@ -121,6 +123,29 @@ def test_layouts_are_measured_once_per_process_for_every_row_count(monkeypatch):
     assert calls == [1]
 
 
+def test_layouts_are_timed_once_per_machine_and_read_back_by_every_process(monkeypatch):
+    """The first process to ask times them; a later one (a fresh process) reads its answer, whatever its own
+    timing would say, so that two servers or two evaluations on one machine round alike."""
+    timed_here = {rows: LAYOUTS[rows % 3] for rows in range(1, LAYOUT_ROWS + 1)}
+    monkeypatch.setattr(base, "_layouts", {})
+    monkeypatch.setattr(base, "measure_layouts", lambda: timed_here)
+    assert base.decode_layouts() == timed_here
+    script = "from lorakit.lora import base; print(sorted(base.decode_layouts().items()))"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == str(sorted(timed_here.items()))
+
+
+def test_a_kept_answer_that_names_no_known_layout_is_timed_again(monkeypatch):
+    from lorakit.machine_choices import remembered
+
+    own = weight_kernel.enabled() and weight_kernel.load() is not None
+    remembered("decode-layouts" + (" with lorakit's products" if own else ""), lambda: {"1": "gone"})
+    timed_here = dict.fromkeys(range(1, LAYOUT_ROWS + 1), "rows")
+    monkeypatch.setattr(base, "_layouts", {})
+    monkeypatch.setattr(base, "measure_layouts", lambda: timed_here)
+    assert base.decode_layouts() == timed_here
+
+
 def test_measure_layouts_names_a_layout_for_each_row_count():
     chosen = base.measure_layouts(rounds=1)
     assert sorted(chosen) == list(range(1, LAYOUT_ROWS + 1))
@@ -180,6 +205,17 @@ def test_int8_weights_multiply_through_the_kernel_from_its_row_count(from_rows, 
     exact = scaled @ x.double() + module.bias.double()[:, None]
     if from_rows == 1:  # fp32 x, fp32 sums: closer to the scaled weight's product than the bf16 path
         torch.testing.assert_close(out, exact.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_kernel_rows_are_timed_once_per_machine_and_read_back_by_every_process(monkeypatch):
+    if weight_kernel.load() is None:
+        pytest.skip("no C compiler here to build the kernel")
+    monkeypatch.setattr(base, "_int8_rows", [])
+    monkeypatch.setattr(base, "_measure_int8_rows", lambda rounds: 3)  # a count the timing never gives
+    assert base.int8_kernel_rows() == 3
+    script = "from lorakit.lora import base; print(base.int8_kernel_rows())"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "3"
 
 
 @pytest.mark.parametrize("wins_from, expected", [(1, 1), (8, 8), (17, LAYOUT_ROWS + 1), (5, 8)])

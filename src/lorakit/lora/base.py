@@ -24,6 +24,7 @@ from torch import nn
 
 from lorakit.lora import onednn_linear, weight_kernel
 from lorakit.lora.turns import best_times
+from lorakit.machine_choices import remembered
 
 try:  # GPT-2's Conv1D is a Linear with a transposed weight.
     from transformers.pytorch_utils import Conv1D
@@ -140,8 +141,8 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 # How a decode step's fp32 products of a few rows (1 to LAYOUT_ROWS) read x. MKL's speed there depends on x's
-# layout by up to 3x, and which layout is fastest differs between CPUs (bench/decode_kernels.py), so each process
-# measures them once (`decode_layouts`):
+# layout by up to 3x, and which layout is fastest differs between CPUs (bench/decode_kernels.py), so they are
+# measured once per machine (`decode_layouts`):
 #   weight   W x, x row-major (in, B), as a decode step keeps it
 #   columns  W x, x copied column-major (each row's features contiguous); one row goes in as two copies of itself
 #   rows     (x^T W^T)^T, the rows made contiguous and W read transposed
@@ -157,9 +158,16 @@ _layouts: dict[int, str] = {}
 
 
 def decode_layouts() -> dict[int, str]:
-    """rows -> the fastest layout for 1 to LAYOUT_ROWS rows of fp32 on this CPU, measured on the first call."""
+    """rows -> the fastest layout for 1 to LAYOUT_ROWS rows of fp32 on this CPU, as first measured on this machine
+    (lorakit/machine_choices.py): the layouts round differently, so every process on it decodes alike."""
     if not _layouts:
-        _layouts.update(measure_layouts())
+        own = weight_kernel.enabled() and weight_kernel.load() is not None
+        found = remembered("decode-layouts" + (" with lorakit's products" if own else ""),
+                           lambda: {str(rows): layout for rows, layout in measure_layouts().items()})
+        layouts = {int(rows): layout for rows, layout in found.items()} if isinstance(found, dict) else {}
+        if sorted(layouts) != list(range(1, LAYOUT_ROWS + 1)) or not set(layouts.values()) <= set(LAYOUTS):
+            layouts = measure_layouts()  # an answer kept by another version of lorakit: timed for this process
+        _layouts.update(layouts)
     return _layouts
 
 
@@ -333,9 +341,13 @@ _int8_rows: list[int] = []  # the fewest rows from which the int8 kernel is the 
 def int8_kernel_rows(rounds: int = 3) -> int:
     """The fewest columns from which lorakit's int8 kernel multiplies an int8 weight faster than `int8_linear` here
     (of 1, 2, 4, 8, 12 and 16, faster at each of them from there on); past 16 where it never is or cannot be built.
-    Timed once per process on 48 MB of int8 weights shaped as an MLP's (about half a second)."""
+    Timed on 48 MB of int8 weights shaped as an MLP's (about half a second) once per machine
+    (lorakit/machine_choices.py): the two products round differently, so every process on it decodes alike."""
     if not _int8_rows:
-        _int8_rows.append(_measure_int8_rows(rounds))
+        rows = LAYOUT_ROWS + 1
+        if weight_kernel.enabled() and weight_kernel.load() is not None:
+            rows = remembered("int8-kernel-rows", lambda: _measure_int8_rows(rounds))
+        _int8_rows.append(rows if isinstance(rows, int) else _measure_int8_rows(rounds))
     return _int8_rows[0]
 
 
