@@ -51,8 +51,9 @@ chooses it). The per-step losses of c and d are compared with b's (same start, d
 schedule). Also printed: the GEMM-bound MFU, the MFU of a step that did only its useful work with
 its frozen-weight and head GEMMs at the rates measured at their own shapes (LoRA and attention at
 the peak): the ceiling no implementation on these GEMM kernels passes. Peak memory is the child's peak RSS,
-loading the model included (a bf16 checkpoint loaded in fp32 holds its file's pages and the fp32 copy at
-once); the training peak is the largest RSS sampled during the steps. Prints every run, then
+loading the model included (a bf16 checkpoint loaded in fp32 is widened tensor by tensor, never held beside
+its whole fp32 copy: lorakit.models.load_causal_lm); the training peak is the largest RSS sampled during the
+steps. Prints every run, then
 min / median; writes runs/bench/train_throughput.json.
 """
 

@@ -7,6 +7,7 @@ second run is quick; only the cache-integrity tests use a temporary cache.
 import importlib.metadata
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from lorakit.models import (
     load_sequence_classifier,
     load_tokenizer,
     resolve_model,
+    stored_dtype,
 )
 
 SMOL = "smollm2-135m-instruct"
@@ -198,3 +200,83 @@ def test_a_concurrent_complete_build_wins(tmp_path):
     assert _materialise(target, build) == target
     assert sorted(p.name for p in target.iterdir()) == sorted([COMPLETE_MARKER, "theirs"])
     assert [p.name for p in target.parent.iterdir()] == ["m"]  # our temp folder is gone
+
+
+def _same_model(mine, theirs) -> None:
+    """The two models hold the same tensors, of the same types, to the bit, and compute the same logits."""
+    left, right = mine.state_dict(), theirs.state_dict()
+    assert left.keys() == right.keys()
+    for key, value in right.items():
+        assert left[key].dtype == value.dtype and torch.equal(left[key], value), key
+    for (name, buffer), (_, other) in zip(theirs.named_buffers(), mine.named_buffers()):
+        assert other.dtype == buffer.dtype and torch.equal(other, buffer), name
+    assert mine.config.dtype == theirs.config.dtype
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.no_grad():
+        assert torch.equal(mine.eval()(ids).logits, theirs.eval()(ids).logits)
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_an_fp32_load_of_a_half_checkpoint_is_transformers_fp32_load_to_the_bit(tmp_path, stored):
+    """It loads in the stored type and widens tensor by tensor; the model is the one transformers' fp32 load
+    makes."""
+    from conftest import toy_model_folder
+
+    folder = toy_model_folder(tmp_path / "model")
+    AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(stored).save_pretrained(folder)
+    assert stored_dtype(folder) == stored
+    mine = load_causal_lm(folder)
+    assert all(p.dtype == torch.float32 for p in mine.parameters())
+    _same_model(mine, AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32))
+
+
+def test_the_stored_type_is_read_from_the_files_not_the_config(tmp_path):
+    """A config that names bf16 over fp32 files loads in fp32 (narrowing would round the weights); files of two
+    float types, a folder without safetensors files and an unreadable file say fp32 too."""
+    from safetensors.torch import load_file, save_file
+
+    from conftest import toy_model_folder
+
+    folder = toy_model_folder(tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16", "torch_dtype": "bfloat16"}))
+    assert stored_dtype(folder) == torch.float32
+    _same_model(load_causal_lm(folder), AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32))
+    weights = load_file(folder / "model.safetensors")
+    first = next(iter(weights))
+    save_file({**weights, first: weights[first].to(torch.bfloat16)}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    assert stored_dtype(folder) == torch.float32
+    assert stored_dtype(tmp_path) == torch.float32
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")  # loading says what is wrong with it
+    assert stored_dtype(folder) == torch.float32
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_an_fp32_load_of_a_bf16_checkpoint_never_holds_the_file_and_the_fp32_model_at_once(tmp_path):
+    """Peak memory of a fresh process loading a 100 MB bf16 checkpoint in fp32 (Linux: /proc's high-water
+    mark): lorakit's load stays at least half the file's size below transformers' own (which keeps the file's
+    pages mapped beside the fp32 copy)."""
+    import subprocess
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=True)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "model")
+    size = (tmp_path / "model" / "model.safetensors").stat().st_size
+    script = ("import sys, torch\nfrom transformers import AutoModelForCausalLM\n"
+              "from lorakit.models import load_causal_lm\n"
+              "model = load_causal_lm(sys.argv[1]) if sys.argv[2] == 'lorakit' else "
+              "AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)\n"
+              "assert next(model.parameters()).dtype == torch.float32\n"
+              # the peak of this program's own memory (ru_maxrss would count the forking test process's too)
+              "status = open('/proc/self/status').read().split('VmHWM:')[1].split()\n"
+              "print(int(status[0]) * 1024)\n")
+    peaks = {}
+    for loader in ("transformers", "lorakit"):
+        out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "model"), loader], capture_output=True,
+                             text=True, timeout=300, check=True)
+        peaks[loader] = int(out.stdout.strip().splitlines()[-1])
+    assert peaks["lorakit"] <= peaks["transformers"] - size / 2, (peaks, size)

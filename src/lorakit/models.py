@@ -28,6 +28,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GgufConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from lorakit.mapped_pages import drop_file_pages
+
 logger = logging.getLogger(__name__)
 
 NameOrPath = str | os.PathLike[str]
@@ -129,26 +131,62 @@ def load_causal_lm(
 ) -> PreTrainedModel:
     """Load a causal language model (`AutoModelForCausalLM`) in `dtype`.
 
-    `device_map="auto"` spreads the layers over every visible GPU (then CPU memory) through
-    accelerate, for inference with a base too large for one GPU; the model is then already placed.
+    An fp32 load of a checkpoint stored in a half type (`stored_dtype`) loads it in that type and widens it to
+    fp32 tensor by tensor, letting go of each tensor's pages of the weights file once copied: the same model as
+    transformers' fp32 load, to the bit, without the whole file and the whole fp32 copy resident at once (a
+    bf16 Qwen2.5-1.5B: a 6.4 GB peak instead of 9.4 GB). `device_map="auto"` spreads the layers over every
+    visible GPU (then CPU memory) through accelerate, for inference with a base too large for one GPU; the
+    model is then already placed.
     """
+    path = resolve_model(name_or_path)
     extra = {"device_map": device_map} if device_map else {}
-    return _from_pretrained(AutoModelForCausalLM, resolve_model(name_or_path), "model", dtype=dtype, **extra)
+    stored = stored_dtype(path) if dtype == torch.float32 and not device_map else dtype
+    model = _from_pretrained(AutoModelForCausalLM, path, "model", dtype=stored, **extra)
+    if stored != dtype:
+        _widen(model)
+    return model
+
+
+@torch.no_grad()
+def _widen(model: PreTrainedModel) -> None:
+    """Every half-type parameter and buffer of `model` to fp32, one at a time, its pages of a mapped weights file
+    let go once copied (not read again)."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.dtype in (torch.bfloat16, torch.float16):
+            read = [(tensor.data_ptr(), tensor.numel() * tensor.element_size())] if tensor.is_contiguous() else []
+            tensor.data = tensor.data.float()
+            drop_file_pages(read)
+    model.config.dtype = torch.float32
 
 
 def stored_dtype(name_or_path: NameOrPath) -> torch.dtype:
-    """The type a model's config says its weights are stored in, where that is bf16 or fp16; else fp32.
-    Loading in it keeps the stored values exactly, in half of an fp32 load's memory."""
-    from transformers import AutoConfig
-
+    """The half type (bf16 or fp16) that every floating-point tensor of a model's safetensors files is stored in;
+    else fp32 (wider or mixed types, no safetensors files, a Hub model not in the local cache). Read from the
+    files' headers, not the config, which may name another type than the files hold; loading in it keeps the
+    stored values exactly, in half of an fp32 load's memory."""
     path = resolve_model(name_or_path)
-    try:  # a config that cannot be read means fp32 here: loading the model then says what is wrong with it
-        config = AutoConfig.from_pretrained(path).to_dict()
-    except (OSError, ValueError):
+    if isinstance(path, str):  # a Hub id: its files where the Hub's cache holds them (nothing is downloaded)
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(path, local_files_only=True))
+        except (ImportError, OSError, ValueError):  # not in the cache: fp32, as transformers loads by default
+            return torch.float32
+    from safetensors import SafetensorError, safe_open
+
+    types = set()
+    try:
+        for file in sorted(path.glob("*.safetensors")):
+            with safe_open(file, "pt") as weights:
+                types.update(weights.get_slice(key).get_dtype() for key in weights.keys())
+    except (OSError, SafetensorError):  # an unreadable file: fp32 (loading then says what is wrong)
         return torch.float32
-    stored = config.get("dtype") or config.get("torch_dtype")
-    stored = getattr(torch, stored, None) if isinstance(stored, str) else stored
-    return stored if stored in (torch.bfloat16, torch.float16) else torch.float32
+    floats = types & _FLOAT_TYPES
+    return _HALF_TYPES.get(floats.pop(), torch.float32) if len(floats) == 1 else torch.float32
+
+
+_HALF_TYPES = {"BF16": torch.bfloat16, "F16": torch.float16}  # safetensors' names
+_FLOAT_TYPES = {*_HALF_TYPES, "F32", "F64", "F8_E4M3", "F8_E5M2"}
 
 
 def _from_pretrained(auto, path: Path | str, what: str, **kwargs):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 import lorakit
 from lorakit.config import QuantizationConfig
@@ -115,7 +116,7 @@ def test_a_half_checkpoint_loaded_in_its_type_quantises_to_the_fp32_loads_model(
     folder = toy_model_folder(tmp_path / "model")
     load_causal_lm(folder).to(stored).save_pretrained(folder)
     assert stored_dtype(folder) == stored
-    wide = quantize_model(load_causal_lm(folder), NF4)
+    wide = quantize_model(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), NF4)
     narrow = quantize_model(load_causal_lm(folder, stored_dtype(folder)), NF4)
     mine, theirs = narrow.state_dict(), wide.state_dict()
     assert mine.keys() == theirs.keys()
