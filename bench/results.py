@@ -213,6 +213,18 @@ class RssSampler:
         return {"rss_before_training_mb": self.start, "training_peak_rss_mb": self.peak}
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB: Linux's high-water mark of its own memory (VmHWM). ru_maxrss
+    would also count the process that spawned it (its memory at the spawn), a floor under every child's figure."""
+    try:
+        with open("/proc/self/status") as fh:
+            return int(fh.read().split("VmHWM:")[1].split()[0]) / 1024
+    except (OSError, IndexError, ValueError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _rss_mb() -> float:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20

@@ -62,7 +62,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -70,7 +69,7 @@ from pathlib import Path
 
 import torch
 from model_shapes import MODEL_CONFIGS, random_model
-from results import RssSampler, gemm_rates, half_peak, machine, min_median, write_result
+from results import RssSampler, gemm_rates, half_peak, machine, min_median, peak_rss_mb, write_result
 from step_profile import profile_notes, step_profile
 
 from lorakit import allocator
@@ -275,7 +274,7 @@ def _result(stamps: list[float], real: list[int], args, losses: list[float], rss
         raise RuntimeError(f"ran {len(stamps)} steps, expected {args.steps}")
     seconds = stamps[-1] - stamps[args.warmup - 1]
     tokens = sum(real[args.warmup : len(stamps)])
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_mb()
     return {
         "real_tokens_per_s": tokens / seconds, "seconds": seconds, "real_tokens": tokens, "peak_rss_mb": peak_mb,
         "allocator": allocator.in_use(), **rss, "steps": len(stamps), "losses": losses,
