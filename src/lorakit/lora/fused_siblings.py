@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lorakit.lora.base import base_input_grad, base_linear
+from lorakit.lora.dropout_mask import keep_mask
 from lorakit.lora.layer import LoraLayer
 from lorakit.lora.rank_kernel import rank_gradient, rank_product, suits
 from lorakit.lora.variants import LoraAdapter
@@ -73,7 +74,7 @@ def siblings_forward(x, weight, bias, adapters, params, training: bool):
         us = []
         for i, (adapter, A) in enumerate(zip(adapters, As)):
             if adapter.p > 0:
-                keeps[i] = torch.rand_like(x2) >= adapter.p
+                keeps[i] = keep_mask(x2, adapter.p)
                 us.append(((x2 * keeps[i]) @ A.T).div_(1 - adapter.p))
             else:
                 us.append(x2 @ A.T)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.lora.base import is_quantized
+from lorakit.lora.dropout_mask import keep_mask
 from lorakit.lora.rank_kernel import suits
 from lorakit.lora.variants.lora import LoraAdapter, down_to_rank, lora_backward, lora_forward
 
@@ -139,7 +140,7 @@ class DoraAdapter(LoraAdapter):
             z, u, keep = lora_forward(x, weight, None, A, B, self.scaling, self.p, training)  # x W^T + s u B^T
             y = z * c if bias is None else torch.addcmul(bias, z, c)
             return y, (u, z, c, norm) if keep is None else (u, z, c, norm, keep)
-        keep = torch.rand_like(x) >= self.p
+        keep = keep_mask(x, self.p)
         z, u, _ = lora_forward(x * keep / (1 - self.p), weight, None, A, B, self.scaling, 0.0, False)
         y = F.linear(x, weight, bias).addcmul_(z, c - 1)
         y.view(-1, y.shape[-1]).addmm_(u.reshape(-1, u.shape[-1]), B.T, alpha=self.scaling)

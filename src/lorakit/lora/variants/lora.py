@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.lora.base import base_input_grad, base_linear
+from lorakit.lora.dropout_mask import keep_mask
 from lorakit.lora.inits import initialize
 from lorakit.lora.rank_kernel import rank_gradient, rank_product, suits
 
@@ -133,7 +134,7 @@ def lora_forward(x, weight, bias, A, B, scaling: float, p: float, training: bool
     """
     keep = None
     if p > 0 and training:
-        keep = torch.rand_like(x) >= p  # bool: a quarter of the memory of the dropped copy
+        keep = keep_mask(x, p)  # bool: a quarter of the memory of the dropped copy
         u = ((x * keep) @ A.T).div_(1 - p)  # (..., r); the inverted-dropout scale on the r-wide product
     else:
         u = rank_product(x.reshape(-1, x.shape[-1]), A, suits(weight))
