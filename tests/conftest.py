@@ -92,6 +92,19 @@ def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
+def assert_same_model(mine, theirs, ids: torch.Tensor) -> None:
+    """The two models hold the same tensors (state dict and buffers), of the same types, to the bit, say the same
+    type in their configs, and compute the same logits for `ids` (in eval mode)."""
+    left, right = mine.state_dict(), theirs.state_dict()
+    assert left.keys() == right.keys()
+    for key, value in right.items():
+        assert left[key].dtype == value.dtype and torch.equal(left[key], value), key
+    for (name, buffer), (_, other) in zip(theirs.named_buffers(), mine.named_buffers(), strict=True):
+        assert other.dtype == buffer.dtype and torch.equal(other, buffer), name
+    assert mine.config.dtype == theirs.config.dtype
+    assert torch.equal(logits_of(mine.eval(), ids), logits_of(theirs.eval(), ids))
+
+
 def perturb(model, name: str = "default", std: float = 0.05, seed: int = 0) -> None:
     """Give every LoRA tensor of adapter `name` a random non-zero value, as a few training steps would."""
     generator = torch.Generator().manual_seed(seed)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import assert_same_model, toy_model_folder
 from lorakit.models import (
     BUILTIN_MODELS,
     COMPLETE_MARKER,
@@ -29,6 +30,7 @@ from lorakit.models import (
 )
 
 SMOL = "smollm2-135m-instruct"
+IDS = torch.tensor([[1, 5, 9, 2, 7]])
 
 
 @pytest.fixture(scope="module")
@@ -202,32 +204,16 @@ def test_a_concurrent_complete_build_wins(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["m"]  # our temp folder is gone
 
 
-def _same_model(mine, theirs) -> None:
-    """The two models hold the same tensors, of the same types, to the bit, and compute the same logits."""
-    left, right = mine.state_dict(), theirs.state_dict()
-    assert left.keys() == right.keys()
-    for key, value in right.items():
-        assert left[key].dtype == value.dtype and torch.equal(left[key], value), key
-    for (name, buffer), (_, other) in zip(theirs.named_buffers(), mine.named_buffers()):
-        assert other.dtype == buffer.dtype and torch.equal(other, buffer), name
-    assert mine.config.dtype == theirs.config.dtype
-    ids = torch.tensor([[1, 5, 9, 2, 7]])
-    with torch.no_grad():
-        assert torch.equal(mine.eval()(ids).logits, theirs.eval()(ids).logits)
-
-
 @pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_an_fp32_load_of_a_half_checkpoint_is_transformers_fp32_load_to_the_bit(tmp_path, stored):
     """It loads in the stored type and widens tensor by tensor; the model is the one transformers' fp32 load
     makes."""
-    from conftest import toy_model_folder
-
     folder = toy_model_folder(tmp_path / "model")
     AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(stored).save_pretrained(folder)
     assert stored_dtype(folder) == stored
     mine = load_causal_lm(folder)
     assert all(p.dtype == torch.float32 for p in mine.parameters())
-    _same_model(mine, AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32))
+    assert_same_model(mine, AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), IDS)
 
 
 def test_the_stored_type_is_read_from_the_files_not_the_config(tmp_path):
@@ -235,13 +221,12 @@ def test_the_stored_type_is_read_from_the_files_not_the_config(tmp_path):
     float types, a folder without safetensors files and an unreadable file say fp32 too."""
     from safetensors.torch import load_file, save_file
 
-    from conftest import toy_model_folder
-
     folder = toy_model_folder(tmp_path / "model")
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16", "torch_dtype": "bfloat16"}))
     assert stored_dtype(folder) == torch.float32
-    _same_model(load_causal_lm(folder), AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32))
+    assert_same_model(load_causal_lm(folder), AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32),
+                      IDS)
     weights = load_file(folder / "model.safetensors")
     first = next(iter(weights))
     save_file({**weights, first: weights[first].to(torch.bfloat16)}, folder / "model.safetensors",

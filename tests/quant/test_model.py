@@ -13,7 +13,7 @@ from lorakit.lora.adapters import lora_layers
 from lorakit.lora.merge import merge_and_unload
 from lorakit.models import load_causal_lm, stored_dtype
 from lorakit.quant import dequantize_model, is_quantized, quantize_model, weight_bytes_report
-from conftest import TINY_MODELS, TOY_TARGETS, bnb_load, logits_of, perturb, toy_model_folder
+from conftest import TINY_MODELS, TOY_TARGETS, assert_same_model, bnb_load, logits_of, perturb, toy_model_folder
 
 NF4 = QuantizationConfig(bits=4)
 
@@ -118,14 +118,8 @@ def test_a_half_checkpoint_loaded_in_its_type_quantises_to_the_fp32_loads_model(
     assert stored_dtype(folder) == stored
     wide = quantize_model(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), NF4)
     narrow = quantize_model(load_causal_lm(folder, stored_dtype(folder)), NF4)
-    mine, theirs = narrow.state_dict(), wide.state_dict()
-    assert mine.keys() == theirs.keys()
-    for key, value in theirs.items():
-        assert mine[key].dtype == value.dtype and torch.equal(mine[key], value), key
-    for (name, buffer), (_, other) in zip(wide.named_buffers(), narrow.named_buffers()):
-        assert other.dtype == buffer.dtype and torch.equal(other, buffer), name
     assert narrow.config.dtype == torch.float32
-    assert torch.equal(logits_of(narrow.eval(), input_ids), logits_of(wide.eval(), input_ids))
+    assert_same_model(narrow, wide, input_ids)
 
 
 def test_an_fp32_checkpoint_and_a_folder_without_a_type_load_in_fp32(tmp_path):
