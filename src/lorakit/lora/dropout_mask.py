@@ -6,8 +6,9 @@ SmolLM2-135M training step with lora_dropout 0.05. `keep_mask(x, p)` draws the s
 (PyTorch's MT19937, whose state it reads and writes back through torch.get_rng_state/set_rng_state) in
 lorakit's C kernel (dropout_mask.c), so masks, trained adapters and resumed runs are what they were, bit for
 bit, in a fraction of the time. The first call in a process checks the kernel against rand_like itself and
-keeps to rand_like if they ever differ (another PyTorch's generator); a tensor off the CPU, not contiguous,
-or with LORAKIT_DROPOUT_KERNEL=0 goes through rand_like too.
+keeps to rand_like if they ever differ (another PyTorch's generator); a tensor off the CPU, not contiguous
+or not fp32 goes through rand_like too, and so does every tensor where LORAKIT_DROPOUT_KERNEL=0 (read at that
+first call).
 """
 
 from __future__ import annotations
