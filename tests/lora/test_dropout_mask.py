@@ -106,3 +106,30 @@ def test_a_fused_training_step_with_dropout_is_the_same_to_the_bit_with_the_kern
     assert torch.equal(loss, plain_loss)
     for got, want in zip(grads, plain_grads, strict=True):
         assert torch.equal(got, want)
+
+
+@needs_kernel
+def test_the_mask_applied_is_x_times_keep_to_the_bit_in_place_or_not(monkeypatch):
+    """dropped(x, keep) and drop_(t, keep) through the kernel equal x * keep and t.mul_(keep), signed zeros, infinities
+    and NaNs included; under autograd, and for a half x, they are torch's own ops (the graph is kept)."""
+    calls = []
+    real = dropout_mask._load().apply_mask
+    monkeypatch.setattr(dropout_mask._load(), "apply_mask", lambda *args: calls.append(1) or real(*args))
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 129, generator=generator)
+    x[0, :4] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0])
+    keep = torch.rand(x.shape, generator=generator) >= 0.5
+    keep[0, :4] = False
+    want = x * keep
+    got = dropout_mask.dropped(x, keep)
+    assert calls == [1] and got.dtype == torch.float32
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))  # bit patterns: -0.0 and NaN alike
+    t = x.clone()
+    assert dropout_mask.drop_(t, keep) is t and torch.equal(t.view(torch.int32), want.view(torch.int32))
+    assert len(calls) == 2
+    leaf = x.clone().requires_grad_()
+    dropout_mask.dropped(leaf, keep).sum().backward()
+    assert torch.equal(leaf.grad, keep.float()) and len(calls) == 2
+    half = x.to(torch.bfloat16)
+    assert torch.equal(dropout_mask.dropped(half, keep).view(torch.int16), (half * keep).view(torch.int16))
+    assert len(calls) == 2

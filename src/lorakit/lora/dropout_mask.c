@@ -55,3 +55,10 @@ int keep_mask(uint64_t *words, int32_t *left, uint64_t *next, uint8_t *keep, int
     *next = (uint64_t)at;
     return 0;
 }
+
+/* out[i] = x[i] * keep[i] for n elements (out may be x): dropout applied, each element times 1.0 or 0.0 as
+   PyTorch's x * keep computes it, without first copying the mask into floats. */
+void apply_mask(const float *x, const uint8_t *keep, float *out, int64_t n, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < n; i++) out[i] = x[i] * (float)keep[i];
+}

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lorakit.lora.base import base_input_grad, base_linear
-from lorakit.lora.dropout_mask import keep_mask
+from lorakit.lora.dropout_mask import drop_, dropped, keep_mask
 from lorakit.lora.layer import LoraLayer
 from lorakit.lora.rank_kernel import rank_gradient, rank_product, suits
 from lorakit.lora.variants import LoraAdapter
@@ -75,7 +75,7 @@ def siblings_forward(x, weight, bias, adapters, params, training: bool):
         for i, (adapter, A) in enumerate(zip(adapters, As)):
             if adapter.p > 0:
                 keeps[i] = keep_mask(x2, adapter.p)
-                us.append(((x2 * keeps[i]) @ A.T).div_(1 - adapter.p))
+                us.append((dropped(x2, keeps[i]) @ A.T).div_(1 - adapter.p))
             else:
                 us.append(x2 @ A.T)
         u = torch.cat(us, dim=1)
@@ -113,9 +113,9 @@ def siblings_backward(grad, x, weight, adapters, params, saved, need_grad_x: boo
                 if grad_x is not None:
                     grad_x.addmm_(du_i, A)
             else:  # drop_i(x) recomputed from its mask; 1 / (1 - p) on the small products
-                grads_A.append((du_i.T @ (x2 * keep)).div_(1 - adapter.p))
+                grads_A.append((du_i.T @ dropped(x2, keep)).div_(1 - adapter.p))
                 if grad_x is not None:
-                    grad_x.add_((du_i @ A).mul_(keep), alpha=1 / (1 - adapter.p))
+                    grad_x.add_(drop_(du_i @ A, keep), alpha=1 / (1 - adapter.p))
     grads = [g for pair in zip(grads_A, grads_B) for g in pair]
     return (grad_x.view(x.shape) if grad_x is not None else None), tuple(grads)
 

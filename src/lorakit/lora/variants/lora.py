@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.lora.base import base_input_grad, base_linear
-from lorakit.lora.dropout_mask import keep_mask
+from lorakit.lora.dropout_mask import drop_, dropped, keep_mask
 from lorakit.lora.inits import initialize
 from lorakit.lora.rank_kernel import rank_gradient, rank_product, suits
 
@@ -135,7 +135,7 @@ def lora_forward(x, weight, bias, A, B, scaling: float, p: float, training: bool
     keep = None
     if p > 0 and training:
         keep = keep_mask(x, p)  # bool: a quarter of the memory of the dropped copy
-        u = ((x * keep) @ A.T).div_(1 - p)  # (..., r); the inverted-dropout scale on the r-wide product
+        u = (dropped(x, keep) @ A.T).div_(1 - p)  # (..., r); the inverted-dropout scale on the r-wide product
     else:
         u = rank_product(x.reshape(-1, x.shape[-1]), A, suits(weight))
         u = u.view(*x.shape[:-1], A.shape[0])  # (..., r)
@@ -171,12 +171,12 @@ def lora_backward(grad, x, weight, A, B, u, keep, scaling: float, p: float, need
     if keep is None:
         grad_A = rank_gradient(x.reshape(-1, x.shape[-1]), du2, kernel)  # (r, in)
     else:  # drop(x) recomputed from the mask; 1 / (1 - p) applied to the (r, in) product
-        grad_A = (du2.T @ (x * keep).reshape(-1, x.shape[-1])).div_(1 - p)
+        grad_A = (du2.T @ dropped(x, keep).reshape(-1, x.shape[-1])).div_(1 - p)
     grad_x = None
     if need_grad_x:
         grad_x = base_input_grad(grad, weight)  # (..., in), contiguous
         if keep is None:  # du A added by the GEMM itself
             grad_x.view(-1, grad_x.shape[-1]).addmm_(du2, A)
         else:
-            grad_x.add_((du @ A).mul_(keep), alpha=1 / (1 - p))
+            grad_x.add_(drop_(du @ A, keep), alpha=1 / (1 - p))
     return grad_x, grad_A, grad_B
