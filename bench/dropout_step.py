@@ -1,13 +1,14 @@
-"""A training step with LoRA dropout: the masks drawn by lorakit's kernel against torch.rand_like, side by side.
+"""A training step with LoRA dropout: its masks drawn and applied by lorakit's kernel against torch, side by side.
 
     python bench/dropout_step.py [--model smollm2-135m-instruct] [--dropout 0.05] [--rounds 10] [--batch 8]
 
 One process, one model: --model with r=8 LoRA on all seven projections and lora_dropout --dropout, on the
 fused paths with the frozen base as `train.half_base: auto` keeps it (lorakit.train.lean.use_fused_paths), and
 batches of --batch ROS 2 examples packed to 256 tokens. A step is forward, backward and an AdamW update. After
-two untimed steps, each of --rounds rounds times one step with the masks drawn by lorakit.lora.dropout_mask and
-one with LORAKIT_DROPOUT_KERNEL=0 (torch.rand_like), on the same batch, in alternating order. The two draw the
-same masks (tests/lora/test_dropout_mask.py), so the steps do the same work. Prints every round, then min /
+two untimed steps, each of --rounds rounds times one step with the masks drawn and applied by
+lorakit.lora.dropout_mask and one with LORAKIT_DROPOUT_KERNEL=0 (torch.rand_like(x) >= p, then x * keep), on the
+same batch, in alternating order. The two give the same masks and products to the bit
+(tests/lora/test_dropout_mask.py), so the steps do the same work. Prints every round, then min /
 median and each round's ratio; writes runs/bench/dropout_step.json.
 """
 
@@ -80,11 +81,13 @@ def main() -> None:
     for row in summary:
         print(f"{row['what']:<45} min {row['min']:.3f}  median {row['median']:.3f}  max {row['max']:.3f}")
     path = write_result(
-        "dropout_step", "A training step with LoRA dropout: masks by lorakit's kernel against torch.rand_like", runs,
+        "dropout_step", "A training step with LoRA dropout: masks drawn and applied by lorakit's kernel against torch",
+        runs,
         description=(f"{args.model}, r=8 on all seven projections, lora_dropout {args.dropout}, fused paths, frozen "
                      f"base {applied.get('half_base') or 'fp32'} (train.half_base auto), {args.batch} ROS 2 examples "
-                     "packed to 256 tokens a step, forward + backward + AdamW; both ways draw the same masks and take "
-                     f"turns on the same batch in each of {args.rounds} rounds."),
+                     "packed to 256 tokens a step, forward + backward + AdamW; the masks drawn and applied by the kernel or by "
+                     "torch (rand_like, x * keep), the same to the bit, taking turns on the same batch in each of "
+                     f"{args.rounds} rounds."),
         summary=summary, columns=[("round", "round"), ("masks", "masks"), ("seconds", "step s")],
         machine_info=machine(),
     )
