@@ -85,9 +85,9 @@ def main() -> None:
         runs,
         description=(f"{args.model}, r=8 on all seven projections, lora_dropout {args.dropout}, fused paths, frozen "
                      f"base {applied.get('half_base') or 'fp32'} (train.half_base auto), {args.batch} ROS 2 examples "
-                     "packed to 256 tokens a step, forward + backward + AdamW; the masks drawn and applied by the kernel or by "
-                     "torch (rand_like, x * keep), the same to the bit, taking turns on the same batch in each of "
-                     f"{args.rounds} rounds."),
+                     "packed to 256 tokens a step, forward + backward + AdamW; the masks drawn and applied by the "
+                     "kernel or by torch (rand_like, x * keep), the same to the bit, taking turns on the same batch in "
+                     f"each of {args.rounds} rounds."),
         summary=summary, columns=[("round", "round"), ("masks", "masks"), ("seconds", "step s")],
         machine_info=machine(),
     )

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.lora.base import is_quantized
-from lorakit.lora.dropout_mask import keep_mask
+from lorakit.lora.dropout_mask import dropped, keep_mask
 from lorakit.lora.rank_kernel import suits
 from lorakit.lora.variants.lora import LoraAdapter, down_to_rank, lora_backward, lora_forward
 
@@ -141,7 +141,7 @@ class DoraAdapter(LoraAdapter):
             y = z * c if bias is None else torch.addcmul(bias, z, c)
             return y, (u, z, c, norm) if keep is None else (u, z, c, norm, keep)
         keep = keep_mask(x, self.p)
-        z, u, _ = lora_forward(x * keep / (1 - self.p), weight, None, A, B, self.scaling, 0.0, False)
+        z, u, _ = lora_forward(dropped(x, keep).div_(1 - self.p), weight, None, A, B, self.scaling, 0.0, False)
         y = F.linear(x, weight, bias).addcmul_(z, c - 1)
         y.view(-1, y.shape[-1]).addmm_(u.reshape(-1, u.shape[-1]), B.T, alpha=self.scaling)
         return y, (u, z, c, norm, keep)
@@ -160,7 +160,7 @@ class DoraAdapter(LoraAdapter):
             )
             return grad_x, (grad_A, grad_B, grad_m)
         keep, p = keep[0], self.p
-        _, grad_A, grad_B = lora_backward(scaled, x * keep, weight, A, B, u, None, self.scaling, 0.0, False)
+        _, grad_A, grad_B = lora_backward(scaled, dropped(x, keep), weight, A, B, u, None, self.scaling, 0.0, False)
         grad_A.div_(1 - p)
         grad_x = None
         if need_grad_x:
