@@ -1,0 +1,162 @@
+"""A run config's checks across its sections: allowed choices, positive sizes, and what the tasks, splits,
+trackers and the guard cannot do together; every problem one line naming its key (lorakit/config.py's
+RunConfig runs them when it is made)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import fields
+from typing import TYPE_CHECKING
+
+from lorakit.lora.inits import MOVES_BASE
+from lorakit.tasks import TASKS
+
+if TYPE_CHECKING:
+    from lorakit.config import DataConfig, RunConfig, TrainConfig
+
+CHOICES = {
+    ("DataConfig", "train_on"): ("all_assistant", "last_assistant"),
+    ("TrainConfig", "scheduler"): ("cosine", "linear", "constant"),
+    ("TrainConfig", "optimizer"): ("adamw", "adamw_8bit", "paged_adamw_8bit"),
+    ("TrainConfig", "eval_strategy"): ("no", "steps", "epoch"),
+    ("TrainConfig", "save_strategy"): ("no", "steps", "epoch"),
+    ("TrainConfig", "precision"): ("fp32", "bf16", "fp16"),
+    ("TrainConfig", "half_base"): ("auto", "off", "fp16", "bf16"),
+    ("PreferenceConfig", "loss_type"): ("sigmoid", "ipo"),
+    ("EvalConfig", "task"): (None, *TASKS),
+}
+POSITIVE = {
+    "pack_length", "max_length", "batch_size", "grad_accum", "logging_steps", "eval_steps", "save_steps",
+    "max_new_tokens", "spike_window",
+}
+
+
+def run_problems(run: RunConfig) -> list[str]:
+    """Choice and range problems across the sections (types are checked when the YAML is read)."""
+    from lorakit.data.formats import FORMATS  # the registries that import torch: read when validating
+    from lorakit.train.objectives import OBJECTIVES
+
+    choices = {**CHOICES, ("DataConfig", "format"): (None, *FORMATS)}
+    out = []
+    for section_name in ("data", "train", "eval", "preference"):
+        section = getattr(run, section_name)
+        for f in fields(section):
+            value = getattr(section, f.name)
+            allowed = choices.get((type(section).__name__, f.name))
+            if allowed and value not in allowed:
+                shown = ", ".join(str(a) for a in allowed if a is not None)
+                out.append(f"{section_name}.{f.name}: given {value!r}, expected one of {shown}")
+            if f.name in POSITIVE and (not isinstance(value, int) or value <= 0):
+                out.append(f"{section_name}.{f.name}: given {value!r}, expected a positive integer")
+    if run.task not in OBJECTIVES:
+        out.append(f"task: given {run.task!r}, expected one of {', '.join(OBJECTIVES)}")
+    if run.train.lr <= 0:
+        out.append(f"train.lr: given {run.train.lr!r}, expected a positive number")
+    if run.train.max_minutes is not None and run.train.max_minutes <= 0:
+        out.append(f"train.max_minutes: given {run.train.max_minutes!r}, expected a positive number of minutes or null")
+    if run.train.global_batch_size is not None and run.train.global_batch_size <= 0:
+        out.append(f"train.global_batch_size: given {run.train.global_batch_size!r}, expected a positive integer")
+    if run.train.fsdp and run.train.eval_strategy != "no":
+        out.append("train.fsdp: evaluation under FSDP is not supported yet; set train.eval_strategy no")
+    if run.train.ddp_timeout <= 0:
+        out.append(f"train.ddp_timeout: given {run.train.ddp_timeout!r}, expected a positive number of seconds")
+    out += _split_problems(run)
+    out += _size_problems(run.data)
+    if run.lora.init_lora_weights == "loftq" and run.quantization.bits is None:
+        out.append("lora.init_lora_weights: 'loftq' needs a quantised base; set quantization.bits to 4 or 8")
+    if run.lora.init_lora_weights in MOVES_BASE and run.quantization.bits is not None:
+        out.append(
+            f"lora.init_lora_weights: {run.lora.init_lora_weights!r} moves part of W into the adapter, which needs a "
+            "float base; unset quantization.bits, or use 'loftq' for a quantised one"
+        )
+    if not 0 <= run.train.warmup_ratio < 1:
+        out.append(f"train.warmup_ratio: given {run.train.warmup_ratio!r}, expected a number in [0, 1)")
+    out += _guard_problems(run.train)
+    out += _tracker_problems(run.train)
+    out += _preference_problems(run)
+    return out
+
+
+PREFERENCE_TASKS = ("dpo", "orpo")
+
+
+def _preference_problems(run: RunConfig) -> list[str]:
+    """What the preference objectives cannot do, each as one line naming the key."""
+    pref, out = run.preference, []
+    if not isinstance(pref.beta, int | float) or pref.beta <= 0:
+        out.append(f"preference.beta: given {pref.beta!r}, expected a positive number")
+    if pref.rpo_alpha is not None and pref.rpo_alpha < 0:
+        out.append(f"preference.rpo_alpha: given {pref.rpo_alpha!r}, expected a number >= 0 or null")
+    if run.task not in PREFERENCE_TASKS:
+        if run.train.precompute_reference:
+            out.append(f"train.precompute_reference: task {run.task} has no reference model; it applies to task dpo")
+        return out
+    if run.data.packing:
+        out.append(f"data.packing: task {run.task} compares a chosen and a rejected sequence per row pair, which "
+                   "packing would mix; set data.packing false")
+    if run.train.max_tokens_per_forward:
+        out.append(f"train.max_tokens_per_forward: task {run.task} keeps each chosen/rejected pair in one forward; "
+                   "set it to 0")
+    if run.task == "orpo" and run.train.precompute_reference:
+        out.append("train.precompute_reference: orpo needs no reference model; set it false")
+    if run.train.fsdp:
+        out.append(f"train.fsdp: task {run.task} is not supported under FSDP yet; set train.fsdp false")
+    return out
+
+
+def _split_problems(run: RunConfig) -> list[str]:
+    """data.test_file must be a split of its own: never the file that trains or chooses the checkpoint."""
+    data, out = run.data, []
+    if data.test_file is None:
+        return out
+    if not isinstance(data.test_file, str) or not data.test_file.strip():
+        return [f"data.test_file: given {data.test_file!r}, expected a file path or null"]
+    for name in ("train_file", "eval_file"):
+        other = getattr(data, name)
+        if isinstance(other, str) and _same_path(other, data.test_file):
+            out.append(f"data.test_file: given {data.test_file!r}, the same file as data.{name}; "
+                       "expected a separate test split that no training decision sees")
+    if run.train.fsdp:
+        out.append("data.test_file: scoring under FSDP is not supported yet; score the adapter with `lorakit eval`")
+    return out
+
+
+def _size_problems(data: DataConfig) -> list[str]:
+    out = []
+    size = data.eval_size
+    if size is not None and not (size == 0 or 0 < size < 1 or (size >= 1 and float(size).is_integer())):
+        out.append(f"data.eval_size: given {size!r}, expected 0 (no eval split), a share in (0, 1), "
+                   "a whole count of records, or null")
+    for name in ("max_train_examples", "max_eval_examples"):
+        value = getattr(data, name)
+        if value is not None and value <= 0:
+            out.append(f"data.{name}: given {value!r}, expected a positive integer or null (all)")
+    return out
+
+
+def _same_path(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _tracker_problems(train: TrainConfig) -> list[str]:
+    from lorakit.track import TRACKERS
+
+    names = [train.report_to] if isinstance(train.report_to, str) else list(train.report_to)
+    allowed = ("jsonl", "none", *TRACKERS)
+    return [
+        f"train.report_to: given {name!r}, expected {', '.join(allowed)} or a list of them"
+        for name in names
+        if name not in allowed
+    ]
+
+
+def _guard_problems(train: TrainConfig) -> list[str]:
+    out = []
+    if not 0 < train.rollback_lr_factor <= 1:
+        out.append(f"train.rollback_lr_factor: given {train.rollback_lr_factor!r}, expected a number in (0, 1]")
+    if train.spike_factor != 0 and train.spike_factor <= 1:
+        out.append(f"train.spike_factor: given {train.spike_factor!r}, expected 0 (off) or a number above 1")
+    for name in ("rollback_lr_steps", "max_rollbacks"):
+        if getattr(train, name) < 0:
+            out.append(f"train.{name}: given {getattr(train, name)!r}, expected an integer >= 0")
+    return out

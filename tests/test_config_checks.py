@@ -1,0 +1,51 @@
+"""Each check of lorakit/config_checks.py: one line naming the key and what is allowed, all reported together."""
+
+import pytest
+
+from lorakit.config import ConfigError, RunConfig
+from lorakit.config_checks import run_problems
+from lorakit.config_loading import load_run_config
+
+CASES = [
+    (["--train.scheduler", "step"], "train.scheduler: given 'step', expected one of cosine, linear, constant"),
+    (["--data.format", "csv"], "data.format: given 'csv', expected one of"),
+    (["--data.pack_length", "0"], "data.pack_length: given 0, expected a positive integer"),
+    (["--task", "ppo"], "task: given 'ppo', expected one of causal_lm, seq_cls, dpo, orpo"),
+    (["--train.lr", "0"], "train.lr: given 0.0, expected a positive number"),
+    (["--train.max_minutes", "-1"], "train.max_minutes: given -1, expected a positive number of minutes or null"),
+    (["--train.ddp_timeout", "0"], "train.ddp_timeout: given 0.0, expected a positive number of seconds"),
+    (["--data.train_file", "a.jsonl", "--data.test_file", "a.jsonl"],
+     "data.test_file: given 'a.jsonl', the same file as data.train_file"),
+    (["--data.eval_size", "2.5"], "data.eval_size: given 2.5, expected 0 (no eval split)"),
+    (["--data.max_train_examples", "0"], "data.max_train_examples: given 0, expected a positive integer or null"),
+    (["--lora.init_lora_weights", "loftq"], "lora.init_lora_weights: 'loftq' needs a quantised base"),
+    (["--lora.init_lora_weights", "pissa", "--quantization.bits", "4"],
+     "lora.init_lora_weights: 'pissa' moves part of W into the adapter"),
+    (["--train.warmup_ratio", "1"], "train.warmup_ratio: given 1.0, expected a number in [0, 1)"),
+    (["--train.spike_factor", "0.5"], "train.spike_factor: given 0.5, expected 0 (off) or a number above 1"),
+    (["--train.max_rollbacks", "-1"], "train.max_rollbacks: given -1, expected an integer >= 0"),
+    (["--train.report_to", "neptune"], "train.report_to: given 'neptune', expected jsonl, none"),
+    (["--preference.beta", "0"], "preference.beta: given 0.0, expected a positive number"),
+    (["--task", "dpo", "--data.packing", "true"], "data.packing: task dpo compares a chosen and a rejected sequence"),
+    (["--task", "orpo", "--data.packing", "false", "--train.max_tokens_per_forward", "0",
+      "--train.precompute_reference", "true"], "train.precompute_reference: orpo needs no reference model"),
+    (["--train.precompute_reference", "true"], "train.precompute_reference: task causal_lm has no reference model"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "line"), CASES, ids=[" ".join(o) for o, _ in CASES])
+def test_each_check_names_its_key(overrides, line):
+    with pytest.raises(ConfigError) as err:
+        load_run_config(None, overrides)
+    assert any(line in problem for problem in err.value.problems), err.value.problems
+
+
+def test_the_defaults_have_no_problems():
+    assert run_problems(RunConfig()) == []
+
+
+def test_problems_of_several_sections_come_together():
+    with pytest.raises(ConfigError) as err:
+        load_run_config(None, ["--train.lr", "0", "--data.max_length", "0", "--train.warmup_ratio", "2"])
+    keys = [problem.split(":")[0].removeprefix("--") for problem in err.value.problems]
+    assert sorted(keys) == ["data.max_length", "train.lr", "train.warmup_ratio"]
