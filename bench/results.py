@@ -214,15 +214,11 @@ class RssSampler:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory in MB: Linux's high-water mark of its own memory (VmHWM). ru_maxrss
-    would also count the process that spawned it (its memory at the spawn), a floor under every child's figure."""
-    try:
-        with open("/proc/self/status") as fh:
-            return int(fh.read().split("VmHWM:")[1].split()[0]) / 1024
-    except (OSError, IndexError, ValueError):
-        import resource
+    """This process's peak resident memory in MB, as `lorakit train` reports it (lorakit/process_memory.py: its
+    own high-water mark, VmHWM). Imported when called: a bench's parent process need not load torch."""
+    from lorakit.process_memory import peak_rss_mb as own_peak
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return own_peak()
 
 
 def _rss_mb() -> float:

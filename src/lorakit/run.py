@@ -122,10 +122,11 @@ def run_causal_lm(run: RunConfig, echo=print, run_log: RunLog | None = None) -> 
         write_run_card(result.adapter_dir, template=run.data.template, task=run.eval.task, model=run.model,
                        quantization=to_dict(run.quantization) if run.quantization.bits else None)
     summary.update(steps=result.steps, seconds=round(result.seconds, 1), adapter=result.adapter_dir,
-                   eval=result.final_eval, best_checkpoint=result.best_checkpoint, lean_path=result.lean_path)
+                   eval=result.final_eval, best_checkpoint=result.best_checkpoint, lean_path=result.lean_path,
+                   **result.peak_memory)
     summary.update(describe_splits(run.data, run.train, result.best_metric, result.best_checkpoint,
                                    has_eval=bool(data.eval)))
-    echo(f"trained {result.steps} steps in {result.seconds:.0f} s; adapter in {result.adapter_dir}")
+    echo(trained_line(result))
     if half_base_in_use(model):  # score the saved adapter as generate and serve run it: on the fp32 base
         echo("the base was kept in a half type for training (train.half_base); the final scores load the saved "
              "adapter onto the fp32 base")
@@ -198,12 +199,12 @@ def run_classification(run: RunConfig, echo=print, run_log: RunLog | None = None
         write_run_card(
             result.adapter_dir, task="seq_cls", model=run.model, labels=labels.names, max_length=run.data.max_length
         )
-    echo(f"trained {result.steps} steps in {result.seconds:.0f} s; adapter in {result.adapter_dir}")
+    echo(trained_line(result))
     best = result.best_metric if result.best_metric is not None else result.final_eval.get("eval_accuracy")
     summary = {
         "model": run.model, "steps": result.steps, "seconds": round(result.seconds, 1), "adapter": result.adapter_dir,
         "best_metric": best, "eval": result.final_eval, "trainable_share": trainable / total,
-        "best_checkpoint": result.best_checkpoint, "lean_path": result.lean_path,
+        "best_checkpoint": result.best_checkpoint, "lean_path": result.lean_path, **result.peak_memory,
         **describe_splits(run.data, run.train, result.best_metric, result.best_checkpoint, has_eval=bool(eval_examples)),
     }
     if test_examples:  # the chosen checkpoint, once, on the test split: accuracy and macro-F1 of one evaluation
@@ -265,9 +266,10 @@ def run_preference(run: RunConfig, echo=print, run_log: RunLog | None = None) ->
         write_run_card(result.adapter_dir, template=run.data.template, task=run.eval.task, model=run.model,
                        quantization=to_dict(run.quantization) if run.quantization.bits else None)
     summary.update(steps=result.steps, seconds=round(result.seconds, 1), adapter=result.adapter_dir,
-                   eval=result.final_eval, best_checkpoint=result.best_checkpoint, lean_path=result.lean_path)
+                   eval=result.final_eval, best_checkpoint=result.best_checkpoint, lean_path=result.lean_path,
+                   **result.peak_memory)
     summary.update(describe_splits(run.data, run.train, result.best_metric, result.best_checkpoint))
-    echo(f"trained {result.steps} steps in {result.seconds:.0f} s; adapter in {result.adapter_dir}")
+    echo(trained_line(result))
     scores = _final_causal_lm_scores(run, model, tokenizer, data, objective, result, summary, echo, run_log)
     summary["final_score"]["scores"] = scores
     _echo_result(echo, summary)
@@ -319,6 +321,15 @@ def _log_final_scores(run_log: RunLog, kind: str, base: dict, final: dict, steps
         if numbers:
             run_log.write(kind=kind, step=step, **numbers)
     run_log.plot()
+
+
+def trained_line(result) -> str:
+    """'trained N steps in S s (peak memory ...); adapter in FOLDER' for a TrainResult."""
+    peak = ", ".join(f"{'GPU ' if key == 'peak_gpu_mb' else ''}{mb / 1024:.2f} GiB"
+                     for key, mb in result.peak_memory.items())
+    steps = f"{result.steps} step{'' if result.steps == 1 else 's'}"
+    return (f"trained {steps} in {result.seconds:.0f} s" + (f" (peak memory {peak})" if peak else "")
+            + f"; adapter in {result.adapter_dir}")
 
 
 def _eval_count(evaluation: list) -> str:

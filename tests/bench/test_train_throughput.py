@@ -79,15 +79,15 @@ def test_summary_compares_the_default_with_peft_on_the_same_allocator():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_childs_peak_memory_is_its_own_not_the_spawning_processs():
-    """A variant's child spawned by a process holding 400 MB reports its own peak (a bare Python: tens of MB),
-    where ru_maxrss starts from the spawner's memory."""
+    """A variant's child spawned by a process holding 1.2 GB reports its own peak (Python with torch imported: a few
+    hundred MB), where ru_maxrss starts from the spawner's memory."""
     import subprocess
 
     import torch
 
-    held = torch.ones(100 << 20)  # 400 MB, touched
+    held = torch.ones(300 << 20)  # 1.2 GB, touched
     script = "import sys; sys.path.insert(0, sys.argv[1]); import results; print(results.peak_rss_mb())"
     out = subprocess.run([sys.executable, "-c", script, str(BENCH)], capture_output=True, text=True, timeout=60,
                          check=True)
     assert float(held[-1]) == 1.0
-    assert float(out.stdout) < 150, out.stdout
+    assert float(out.stdout) < 800, out.stdout

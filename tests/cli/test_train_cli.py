@@ -185,3 +185,16 @@ def test_the_summary_says_which_fast_paths_the_run_took(tmp_path, half):
     lean = json.loads((tmp_path / "run" / "summary.json").read_text())["lean_path"]
     assert lean["half_base"] == (None if half == "off" else half)
     assert lean["fused_rotary"] is True and lean["fused_norms"] > 0
+
+
+def test_the_run_reports_its_peak_memory(tmp_path, capsys):
+    """summary.json's peak_rss_mb is this process's high-water mark at the end of training, also printed."""
+    from lorakit.process_memory import peak_rss_mb
+
+    config = write_config(tmp_path / "config.yaml", toy_run_config(tmp_path),
+                          train={"output_dir": str(tmp_path / "run"), "max_steps": 1})
+    assert main(["train", str(config)]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert 0 < summary["peak_rss_mb"] <= peak_rss_mb() + 1 and "peak_gpu_mb" not in summary
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("trained 1 step in "))
+    assert f"(peak memory {summary['peak_rss_mb'] / 1024:.2f} GiB)" in line, line

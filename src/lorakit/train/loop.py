@@ -21,6 +21,7 @@ from lorakit.checkpoint.peft_io import save_adapter
 from lorakit.config import TrainConfig
 from lorakit.data.collate import split_rows
 from lorakit.models import DTYPES
+from lorakit.process_memory import peak_memory
 from lorakit.track.runlog import RunLog
 from lorakit.train.checkpoints import RunCheckpoints, due
 from lorakit.train.distributed import DataParallel, World, barrier, current_world, grad_accum_for, shard
@@ -43,6 +44,7 @@ class TrainResult:
     seconds: float
     history: list[dict] = field(default_factory=list)
     lean_path: dict = field(default_factory=dict)  # what use_fused_paths applied, e.g. the half type auto chose
+    peak_memory: dict = field(default_factory=dict)  # this process's peak MB up to here (lorakit/process_memory.py)
 
 
 def seed_everything(seed: int) -> None:
@@ -248,6 +250,7 @@ def train(
         seconds=time.time() - started,
         history=metrics.events(),
         lean_path=lean_path,
+        peak_memory=peak_memory(device),
     )
 
 
