@@ -140,8 +140,18 @@ def test_a_half_base_loaded_from_safetensors_leaves_the_file_mapping(tmp_path):
 def _choose_in_process(rank: int, port: int, out) -> None:
     import torch.distributed as dist
 
+    import time
+
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    half_base.probe_half_type = lambda i, o, rows: (["bf16", None][rank], {})  # the two timings disagree
+
+    def probe(i, o, rows):
+        if rank:
+            raise AssertionError("rank 1 timed the half type: only rank 0 reads or times it")
+        return "bf16", {}
+
+    half_base.probe_half_type = probe
+    if rank == 0:
+        time.sleep(1.0)  # rank 0 asks last: a kept answer of another rank, written meanwhile, must not be taken
     out.put((rank, half_base.auto_half_type(1024, 1024, 16)))
     dist.destroy_process_group()
 

@@ -72,11 +72,13 @@ def auto_half_type(in_features: int, out_features: int, rows: int) -> str | None
     probe's, as first measured on this machine (lorakit/machine_choices.py). In a distributed run every
     process takes rank 0's choice, so the replicas compute alike."""
     name = None
-    if in_features * out_features >= MIN_PROBED_WEIGHT:  # timed once per machine: every process casts alike
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+    if in_features * out_features >= MIN_PROBED_WEIGHT and (not distributed or torch.distributed.get_rank() == 0):
+        # timed once per machine: every process casts alike; in a distributed run rank 0 alone reads or times it
         name = remembered(f"half-base {rows}x{in_features}x{out_features}",
                           lambda: _logged_probe(in_features, out_features, rows))
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
+    if distributed:
         choice = [name]
         torch.distributed.broadcast_object_list(choice, src=0)
         name = choice[0]
