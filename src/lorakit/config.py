@@ -106,9 +106,20 @@ class LoraConfig:
             out.append(f"lora.loftq_iter: given {self.loftq_iter!r}, expected a positive integer")
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             out.append(f"lora.task_type: given {self.task_type!r}, expected one of {', '.join(TASK_TYPES)}")
+        out += _target_problems(self.target_modules)
+        for name in ("rank_pattern", "alpha_pattern"):
+            pattern = getattr(self, name)
+            if not isinstance(pattern, dict):
+                out.append(f"lora.{name}: given {pattern!r}, expected a mapping of module name patterns to values")
+                setattr(self, name, {})  # the other checks read it
+            else:
+                out += [f"lora.{name}[{key!r}]: {why}" for key in pattern if (why := _regex_problem(key))]
         for key, value in self.rank_pattern.items():
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 out.append(f"lora.rank_pattern[{key!r}]: given {value!r}, expected a positive integer")
+        for key, value in self.alpha_pattern.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                out.append(f"lora.alpha_pattern[{key!r}]: given {value!r}, expected a positive number")
         chosen = [flag for flag in VARIANTS if getattr(self, flag, False)]
         if len(chosen) > 1:
             out.append(f"lora.{chosen[0]} and lora.{chosen[1]} are both set; an adapter is one variant, pick one")
@@ -123,6 +134,29 @@ class LoraConfig:
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in fields(cls)}
+
+
+def _target_problems(target) -> list[str]:
+    """target_modules: None, a regex (a string) or a list of name suffixes (strings)."""
+    if target is None:
+        return []
+    if isinstance(target, str):
+        why = _regex_problem(target)
+        return [f"lora.target_modules: {why}"] if why else []
+    if isinstance(target, (list, tuple, set)) and all(isinstance(t, str) for t in target):
+        return []
+    return [f"lora.target_modules: given {target!r}, expected a list of module names, a regex, 'all-linear' or null"]
+
+
+def _regex_problem(pattern) -> str | None:
+    """Why `pattern` is not a regex (the reason in words), or None."""
+    if not isinstance(pattern, str):
+        return f"given {pattern!r}, expected a string (a module name pattern)"
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        return f"given {pattern!r}, not a regex ({err})"
+    return None
 
 
 def _pattern_value(patterns: dict, module_name: str, default):

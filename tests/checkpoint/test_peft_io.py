@@ -176,3 +176,76 @@ def test_a_checkpoint_of_an_adapter_that_moved_part_of_w_restores_into_it(init, 
             layer.adapters["default"].A0.mul_(2)
     with pytest.raises(AdapterError, match="holds another PiSSA/OLoRA start than this adapter's"):
         restore_adapter_weights(other, "default", tmp_path)
+
+
+def _saved(tmp_path, **config):
+    source = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], **config))
+    perturb(source)
+    lorakit.save_adapter(source, tmp_path)
+    return load_file(tmp_path / WEIGHTS_NAME)
+
+
+def _nothing_of(model, name: str = "default") -> bool:
+    return all(name not in layer.adapters for _, layer in lora_layers(model)) and name not in getattr(
+        model, "lora_configs", {})
+
+
+def test_non_finite_weights_are_refused_and_nothing_is_left(tmp_path):
+    tensors = _saved(tmp_path)
+    key = sorted(k for k in tensors if "lora_B" in k)[0]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, tmp_path / WEIGHTS_NAME)
+    model = tiny_llama()
+    with pytest.raises(AdapterError, match=rf"{key} holds NaN or infinite values; expected finite weights"):
+        lorakit.load_adapter(model, tmp_path)
+    assert _nothing_of(model)
+
+
+def test_a_rank_the_weights_do_not_hold_is_refused_before_anything_is_made(tmp_path):
+    _saved(tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**config, "r": 10**12}))  # would allocate petabytes
+    model = tiny_llama()
+    with pytest.raises(AdapterError, match=r"asks for rank 1000000000000, but the weights hold rank 2 at most"):
+        lorakit.load_adapter(model, tmp_path)
+    assert _nothing_of(model)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ([1, 2, 3], r"holds a JSON list; expected an object of LoRA settings"),
+    ({"target_modules": "("}, r"lora.target_modules: given '\(', not a regex"),
+    ({"target_modules": 5}, r"lora.target_modules: given 5, expected a list of module names"),
+    ({"rank_pattern": [1]}, r"lora.rank_pattern: given \[1\], expected a mapping"),
+])
+def test_a_config_of_the_wrong_shape_is_one_clear_error(tmp_path, change, message):
+    _saved(tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**config, **change} if isinstance(change, dict) else change))
+    with pytest.raises(AdapterError, match=message):
+        lorakit.load_adapter(tiny_llama(), tmp_path)
+
+
+def test_an_inject_that_fails_half_way_leaves_nothing_and_the_name_free(tmp_path):
+    _saved(tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**config, "modules_to_save": ["no_such_head"]}))
+    model = tiny_llama()
+    with pytest.raises(AdapterError, match="does not fit"):
+        lorakit.load_adapter(model, tmp_path, "a")
+    assert _nothing_of(model, "a")
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    lorakit.load_adapter(model, tmp_path, "a")  # the same name loads now
+    assert not _nothing_of(model, "a")
+
+
+def test_lora_only_refuses_a_weight_of_the_base_and_leaves_the_base_as_it_was(tmp_path):
+    tensors = _saved(tmp_path)
+    model = tiny_llama()
+    norm = model.model.norm.weight.detach().clone()
+    tensors["base_model.model.model.norm.weight"] = torch.zeros_like(norm)
+    save_file(tensors, tmp_path / WEIGHTS_NAME)
+    with pytest.raises(AdapterError, match=r"base_model.model.model.norm.weight is not a LoRA weight"):
+        lorakit.load_adapter(model, tmp_path, lora_only=True)
+    assert torch.equal(model.model.norm.weight, norm) and _nothing_of(model)
+    lorakit.load_adapter(model, tmp_path)  # a library load may write it (a bias or a saved module trained with it)
+    assert not model.model.norm.weight.any()

@@ -264,3 +264,39 @@ def test_a_server_on_half_or_int8_weights_answers_each_request_as_it_would_alone
             together = list(pool.map(ask, plan))
     assert together == alone
     assert len(set(alone)) > 1  # the adapters answer differently
+
+
+def test_an_adapter_that_is_unsafe_to_serve_is_refused_and_leaves_the_base_and_the_name_as_they_were(
+        server, client, reference, toy):
+    """Non-finite weights, a weight of the shared base, a config that fails half-way, a file linked from outside
+    the root: each a 400 naming the path; the base answers as before and the name loads a good adapter after."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    root = toy[1]
+    for name in ["nan", "basepatch", "badsave", "linked"]:
+        shutil.copytree(root / "late", root / name, dirs_exist_ok=True)
+    tensors = load_file(root / "nan" / "adapter_model.safetensors")
+    save_file({k: torch.full_like(v, float("nan")) for k, v in tensors.items()}, root / "nan" / "adapter_model.safetensors")
+    norm = next(p for n, p in load_causal_lm(toy[0]).named_parameters() if n.endswith("norm.weight") and "layers" not in n)
+    save_file({**tensors, "base_model.model.model.norm.weight": torch.zeros_like(norm)},
+              root / "basepatch" / "adapter_model.safetensors")
+    config = json.loads((root / "badsave" / "adapter_config.json").read_text())
+    (root / "badsave" / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["no_head"]}))
+    outside = root.parent / "outside.safetensors"
+    shutil.copy(root / "late" / "adapter_model.safetensors", outside)
+    (root / "linked" / "adapter_model.safetensors").unlink()
+    (root / "linked" / "adapter_model.safetensors").symlink_to(outside)
+
+    manage = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    for path, why in [("nan", "NaN or infinite"), ("basepatch", "is not a LoRA weight"), ("badsave", "trains whole modules too"),
+                      ("linked", "links outside the adapters root")]:
+        for _ in range(2):  # the same again: nothing of the first try is left to block the name
+            reply = manage.post("/adapters", json={"name": "unsafe", "path": path})
+            assert reply.status_code == 400 and reply.json()["error"]["param"] == "path", reply.text
+            assert why in reply.json()["error"]["message"], reply.text
+    got = client.completions.create(model="toy", prompt=PROMPTS[1], max_tokens=8, temperature=0)
+    assert got.choices[0].text.strip() == reference(None, PROMPTS[1], 8)
+    assert manage.post("/adapters", json={"name": "unsafe", "path": "late"}).status_code == 200
+    assert manage.delete("/adapters/unsafe").status_code == 200

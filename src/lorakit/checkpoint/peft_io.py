@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.config import ConfigError, LoraConfig
-from lorakit.lora.adapters import adapter_config, delete_adapter, in_saved_module, lora_layers, saved_modules
+from lorakit.lora.adapters import adapter_config, in_saved_module, lora_layers, saved_modules
 from lorakit.lora.inject import inject
 from lorakit.lora.inits import MOVES_BASE
 from lorakit.lora.variants import VARIANTS
@@ -182,8 +182,10 @@ def read_adapter_config(directory: str | Path) -> LoraConfig:
         raise AdapterError(f"{path}: not found; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise AdapterError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise AdapterError(f"{path}: holds a JSON {type(data).__name__}; expected an object of LoRA settings")
     if data.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{path}: peft_type is {data.get('peft_type')!r}; lorakit reads LORA adapters")
     for key in PEFT_FLAGS:
@@ -242,27 +244,81 @@ def _unreadable(path: Path, err: Exception) -> str:
 
 @torch.no_grad()
 def load_adapter(
-    model: nn.Module, directory: str | Path, name: str = "default", trust_pickle: bool = False
+    model: nn.Module, directory: str | Path, name: str = "default", trust_pickle: bool = False,
+    lora_only: bool = False,
 ) -> LoraConfig:
     """Add the adapter in `directory` (written by lorakit or PEFT) to `model` as `name`.
 
-    Every LoRA tensor the model expects must be in the file with the same shape, and every tensor
-    in the file must have a place in the model; otherwise nothing is loaded and the first mismatch
-    is named.
+    Every LoRA tensor the model expects must be in the file with the same shape, every tensor in the file must
+    have a place in the model, every value must be finite, and the config's ranks must be those the tensors
+    hold; otherwise nothing is loaded (nothing of the adapter is left in the model) and the first problem is
+    named. `lora_only` also refuses tensors that would overwrite the base model's own weights (biases,
+    modules_to_save): a server shares its base between adapters.
     """
+    directory = Path(directory)
     config = read_adapter_config(directory)
     tensors = read_adapter_weights(directory, trust_pickle)
+    _check_values(tensors, directory)
+    _check_ranks(config, tensors, directory)
+    if lora_only and (config.modules_to_save or config.task_type == "SEQ_CLS"):  # refused before anything is wrapped
+        raise AdapterError(f"{directory / CONFIG_NAME}: the adapter trains whole modules too (modules_to_save, or a "
+                           "SEQ_CLS head); a server shares its base model between adapters and loads LoRA factors only")
     made_for = f" (the adapter was trained on {config.base_model_name_or_path})" if config.base_model_name_or_path else ""
     try:
-        inject(model, config, name)
-    except ConfigError as err:
-        raise AdapterError(f"{directory}: does not fit this {type(model).__name__}{made_for}: {err}") from None
-    try:
-        _copy_into(model, name, tensors, Path(directory))
-    except AdapterError as err:
-        delete_adapter(model, name)
-        raise AdapterError(f"{err}{made_for}") from None
+        try:
+            inject(model, config, name)
+        except ConfigError as err:
+            raise AdapterError(f"{directory}: does not fit this {type(model).__name__}{made_for}: {err}") from None
+        try:
+            if lora_only:
+                _check_lora_only(model, name, tensors, directory)
+            _copy_into(model, name, tensors, directory)
+        except AdapterError as err:
+            raise AdapterError(f"{err}{made_for}") from None
+    except BaseException:
+        _undo_inject(model, name)  # whatever failed, and wherever inject stopped: no part of it stays
+        raise
     return adapter_config(model, name)
+
+
+def _check_values(tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    """Every floating-point value finite: a NaN or an infinity would make every output of the adapter NaN."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise AdapterError(f"{directory / WEIGHTS_NAME}: {key} holds NaN or infinite values; expected finite weights")
+
+
+def _check_ranks(config: LoraConfig, tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    """The config's largest rank is one the file's lora_A tensors hold (checked before the adapter is made, whose
+    size the config sets: a wrong r would otherwise allocate before any shape is compared)."""
+    held = {t.shape[0] for k, t in tensors.items() if ".lora_A." in k and t.dim() >= 1}
+    largest = max([config.r, *config.rank_pattern.values()])
+    if held and largest > max(held):
+        raise AdapterError(f"{directory / CONFIG_NAME}: r (or rank_pattern) asks for rank {largest}, but the "
+                           f"weights hold rank {max(held)} at most")
+
+
+def _check_lora_only(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    own = {f"{PREFIX}{path}.{peft_key(layer.kind, param_name, layer.adapters[name])}"
+           for path, layer in lora_layers(model) if name in layer.adapters
+           for param_name, _ in layer.adapters[name].named_parameters(recurse=False)}
+    other = next((key for key in tensors if key not in own), None)
+    if other is not None:
+        raise AdapterError(f"{directory / WEIGHTS_NAME}: {other} is not a LoRA weight; a server shares its base model "
+                           "between adapters and loads LoRA factors only")
+
+
+def _undo_inject(model: nn.Module, name: str) -> None:
+    """Remove whatever of adapter `name` a failed load had added (an inject stopped half-way included)."""
+    for _, layer in lora_layers(model):
+        if name in layer.adapters:
+            layer.delete_adapter(name)
+    for _, wrapper in saved_modules(model):
+        if name in wrapper.copies:
+            del wrapper.copies[name]
+            wrapper.active = None if wrapper.active == name else wrapper.active
+    if hasattr(model, "lora_configs"):
+        model.lora_configs = {k: v for k, v in model.lora_configs.items() if k != name}
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lorakit.checkpoint.peft_io import load_adapter
-from lorakit.lora.adapters import delete_adapter, round_adapter, saved_modules
+from lorakit.lora.adapters import delete_adapter, round_adapter
 
 log = logging.getLogger(__name__)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -70,7 +70,10 @@ class AdapterRegistry:
                 )
             try:
                 self._load(name, folder)
-            except (ValueError, OSError) as err:  # AdapterError is a ValueError
+            except RegistryError:
+                raise
+            except Exception as err:  # the folder's files are the client's input: whatever they hold, a 400
+                log.debug("adapter %s from %s refused", name, folder, exc_info=True)
                 raise RegistryError(400, f"cannot load adapter '{name}': {err}", "path") from None
             self.paths[name] = str(folder)
         log.info("adapter %s loaded from %s", name, folder)
@@ -78,14 +81,9 @@ class AdapterRegistry:
 
     def _load(self, name: str, folder: str | Path) -> None:
         self.version += 1
-        load_adapter(self.model, folder, name)
+        load_adapter(self.model, folder, name, lora_only=True)  # never a weight of the shared base
         if self.lora_dtype is not None:
             round_adapter(self.model, name, self.lora_dtype)
-        if any(name in wrapper.copies for _, wrapper in saved_modules(self.model)):
-            delete_adapter(self.model, name)  # a per-adapter head cannot differ per row of a batch
-            raise RegistryError(
-                400, f"adapter '{name}' has modules_to_save; the server runs LoRA-only adapters", "path"
-            )
 
     def unload(self, name: str) -> None:
         """Unload adapter `name`: new requests for it are refused at once; it goes once no row uses it."""
@@ -124,6 +122,9 @@ class AdapterRegistry:
             raise RegistryError(
                 400, f"path '{path}' is not an adapter folder under the adapters root", "path"
             )
+        escaping = next((f.name for f in folder.iterdir() if not f.resolve().is_relative_to(self.root)), None)
+        if escaping is not None:  # a file of the folder linked from elsewhere: read only what the root holds
+            raise RegistryError(400, f"path '{path}': {escaping} links outside the adapters root", "path")
         return folder
 
     def _check_name(self, name: str) -> None:
