@@ -22,3 +22,23 @@ def test_rows_choose_independently():
     assert all(d[0] == 1 for d in draws)  # greedy
     assert all(d[1] == 1 for d in draws)  # top_p 0.5: only the top token is in the nucleus
     assert len({d[2] for d in draws}) > 1  # hot sampling does vary
+
+
+def test_a_row_whose_scores_overflowed_picks_a_token_and_leaves_the_others_as_they_were():
+    """A row of NaN and infinite scores (an adapter whose outputs overflowed) gets a token of its own; the other rows
+    draw exactly what they draw without it, from their own generators."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    broken = logits.clone()
+    broken[1] = float("nan")
+    broken[1, 7] = float("inf")
+    broken[2, :10] = float("-inf")  # finite elsewhere: ranked as before
+
+    def picks(scores):
+        generators = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+        return next_tokens(scores, [0.8, 0.8, 0.8], [0.9, 0.9, 0.9], generators)
+
+    clean, got = picks(logits), picks(broken)
+    assert got[0] == clean[0] and got[1] == 7 and 10 <= got[2] < 50
+    nothing = torch.full((1, 50), float("nan"))
+    assert 0 <= next_tokens(nothing, [1.0], [1.0], [torch.Generator().manual_seed(0)])[0] < 50

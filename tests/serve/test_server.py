@@ -209,7 +209,6 @@ def test_error_paths(server, client):
     bad = [
         {"prompt": "say red", "max_tokens": 41},  # over --max-tokens
         {"prompt": "say red " * 40, "max_tokens": 4},  # over --max-prompt-tokens
-        {"prompt": "x" * 5000, "max_tokens": 4},  # over --max-body-bytes
         {"prompt": "say red", "max_tokens": 4, "n": 2},
         {"prompt": "say red", "max_tokens": 4, "temperature": 5},
     ]
@@ -217,10 +216,27 @@ def test_error_paths(server, client):
         with pytest.raises(openai.BadRequestError) as err:
             client.completions.create(model="a", **fields)
         assert err.value.status_code == 400 and err.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.APIStatusError) as err:  # over --max-body-bytes
+        client.completions.create(model="a", prompt="x" * 5000, max_tokens=4)
+    assert err.value.status_code == 413 and err.value.body["code"] == "body_too_large"
+    # Fields lorakit cannot honour are named, never ignored; a seed a generator cannot take is named too.
+    for fields, param in [({"echo": True}, "echo"), ({"best_of": 3}, "best_of"), ({"suffix": "x"}, "suffix"),
+                          ({"stop": False}, "stop"), ({"stop": 0}, "stop"), ({"seed": 2**70}, "seed"),
+                          ({"seed": -1}, "seed"), ({"presence_penalty": 1.0}, "presence_penalty"),
+                          ({"stream_options": {"include_usage": "yes"}}, "stream_options")]:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model="a", prompt="say red", max_tokens=4, extra_body=fields)
+        assert err.value.body["param"] == param, fields
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="a", messages=[{"role": "wizard", "content": "hi"}], max_tokens=4)
+    assert err.value.body["param"] == "messages"
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-    for body in [b'{"model": "a", "prompt": ', b"\xff\xfe", b"[1, 2]"]:
+    for body in [b'{"model": "a", "prompt": ', b"\xff\xfe", b"[1, 2]", b"[" * 1900 + b"]" * 1900,
+                 b'{"model": "a", "prompt": "\\ud800", "max_tokens": 2}', b'{"model": "\\ud800", "prompt": "hi"}']:
         reply = httpx.post(f"{server.url}/completions", content=body, headers=headers)
-        assert reply.status_code == 400 and "error" in reply.json()
+        assert reply.status_code == 400 and reply.json()["error"]["code"] in ("invalid_json", None), body[:40]
+    reply = httpx.get(f"{server.url}/completions", headers=headers)
+    assert reply.status_code == 405 and reply.json()["error"]["type"] == "invalid_request_error"
     assert client.completions.create(model="a", prompt="say red", max_tokens=3, temperature=0).choices
 
 
@@ -300,3 +316,31 @@ def test_an_adapter_that_is_unsafe_to_serve_is_refused_and_leaves_the_base_and_t
     assert got.choices[0].text.strip() == reference(None, PROMPTS[1], 8)
     assert manage.post("/adapters", json={"name": "unsafe", "path": "late"}).status_code == 200
     assert manage.delete("/adapters/unsafe").status_code == 200
+
+
+def test_a_non_streamed_request_whose_client_left_never_runs(server, monkeypatch):
+    """The handler of a non-streamed request notices its client has gone (as a stream's does) and cancels it: held
+    back by the model lock meanwhile, the request is dropped, never prefilled."""
+    import lorakit.serve.app as app_module
+
+    monkeypatch.setattr(app_module, "DISCONNECT_POLL_S", 0.05)
+    scheduler, registry = server.app.state.scheduler, server.app.state.registry
+    body = {"model": "b", "prompt": "say red", "max_tokens": 40, "temperature": 0}
+    with registry.lock:  # the worker's next turn waits here
+        before = scheduler.batches
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server.url}/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.5)
+        time.sleep(0.5)
+    deadline = time.monotonic() + 10
+    while scheduler.waiting and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    assert not scheduler.waiting and scheduler.batches == before
+
+
+def test_a_stream_can_end_with_its_usage(client):
+    chunks = list(client.completions.create(model="a", prompt="say red", max_tokens=5, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    last = chunks[-1]
+    assert last.choices == [] and 1 <= last.usage.completion_tokens <= 5
+    assert last.usage.total_tokens == last.usage.prompt_tokens + last.usage.completion_tokens > 0

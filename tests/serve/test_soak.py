@@ -205,7 +205,7 @@ BAD_REQUESTS = [
     ("not-utf8", {"method": "POST", "url": "/v1/completions", "content": b"\xff\xfe\x00", "headers": JSON}, 400),
     ("not-an-object", {"method": "POST", "url": "/v1/chat/completions", "content": b"[1, 2]", "headers": JSON}, 400),
     ("oversized-prompt", {"method": "POST", "url": "/v1/completions", "json": _body("a", "say red " * 60)}, 400),
-    ("oversized-body", {"method": "POST", "url": "/v1/completions", "json": _body("b", "x" * 5000)}, 400),
+    ("oversized-body", {"method": "POST", "url": "/v1/completions", "json": _body("b", "x" * 5000)}, 413),
     ("unknown-model", {"method": "POST", "url": "/v1/completions", "json": _body("nope", "say red")}, 404),
     ("mistyped-field", {"method": "POST", "url": "/v1/completions", "json": _body("a", "say red", max_tokens="8")},
      400),

@@ -6,14 +6,20 @@ import torch
 
 
 def nucleus_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Probabilities over the smallest set of tokens whose mass reaches `top_p`, at `temperature`.
+    """Probabilities over the smallest set of tokens whose mass reaches `top_p`, at `temperature`. Scores that are
+    not finite count as the lowest (NaN) or the highest float (+inf), so that one row's overflow never stops a batch.
 
     Args:
         logits: (V,) scores of one row.
     Returns:
         (V,) probabilities, zero outside the nucleus (the most likely token is always kept).
     """
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    scores = logits.float() / temperature
+    if not bool(torch.isfinite(scores).all()):  # scores that overflowed (an adapter's huge weights): this row's
+        scores = torch.nan_to_num(scores, nan=-torch.inf, posinf=torch.finfo(scores.dtype).max)  # pick, not a failure
+        if not bool(torch.isfinite(scores).any()):
+            scores = torch.zeros_like(scores)  # nothing left to rank: every token alike
+    probs = torch.softmax(scores, dim=-1)
     if top_p >= 1.0:
         return probs
     sorted_probs, order = probs.sort(descending=True)

@@ -7,18 +7,21 @@ adapter's name runs it. Every error is OpenAI's JSON shape {"error": {message, t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from contextlib import asynccontextmanager
 
 import anyio
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from lorakit.serve.config import ServeConfig
 from lorakit.serve.inputs import Inputs
-from lorakit.serve.protocol import ApiError, Ask, chunk, model_list, new_id, parse_ask, reply, to_requests
+from lorakit.serve.protocol import (
+    ApiError, Ask, chunk, model_list, new_id, parse_ask, reply, to_requests, usage_chunk,
+)
 from lorakit.serve.registry import AdapterRegistry, RegistryError
 from lorakit.serve.continuous import ContinuousScheduler
 from lorakit.serve.scheduler import BatchScheduler, Job
@@ -106,7 +109,9 @@ def create_app(model, tokenizer, registry: AdapterRegistry, config: ServeConfig)
         if ask.stream:
             return StreamingResponse(stream(ask, rid, jobs), media_type="text/event-stream")
         try:
-            return reply(ask, rid, [await finished(job) for job in jobs])
+            return reply(ask, rid, [await finished(job, request) for job in jobs])
+        except ClientGone:
+            return Response(status_code=499)  # no one reads it: the rows are freed below
         finally:
             for job in jobs:
                 job.cancelled = True  # a no-op for finished jobs; frees the batch row otherwise
@@ -162,10 +167,23 @@ def make_scheduler(model, tokenizer, registry: AdapterRegistry, config: ServeCon
     )
 
 
-async def finished(job: Job):
-    """Wait for a job's completion (its text events are not needed without streaming)."""
+DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still connected
+
+
+class ClientGone(Exception):
+    """The client of a non-streamed request disconnected before its reply."""
+
+
+async def finished(job: Job, request: Request):
+    """Wait for a job's completion (its text events are not needed without streaming), checking every
+    DISCONNECT_POLL_S that the client is still there (else ClientGone: its rows are cancelled, as a stream's)."""
     while True:
-        kind, value = await job.events.get()
+        try:
+            kind, value = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
+        except TimeoutError:
+            if await request.is_disconnected():
+                raise ClientGone from None
+            continue
         if kind == "done":
             return value
         if kind == "error":
@@ -178,6 +196,7 @@ async def stream(ask: Ask, rid: str, jobs: list[Job]):
     If the client goes away, Starlette cancels this generator; `finally` then marks the jobs
     cancelled, and the worker drops their rows at its next step.
     """
+    done = []
     try:
         for index, job in enumerate(jobs):
             if ask.chat:
@@ -188,10 +207,13 @@ async def stream(ask: Ask, rid: str, jobs: list[Job]):
                     yield _sse(chunk(ask, rid, index, value))
                 elif kind == "done":
                     yield _sse(chunk(ask, rid, index, None, reason=value.finish_reason))
+                    done.append(value)
                     break
                 else:
                     yield _sse(ApiError(*value).body())
                     return
+        if ask.include_usage:
+            yield _sse(usage_chunk(ask, rid, done))
         yield "data: [DONE]\n\n"
     finally:
         for job in jobs:

@@ -39,7 +39,7 @@ class Inputs:
     async def read_json(self, request: Request):
         """The body as JSON, read no further than `max_body_bytes` whatever Content-Length says."""
         limit = self.config.max_body_bytes
-        too_large = ApiError(400, f"the request body is over {limit} bytes", code="body_too_large")
+        too_large = ApiError(413, f"the request body is over {limit} bytes", code="body_too_large")
         declared = request.headers.get("content-length", "0")
         if declared.isdigit() and int(declared) > limit:
             raise too_large
@@ -49,16 +49,24 @@ class Inputs:
             if len(data) > limit:
                 raise too_large
         try:
-            return json.loads(data)
+            body = json.loads(data)
+            json.dumps(body, ensure_ascii=False).encode("utf-8")  # a lone UTF-16 surrogate (\ud800) is no text
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ApiError(400, f"the request body is not valid JSON ({err})", code="invalid_json") from None
+        except RecursionError:
+            raise ApiError(400, "the request body is not valid JSON (nested too deeply)", code="invalid_json") from None
+        except UnicodeEncodeError:
+            raise ApiError(400, "the request body holds a lone UTF-16 surrogate (such as \\ud800); expected text",
+                           code="invalid_json") from None
+        return body
 
     def render_chat(self, messages: list[dict]) -> str:
         """The prompt text, rendered as training rendered it (`lorakit.data.chat.render_prompt`)."""
         if not self.tokenizer.chat_template:
             raise ApiError(400, "this model has no chat template; use /v1/completions", "messages")
         try:
-            messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+            messages = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
+                        for m in messages]  # OpenAI's developer turn is the templates' system turn
             return render_prompt(self.tokenizer, messages, at="'messages'")
         except Exception as err:  # noqa: BLE001 - a template may raise anything (e.g. on an unknown role)
             raise ApiError(400, f"the chat template rejected the messages: {err}", "messages") from None

@@ -1,7 +1,8 @@
 """OpenAI's request and response shapes: read a JSON body into `Request`s, write the replies.
 
 Only what lorakit can honour is accepted; a field it cannot honour (n > 1, logprobs, token-id
-prompts) is refused with a 400 naming the field rather than silently ignored. Fields it does not
+prompts, echo, best_of, suffix, penalties, logit_bias, tools, a response_format other than text:
+`UNHONOURED`) is refused with a 400 naming the field rather than silently ignored. Fields it does not
 know are ignored, as OpenAI's own server does for new client fields. One field beyond OpenAI's is
 read, as vLLM and llama.cpp's server read it: `ignore_eos: true` generates exactly max_tokens
 tokens (for benchmarks).
@@ -26,6 +27,7 @@ class ApiError(Exception):
         401: "authentication_error",
         403: "permission_error",
         404: "not_found_error",
+        405: "invalid_request_error",
         409: "invalid_request_error",
         413: "invalid_request_error",
     }
@@ -53,6 +55,26 @@ class Ask:
     seed: int
     stop: tuple[str, ...]
     ignore_eos: bool = False
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage, as OpenAI sends
+
+
+MAX_SEED = 2**63 - 1  # a generator's seed (PyTorch takes 64-bit seeds)
+# OpenAI fields lorakit cannot honour, each accepted only at a value that asks for nothing (else a 400 naming it)
+UNHONOURED = {
+    "echo": lambda v: v in (None, False),
+    "best_of": lambda v: v in (None, 1),
+    "suffix": lambda v: v in (None, ""),
+    "presence_penalty": lambda v: v in (None, 0),
+    "frequency_penalty": lambda v: v in (None, 0),
+    "logit_bias": lambda v: v in (None, {}),
+    "top_logprobs": lambda v: v in (None, 0),
+    "tools": lambda v: v in (None, []),
+    "tool_choice": lambda v: v in (None, "none"),
+    "functions": lambda v: v in (None, []),
+    "function_call": lambda v: v in (None, "none"),
+    "response_format": lambda v: v is None or v == {"type": "text"},
+}
+ROLES = ("system", "developer", "user", "assistant")  # what a chat template renders; tool turns are not supported
 
 
 def parse_ask(body, chat: bool, limits: ServeConfig, render_chat) -> Ask:
@@ -63,7 +85,8 @@ def parse_ask(body, chat: bool, limits: ServeConfig, render_chat) -> Ask:
     if chat:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(_is_message(m) for m in messages):
-            raise ApiError(400, "'messages' must be a non-empty list of {role, content: string}", "messages")
+            raise ApiError(400, "'messages' must be a non-empty list of {role, content: string}, each role one of "
+                           f"{', '.join(ROLES)}", "messages")
         prompts = [render_chat(messages)]
     else:
         prompt = body.get("prompt")
@@ -89,9 +112,19 @@ def parse_ask(body, chat: bool, limits: ServeConfig, render_chat) -> Ask:
     if not 0 < top_p <= 1:
         raise ApiError(400, f"'top_p' must be in (0, 1] (got {top_p})", "top_p")
     stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else (stop or [])
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop")
+    seed = _get(body, "seed", int, default=0)
+    if not 0 <= seed <= MAX_SEED:
+        raise ApiError(400, f"'seed' must be an integer from 0 to {MAX_SEED} (got {seed})", "seed")
+    for key, honoured in UNHONOURED.items():
+        if key in body and not honoured(body[key]):
+            raise ApiError(400, f"'{key}' is not supported (got {body[key]!r})", key)
+    stream_options = body.get("stream_options")
+    if stream_options is not None and not (isinstance(stream_options, dict) and set(stream_options) <= {"include_usage"}
+                                           and isinstance(stream_options.get("include_usage", False), bool)):
+        raise ApiError(400, "'stream_options' may hold only include_usage: true or false", "stream_options")
     return Ask(
         model=model,
         prompts=prompts,
@@ -100,9 +133,10 @@ def parse_ask(body, chat: bool, limits: ServeConfig, render_chat) -> Ask:
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=top_p,
-        seed=_get(body, "seed", int, default=0),
+        seed=seed,
         stop=tuple(stop),
         ignore_eos=_get(body, "ignore_eos", bool, default=False),
+        include_usage=bool((stream_options or {}).get("include_usage", False)),
     )
 
 
@@ -119,7 +153,7 @@ def _get(body: dict, key: str, kind, default=None, required: bool = False):
 
 
 def _is_message(m) -> bool:
-    return isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+    return isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
 
 
 def to_requests(ask: Ask, adapter: str | None, prompt_ids: list[list[int]]) -> list[Request]:
@@ -140,8 +174,6 @@ def finish(reason: str | None) -> str | None:
 
 def reply(ask: Ask, rid: str, completions: list[Completion]) -> dict:
     """The whole (non-streamed) reply."""
-    prompt_tokens = sum(c.prompt_tokens for c in completions)
-    generated = sum(len(c.token_ids) for c in completions)
     if ask.chat:
         choices = [
             {
@@ -162,12 +194,20 @@ def reply(ask: Ask, rid: str, completions: list[Completion]) -> dict:
         "created": int(time.time()),
         "model": ask.model,
         "choices": choices,
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": generated,
-            "total_tokens": prompt_tokens + generated,
-        },
+        "usage": usage(completions),
     }
+
+
+def usage(completions: list[Completion]) -> dict:
+    prompt_tokens = sum(c.prompt_tokens for c in completions)
+    generated = sum(len(c.token_ids) for c in completions)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": generated, "total_tokens": prompt_tokens + generated}
+
+
+def usage_chunk(ask: Ask, rid: str, completions: list[Completion]) -> dict:
+    """The last streamed piece with stream_options.include_usage: no choices, the whole request's usage."""
+    return {"id": rid, "object": "chat.completion.chunk" if ask.chat else "text_completion",
+            "created": int(time.time()), "model": ask.model, "choices": [], "usage": usage(completions)}
 
 
 def chunk(
