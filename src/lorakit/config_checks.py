@@ -58,6 +58,9 @@ def run_problems(run: RunConfig) -> list[str]:
         out.append(f"train.global_batch_size: given {run.train.global_batch_size!r}, expected a positive integer")
     if run.train.fsdp and run.train.eval_strategy != "no":
         out.append("train.fsdp: evaluation under FSDP is not supported yet; set train.eval_strategy no")
+    out += _loop_problems(run.train)
+    if isinstance(run.train.seed, bool) or not isinstance(run.train.seed, int) or not 0 <= run.train.seed < 2**32:
+        out.append(f"train.seed: given {run.train.seed!r}, expected an integer from 0 to {2**32 - 1}")
     if run.train.ddp_timeout <= 0:
         out.append(f"train.ddp_timeout: given {run.train.ddp_timeout!r}, expected a positive number of seconds")
     out += _split_problems(run)
@@ -159,4 +162,27 @@ def _guard_problems(train: TrainConfig) -> list[str]:
     for name in ("rollback_lr_steps", "max_rollbacks"):
         if getattr(train, name) < 0:
             out.append(f"train.{name}: given {getattr(train, name)!r}, expected an integer >= 0")
+    return out
+
+
+def _loop_problems(train: TrainConfig) -> list[str]:
+    """The loop's sizes and factors: a negative one would train silently wrong (a negative LoRA+ ratio is a negative
+    learning rate for B; epochs 0 or below quietly became one step)."""
+    out = []
+    if not train.max_steps > 0 and not train.epochs > 0:
+        out.append(f"train.epochs: given {train.epochs!r}, expected a positive number of passes (or train.max_steps > 0)")
+    if train.max_steps < 0:
+        out.append(f"train.max_steps: given {train.max_steps!r}, expected 0 (use epochs) or a positive number of steps")
+    for name, allowed, expected in [
+        ("weight_decay", lambda v: v >= 0, "a number >= 0"),
+        ("max_grad_norm", lambda v: v >= 0, "0 (no clipping) or a positive number"),
+        ("loraplus_lr_ratio", lambda v: v > 0, "a positive number (1: off)"),
+        ("max_tokens_per_forward", lambda v: v >= 0, "0 (off) or a positive number of tokens"),
+        ("save_total_limit", lambda v: v is None or v > 0, "a positive number of checkpoints, or null (all)"),
+    ]:
+        value = getattr(train, name)
+        if not allowed(value):
+            out.append(f"train.{name}: given {value!r}, expected {expected}")
+    if not str(train.output_dir).strip():
+        out.append("train.output_dir: given an empty path, expected the run folder")
     return out

@@ -5,11 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-import yaml
 
 from lorakit.checkpoint.run_card import RUN_CARD, read_run_card, write_run_card  # noqa: F401  (RUN_CARD, read_run_card: re-exported)
 from lorakit.config import ConfigError, RunConfig, to_dict
@@ -63,9 +63,9 @@ def run(config: RunConfig, echo=print) -> dict:
     out = Path(config.train.output_dir)
     run_log = RunLog(out, config.train.report_to, to_dict(config), enabled=world.main)  # trackers installed?
     if world.main:
-        try:  # fail before loading anything when the run folder cannot be written
+        try:  # fail before loading anything when the run folder cannot be written (written once training begins)
             out.mkdir(parents=True, exist_ok=True)
-            (out / "run_config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+            tempfile.TemporaryFile(dir=out).close()
         except OSError as err:
             raise ConfigError(f"train.output_dir: cannot write to {out} ({err.strerror}); expected a writable folder") from None
     seed_everything(config.train.seed)

@@ -198,3 +198,14 @@ def test_the_run_reports_its_peak_memory(tmp_path, capsys):
     assert 0 < summary["peak_rss_mb"] <= peak_rss_mb() + 1 and "peak_gpu_mb" not in summary
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("trained 1 step in "))
     assert f"(peak memory {summary['peak_rss_mb'] / 1024:.2f} GiB)" in line, line
+
+
+def test_a_run_that_fails_while_loading_leaves_the_folders_finished_run_as_it_was(tmp_path):
+    config = write_config(tmp_path / "config.yaml", toy_run_config(tmp_path),
+                          train={"output_dir": str(tmp_path / "run"), "max_steps": 1})
+    assert main(["train", str(config)]) == 0
+    run = tmp_path / "run"
+    saved = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert main(["train", str(config), "--data.train_file", str(tmp_path / "missing.jsonl")]) == 2
+    assert main(["train", str(config), "--train.seed", "-1"]) == 2
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == saved

@@ -6,6 +6,7 @@ import json
 import logging
 
 import pytest
+import yaml
 
 from lorakit.track import flatten, metric_values
 from lorakit.track.runlog import RunLog
@@ -15,17 +16,31 @@ from lorakit.track.status import read_status
 def test_status_follows_the_run(tmp_path):
     for name in ("ok", "bad", "stop"):
         (tmp_path / name).mkdir()
-    log = RunLog(tmp_path / "ok")
+    log = RunLog(tmp_path / "ok", config={"lora": {"r": 4}})
     with log.running():
+        assert not (tmp_path / "ok" / "status.json").exists()  # loading: nothing written yet
+        log.open()  # training begins
         assert read_status(tmp_path / "ok")["state"] == "running"
+        assert yaml.safe_load((tmp_path / "ok" / "run_config.yaml").read_text()) == {"lora": {"r": 4}}
     assert read_status(tmp_path / "ok")["state"] == "finished"
-    with pytest.raises(ValueError), RunLog(tmp_path / "bad").running():
+    with pytest.raises(ValueError), RunLog(tmp_path / "bad").running() as failing:
+        failing.open()
         raise ValueError("data.train_file: line 3: expected JSON\nmore")
     record = read_status(tmp_path / "bad")
     assert record["state"] == "failed" and record["error"] == "ValueError: data.train_file: line 3: expected JSON"
-    with pytest.raises(KeyboardInterrupt), RunLog(tmp_path / "stop").running():
+    with pytest.raises(KeyboardInterrupt), RunLog(tmp_path / "stop").running() as stopped:
+        stopped.open()
         raise KeyboardInterrupt
     assert read_status(tmp_path / "stop")["state"] == "interrupted"
+
+
+def test_a_run_that_fails_before_training_leaves_the_folders_earlier_run_as_it_was(tmp_path):
+    with RunLog(tmp_path, config={"lora": {"r": 8}}).running() as first:
+        first.open()
+    saved = {name: (tmp_path / name).read_bytes() for name in ("status.json", "run_config.yaml")}
+    with pytest.raises(FileNotFoundError), RunLog(tmp_path, config={"lora": {"r": 16}}).running():
+        raise FileNotFoundError("data file not found: x.jsonl")  # while loading: before open()
+    assert {name: (tmp_path / name).read_bytes() for name in saved} == saved
 
 
 def test_resume_keeps_events_up_to_the_checkpoint_and_other_ranks_write_nothing(tmp_path):

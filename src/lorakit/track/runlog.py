@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import tempfile
 from pathlib import Path
+
+import yaml
 
 from lorakit.config import ConfigError
 from lorakit.track import metric_values, missing, open_tracker, requested
@@ -34,9 +38,13 @@ class RunLog:
         self.enabled = enabled
         self.jsonl: MetricsLog | None = None
         self.trackers: dict[str, object] = {}
+        self.started = False  # training began: the folder now holds this run (see `open`)
 
     def open(self, resume_step: int | None = None) -> RunLog:
-        """Start metrics.jsonl afresh, or keep it up to `resume_step` when resuming; start the trackers."""
+        """Training begins: run_config.yaml (the config given) and status.json (running) are written now, not
+        before, so that a run that fails while loading leaves a folder's earlier run as it was. Start
+        metrics.jsonl afresh, or keep it up to `resume_step` when resuming; start the trackers."""
+        self._start()
         self.jsonl = MetricsLog(self.run_dir, resume=resume_step is not None, enabled=self.enabled)
         if resume_step is not None:
             self.jsonl.truncate_after(resume_step)
@@ -78,9 +86,8 @@ class RunLog:
 
     @contextlib.contextmanager
     def running(self):
-        """status.json says running while the block runs, then finished, interrupted or failed; trackers close."""
-        if self.enabled:
-            write_status(self.run_dir, "running", report_to=self.names)
+        """status.json says running from the start of training (`open`), then finished, interrupted or failed;
+        trackers close. A run that ends before training began writes nothing."""
         try:
             yield self
         except KeyboardInterrupt:
@@ -91,8 +98,16 @@ class RunLog:
             raise
         self._end("finished")
 
+    def _start(self) -> None:
+        if self.started or not self.enabled:
+            return
+        self.started = True
+        if self.config:
+            write_atomically(self.run_dir / "run_config.yaml", yaml.safe_dump(self.config, sort_keys=False))
+        write_status(self.run_dir, "running", report_to=self.names)
+
     def _end(self, state: str, **fields) -> None:
-        if not self.enabled:
+        if not self.enabled or not self.started:
             return
         self._each("close", state)
         self.trackers = {}
@@ -113,3 +128,14 @@ class RunLog:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """`text` to `path` through a temporary file beside it: a crash leaves the old file or the new one."""
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
