@@ -60,8 +60,10 @@ def test_ties_merge_writes_an_adapter_peft_loads(adapters, tmp_path, capsys):
         (["a", "b", "--weights", "1", "1", "--method", "dare_ties"], "density: given None; 'dare_ties' needs"),
         (["a", "b", "--weights", "1", "1", "--method", "ties", "--density", "1.5"], "density: given 1.5"),
         (["a", "nope", "--weights", "1", "1"], "nope/adapter_config.json: not found"),
+        (["a", "b", "--weights", "nan", "0.5"], "weights: given nan, expected a finite number"),
+        (["a", "b", "--weights", "1", "1", "--method", "svd", "--svd-clamp", "5"], "svd_clamp: given 5.0, expected a quantile"),
     ],
-    ids=["weights", "ranks", "no-density", "density-range", "missing-folder"],
+    ids=["weights", "ranks", "no-density", "density-range", "missing-folder", "nan-weight", "svd-clamp"],
 )
 def test_bad_input_is_one_line_and_writes_nothing(adapters, tmp_path, capsys, argv, message):
     argv = [adapters / a if a in ("a", "b", "c", "nope") else a for a in argv]

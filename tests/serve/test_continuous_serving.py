@@ -253,7 +253,8 @@ def test_scheduler_flags_are_checked_in_one_line(capsys):
 
     for flags, expected in [(["--scheduler", "fifo"], "invalid choice: 'fifo'"),
                             (["--prefill", "chunked"], "invalid choice: 'chunked'"),
-                            (["--max-kv-tokens", "1"], "max_kv_tokens must be >= 2")]:  # fmt: skip
+                            (["--max-kv-tokens", "1"], "max_kv_tokens must be >= 2"),
+                            (["--port", "70000"], "port must be <= 65535")]:  # fmt: skip
         try:
             code = main(["serve", "--model", "unused", *flags])
         except SystemExit as exit_:  # argparse's own refusal

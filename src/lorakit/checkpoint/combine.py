@@ -47,7 +47,7 @@ def combine_adapter_folders(
         raise ConfigError(f"--weights: {len(weights)} given for {len(folders)} adapters; give one weight per adapter")
     configs = [read_adapter_config(folder) for folder in folders]
     problems = option_problems(combination_type if len(folders) > 1 else "linear", configs, density,
-                               majority_sign_method, svd_rank)
+                               majority_sign_method, svd_rank, svd_clamp, weights)
     if problems:  # before the base is loaded
         raise ConfigError("; ".join(problems))
     model_name = model_name or configs[0].base_model_name_or_path

@@ -17,6 +17,20 @@ def write_run_card(adapter_dir: str | Path, **fields) -> None:
 
 
 def read_run_card(adapter_dir: str | Path | None) -> dict:
-    """The run card's fields, or {} when the folder has none (or no folder is given)."""
+    """The run card's fields, or {} when the folder has none (or no folder is given).
+
+    Raises:
+        AdapterError: the card is not a JSON object (damaged, or not lorakit's).
+    """
+    from lorakit.checkpoint.peft_io import AdapterError
+
     path = Path(adapter_dir) / RUN_CARD if adapter_dir else None
-    return json.loads(path.read_text(encoding="utf-8")) if path and path.is_file() else {}
+    if not path or not path.is_file():
+        return {}
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise AdapterError(f"{path}: not valid JSON ({err}); expected lorakit's run card, or no file") from None
+    if not isinstance(card, dict):
+        raise AdapterError(f"{path}: holds a JSON {type(card).__name__}; expected lorakit's run card (an object)")
+    return card

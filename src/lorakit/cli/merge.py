@@ -27,7 +27,8 @@ def add_parser(commands) -> None:
     )
     parser.add_argument("--model", required=True, help="the adapter's base: built-in name, folder, .gguf or Hub id")
     parser.add_argument("--adapter", required=True, help="a PEFT-format adapter folder")
-    parser.add_argument("--output", required=True, help="folder for the merged model and its tokenizer")
+    parser.add_argument("--output", required=True, help="a new (or empty) folder for the merged model and its tokenizer")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --output folder (never the base's)")
     add_quantization_flags(parser)
     parser.add_argument(
         "--base-full-precision", action="store_true",
@@ -38,7 +39,10 @@ def add_parser(commands) -> None:
 
 
 def run(args, _overrides) -> int:
+    import shutil
     import sys
+    import tempfile
+    from pathlib import Path
 
     from lorakit.config import ConfigError
     from lorakit.infer.load import load_merged
@@ -46,8 +50,13 @@ def run(args, _overrides) -> int:
 
     if args.base_full_precision and not args.bits:
         raise ConfigError("--base-full-precision compares against a quantised base: add --load-in-4bit or --load-in-8bit")
-    if os.path.exists(args.output) and not os.path.isdir(args.output):
-        raise ConfigError(f"--output {args.output}: is a file; expected a folder (new or existing) for the merged model")
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output {output}: is a file; expected a new or empty folder for the merged model")
+    if any(output.resolve() == Path(source).resolve() for source in (args.model, args.adapter) if Path(source).exists()):
+        raise ConfigError(f"--output {output}: is the base model's or the adapter's folder; name a new folder")
+    if output.is_dir() and any(output.iterdir()) and not args.force:
+        raise ConfigError(f"--output {output}: already holds files; name a new or empty folder, or add --force")
     merged, tokenizer, gaps, note = load_merged(args.model, args.adapter, args.bits, args.base_full_precision)
     if note:
         print(f"note: {note}", file=sys.stderr)
@@ -55,7 +64,15 @@ def run(args, _overrides) -> int:
         print(f"logits on {len(GAP_PROMPTS)} prompts, against the adapter on the {args.bits}-bit base:")
         for gap in gaps:
             print(f"  {gap.line()}")
-    merged.save_pretrained(args.output)
-    tokenizer.save_pretrained(args.output)
-    print(f"merged model written to {args.output}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+    try:  # written whole beside the output, then put in its place: never half a model under its name
+        merged.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"merged model written to {output}")
     return 0

@@ -151,7 +151,8 @@ def add_weighted_adapter(
         ConfigError: a name, weight, method or option is not allowed, naming it and what is.
     """
     configs = [adapter_config(model, n) for n in names]
-    _check(model, names, weights, new_name, combination_type, configs, density, majority_sign_method, svd_rank)
+    _check(model, names, weights, new_name, combination_type, configs, density, majority_sign_method, svd_rank,
+           svd_clamp)
     method = "linear" if len(names) == 1 else combination_type  # PEFT's rule for a single adapter
     ranks = [max([c.r, *c.rank_pattern.values()]) for c in configs]
     rank = {"cat": sum(ranks), "factors": ranks[0], "svd": svd_rank or max(ranks)}[COMBINATIONS[method].form]
@@ -189,7 +190,7 @@ def add_weighted_adapter(
     return config
 
 
-def _check(model, names, weights, new_name, method, configs, density, sign_method, svd_rank) -> None:
+def _check(model, names, weights, new_name, method, configs, density, sign_method, svd_rank, svd_clamp) -> None:
     problems = []
     if len(names) != len(weights) or not names:
         problems.append(f"weights: {len(weights)} given for {len(names)} adapters; give one weight per adapter")
@@ -197,14 +198,18 @@ def _check(model, names, weights, new_name, method, configs, density, sign_metho
         problems.append(f"adapter '{new_name}' already exists on this model; pick another name")
     if any(c.modules_to_save for c in configs[1:]):
         problems.append("only the first adapter may carry modules_to_save (a trained head cannot be combined)")
-    problems += option_problems(method, configs, density, sign_method, svd_rank)
+    problems += option_problems(method, configs, density, sign_method, svd_rank, svd_clamp, weights)
     if problems:
         raise ConfigError("add_weighted_adapter: " + "; ".join(problems))
 
 
-def option_problems(method: str, configs: list[LoraConfig], density, sign_method: str, svd_rank) -> list[str]:
+def option_problems(method: str, configs: list[LoraConfig], density, sign_method: str, svd_rank, svd_clamp=None,
+                    weights=()) -> list[str]:
     """What is wrong with a combination's options for adapters with these configs, one line each."""
-    problems = []
+    problems = [f"weights: given {w!r}, expected a finite number" for w in weights
+                if not isinstance(w, (int, float)) or not math.isfinite(w)]
+    if svd_clamp is not None and (not isinstance(svd_clamp, (int, float)) or not 0 <= svd_clamp <= 1):
+        problems.append(f"svd_clamp: given {svd_clamp!r}, expected a quantile in [0, 1]")
     combination = COMBINATIONS.get(method)
     if combination is None:
         problems.append(f"combination_type: given {method!r}, expected one of {', '.join(COMBINATIONS)}")

@@ -91,6 +91,8 @@ class ServeConfig:
             ]
             if getattr(self, name) < low
         ]
+        if self.port > 65535:
+            problems.append(f"port must be <= 65535 (got {self.port})")
         if self.scheduler not in SCHEDULERS:
             problems.append(f"scheduler must be one of {', '.join(SCHEDULERS)} (got {self.scheduler!r})")
         if self.prefill not in PREFILLS:
