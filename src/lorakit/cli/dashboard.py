@@ -40,8 +40,7 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace, _overrides) -> int:
-    import uvicorn
-
+    from lorakit.cli.listening import listening_socket, serve_on
     from lorakit.config import ConfigError
     from lorakit.dashboard.app import build_app
 
@@ -59,8 +58,9 @@ def run(args: argparse.Namespace, _overrides) -> int:
         print(f"lorakit dashboard: warning: listening on {config.host}: anyone who can reach this machine and has the "
               "key can read these runs; the connection is plain HTTP (put TLS in front for untrusted networks)",
               file=sys.stderr)
+    sock = listening_socket(config.host, config.port)
     shown = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
     key = "/?key=<your key>" if config.api_key else "/"
-    print(f"lorakit dashboard: {app.state.root} on http://{shown}:{config.port}{key}", flush=True)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info" if args.verbose else "warning")
+    print(f"lorakit dashboard: {app.state.root} on http://{shown}:{sock.getsockname()[1]}{key}", flush=True)
+    serve_on(app, sock, "info" if args.verbose else "warning")
     return 0

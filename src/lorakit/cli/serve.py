@@ -86,8 +86,7 @@ def parse_adapters(specs: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace, _overrides) -> int:
-    import uvicorn
-
+    from lorakit.cli.listening import listening_socket, serve_on
     from lorakit.config import ConfigError
     from lorakit.serve.app import build_app
     from lorakit.serve.registry import RegistryError
@@ -99,10 +98,11 @@ def run(args: argparse.Namespace, _overrides) -> int:
         app = build_app(args.model, parse_adapters(args.adapter), config)
     except RegistryError as err:
         raise ConfigError(f"--adapter: {err}") from None
+    sock = listening_socket(config.host, config.port)
     print(
         f"lorakit serve: {args.model} with adapters {', '.join(app.state.registry.names()) or 'none'} "
-        f"on http://{config.host}:{config.port}/v1",
+        f"on http://{config.host}:{sock.getsockname()[1]}/v1",
         flush=True,
     )
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info" if args.verbose else "warning")
+    serve_on(app, sock, "info" if args.verbose else "warning")
     return 0
