@@ -88,10 +88,10 @@ def assert_one_error_line(command: str, code: int, err: str, *, allow_success: b
 
 @pytest.fixture(autouse=True)
 def servers_return_at_once(monkeypatch):
-    """`serve` and `dashboard` build their app and would then block in uvicorn.run: return instead."""
-    import uvicorn
+    """`serve` and `dashboard` build their app, bind their socket and would then block serving: return instead."""
+    from lorakit.cli import listening
 
-    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
+    monkeypatch.setattr(listening, "serve_on", lambda app, sock, log_level: sock.close())
 
 
 # --------------------------------------------------------------------------- listed cases
@@ -294,8 +294,8 @@ UNREADABLE = {
 }
 DRIVER = """
 import contextlib, io, json, sys
-import uvicorn
-uvicorn.run = lambda *a, **k: None
+import lorakit.cli.listening
+lorakit.cli.listening.serve_on = lambda app, sock, log_level: sock.close()
 from lorakit.cli import main
 results = []
 for argv in json.loads(sys.argv[1]):

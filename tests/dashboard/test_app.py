@@ -150,14 +150,20 @@ def test_cli_refuses_another_host_without_a_key_and_a_missing_folder(runs, monke
 
 
 def test_cli_listens_on_loopback_by_default(runs, monkeypatch, capsys):
-    import uvicorn
+    from lorakit.cli import listening
 
     called = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: called.update(kwargs))
-    assert main(["dashboard", str(runs)]) == 0
-    assert called["host"] == "127.0.0.1" and called["port"] == 7860
+
+    def serve_on(app, sock, log_level):  # the socket the CLI bound, read back instead of served
+        called["address"] = sock.getsockname()
+        sock.close()
+
+    monkeypatch.setattr(listening, "serve_on", serve_on)
+    assert main(["dashboard", str(runs), "--port", "0"]) == 0
+    host, port = called["address"]
+    assert host == "127.0.0.1" and port > 0
     out, err = capsys.readouterr()
-    assert "http://127.0.0.1:7860/" in out and err == ""
+    assert f"http://127.0.0.1:{port}/" in out and err == ""
 
 
 def test_cli_on_another_host_warns_and_serves_with_the_key(runs):
