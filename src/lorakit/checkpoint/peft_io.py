@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.config import ConfigError, LoraConfig
-from lorakit.lora.adapters import adapter_config, in_saved_module, lora_layers, saved_modules
+from lorakit.lora.adapters import adapter_config, in_saved_module, lora_layers, remove_adapter_parts, saved_modules
 from lorakit.lora.inject import inject
 from lorakit.lora.inits import MOVES_BASE
 from lorakit.lora.variants import VARIANTS
@@ -175,17 +175,23 @@ def _write_atomic(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def read_json_object(path: Path, expected: str) -> dict:
+    """The JSON object in `path`; AdapterError naming the file where it is not JSON or not an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise AdapterError(f"{path}: not valid JSON ({err}); expected {expected}") from None
+    if not isinstance(data, dict):
+        raise AdapterError(f"{path}: holds a JSON {type(data).__name__}; expected {expected}")
+    return data
+
+
 def read_adapter_config(directory: str | Path) -> LoraConfig:
     """The LoraConfig of a PEFT adapter folder, whoever wrote it."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise AdapterError(f"{path}: not found; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
-        raise AdapterError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise AdapterError(f"{path}: holds a JSON {type(data).__name__}; expected an object of LoRA settings")
+    data = read_json_object(path, "an object of LoRA settings")
     if data.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{path}: peft_type is {data.get('peft_type')!r}; lorakit reads LORA adapters")
     for key in PEFT_FLAGS:
@@ -276,7 +282,7 @@ def load_adapter(
         except AdapterError as err:
             raise AdapterError(f"{err}{made_for}") from None
     except BaseException:
-        _undo_inject(model, name)  # whatever failed, and wherever inject stopped: no part of it stays
+        remove_adapter_parts(model, name)  # whatever failed, and wherever inject stopped: no part of it stays
         raise
     return adapter_config(model, name)
 
@@ -308,17 +314,6 @@ def _check_lora_only(model: nn.Module, name: str, tensors: dict[str, torch.Tenso
                            "between adapters and loads LoRA factors only")
 
 
-def _undo_inject(model: nn.Module, name: str) -> None:
-    """Remove whatever of adapter `name` a failed load had added (an inject stopped half-way included)."""
-    for _, layer in lora_layers(model):
-        if name in layer.adapters:
-            layer.delete_adapter(name)
-    for _, wrapper in saved_modules(model):
-        if name in wrapper.copies:
-            del wrapper.copies[name]
-            wrapper.active = None if wrapper.active == name else wrapper.active
-    if hasattr(model, "lora_configs"):
-        model.lora_configs = {k: v for k, v in model.lora_configs.items() if k != name}
 
 
 @torch.no_grad()

@@ -22,15 +22,9 @@ def read_run_card(adapter_dir: str | Path | None) -> dict:
     Raises:
         AdapterError: the card is not a JSON object (damaged, or not lorakit's).
     """
-    from lorakit.checkpoint.peft_io import AdapterError
+    from lorakit.checkpoint.peft_io import read_json_object  # peft_io reads the card's neighbours the same way
 
     path = Path(adapter_dir) / RUN_CARD if adapter_dir else None
     if not path or not path.is_file():
         return {}
-    try:
-        card = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
-        raise AdapterError(f"{path}: not valid JSON ({err}); expected lorakit's run card, or no file") from None
-    if not isinstance(card, dict):
-        raise AdapterError(f"{path}: holds a JSON {type(card).__name__}; expected lorakit's run card (an object)")
-    return card
+    return read_json_object(path, "lorakit's run card (an object), or no file")

@@ -122,6 +122,11 @@ def use_adapter(model: nn.Module, name: str):
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter `name` everywhere; layers left with no adapter stay wrapped and act as the base."""
     adapter_config(model, name)
+    remove_adapter_parts(model, name)
+
+
+def remove_adapter_parts(model: nn.Module, name: str) -> None:
+    """Remove whatever of adapter `name` the model holds, a load that failed half-way included (no config needed)."""
     for _, layer in lora_layers(model):
         if name in layer.adapters:
             layer.delete_adapter(name)
@@ -129,7 +134,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if name in wrapper.copies:
             del wrapper.copies[name]
             wrapper.active = None if wrapper.active == name else wrapper.active
-    model.lora_configs = {k: v for k, v in model.lora_configs.items() if k != name}
+    model.lora_configs = {k: v for k, v in getattr(model, "lora_configs", {}).items() if k != name}
 
 
 # serve/generate --lora-dtype: the type adapters round to
