@@ -54,11 +54,11 @@ def run(args: argparse.Namespace, _overrides) -> int:
     except OSError as err:  # the page would list nothing and say nothing of why
         raise ConfigError(f"{args.runs_dir}: cannot be read ({err.strerror}); expected a readable folder of run folders") from None
     app = build_app(args.runs_dir, config)
+    sock = listening_socket(config.host, config.port)  # before the warning: a host it cannot take is the one line
     if not config.loopback:
         print(f"lorakit dashboard: warning: listening on {config.host}: anyone who can reach this machine and has the "
               "key can read these runs; the connection is plain HTTP (put TLS in front for untrusted networks)",
               file=sys.stderr)
-    sock = listening_socket(config.host, config.port)
     shown = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
     key = "/?key=<your key>" if config.api_key else "/"
     print(f"lorakit dashboard: {app.state.root} on http://{shown}:{sock.getsockname()[1]}{key}", flush=True)

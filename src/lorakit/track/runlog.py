@@ -102,6 +102,7 @@ class RunLog:
         if self.started or not self.enabled:
             return
         self.started = True
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.config:
             write_atomically(self.run_dir / "run_config.yaml", yaml.safe_dump(self.config, sort_keys=False))
         write_status(self.run_dir, "running", report_to=self.names)
