@@ -170,7 +170,8 @@ def _loop_problems(train: TrainConfig) -> list[str]:
     learning rate for B; epochs 0 or below quietly became one step)."""
     out = []
     if not train.max_steps > 0 and not train.epochs > 0:
-        out.append(f"train.epochs: given {train.epochs!r}, expected a positive number of passes (or train.max_steps > 0)")
+        out.append(f"train.epochs: given {train.epochs!r}, expected a positive number of passes "
+                   "(or train.max_steps > 0)")
     if train.max_steps < 0:
         out.append(f"train.max_steps: given {train.max_steps!r}, expected 0 (use epochs) or a positive number of steps")
     for name, allowed, expected in [

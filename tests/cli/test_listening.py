@@ -14,7 +14,8 @@ from lorakit.config import ConfigError
 def test_a_port_in_use_and_an_unknown_host_name_their_flag():
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        with pytest.raises(ConfigError, match=rf"--port {port}: cannot listen on 127.0.0.1:{port} \(Address already in use\)"):
+        in_use = rf"--port {port}: cannot listen on 127.0.0.1:{port} \(Address already in use\)"
+        with pytest.raises(ConfigError, match=in_use):
             listening_socket("127.0.0.1", port)
     with pytest.raises(ConfigError, match=r"--host no.such.host.invalid: cannot be resolved"):
         listening_socket("no.such.host.invalid", 0)

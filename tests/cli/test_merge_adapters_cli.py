@@ -61,7 +61,8 @@ def test_ties_merge_writes_an_adapter_peft_loads(adapters, tmp_path, capsys):
         (["a", "b", "--weights", "1", "1", "--method", "ties", "--density", "1.5"], "density: given 1.5"),
         (["a", "nope", "--weights", "1", "1"], "nope/adapter_config.json: not found"),
         (["a", "b", "--weights", "nan", "0.5"], "weights: given nan, expected a finite number"),
-        (["a", "b", "--weights", "1", "1", "--method", "svd", "--svd-clamp", "5"], "svd_clamp: given 5.0, expected a quantile"),
+        (["a", "b", "--weights", "1", "1", "--method", "svd", "--svd-clamp", "5"],
+         "svd_clamp: given 5.0, expected a quantile"),
     ],
     ids=["weights", "ranks", "no-density", "density-range", "missing-folder", "nan-weight", "svd-clamp"],
 )

@@ -294,8 +294,10 @@ def test_an_adapter_that_is_unsafe_to_serve_is_refused_and_leaves_the_base_and_t
     for name in ["nan", "basepatch", "badsave", "linked"]:
         shutil.copytree(root / "late", root / name, dirs_exist_ok=True)
     tensors = load_file(root / "nan" / "adapter_model.safetensors")
-    save_file({k: torch.full_like(v, float("nan")) for k, v in tensors.items()}, root / "nan" / "adapter_model.safetensors")
-    norm = next(p for n, p in load_causal_lm(toy[0]).named_parameters() if n.endswith("norm.weight") and "layers" not in n)
+    save_file({k: torch.full_like(v, float("nan")) for k, v in tensors.items()},
+              root / "nan" / "adapter_model.safetensors")
+    norm = next(p for n, p in load_causal_lm(toy[0]).named_parameters()
+                if n.endswith("norm.weight") and "layers" not in n)
     save_file({**tensors, "base_model.model.model.norm.weight": torch.zeros_like(norm)},
               root / "basepatch" / "adapter_model.safetensors")
     config = json.loads((root / "badsave" / "adapter_config.json").read_text())
@@ -306,8 +308,8 @@ def test_an_adapter_that_is_unsafe_to_serve_is_refused_and_leaves_the_base_and_t
     (root / "linked" / "adapter_model.safetensors").symlink_to(outside)
 
     manage = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
-    for path, why in [("nan", "NaN or infinite"), ("basepatch", "is not a LoRA weight"), ("badsave", "trains whole modules too"),
-                      ("linked", "links outside the adapters root")]:
+    for path, why in [("nan", "NaN or infinite"), ("basepatch", "is not a LoRA weight"),
+                      ("badsave", "trains whole modules too"), ("linked", "links outside the adapters root")]:
         for _ in range(2):  # the same again: nothing of the first try is left to block the name
             reply = manage.post("/adapters", json={"name": "unsafe", "path": path})
             assert reply.status_code == 400 and reply.json()["error"]["param"] == "path", reply.text

@@ -291,7 +291,8 @@ def _check_values(tensors: dict[str, torch.Tensor], directory: Path) -> None:
     """Every floating-point value finite: a NaN or an infinity would make every output of the adapter NaN."""
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise AdapterError(f"{directory / WEIGHTS_NAME}: {key} holds NaN or infinite values; expected finite weights")
+            raise AdapterError(
+                f"{directory / WEIGHTS_NAME}: {key} holds NaN or infinite values; expected finite weights")
 
 
 def _check_ranks(config: LoraConfig, tensors: dict[str, torch.Tensor], directory: Path) -> None:

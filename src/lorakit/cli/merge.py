@@ -27,7 +27,8 @@ def add_parser(commands) -> None:
     )
     parser.add_argument("--model", required=True, help="the adapter's base: built-in name, folder, .gguf or Hub id")
     parser.add_argument("--adapter", required=True, help="a PEFT-format adapter folder")
-    parser.add_argument("--output", required=True, help="a new (or empty) folder for the merged model and its tokenizer")
+    parser.add_argument("--output", required=True,
+                        help="a new (or empty) folder for the merged model and its tokenizer")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --output folder (never the base's)")
     add_quantization_flags(parser)
     parser.add_argument(
@@ -53,7 +54,8 @@ def run(args, _overrides) -> int:
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise ConfigError(f"--output {output}: is a file; expected a new or empty folder for the merged model")
-    if any(output.resolve() == Path(source).resolve() for source in (args.model, args.adapter) if Path(source).exists()):
+    sources = [Path(source).resolve() for source in (args.model, args.adapter) if Path(source).exists()]
+    if output.resolve() in sources:
         raise ConfigError(f"--output {output}: is the base model's or the adapter's folder; name a new folder")
     if output.is_dir() and any(output.iterdir()) and not args.force:
         raise ConfigError(f"--output {output}: already holds files; name a new or empty folder, or add --force")
