@@ -107,19 +107,15 @@ class LoraConfig:
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             out.append(f"lora.task_type: given {self.task_type!r}, expected one of {', '.join(TASK_TYPES)}")
         out += _target_problems(self.target_modules)
-        for name in ("rank_pattern", "alpha_pattern"):
+        for name, kind, expected in [("rank_pattern", int, "a positive integer"),
+                                     ("alpha_pattern", (int, float), "a positive number")]:
             pattern = getattr(self, name)
             if not isinstance(pattern, dict):
                 out.append(f"lora.{name}: given {pattern!r}, expected a mapping of module name patterns to values")
-                setattr(self, name, {})  # the other checks read it
-            else:
-                out += [f"lora.{name}[{key!r}]: {why}" for key in pattern if (why := _regex_problem(key))]
-        for key, value in self.rank_pattern.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                out.append(f"lora.rank_pattern[{key!r}]: given {value!r}, expected a positive integer")
-        for key, value in self.alpha_pattern.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                out.append(f"lora.alpha_pattern[{key!r}]: given {value!r}, expected a positive number")
+                continue
+            out += [f"lora.{name}[{key!r}]: {why}" for key in pattern if (why := _regex_problem(key))]
+            out += [f"lora.{name}[{key!r}]: given {value!r}, expected {expected}" for key, value in pattern.items()
+                    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0]
         chosen = [flag for flag in VARIANTS if getattr(self, flag, False)]
         if len(chosen) > 1:
             out.append(f"lora.{chosen[0]} and lora.{chosen[1]} are both set; an adapter is one variant, pick one")
