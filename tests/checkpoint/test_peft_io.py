@@ -249,3 +249,12 @@ def test_lora_only_refuses_a_weight_of_the_base_and_leaves_the_base_as_it_was(tm
     assert torch.equal(model.model.norm.weight, norm) and _nothing_of(model)
     lorakit.load_adapter(model, tmp_path)  # a library load may write it (a bias or a saved module trained with it)
     assert not model.model.norm.weight.any()
+
+
+def test_a_file_given_as_the_adapter_folder_is_named_as_one(tmp_path):
+    from lorakit.checkpoint.peft_io import read_adapter_config
+
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n")
+    with pytest.raises(AdapterError, match=rf"^{text}: is a file; expected an adapter folder holding {CONFIG_NAME}"):
+        read_adapter_config(text)

@@ -67,7 +67,22 @@ def test_usage_errors_are_argparse_lines_with_code_2(capsys):
     code, lines = cli(capsys, "inspect")
     assert code == 2 and lines == ["lorakit inspect: error: the following arguments are required: adapter"]
     code, lines = cli(capsys, "generate", "--model", "m", "--prompt", "p", "--max-new-tokens", "many")
-    assert code == 2 and lines == ["lorakit generate: error: argument --max-new-tokens: invalid int value: 'many'"]
+    assert code == 2 and lines == [
+        "lorakit generate: error: argument --max-new-tokens: given 'many', expected a positive integer"]
+
+
+@pytest.mark.parametrize("argv", [
+    ("eval", "--model", "m", "--data", "d.jsonl", "--batch-size", "0"),
+    ("generate", "--model", "m", "--prompt", "p", "--batch-size", "-3"),
+    ("mine-preferences", "--model", "m", "--data", "d.jsonl", "--output", "o.jsonl", "--samples", "0"),
+    ("merge-adapters", "a", "b", "--weights", "1", "1", "--output", "o", "--svd-rank", "0"),
+])
+def test_counts_name_their_flag_before_any_model_loads(capsys, argv):
+    """A count below 1 is a usage error naming the flag (not a config field), raised while parsing."""
+    code, lines = cli(capsys, *argv)
+    flag = argv[-2]
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].endswith(f"error: argument {flag}: given {int(argv[-1])}, expected a positive integer"), lines
 
 
 def test_a_real_process_prints_no_traceback(tmp_path):

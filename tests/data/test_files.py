@@ -122,6 +122,12 @@ def test_missing_file(tmp_path):
         load_records(tmp_path / "nope.jsonl")
 
 
+def test_a_folder_is_named_as_one(tmp_path):
+    (tmp_path / "data.jsonl").mkdir()
+    assert data_error_of(load_records, tmp_path / "data.jsonl") == (
+        f"{tmp_path / 'data.jsonl'}: is a folder; expected a data file (.jsonl, .json, .csv or .tsv)")
+
+
 def test_json_that_is_not_an_array(tmp_path):
     path = write_file(tmp_path, "d.json", '\n"just a string"\n')
     assert data_error_of(load_records, path) == f"{path}:2: expected a JSON array of objects ('[' first)"

@@ -121,7 +121,8 @@ def test_unknown_record_format():
 
 def test_text_label_is_a_hook_until_a_validator_is_registered(monkeypatch):
     records = [{"text": "good", "label": "pos", "_source": "s.csv", "_line": 2}]
-    assert "no validator registered" in data_error_of(validate_records, records)
+    assert data_error_of(validate_records, records) == (
+        "s.csv:2: text+label records are classification data; a run with task: seq_cls trains on them")
 
     monkeypatch.setattr(formats, "_VALIDATORS", dict(formats._VALIDATORS))  # undone after the test
     seen = []

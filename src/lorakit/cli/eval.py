@@ -7,7 +7,7 @@ import json
 import sys
 
 from lorakit.cli.generate import add_model_arguments, load_for_inference
-from lorakit.cli.parsing import subcommand
+from lorakit.cli.parsing import positive_int, subcommand
 from lorakit.tasks import TASKS
 
 EXAMPLES = """examples:
@@ -31,8 +31,8 @@ def add_parser(commands) -> None:
     add_model_arguments(parser, model_required=False)
     parser.add_argument("--data", help="JSONL/JSON/CSV file of instruction/output records (with --model)")
     parser.add_argument("--task", choices=list(TASKS), help="task scorer (default: exact match only)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=32)
     saved = parser.add_argument_group("scoring saved E2E outputs (--task e2e)")
     saved.add_argument("--predictions", help="TSV with the header MR<TAB>output, one line per meaning representation")
     saved.add_argument("--references", help="E2E CSV (mr,ref) with every reference of each MR; "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lorakit.cli.parsing import add_quantization_flags, subcommand
+from lorakit.cli.parsing import add_quantization_flags, positive_int, subcommand
 from lorakit.serve.config import LORA_DTYPES, QUANTIZE
 
 EXAMPLES = """examples:
@@ -38,11 +38,11 @@ def add_parser(commands) -> None:
     source.add_argument("--input", help="JSONL file of {\"instruction\": ...} records (with --chat: conversations)")
     parser.add_argument("--chat", action="store_true", help="chat mode: render conversations with the chat template")
     parser.add_argument("--output", help="where batch mode writes its JSONL (required with --input)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=64, help="prompts per batch (left-padded)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="prompts per batch (left-padded)")
     parser.set_defaults(run=run)
 
 

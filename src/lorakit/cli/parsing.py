@@ -15,6 +15,18 @@ def subcommand(commands, name: str, help: str, description: str, examples: str) 
     return parser
 
 
+def positive_int(text: str) -> int:
+    """An argparse type for counts (--batch-size, --max-new-tokens): a bad value is argparse's one line naming the
+    flag, exit 2, before any model is loaded."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"given {text!r}, expected a positive integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"given {value}, expected a positive integer")
+    return value
+
+
 def add_quantization_flags(parser: argparse.ArgumentParser) -> None:
     """--load-in-4bit / --load-in-8bit: the base's linear layers quantised by bitsandbytes (QLoRA)."""
     group = parser.add_mutually_exclusive_group()

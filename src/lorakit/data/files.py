@@ -45,6 +45,8 @@ def load_records(path: str | Path, *, fmt: str | None = None) -> list[dict[str, 
             records at all.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; expected a data file (.jsonl, .json, .csv or .tsv)")
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     source = str(path)

@@ -118,9 +118,13 @@ def validate_records(records: list[dict[str, Any]], fmt: str | None = None, sour
     if fmt not in RECORD_FORMATS:
         raise DataError(f"unknown record format {fmt!r}; expected one of {', '.join(RECORD_FORMATS)}")
     if fmt not in _VALIDATORS:
+        if fmt == "text_label":  # registered by the classification task only
+            first = records[0] if isinstance(records[0], dict) else {}
+            raise DataError(f"{where(first, source)}: text+label records are classification data; "
+                            "a run with task: seq_cls trains on them")
         raise DataError(
-            f"record format {fmt!r} has no validator registered; the classification task registers "
-            "one with lorakit.data.formats.register_validator"
+            f"record format {fmt!r} has no validator registered; register one with "
+            "lorakit.data.formats.register_validator"
         )
     check = _VALIDATORS[fmt]
     for record in records:
