@@ -148,7 +148,7 @@ def test_a_prompt_pass_of_its_own_takes_the_batchs_kept_factors(toy, monkeypatch
     """A join prefilled in a forward pass of its own (an idle batch, or prefill="apart") uses the batch's
     side-by-side factors, valid until adapters_changed(): it neither builds them again nor re-reads every
     adapter's parameters to check them; its rows keep their merged outputs."""
-    from lorakit.lora import mixed_features
+    from lorakit.lora import side_by_side
 
     folder, root = toy
     tokenizer, model = loaded(toy, NAMES)
@@ -164,7 +164,7 @@ def test_a_prompt_pass_of_its_own_takes_the_batchs_kept_factors(toy, monkeypatch
 
     serve([(0, "a"), (1, "b")])
     features, checks = batch._features, []
-    monkeypatch.setattr(mixed_features._Kept, "holds", lambda kept, present: checks.append(kept) or True)
+    monkeypatch.setattr(side_by_side.KeptFactors, "holds", lambda kept, present: checks.append(kept) or True)
     plan = [(2, "b"), (3, "a")]
     texts = serve(plan)
     assert checks == [] and batch._features is features

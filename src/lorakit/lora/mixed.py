@@ -47,96 +47,13 @@ from torch import nn
 
 from lorakit.lora.adapters import adapter_config, lora_layers, saved_modules
 from lorakit.lora.base import PLAIN_LINEARS, decode_linear
+from lorakit.lora.mixed_downs import RowDown, StackedDown
 from lorakit.lora.mixed_features import rows_forward
 
 STRATEGIES = ("auto", "stacked", "gathered", "grouped")
 _UNSET = object()
 # Children of one module that transformers' attention and MLP blocks call on the same tensor.
 SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
-
-
-class _Down:
-    """x A^T for one layer or a group of siblings fed the same x, gathered per row: A_rows
-    (B, in, sum of r), and the last input seen with its product, so each sibling after the first
-    only slices it."""
-
-    def __init__(self, A_rows: torch.Tensor):
-        self.A_rows = A_rows
-        self.width = A_rows.shape[-1]
-        self._x: torch.Tensor | None = None
-        self._version = -1
-        self._h: torch.Tensor | None = None
-
-    def of(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """x (B, ..., in) -> x A^T restricted to columns start:stop, shape (B, T, stop - start)."""
-        if x is not self._x or x._version != self._version:
-            rows = x if x.dim() == 3 else x.reshape(x.shape[0], -1, x.shape[-1])
-            if rows.dtype != self.A_rows.dtype:
-                rows = rows.to(self.A_rows.dtype)
-            self._h = torch.bmm(rows, self.A_rows)
-            self._x, self._version = x, x._version
-        return self._h if stop - start == self.width else self._h[..., start:stop]
-
-    def add(self, out: torch.Tensor, x: torch.Tensor, start: int, stop: int, B_rows: torch.Tensor) -> torch.Tensor:
-        """out + (x A^T) s B^T row by row; B_rows (B, r, out). Without autograd the add rides on the
-        second matmul, in place (baddbmm_): one op and one temporary fewer per layer and step."""
-        h = self.of(x, start, stop)  # (B, T, r)
-        if torch.is_grad_enabled() or out.dtype != B_rows.dtype or not out.is_contiguous():
-            return out + torch.bmm(h, B_rows).reshape(out.shape).to(out.dtype)
-        if out.dim() == 3:
-            return out.baddbmm_(h, B_rows)
-        return out.view(out.shape[0], -1, out.shape[-1]).baddbmm_(h, B_rows).view(out.shape)
-
-    def select(self, index: torch.Tensor) -> None:
-        self.A_rows = self.A_rows[index.to(self.A_rows.device)]
-        self._x = self._h = None
-
-    @staticmethod
-    def keep(B_rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return B_rows[index.to(B_rows.device)]
-
-
-class _StackedDown(_Down):
-    """x A^T for every adapter of the batch at once: A (in, W) holds the adapters' A^T side by side
-    (a sibling group's too), owner (W,) the slot of each column; row b keeps only its own slot's
-    columns (mask (B, W)), so (x A^T * mask) s B^T with B stacked the same way is each row's term."""
-
-    def __init__(self, A: torch.Tensor, owner: torch.Tensor, index: torch.Tensor):
-        super().__init__(A)
-        self.owner = owner
-        self.mask = (index.to(owner.device)[:, None] == owner[None, :]).to(A.dtype)  # (B, W)
-
-    def of(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """x (B, ..., in) -> masked x A^T restricted to columns start:stop, shape (B * T, stop - start)."""
-        if x is not self._x or x._version != self._version:
-            rows = x.reshape(-1, x.shape[-1])
-            if rows.dtype != self.A_rows.dtype:
-                rows = rows.to(self.A_rows.dtype)
-            h = rows @ self.A_rows  # (B * T, W)
-            per_row = h.view(self.mask.shape[0], -1, self.width)
-            if torch.is_grad_enabled():
-                h = (per_row * self.mask[:, None]).view(h.shape)
-            else:
-                per_row.mul_(self.mask[:, None])
-            self._h = h
-            self._x, self._version = x, x._version
-        return self._h if stop - start == self.width else self._h[:, start:stop]
-
-    def add(self, out: torch.Tensor, x: torch.Tensor, start: int, stop: int, B: torch.Tensor) -> torch.Tensor:
-        """out + (masked x A^T) s B^T; B (r, out) stacked. Without autograd, one addmm_ in place."""
-        h = self.of(x, start, stop)  # (B * T, r)
-        if torch.is_grad_enabled() or out.dtype != B.dtype or not out.is_contiguous():
-            return out + (h @ B).view(out.shape).to(out.dtype)
-        out.view(-1, out.shape[-1]).addmm_(h, B)
-        return out
-
-    def select(self, index: torch.Tensor) -> None:
-        self.mask = self.mask[index.to(self.mask.device)]
-        self._x = self._h = None
-
-    @staticmethod
-    def keep(B: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return B  # shared by every row
 
 
 class RowAdapters:
@@ -157,7 +74,7 @@ class RowAdapters:
         self.strategy = strategy
         self.siblings = siblings or {}  # id(layer) -> the layers sharing its input (itself included)
         # id(layer) -> down, its columns, s B^T, per-row output scale (None: all ones)
-        self._rows: dict[int, tuple[_Down, int, int, torch.Tensor, torch.Tensor | None] | None] = {}
+        self._rows: dict[int, tuple[RowDown, int, int, torch.Tensor, torch.Tensor | None] | None] = {}
         self._layers: dict[int, nn.Module] = {}  # id(layer) -> layer, for the layers built
         self.features = None  # a mixed_features.FeatureTerms, made by its first feature-major step
         # (B, T), true at the left padding of the prompt pass about to run: no token attends to those and their
@@ -223,7 +140,7 @@ class RowAdapters:
             keys.sort(key=lambda key: self._rows[key][1])  # in column order (the same in both states)
             widths = [max(state._rows[key][2] - state._rows[key][1] for state in (self, other)) for key in keys]
             # A_rows is kept as the transpose of (B, W, in) rows (see _per_row): joined in that layout
-            down = _Down(torch.cat([_padded_A(state, keys, widths) for state in (self, other)]).mT)
+            down = RowDown(torch.cat([_padded_A(state, keys, widths) for state in (self, other)]).mT)
             start = 0
             for key, width in zip(keys, widths):
                 (_, _, _, B, scale), (_, _, _, B_other, scale_other) = self._rows[key], other._rows[key]
@@ -268,7 +185,7 @@ class RowAdapters:
             out = out.index_copy(0, index, part)
         return out
 
-    def _rows_of(self, layer: nn.Module) -> tuple[_Down, int, int, torch.Tensor, torch.Tensor | None] | None:
+    def _rows_of(self, layer: nn.Module) -> tuple[RowDown, int, int, torch.Tensor, torch.Tensor | None] | None:
         """This layer's down-projection (its own, or shared with its siblings), its columns in it,
         s B^T (stacked, or one per row) and the per-row output scale (None when every row's is 1);
         built once per batch (kept until rows change). None when no adapter of the batch is on this layer."""
@@ -290,7 +207,7 @@ class RowAdapters:
                 start += width
         return self._rows[key]
 
-    def _side_by_side(self, members: list[nn.Module]) -> tuple[_Down, list[tuple]]:
+    def _side_by_side(self, members: list[nn.Module]) -> tuple[RowDown, list[tuple]]:
         """The batch's adapters side by side, the scale folded into B: A^T (in, W) over all members,
         and per member (its width, s B^T (width, out), per-row output scale or None); owner says
         which slot each column serves."""
@@ -312,9 +229,9 @@ class RowAdapters:
                 scale = table[self.index.to(table.device)]  # (B, out)
             parts.append((B.shape[0], B, scale))
         A = torch.cat(A_parts, dim=1)
-        return _StackedDown(A, torch.cat(owners).to(A.device), self.index), parts
+        return StackedDown(A, torch.cat(owners).to(A.device), self.index), parts
 
-    def _per_row(self, members: list[nn.Module]) -> tuple[_Down, list[tuple]]:
+    def _per_row(self, members: list[nn.Module]) -> tuple[RowDown, list[tuple]]:
         """One copy per row: A^T (B, in, W) with each member's columns (its ranks padded with zeros
         to the largest of the batch's adapters there), and per member (its width, s B^T (B, width,
         out), per-row output scale or None); zeros where a row has no adapter. A is copied as stored,
@@ -350,7 +267,7 @@ class RowAdapters:
                 ones = ref.new_ones(fan_out)
                 out_scale = torch.stack([f[n][3] if n in f and f[n][3] is not None else ones for n in self.names])
             parts.append((width, B, out_scale))
-        return _Down(A_rows), parts
+        return RowDown(A_rows), parts
 
 
 def _padded_A(state: RowAdapters, keys: list[int], widths: list[int]) -> torch.Tensor:

@@ -26,7 +26,7 @@ an adapter that is not among them they are built again, for the adapters in use 
 before, as long as that is at most twice the adapters in use (else for those in use only), so that
 adapters coming and going under traffic do not rebuild them at every join. Each sibling group keeps
 the last factors it was given on its first layer, for as long as the adapters they came from are
-unchanged, so that the next batch over the same adapters finds them built. Layers whose adapters
+unchanged (lora/side_by_side.py), so that the next batch over the same adapters finds them built. Layers whose adapters
 scale their rows' output (DoRA) are not covered here (`features_forward` returns None and the layer
 runs as a module).
 """
@@ -34,45 +34,19 @@ runs as a module).
 from __future__ import annotations
 
 import functools
-import weakref
-from itertools import chain
-from operator import attrgetter
 
 import torch
 from torch import nn
 
 from lorakit.lora import column_kernel, group_kernel
 from lorakit.lora.base import FROZEN_LINEARS, FrozenLinear, decode_layouts, frozen_features
+from lorakit.lora.side_by_side import UNCOVERED, KeptFactors, SideBySide, side_by_side_entries
 
-_UNCOVERED = object()
 _SEGMENT_COLUMNS = 16  # above this many columns (a prompt pass), runs of one adapter go through the kernel at once
 _SEGMENT_BLOCK = 3  # ... where the runs' blocks of 16 columns are at most a third of the columns (see _segments)
 # With the per-column kernel, the factors are kept for every adapter a batch has used, up to this many (four lane
 # groups): rows joining and leaving (continuous batching) then build nothing once each adapter has been seen.
 KEEP_ADAPTERS = 64
-_PARAMETERS, _SCALING, _VERSION = attrgetter("_parameters"), attrgetter("scaling"), attrgetter("_version")
-
-
-class _SideBySide:
-    """A (W, in) and owner (W,) of a layer or sibling group, with the last input's masked product."""
-
-    def __init__(self, A: torch.Tensor, owner: torch.Tensor):
-        self.A, self.owner = A, owner
-        self.lanes = None  # its factors by slot lanes (column_kernel.LaneGroup), laid out at a decode step's first use
-        self.group_pass: tuple | None = None  # (its bases' weights, the group's step in one pass or None): _fused
-        self._x: torch.Tensor | None = None
-        self._slots: torch.Tensor | None = None
-        self._h: torch.Tensor | None = None
-        self._mask: torch.Tensor | None = None
-
-    def of(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """(A x) * mask for feature-major x (in, B) and each row's slot (B,); computed once per input."""
-        if x is not self._x or slots is not self._slots:
-            if slots is not self._slots:
-                self._mask = (self.owner[:, None] == slots[None, :]).to(self.A.dtype)  # (W, B)
-            self._h = torch.mm(self.A, x if x.dtype == self.A.dtype else x.to(self.A.dtype)).mul_(self._mask)
-            self._x, self._slots = x, slots
-        return self._h
 
 
 def rows_forward(state, layer: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
@@ -140,14 +114,14 @@ class FeatureTerms:
 
     def __init__(self):
         self.adapters: list[str] = []  # slot k + 1 holds adapters[k]; slot 0: no adapter
-        self._layers: dict[int, tuple[_SideBySide, int, int, torch.Tensor] | object | None] = {}
+        self._layers: dict[int, tuple[SideBySide, int, int, torch.Tensor] | object | None] = {}
         self._names: list[str | None] | None = None  # the state's rows the slots were made for
         self._slots = torch.zeros(0, dtype=torch.long)
         # (a layer's ranks per slot, tokens a row) -> each column's first rank and rank count; ("segments", ranks per
         # slot) -> the runs' plan and its scratch (_segments)
         self._columns: dict[tuple, tuple | None] = {}
         self._work = torch.empty(0)  # the kernel's scratch, grown as needed
-        self._groups: dict[int, _GroupStep | None] = {}  # id(a sibling group's _SideBySide) -> its step by lanes
+        self._groups: dict[int, _GroupStep | None] = {}  # id(a sibling group's SideBySide) -> its step by lanes
         self._steps: dict[int, object] = {}  # id(layer) -> (x, out=None) -> its output, from its group's step
         # LaneGroup.layout_key -> its lane_columns for the rows' slots: the 30 layers of a model plan 4 groups' worth
         self._lane_plans: dict[tuple, tuple[torch.Tensor, int, int]] = {}
@@ -159,7 +133,7 @@ class FeatureTerms:
         not covered (an output scale)."""
         self._follow(state, layer)
         entry = self._layers[id(layer)] if id(layer) in self._layers else self._build(state, layer)
-        if entry is _UNCOVERED:
+        if entry is UNCOVERED:
             return None
         base = layer.base_layer
         if entry is None:  # none of the batch's adapters is on this layer
@@ -192,7 +166,7 @@ class FeatureTerms:
         entry = self._layers[id(layer)] if id(layer) in self._layers else self._build(state, layer)
         if entry is None:  # none of the batch's adapters is on this layer
             return out
-        if entry is _UNCOVERED or entry[4] is None or self._kernel is None:
+        if entry is UNCOVERED or entry[4] is None or self._kernel is None:
             return None
         rows, fan_in = len(state.names), x.shape[-1]
         tokens = x.numel() // (fan_in * rows) if rows else 0
@@ -248,7 +222,7 @@ class FeatureTerms:
             count = count.masked_fill(padding.reshape(-1).to(count.device), 0)
         return first, count
 
-    def _group_step(self, state, layer: nn.Module, side: _SideBySide, x: torch.Tensor, out: torch.Tensor | None = None):
+    def _group_step(self, state, layer: nn.Module, side: SideBySide, x: torch.Tensor, out: torch.Tensor | None = None):
         """The batch's step by slot lanes for the layer's sibling group (kept in self._steps for each member), or
         None where the lanes would read over twice the factors the column kernel reads (few of the kept adapters
         in use) or do not apply. Without `out` (the layer's base product, not computed yet) only a step in one pass
@@ -283,7 +257,7 @@ class FeatureTerms:
             self._steps[id(member)] = functools.partial(step, index)
         return step
 
-    def _fused(self, side: _SideBySide, lanes, bases: list[nn.Module], fan_in: int, n: int):
+    def _fused(self, side: SideBySide, lanes, bases: list[nn.Module], fan_in: int, n: int):
         """The group's step in one pass (lora/group_kernel.py: f(x, lane)) where n columns multiply their fp32 bases
         by lorakit's product kernel (`decode_layouts`), or None. Prepared once per group and kept with its factors,
         for as long as the bases keep their weights: rows joining and leaving and the next batches over the same
@@ -346,68 +320,8 @@ class FeatureTerms:
         kept = getattr(group[0], "side_by_side", None)
         if kept is None or not kept.holds(present):
             found = [[(k, adapter.row_factors(m)) for k, adapter in f] for m, f in zip(group, present)]
-            kept = group[0].side_by_side = _Kept(present, _side_by_side(group, found), tuple(self.adapters))
+            entries = side_by_side_entries(group, found)
+            kept = group[0].side_by_side = KeptFactors(present, entries, tuple(self.adapters))
         for member in group:
             self._layers[id(member)] = kept.entries.get(id(member))
         return self._layers[id(layer)]
-
-
-class _Kept:
-    """A sibling group's side-by-side factors (`entries`: id(member) -> its entry), the adapters they were built for,
-    and what they were built from (`source`: each adapter's slot, the adapter and its parameters by id, its scaling,
-    its parameters' storage and version, trained in place). The adapters and parameters are watched by weak
-    reference: once one is freed the factors never hold again, whatever object later takes its id (an adapter
-    unloaded and another loaded under its name)."""
-
-    def __init__(self, present: list[list[tuple[int, nn.Module]]], entries: dict, adapters: tuple[str, ...]):
-        self.entries, self.adapters = entries, adapters
-        self.source, watched = _source(present)
-        self.freed = False
-        self._refs = [weakref.ref(o, self._freed) for o in watched]
-
-    def _freed(self, _ref) -> None:
-        self.freed = True
-
-    def holds(self, present: list[list[tuple[int, nn.Module]]]) -> bool:
-        """Whether these factors are those of the adapters `present` ((slot, adapter) per member), unchanged."""
-        return not self.freed and self.source == _source(present)[0]
-
-
-def _source(present: list[list[tuple[int, nn.Module]]]) -> tuple[tuple, list]:
-    """What factors built for `present` ((slot, adapter) per member) are built from, and the adapters and parameters
-    to watch. Read for every sibling group of every new batch: each piece in one C-level pass over all the adapters."""
-    adapters = [adapter for found in present for _, adapter in found]
-    params = [p for p in chain.from_iterable(map(dict.values, map(_PARAMETERS, adapters))) if p is not None]
-    source = (tuple(k for found in present for k, _ in found), tuple(map(id, adapters)), tuple(map(_SCALING, adapters)),
-              tuple(map(id, params)), tuple(map(torch.Tensor.data_ptr, params)), tuple(map(_VERSION, params)))
-    return source, adapters + params
-
-
-def _side_by_side(group: list[nn.Module], found: list[list[tuple]]) -> dict[int, object]:
-    """id(member) -> its entry (side, start, stop, s B, its kernel's ColumnTerm or None), _UNCOVERED or None,
-    for a sibling group whose members have the adapters `found` ((slot, row factors) per member)."""
-    present = [(m, f) for m, f in zip(group, found) if f]
-    if any(scale is not None for _, f in present for _, (_, _, _, scale) in f):
-        return {id(m): _UNCOVERED for m in group}
-    entries: dict[int, object] = {id(m): None for m in group}
-    if not present:
-        return entries
-    A = torch.cat([A for _, f in present for _, (A, _, _, _) in f])  # (W, in)
-    owner = torch.cat([torch.full((A.shape[0],), k, dtype=torch.long) for _, f in present for k, (A, *_) in f])
-    side = _SideBySide(A, owner.to(A.device))
-    start = 0
-    for member, f in present:
-        first = f[0][1][1]
-        B = first.new_empty((first.shape[0], sum(B.shape[1] for _, (_, B, _, _) in f)))  # (out, width): s B
-        column, scaling = 0, []
-        for _, (_, part, s, _) in f:
-            torch.mul(part, s, out=B[:, column : column + part.shape[1]])
-            column += part.shape[1]
-            scaling.append(torch.full((part.shape[1],), s, dtype=torch.float32))
-        stop = start + B.shape[1]
-        term = None
-        if B.dtype == A.dtype == torch.float32 and B.is_cpu and column_kernel.enabled() and column_kernel.load():
-            term = column_kernel.ColumnTerm(A[start:stop], B.t(), side.owner[start:stop], torch.cat(scaling))
-        entries[id(member)] = (side, start, stop, B, term)
-        start = stop
-    return entries
