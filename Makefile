@@ -50,7 +50,7 @@ allocator:
 
 demo: setup
 	$(PY) examples/ros2/make_data.py runs/ros2-data
-	$(PY) -m lorakit train examples/ros2/config.yaml
+	$(PY) -m lorakit train examples/ros2/config.yaml --train.overwrite_output_dir true
 
 # SFT (make demo's adapter, trained first if missing), then DPO on the pairs its own mistakes give
 # (mined on the first 600 train prompts, 4 samples each, and on all of valid, which chooses the checkpoint).
@@ -60,7 +60,7 @@ demo-dpo: setup
 	test -f runs/ros2-demo/adapter/adapter_model.safetensors || $(MAKE) demo
 	$(MINE) --data runs/ros2-data/train.jsonl --max-records 600 --output runs/ros2-data/prefs_train.jsonl
 	$(MINE) --data runs/ros2-data/valid.jsonl --output runs/ros2-data/prefs_valid.jsonl
-	$(PY) -m lorakit train examples/ros2/dpo.yaml
+	$(PY) -m lorakit train examples/ros2/dpo.yaml --train.overwrite_output_dir true
 
 test: setup
 	$(PY) -m pytest -q

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field, fields
 
@@ -33,6 +34,15 @@ class ConfigError(ValueError):
 
 def _help(text: str, **kwargs):
     return field(metadata={"help": text}, **kwargs)
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _positive_number(value) -> bool:
+    """A finite number above 0 (not a bool, not NaN: NaN <= 0 is False too)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 @dataclass
@@ -87,8 +97,11 @@ class LoraConfig:
         out = []
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             out.append(f"lora.r: given {self.r!r}, expected a positive integer")
-        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+        if not _positive_number(self.lora_alpha):
             out.append(f"lora.lora_alpha: given {self.lora_alpha!r}, expected a positive number")
+        for flag in ("use_rslora", *VARIANTS):  # a string "false" is truthy: it would turn the option on
+            if not isinstance(getattr(self, flag, False), bool):
+                out.append(f"lora.{flag}: given {getattr(self, flag)!r}, expected true or false")
         if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
             out.append(f"lora.lora_dropout: given {self.lora_dropout!r}, expected a number in [0, 1)")
         if self.bias not in BIAS_CHOICES:
@@ -107,15 +120,15 @@ class LoraConfig:
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             out.append(f"lora.task_type: given {self.task_type!r}, expected one of {', '.join(TASK_TYPES)}")
         out += _target_problems(self.target_modules)
-        for name, kind, expected in [("rank_pattern", int, "a positive integer"),
-                                     ("alpha_pattern", (int, float), "a positive number")]:
+        for name, good, expected in [("rank_pattern", _positive_int, "a positive integer"),
+                                     ("alpha_pattern", _positive_number, "a positive number")]:
             pattern = getattr(self, name)
             if not isinstance(pattern, dict):
                 out.append(f"lora.{name}: given {pattern!r}, expected a mapping of module name patterns to values")
                 continue
             out += [f"lora.{name}[{key!r}]: {why}" for key in pattern if (why := _regex_problem(key))]
             out += [f"lora.{name}[{key!r}]: given {value!r}, expected {expected}" for key, value in pattern.items()
-                    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0]
+                    if not good(value)]
         chosen = [flag for flag in VARIANTS if getattr(self, flag, False)]
         if len(chosen) > 1:
             out.append(f"lora.{chosen[0]} and lora.{chosen[1]} are both set; an adapter is one variant, pick one")
@@ -261,6 +274,9 @@ class TrainConfig:
                                  "page-faults its memory anew (~0.55x speed)", default=False)
     seed: int = _help("seed for initialisation, shuffling and dropout", default=0)
     resume: bool = _help("continue from the latest checkpoint in output_dir", default=False)
+    overwrite_output_dir: bool = _help(
+        "a fresh run may replace the finished run, adapter and checkpoints output_dir holds (removed when training "
+        "begins); without it such a folder is refused", default=False)
     init_adapter: str | None = _help(
         "an adapter folder (lorakit or PEFT) to start from instead of a new adapter, e.g. the SFT adapter before "
         "DPO; its own shape (r, alpha, targets) replaces the lora section's",

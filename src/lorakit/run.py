@@ -23,7 +23,9 @@ from lorakit.models import (
     default_device, load_causal_lm, load_sequence_classifier, load_tokenizer, stored_dtype,
 )
 from lorakit.quant.model import quantize_model, weight_bytes_report
+from lorakit.checkpoint.run_folder import check_output_dir
 from lorakit.track.runlog import RunLog
+from lorakit.train.checkpoints import resume_settings
 from lorakit.track.samples import paired_rows
 from lorakit.train import distributed
 from lorakit.train.final_score import (
@@ -61,7 +63,9 @@ def run(config: RunConfig, echo=print) -> dict:
     world = distributed.init_from_env(config.train.ddp_timeout)
     echo = echo if world.main else _silent
     out = Path(config.train.output_dir)
-    run_log = RunLog(out, config.train.report_to, to_dict(config), enabled=world.main)  # trackers installed?
+    run_log = RunLog(out, config.train.report_to, to_dict(config), enabled=world.main,  # trackers installed?
+                     replace=config.train.overwrite_output_dir and not config.train.resume)
+    check_output_dir(config.train)  # every rank: none goes on to load while another stops here
     if world.main:
         try:  # fail before loading anything when the run folder cannot be written (written once training begins)
             out.mkdir(parents=True, exist_ok=True)
@@ -78,6 +82,11 @@ def run(config: RunConfig, echo=print) -> dict:
     finally:
         distributed.shutdown()
     return summary
+
+
+def _run_state(run: RunConfig) -> dict:
+    """What every checkpoint of the run keeps of its config: the model, and the settings a resume must give alike."""
+    return {"model": run.model, "settings": resume_settings(to_dict(run))}
 
 
 def _silent(*args, **kwargs) -> None:
@@ -116,7 +125,7 @@ def run_causal_lm(run: RunConfig, echo=print, run_log: RunLog | None = None) -> 
     echo(data_sufficiency(stats.prompt_tokens + stats.response_tokens, trainable, total))
     objective = CausalLMObjective(tokenizer.pad_token_id, run.data.pack_length if run.data.packing else None)
     run_log = run_log or RunLog(run.train.output_dir, enabled=main)
-    result = train(model, data.train, data.eval, run.train, objective, {"model": run.model},
+    result = train(model, data.train, data.eval, run.train, objective, _run_state(run),
                    on_eval=eval_printer(_above_progress_bar(echo), run.data), run_log=run_log)
     if main:
         write_run_card(result.adapter_dir, template=run.data.template, task=run.eval.task, model=run.model,
@@ -193,7 +202,7 @@ def run_classification(run: RunConfig, echo=print, run_log: RunLog | None = None
     echo(data_sufficiency(sum(len(e["input_ids"]) for e in train_examples), trainable, total))
     objective = ClassificationObjective(tokenizer.pad_token_id, len(labels.values))
     run_log = run_log or RunLog(run.train.output_dir, enabled=distributed.current_world().main)
-    result = train(model, train_examples, eval_examples, run.train, objective, {"model": run.model},
+    result = train(model, train_examples, eval_examples, run.train, objective, _run_state(run),
                    on_eval=eval_printer(_above_progress_bar(echo), run.data), run_log=run_log)
     if distributed.current_world().main:
         write_run_card(
@@ -260,7 +269,7 @@ def run_preference(run: RunConfig, echo=print, run_log: RunLog | None = None) ->
                              Path(run.train.output_dir) / CACHE_NAME, key, write=main)
         objective.reference = Reference("precomputed")
     run_log = run_log or RunLog(run.train.output_dir, enabled=main)
-    result = train(model, data.train, data.eval, run.train, objective, {"model": run.model},
+    result = train(model, data.train, data.eval, run.train, objective, _run_state(run),
                    on_eval=eval_printer(_above_progress_bar(echo), run.data), run_log=run_log)
     if main:
         write_run_card(result.adapter_dir, template=run.data.template, task=run.eval.task, model=run.model,

@@ -118,7 +118,9 @@ def test_yaml_with_unknown_keys_names_each(toy, tmp_path, capsys):
 def test_wrong_target_module_names(toy, run_dir, tmp_path, capsys):
     before = fingerprint(run_dir)
     config = write_config(tmp_path / "config.yaml", toy, train={"output_dir": str(run_dir)})
-    code, lines = cli(capsys, "train", str(config), "--lora.target_modules", "[qproj, vproj]")
+    # asked to replace the finished run: still left as it was, the earlier run is removed only when training begins
+    code, lines = cli(capsys, "train", str(config), "--lora.target_modules", "[qproj, vproj]",
+                      "--train.overwrite_output_dir", "true")
     assert code == 2 and len(lines) == 1, lines
     assert "matched no module of LlamaForCausalLM; closest names it has: q_proj" in lines[0]
     assert_intact(run_dir, before)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import random
 import re
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 from lorakit.checkpoint.manifest import manifest_problem
 from lorakit.checkpoint.resume import list_checkpoints
 from lorakit.cli import main
-from cli_support import toy_run_config, write_config
+from cli_support import cli, toy_run_config, tree_fingerprint, write_config
 from conftest import TOY_TARGETS, TOY_TASK, toy_model_folder
 
 
@@ -209,3 +210,57 @@ def test_a_run_that_fails_while_loading_leaves_the_folders_finished_run_as_it_wa
     assert main(["train", str(config), "--data.train_file", str(tmp_path / "missing.jsonl")]) == 2
     assert main(["train", str(config), "--train.seed", "-1"]) == 2
     assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == saved
+
+
+def test_a_fresh_run_never_writes_over_an_earlier_one_unasked(tmp_path, capsys):
+    """Refused before loading (the folder byte for byte as it was); --resume continues it; overwrite_output_dir
+    replaces it, its old checkpoints removed when training begins."""
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "config.yaml", toy_run_config(tmp_path), train={"output_dir": str(run)})
+    assert main(["train", str(config), "--train.max_steps", "2"]) == 0
+    before = tree_fingerprint(run)
+    code, lines = cli(capsys, "train", str(config))
+    assert code == 2 and lines == [
+        f"lorakit train: error: train.output_dir: {run} holds a finished run (summary.json) and a trained adapter "
+        "(adapter/) and checkpoints (the newest step-000002); --resume continues its checkpoints, another "
+        "train.output_dir keeps it, train.overwrite_output_dir: true replaces it"]
+    assert tree_fingerprint(run) == before
+    for setting, value in [("--train.lr", "0.05"), ("--lora.lora_alpha", "16"), ("--data.max_length", "32")]:
+        code, lines = cli(capsys, "train", str(config), "--resume", setting, value)
+        assert code == 2 and len(lines) == 1 and f"written with {setting[2:]} " in lines[0], lines
+    assert tree_fingerprint(run) == before
+    assert main(["train", str(config), "--resume"]) == 0  # a longer run (max_steps 4) from the same settings
+    assert [p.name for p in list_checkpoints(run)] == ["step-000002", "step-000004"]
+    assert main(["train", str(config), "--train.overwrite_output_dir", "true", "--train.max_steps", "3",
+                 "--train.save_steps", "3"]) == 0
+    assert [p.name for p in list_checkpoints(run)] == ["step-000003"]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3
+
+
+def test_a_moved_run_resumes_with_its_own_best_and_damage_is_named(tmp_path, capsys):
+    """The best checkpoint is kept by name, so a run folder moved between runs resumes from and keeps its own; a
+    copy of a checkpoint under another name, a half-written last metrics line: passed over; checkpoints none of
+    which checks out: a one-line refusal, not a fresh start over them."""
+    first = tmp_path / "first"
+    config = write_config(tmp_path / "config.yaml", toy_run_config(tmp_path), train={
+        "output_dir": str(first), "eval_strategy": "steps", "eval_steps": 2, "save_total_limit": 1})
+    assert main(["train", str(config), "--train.max_steps", "2"]) == 0
+    (first / "summary.json").unlink()
+    shutil.rmtree(first / "adapter")  # as if stopped after its step-2 checkpoint
+    moved = first.rename(tmp_path / "moved")
+    shutil.copytree(moved / "checkpoints" / "step-000002", moved / "checkpoints" / "step-000002-backup")
+    with (moved / "metrics.jsonl").open("a") as metrics:
+        metrics.write('{"kind": "train", "loss": 5.03, "lr"')  # what a kill mid-write leaves
+    assert main(["train", str(config), "--train.output_dir", str(moved), "--resume"]) == 0
+    summary = json.loads((moved / "summary.json").read_text())
+    assert Path(summary["best_checkpoint"]).parent == moved / "checkpoints" and summary["steps"] == 4
+    state = json.loads((list_checkpoints(moved)[-1] / "trainer_state.json").read_text())
+    assert state["best_checkpoint"] in ("step-000002", "step-000004")
+    assert all(json.loads(line) for line in (moved / "metrics.jsonl").read_text().splitlines())
+    for checkpoint in list_checkpoints(moved):
+        (checkpoint / "optimizer.pt").write_bytes(b"damaged")
+    before = tree_fingerprint(moved)
+    code, lines = cli(capsys, "train", str(config), "--train.output_dir", str(moved), "--resume",
+                      "--train.max_steps", "6")
+    assert code == 2 and len(lines) == 1 and "train.resume: no checkpoint in" in lines[0], lines
+    assert "step-000004: " in lines[0] and tree_fingerprint(moved) == before

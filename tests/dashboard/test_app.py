@@ -186,3 +186,41 @@ def test_cli_on_another_host_warns_and_serves_with_the_key(runs):
         proc.terminate()
         out, err = proc.communicate(timeout=30)
     assert "warning: listening on 0.0.0.0" in err and "k-123" not in out + err
+
+
+def test_runs_a_page_cannot_show_as_is_are_answered_not_failed(tmp_path, monkeypatch):
+    """A diverged run's NaN losses read as null, a folder whose name is not UTF-8 is left out, a status.json with a
+    pid past any process's is not running: every answer a 200, the other runs still listed. A long metrics.jsonl
+    comes over several polls, each at most MAX_EVENT_BYTES."""
+    import socket
+
+    from lorakit.dashboard import files
+
+    root = tmp_path / "runs"
+    diverged = root / "diverged"
+    diverged.mkdir(parents=True)
+    (diverged / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 2.5}\n'
+                                            '{"kind": "eval", "step": 2, "eval_loss": NaN, "grad_norm": Infinity}\n')
+    (diverged / "summary.json").write_text('{"steps": 2, "best_metric": NaN}')
+    (diverged / "status.json").write_text(json.dumps({"state": "running", "pid": 10**20, "host": socket.gethostname()}))
+    os.mkdir(os.fsencode(root) + b"/bad\xffname")
+    (Path(os.fsdecode(os.fsencode(root) + b"/bad\xffname")) / "run_config.yaml").write_text("model: m\n")
+    long_run = root / "long"
+    long_run.mkdir()
+    line = json.dumps({"kind": "train", "step": 1, "loss": 1.0}) + "\n"
+    (long_run / "metrics.jsonl").write_text(line * 40)
+    monkeypatch.setattr(files, "MAX_EVENT_BYTES", 10 * len(line))
+    with serving(root) as url:
+        listed = httpx.get(f"{url}/api/runs")
+        assert listed.status_code == 200, listed.text
+        rows = {r["name"]: r for r in listed.json()["runs"]}
+        assert set(rows) == {"diverged", "long"} and rows["diverged"]["status"] != "running"
+        metrics = httpx.get(f"{url}/api/metrics", params={"name": "diverged"})
+        assert metrics.status_code == 200 and metrics.json()["events"][1]["eval_loss"] is None
+        assert httpx.get(f"{url}/api/run", params={"name": "diverged"}).status_code == 200
+        offset, seen = 0, 0
+        for _ in range(4):
+            page = httpx.get(f"{url}/api/metrics", params={"name": "long", "offset": offset}).json()
+            assert len(page["events"]) <= 10
+            offset, seen = page["offset"], seen + len(page["events"])
+        assert seen == 40

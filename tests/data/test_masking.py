@@ -178,3 +178,17 @@ def test_render_errors_name_the_record(tok):
     records = [{"instruction": "a", "_source": "d.jsonl", "_line": 5}]
     with pytest.raises(DataError, match=r"^d\.jsonl:5: field 'output' is missing \(expected a string\)$"):
         tokenize_dataset(tok, records, "seed", max_length=64)
+
+
+def test_a_label_only_at_the_first_position_counts_as_none():
+    """The first token is never predicted: an example cut to one token, its response's first (a tokenizer without a
+    BOS, a prompt cut away), has nothing to learn; it used to train on nothing and score a perfect loss of 0."""
+    from lorakit.models import load_tokenizer
+
+    smollm2 = load_tokenizer("smollm2-135m-instruct")
+    assert not special_prefix_ids(smollm2)
+    records = [{"instruction": "list the ros2 topics", "output": "ros2 topic list"}]
+    example = tokenize_example(smollm2, "list the topics: ", "ros2 topic list", max_length=1)
+    assert example["labels"][0] != IGNORE_INDEX and len(example["labels"]) == 1
+    with pytest.raises(DataError, match="no example has a response token left within max_length 1"):
+        tokenize_dataset(smollm2, records, "seed", max_length=1, add_eos=False)

@@ -47,7 +47,8 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / STATE_NAME).is_file()]
+    found = [p for p in root.iterdir()  # step-NNNNNN only: a copy named step-000002-backup is not one of ours
+             if p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit() and (p / STATE_NAME).is_file()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
@@ -114,7 +115,7 @@ def latest_good_checkpoint(run_dir: str | Path) -> Path | None:
             return path
         skipped.append((path, problem))
     for bad, why in skipped:
-        log.warning("skipping damaged checkpoint %s (%s); no good one is left, starting afresh", bad, why)
+        log.warning("skipping damaged checkpoint %s (%s); no good one is left", bad, why)
     return None
 
 

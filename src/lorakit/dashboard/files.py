@@ -4,6 +4,7 @@ a half-written file: a run in progress, a crashed run or a stray folder reads as
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -13,6 +14,7 @@ RUN_MARKERS = ("run_config.yaml", "metrics.jsonl", "status.json", "summary.json"
 MAX_DEPTH = 3  # runs/NAME, runs/GROUP/NAME, runs/GROUP/SUB/NAME
 SKIP_FOLDERS = {"checkpoints", "adapter", "tensorboard", "mlruns", "wandb", "__pycache__"}
 YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: ~10x faster
+MAX_EVENT_BYTES = 8 << 20  # of metrics.jsonl per answer
 
 
 def find_runs(root: Path) -> dict[str, Path]:
@@ -30,7 +32,7 @@ def find_runs(root: Path) -> dict[str, Path]:
         except OSError:
             return
         for entry in entries:
-            if entry.name.startswith(".") or entry.name in SKIP_FOLDERS or not entry.is_dir():
+            if entry.name.startswith(".") or entry.name in SKIP_FOLDERS or not _utf8(entry.name) or not entry.is_dir():
                 continue
             path = Path(entry.path)
             if not inside(root, path):
@@ -42,6 +44,15 @@ def find_runs(root: Path) -> dict[str, Path]:
 
     walk(root, 1)
     return found
+
+
+def _utf8(name: str) -> bool:
+    """Whether a folder's name is text a page can show (not bytes that are not UTF-8)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def inside(root: Path, path: Path) -> bool:
@@ -70,9 +81,10 @@ def read_text(path: Path, limit: int = 50_000_000) -> str | None:
 
 
 def read_json(path: Path) -> dict | None:
+    """A JSON object file, NaN and infinities as null (a diverged run logs them; JSON answers cannot hold them)."""
     text = read_text(path)
     try:
-        value = json.loads(text) if text else None
+        value = json.loads(text, parse_constant=_no_number) if text else None
     except ValueError:
         return None
     return value if isinstance(value, dict) else None
@@ -84,26 +96,44 @@ def read_yaml(path: Path) -> dict | None:
         value = yaml.load(text, Loader=YAML_LOADER) if text else None
     except yaml.YAMLError:
         return None
-    return value if isinstance(value, dict) else None
+    return _finite(value) if isinstance(value, dict) else None
 
 
-def read_events(path: Path, offset: int = 0) -> tuple[list[dict], int]:
+def _no_number(_constant: str) -> None:
+    """json's NaN, Infinity and -Infinity read as null."""
+
+
+def _finite(value):
+    """`value` with every float that is NaN or infinite replaced by None, through lists and dicts."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
+
+
+def read_events(path: Path, offset: int = 0, whole: bool = False) -> tuple[list[dict], int]:
     """metrics.jsonl from byte `offset`: (the complete events, the offset after the last complete line).
 
     A line still being written (no newline yet) or one that does not parse is not returned; the
-    next read starts at it again or past it.
+    next read starts at it again or past it. At most MAX_EVENT_BYTES are read, unless `whole`: a long
+    file comes over the page's next polls. NaN and infinities read as null.
     """
     try:
         with path.open("rb") as fh:
             fh.seek(offset)
-            data = fh.read()
+            data = fh.read(-1 if whole else MAX_EVENT_BYTES)
     except OSError:
         return [], offset
     end = data.rfind(b"\n") + 1
+    if not end and not whole and len(data) == MAX_EVENT_BYTES:  # one line longer than a read: passed over
+        end = len(data)
     events = []
     for line in data[:end].splitlines():
         try:
-            event = json.loads(line)
+            event = json.loads(line, parse_constant=_no_number)
         except ValueError:
             continue
         if isinstance(event, dict) and isinstance(event.get("step"), int):

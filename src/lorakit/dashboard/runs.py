@@ -47,7 +47,7 @@ class RunCache:
 def load_run(name: str, folder: Path, cache: RunCache) -> dict:
     """Everything the page shows of one run: its row in the runs table plus config, checkpoints, summary."""
     config = cache.get(folder / "run_config.yaml", "yaml", read_yaml) or {}
-    events = cache.get(folder / "metrics.jsonl", "events", lambda p: read_events(p)[0]) or []
+    events = cache.get(folder / "metrics.jsonl", "events", lambda p: read_events(p, whole=True)[0]) or []
     summary = cache.get(folder / "summary.json", "json", read_json)
     record = cache.get(folder / STATUS_FILE, "json", read_json)
     checkpoints = complete_checkpoints(folder)

@@ -48,7 +48,8 @@ def load_records(path: str | Path, *, fmt: str | None = None) -> list[dict[str, 
     if path.is_dir():
         raise DataError(f"{path}: is a folder; expected a data file (.jsonl, .json, .csv or .tsv)")
     if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
+        where = "" if path.is_absolute() else f" (looked for {path.absolute()}: a relative path starts at the current folder)"
+        raise FileNotFoundError(f"data file not found: {path}{where}")
     source = str(path)
     fmt = _file_format(path, fmt)
     text = decode_utf8(path.read_bytes(), source)
@@ -106,7 +107,8 @@ def _file_format(path: Path, fmt: str | None) -> str:
     if suffix not in _SUFFIXES:
         raise DataError(
             f"{path}: cannot tell the file format from the suffix {suffix!r}; "
-            f"use one of {', '.join(_SUFFIXES)} or pass fmt= one of {', '.join(FILE_FORMATS)}"
+            f"rename it with one of {', '.join(_SUFFIXES)} (or, calling load_records, pass fmt= one of "
+            f"{', '.join(FILE_FORMATS)})"
         )
     return _SUFFIXES[suffix]
 

@@ -160,7 +160,8 @@ def tokenize_dataset(
         else:
             prompt, response = template.render(record)
             example = tokenize_example(tokenizer, prompt, response, max_length, add_eos)
-        n_labels = sum(label != IGNORE_INDEX for label in example["labels"])
+        # the first position is never predicted (the loss compares each token's logits with the next label)
+        n_labels = sum(label != IGNORE_INDEX for label in example["labels"][1:])
         if n_labels == 0:
             stats.dropped += 1
             logger.debug("%s: dropped, no response token within max_length=%d", where(record), max_length)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import yaml
 
+from lorakit.atomic_files import write_atomically
+from lorakit.checkpoint.run_folder import clear_earlier_run
 from lorakit.config import ConfigError
 from lorakit.track import metric_values, missing, open_tracker, requested
 from lorakit.track.samples import table, write_samples
@@ -27,9 +27,11 @@ log = logging.getLogger(__name__)
 
 class RunLog:
     def __init__(self, run_dir: str | Path, report_to: list[str] | str | None = None, config: dict | None = None,
-                 enabled: bool = True):
-        """Check that the trackers are installed (ConfigError naming the pip install if not); open nothing yet."""
+                 enabled: bool = True, replace: bool = False):
+        """Check that the trackers are installed (ConfigError naming the pip install if not); open nothing yet.
+        `replace`: the folder's earlier run (train.overwrite_output_dir) is removed when training begins."""
         self.run_dir = Path(run_dir)
+        self.replace = replace
         self.names = requested(report_to)
         problems = missing(self.names)
         if problems:
@@ -103,6 +105,8 @@ class RunLog:
             return
         self.started = True
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.replace:
+            clear_earlier_run(self.run_dir)
         if self.config:
             write_atomically(self.run_dir / "run_config.yaml", yaml.safe_dump(self.config, sort_keys=False))
         write_status(self.run_dir, "running", report_to=self.names)
@@ -129,14 +133,3 @@ class RunLog:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """`text` to `path` through a temporary file beside it: a crash leaves the old file or the new one."""
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)

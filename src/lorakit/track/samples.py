@@ -11,8 +11,9 @@ task scorer's verdict on each, one JSON object per line:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from lorakit.atomic_files import write_atomically
 
 SAMPLES_FILE = "samples.jsonl"
 
@@ -33,9 +34,7 @@ def paired_rows(adapter_rows: list[dict], base_rows: list[dict] | None = None) -
 def write_samples(run_dir: str | Path, rows: list[dict]) -> Path:
     """Write samples.jsonl in one rename, so a reader never sees half of it."""
     path = Path(run_dir) / SAMPLES_FILE
-    tmp = path.with_name(f".{SAMPLES_FILE}.{os.getpid()}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return path
 
 

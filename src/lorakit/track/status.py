@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from lorakit.allocator import in_use as allocator_in_use
+from lorakit.atomic_files import write_atomically
 
 STATUS_FILE = "status.json"
 STATES = ("running", "finished", "interrupted", "failed")
@@ -29,9 +30,7 @@ def write_status(run_dir: str | Path, state: str, **fields) -> None:
     record = {"state": state, **_this_process(), "started": started, **fields}
     if state != "running":
         record["ended"] = now
-    tmp = path.with_name(f".{STATUS_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(record, indent=1) + "\n")
 
 
 def read_status(run_dir: str | Path) -> dict | None:
@@ -48,7 +47,7 @@ def process_alive(record: dict) -> bool | None:
     if record.get("host") != socket.gethostname():
         return None
     pid = record.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
+    if not isinstance(pid, int) or not 0 < pid < 2**22:  # Linux's pids stay below 2**22
         return False
     try:
         os.kill(pid, 0)

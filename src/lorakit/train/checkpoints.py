@@ -7,6 +7,7 @@ checkpoint/resume.py) and, at the end, loads the best adapter back into the mode
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,18 +15,55 @@ from pathlib import Path
 from torch import nn
 
 from lorakit.checkpoint.peft_io import restore_adapter_weights
+from lorakit.checkpoint.manifest import manifest_problem
 from lorakit.checkpoint.resume import (
     checkpoint_dir,
     latest_good_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
 )
-from lorakit.config import TrainConfig
+from lorakit.config import ConfigError, TrainConfig
 from lorakit.train.distributed import DataParallel, World, barrier
 from lorakit.train.sampling import Batches, check_position
 
 log = logging.getLogger(__name__)
+
+
+# What decides a run's course from a checkpoint on: resuming with another value of any of these would go on as another
+# run from this one's weights, optimizer and data position (a changed lr would even be dropped for the saved one). The
+# length (max_steps, epochs), evaluation, saving and logging may change; the batch is checked on its own
+# (sampling.check_position) and the adapter's shape when its weights load.
+RESUME_SETTINGS = {
+    "": ("model", "task"),
+    "lora": ("lora_alpha", "lora_dropout", "use_rslora", "use_dora", "bias", "modules_to_save", "alpha_pattern"),
+    "data": ("train_file", "hf_dataset", "format", "template", "train_on", "max_length", "eval_size", "text_column",
+             "text_pair_column", "label_column", "label_names", "packing", "pack_length", "max_train_examples"),
+    "train": ("lr", "weight_decay", "warmup_ratio", "scheduler", "max_grad_norm", "optimizer", "loraplus_lr_ratio",
+              "seed", "group_by_length", "precision", "init_adapter"),
+}
+
+
+def resume_settings(run_config: dict) -> dict:
+    """{dotted key: value} of RESUME_SETTINGS from a run config as `config.to_dict` gives it (keys it lacks left out)."""
+    found = {}
+    for section, keys in RESUME_SETTINGS.items():
+        values = run_config.get(section, {}) if section else run_config
+        found.update({f"{section}.{key}" if section else key: values[key] for key in keys
+                      if isinstance(values, dict) and key in values})
+    return found
+
+
+def check_settings(state: dict, settings: dict | None, checkpoint: Path) -> None:
+    """ConfigError naming the first setting this run gives otherwise than the run that wrote `checkpoint`."""
+    saved = state.get("settings")
+    if not isinstance(saved, dict) or not settings:  # a checkpoint written before settings were kept
+        return
+    for key, value in json.loads(json.dumps(settings, default=str)).items():  # as the checkpoint's JSON holds them
+        if key in saved and saved[key] != value:
+            raise ConfigError(f"{checkpoint}: written with {key} {saved[key]!r}, but this run gives {value!r}; resume "
+                              "with the run's own settings, or train into another output_dir")
 
 
 def due(strategy: str, every: int, step: int, epoch_end: bool, out_of_time: bool) -> bool:
@@ -59,17 +97,40 @@ class RunCheckpoints:
     best_path: Path | None = None
 
     def resume(self, model: nn.Module, optimizer, scheduler) -> tuple[int, dict]:
-        """With `train.resume`, load the latest good checkpoint; returns (its step, its state), else (0, {})."""
+        """With `train.resume`, load the latest good checkpoint; returns (its step, its state), else (0, {}) where the
+        run has no checkpoint yet. Checkpoints of which none checks out are a ConfigError: resuming would start
+        afresh over them."""
         path = latest_good_checkpoint(self.out) if self.config.resume else None
         if path is None:
+            damaged = list_checkpoints(self.out) if self.config.resume else []
+            if damaged:
+                newest = damaged[-1]
+                raise ConfigError(f"train.resume: no checkpoint in {newest.parent} checks out (the newest, "
+                                  f"{newest.name}: {manifest_problem(newest)}); move them away to start afresh in this folder")
             return 0, {}
         with self.parallel.full_params(writeback=True):
             state = load_checkpoint(path, model, self.adapter, optimizer, scheduler, self.scaler)
         check_position(state, self.batches, path)
+        check_settings(state, (self.run_state or {}).get("settings"), path)
         self.best = state.get("best_metric")
-        self.best_path = Path(state["best_checkpoint"]) if state.get("best_checkpoint") else None
+        self.best_path = self._kept_best(state.get("best_checkpoint"))
         log.info("resumed from %s at step %d", path, state["step"])
         return state["step"], state
+
+    def _kept_best(self, saved: str | None) -> Path | None:
+        """The best checkpoint a resumed state names, in this run folder (a state names it by its folder's name; one
+        written before, by its path then: its name is taken, so a moved or copied run finds its own). A best
+        checkpoint no longer there, or damaged, is dropped, and keep-best chooses among those saved from here on."""
+        if not saved:
+            return None
+        path = checkpoint_dir(self.out, 0).with_name(Path(saved).name)
+        problem = manifest_problem(path) if path.is_dir() else "not found"
+        if problem is not None:
+            log.warning("the best checkpoint so far, %s, cannot be used (%s); keep-best chooses among the checkpoints "
+                        "from here on", path, problem)
+            self.best = None
+            return None
+        return path
 
     def save(self, step: int, result: dict | None, model: nn.Module, optimizer, scheduler, guard) -> None:
         """Checkpoint `step` (its eval `result` may make it the best), then prune old checkpoints."""
@@ -80,7 +141,7 @@ class RunCheckpoints:
         ):
             self.best, self.best_path = value, path
         state = {
-            "best_metric": self.best, "best_checkpoint": str(self.best_path) if self.best_path else None,
+            "best_metric": self.best, "best_checkpoint": self.best_path.name if self.best_path else None,
             "guard": guard.state_dict(), **(self.run_state or {}),
             "global_batch": self.batches.global_batch, "processes": self.world.size,
         }

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lorakit.atomic_files import write_atomically
+
 
 class MetricsLog:
     """Appends events to `<run>/metrics.jsonl`; `plot()` draws the curves from that file."""
@@ -25,16 +27,26 @@ class MetricsLog:
             fh.write(json.dumps(event, sort_keys=True) + "\n")
 
     def events(self) -> list[dict]:
+        """The events written so far; a line that does not parse (the end of one a killed run was writing) is
+        left out, as the dashboard leaves it out."""
         if not self.enabled or not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        events = []
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                event = json.loads(line) if line.strip() else None
+            except ValueError:
+                continue
+            if isinstance(event, dict):
+                events.append(event)
+        return events
 
     def truncate_after(self, step: int) -> None:
         """Drop events past `step`, so a resumed run does not log the same steps twice."""
         if not self.enabled:
             return
-        kept = [e for e in self.events() if e.get("step", 0) <= step]
-        self.path.write_text("".join(json.dumps(e, sort_keys=True) + "\n" for e in kept), encoding="utf-8")
+        kept = [e for e in self.events() if not isinstance(e.get("step", 0), (int, float)) or e.get("step", 0) <= step]
+        write_atomically(self.path, "".join(json.dumps(e, sort_keys=True) + "\n" for e in kept))
 
     def plot(self, path: str | Path | None = None) -> Path | None:
         """Loss (train and eval) and every other eval metric against the step, as a PNG."""

@@ -1,0 +1,19 @@
+"""Text files a reader never sees half of: written beside their place, then renamed onto it."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_atomically(path: str | Path, text: str) -> None:
+    """`text` to `path` through a temporary file beside it: a crash leaves the old file or the new one, whole."""
+    path = Path(path)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
