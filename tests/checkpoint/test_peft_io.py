@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -258,3 +259,33 @@ def test_a_file_given_as_the_adapter_folder_is_named_as_one(tmp_path):
     text.write_text("hello\n")
     with pytest.raises(AdapterError, match=rf"^{text}: is a file; expected an adapter folder holding {CONFIG_NAME}"):
         read_adapter_config(text)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("lora_alpha", float("nan"), "lora.lora_alpha: given nan, expected a positive number"),
+    ("lora_alpha", True, "lora.lora_alpha: given True, expected a positive number"),
+    ("use_rslora", "false", "lora.use_rslora: given 'false', expected true or false"),  # a truthy string
+    ("alpha_pattern", {"q_proj": float("inf")}, "lora.alpha_pattern['q_proj']: given inf, expected a positive number"),
+])
+def test_a_config_value_that_would_scale_the_update_wrongly_is_refused(tmp_path, field, value, message):
+    from lorakit.checkpoint.peft_io import read_adapter_config
+
+    _saved(tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**config, field: value}))
+    with pytest.raises(AdapterError) as refused:
+        read_adapter_config(tmp_path)
+    assert str(refused.value) == f"{tmp_path / CONFIG_NAME}: {message}"
+
+
+@pytest.mark.parametrize("card, message", [({"template": 123}, "template: given 123, expected a template name"),
+                                           ({"task": ["a"]}, "task: given ['a'], expected a task name"),
+                                           ({"quantization": "nf4"}, "quantization: given 'nf4', expected an object")])
+def test_a_run_card_field_of_the_wrong_type_is_named(tmp_path, card, message):
+    from lorakit.checkpoint.run_card import RUN_CARD, read_run_card
+
+    (tmp_path / RUN_CARD).write_text(json.dumps(card))
+    with pytest.raises(AdapterError, match=rf"^{tmp_path / RUN_CARD}: {re.escape(message)}"):
+        read_run_card(tmp_path)
+    (tmp_path / RUN_CARD).write_text(json.dumps({"template": "seed", "task": None, "labels": ["a", "b"]}))
+    assert read_run_card(tmp_path)["labels"] == ["a", "b"]

@@ -98,3 +98,20 @@ def test_a_real_process_prints_no_traceback(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("lorakit")]
     assert proc.returncode == 1 and len(lines) == 1 and "internal error: KeyError: 'missing'" in lines[0]
     assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_inspect_names_a_lora_factor_that_is_not_a_matrix(tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    import lorakit
+    from conftest import tiny_llama
+
+    lorakit.save_adapter(lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=2, target_modules=["q_proj"])), tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    key = sorted(k for k in tensors if "lora_A" in k)[0]
+    tensors[key] = torch.tensor(1.0)
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    code, lines = cli(capsys, "inspect", str(tmp_path))
+    assert code == 2 and lines == [f"lorakit inspect: error: {tmp_path / 'adapter_model.safetensors'}: {key} has shape "
+                                   "(); expected a LoRA factor of two dimensions"]

@@ -32,7 +32,7 @@ def test_the_output_is_never_the_base_and_a_full_folder_needs_force(toy, tmp_pat
     base = (folder / "model.safetensors").read_bytes()
     assert _merge(toy, folder) == 2
     assert _merge(toy, folder, "--force") == 2
-    assert "is the base model's or the adapter's folder" in capsys.readouterr().err
+    assert "which this command reads; name a new folder" in capsys.readouterr().err
     assert (folder / "model.safetensors").read_bytes() == base
 
     out = tmp_path / "merged"
@@ -57,3 +57,38 @@ def test_a_damaged_run_card_is_one_line_naming_it(toy, tmp_path, capsys, card):
     assert main(["merge", "--model", str(toy[0]), "--adapter", str(adapter), "--output", str(tmp_path / "m")]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lorakit")]
     assert len(err) == 1 and f"{adapter / 'lorakit.json'}" in err[0] and "run card" in err[0], err
+
+
+def test_force_never_replaces_an_input_the_current_folder_or_the_cache(toy, tmp_path, capsys, monkeypatch):
+    """--force replaces an output folder of the user's, never one holding an input, the current folder (an empty
+    --output) or lorakit's cache; a parent that is a file is named; each refused before the model loads."""
+    import shutil
+
+    from lorakit.models import cache_root
+
+    run = tmp_path / "run"
+    shutil.copytree(toy[1], run / "adapter")
+    (run / "notes.txt").write_text("mine")
+    folder = toy[0]
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    cases = [(run, "is or holds"), ("", "--output: empty"), (".", "is the current folder or holds it"),
+             (cache_root() / "models" / "m", "lies in lorakit's cache"), (tmp_path / "afile" / "sub", "is a file")]
+    for output, message in cases:
+        code = main(["merge", "--model", str(folder), "--adapter", str(run / "adapter"), "--output", str(output),
+                     "--force"])
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lorakit")]
+        assert code == 2 and len(err) == 1 and message in err[0], (output, err)
+    assert (run / "notes.txt").read_text() == "mine" and (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_merged_folder_is_readable_as_one_made_by_hand(toy, tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        assert _merge(toy, tmp_path / "merged") == 0
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "merged").stat().st_mode & 0o777 == 0o755

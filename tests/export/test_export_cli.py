@@ -89,3 +89,47 @@ def test_whole_module_adapter_is_refused_for_gguf_lora(capsys, tmp_path):
     code, _, err = run_cli(capsys, "--model", folder, "--adapter", tmp_path / "adapter", "--format", "gguf-lora",
                            "--output", tmp_path / "a.gguf")
     assert code == 2 and "whole modules (lm_head)" in one_error_line(err)
+
+
+def test_an_export_never_writes_over_what_it_reads(llama, capsys, tmp_path):
+    """Even with --force: not the adapter's own files, not the base file; a new file beside them is fine."""
+    import shutil
+
+    root, folder = llama
+    adapter = tmp_path / "adapter"
+    shutil.copytree(root / "adapter", adapter)
+    weights = (adapter / "adapter_model.safetensors").read_bytes()
+    code, _, err = run_cli(capsys, "--adapter", adapter, "--model", folder, "--format", "gguf-lora", "--outtype",
+                           "f32", "--output", adapter / "adapter_model.safetensors", "--force")
+    assert code == 2 and "which this export reads" in one_error_line(err)
+    assert (adapter / "adapter_model.safetensors").read_bytes() == weights
+    base = tmp_path / "base.gguf"
+    assert run_cli(capsys, "--model", folder, "--outtype", "f32", "--output", base)[0] == 0
+    before = base.read_bytes()
+    code, _, err = run_cli(capsys, "--model", base, "--outtype", "q8_0", "--output", base, "--force")
+    assert code == 2 and "which this export reads" in one_error_line(err) and base.read_bytes() == before
+    code, _, _ = run_cli(capsys, "--adapter", adapter, "--model", folder, "--format", "gguf-lora", "--outtype", "f32",
+                         "--output", adapter / "lora.gguf")
+    assert code == 0 and (adapter / "lora.gguf").is_file()
+
+
+def test_empty_values_and_a_template_a_lora_gguf_cannot_hold_are_refused(llama, capsys, tmp_path):
+    root, folder = llama
+    for argv, message in [(("--model", folder, "--adapter", ""), "--adapter: empty"),
+                          (("--model", folder, "--output", ""), "--output: empty"),
+                          (("--adapter", root / "adapter", "--format", "gguf-lora", "--template", "alpaca"),
+                           "--template: goes with --format gguf")]:
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and message in one_error_line(err), err
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_ollama_template_it_cannot_hold_leaves_the_earlier_export_whole(llama, capsys, tmp_path):
+    _, folder = llama
+    out = tmp_path / "m.gguf"
+    assert run_cli(capsys, "--model", folder, "--outtype", "f32", "--output", out, "--ollama")[0] == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    code, _, err = run_cli(capsys, "--model", folder, "--outtype", "q8_0", "--output", out, "--ollama", "--force",
+                           "--template", 'Q: """{instruction}""" A:')
+    assert code == 2 and '"""' in one_error_line(err)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -24,11 +24,15 @@ def add_parser(commands) -> None:
 
 
 def run(args, _overrides) -> int:
-    from lorakit.checkpoint.peft_io import WEIGHTS_NAME, read_adapter_config, read_adapter_weights
+    from lorakit.checkpoint.peft_io import WEIGHTS_NAME, AdapterError, read_adapter_config, read_adapter_weights
 
     config = read_adapter_config(args.adapter)
     tensors = read_adapter_weights(args.adapter)
     lora = {k: v for k, v in tensors.items() if ".lora_" in k}
+    flat = [k for k, v in lora.items() if v.dim() != 2]
+    if flat:
+        raise AdapterError(f"{Path(args.adapter) / WEIGHTS_NAME}: {flat[0]} has shape {tuple(lora[flat[0]].shape)}; "
+                           "expected a LoRA factor of two dimensions")
     modules = sorted({k.rsplit(".lora_", 1)[0].removeprefix("base_model.model.") for k in lora})
     ranks = sorted({v.shape[0] for k, v in lora.items() if k.endswith(("lora_A.weight", "lora_embedding_A"))})
     trained = any(v.any() for k, v in lora.items() if k.endswith(("lora_B.weight", "lora_embedding_A")))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from lorakit.cli.parsing import add_quantization_flags, subcommand
 
 EXAMPLES = """examples:
@@ -42,23 +40,15 @@ def add_parser(commands) -> None:
 def run(args, _overrides) -> int:
     import shutil
     import sys
-    import tempfile
-    from pathlib import Path
 
     from lorakit.config import ConfigError
     from lorakit.infer.load import load_merged
+    from lorakit.output_folders import check_new_folder, move_into_place, staging_folder
     from lorakit.quant.merge import GAP_PROMPTS
 
     if args.base_full_precision and not args.bits:
         raise ConfigError("--base-full-precision compares against a quantised base: add --load-in-4bit or --load-in-8bit")
-    output = Path(args.output)
-    if output.exists() and not output.is_dir():
-        raise ConfigError(f"--output {output}: is a file; expected a new or empty folder for the merged model")
-    sources = [Path(source).resolve() for source in (args.model, args.adapter) if Path(source).exists()]
-    if output.resolve() in sources:
-        raise ConfigError(f"--output {output}: is the base model's or the adapter's folder; name a new folder")
-    if output.is_dir() and any(output.iterdir()) and not args.force:
-        raise ConfigError(f"--output {output}: already holds files; name a new or empty folder, or add --force")
+    output = check_new_folder(args.output, "--output", [args.model, args.adapter], args.force)
     merged, tokenizer, gaps, note = load_merged(args.model, args.adapter, args.bits, args.base_full_precision)
     if note:
         print(f"note: {note}", file=sys.stderr)
@@ -66,14 +56,11 @@ def run(args, _overrides) -> int:
         print(f"logits on {len(GAP_PROMPTS)} prompts, against the adapter on the {args.bits}-bit base:")
         for gap in gaps:
             print(f"  {gap.line()}")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+    staging = staging_folder(output)
     try:  # written whole beside the output, then put in its place: never half a model under its name
         merged.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(staging, output)
+        move_into_place(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"merged model written to {output}")

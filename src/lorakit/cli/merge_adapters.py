@@ -43,7 +43,9 @@ def add_parser(commands) -> None:
 
 def run(args, _overrides) -> int:
     from lorakit.checkpoint.combine import combine_adapter_folders
+    from lorakit.output_folders import check_new_folder
 
+    check_new_folder(args.output, "--output", [*args.adapters, *([args.model] if args.model else [])])
     config = combine_adapter_folders(
         args.adapters, args.weights, args.output, args.method, args.model, density=args.density,
         majority_sign_method=args.majority_sign, svd_rank=args.svd_rank, svd_clamp=args.svd_clamp, seed=args.seed,

@@ -51,7 +51,17 @@ class ExportConfig:
             out.append("--adapter: required for --format gguf-lora")
         if self.format == "gguf-lora" and self.ollama:
             out.append("--ollama: goes with --format gguf (Ollama's ADAPTER needs a base GGUF too)")
+        if self.format == "gguf-lora" and self.template is not None:
+            out.append("--template: goes with --format gguf (a LoRA GGUF holds no prompt template)")
+        for flag, value in [("--model", self.model), ("--adapter", self.adapter), ("--output", self.output),
+                            ("--template", self.template)]:
+            if value is not None and not str(value).strip():
+                out.append(f"{flag}: empty; give a value or leave the flag out")
         return out
+
+    def inputs(self) -> tuple[str, ...]:
+        """The files and folders the export reads that exist here (a Hub id or a built-in name is neither)."""
+        return tuple(str(p) for p in (self.model, self.adapter) if p and Path(p).expanduser().exists())
 
     def output_path(self) -> Path:
         if self.output:

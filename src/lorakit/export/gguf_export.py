@@ -23,9 +23,9 @@ def export_model(config: ExportConfig) -> ExportResult:
     from lorakit.export.ollama import modelfile_path
 
     path = config.output_path()
-    check_writable(path, config.force)
+    check_writable(path, config.force, config.inputs())
     if config.ollama:
-        check_writable(modelfile_path(path), config.force)
+        check_writable(modelfile_path(path), config.force, config.inputs())
     from lorakit.models import load_causal_lm, resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.model))  # as shipped: no pad added
@@ -34,9 +34,12 @@ def export_model(config: ExportConfig) -> ExportResult:
     if config.adapter:
         load_adapter(model, config.adapter)
         model = merge_and_unload(model)
+    # the Modelfile is made (and a template it cannot hold refused) before any file is written
+    modelfile = modelfile_text(path, template, tokenizer, model, config) if config.ollama else None
     size = write_model_gguf(model, tokenizer, path, config.outtype, display_name(config), prompt_info(config, template))
-    modelfile = write_modelfile(path, template, tokenizer, model, config) if config.ollama else None
-    return ExportResult(path, size, 0.0, modelfile)
+    if modelfile is not None:
+        write_text_atomic(modelfile_path(path), modelfile)
+    return ExportResult(path, size, 0.0, modelfile_path(path) if config.ollama else None)
 
 
 @register_format("gguf-lora")
@@ -48,7 +51,7 @@ def export_adapter(config: ExportConfig) -> ExportResult:
     from lorakit.models import load_causal_lm
 
     path = config.output_path()
-    check_writable(path, config.force)
+    check_writable(path, config.force, config.inputs())
     lora = read_adapter_config(config.adapter)
     check_llama_cpp_can_apply(lora, Path(config.adapter))
     base = config.model or lora.base_model_name_or_path
@@ -88,14 +91,13 @@ def prompt_info(config: ExportConfig, template: Any) -> PromptInfo:
     return PromptInfo(template.name, template.prompt, template.prompt_no_input, task)
 
 
-def write_modelfile(path: Path, template: Any, tokenizer: Any, model: Any, config: ExportConfig) -> Path:
-    from lorakit.export.ollama import PLACEHOLDER, modelfile_for, modelfile_path
+def modelfile_text(path: Path, template: Any, tokenizer: Any, model: Any, config: ExportConfig) -> str:
+    """The Ollama Modelfile for the GGUF at `path` (ExportError for a template it cannot hold)."""
+    from lorakit.export.ollama import PLACEHOLDER, modelfile_for
     from lorakit.infer.generate import stop_token_ids
     from lorakit.run import read_run_card
 
     rendered = template.render({"instruction": PLACEHOLDER, "output": ""})[0]
     stop = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer, model)]
     greedy = bool(read_run_card(config.adapter).get("task"))
-    target = modelfile_path(path)
-    write_text_atomic(target, modelfile_for(path.name, rendered, stop, greedy).text())
-    return target
+    return modelfile_for(path.name, rendered, stop, greedy).text()

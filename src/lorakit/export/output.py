@@ -16,12 +16,20 @@ from pathlib import Path
 from lorakit.export.errors import ExportError
 
 
-def check_writable(path: Path, force: bool) -> None:
-    """Raise ExportError if `path` exists (without `force`), is a folder, or its folder is missing."""
+def check_writable(path: Path, force: bool, inputs: tuple[str | Path, ...] = ()) -> None:
+    """Raise ExportError if `path` exists (without `force`), is a folder, is one of the `inputs` or a file in an input
+    folder (even with `force`: an export never writes over what it reads), or its folder is missing."""
+    for source in inputs:
+        source = Path(source).expanduser()
+        if path.exists() and (os.path.samefile(source, path) or (
+                source.is_dir() and path.resolve().is_relative_to(source.resolve()))):
+            raise ExportError(f"{path}: is {source} or one of its files, which this export reads; write it elsewhere")
     if path.is_dir():
         raise ExportError(f"{path}: is a folder; give a file name for the export (e.g. {path / 'model.gguf'})")
     if path.exists() and not force:
         raise ExportError(f"{path}: already exists; pass --force to overwrite it")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ExportError(f"{path.parent}: is a file, not a folder; give an output path in a folder")
     if not path.parent.is_dir():
         raise ExportError(f"{path.parent}: folder does not exist; create it first")
 
