@@ -54,7 +54,8 @@ def run_variant(name: str, args, files: tuple[Path, Path], out: Path) -> dict:
         "--task", "causal_lm" if name == "sft" else "dpo",
         "--data.train_file", str(data), "--data.eval_file", str(data), "--data.test_file", "null",
         "--data.packing", "false", "--data.max_length", "128",
-        "--train.output_dir", str(out / name), "--train.max_steps", str(args.steps), "--train.progress", "false",
+        "--train.output_dir", str(out / name), "--train.overwrite_output_dir", "true",  # each repeat trains anew
+        "--train.max_steps", str(args.steps), "--train.progress", "false",
         "--train.batch_size", str(2 * args.pairs if name == "sft" else args.pairs),
         "--train.eval_strategy", "no", "--train.save_strategy", '"no"', "--train.logging_steps", "1",
         "--train.precompute_reference", str(name == "dpo-precomputed").lower(), "--eval.task", "null",

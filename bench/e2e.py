@@ -168,6 +168,7 @@ def decode_and_score(args, config, adapter_dir: str, out: Path) -> tuple[dict, l
 def main() -> None:
     args, overrides = parse_args()
     config = load_run_config(args.config, overrides)
+    config.train.overwrite_output_dir = True  # a bench run replaces its last one
     out = Path(config.train.output_dir)
     started = time.time()
     summary = run(config) if not args.adapter else {"adapter": args.adapter}

@@ -49,7 +49,8 @@ def ensure_data(folder: Path) -> None:
 def run_variant(name: str, args, out: Path) -> dict:
     """Train one variant in a child process; return its measurements."""
     overrides = [
-        "--train.output_dir", str(out / name), "--train.max_steps", str(args.steps), "--train.progress", "false",
+        "--train.output_dir", str(out / name), "--train.overwrite_output_dir", "true",  # each repeat trains anew
+        "--train.max_steps", str(args.steps), "--train.progress", "false",
         "--train.eval_strategy", "steps", "--train.eval_steps", str(args.steps), "--train.save_strategy", '"no"',  # quoted: YAML reads a bare no as false
         "--train.logging_steps", str(max(1, args.steps // 10)), "--train.batch_size", str(args.batch),
         "--eval.task", "null", "--data.max_eval_examples", str(args.eval_examples),

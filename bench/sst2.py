@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--results-dir", default=None, help="where sst2.json goes (default runs/bench)")
     args, overrides = parser.parse_known_args()
     config = load_run_config(args.config, overrides)
+    config.train.overwrite_output_dir = True  # a bench run replaces its last one
     if not config.data.test_file:
         parser.error("the config has no data.test_file: GLUE dev must be the test split, scored once")
     started = time.time()

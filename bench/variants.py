@@ -57,7 +57,8 @@ WORK = Path("runs/bench/variants")
 
 def task_overrides(task: str, variant: str, args) -> list[str]:
     out = str(WORK / f"{task}-{variant}")
-    common = ["--train.logging_steps", "1", "--train.progress", "false", "--train.output_dir", out]
+    common = ["--train.logging_steps", "1", "--train.progress", "false", "--train.output_dir", out,
+              "--train.overwrite_output_dir", "true"]  # each repeat trains anew
     if task == "ros2":
         steps = str(args.steps)
         limit = ["--data.max_eval_examples", str(args.valid_limit)] if args.valid_limit else []

@@ -14,7 +14,7 @@ import torch
 
 from lorakit.config import DataConfig
 from lorakit.data.collate import pad_batch
-from lorakit.data.dataset import read_test_records, with_eval_split
+from lorakit.data.dataset import read_field, read_test_records, with_eval_split
 from lorakit.data.files import load_records
 from lorakit.data.formats import DataError, json_type, where
 
@@ -72,7 +72,7 @@ def read_classification(config: DataConfig, seed: int) -> tuple[list[dict], list
     """(train, eval, labels) records from the data section, checked."""
     if not config.train_file:
         raise DataError("data.train_file: not set; give a TSV/CSV/JSONL file with text and label columns")
-    train = load_records(config.train_file)
+    train = read_field(load_records, config, "train_file")
     check_text_label(train, config, config.train_file)
     labels = label_set(train, config)  # from the whole training file, before any hold-out or limit
     train, evaluation = with_eval_split(

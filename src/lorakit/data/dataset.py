@@ -35,7 +35,7 @@ def read_records(config: DataConfig, seed: int) -> tuple[list[dict], list[dict],
     if config.hf_dataset:
         train = load_hf_dataset(config.hf_dataset, "train")
     elif config.train_file:
-        train = load(config.train_file)
+        train = read_field(load, config, "train_file")
     else:
         raise DataError("data.train_file: not set; give a JSONL/JSON/CSV/TSV file (or data.hf_dataset)")
     fmt = validate_records(train, fmt, config.train_file)
@@ -45,6 +45,14 @@ def read_records(config: DataConfig, seed: int) -> tuple[list[dict], list[dict],
 
     train, evaluation = with_eval_split(config, train, check, seed, load)
     return train, evaluation, fmt
+
+
+def read_field(load, config: DataConfig, name: str) -> list[dict]:
+    """`load` of the file that data.<name> gives; one that is not there names the field too."""
+    try:
+        return load(getattr(config, name))
+    except FileNotFoundError as err:
+        raise DataError(f"data.{name}: {err}") from None
 
 
 def file_reader(fmt: str | None):
@@ -65,7 +73,7 @@ def with_eval_split(config: DataConfig, train: list[dict], check, seed: int, loa
     automatic hold-out: see lorakit.data.holdout).
     """
     if config.eval_file:
-        evaluation = load(config.eval_file)
+        evaluation = read_field(load, config, "eval_file")
         check(evaluation, config.eval_file)
     else:
         split = hold_out(train, config.eval_size, seed, str(config.train_file or config.hf_dataset))
@@ -82,7 +90,7 @@ def read_test_records(config: DataConfig, fmt: str | None, check) -> list[dict]:
     if not config.test_file:
         return []
     load, _ = file_reader(config.format)
-    records = load(config.test_file)
+    records = read_field(load, config, "test_file")
     check(records, config.test_file)
     return records
 
