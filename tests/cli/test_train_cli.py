@@ -228,8 +228,14 @@ def test_a_fresh_run_never_writes_over_an_earlier_one_unasked(tmp_path, capsys):
     for setting, value in [("--train.lr", "0.05"), ("--lora.lora_alpha", "16"), ("--data.max_length", "32")]:
         code, lines = cli(capsys, "train", str(config), "--resume", setting, value)
         assert code == 2 and len(lines) == 1 and f"written with {setting[2:]} " in lines[0], lines
+    train_file = tmp_path / "train.jsonl"
+    edited = train_file.with_name("edited.jsonl")
+    edited.write_text(train_file.read_text() + train_file.read_text().splitlines()[0] + "\n")
+    code, lines = cli(capsys, "train", str(config), "--resume", "--data.train_file", str(edited))
+    assert code == 2 and "written with data.train_file contents (sha256) " in lines[0], lines
     assert tree_fingerprint(run) == before
-    assert main(["train", str(config), "--resume"]) == 0  # a longer run (max_steps 4) from the same settings
+    moved = shutil.copy(train_file, tmp_path / "moved.jsonl")  # the same data elsewhere: the same run
+    assert main(["train", str(config), "--resume", "--data.train_file", str(moved)]) == 0  # on to max_steps 4
     assert [p.name for p in list_checkpoints(run)] == ["step-000002", "step-000004"]
     assert main(["train", str(config), "--train.overwrite_output_dir", "true", "--train.max_steps", "3",
                  "--train.save_steps", "3"]) == 0

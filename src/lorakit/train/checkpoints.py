@@ -15,7 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from lorakit.checkpoint.peft_io import restore_adapter_weights
-from lorakit.checkpoint.manifest import manifest_problem
+from lorakit.checkpoint.manifest import file_digest, manifest_problem
 from lorakit.checkpoint.resume import (
     checkpoint_dir,
     latest_good_checkpoint,
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 RESUME_SETTINGS = {
     "": ("model", "task"),
     "lora": ("lora_alpha", "lora_dropout", "use_rslora", "use_dora", "bias", "modules_to_save", "alpha_pattern"),
-    "data": ("train_file", "hf_dataset", "format", "template", "train_on", "max_length", "eval_size", "text_column",
+    "data": ("hf_dataset", "format", "template", "train_on", "max_length", "eval_size", "text_column",
              "text_pair_column", "label_column", "label_names", "packing", "pack_length", "max_train_examples"),
     "train": ("lr", "weight_decay", "warmup_ratio", "scheduler", "max_grad_norm", "optimizer", "loraplus_lr_ratio",
               "seed", "group_by_length", "precision", "init_adapter"),
@@ -46,12 +46,16 @@ RESUME_SETTINGS = {
 
 
 def resume_settings(run_config: dict) -> dict:
-    """{dotted key: value} of RESUME_SETTINGS from a run config as `config.to_dict` gives it (keys it lacks left out)."""
+    """{dotted key: value} of RESUME_SETTINGS from a run config as `config.to_dict` gives it (keys it lacks left out),
+    and the SHA-256 of data.train_file's contents: an edited file is another run's data, a moved one is not."""
     found = {}
     for section, keys in RESUME_SETTINGS.items():
         values = run_config.get(section, {}) if section else run_config
         found.update({f"{section}.{key}" if section else key: values[key] for key in keys
                       if isinstance(values, dict) and key in values})
+    train_file = (run_config.get("data") or {}).get("train_file")
+    if train_file and Path(train_file).is_file():
+        found["data.train_file contents (sha256)"] = file_digest(Path(train_file))
     return found
 
 
