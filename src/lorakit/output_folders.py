@@ -1,5 +1,6 @@
-"""Folders a command writes whole (a merged model, a combined adapter): checked before anything loads, written
-beside their place, then put there in one rename, so that a failure leaves what was there and never loses an input.
+"""Folders and files a command writes whole (a merged model, a combined adapter, generated records): checked before
+anything loads, written beside their place, then put there in one rename, so that a failure leaves what was there
+and never loses an input.
 """
 
 from __future__ import annotations
@@ -43,6 +44,31 @@ def check_new_folder(output: str | Path, flag: str, inputs: list[str | Path], fo
         os.rmdir(tempfile.mkdtemp(prefix=".lorakit-probe-", dir=parent))
     except OSError as err:
         raise ConfigError(f"{flag} {path}: cannot write in {parent} ({err.strerror})") from None
+    return path
+
+
+def check_new_file(output: str | Path, flag: str, inputs: list[str | Path | None], force: bool | None = None) -> Path:
+    """`output` as a Path, or ConfigError naming `flag` where the command may not write that file: an empty path, a
+    file it reads (even with `force`), a folder, a file already there (unless `force`; None: the command has no
+    --force), or a folder that is missing, is a file or cannot be written."""
+    if not str(output).strip():
+        raise ConfigError(f"{flag}: empty; expected a file to write")
+    path = Path(output).expanduser()
+    for source in inputs:
+        if source and Path(source).expanduser().exists() and path.exists() and os.path.samefile(source, path):
+            raise ConfigError(f"{flag} {path}: is {source}, which this command reads; write to another file")
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path}: is a folder; expected a file name")
+    if path.exists() and not force:
+        raise ConfigError(f"{flag} {path}: already exists; "
+                          + ("pass --force to replace it" if force is not None else "name a new file"))
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise ConfigError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not parent.is_dir():
+        raise ConfigError(f"{flag} {path}: the folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"{flag} {path}: cannot write in {parent}")
     return path
 
 

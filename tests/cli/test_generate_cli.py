@@ -56,7 +56,8 @@ def test_generation_on_int8_weights_is_what_the_library_gives_and_follows_the_ad
     def cli(*extra):
         subprocess.run(
             [sys.executable, "-m", "lorakit", "generate", "--model", str(folder), "--template", "seed", "--input",
-             str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"), "--max-new-tokens", "8", *extra],
+             str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"), "--force", "--max-new-tokens", "8",
+             *extra],
             check=True,
         )
         return [json.loads(line)["output"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
@@ -84,7 +85,7 @@ def test_generation_on_bf16_factors_is_the_rounded_adapters(tmp_path):
     def cli(adapter, *extra):
         subprocess.run(
             [sys.executable, "-m", "lorakit", "generate", "--model", str(folder), "--template", "seed", "--input",
-             str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"), "--max-new-tokens", "8",
+             str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"), "--force", "--max-new-tokens", "8",
              "--adapter", str(tmp_path / adapter), *extra],
             check=True,
         )
@@ -140,3 +141,30 @@ def test_device_map_auto_gives_the_same_output(tmp_path, capsys):
         assert main([*args, *extra]) == 0
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1] and outputs[0].strip()
+
+
+def test_batch_outputs_never_replace_an_input_and_need_force_over_a_file(tmp_path, capsys):
+    """generate --output: the --input file is refused even with --force, an existing file needs --force, a missing
+    folder is named; each before the model loads. mine-preferences: its --data, even with --force."""
+    from cli_support import cli
+
+    folder = toy_model_folder(tmp_path / "model")
+    records = tmp_path / "in.jsonl"
+    records.write_text("".join(json.dumps({"instruction": f"say {w}", "output": w}) + "\n" for w in WORDS[:3]))
+    before = records.read_bytes()
+    common = ["generate", "--model", str(folder), "--template", "seed", "--max-new-tokens", "2", "--input", str(records)]
+    for output, extra, message in [(records, ["--force"], "which this command reads"),
+                                   (tmp_path / "none" / "out.jsonl", [], "does not exist; create it first"),
+                                   ("", [], "--output: empty")]:
+        code, lines = cli(capsys, *common, "--output", str(output), *extra)
+        assert code == 2 and len(lines) == 1 and message in lines[0], lines
+    out = tmp_path / "out.jsonl"
+    out.write_text("mine\n")
+    code, lines = cli(capsys, *common, "--output", str(out))
+    assert code == 2 and "already exists; pass --force to replace it" in lines[0] and out.read_text() == "mine\n"
+    assert cli(capsys, *common, "--output", str(out), "--force")[0] == 0
+    assert len(out.read_text().splitlines()) == 3
+    code, lines = cli(capsys, "mine-preferences", "--model", str(folder), "--template", "seed", "--data", str(records),
+                      "--output", str(records), "--force", "--samples", "2")
+    assert code == 2 and "which this command reads" in lines[0], lines
+    assert records.read_bytes() == before

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from lorakit.cli.parsing import subcommand
 from lorakit.infer.load import load_classifier
@@ -40,6 +39,7 @@ def add_parser(commands) -> None:
     mode.add_argument("--demo", action="store_true", help="classify a few built-in example sentences")
     mode.add_argument("--interactive", action="store_true", help="read texts line by line from standard input")
     parser.add_argument("--output", help="JSONL file for --input")
+    parser.add_argument("--force", action="store_true", help="replace an existing --output file")
     parser.add_argument("--text-field", default="text", help="field of --input records holding the text")
     parser.set_defaults(run=run)
 
@@ -47,10 +47,14 @@ def add_parser(commands) -> None:
 def run(args, _overrides) -> int:
     from lorakit.data.files import load_records
     from lorakit.data.formats import DataError, public_fields
+    from lorakit.atomic_files import write_atomically
     from lorakit.infer.classify import classify
+    from lorakit.output_folders import check_new_file
 
-    if args.input and not args.output:
+    if args.input and args.output is None:
         raise DataError("--input needs --output (the JSONL file to write)")
+    if args.input:  # before the model loads
+        check_new_file(args.output, "--output", [args.input], args.force)
     model, tokenizer, labels, max_length = load_classifier(args.model, args.adapter)
 
     def label(texts: list[str]) -> list[dict]:
@@ -69,7 +73,7 @@ def run(args, _overrides) -> int:
                         "probability": round(o["probability"], 6)}, ensure_ascii=False)
             for r, o in zip(records, results)
         ]
-        Path(args.output).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        write_atomically(args.output, "\n".join(lines) + "\n")
         print(f"wrote {len(lines)} records to {args.output}")
         return 0
     texts = DEMO_TEXTS if args.demo else [args.text]

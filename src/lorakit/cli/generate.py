@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from lorakit.cli.parsing import add_quantization_flags, positive_int, subcommand
 from lorakit.serve.config import LORA_DTYPES, QUANTIZE
@@ -38,6 +37,7 @@ def add_parser(commands) -> None:
     source.add_argument("--input", help="JSONL file of {\"instruction\": ...} records (with --chat: conversations)")
     parser.add_argument("--chat", action="store_true", help="chat mode: render conversations with the chat template")
     parser.add_argument("--output", help="where batch mode writes its JSONL (required with --input)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --output file")
     parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -89,9 +89,13 @@ def run(args, _overrides) -> int:
     from lorakit.data.files import load_records
     from lorakit.data.formats import DataError, public_fields, where
     from lorakit.infer.generate import GenerationConfig, generate
+    from lorakit.atomic_files import write_atomically
+    from lorakit.output_folders import check_new_file
 
-    if args.input and not args.output:
+    if args.input and args.output is None:
         raise DataError("--input needs --output (the JSONL file to write)")
+    if args.input:  # before the model loads
+        check_new_file(args.output, "--output", [args.input], args.force)
     model, tokenizer, template = load_for_inference(args)
     if args.chat:
         records = [{"messages": [{"role": "user", "content": args.prompt}]}] if args.prompt else load_records(args.input)
@@ -112,6 +116,6 @@ def run(args, _overrides) -> int:
         print(outputs[0])
         return 0
     lines = [json.dumps({**public_fields(r), "output": o}, ensure_ascii=False) for r, o in zip(records, outputs)]
-    Path(args.output).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_atomically(args.output, "\n".join(lines) + "\n")
     print(f"wrote {len(lines)} records to {args.output}")
     return 0

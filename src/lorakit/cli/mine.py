@@ -42,12 +42,12 @@ def add_parser(commands) -> None:
 
 def run(args, _overrides) -> int:
     import time
-    from pathlib import Path
 
     from lorakit.config import ConfigError
     from lorakit.data.files import load_records
     from lorakit.data.formats import DataError
     from lorakit.infer.mine import MineConfig, check_records, mine_preferences, write_pairs
+    from lorakit.output_folders import check_new_file
     from lorakit.tasks import TASKS
 
     config = MineConfig(samples=args.samples, temperature=args.temperature, top_p=args.top_p,
@@ -57,8 +57,7 @@ def run(args, _overrides) -> int:
         problems.append(f"--task: given {args.task!r}, expected one of {', '.join(TASKS)}")
     if problems:
         raise ConfigError("; ".join(problems))
-    if Path(args.output).exists() and not args.force:
-        raise DataError(f"{args.output}: already exists; pass --force to replace it")
+    check_new_file(args.output, "--output", [args.data], args.force)
     records = load_records(args.data)
     if not records:
         raise DataError(f"{args.data}: no records; expected instruction records or conversations")
