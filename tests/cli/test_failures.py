@@ -115,3 +115,13 @@ def test_inspect_names_a_lora_factor_that_is_not_a_matrix(tmp_path, capsys):
     code, lines = cli(capsys, "inspect", str(tmp_path))
     assert code == 2 and lines == [f"lorakit inspect: error: {tmp_path / 'adapter_model.safetensors'}: {key} has shape "
                                    "(); expected a LoRA factor of two dimensions"]
+
+
+@pytest.mark.parametrize("flag, value, expected", [("--temperature", "-1", "a number >= 0 (0: greedy)"),
+                                                   ("--temperature", "nan", "a number >= 0 (0: greedy)"),
+                                                   ("--top-p", "0", "a number in (0, 1]"),
+                                                   ("--top-p", "many", "a number in (0, 1]")])
+def test_generates_sampling_flags_are_named_before_any_model_loads(capsys, flag, value, expected):
+    code, lines = cli(capsys, "generate", "--model", "m", "--prompt", "p", flag, value)
+    given = repr(value) if value == "many" else value
+    assert code == 2 and lines == [f"lorakit generate: error: argument {flag}: given {given}, expected {expected}"]

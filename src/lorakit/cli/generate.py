@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from lorakit.cli.parsing import add_quantization_flags, positive_int, subcommand
+from lorakit.cli.parsing import add_quantization_flags, positive_int, subcommand, temperature, top_p
 from lorakit.serve.config import LORA_DTYPES, QUANTIZE
 
 EXAMPLES = """examples:
@@ -39,8 +39,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--output", help="where batch mode writes its JSONL (required with --input)")
     parser.add_argument("--force", action="store_true", help="replace an existing --output file")
     parser.add_argument("--max-new-tokens", type=positive_int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=top_p, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=positive_int, default=64, help="prompts per batch (left-padded)")
     parser.set_defaults(run=run)

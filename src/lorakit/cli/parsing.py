@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def subcommand(commands, name: str, help: str, description: str, examples: str) -> argparse.ArgumentParser:
@@ -25,6 +26,29 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"given {value}, expected a positive integer")
     return value
+
+
+def temperature(text: str) -> float:
+    """An argparse type for a sampling temperature: a finite number >= 0 (0: greedy)."""
+    value = _number(text, "a number >= 0 (0: greedy)")
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"given {text}, expected a number >= 0 (0: greedy)")
+    return value
+
+
+def top_p(text: str) -> float:
+    """An argparse type for nucleus sampling's share: a number in (0, 1]."""
+    value = _number(text, "a number in (0, 1]")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"given {text}, expected a number in (0, 1]")
+    return value
+
+
+def _number(text: str, expected: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"given {text!r}, expected {expected}") from None
 
 
 def add_quantization_flags(parser: argparse.ArgumentParser) -> None:
