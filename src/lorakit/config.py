@@ -95,7 +95,7 @@ class LoraConfig:
     def problems(self) -> list[str]:
         """Every invalid field, each as 'lora.<field>: given X, expected Y'."""
         out = []
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+        if not _positive_int(self.r):
             out.append(f"lora.r: given {self.r!r}, expected a positive integer")
         if not _positive_number(self.lora_alpha):
             out.append(f"lora.lora_alpha: given {self.lora_alpha!r}, expected a positive number")
@@ -115,7 +115,7 @@ class LoraConfig:
                 f"lora.init_lora_weights: given {self.init_lora_weights!r}, "
                 f"expected true, false or one of {', '.join(repr(k) for k in named_inits)}"
             )
-        if isinstance(self.loftq_iter, bool) or not isinstance(self.loftq_iter, int) or self.loftq_iter <= 0:
+        if not _positive_int(self.loftq_iter):
             out.append(f"lora.loftq_iter: given {self.loftq_iter!r}, expected a positive integer")
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             out.append(f"lora.task_type: given {self.task_type!r}, expected one of {', '.join(TASK_TYPES)}")
@@ -274,9 +274,8 @@ class TrainConfig:
                                  "page-faults its memory anew (~0.55x speed)", default=False)
     seed: int = _help("seed for initialisation, shuffling and dropout", default=0)
     resume: bool = _help("continue from the latest checkpoint in output_dir", default=False)
-    overwrite_output_dir: bool = _help(
-        "a fresh run may replace the finished run, adapter and checkpoints output_dir holds (removed when training "
-        "begins); without it such a folder is refused", default=False)
+    overwrite_output_dir: bool = _help("a fresh run may replace the finished run, adapter and checkpoints "
+                                       "output_dir holds (removed when training begins); else it is refused", default=False)
     init_adapter: str | None = _help(
         "an adapter folder (lorakit or PEFT) to start from instead of a new adapter, e.g. the SFT adapter before "
         "DPO; its own shape (r, alpha, targets) replaces the lora section's",

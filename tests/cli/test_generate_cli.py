@@ -152,7 +152,8 @@ def test_batch_outputs_never_replace_an_input_and_need_force_over_a_file(tmp_pat
     records = tmp_path / "in.jsonl"
     records.write_text("".join(json.dumps({"instruction": f"say {w}", "output": w}) + "\n" for w in WORDS[:3]))
     before = records.read_bytes()
-    common = ["generate", "--model", str(folder), "--template", "seed", "--max-new-tokens", "2", "--input", str(records)]
+    common = ["generate", "--model", str(folder), "--template", "seed", "--max-new-tokens", "2",
+              "--input", str(records)]
     for output, extra, message in [(records, ["--force"], "which this command reads"),
                                    (tmp_path / "none" / "out.jsonl", [], "does not exist; create it first"),
                                    ("", [], "--output: empty")]:

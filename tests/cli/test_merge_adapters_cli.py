@@ -79,7 +79,8 @@ def test_an_existing_folder_is_never_overwritten(adapters, tmp_path, capsys):
     (tmp_path / "out" / "keep.txt").write_text("mine")
     code, lines = cli(capsys, "merge-adapters", adapters / "a", adapters / "b", "--weights", "1", "1",
                       "--output", tmp_path / "out")
-    assert code == 2 and lines[0].endswith(f"--output {tmp_path / 'out'}: already holds files; name a new or empty folder")
+    assert code == 2
+    assert lines[0].endswith(f"--output {tmp_path / 'out'}: already holds files; name a new or empty folder")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
 
 

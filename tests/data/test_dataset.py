@@ -16,5 +16,6 @@ def test_a_file_that_is_not_there_names_its_field_and_where_it_was_looked_for(tm
     config = DataConfig(**{"train_file": "train.jsonl", field: "runs/missing.jsonl"})
     with pytest.raises(DataError) as missing:
         read_records(config, seed=0)
-    assert str(missing.value) == (f"data.{field}: data file not found: runs/missing.jsonl (looked for "
-                                  f"{tmp_path / 'runs' / 'missing.jsonl'}: a relative path starts at the current folder)")
+    looked = tmp_path / "runs" / "missing.jsonl"
+    assert str(missing.value) == (f"data.{field}: data file not found: runs/missing.jsonl (looked for {looked}: "
+                                  "a relative path starts at the current folder)")

@@ -12,7 +12,7 @@ from conftest import perturb, tiny_llama
 
 
 def attention_group():
-    """q/k/v of a tiny model's first layer with adapters a (r=2) and b (r=4), and present = (slot, adapter) per member."""
+    """q/k/v of a tiny model's first layer with adapters a (r=2) and b (r=4), and (slot, adapter) per member."""
     model = tiny_llama()
     for name, r in (("a", 2), ("b", 4)):
         lorakit.inject(model, lorakit.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "k_proj", "v_proj"]),
@@ -32,7 +32,8 @@ def test_entries_hold_each_members_scaled_B_beside_the_groups_A():
     assert (start, stop) == (6, 12) and side is entries[id(group[0])][0]
     k = group[1]
     expected_A = torch.cat([k.adapters["a"].A, k.adapters["b"].A])
-    expected_B = torch.cat([k.adapters["a"].B * k.adapters["a"].scaling, k.adapters["b"].B * k.adapters["b"].scaling], 1)
+    a, b = k.adapters["a"], k.adapters["b"]
+    expected_B = torch.cat([a.B * a.scaling, b.B * b.scaling], 1)
     assert torch.equal(side.A[start:stop], expected_A) and torch.allclose(B, expected_B)
     assert side.owner.tolist() == [1, 1, 2, 2, 2, 2] * 3
 

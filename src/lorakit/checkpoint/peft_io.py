@@ -190,7 +190,8 @@ def read_adapter_config(directory: str | Path) -> LoraConfig:
     """The LoraConfig of a PEFT adapter folder, whoever wrote it."""
     path = Path(directory) / CONFIG_NAME
     if Path(directory).is_file():
-        raise AdapterError(f"{directory}: is a file; expected an adapter folder holding {CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise AdapterError(f"{directory}: is a file; expected an adapter folder holding {CONFIG_NAME} and "
+                           f"{WEIGHTS_NAME}")
     if not path.is_file():
         raise AdapterError(f"{path}: not found; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     data = read_json_object(path, "an object of LoRA settings")

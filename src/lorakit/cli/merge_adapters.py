@@ -34,7 +34,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--density", type=float, help="share of entries kept, in (0, 1]: ties, dare_*, magnitude_prune*")
     parser.add_argument("--majority-sign", default="total", choices=SIGN_METHODS,
                         help="TIES sign election: by summed value (total) or by count (frequency)")
-    parser.add_argument("--svd-rank", type=positive_int, help="rank of an *svd result (default: the largest adapter rank)")
+    parser.add_argument("--svd-rank", type=positive_int,
+                        help="rank of an *svd result (default: the largest adapter rank)")
     parser.add_argument("--svd-clamp", type=float, help="clamp the SVD factors at this quantile of their entries")
     parser.add_argument("--seed", type=int, default=0, help="seed of DARE's random masks")
     parser.add_argument("--model", help="the adapters' base (default: the first adapter's base_model_name_or_path)")

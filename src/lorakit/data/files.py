@@ -48,7 +48,8 @@ def load_records(path: str | Path, *, fmt: str | None = None) -> list[dict[str, 
     if path.is_dir():
         raise DataError(f"{path}: is a folder; expected a data file (.jsonl, .json, .csv or .tsv)")
     if not path.is_file():
-        where = "" if path.is_absolute() else f" (looked for {path.absolute()}: a relative path starts at the current folder)"
+        where = "" if path.is_absolute() else (
+            f" (looked for {path.absolute()}: a relative path starts at the current folder)")
         raise FileNotFoundError(f"data file not found: {path}{where}")
     source = str(path)
     fmt = _file_format(path, fmt)

@@ -110,7 +110,7 @@ class RunCheckpoints:
             if damaged:
                 newest = damaged[-1]
                 raise ConfigError(f"train.resume: no checkpoint in {newest.parent} checks out (the newest, "
-                                  f"{newest.name}: {manifest_problem(newest)}); move them away to start afresh in this folder")
+                                  f"{newest.name}: {manifest_problem(newest)}); move them away to start afresh here")
             return 0, {}
         with self.parallel.full_params(writeback=True):
             state = load_checkpoint(path, model, self.adapter, optimizer, scheduler, self.scaler)
