@@ -85,6 +85,27 @@ def test_counts_name_their_flag_before_any_model_loads(capsys, argv):
     assert lines[0].endswith(f"error: argument {flag}: given {int(argv[-1])}, expected a positive integer"), lines
 
 
+@pytest.mark.parametrize("argv", [
+    ("generate", "--model", "m", "--prompt", ""),
+    ("generate", "--model", "m", "--input", " ", "--output", "o.jsonl"),
+    ("eval", "--model", "", "--data", "d.jsonl"),
+    ("classify", "--model", "m", "--adapter", "a", "--text", ""),
+    ("merge", "--model", "m", "--adapter", "", "--output", "o"),
+    ("mine-preferences", "--model", "m", "--data", "", "--output", "o.jsonl"),
+    ("merge-adapters", "a", "", "--output", "o"),
+    ("inspect", ""),
+    ("train", ""),
+    ("serve", "--model", ""),
+])
+def test_an_empty_path_or_text_names_its_argument_before_any_model_loads(capsys, argv):
+    """An empty value used to be the current folder ('.: is a folder') or, for --prompt, an internal error."""
+    code, lines = cli(capsys, *argv)
+    blank = next(value for value in argv[1:] if not value.strip())
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].endswith(f"given {blank!r}, expected a non-empty value"), lines
+    assert f"lorakit {argv[0]}: error: argument " in lines[0], lines
+
+
 def test_a_real_process_prints_no_traceback(tmp_path):
     """The same through a real process: an internal error planted in a command (--debug is checked in-process)."""
     plant = (

@@ -156,7 +156,7 @@ def test_batch_outputs_never_replace_an_input_and_need_force_over_a_file(tmp_pat
               "--input", str(records)]
     for output, extra, message in [(records, ["--force"], "which this command reads"),
                                    (tmp_path / "none" / "out.jsonl", [], "does not exist; create it first"),
-                                   ("", [], "--output: empty")]:
+                                   ("", [], "argument --output: given ''")]:
         code, lines = cli(capsys, *common, "--output", str(output), *extra)
         assert code == 2 and len(lines) == 1 and message in lines[0], lines
     out = tmp_path / "out.jsonl"
@@ -169,3 +169,17 @@ def test_batch_outputs_never_replace_an_input_and_need_force_over_a_file(tmp_pat
                       "--output", str(records), "--force", "--samples", "2")
     assert code == 2 and "which this command reads" in lines[0], lines
     assert records.read_bytes() == before
+
+
+def test_an_empty_instruction_is_named_by_its_line(tmp_path, capsys):
+    """A record whose instruction is blank would generate from the template's bare scaffolding: refused, by line."""
+    from cli_support import cli
+
+    folder = toy_model_folder(tmp_path / "model")
+    records = tmp_path / "in.jsonl"
+    records.write_text(json.dumps({"instruction": "say a"}) + "\n" + json.dumps({"instruction": " \n"}) + "\n")
+    code, lines = cli(capsys, "generate", "--model", str(folder), "--template", "seed", "--max-new-tokens", "2",
+                      "--input", str(records), "--output", str(tmp_path / "out.jsonl"))
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].endswith(f"{records}:2: field 'instruction' is empty (expected the instruction's text)"), lines
+    assert not (tmp_path / "out.jsonl").exists()

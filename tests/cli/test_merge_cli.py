@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 import lorakit
 from lorakit.cli import main
 from lorakit.models import load_causal_lm
+from cli_support import cli
 from conftest import TOY_TARGETS, perturb, toy_model_folder
 
 
@@ -73,12 +74,11 @@ def test_force_never_replaces_an_input_the_current_folder_or_the_cache(toy, tmp_
     (tmp_path / "afile").write_text("x")
     (tmp_path / "work").mkdir()
     monkeypatch.chdir(tmp_path / "work")
-    cases = [(run, "is or holds"), ("", "--output: empty"), (".", "is the current folder or holds it"),
+    cases = [(run, "is or holds"), ("", "argument --output: given ''"), (".", "is the current folder or holds it"),
              (cache_root() / "models" / "m", "lies in lorakit's cache"), (tmp_path / "afile" / "sub", "is a file")]
     for output, message in cases:
-        code = main(["merge", "--model", str(folder), "--adapter", str(run / "adapter"), "--output", str(output),
-                     "--force"])
-        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lorakit")]
+        code, err = cli(capsys, "merge", "--model", str(folder), "--adapter", str(run / "adapter"), "--output",
+                        str(output), "--force")
         assert code == 2 and len(err) == 1 and message in err[0], (output, err)
     assert (run / "notes.txt").read_text() == "mine" and (run / "adapter" / "adapter_model.safetensors").is_file()
 

@@ -119,6 +119,40 @@ def test_half_written_files_read_as_what_they_hold(tmp_path):
     assert more == [{"kind": "train", "step": 3, "loss": 1.25}]
 
 
+def test_a_poll_parses_only_what_was_appended_and_a_replaced_file_afresh(tmp_path, monkeypatch):
+    """The runs table follows a running run by reading metrics.jsonl on from where the last poll stopped; a
+    resume's atomic rewrite (a new file) or a shorter file is read from the start."""
+    import lorakit.dashboard.runs as runs
+
+    path = tmp_path / "metrics.jsonl"
+    offsets = []
+    real_read = runs.read_events
+
+    def read_events(p, offset=0, whole=False):  # the real reader, noting where each read starts
+        offsets.append(offset)
+        return real_read(p, offset, whole)
+
+    def line(step, loss):
+        return json.dumps({"kind": "train", "step": step, "loss": loss}) + "\n"
+
+    monkeypatch.setattr(runs, "read_events", read_events)
+    path.write_text(line(1, 2.0) + line(2, 1.5) + '{"kind": "train", "st')
+    cache = RunCache()
+    assert load_run("x", tmp_path, cache)["row"]["step"] == 2
+    first_end = len((line(1, 2.0) + line(2, 1.5)).encode())
+    with path.open("a") as fh:
+        fh.write('ep": 3, "loss": 1.25}\n' + line(4, 1.0))
+    row = load_run("x", tmp_path, cache)["row"]
+    assert (row["step"], row["last_loss"]) == (4, 1.0) and offsets == [0, first_end]
+    assert load_run("x", tmp_path, cache)["row"]["step"] == 4 and len(offsets) == 2  # unchanged: nothing read
+    replacement = tmp_path / "metrics.new"
+    replacement.write_text(line(1, 2.0))
+    os.replace(replacement, path)  # a resume truncating the log to its checkpoint, atomically
+    assert load_run("x", tmp_path, cache)["row"]["step"] == 1 and offsets[-1] == 0
+    path.write_text("")  # the same file, emptied
+    assert load_run("x", tmp_path, cache)["row"]["step"] == 0
+
+
 def test_find_runs_keeps_to_the_root(tmp_path):
     root, outside = tmp_path / "runs", tmp_path / "outside"
     for folder in (root / "a", root / "sweep" / "b", outside / "c"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from lorakit.cli.parsing import subcommand
+from lorakit.cli.parsing import non_empty, subcommand
 from lorakit.infer.load import load_classifier
 
 EXAMPLES = """examples:
@@ -31,14 +31,17 @@ def add_parser(commands) -> None:
         description="Print each text's label and its probability. --interactive reads lines until EOF.",
         examples=EXAMPLES,
     )
-    parser.add_argument("--model", required=True, help="the adapter's base: built-in name, folder or Hub id")
-    parser.add_argument("--adapter", required=True, help="a PEFT-format SEQ_CLS adapter folder (with its head)")
+    parser.add_argument("--model", type=non_empty,
+                        required=True, help="the adapter's base: built-in name, folder or Hub id")
+    parser.add_argument("--adapter", type=non_empty,
+                        required=True, help="a PEFT-format SEQ_CLS adapter folder (with its head)")
     mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--text", help="one text")
-    mode.add_argument("--input", help="JSONL of {\"text\": ...} records; written back with label and probability")
+    mode.add_argument("--text", type=non_empty, help="one text")
+    mode.add_argument("--input", type=non_empty,
+                      help="JSONL of {\"text\": ...} records; written back with label and probability")
     mode.add_argument("--demo", action="store_true", help="classify a few built-in example sentences")
     mode.add_argument("--interactive", action="store_true", help="read texts line by line from standard input")
-    parser.add_argument("--output", help="JSONL file for --input")
+    parser.add_argument("--output", type=non_empty, help="JSONL file for --input")
     parser.add_argument("--force", action="store_true", help="replace an existing --output file")
     parser.add_argument("--text-field", default="text", help="field of --input records holding the text")
     parser.set_defaults(run=run)

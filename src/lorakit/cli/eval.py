@@ -7,7 +7,7 @@ import json
 import sys
 
 from lorakit.cli.generate import add_model_arguments, load_for_inference
-from lorakit.cli.parsing import positive_int, subcommand
+from lorakit.cli.parsing import non_empty, positive_int, subcommand
 from lorakit.tasks import TASKS
 
 EXAMPLES = """examples:
@@ -29,7 +29,8 @@ def add_parser(commands) -> None:
         examples=EXAMPLES,
     )
     add_model_arguments(parser, model_required=False)
-    parser.add_argument("--data", help="JSONL/JSON/CSV file of instruction/output records (with --model)")
+    parser.add_argument("--data", type=non_empty,
+                        help="JSONL/JSON/CSV file of instruction/output records (with --model)")
     parser.add_argument("--task", choices=list(TASKS), help="task scorer (default: exact match only)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     parser.add_argument("--batch-size", type=positive_int, default=32)

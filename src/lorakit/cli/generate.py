@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from lorakit.cli.parsing import add_quantization_flags, positive_int, subcommand, temperature, top_p
+from lorakit.cli.parsing import add_quantization_flags, non_empty, positive_int, subcommand, temperature, top_p
 from lorakit.serve.config import LORA_DTYPES, QUANTIZE
 
 EXAMPLES = """examples:
@@ -33,10 +33,11 @@ def add_parser(commands) -> None:
     )
     add_model_arguments(parser)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", help="one instruction")
-    source.add_argument("--input", help="JSONL file of {\"instruction\": ...} records (with --chat: conversations)")
+    source.add_argument("--prompt", type=non_empty, help="one instruction")
+    source.add_argument("--input", type=non_empty,
+                        help="JSONL file of {\"instruction\": ...} records (with --chat: conversations)")
     parser.add_argument("--chat", action="store_true", help="chat mode: render conversations with the chat template")
-    parser.add_argument("--output", help="where batch mode writes its JSONL (required with --input)")
+    parser.add_argument("--output", type=non_empty, help="where batch mode writes its JSONL (required with --input)")
     parser.add_argument("--force", action="store_true", help="replace an existing --output file")
     parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     parser.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy")
@@ -47,8 +48,9 @@ def add_parser(commands) -> None:
 
 
 def add_model_arguments(parser, model_required: bool = True) -> None:
-    parser.add_argument("--model", required=model_required, help="built-in name, folder, .gguf file or Hub id")
-    parser.add_argument("--adapter", help="a PEFT-format adapter folder")
+    parser.add_argument("--model", type=non_empty,
+                        required=model_required, help="built-in name, folder, .gguf file or Hub id")
+    parser.add_argument("--adapter", type=non_empty, help="a PEFT-format adapter folder")
     parser.add_argument(
         "--template", help="seed, alpaca, chat, raw, or a format string with {instruction}; default: the adapter's"
     )
@@ -103,8 +105,11 @@ def run(args, _overrides) -> int:
     else:
         records = [{"instruction": args.prompt}] if args.prompt else load_records(args.input)
         for record in records:
-            if not isinstance(record.get("instruction"), str):
-                raise DataError(f"{args.input}:{record.get('_line', '?')}: field 'instruction' is missing (expected a string)")
+            instruction, line = record.get("instruction"), f"{args.input}:{record.get('_line', '?')}"
+            if not isinstance(instruction, str):
+                raise DataError(f"{line}: field 'instruction' is missing (expected a string)")
+            if not instruction.strip():
+                raise DataError(f"{line}: field 'instruction' is empty (expected the instruction's text)")
         prompts = [template.render({**public_fields(r), "output": ""})[0] for r in records]
     in_prompt = args.chat or getattr(template, "special_tokens_in_prompt", False)
     config = GenerationConfig(

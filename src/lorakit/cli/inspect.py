@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorakit.cli.parsing import subcommand
+from lorakit.cli.parsing import non_empty, subcommand
 
 EXAMPLES = """examples:
   lorakit inspect runs/ros2-demo/adapter
@@ -19,7 +19,7 @@ def add_parser(commands) -> None:
         description="Print an adapter's config, its modules and ranks, its size and whether it was trained.",
         examples=EXAMPLES,
     )
-    parser.add_argument("adapter", help="a PEFT-format adapter folder")
+    parser.add_argument("adapter", type=non_empty, help="a PEFT-format adapter folder")
     parser.set_defaults(run=run)
 
 

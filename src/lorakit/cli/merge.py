@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lorakit.cli.parsing import add_quantization_flags, subcommand
+from lorakit.cli.parsing import add_quantization_flags, non_empty, subcommand
 
 EXAMPLES = """examples:
   lorakit merge --model smollm2-135m-instruct --adapter runs/ros2-demo/adapter --output runs/ros2-merged
@@ -23,9 +23,10 @@ def add_parser(commands) -> None:
         "adapter merged in fp32, and the logit gap to the adapter-on-quantised-base is reported.",
         examples=EXAMPLES,
     )
-    parser.add_argument("--model", required=True, help="the adapter's base: built-in name, folder, .gguf or Hub id")
-    parser.add_argument("--adapter", required=True, help="a PEFT-format adapter folder")
-    parser.add_argument("--output", required=True,
+    parser.add_argument("--model", type=non_empty,
+                        required=True, help="the adapter's base: built-in name, folder, .gguf or Hub id")
+    parser.add_argument("--adapter", type=non_empty, required=True, help="a PEFT-format adapter folder")
+    parser.add_argument("--output", type=non_empty, required=True,
                         help="a new (or empty) folder for the merged model and its tokenizer")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --output folder (never the base's)")
     add_quantization_flags(parser)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lorakit.cli.parsing import positive_int, subcommand
+from lorakit.cli.parsing import non_empty, positive_int, subcommand
 
 EXAMPLES = """examples:
   lorakit merge-adapters runs/a/adapter runs/b/adapter --weights 0.5 0.5 --output runs/ab   # exact (cat)
@@ -26,9 +26,9 @@ def add_parser(commands) -> None:
         "directions. The output folder must be new or empty and is written whole or not at all.",
         examples=EXAMPLES,
     )
-    parser.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter folders (PEFT format)")
+    parser.add_argument("adapters", type=non_empty, nargs="+", metavar="ADAPTER", help="adapter folders (PEFT format)")
     parser.add_argument("--weights", nargs="+", type=float, required=True, help="one weight per adapter")
-    parser.add_argument("--output", required=True, help="the new adapter folder")
+    parser.add_argument("--output", type=non_empty, required=True, help="the new adapter folder")
     parser.add_argument("--method", default="cat", choices=list(COMBINATIONS), metavar="METHOD",
                         help=f"how to combine: {', '.join(COMBINATIONS)} (default: cat)")
     parser.add_argument("--density", type=float, help="share of entries kept, in (0, 1]: ties, dare_*, magnitude_prune*")
@@ -38,7 +38,8 @@ def add_parser(commands) -> None:
                         help="rank of an *svd result (default: the largest adapter rank)")
     parser.add_argument("--svd-clamp", type=float, help="clamp the SVD factors at this quantile of their entries")
     parser.add_argument("--seed", type=int, default=0, help="seed of DARE's random masks")
-    parser.add_argument("--model", help="the adapters' base (default: the first adapter's base_model_name_or_path)")
+    parser.add_argument("--model", type=non_empty,
+                        help="the adapters' base (default: the first adapter's base_model_name_or_path)")
     parser.set_defaults(run=run)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lorakit.cli.generate import add_model_arguments, load_for_inference
-from lorakit.cli.parsing import positive_int, subcommand
+from lorakit.cli.parsing import non_empty, positive_int, subcommand
 
 EXAMPLES = """examples:
   lorakit mine-preferences --model smollm2-135m-instruct --adapter runs/ros2-demo/adapter \\
@@ -25,7 +25,8 @@ def add_parser(commands) -> None:
         examples=EXAMPLES,
     )
     add_model_arguments(parser)
-    parser.add_argument("--data", required=True, help="JSONL/JSON/CSV of instruction records or conversations")
+    parser.add_argument("--data", type=non_empty,
+                        required=True, help="JSONL/JSON/CSV of instruction records or conversations")
     parser.add_argument("--task", help="scorer that says right or wrong (lorakit.tasks, e.g. ros2); default: "
                         "exact match after stripping")
     parser.add_argument("--samples", type=positive_int, default=4, help="replies sampled per prompt")
@@ -35,7 +36,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=64, help="sequences per generation batch")
     parser.add_argument("--max-records", type=positive_int, help="mine only the first N records")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", required=True, help="the JSONL file of pairs to write")
+    parser.add_argument("--output", type=non_empty, required=True, help="the JSONL file of pairs to write")
     parser.add_argument("--force", action="store_true", help="replace --output if it exists")
     parser.set_defaults(run=run)
 

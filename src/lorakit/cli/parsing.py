@@ -28,6 +28,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_empty(text: str) -> str:
+    """An argparse type for a path, name or text that must say something: an empty or blank value is argparse's
+    one line naming the flag, exit 2 (an empty path would otherwise mean the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"given {text!r}, expected a non-empty value")
+    return text
+
+
 def temperature(text: str) -> float:
     """An argparse type for a sampling temperature: a finite number >= 0 (0: greedy)."""
     value = _number(text, "a number >= 0 (0: greedy)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from lorakit.cli.parsing import subcommand
+from lorakit.cli.parsing import non_empty, subcommand
 from lorakit.serve.config import HALF_WEIGHTS, LORA_DTYPES, PREFILLS, QUANTIZE, SCHEDULERS, ServeConfig
 
 EXAMPLES = """examples:
@@ -49,7 +49,7 @@ def add_parser(commands) -> None:
         "DELETE /v1/adapters/NAME load and unload adapters (needs --api-key; paths inside --adapters-root).",
         examples=EXAMPLES,
     )
-    parser.add_argument("--model", required=True, help="built-in name, folder, .gguf file or Hub id")
+    parser.add_argument("--model", type=non_empty, required=True, help="built-in name, folder, .gguf file or Hub id")
     parser.add_argument(
         "--adapter",
         action="append",

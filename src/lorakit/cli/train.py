@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from lorakit.cli.parsing import add_quantization_flags, subcommand
+from lorakit.cli.parsing import add_quantization_flags, non_empty, subcommand
 
 EXAMPLES = """examples:
   lorakit train examples/ros2/config.yaml
@@ -28,7 +28,8 @@ def add_parser(commands) -> None:
         "(train.batch_size is per process).",
         examples=EXAMPLES,
     )
-    parser.add_argument("config", help="YAML run config (sections: model, task, lora, data, train, eval)")
+    parser.add_argument("config", type=non_empty,
+                        help="YAML run config (sections: model, task, lora, data, train, eval)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     parser.add_argument(
         "--nproc",

@@ -24,10 +24,12 @@ LOWER_IS_BETTER = ("loss", "perplexity")
 
 
 class RunCache:
-    """Parsed files kept until their size or modification time changes (a poll re-reads only what grew)."""
+    """Parsed files kept until their size or modification time changes; metrics.jsonl read on from where the last
+    poll stopped."""
 
     def __init__(self):
         self._entries: dict[tuple[Path, str], tuple[tuple[int, int], object]] = {}
+        self._appended: dict[Path, tuple[int, int, list[dict]]] = {}  # path: (inode, bytes read, events)
 
     def get(self, path: Path, kind: str, reader):
         try:
@@ -43,11 +45,29 @@ class RunCache:
         self._entries[(path, kind)] = (stamp, value)
         return value
 
+    def events(self, path: Path) -> list[dict]:
+        """metrics.jsonl's events, reading only the lines appended since the last call: a poll of a long running
+        run parses its new steps, not the whole file again. A file replaced (a resume rewrites it atomically) or
+        shorter than what was read is read afresh."""
+        try:
+            stat = path.stat()
+        except OSError:
+            self._appended.pop(path, None)
+            return []
+        inode, offset, events = self._appended.get(path, (None, 0, []))
+        if inode != stat.st_ino or stat.st_size < offset:
+            offset, events = 0, []
+        if stat.st_size > offset:
+            new, offset = read_events(path, offset, whole=True)
+            events = events + new  # a new list: a request still reading the old one sees it unchanged
+        self._appended[path] = (stat.st_ino, offset, events)
+        return events
+
 
 def load_run(name: str, folder: Path, cache: RunCache) -> dict:
     """Everything the page shows of one run: its row in the runs table plus config, checkpoints, summary."""
     config = cache.get(folder / "run_config.yaml", "yaml", read_yaml) or {}
-    events = cache.get(folder / "metrics.jsonl", "events", lambda p: read_events(p, whole=True)[0]) or []
+    events = cache.events(folder / "metrics.jsonl")
     summary = cache.get(folder / "summary.json", "json", read_json)
     record = cache.get(folder / STATUS_FILE, "json", read_json)
     checkpoints = complete_checkpoints(folder)
