@@ -138,15 +138,16 @@ def _rate(product, flops: int, seconds: float) -> float:
     return flops * repeats / (time.perf_counter() - start) / 1e9
 
 
-def half_peak(shapes: list[tuple[int, int, int]], dtype, fp32_rates: dict) -> float:
-    """The best rate of a half type at the model's shapes. A type slower than fp32 at the largest shape is timed
-    there only: train.half_base auto never picks it, so its peak is no variant's MFU denominator, and a type
-    without hardware support (fp16 on a CPU without AVX-512 FP16 or AMX) would take minutes a shape."""
+def half_rates(shapes: list[tuple[int, int, int]], dtype, fp32_rates: dict) -> dict[tuple[int, int, int], float]:
+    """A half type's GFLOP/s at the model's shapes. A type slower than fp32 at the largest shape is timed there
+    only: train.half_base auto never picks it, so its peak is no variant's MFU denominator, and a type without
+    hardware support (fp16 on a CPU without AVX-512 FP16 or AMX) would take minutes a shape."""
     largest = max(shapes, key=lambda s: s[0] * s[1] * s[2])
     rate = gemm_rates([largest], dtype=dtype)[largest]
     if rate < fp32_rates[largest]:
-        return rate
-    return max(rate, *gemm_rates(shapes, dtype=dtype).values())
+        return {largest: rate}
+    rates = gemm_rates(shapes, dtype=dtype)
+    return {**rates, largest: max(rate, rates[largest])}
 
 
 def min_median(values: list[float]) -> dict:

@@ -144,7 +144,7 @@ def test_a_half_type_slower_than_fp32_is_timed_at_the_largest_shape_only(monkeyp
     shapes = [(8, 64, 64), (8, 256, 64), (8, 64, 32)]
     fp32 = rates(shapes)
     timed.clear()
-    assert results.half_peak(shapes, "half", fp32) == 5.0 and timed == [[(8, 256, 64)]]
+    assert results.half_rates(shapes, "half", fp32) == {(8, 256, 64): 5.0} and timed == [[(8, 256, 64)]]
     fast = {shape: 1.0 for shape in shapes}  # fp32 slower than the half type: every shape is timed
     timed.clear()
-    assert results.half_peak(shapes, "half", fast) == 5.0 and timed == [[(8, 256, 64)], shapes]
+    assert results.half_rates(shapes, "half", fast) == dict.fromkeys(shapes, 5.0) and timed == [[(8, 256, 64)], shapes]
