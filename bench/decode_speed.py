@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # results: the benches' shared JSON writer
 
 from results import machine, min_median, write_result  # noqa: E402
-from serve_throughput import make_adapters  # noqa: E402
+from serve_variants import make_adapters  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCHED_BENCH = Path.home() / ".cache" / "lorakit" / "llama.cpp-build" / "bin" / "llama-batched-bench"

@@ -20,7 +20,7 @@ import time
 
 import torch
 from results import machine, min_median, write_result
-from train_throughput import examples, load_model
+from train_variants import examples, load_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 WAYS = {"kernel": "1", "rand_like": "0"}  # LORAKIT_DROPOUT_KERNEL for each

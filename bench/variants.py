@@ -39,8 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from results import min_median, write_result
-from train_throughput import RssSampler
+from results import RssSampler, min_median, write_result
 
 MODEL = "smollm2-135m-instruct"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
