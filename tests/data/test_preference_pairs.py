@@ -93,11 +93,28 @@ def test_a_pair_batch_is_the_chosen_rows_then_the_rejected_rows(tokenizer):
     assert torch.equal(collate_pairs(examples, tokenizer.pad_token_id)["ref_logps"], torch.tensor([-1., -3., -2., -4.]))
 
 
+def test_both_sides_of_a_cut_pair_keep_the_same_prompt_tokens(tokenizer):
+    """A short chosen and a long rejected reply under max_length: the prompt is cut once, as the longer reply needs,
+    and the long reply loses its end; cut separately, the rejected side saw less of the prompt than the chosen."""
+    pair = {"prompt": " ".join(["say red"] * 15), "chosen": "red", "rejected": " ".join(["blue red"] * 40)}
+    (example,), stats = tokenize_preferences(tokenizer, [pair], get_template("{instruction}"), 24)
+    prompts = []
+    for prefix in ("", "rejected_"):
+        ids, labels = example[f"{prefix}input_ids"], example[f"{prefix}labels"]
+        assert len(ids) <= 24
+        prompts.append([t for t, label in zip(ids, labels) if label == IGNORE_INDEX])
+    assert prompts[0] == prompts[1] and 0 < len(prompts[0]) < len(tokenizer(pair["prompt"])["input_ids"])
+    assert example["labels"][-1] == tokenizer.eos_token_id  # the short reply stays whole, EOS included
+    assert example["rejected_labels"][-1] != tokenizer.eos_token_id and stats.truncated == 1
+
+
 def test_a_long_prompt_loses_its_start_and_a_pair_with_no_reply_token_left_is_an_error(tokenizer):
     long = {"prompt": "say red " * 20, "chosen": "red", "rejected": "blue"}
     short = {"prompt": "say red", "chosen": "red", "rejected": "blue"}
     examples, stats = tokenize_preferences(tokenizer, [long, short], get_template("{instruction}"), 12)
     assert (stats.pairs, stats.truncated, stats.dropped) == (2, 1, 0)
-    assert len(examples[0]["input_ids"]) == 12 and examples[0]["labels"][-1] == tokenizer.eos_token_id
+    # the longer side fills max_length; the other keeps the same prompt tokens
+    assert max(len(examples[0]["input_ids"]), len(examples[0]["rejected_input_ids"])) == 12
+    assert examples[0]["labels"][-1] == examples[0]["rejected_labels"][-1] == tokenizer.eos_token_id
     with pytest.raises(DataError, match="no preference pair keeps a reply token within max_length 1"):
         tokenize_preferences(tokenizer, [{**short, "_source": "p.jsonl", "_line": 1}], get_template("seed"), 1)

@@ -22,7 +22,8 @@ from lorakit.data.templates import ChatTemplate, PromptTemplate, get_template
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IGNORE_INDEX", "TokenizeStats", "special_prefix_ids", "tokenize_dataset", "tokenize_example"]
+__all__ = ["IGNORE_INDEX", "TokenizeStats", "special_prefix_ids", "tokenize_dataset", "tokenize_example",
+           "tokenize_shared_prompt"]
 
 
 @dataclass
@@ -81,39 +82,56 @@ def tokenize_example(
     Raises:
         ValueError: ``max_length`` is not a positive int, or ``add_eos`` with no EOS token.
     """
+    return tokenize_shared_prompt(tokenizer, prompt, [response], max_length, add_eos,
+                                  prompt_has_special_tokens=prompt_has_special_tokens)[0]
+
+
+def tokenize_shared_prompt(
+    tokenizer: Any,
+    prompt: str,
+    responses: list[str],
+    max_length: int,
+    add_eos: bool = True,
+    *,
+    prompt_has_special_tokens: bool = False,
+) -> list[dict[str, Any]]:
+    """Tokenise several responses to one prompt (a preference pair's chosen and rejected), as
+    :func:`tokenize_example` does one, keeping the same prompt tokens in every example: the prompt is
+    cut as the longest response needs, and each response that still does not fit loses its end. A
+    pair whose sides saw different prompts would compare log p(y_w | x) with log p(y_l | x')."""
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
         raise ValueError(f"max_length must be a positive int, got {max_length!r}")
     prefix = [] if prompt_has_special_tokens else special_prefix_ids(tokenizer)
     body = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    replies = [tokenizer(response, add_special_tokens=False)["input_ids"] for response in responses]
     if add_eos:
         if tokenizer.eos_token_id is None:
             raise ValueError("add_eos=True but the tokenizer has no eos_token; set one or pass add_eos=False")
-        response_ids = [*response_ids, tokenizer.eos_token_id]
+        replies = [[*ids, tokenizer.eos_token_id] for ids in replies]
 
-    truncated = response_truncated = False
-    if len(prefix) + len(body) + len(response_ids) > max_length:
-        truncated = True
+    longest = max(map(len, replies), default=0)
+    cut = len(prefix) + len(body) + longest > max_length
+    if cut:
         room = max_length - len(prefix)  # positions left for prompt body + response
-        if len(response_ids) < room:
-            body = body[len(body) - (room - len(response_ids)) :]  # keep the prompt's end
+        if longest < room:
+            body = body[len(body) - (room - longest) :]  # keep the prompt's end
         else:
-            response_truncated = True
             keep = min(len(body), max(0, max_length // 2 - len(prefix)))
             body = body[len(body) - keep :] if keep else []
-            response_ids = response_ids[: max(0, room - len(body))]
         # a prefix longer than max_length (never in practice) is cut too, so the bound holds
         prefix = prefix[:max_length]
-
-    input_ids = [*prefix, *body, *response_ids]
-    labels = [IGNORE_INDEX] * (len(prefix) + len(body)) + list(response_ids)
-    return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "attention_mask": [1] * len(input_ids),
-        "truncated": truncated,
-        "response_truncated": response_truncated,
-    }
+    examples = []
+    for ids in replies:
+        kept = ids[: max(0, max_length - len(prefix) - len(body))] if cut else ids
+        input_ids = [*prefix, *body, *kept]
+        examples.append({
+            "input_ids": input_ids,
+            "labels": [IGNORE_INDEX] * (len(prefix) + len(body)) + list(kept),
+            "attention_mask": [1] * len(input_ids),
+            "truncated": cut,
+            "response_truncated": len(kept) < len(ids),
+        })
+    return examples
 
 
 def tokenize_dataset(

@@ -5,8 +5,9 @@ A record is plain or chat:
 * plain: three strings. The prompt goes through ``data.template`` as the instruction (the seed
   template by default, so a DPO stage sees the prompt exactly as the SFT stage before it did; use
   ``template: "{instruction}"`` for prompts that are already formatted). Each reply is tokenised
-  after it as in supervised training (``lorakit.data.masking.tokenize_example``): labels on the
-  reply and the EOS appended to it.
+  after it as in supervised training (``lorakit.data.masking.tokenize_shared_prompt``): labels on
+  the reply and the EOS appended to it. A pair longer than ``max_length`` keeps the same prompt
+  tokens on both sides (cut as the longer reply needs); a reply that still does not fit loses its end.
 * chat: ``prompt`` is a list of ``{role, content}`` messages (the conversation so far) and each
   reply is a string or a list holding one assistant message (TRL's conversational form). Both
   conversations are rendered with the tokenizer's chat template and labelled on the last reply
@@ -31,7 +32,7 @@ from lorakit.data.chat import tokenize_conversation
 from lorakit.data.collate import pad_batch
 from lorakit.data.formats import CHAT_ROLES, LINE_KEY, SOURCE_KEY, DataError, json_type, where
 from lorakit.data.labels import IGNORE_INDEX
-from lorakit.data.masking import tokenize_example
+from lorakit.data.masking import tokenize_shared_prompt
 from lorakit.data.templates import ChatTemplate, PromptTemplate
 
 log = logging.getLogger(__name__)
@@ -118,17 +119,17 @@ class PairStats:
 def tokenize_pair(tokenizer: Any, record: dict[str, Any], template: PromptTemplate | ChatTemplate,
                   max_length: int) -> tuple[dict[str, Any], bool]:
     """(the pair as an example, whether either side was truncated); see the module docstring."""
-    sides = {}
-    for key in ("chosen", "rejected"):
-        reply = reply_text(record[key])
-        if isinstance(record["prompt"], list) or isinstance(template, ChatTemplate):
-            conversation = {"messages": [*prompt_messages(record), {"role": "assistant", "content": reply}],
-                            **{k: record[k] for k in (SOURCE_KEY, LINE_KEY) if k in record}}
-            sides[key] = tokenize_conversation(tokenizer, conversation, max_length, "last_assistant")
-        else:
-            prompt, _ = template.render({"instruction": record["prompt"], "output": reply})
-            sides[key] = tokenize_example(tokenizer, prompt, reply, max_length)
-    chosen, rejected = sides["chosen"], sides["rejected"]
+    replies = [reply_text(record[key]) for key in ("chosen", "rejected")]
+    if isinstance(record["prompt"], list) or isinstance(template, ChatTemplate):  # truncation keeps the start
+        keep = {k: record[k] for k in (SOURCE_KEY, LINE_KEY) if k in record}
+        chosen, rejected = (
+            tokenize_conversation(tokenizer, {"messages": [*prompt_messages(record),
+                                                           {"role": "assistant", "content": reply}], **keep},
+                                  max_length, "last_assistant")
+            for reply in replies)
+    else:  # both sides keep the same prompt tokens, however long either reply
+        prompt, _ = template.render({"instruction": record["prompt"], "output": replies[0]})
+        chosen, rejected = tokenize_shared_prompt(tokenizer, prompt, replies, max_length)
     example = {"input_ids": chosen["input_ids"], "labels": chosen["labels"],
                "rejected_input_ids": rejected["input_ids"], "rejected_labels": rejected["labels"]}
     return example, chosen["truncated"] or rejected["truncated"]
