@@ -8,6 +8,7 @@ import logging
 import pytest
 import yaml
 
+from lorakit.config import ConfigError
 from lorakit.track import flatten, metric_values
 from lorakit.track.runlog import RunLog
 from lorakit.track.status import read_status
@@ -72,3 +73,61 @@ def test_tracker_names_and_flattening():
     assert metric_values({"kind": "rollback", "step": 7, "lr_factor": 0.1, "in_a_row": 1}) == {
         "rollback/lr_factor": 0.1, "rollback/in_a_row": 1.0}
     assert flatten({"lora": {"r": 8, "rank_pattern": {}}, "model": "m"}) == {"lora.r": 8, "lora.rank_pattern": {}, "model": "m"}
+
+
+def test_a_tracker_that_cannot_start_on_resume_leaves_the_run_folder_as_it_was(tmp_path):
+    with RunLog(tmp_path, config={"lora": {"r": 8}}).running() as first:
+        first.open()
+        for step in (1, 2, 3):
+            first.write(kind="train", step=step, loss=1.0 / step)
+    saved = {name: (tmp_path / name).read_bytes() for name in ("metrics.jsonl", "status.json", "run_config.yaml")}
+    (tmp_path / "tensorboard").write_text("a file where TensorBoard's folder goes")
+    with pytest.raises(ConfigError, match="train.report_to: tensorboard could not start"), \
+            RunLog(tmp_path, report_to=["tensorboard"], config={"lora": {"r": 8}}).running() as resumed:
+        resumed.open(resume_step=2)
+    assert {name: (tmp_path / name).read_bytes() for name in saved} == saved
+
+
+def _train_losses(client, run_id: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
+
+
+def test_resumed_trackers_hold_each_step_once_and_a_new_one_gets_the_kept_steps(tmp_path, monkeypatch):
+    """A stop after step 4 with a checkpoint at step 2: MLflow (which cannot delete points) is not sent steps 3-4
+    again, and TensorBoard, first asked for at the resume, gets steps 1-2 from metrics.jsonl."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lorakit.track.mlflow import tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = RunLog(tmp_path, report_to=["mlflow"]).open()
+    for step in (1, 2, 3, 4):
+        first.write(kind="train", step=step, loss=1.0 / step)
+    first._each("close", "interrupted")  # the process stops here; step-000002 is the last checkpoint
+    resumed = RunLog(tmp_path, report_to=["tensorboard", "mlflow"]).open(resume_step=2)
+    for step in (3, 4, 5):
+        resumed.write(kind="train", step=step, loss=1.0 / step)
+    with resumed.running():
+        pass
+    client = MlflowClient(tracking_uri(tmp_path))
+    (mlrun,) = client.search_runs([client.get_experiment_by_name("lorakit").experiment_id])
+    assert _train_losses(client, mlrun.info.run_id) == [1, 2, 3, 4, 5]
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [(e.step, round(e.value, 6)) for e in events.Scalars("train/loss")] == [
+        (step, round(1.0 / step, 6)) for step in (1, 2, 3, 4, 5)]
+
+
+def test_a_fresh_run_over_an_earlier_one_shows_only_its_own_steps_in_tensorboard(tmp_path):
+    """train.overwrite_output_dir: the earlier run's event files stay, but TensorBoard purges their steps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for losses in ([3.0, 2.0, 1.0], [5.0, 4.0]):
+        with RunLog(tmp_path, report_to=["tensorboard"]).running() as log:
+            log.open()
+            for step, loss in enumerate(losses, 1):
+                log.write(kind="train", step=step, loss=loss)
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 5.0), (2, 4.0)]

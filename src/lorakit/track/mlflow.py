@@ -6,7 +6,8 @@ starts at once, where a fresh SQLite store first runs its schema migrations. Set
 MLFLOW_TRACKING_URI (sqlite:///..., http://...) for any other store, MLFLOW_EXPERIMENT_NAME for the
 experiment (default: lorakit). The config goes in as flattened params, the metrics as metrics, the
 eval samples as a table artifact (eval_samples.json, MLflow's table format) and the adapter folder
-as the artifact `adapter`.
+as the artifact `adapter`. A resumed run continues its MLflow run; the steps between its checkpoint
+and where it stopped, which MLflow already holds, are not logged again (MLflow cannot delete points).
 """
 
 from __future__ import annotations
@@ -39,14 +40,18 @@ class Tracker:
         experiment = self.client.get_experiment_by_name(name)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
         known = remembered_id(run_dir, "mlflow") if resume_step is not None else None
+        self.logged: dict[str, int] = {}  # a resumed MLflow run: each metric's last step, logged before the stop
         if known and self._exists(known):
             self.run_id, self.resumed = known, True
             self.client.update_run(known, status="RUNNING")
+            for key in self.client.get_run(known).data.metrics:
+                self.logged[key] = max((m.step for m in self.client.get_metric_history(known, key)), default=-1)
         else:
             run = self.client.create_run(experiment_id, run_name=Path(run_dir).resolve().name,
                                          tags={"lorakit.run_dir": str(Path(run_dir).resolve())})
             self.run_id, self.resumed = run.info.run_id, False
             remember_id(run_dir, "mlflow", self.run_id)
+        self.new_record = resume_step is not None and not self.resumed  # replayed into (RunLog.open)
 
     def _exists(self, run_id: str) -> bool:
         try:
@@ -70,7 +75,10 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+        # MLflow keeps every point: steps the stopped attempt logged past the checkpoint are not logged twice
+        metrics = [Metric(k, v, now, step) for k, v in values.items() if step > self.logged.get(k, -1)]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
 
     def log_samples(self, columns: list[str], data: list[list]) -> None:
         self.client.log_dict(self.run_id, {"columns": columns, "data": data}, "eval_samples.json")

@@ -44,20 +44,49 @@ class RunLog:
 
     def open(self, resume_step: int | None = None) -> RunLog:
         """Training begins: run_config.yaml (the config given) and status.json (running) are written now, not
-        before, so that a run that fails while loading leaves a folder's earlier run as it was. Start
-        metrics.jsonl afresh, or keep it up to `resume_step` when resuming; start the trackers."""
+        before, so that a run that fails while loading, or whose trackers cannot start, leaves a folder's
+        earlier run as it was. Start the trackers, then metrics.jsonl afresh, or kept up to `resume_step` when
+        resuming (a tracker new to the run then gets the kept steps)."""
+        started = self.enabled and not self.trackers
+        if started:  # first: a tracker that cannot start leaves the folder's files as they were
+            self._open_trackers(resume_step)
         self._start()
         self.jsonl = MetricsLog(self.run_dir, resume=resume_step is not None, enabled=self.enabled)
         if resume_step is not None:
             self.jsonl.truncate_after(resume_step)
-        if self.enabled and not self.trackers:
-            for name in self.names:
-                try:
-                    self.trackers[name] = open_tracker(name, self.run_dir, resume_step)
-                except Exception as err:  # noqa: BLE001 (any failure to start: an unreachable server, a refused store)
-                    raise ConfigError(f"train.report_to: {name} could not start ({_first_line(err)})") from None
+        if started:
             self._each("log_config", self.config)
+            if resume_step is not None:
+                self._replay_kept_steps()
         return self
+
+    def _open_trackers(self, resume_step: int | None) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for name in self.names:
+            try:
+                self.trackers[name] = open_tracker(name, self.run_dir, resume_step)
+            except Exception as err:  # noqa: BLE001 (any failure to start: an unreachable server, a refused store)
+                self._each("close", "failed")
+                self.trackers = {}
+                raise ConfigError(f"train.report_to: {name} could not start ({_first_line(err)})") from None
+
+    def _replay_kept_steps(self) -> None:
+        """A tracker that holds nothing of this run yet (turned on at resume, or its record gone) gets the steps
+        metrics.jsonl kept, so it shows the whole run."""
+        fresh = {name: t for name, t in self.trackers.items() if getattr(t, "new_record", False)}
+        if not fresh:
+            return
+        for event in self.jsonl.events():
+            values = metric_values(event)
+            if values and "step" in event:
+                for name, tracker in list(fresh.items()):
+                    try:
+                        tracker.log_metrics(int(event["step"]), values)
+                    except Exception as err:  # noqa: BLE001 (as in _each: the tracker is dropped, the run goes on)
+                        log.warning("%s tracker: replaying the kept steps failed (%s); it logs nothing more", name,
+                                    err)
+                        fresh.pop(name)
+                        self.trackers.pop(name, None)
 
     def write(self, **event) -> None:
         """One event (kind, step, numbers) to metrics.jsonl and, its numbers, to every tracker."""

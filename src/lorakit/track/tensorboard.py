@@ -1,7 +1,8 @@
 """TensorBoard: event files in <run>/tensorboard through torch.utils.tensorboard.
 
 View with `tensorboard --logdir runs/`. A resumed run purges the events past its checkpoint, as
-metrics.jsonl does. The config and the eval samples are text entries (Markdown tables).
+metrics.jsonl does, and a fresh run (train.overwrite_output_dir) all of an earlier run's. The config and
+the eval samples are text entries (Markdown tables).
 """
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ class Tracker:
     def __init__(self, run_dir: Path, resume_step: int | None):
         from torch.utils.tensorboard import SummaryWriter
 
-        purge = resume_step + 1 if resume_step is not None else None
-        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / FOLDER), purge_step=purge, flush_secs=10)
+        folder = Path(run_dir) / FOLDER
+        earlier = folder.is_dir() and any(folder.glob("events.out.tfevents.*"))
+        self.new_record = not earlier  # a resumed run's earlier steps are replayed into it (RunLog.open)
+        # a resumed run hides the steps past its checkpoint; a fresh run over an earlier one (overwrite) all of them
+        purge = (resume_step + 1 if resume_step is not None else 0) if earlier else None
+        self.writer = SummaryWriter(log_dir=str(folder), purge_step=purge, flush_secs=10)
 
     def log_config(self, config: dict) -> None:
         self.writer.add_text("config", "```yaml\n" + yaml.safe_dump(config, sort_keys=False) + "```", 0)
