@@ -128,7 +128,7 @@ def run_causal_lm(run: RunConfig, echo=print, run_log: RunLog | None = None) -> 
     result = train(model, data.train, data.eval, run.train, objective, _run_state(run),
                    on_eval=eval_printer(_above_progress_bar(echo), run.data), run_log=run_log)
     if main:
-        write_run_card(result.adapter_dir, template=run.data.template, task=run.eval.task, model=run.model,
+        write_run_card(result.adapter_dir, template=data.card_template, task=run.eval.task, model=run.model,
                        quantization=to_dict(run.quantization) if run.quantization.bits else None)
     summary.update(steps=result.steps, seconds=round(result.seconds, 1), adapter=result.adapter_dir,
                    eval=result.final_eval, best_checkpoint=result.best_checkpoint, lean_path=result.lean_path,
@@ -272,7 +272,7 @@ def run_preference(run: RunConfig, echo=print, run_log: RunLog | None = None) ->
     result = train(model, data.train, data.eval, run.train, objective, _run_state(run),
                    on_eval=eval_printer(_above_progress_bar(echo), run.data), run_log=run_log)
     if main:
-        write_run_card(result.adapter_dir, template=run.data.template, task=run.eval.task, model=run.model,
+        write_run_card(result.adapter_dir, template=data.card_template, task=run.eval.task, model=run.model,
                        quantization=to_dict(run.quantization) if run.quantization.bits else None)
     summary.update(steps=result.steps, seconds=round(result.seconds, 1), adapter=result.adapter_dir,
                    eval=result.final_eval, best_checkpoint=result.best_checkpoint, lean_path=result.lean_path,

@@ -83,6 +83,9 @@ def test_eval_size_zero_on_a_chat_file_trains_on_every_record(toy, tmp_path, cap
     assert code == 0 and "data: 8 train / no eval examples; 0 truncated, 0 dropped" in out
     assert "final score: none, no eval or test split scored the adapter" in out
     assert not [e for e in _events(tmp_path / "run") if e["kind"] == "eval"]
+    # conversations train through the chat template whatever data.template says (seed by default): the run card,
+    # which generate, serve and export prompt the adapter with, names it
+    assert json.loads((tmp_path / "run" / "adapter" / "lorakit.json").read_text())["template"] == "chat"
 
 
 def test_an_eval_set_smaller_than_a_batch_is_evaluated_whole(toy, tmp_path, capsys):

@@ -120,6 +120,10 @@ def test_sharegpt_and_messages_give_the_same_ids_and_labels(family):
     validate_records([sharegpt], "sharegpt")
     assert to_messages(sharegpt) == messages
     assert tokenize_conversation(tok, sharegpt, 4096) == tokenize_conversation(tok, {"messages": messages}, 4096)
+    # LLaMA-Factory's record-level system prompt is the same conversation's first turn
+    column = {"system": messages[0]["content"], "conversations": sharegpt["conversations"][1:]}
+    validate_records([column], "sharegpt")
+    assert to_messages(column) == messages
 
 
 def test_the_embedded_smollm2_tokenizer():
@@ -209,6 +213,11 @@ def test_truncation_keeps_the_start_and_counts_lost_labels(family):
         ({"conversations": [{"from": "human", "value": "hi"}]}, "d.jsonl:3: the last turn is from 'human'"),
         ({"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "x"}]},
          "d.jsonl:3: field 'conversations[0].value' is a number 3 (expected a string)"),
+        ({"system": ["x"], "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}]},
+         "d.jsonl:3: field 'system' is an array"),
+        ({"system": "be brief", "conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "hi"},
+                                                  {"from": "gpt", "value": "x"}]},
+         "d.jsonl:3: field 'system' is given and 'conversations' starts with a system turn too"),
     ],
 )
 def test_bad_sharegpt_records_are_one_line_naming_the_field(record, expected):

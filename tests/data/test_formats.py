@@ -83,7 +83,10 @@ def test_chat_record_checks(tmp_path):
     bad_role = {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}
     no_content = {"messages": [{"role": "user"}, {"role": "assistant", "content": "y"}]}
     alone = {"messages": [{"role": "assistant", "content": "y"}]}
-    lines = [good, ends_with_user, bad_role, no_content, {"messages": "hi"}, alone]
+    tool_call = {"messages": [{"role": "user", "content": "weather?"},
+                              {"role": "assistant", "content": "", "tool_calls": [{"type": "function"}]},
+                              {"role": "tool", "content": "18C"}, {"role": "assistant", "content": "18C."}]}
+    lines = [good, ends_with_user, bad_role, no_content, {"messages": "hi"}, alone, tool_call]
     for i, record in enumerate(lines):
         path = write_file(tmp_path, f"c{i}.jsonl", json.dumps(good) + "\n" + json.dumps(record) + "\n")
         records = load_records(path)
@@ -99,6 +102,7 @@ def test_chat_record_checks(tmp_path):
             "field 'messages[0].content' is missing (expected a string)",
             "field 'messages' is a string 'hi' (expected a non-empty list of {role, content})",
             "field 'messages' holds only the assistant's reply; expected at least one system or user message",
+            "field 'messages[1].tool_calls' is not supported (lorakit trains on each message's text content",
         ][i]
         assert expected in message
 

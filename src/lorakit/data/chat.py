@@ -43,7 +43,8 @@ SHAREGPT_ROLES = {
 
 
 def to_messages(record: dict[str, Any]) -> list[dict[str, str]]:
-    """The record's conversation as ``[{"role", "content"}]``: ``messages`` as given, ShareGPT mapped.
+    """The record's conversation as ``[{"role", "content"}]``: ``messages`` as given, ShareGPT mapped
+    (its record-level ``system`` field first, as LLaMA-Factory reads it).
 
     Instruction records become one user turn (instruction, then input after a blank line) and one
     assistant turn.
@@ -60,7 +61,8 @@ def to_messages(record: dict[str, Any]) -> list[dict[str, str]]:
             out.append({"role": m["role"], "content": m["content"]})
         return out
     if "conversations" in record:
-        out = []
+        system = record.get("system")
+        out = [{"role": "system", "content": system}] if isinstance(system, str) and system else []
         for i, turn in enumerate(record["conversations"]):
             role = SHAREGPT_ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
             if role is None or not isinstance(turn.get("value"), str):

@@ -27,6 +27,9 @@ class PreparedData:
     stats: dict[str, TokenizeStats] = field(default_factory=dict)
     test: list[dict[str, Any]] = field(default_factory=list)  # tokenised data.test_file: scored once, at the end
     test_records: list[dict[str, Any]] = field(default_factory=list)
+    # the template an adapter trained on this data is prompted with (its run card): conversations always
+    # render through the tokenizer's chat template, whatever data.template says
+    card_template: str | None = None
 
 
 def read_records(config: DataConfig, seed: int) -> tuple[list[dict], list[dict], str]:
@@ -113,7 +116,8 @@ def prepare_data(config: DataConfig, tokenizer, seed: int) -> PreparedData:
     if test_records:
         test, stats["test"] = tokenize_dataset(tokenizer, test_records, template, config.max_length,
                                                train_on=config.train_on)
-    return PreparedData(train, evaluation, eval_records, template, stats, test, test_records)
+    card_template = "chat" if fmt == "chat" else config.template
+    return PreparedData(train, evaluation, eval_records, template, stats, test, test_records, card_template)
 
 
 def prepare_preference_data(config: DataConfig, tokenizer, seed: int) -> PreparedData:
@@ -145,5 +149,6 @@ def prepare_preference_data(config: DataConfig, tokenizer, seed: int) -> Prepare
                             "records")
     stats = {"train": TokenizeStats(examples=train_stats.pairs, truncated=train_stats.truncated,
                                     dropped=train_stats.dropped)}
+    chat_pairs = all(isinstance(r.get("prompt"), list) for r in train_records)
     return PreparedData(train, evaluation, [scoring_record(r) for r in eval_records], template, stats, test,
-                        test_records)
+                        test_records, "chat" if chat_pairs else config.template)

@@ -173,6 +173,10 @@ def _check_alpaca(record: dict[str, Any], at: str) -> None:
         _require_str(record, "input", at, hint="a string, possibly empty, or no field")
 
 
+# OpenAI-style tool calling: a message whose call lives outside 'content' would train as an empty reply
+UNSUPPORTED_MESSAGE_KEYS = frozenset({"tool_calls", "function_call"})
+
+
 def _check_chat(record: dict[str, Any], at: str) -> None:
     messages = record.get("messages")
     if messages is None:
@@ -190,6 +194,9 @@ def _check_chat(record: dict[str, Any], at: str) -> None:
             state = "missing" if "role" not in message else _describe(message["role"])
             raise DataError(f"{at}: field '{field}.role' is {state} (expected one of {roles})")
         _require_str(message, "content", at, field=f"{field}.content")
+        for key in UNSUPPORTED_MESSAGE_KEYS.intersection(message):
+            raise DataError(f"{at}: field '{field}.{key}' is not supported (lorakit trains on each message's text "
+                            "content; write the call into 'content' or leave the turn out)")
     if messages[-1]["role"] != "assistant":
         raise DataError(
             f"{at}: the last message is the {messages[-1]['role']!r} one; "
@@ -218,6 +225,11 @@ def _check_sharegpt(record: dict[str, Any], at: str) -> None:
             state = "missing" if "from" not in turn else _describe(turn["from"])
             raise DataError(f"{at}: field '{field}.from' is {state} (expected one of {roles})")
         _require_str(turn, "value", at, field=f"{field}.value")
+    if "system" in record:  # LLaMA-Factory's sharegpt column: the conversation's system prompt
+        _require_str(record, "system", at)
+        if SHAREGPT_ROLES[turns[0]["from"]] == "system":
+            raise DataError(f"{at}: field 'system' is given and 'conversations' starts with a system turn too; "
+                            "expected one system prompt")
     if SHAREGPT_ROLES[turns[-1]["from"]] != "assistant":
         raise DataError(
             f"{at}: the last turn is from {turns[-1]['from']!r}; "
