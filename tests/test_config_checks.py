@@ -39,6 +39,15 @@ CASES = [
     (["--task", "orpo", "--data.packing", "false", "--train.max_tokens_per_forward", "0",
       "--train.precompute_reference", "true"], "train.precompute_reference: orpo needs no reference model"),
     (["--train.precompute_reference", "true"], "train.precompute_reference: task causal_lm has no reference model"),
+    (["--task", "orpo", "--data.packing", "false", "--train.max_tokens_per_forward", "0", "--preference.loss_type",
+      "ipo"], "preference.loss_type: given 'ipo', which task orpo does not use; it applies to task dpo"),
+    (["--task", "orpo", "--data.packing", "false", "--train.max_tokens_per_forward", "0", "--preference.rpo_alpha",
+      "5"], "preference.rpo_alpha: given 5, which task orpo does not use; it applies to task dpo"),
+    (["--task", "dpo", "--data.packing", "false", "--train.max_tokens_per_forward", "0",
+      "--preference.orpo_prompt_loss", "false"],
+     "preference.orpo_prompt_loss: given False, which task dpo does not use; it applies to task orpo"),
+    (["--preference.beta", "0.5"], "preference.beta: given 0.5, which task causal_lm does not use; it applies to "
+                                   "task dpo and orpo"),
 ]
 
 

@@ -90,6 +90,7 @@ def _preference_problems(run: RunConfig) -> list[str]:
         out.append(f"preference.beta: given {pref.beta!r}, expected a positive number")
     if pref.rpo_alpha is not None and pref.rpo_alpha < 0:
         out.append(f"preference.rpo_alpha: given {pref.rpo_alpha!r}, expected a number >= 0 or null")
+    out += _unused_preference_settings(run)
     if run.task not in PREFERENCE_TASKS:
         if run.train.precompute_reference:
             out.append(f"train.precompute_reference: task {run.task} has no reference model; it applies to task dpo")
@@ -105,6 +106,19 @@ def _preference_problems(run: RunConfig) -> list[str]:
     if run.train.fsdp:
         out.append(f"train.fsdp: task {run.task} is not supported under FSDP yet; set train.fsdp false")
     return out
+
+
+# the preference settings each task reads; a setting changed for a task that does not read it would be ignored
+PREFERENCE_SETTINGS = {"beta": ("dpo", "orpo"), "loss_type": ("dpo",), "rpo_alpha": ("dpo",),
+                       "orpo_prompt_loss": ("orpo",)}
+
+
+def _unused_preference_settings(run: RunConfig) -> list[str]:
+    defaults = type(run.preference)()
+    return [f"preference.{name}: given {getattr(run.preference, name)!r}, which task {run.task} does not use; it "
+            f"applies to task {' and '.join(tasks)} (leave it out)"
+            for name, tasks in PREFERENCE_SETTINGS.items()
+            if run.task not in tasks and getattr(run.preference, name) != getattr(defaults, name)]
 
 
 def _split_problems(run: RunConfig) -> list[str]:
