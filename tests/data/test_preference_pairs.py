@@ -118,3 +118,13 @@ def test_a_long_prompt_loses_its_start_and_a_pair_with_no_reply_token_left_is_an
     assert examples[0]["labels"][-1] == examples[0]["rejected_labels"][-1] == tokenizer.eos_token_id
     with pytest.raises(DataError, match="no preference pair keeps a reply token within max_length 1"):
         tokenize_preferences(tokenizer, [{**short, "_source": "p.jsonl", "_line": 1}], get_template("seed"), 1)
+
+
+def test_a_pair_whose_replies_are_the_same_is_kept_and_named_in_a_warning(tokenizer, caplog):
+    pairs = [{"prompt": "say red", "chosen": "red", "rejected": "blue", "_source": "p.jsonl", "_line": 1},
+             {"prompt": "say red", "chosen": "red", "rejected": "red", "_source": "p.jsonl", "_line": 2}]
+    with caplog.at_level("WARNING", logger="lorakit.data.preference"):
+        examples, stats = tokenize_preferences(tokenizer, pairs, get_template("seed"), 64)
+    assert stats.pairs == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "1 preference pairs have the same chosen and rejected reply (first: p.jsonl:2); they teach nothing"]

@@ -88,3 +88,17 @@ def test_the_command_writes_pairs_whole_and_refuses_bad_input_in_one_line(toy, t
     assert out.read_bytes() == before and not list(tmp_path.glob("*.partial"))
     assert main([*args[:-2], "--temperature", "0", "--output", str(tmp_path / "x.jsonl")]) == 2
     assert "--temperature: given 0, expected a number above 0" in capsys.readouterr().err
+
+
+def test_conversations_are_checked_as_training_checks_them_before_the_model_loads(tmp_path, capsys):
+    """A bad turn used to be passed over (no pair, no message) where `lorakit train` refuses the same file."""
+    good = {"messages": [{"role": "user", "content": "say red"}, {"role": "assistant", "content": "red red"}]}
+    bad = {"messages": [{"role": "user", "content": "say blue"}, {"role": "bot", "content": "blue blue"}]}
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n", encoding="utf-8")
+    code = main(["mine-preferences", "--model", str(tmp_path / "no-model"), "--data", str(data), "--template", "seed",
+                 "--task", "ros2", "--output", str(tmp_path / "prefs.jsonl")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert f"{data}:2: field 'messages[1].role' is a string 'bot'" in err[0]
+    assert not (tmp_path / "prefs.jsonl").exists()

@@ -143,6 +143,10 @@ def tokenize_preferences(tokenizer: Any, records: list[dict[str, Any]], template
         DataError: a record the template cannot render, or no pair left (the message names the file).
     """
     examples, stats = [], PairStats()
+    same = [record for record in records if reply_text(record["chosen"]) == reply_text(record["rejected"])]
+    if same:  # kept (TRL keeps them too), but worth a line: such a pair's loss is log 2 and its gradient zero
+        log.warning("%d preference pairs have the same chosen and rejected reply (first: %s); they teach nothing",
+                    len(same), where(same[0]))
     for record in records:
         example, truncated = tokenize_pair(tokenizer, record, template, max_length)
         if not _labelled(example["labels"]) or not _labelled(example["rejected_labels"]):

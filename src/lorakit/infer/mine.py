@@ -21,7 +21,7 @@ from torch import nn
 
 from lorakit.config import ConfigError
 from lorakit.data.chat import to_messages
-from lorakit.data.formats import DataError, where
+from lorakit.data.formats import DataError, validate_records, where
 from lorakit.data.templates import ChatTemplate
 from lorakit.infer.generate import GenerationConfig, generate
 from lorakit.tasks import task_scorer
@@ -121,10 +121,11 @@ def check_records(records: list[dict]) -> None:
     Raises:
         DataError: the first that is not, named by file:line.
     """
+    if any("messages" in record or "conversations" in record for record in records):
+        validate_records(records)  # training's own checks: one format, every conversation well formed
+        return
     for record in records:
         at = where(record)
-        if "messages" in record or "conversations" in record:
-            continue
         if not isinstance(record.get("instruction"), str) or not isinstance(record.get("output"), str):
             raise DataError(f"{at}: expected an instruction record (instruction and output strings) or a conversation "
                             "(messages); mining samples replies to the prompts of a training set")
