@@ -202,6 +202,23 @@ def test_non_finite_weights_are_refused_and_nothing_is_left(tmp_path):
     assert _nothing_of(model)
 
 
+def test_finite_factors_under_a_scaling_beyond_float32_are_refused(tmp_path):
+    """lora_alpha 1e38 on finite factors used to load, and a server then answered NaN text (empty or random)."""
+    tensors = _saved(tmp_path)
+    for key in tensors:
+        if "lora_B" in key:
+            tensors[key].fill_(0.5)
+    save_file(tensors, tmp_path / WEIGHTS_NAME)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    model = tiny_llama()
+    lorakit.load_adapter(model, tmp_path)  # as saved: loads
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**config, "lora_alpha": 1e38}))
+    model = tiny_llama()
+    with pytest.raises(AdapterError, match=r"adapter_config.json: lora_alpha / r = .* beyond float32's range"):
+        lorakit.load_adapter(model, tmp_path)
+    assert _nothing_of(model)
+
+
 def test_a_rank_the_weights_do_not_hold_is_refused_before_anything_is_made(tmp_path):
     _saved(tmp_path)
     config = json.loads((tmp_path / CONFIG_NAME).read_text())

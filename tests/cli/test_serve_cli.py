@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import time
 
 import httpx
 import openai
+import pytest
 
 import lorakit
 from conftest import TOY_TARGETS, perturb, toy_model_folder
@@ -62,9 +64,18 @@ def test_serve_command(tmp_path):
         got = client.completions.create(model="ros2", prompt="say red", max_tokens=4, temperature=0)
         assert got.usage.completion_tokens >= 1
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
+        # the scheme is case-insensitive; one model by name, as the openai client's models.retrieve asks
+        one = httpx.get(f"http://127.0.0.1:{port}/v1/models/ros2", headers={"Authorization": "bearer k"})
+        assert one.status_code == 200 and one.json()["parent"] == "toy"
+        assert client.models.retrieve("toy").id == "toy"
+        with pytest.raises(openai.NotFoundError, match="does not exist"):
+            client.models.retrieve("nope")
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 130  # as any lorakit command stopped by Ctrl-C
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=30)
 
 
 def test_serve_command_reports_a_bad_adapter_in_one_line(tmp_path, capsys):
@@ -75,3 +86,18 @@ def test_serve_command_reports_a_bad_adapter_in_one_line(tmp_path, capsys):
     assert error.startswith("lorakit serve: error:") and "adapter_config.json" in error
     assert main(["serve", "--model", str(folder), "--adapter", f"../x={tmp_path / 'none'}"]) == 2
     assert "is not allowed" in capsys.readouterr().err
+
+
+def test_an_empty_api_key_is_refused_rather_than_serving_without_one(tmp_path, capsys, monkeypatch):
+    """`--api-key "$KEY"` with KEY unset used to start a server open to anyone; LORAKIT_API_KEY set but empty, one
+    that refused every request. Both are refused before the model loads."""
+    from cli_support import cli
+
+    monkeypatch.delenv("LORAKIT_API_KEY", raising=False)
+    code, lines = cli(capsys, "serve", "--model", str(tmp_path / "no-model"), "--api-key", "")
+    assert code == 2 and lines == [
+        "lorakit serve: error: --api-key: empty; give the key clients must send, or leave --api-key out for none"]
+    monkeypatch.setenv("LORAKIT_API_KEY", "")
+    code, lines = cli(capsys, "serve", "--model", str(tmp_path / "no-model"))
+    assert code == 2 and lines == ["lorakit serve: error: $LORAKIT_API_KEY: empty; give the key clients must send, "
+                                   "or leave $LORAKIT_API_KEY out for none"]

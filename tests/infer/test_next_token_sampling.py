@@ -42,3 +42,18 @@ def test_a_row_whose_scores_overflowed_picks_a_token_and_leaves_the_others_as_th
     assert got[0] == clean[0] and got[1] == 7 and 10 <= got[2] < 50
     nothing = torch.full((1, 50), float("nan"))
     assert 0 <= next_tokens(nothing, [1.0], [1.0], [torch.Generator().manual_seed(0)])[0] < 50
+
+
+def test_extreme_but_valid_settings_stay_a_distribution_around_the_best_token():
+    """A top_p that rounds to 0 in float32 used to zero every token (torch.multinomial then failed the whole
+    batch), and a temperature near the float minimum sent the best score to +inf, tied with others (random text)."""
+    logits = torch.tensor([1.0, 3.0, 2.0, -1.0])
+    for top_p in (1e-46, 1e-30):  # zero outside the nucleus (torch.multinomial normalises the rest)
+        probs = nucleus_probs(logits, 1.0, top_p)
+        assert probs.nonzero().flatten().tolist() == [1]
+    for temperature in (1e-38, 1e-45):
+        probs = nucleus_probs(logits, temperature, 1.0)
+        assert probs.tolist() == [0.0, 1.0, 0.0, 0.0]
+    generator = torch.Generator().manual_seed(0)
+    picked = next_tokens(logits[None].repeat(2, 1), [1e-45, 1.0], [1.0, 1e-46], [generator, generator])
+    assert picked.tolist() == [1, 1]

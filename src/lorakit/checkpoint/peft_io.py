@@ -269,6 +269,7 @@ def load_adapter(
     tensors = read_adapter_weights(directory, trust_pickle)
     _check_values(tensors, directory)
     _check_ranks(config, tensors, directory)
+    _check_scale(config, tensors, directory)
     if lora_only and (config.modules_to_save or config.task_type == "SEQ_CLS"):  # refused before anything is wrapped
         raise AdapterError(f"{directory / CONFIG_NAME}: the adapter trains whole modules too (modules_to_save, or a "
                            "SEQ_CLS head); a server shares its base model between adapters and loads LoRA factors only")
@@ -296,6 +297,23 @@ def _check_values(tensors: dict[str, torch.Tensor], directory: Path) -> None:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise AdapterError(
                 f"{directory / WEIGHTS_NAME}: {key} holds NaN or infinite values; expected finite weights")
+
+
+def _check_scale(config: LoraConfig, tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    """The update s B A x stays within float32 for inputs x of entries up to 1: finite factors under a scaling so large
+    that s max|B| max|A| r in_features overflows would make the adapter's outputs NaN."""
+    factors = [t for k, t in tensors.items() if (".lora_A." in k or ".lora_B." in k) and t.is_floating_point()]
+    if not factors:
+        return
+    alphas = [config.lora_alpha, *config.alpha_pattern.values()]
+    ranks = [config.r, *config.rank_pattern.values()]
+    scale = max(alphas) / (math.sqrt(min(ranks)) if config.use_rslora else min(ranks))
+    a, b = (max((float(t.abs().max()) for k, t in tensors.items() if side in k and t.numel()), default=0.0)
+            for side in (".lora_A.", ".lora_B."))
+    width = max((t.shape[-1] for k, t in tensors.items() if ".lora_A." in k and t.dim() == 2), default=0)
+    if not scale * a * b * max(ranks) * width <= torch.finfo(torch.float32).max:
+        raise AdapterError(f"{directory / CONFIG_NAME}: lora_alpha / r = {scale:.3g} times the factors puts the "
+                           "update beyond float32's range; expected a scaling its outputs can hold")
 
 
 def _check_ranks(config: LoraConfig, tensors: dict[str, torch.Tensor], directory: Path) -> None:

@@ -62,5 +62,4 @@ def run(args: argparse.Namespace, _overrides) -> int:
     shown = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
     key = "/?key=<your key>" if config.api_key else "/"
     print(f"lorakit dashboard: {app.state.root} on http://{shown}:{sock.getsockname()[1]}{key}", flush=True)
-    serve_on(app, sock, "info" if args.verbose else "warning")
-    return 0
+    return serve_on(app, sock, "info" if args.verbose else "warning")

@@ -28,8 +28,10 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve_on(app, sock: socket.socket, log_level: str) -> None:
-    """Run `app` under uvicorn on an already-bound socket."""
+def serve_on(app, sock: socket.socket, log_level: str) -> int:
+    """Run `app` under uvicorn on an already-bound socket until a signal stops it (uvicorn shuts down gracefully);
+    the command's exit code: 130, as for any lorakit command stopped by Ctrl-C."""
     import uvicorn
 
     uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
+    return 130

@@ -92,7 +92,11 @@ def run(args: argparse.Namespace, _overrides) -> int:
     from lorakit.serve.registry import RegistryError
 
     settings = {name: getattr(args, name) for name in FLAGS}
-    settings["api_key"] = args.api_key or os.environ.get("LORAKIT_API_KEY")  # keeps the key out of `ps`
+    # the environment keeps the key out of `ps`; an empty key (an unset variable expanded) is an error, never "none"
+    settings["api_key"] = args.api_key if args.api_key is not None else os.environ.get("LORAKIT_API_KEY")
+    if settings["api_key"] is not None and not settings["api_key"].strip():
+        source = "--api-key" if args.api_key is not None else "$LORAKIT_API_KEY"
+        raise ConfigError(f"{source}: empty; give the key clients must send, or leave {source} out for none")
     config = ServeConfig(**settings)
     try:
         app = build_app(args.model, parse_adapters(args.adapter), config)
@@ -104,5 +108,4 @@ def run(args: argparse.Namespace, _overrides) -> int:
         f"on http://{config.host}:{sock.getsockname()[1]}/v1",
         flush=True,
     )
-    serve_on(app, sock, "info" if args.verbose else "warning")
-    return 0
+    return serve_on(app, sock, "info" if args.verbose else "warning")

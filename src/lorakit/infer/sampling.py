@@ -14,17 +14,20 @@ def nucleus_probs(logits: torch.Tensor, temperature: float, top_p: float) -> tor
     Returns:
         (V,) probabilities, zero outside the nucleus (the most likely token is always kept).
     """
-    scores = logits.float() / temperature
+    scores = logits.float()
     if not bool(torch.isfinite(scores).all()):  # scores that overflowed (an adapter's huge weights): this row's
         scores = torch.nan_to_num(scores, nan=-torch.inf, posinf=torch.finfo(scores.dtype).max)  # pick, not a failure
         if not bool(torch.isfinite(scores).any()):
             scores = torch.zeros_like(scores)  # nothing left to rank: every token alike
-    probs = torch.softmax(scores, dim=-1)
+    # the best score moved to 0 before dividing: a tiny temperature sends the others to -inf, never the best to +inf
+    probs = torch.softmax((scores - scores.max()) / temperature, dim=-1)
     if top_p >= 1.0:
         return probs
     sorted_probs, order = probs.sort(descending=True)
     mass_before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens ranked above each one
-    sorted_probs[mass_before >= top_p] = 0.0
+    outside = mass_before >= top_p
+    outside[0] = False  # a top_p that rounds to 0 in float32 still keeps the most likely token
+    sorted_probs[outside] = 0.0
     return torch.zeros_like(probs).scatter_(0, order, sorted_probs)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from contextlib import asynccontextmanager
 
 import anyio
@@ -104,12 +105,13 @@ def create_app(model, tokenizer, registry: AdapterRegistry, config: ServeConfig)
                 "model",
                 "model_not_found",
             )
-        jobs = [scheduler.submit(r) for r in to_requests(ask, adapter, inputs.tokenize(ask))]
+        ids = await anyio.to_thread.run_sync(inputs.tokenize, ask)  # a long list of prompts: off the event loop
+        jobs = [scheduler.submit(r) for r in to_requests(ask, adapter, ids)]
         rid = new_id(chat)
         if ask.stream:
             return StreamingResponse(stream(ask, rid, jobs), media_type="text/event-stream")
         try:
-            return reply(ask, rid, [await finished(job, request) for job in jobs])
+            return reply(ask, rid, await all_finished(jobs, request))
         except ClientGone:
             return Response(status_code=499)  # no one reads it: the rows are freed below
         finally:
@@ -128,6 +130,15 @@ def create_app(model, tokenizer, registry: AdapterRegistry, config: ServeConfig)
     async def models(request: Request):
         inputs.authorize(request)
         return model_list(registry.base_name, registry.paths)
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str, request: Request):  # the openai client's models.retrieve
+        inputs.authorize(request)
+        found = [m for m in model_list(registry.base_name, registry.paths)["data"] if m["id"] == name]
+        if not found:
+            raise ApiError(404, f"the model '{name}' does not exist; GET /v1/models lists them", "model",
+                           "model_not_found")
+        return found[0]
 
     @app.post("/v1/adapters")
     async def load(request: Request):
@@ -174,20 +185,27 @@ class ClientGone(Exception):
     """The client of a non-streamed request disconnected before its reply."""
 
 
-async def finished(job: Job, request: Request):
-    """Wait for a job's completion (its text events are not needed without streaming), checking every
-    DISCONNECT_POLL_S that the client is still there (else ClientGone: its rows are cancelled, as a stream's)."""
-    while True:
-        try:
-            kind, value = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
-        except TimeoutError:
-            if await request.is_disconnected():
-                raise ClientGone from None
-            continue
-        if kind == "done":
-            return value
-        if kind == "error":
-            raise ApiError(*value)
+async def all_finished(jobs: list[Job], request: Request) -> list:
+    """Wait for every job's completion (their text events are not needed without streaming), checking every
+    DISCONNECT_POLL_S of wall time, however often events arrive, that the client is still there (else ClientGone:
+    the rows are cancelled, as a stream's)."""
+    results, checked = [], time.monotonic()
+    for job in jobs:
+        while True:
+            try:
+                kind, value = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
+            except TimeoutError:
+                kind = value = None
+            if time.monotonic() - checked >= DISCONNECT_POLL_S:
+                if await request.is_disconnected():
+                    raise ClientGone
+                checked = time.monotonic()
+            if kind == "done":
+                results.append(value)
+                break
+            if kind == "error":
+                raise ApiError(*value)
+    return results
 
 
 async def stream(ask: Ask, rid: str, jobs: list[Job]):

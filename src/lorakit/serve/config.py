@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 from lorakit.config import ConfigError, _help
 
@@ -11,6 +12,9 @@ HALF_WEIGHTS = ("off", "auto", "fp16", "bf16")  # infer/half_weights.py
 PREFILLS = ("beside", "apart")  # infer/continuous.py: RunningBatch
 QUANTIZE = ("off", "int8", "w8a8")  # infer/int8_weights.py
 LORA_DTYPES = ("fp32", "bf16", "int8")  # lora/adapters.py's LORA_DTYPES, named here without importing torch
+
+
+MAX_BATCH_WAIT_MS = 60_000
 
 
 @dataclass
@@ -84,13 +88,18 @@ class ServeConfig:
                 ("port", 0),
                 ("max_batch", 1),
                 ("max_kv_tokens", 2),
-                ("batch_wait_ms", 0),
                 ("max_prompt_tokens", 1),
                 ("max_tokens", 1),
                 ("max_body_bytes", 1),
             ]
             if getattr(self, name) < low
         ]
+        if not 0 <= self.batch_wait_ms <= MAX_BATCH_WAIT_MS:  # NaN too; an infinite wait killed the worker
+            problems.append(f"batch_wait_ms must be a number from 0 to {MAX_BATCH_WAIT_MS} (got {self.batch_wait_ms})")
+        if self.api_key is not None and not self.api_key.strip():
+            problems.append("api_key is empty (give a key, or none: then clients need none and adapters stay fixed)")
+        if self.adapters_root is not None and not Path(self.adapters_root).expanduser().is_dir():
+            problems.append(f"adapters_root {self.adapters_root!r} is not a folder")
         if self.port > 65535:
             problems.append(f"port must be <= 65535 (got {self.port})")
         if self.scheduler not in SCHEDULERS:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hmac
 import json
+import threading
 
 from fastapi import Request
 
@@ -24,6 +25,7 @@ class Inputs:
         self.config = config
         self.tokenizer = copy.deepcopy(tokenizer)
         self.context = context  # the model's max_position_embeddings, if it has one
+        self._tokenizing = threading.Lock()
 
     def authorize(self, request: Request, manage: bool = False) -> None:
         """401 without the right `Authorization: Bearer KEY`; 403 for adapter management without a key set."""
@@ -32,8 +34,9 @@ class Inputs:
             raise ApiError(403, "adapter management is off: start the server with --api-key KEY")
         if key is None:
             return
-        sent = request.headers.get("authorization", "")
-        if not hmac.compare_digest(sent.encode(), f"Bearer {key}".encode()):
+        scheme, _, sent = request.headers.get("authorization", "").strip().partition(" ")
+        # the scheme is case-insensitive (RFC 7235); the key is compared in constant time
+        if scheme.lower() != "bearer" or not hmac.compare_digest(sent.strip().encode(), key.encode()):
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
 
     async def read_json(self, request: Request):
@@ -75,9 +78,10 @@ class Inputs:
         """Each prompt's ids, within max_prompt_tokens and, with max_tokens, within the model's context."""
         param = "messages" if ask.chat else "prompt"
         limit = self.config.max_prompt_tokens
+        with self._tokenizing:  # requests tokenize on worker threads; a fast tokenizer is not to be shared at once
+            prompts = [self.tokenizer(text, add_special_tokens=not ask.chat)["input_ids"] for text in ask.prompts]
         out = []
-        for text in ask.prompts:
-            ids = self.tokenizer(text, add_special_tokens=not ask.chat)["input_ids"]
+        for ids in prompts:
             if not 1 <= len(ids) <= limit:
                 raise ApiError(400, f"the prompt has {len(ids)} tokens; allowed: 1 to {limit}", param)
             if self.context and len(ids) + ask.max_tokens > self.context:

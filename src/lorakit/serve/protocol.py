@@ -100,7 +100,8 @@ def parse_ask(body, chat: bool, limits: ServeConfig, render_chat) -> Ask:
     limit_key = (
         "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     )
-    max_tokens = _get(body, limit_key, int, default=16 if not chat else min(256, limits.max_tokens))
+    default = min(256 if chat else 16, limits.max_tokens)  # OpenAI's defaults, within the server's limit
+    max_tokens = _get(body, limit_key, int, default=default)
     if not 1 <= max_tokens <= limits.max_tokens:
         raise ApiError(
             400, f"'{limit_key}' must be between 1 and {limits.max_tokens} (got {max_tokens})", limit_key
