@@ -306,3 +306,36 @@ def test_a_run_card_field_of_the_wrong_type_is_named(tmp_path, card, message):
         read_run_card(tmp_path)
     (tmp_path / RUN_CARD).write_text(json.dumps({"template": "seed", "task": None, "labels": ["a", "b"]}))
     assert read_run_card(tmp_path)["labels"] == ["a", "b"]
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda"])
+def test_factors_peft_saved_against_a_reduced_base_are_refused(tmp_path, init):
+    """PEFT saves PiSSA/OLoRA factors relative to W - B0 A0 unless converted; loaded on W they were silently wrong."""
+    _saved(tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**config, "init_lora_weights": init}))
+    model = tiny_llama()
+    with pytest.raises(AdapterError, match=rf"init_lora_weights is '{init}': these factors were saved relative"):
+        lorakit.load_adapter(model, tmp_path)
+    assert _nothing_of(model)
+
+
+@pytest.mark.parametrize("field", ["exclude_modules", "alora_invocation_tokens"])
+def test_peft_options_lorakit_would_ignore_are_refused(tmp_path, field):
+    _saved(tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**config, field: ["x"] if field == "exclude_modules" else [1]}))
+    with pytest.raises(AdapterError, match=f"'{field}' is set"):
+        lorakit.load_adapter(tiny_llama(), tmp_path)
+
+
+def test_an_adapter_loaded_into_a_model_in_eval_mode_has_its_dropout_off(tmp_path):
+    """The new layers used to be built in training mode: two identical calls then differed by the dropout."""
+    source = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=4, lora_dropout=0.5, target_modules=["q_proj"]))
+    perturb(source, std=0.3)
+    lorakit.save_adapter(source, tmp_path)
+    model = tiny_llama().eval()
+    lorakit.load_adapter(model, tmp_path)
+    assert not any(module.training for module in model.modules())
+    ids = torch.arange(12)[None]
+    assert torch.equal(model(ids).logits, model(ids).logits)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -23,6 +24,15 @@ def adapters(tmp_path_factory):
         model = lorakit.inject(load_causal_lm(folder), lorakit.LoraConfig(r=r, lora_alpha=8, target_modules=TOY_TARGETS))
         perturb(model, std=0.05, seed=seed)
         lorakit.save_adapter(model, root / name)
+    # d: rank 4 but 2 on down_proj (its largest rank equals a's); other-base and biased: a's files, configs edited
+    model = lorakit.inject(load_causal_lm(folder), lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=TOY_TARGETS,
+                                                                      rank_pattern={"down_proj": 2}))
+    perturb(model, std=0.05, seed=5)
+    lorakit.save_adapter(model, root / "d")
+    for name, change in (("other-base", {"base_model_name_or_path": "elsewhere"}), ("biased", {"bias": "all"})):
+        shutil.copytree(root / "a", root / name)
+        config = json.loads((root / name / "adapter_config.json").read_text())
+        (root / name / "adapter_config.json").write_text(json.dumps({**config, **change}))
     return root
 
 
@@ -63,11 +73,23 @@ def test_ties_merge_writes_an_adapter_peft_loads(adapters, tmp_path, capsys):
         (["a", "b", "--weights", "nan", "0.5"], "weights: given nan, expected a finite number"),
         (["a", "b", "--weights", "1", "1", "--method", "svd", "--svd-clamp", "5"],
          "svd_clamp: given 5.0, expected a quantile"),
+        # an option the method does not read is named, not ignored
+        (["a", "b", "--weights", "1", "1", "--method", "linear", "--density", "0.1"],
+         "density: given 0.1, which 'linear' does not use"),
+        (["a", "b", "--weights", "1", "1", "--svd-rank", "2"], "svd_rank: given 2, which 'cat' does not use"),
+        (["a", "b", "--weights", "1", "1", "--method", "linear", "--majority-sign", "frequency"],
+         "majority_sign_method: given 'frequency', which 'linear' does not use"),
+        (["a", "b", "--weights", "1", "1", "--method", "ties", "--density", "0.5", "--seed", "9"],
+         "--seed: given 9, which 'ties' does not use"),
+        (["a", "d", "--weights", "1", "1", "--method", "ties", "--density", "0.5"], "the adapters need one rank"),
+        (["a", "other-base", "--weights", "1", "1"], "made for elsewhere, the first adapter for"),
+        (["biased", "b", "--weights", "1", "1"], "bias is 'all'; a combination merges LoRA factors only"),
     ],
-    ids=["weights", "ranks", "no-density", "density-range", "missing-folder", "nan-weight", "svd-clamp"],
+    ids=["weights", "ranks", "no-density", "density-range", "missing-folder", "nan-weight", "svd-clamp",
+         "unused-density", "unused-svd-rank", "unused-sign", "unused-seed", "rank-pattern", "other-base", "bias"],
 )
 def test_bad_input_is_one_line_and_writes_nothing(adapters, tmp_path, capsys, argv, message):
-    argv = [adapters / a if a in ("a", "b", "c", "nope") else a for a in argv]
+    argv = [adapters / a if a in ("a", "b", "c", "d", "nope", "other-base", "biased") else a for a in argv]
     code, lines = cli(capsys, "merge-adapters", *argv, "--output", tmp_path / "out")
     assert code == 2
     assert len(lines) == 1 and lines[0].startswith("lorakit merge-adapters: error:") and message in lines[0]

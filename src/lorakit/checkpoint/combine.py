@@ -11,7 +11,7 @@ import torch
 from lorakit.checkpoint.peft_io import AdapterError, load_adapter, read_adapter_config, read_adapter_weights, save_adapter
 from lorakit.checkpoint.run_card import read_run_card, write_run_card
 from lorakit.config import ConfigError, LoraConfig
-from lorakit.lora.weighted import add_weighted_adapter, option_problems
+from lorakit.lora.weighted import add_weighted_adapter, option_problems, unused_options
 from lorakit.models import load_causal_lm, load_sequence_classifier
 
 COMBINED = "combined"
@@ -46,8 +46,11 @@ def combine_adapter_folders(
     if len(folders) != len(weights):
         raise ConfigError(f"--weights: {len(weights)} given for {len(folders)} adapters; give one weight per adapter")
     configs = [read_adapter_config(folder) for folder in folders]
-    problems = option_problems(combination_type if len(folders) > 1 else "linear", configs, density,
-                               majority_sign_method, svd_rank, svd_clamp, weights)
+    method = combination_type if len(folders) > 1 else "linear"  # one adapter: a scaled copy, as PEFT makes it
+    problems = option_problems(method, configs, density, majority_sign_method, svd_rank, svd_clamp, weights)
+    if len(folders) > 1:
+        problems += unused_options(method, density, majority_sign_method, svd_rank, svd_clamp)
+    problems += _folder_problems(folders, configs, model_name)
     if problems:  # before the base is loaded
         raise ConfigError("; ".join(problems))
     model_name = model_name or configs[0].base_model_name_or_path
@@ -58,11 +61,24 @@ def combine_adapter_folders(
     for name, folder in zip(names, folders):
         load_adapter(model, folder, name)
     config = add_weighted_adapter(
-        model, names, weights, COMBINED, combination_type, density=density, majority_sign_method=majority_sign_method,
+        model, names, weights, COMBINED, method, density=density, majority_sign_method=majority_sign_method,
         svd_rank=svd_rank, svd_clamp=svd_clamp, generator=torch.Generator().manual_seed(seed),
     )
     _write_whole(output, model, folders, weights, combination_type)
     return config
+
+
+def _folder_problems(folders, configs: list[LoraConfig], model_name: str | None) -> list[str]:
+    """Adapters that cannot be combined as given: trained biases (a combination merges LoRA factors only), or, unless
+    --model names the base, adapters made for different bases."""
+    problems = [f"{folder}: bias is {c.bias!r}; a combination merges LoRA factors only, not trained biases"
+                for folder, c in zip(folders, configs) if c.bias != "none"]
+    first = configs[0].base_model_name_or_path
+    problems += [f"{folder}: made for {c.base_model_name_or_path}, the first adapter for {first}; adapters combine on "
+                 "one base (give it with --model if these are the same model)"
+                 for folder, c in zip(folders[1:], configs[1:])
+                 if model_name is None and first and c.base_model_name_or_path and c.base_model_name_or_path != first]
+    return problems
 
 
 def _base_for(model_name: str, config: LoraConfig, folder):

@@ -36,7 +36,11 @@ CONFIG_NAME = "adapter_config.json"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 # PEFT options whose adapters our LoRA would compute differently: refused rather than mis-loaded,
 # unless a variant (lora/variants) answers for the flag, which LoraConfig then carries.
-PEFT_FLAGS = ("use_dora", "lora_bias", "layers_to_transform", "target_parameters", "use_qalora")
+PEFT_FLAGS = ("use_dora", "lora_bias", "layers_to_transform", "target_parameters", "use_qalora", "exclude_modules",
+              "alora_invocation_tokens")
+# PEFT inits that move part of W into the adapter: PEFT saves such factors relative to the reduced base, unless
+# saved with path_initial_model_for_weight_conversion (which writes init_lora_weights: true, as lorakit does)
+BASE_MOVING_INITS = ("pissa", "olora", "corda")
 
 
 # An adapter parameter's name in lorakit -> its key suffix in a PEFT file (for linear and conv1d
@@ -200,6 +204,12 @@ def read_adapter_config(directory: str | Path) -> LoraConfig:
     for key in PEFT_FLAGS:
         if key not in VARIANTS and data.get(key) not in (None, False, [], {}):
             raise AdapterError(f"{path}: '{key}' is set ({data[key]!r}); lorakit does not support it")
+    init = data.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_MOVING_INITS):
+        raise AdapterError(f"{path}: init_lora_weights is {init!r}: these factors were saved relative to the base "
+                           f"{init} reduced, not to the base itself; save them with PEFT's "
+                           "path_initial_model_for_weight_conversion (or train with lorakit) for an adapter of the "
+                           "base itself")
     known = {k: v for k, v in data.items() if k in LoraConfig.field_names() and v is not None}
     known.setdefault("target_modules", None)
     known["init_lora_weights"] = True  # loading overwrites A and B; never re-run PiSSA on load
@@ -288,6 +298,8 @@ def load_adapter(
     except BaseException:
         remove_adapter_parts(model, name)  # whatever failed, and wherever inject stopped: no part of it stays
         raise
+    if not model.training:  # the new layers (and their dropout) follow a model in eval mode, as PEFT's loading does
+        model.eval()
     return adapter_config(model, name)
 
 

@@ -37,7 +37,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--svd-rank", type=positive_int,
                         help="rank of an *svd result (default: the largest adapter rank)")
     parser.add_argument("--svd-clamp", type=float, help="clamp the SVD factors at this quantile of their entries")
-    parser.add_argument("--seed", type=int, default=0, help="seed of DARE's random masks")
+    parser.add_argument("--seed", type=int, help="seed of DARE's random masks (default 0)")
     parser.add_argument("--model", type=non_empty,
                         help="the adapters' base (default: the first adapter's base_model_name_or_path)")
     parser.set_defaults(run=run)
@@ -45,12 +45,17 @@ def add_parser(commands) -> None:
 
 def run(args, _overrides) -> int:
     from lorakit.checkpoint.combine import combine_adapter_folders
+    from lorakit.config import ConfigError
     from lorakit.output_folders import check_new_folder
 
+    if args.seed is not None and "dare" not in args.method:
+        raise ConfigError(f"--seed: given {args.seed}, which '{args.method}' does not use (it seeds the dare_* "
+                          "methods' masks)")
     check_new_folder(args.output, "--output", [*args.adapters, *([args.model] if args.model else [])])
     config = combine_adapter_folders(
         args.adapters, args.weights, args.output, args.method, args.model, density=args.density,
-        majority_sign_method=args.majority_sign, svd_rank=args.svd_rank, svd_clamp=args.svd_clamp, seed=args.seed,
+        majority_sign_method=args.majority_sign, svd_rank=args.svd_rank, svd_clamp=args.svd_clamp,
+        seed=args.seed or 0,
     )
     print(f"{args.method} of {len(args.adapters)} adapters (rank {config.r}) written to {args.output}")
     return 0

@@ -217,7 +217,8 @@ def option_problems(method: str, configs: list[LoraConfig], density, sign_method
         not isinstance(density, (int, float)) or isinstance(density, bool) or not 0 < density <= 1
     ):
         problems.append(f"density: given {density!r}; '{method}' needs the share of entries kept, in (0, 1]")
-    if combination and combination.form == "factors" and len({max([c.r, *c.rank_pattern.values()]) for c in configs}) > 1:
+    ranks = {(c.r, tuple(sorted(c.rank_pattern.items()))) for c in configs}  # every module's rank, not the largest
+    if combination and combination.form == "factors" and len(ranks) > 1:
         problems.append(
             f"combination_type '{method}' combines A's and B's entry by entry, so the adapters need one rank "
             f"(given {', '.join(str(c.r) for c in configs)}); use 'cat' or an *_svd method"
@@ -227,6 +228,23 @@ def option_problems(method: str, configs: list[LoraConfig], density, sign_method
     if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank <= 0):
         problems.append(f"svd_rank: given {svd_rank!r}, expected a positive integer")
     return problems
+
+
+def unused_options(method: str, density, sign_method: str, svd_rank, svd_clamp) -> list[str]:
+    """Options given that `method` does not read (each would be ignored), one line each."""
+    combination = COMBINATIONS.get(method)
+    if combination is None:
+        return []
+    unused = []
+    if density is not None and not combination.needs_density:
+        unused.append(("density", density, "ties, dare_*, magnitude_prune*"))
+    if sign_method != "total" and "ties" not in method:
+        unused.append(("majority_sign_method", sign_method, "the ties methods"))
+    for name, value in (("svd_rank", svd_rank), ("svd_clamp", svd_clamp)):
+        if value is not None and combination.form != "svd":
+            unused.append((name, value, "the *svd methods"))
+    return [f"{name}: given {value!r}, which '{method}' does not use (it applies to {where})"
+            for name, value, where in unused]
 
 
 def _factors(layer, name: str, module_name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
