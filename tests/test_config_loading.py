@@ -112,3 +112,15 @@ def test_line_ends_and_a_byte_order_mark_read_the_same(tmp_path):
         path.write_text(variant, newline="")
         config = load_run_config(path)
         assert (config.train.lr, config.train.epochs) == (0.1, 2.0), name
+
+
+def test_yes_no_on_off_are_words_for_word_settings_and_booleans_for_boolean_ones(tmp_path):
+    """YAML 1.1 read `half_base: off` as False, which came back as 'no' and was refused (the README's own advice);
+    only true/false are booleans now, and a boolean setting still takes yes/no/on/off."""
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\ntrain:\n  half_base: off\n  save_strategy: no\n  progress: off\ndata:\n  packing: yes\n")
+    config = load_run_config(path, [])
+    assert (config.train.half_base, config.train.save_strategy, config.train.progress, config.data.packing) == (
+        "off", "no", False, True)
+    config = load_run_config(path, ["--train.half_base", "off", "--train.fused", "on", "--data.packing", "false"])
+    assert (config.train.half_base, config.train.fused, config.data.packing) == ("off", True, False)

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from lorakit.config import ConfigError, RunConfig
-from lorakit.config_yaml import TAG_ERRORS, KeyLines, read_yaml_mapping, yaml_problem
+from lorakit.config_yaml import TAG_ERRORS, ConfigLoader, KeyLines, read_yaml_mapping, yaml_problem
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
@@ -88,7 +88,7 @@ def parse_overrides(args: list[str]) -> list[tuple[str, object]]:
 
 def _override_value(key: str, text: str):
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 (a safe loader: SafeLoader's subclass)
     except yaml.YAMLError as err:
         raise ConfigError(f"--{key}: {text!r} is not a valid YAML value ({yaml_problem(err)})") from None
     except RecursionError:
@@ -149,11 +149,16 @@ def _shown(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+BOOLEAN_WORDS = {"yes": True, "no": False, "on": True, "off": False, "y": True, "n": False}  # YAML 1.1's, for bools
+
+
 def _coerce(value, hint):
     """YAML reads `1e-3` as a string (accepted where a float is expected) and a bare `no` as false
     (read back as 'no' where only a string fits, e.g. `save_strategy: no`)."""
     if isinstance(value, bool) and not _matches(value, hint) and _matches("no", hint):
         return "yes" if value else "no"
+    if isinstance(value, str) and value.lower() in BOOLEAN_WORDS and not _matches(value, hint) and _matches(True, hint):
+        return BOOLEAN_WORDS[value.lower()]
     if isinstance(value, str) and _matches(1.0, hint) and not _matches(value, hint):
         try:
             return float(value)

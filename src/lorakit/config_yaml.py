@@ -7,11 +7,25 @@ here that is an error naming both lines. Every failure is a one-line `ConfigErro
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
 
 from lorakit.config import ConfigError
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans: only true/false. YAML 1.1 also reads yes/no/on/off as
+    booleans, which turned `half_base: off` into False; here they stay words, and a boolean setting still takes
+    them (config_loading._coerce)."""
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
 
 KeyLines = dict[tuple[str, ...], int]
 """The 1-based line of each key, by its path of keys from the top (('train', 'lr') -> 12)."""
@@ -40,7 +54,7 @@ def read_yaml_mapping(path: Path) -> tuple[dict, KeyLines]:
 
 def parse_yaml(text: str, path: Path) -> tuple[object, KeyLines]:
     """The document in `text` and its key lines (yaml.YAMLError, RecursionError or ConfigError if bad)."""
-    loader = yaml.SafeLoader(text)  # may raise already: it checks the characters up front
+    loader = ConfigLoader(text)  # may raise already: it checks the characters up front
     try:
         node = loader.get_single_node()
         if node is None:
