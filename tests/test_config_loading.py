@@ -124,3 +124,20 @@ def test_yes_no_on_off_are_words_for_word_settings_and_booleans_for_boolean_ones
         "off", "no", False, True)
     config = load_run_config(path, ["--train.half_base", "off", "--train.fused", "on", "--data.packing", "false"])
     assert (config.train.half_base, config.train.fused, config.data.packing) == ("off", True, False)
+
+
+def test_numbers_and_words_on_the_command_line_are_read_as_written(tmp_path):
+    """YAML 1.1 read 0042 as octal 34 and 1:30 as 90.0, and on the command line '#' began a comment: the seed
+    template's own '### ...' style came out empty, and 'runs/out #2' wrote to runs/out."""
+    template = "### Question: {instruction} ### Answer:"
+    config = load_run_config(None, ["--train.seed", "0042", "--data.max_length", "010", "--data.template", template,
+                                    "--train.output_dir", "runs/out #2", "--train.lr", "1e-3"])
+    assert (config.train.seed, config.data.max_length, config.data.template) == (42, 10, template)
+    assert (config.train.output_dir, config.train.lr) == ("runs/out #2", 0.001)
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_run_config(None, ["--train.epochs", "1:30"])
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  seed: 0042\n  lr: 2.0e-4\n  output_dir: 'runs/x #1'  # a comment\n")
+    config = load_run_config(path, ["--lora.target_modules", "[q_proj, v_proj]", "--eval.task", "null"])
+    assert (config.train.seed, config.train.lr, config.train.output_dir) == (42, 2e-4, "runs/x #1")
+    assert config.lora.target_modules == ["q_proj", "v_proj"] and config.eval.task is None

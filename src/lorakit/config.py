@@ -315,7 +315,7 @@ class EvalConfig:
     """What is measured after training, beside the loss."""
 
     task: str | None = _help(
-        f"task scorer for generated outputs: {', '.join(TASKS)} (lorakit.tasks), or none (exact match)", default=None
+        f"task scorer for generated outputs: {', '.join(TASKS)} (lorakit.tasks), or null (exact match)", default=None
     )
     max_new_tokens: int = _help("generation budget per example", default=64)
     batch_size: int = _help("prompts per generation batch", default=32)

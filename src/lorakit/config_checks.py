@@ -65,6 +65,7 @@ def run_problems(run: RunConfig) -> list[str]:
         out.append(f"train.ddp_timeout: given {run.train.ddp_timeout!r}, expected a positive number of seconds")
     out += _split_problems(run)
     out += _size_problems(run.data)
+    out += _packing_problems(run.data)
     if run.lora.init_lora_weights == "loftq" and run.quantization.bits is None:
         out.append("lora.init_lora_weights: 'loftq' needs a quantised base; set quantization.bits to 4 or 8")
     if run.lora.init_lora_weights in MOVES_BASE and run.quantization.bits is not None:
@@ -122,8 +123,19 @@ def _unused_preference_settings(run: RunConfig) -> list[str]:
 
 
 def _split_problems(run: RunConfig) -> list[str]:
-    """data.test_file must be a split of its own: never the file that trains or chooses the checkpoint."""
+    """One source of training records; an eval split that is not the training file; and data.test_file a split of
+    its own: never the file that trains or chooses the checkpoint."""
     data, out = run.data, []
+    if data.hf_dataset and data.train_file:
+        out.append(f"data.hf_dataset: given {data.hf_dataset!r} with data.train_file {data.train_file!r}; expected "
+                   "one source of training records")
+    if isinstance(data.eval_file, str) and isinstance(data.train_file, str) and \
+            _same_path(data.eval_file, data.train_file):
+        out.append(f"data.eval_file: given {data.eval_file!r}, the same file as data.train_file; expected records "
+                   "the model does not train on (or leave it out for a hold-out of data.eval_size)")
+    if data.eval_file is not None and data.eval_size is not None:
+        out.append(f"data.eval_size: given {data.eval_size!r} with data.eval_file; the eval split is that file "
+                   "(eval_size sizes a hold-out of the training file)")
     if data.test_file is None:
         return out
     if not isinstance(data.test_file, str) or not data.test_file.strip():
@@ -136,6 +148,15 @@ def _split_problems(run: RunConfig) -> list[str]:
     if run.train.fsdp:
         out.append("data.test_file: scoring under FSDP is not supported yet; score the adapter with `lorakit eval`")
     return out
+
+
+def _packing_problems(data: DataConfig) -> list[str]:
+    """A packed row holds whole examples: a row shorter than the longest example would not be a limit."""
+    if data.packing and isinstance(data.pack_length, int) and isinstance(data.max_length, int) \
+            and 0 < data.pack_length < data.max_length:
+        return [f"data.pack_length: given {data.pack_length}, shorter than data.max_length {data.max_length}; "
+                "a packed row holds whole examples, so expected at least max_length"]
+    return []
 
 
 def _size_problems(data: DataConfig) -> list[str]:

@@ -88,13 +88,17 @@ def parse_overrides(args: list[str]) -> list[tuple[str, object]]:
 
 def _override_value(key: str, text: str):
     try:
-        return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 (a safe loader: SafeLoader's subclass)
+        value = yaml.load(text, Loader=ConfigLoader)  # noqa: S506 (a safe loader: SafeLoader's subclass)
     except yaml.YAMLError as err:
         raise ConfigError(f"--{key}: {text!r} is not a valid YAML value ({yaml_problem(err)})") from None
     except RecursionError:
         raise ConfigError(f"--{key}: the value is nested too deeply to read") from None
     except TAG_ERRORS:
         raise ConfigError(f"--{key}: {text[:80]!r} is not a valid YAML value (a tagged value that cannot be read)") from None
+    if (value is None or isinstance(value, str)) and value != text.strip() and text.strip() not in NULLS \
+            and not text.lstrip().startswith(("'", '"', "[", "{")):
+        return text  # a word or sentence as written: on the command line '#' starts no comment ('### Answer:')
+    return value
 
 
 def _typed_fields(cls, raw: dict, prefix: str, problems: list[str]) -> dict:
@@ -149,6 +153,7 @@ def _shown(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+NULLS = ("", "~", "null", "Null", "NULL")
 BOOLEAN_WORDS = {"yes": True, "no": False, "on": True, "off": False, "y": True, "n": False}  # YAML 1.1's, for bools
 
 

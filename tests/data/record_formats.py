@@ -71,9 +71,9 @@ PREFERENCE = st.one_of(
 )
 
 FORMATS: list[RecordFormat] = [
-    RecordFormat("instruction", st.fixed_dictionaries({"instruction": NON_BLANK, "output": TEXT}),
+    RecordFormat("instruction", st.fixed_dictionaries({"instruction": NON_BLANK, "output": NON_BLANK}),
                  ("jsonl", "json", "csv", "tsv"), ("instruction", "output")),
-    RecordFormat("alpaca", st.fixed_dictionaries({"instruction": NON_BLANK, "input": TEXT, "output": TEXT}),
+    RecordFormat("alpaca", st.fixed_dictionaries({"instruction": NON_BLANK, "input": TEXT, "output": NON_BLANK}),
                  ("jsonl", "json", "csv", "tsv"), ("instruction", "input", "output")),
     RecordFormat("chat", CHAT, ("jsonl", "json"), ("messages",), flat=False),
     RecordFormat("sharegpt", SHAREGPT, ("jsonl", "json"), ("conversations",), flat=False),

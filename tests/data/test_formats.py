@@ -52,6 +52,16 @@ def test_missing_csv_column_names_the_first_data_line(tmp_path):
     assert message == f"{path}:2: field 'output' is missing (expected a string)"
 
 
+@pytest.mark.parametrize("fmt", ["instruction", "alpaca"])
+def test_an_empty_cell_names_its_line_and_field(tmp_path, fmt):
+    """An empty output cell used to train the model to answer with only its end-of-sequence token."""
+    path = write_file(tmp_path, "d.csv", "instruction,output\nsay red,red red\nsay blue,\n")
+    assert data_error_of(validate_records, load_records(path), fmt) == f"{path}:3: field 'output' is empty (expected text)"
+    path = write_file(tmp_path, "e.jsonl", '{"instruction": " ", "output": "b"}\n')
+    assert data_error_of(validate_records, load_records(path), fmt) == (
+        f"{path}:1: field 'instruction' is empty (expected text)")
+
+
 def test_wrong_type_names_the_value(tmp_path):
     path = write_file(tmp_path, "d.jsonl", '{"instruction": "a", "output": 42}\n')
     message = data_error_of(validate_records, load_records(path), "instruction")

@@ -157,8 +157,7 @@ def _detect_all(records: list[dict[str, Any]], source: str | None) -> str:
 
 
 def _check_instruction(record: dict[str, Any], at: str) -> None:
-    _require_str(record, "instruction", at)
-    _require_str(record, "output", at)
+    _require_text(record, at)
     value = record.get("input")
     if isinstance(value, str) and value.strip():
         raise DataError(
@@ -167,8 +166,7 @@ def _check_instruction(record: dict[str, Any], at: str) -> None:
 
 
 def _check_alpaca(record: dict[str, Any], at: str) -> None:
-    _require_str(record, "instruction", at)
-    _require_str(record, "output", at)
+    _require_text(record, at)
     if record.get("input") is not None:
         _require_str(record, "input", at, hint="a string, possibly empty, or no field")
 
@@ -246,6 +244,15 @@ def _check_preference(record: dict[str, Any], at: str) -> None:
     from lorakit.data.preference import check_preference_record  # the pair format lives with its tokeniser
 
     check_preference_record(record, at)
+
+
+def _require_text(record: dict[str, Any], at: str) -> None:
+    """An instruction record's instruction and output: strings with text (an empty output would train the model to
+    answer with nothing; an empty instruction, on the template alone)."""
+    for key in ("instruction", "output"):
+        _require_str(record, key, at)
+        if not record[key].strip():
+            raise DataError(f"{at}: field '{key}' is empty (expected text)")
 
 
 def _require_str(
