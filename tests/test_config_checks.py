@@ -50,8 +50,6 @@ CASES = [
                                    "task dpo and orpo"),
     (["--data.hf_dataset", "x", "--data.train_file", "a.jsonl"],
      "data.hf_dataset: given 'x' with data.train_file 'a.jsonl'; expected one source of training records"),
-    (["--data.train_file", "a.jsonl", "--data.eval_file", "./a.jsonl"],
-     "data.eval_file: given './a.jsonl', the same file as data.train_file"),
     (["--data.eval_file", "b.jsonl", "--data.eval_size", "0.5"], "data.eval_size: given 0.5 with data.eval_file"),
     (["--data.packing", "true", "--data.pack_length", "4"],
      "data.pack_length: given 4, shorter than data.max_length 256"),

@@ -123,16 +123,12 @@ def _unused_preference_settings(run: RunConfig) -> list[str]:
 
 
 def _split_problems(run: RunConfig) -> list[str]:
-    """One source of training records; an eval split that is not the training file; and data.test_file a split of
-    its own: never the file that trains or chooses the checkpoint."""
+    """One source of training records, and data.test_file a split of its own: never the file that trains or
+    chooses the checkpoint (an eval_file that is the train file is a warning: lorakit.data.dataset)."""
     data, out = run.data, []
     if data.hf_dataset and data.train_file:
         out.append(f"data.hf_dataset: given {data.hf_dataset!r} with data.train_file {data.train_file!r}; expected "
                    "one source of training records")
-    if isinstance(data.eval_file, str) and isinstance(data.train_file, str) and \
-            _same_path(data.eval_file, data.train_file):
-        out.append(f"data.eval_file: given {data.eval_file!r}, the same file as data.train_file; expected records "
-                   "the model does not train on (or leave it out for a hold-out of data.eval_size)")
     if data.eval_file is not None and data.eval_size is not None:
         out.append(f"data.eval_size: given {data.eval_size!r} with data.eval_file; the eval split is that file "
                    "(eval_size sizes a hold-out of the training file)")

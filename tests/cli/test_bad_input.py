@@ -94,7 +94,8 @@ def test_examples_longer_than_max_length_are_cut_counted_and_named(toy, tmp_path
     data = tmp_path / "train.jsonl"
     data.write_text("\ufeff\n" + GOOD_LINES + "\n\n" + json.dumps(long_prompt) + "\n" + json.dumps(long_response) + "\n")
     config = write_config(
-        tmp_path / "config.yaml", toy, data={"train_file": str(data), "eval_file": toy["data"]["train_file"]},
+        tmp_path / "config.yaml", toy, data={"train_file": str(data), "eval_file": toy["data"]["train_file"],
+                                             "eval_size": None},
         train={"output_dir": str(tmp_path / "run"), "max_steps": 1, "save_strategy": "no"},
     )
     with caplog.at_level(logging.WARNING, logger="lorakit"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +79,9 @@ def with_eval_split(config: DataConfig, train: list[dict], check, seed: int, loa
     if config.eval_file:
         evaluation = read_field(load, config, "eval_file")
         check(evaluation, config.eval_file)
+        if config.train_file and os.path.realpath(config.eval_file) == os.path.realpath(config.train_file):
+            log.warning("data.eval_file %s is data.train_file: the checkpoint is chosen, and without a test file "
+                        "the final score given, on records the model trains on", config.eval_file)
     else:
         split = hold_out(train, config.eval_size, seed, str(config.train_file or config.hf_dataset))
         train, evaluation = split.train, split.eval
