@@ -158,8 +158,8 @@ BOOLEAN_WORDS = {"yes": True, "no": False, "on": True, "off": False, "y": True, 
 
 
 def _coerce(value, hint):
-    """YAML reads `1e-3` as a string (accepted where a float is expected) and a bare `no` as false
-    (read back as 'no' where only a string fits, e.g. `save_strategy: no`)."""
+    """A number given as a string ('1e-3' quoted) where a float is expected, a boolean where only a word fits (false is
+    'no', e.g. `save_strategy: false`), and yes/no/on/off where a boolean is expected."""
     if isinstance(value, bool) and not _matches(value, hint) and _matches("no", hint):
         return "yes" if value else "no"
     if isinstance(value, str) and value.lower() in BOOLEAN_WORDS and not _matches(value, hint) and _matches(True, hint):

@@ -14,10 +14,11 @@ import yaml
 
 from lorakit.config import ConfigError
 
+
 class ConfigLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2's booleans: only true/false. YAML 1.1 also reads yes/no/on/off as
-    booleans, which turned `half_base: off` into False; here they stay words, and a boolean setting still takes
-    them (config_loading._coerce)."""
+    """PyYAML's safe loader with YAML 1.2's booleans and numbers. Only true/false are booleans: YAML 1.1 also reads
+    yes/no/on/off so, which turned `half_base: off` into False; here they stay words, and a boolean setting still
+    takes them (config_loading._coerce). Integers are decimal (0042 is 42) unless 0x or 0o says otherwise."""
 
 
 BOOL, INT, FLOAT = (f"tag:yaml.org,2002:{name}" for name in ("bool", "int", "float"))
