@@ -191,6 +191,15 @@ def _nothing_of(model, name: str = "default") -> bool:
         model, "lora_configs", {})
 
 
+def test_an_r_no_module_uses_loads_as_in_peft(tmp_path):
+    _saved(tmp_path, rank_pattern={"q_proj": 2, "v_proj": 2})
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**config, "r": 8}))  # every module takes its rank_pattern's 2
+    model = tiny_llama()
+    lorakit.load_adapter(model, tmp_path)
+    assert {layer.adapters["default"].A.shape[0] for _, layer in lora_layers(model)} == {2}
+
+
 def test_non_finite_weights_are_refused_and_nothing_is_left(tmp_path):
     tensors = _saved(tmp_path)
     key = sorted(k for k in tensors if "lora_B" in k)[0]
@@ -224,7 +233,7 @@ def test_a_rank_the_weights_do_not_hold_is_refused_before_anything_is_made(tmp_p
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
     (tmp_path / CONFIG_NAME).write_text(json.dumps({**config, "r": 10**12}))  # would allocate petabytes
     model = tiny_llama()
-    with pytest.raises(AdapterError, match=r"asks for rank 1000000000000, but the weights hold rank 2 at most"):
+    with pytest.raises(AdapterError, match=r"asks for rank 1000000000000 on .*q_proj, but its weights hold rank 2"):
         lorakit.load_adapter(model, tmp_path)
     assert _nothing_of(model)
 

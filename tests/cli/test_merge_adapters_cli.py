@@ -24,6 +24,11 @@ def adapters(tmp_path_factory):
         model = lorakit.inject(load_causal_lm(folder), lorakit.LoraConfig(r=r, lora_alpha=8, target_modules=TOY_TARGETS))
         perturb(model, std=0.05, seed=seed)
         lorakit.save_adapter(model, root / name)
+    # q, v: rank 4 on q_proj / v_proj only; layer0: rank 4 on the first layer's q_proj, chosen by a regex
+    for name, targets in (("q", ["q_proj"]), ("v", ["v_proj"]), ("layer0", r".*layers\.0\.self_attn\.q_proj")):
+        model = lorakit.inject(load_causal_lm(folder), lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+        perturb(model, std=0.05, seed=len(name))
+        lorakit.save_adapter(model, root / name)
     # d: rank 4 but 2 on down_proj (its largest rank equals a's); other-base and biased: a's files, configs edited
     model = lorakit.inject(load_causal_lm(folder), lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=TOY_TARGETS,
                                                                       rank_pattern={"down_proj": 2}))
@@ -111,3 +116,27 @@ def test_an_unknown_method_is_refused_by_the_parser(adapters, tmp_path, capsys):
         main(["merge-adapters", str(adapters / "a"), "--weights", "1", "--method", "mean", "--output", str(tmp_path / "o")])
     assert exit_info.value.code == 2
     assert "invalid choice: 'mean'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, rank",
+    [
+        (["q", "v", "--weights", "1", "0.5"], 4),  # disjoint targets: each module holds rank 4, not 4 + 4
+        (["layer0", "layer0", "--weights", "0.5", "0.5"], 8),  # a regex subset: layer 1's q_proj has no weights
+        (["q", "layer0", "--weights", "1", "1", "--method", "svd", "--svd-rank", "1000"], 64),  # above the layers'
+    ],
+    ids=["disjoint-cat", "regex-subset", "svd-rank-above-the-layers"],
+)
+def test_every_written_adapter_loads_in_lorakit_as_in_peft(adapters, tmp_path, capsys, argv, rank):
+    argv = [adapters / a if a in ("q", "v", "layer0") else a for a in argv]
+    code, _ = cli(capsys, "merge-adapters", *argv, "--output", tmp_path / "out")
+    assert code == 0
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["r"] == rank  # the rank it holds
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    model = load_causal_lm(adapters / "model")
+    lorakit.load_adapter(model, tmp_path / "out")
+    peft_model = PeftModel.from_pretrained(load_causal_lm(adapters / "model"), tmp_path / "out").eval()
+    with lorakit.disable_adapters(model):
+        base = logits_of(model, ids)
+    assert (logits_of(model.eval(), ids) - base).abs().max() > 1e-3
+    assert (logits_of(model, ids) - logits_of(peft_model, ids)).abs().max().item() <= 1e-5

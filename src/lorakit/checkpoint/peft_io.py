@@ -326,13 +326,15 @@ def _check_scale(config: LoraConfig, tensors: dict[str, torch.Tensor], directory
 
 
 def _check_ranks(config: LoraConfig, tensors: dict[str, torch.Tensor], directory: Path) -> None:
-    """The config's largest rank is one the file's lora_A tensors hold (checked before the adapter is made, whose
-    size the config sets: a wrong r would otherwise allocate before any shape is compared)."""
-    held = {t.shape[0] for k, t in tensors.items() if ".lora_A." in k and t.dim() >= 1}
-    largest = max([config.r, *config.rank_pattern.values()])
-    if held and largest > max(held):
-        raise AdapterError(f"{directory / CONFIG_NAME}: r (or rank_pattern) asks for rank {largest}, but the "
-                           f"weights hold rank {max(held)} at most")
+    """No module's rank from r and rank_pattern exceeds what its lora_A holds, checked before the adapter is made (a
+    wrong r would allocate first). An r no module uses (all are in rank_pattern) loads, as in PEFT."""
+    for key, t in tensors.items():
+        if ".lora_A." not in key or t.dim() < 1:
+            continue
+        asked = config.rank_and_alpha(key.split(".lora_A.")[0].removeprefix(PREFIX))[0]
+        if asked > t.shape[0]:
+            raise AdapterError(f"{directory / CONFIG_NAME}: r (or rank_pattern) asks for rank {asked} on "
+                               f"{key.split('.lora_A.')[0]}, but its weights hold rank {t.shape[0]}")
 
 
 def _check_lora_only(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], directory: Path) -> None:

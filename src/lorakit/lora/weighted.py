@@ -4,13 +4,14 @@ For adapters i with weights w_i, updates s_i B_i A_i, each method is an entry of
 in one of three forms:
 
     cat       exact: the A_i stacked as rows, the w_i s_i B_i as columns, so B' A' = sum w_i s_i B_i A_i;
-              rank = the sum of the ranks
+              rank = the sum of the ranks the module carries
     factors   linear, ties, dare_linear, dare_ties, magnitude_prune: the A_i combined, and the B_i
               combined, each adapter's w_i s_i split as sqrt|w_i s_i| sign(w_i s_i) on A and sqrt|w_i s_i|
               on B (the adapters share their rank r; the result has rank r)
     svd       svd, ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd: the updates
               w_i s_i B_i A_i combined as whole matrices, then their top `svd_rank` singular triplets
-              U S V^T give B = U S, A = V^T (rank: svd_rank, default the largest of the ranks)
+              U S V^T give B = U S, A = V^T (rank: svd_rank, default the largest of the ranks, at
+              most what the layer holds)
 
 The new adapter has scale 1 (alpha = its rank). Its tensors combine with these operations on
 tensors t_i (TIES: Yadav et al., 2023; DARE: Yu et al., 2024), in the layer's stored layout, as PEFT:
@@ -158,18 +159,20 @@ def add_weighted_adapter(
     rank = {"cat": sum(ranks), "factors": ranks[0], "svd": svd_rank or max(ranks)}[COMBINATIONS[method].form]
     options = _Options(COMBINATIONS[method], density, majority_sign_method, rank, svd_clamp, generator)
 
-    rank_pattern: dict[str, int] = {}
+    held: dict[str, int] = {}
     for module_name, layer in lora_layers(model):
         parts = [(_factors(layer, n, module_name), w) for n, w in zip(names, weights) if n in layer.adapters]
         if not parts:
             continue
         A, B = _combined(layer, parts, options)
-        if A.shape[0] != rank:
-            rank_pattern[module_name] = A.shape[0]
+        held[module_name] = A.shape[0]
         new = layer.add_adapter(new_name, A.shape[0], float(A.shape[0]), 0.0, False, True)
         new.A.copy_(A)
         new.B.copy_(B)
-    # alpha = r everywhere keeps the scale at 1, whatever rank each module ended up with.
+    # r is the largest rank a module holds (cat over disjoint targets, or an svd_rank above a layer's size, hold
+    # less than the ranks asked for); alpha = r everywhere keeps the scale at 1, whatever rank each module holds.
+    rank = max(held.values(), default=rank)
+    rank_pattern = {name: r for name, r in held.items() if r != rank}
     config = replace(
         configs[0],
         r=rank,
@@ -180,7 +183,7 @@ def add_weighted_adapter(
         init_lora_weights=True,
         rank_pattern=rank_pattern,
         alpha_pattern={k: float(v) for k, v in rank_pattern.items()},
-        target_modules=sorted({n.split(".")[-1] for n, layer in lora_layers(model) if new_name in layer.adapters}),
+        target_modules=_targets_of(model, list(held)),
     )
     for _, wrapper in saved_modules(model):
         if names[0] in wrapper.copies:
@@ -188,6 +191,15 @@ def add_weighted_adapter(
     model.lora_configs = {**model.lora_configs, new_name: config}
     set_adapter(model, new_name)
     return config
+
+
+def _targets_of(model: nn.Module, carrying: list[str]) -> list[str]:
+    """target_modules that pick out exactly the modules `carrying` the new adapter: their leaf names when those
+    match no other module (the usual case), else their full names (a regex or a layer subset cut to leaf names
+    would reach modules the adapter file has no weights for)."""
+    leaves = sorted({n.split(".")[-1] for n in carrying})
+    reached = {n for n, _ in model.named_modules() if n.split(".")[-1] in leaves and ".copies." not in n}
+    return leaves if reached == set(carrying) else sorted(carrying)
 
 
 def _check(model, names, weights, new_name, method, configs, density, sign_method, svd_rank, svd_clamp) -> None:
