@@ -92,3 +92,18 @@ def test_a_merged_folder_is_readable_as_one_made_by_hand(toy, tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "merged").stat().st_mode & 0o777 == 0o755
+
+
+def test_a_merge_that_unties_the_head_says_so(tmp_path, capsys):
+    folder = toy_model_folder(tmp_path / "model")
+    tied = load_causal_lm(folder)
+    tied.config.tie_word_embeddings = True
+    tied.tie_weights()
+    tied.save_pretrained(folder)
+    model = lorakit.inject(load_causal_lm(folder), lorakit.LoraConfig(r=4, target_modules=["embed_tokens"]))
+    perturb(model)
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    assert _merge((folder, tmp_path / "adapter"), tmp_path / "merged") == 0
+    assert "the merged model keeps them apart (tie_word_embeddings false)" in capsys.readouterr().err
+    weights = load_file(tmp_path / "merged" / "model.safetensors")
+    assert not weights["lm_head.weight"].equal(weights["model.embed_tokens.weight"])  # the head is the base's

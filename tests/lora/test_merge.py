@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import lorakit
 from lorakit.lora.adapters import lora_layers
-from conftest import TINY_MODELS, logits_of, perturb
+from conftest import TINY_MODELS, logits_of, perturb, tiny_llama
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
@@ -37,6 +37,22 @@ def test_merge_and_unload_saves_a_plain_model(arch, auto, input_ids, tmp_path):
     plain.save_pretrained(tmp_path)
     reloaded = auto.from_pretrained(tmp_path).eval()
     assert (logits_of(reloaded, input_ids) - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("targets", [["embed_tokens"], ["lm_head"], ["embed_tokens", "lm_head"]])
+def test_a_merge_into_tied_embeddings_unties_them_and_keeps_the_outputs(targets, input_ids, tmp_path):
+    model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=4, target_modules=targets))  # tiny_llama ties
+    perturb(model, std=0.3)
+    adapted = logits_of(model, input_ids)
+    lorakit.merge_adapters(model)
+    assert (logits_of(model, input_ids) - adapted).abs().max() <= 1e-5
+    lorakit.unmerge_adapters(model)
+    merged = lorakit.merge_and_unload(model)
+    assert merged.lm_head.weight is not merged.model.embed_tokens.weight
+    merged.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert not loaded.config.tie_word_embeddings
+    assert (logits_of(loaded, input_ids) - adapted).abs().max() <= 1e-5
 
 
 def test_weighted_adapter_is_the_exact_weighted_sum_of_deltas(input_ids):

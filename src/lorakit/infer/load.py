@@ -111,16 +111,21 @@ def load_merged(
     model = load_causal_lm(model_name)
     note = quantize_as_asked(model, bits, adapter)
     load_adapter(model, adapter)
+    tied = model.config.get_text_config().tie_word_embeddings
     if not bits:
         from lorakit.lora.merge import merge_and_unload
 
-        return merge_and_unload(model), tokenizer, [], note
+        merged, gaps = merge_and_unload(model), []
+    else:
+        def full_precision():
+            base = load_causal_lm(model_name)
+            load_adapter(base, adapter)
+            return base
 
-    def full_precision():
-        base = load_causal_lm(model_name)
-        load_adapter(base, adapter)
-        return base
-
-    batches = [dict(tokenizer(p, return_tensors="pt", return_token_type_ids=False)) for p in GAP_PROMPTS]
-    merged, gaps = merge_with_report(model, batches, full_precision if base_full_precision else None)
+        batches = [dict(tokenizer(p, return_tensors="pt", return_token_type_ids=False)) for p in GAP_PROMPTS]
+        merged, gaps = merge_with_report(model, batches, full_precision if base_full_precision else None)
+    if tied and not merged.config.get_text_config().tie_word_embeddings:
+        untied = ("the adapter changes a weight the base ties between its embeddings and its head; the merged model "
+                  "keeps them apart (tie_word_embeddings false), so it answers as the adapter does")
+        note = f"{note}; {untied}" if note else untied
     return merged, tokenizer, gaps, note

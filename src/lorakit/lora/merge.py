@@ -10,7 +10,11 @@ from lorakit.lora.fused_siblings import unfuse_projections
 
 
 def merge_adapters(model: nn.Module) -> None:
-    """Fold the active adapters into the base weights (explicit; reversible with `unmerge_adapters`)."""
+    """Fold the active adapters into the base weights (explicit; reversible with `unmerge_adapters`).
+
+    A weight the base ties to another module (the embeddings and the head) is untied first, see `untie_merged`.
+    """
+    untie_merged(model)
     for _, layer in lora_layers(model):
         layer.merge()
 
@@ -26,11 +30,13 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
     The result is an ordinary transformers model: `save_pretrained` writes a checkpoint that
     `from_pretrained` loads without lorakit. Saved modules (a trained head) keep the active copy.
-    A quantised (QLoRA) base is dequantised to fp32 first, and the adapters merged in fp32.
+    A quantised (QLoRA) base is dequantised to fp32 first, and the adapters merged in fp32. A weight
+    the base ties to another module is untied first (`untie_merged`), so the result equals the adapted model.
     """
     unfuse_projections(model)  # packed sibling weights get their own storage: save_pretrained needs that
     if any(is_quantized(layer.base_layer) for _, layer in lora_layers(model)):
         dequantize_model(model)
+    untie_merged(model)
     for name, layer in lora_layers(model):
         layer.merge()
         model.set_submodule(name, layer.base_layer)
@@ -41,3 +47,29 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         del model.lora_configs
     model.requires_grad_(False)
     return model
+
+
+def untie_merged(model: nn.Module) -> list[str]:
+    """Give each module that shares a LoRA-wrapped layer's weight its own copy; return their names.
+
+    With tied embeddings, an adapter on `embed_tokens` changes the lookup only and one on `lm_head`
+    the head only; folding either into the shared tensor would change both. The copies keep the
+    adapted model's outputs, and the config no longer says the weights are tied, so a saved model
+    loads the two apart.
+    """
+    wrapped = {id(layer.base_layer.weight) for _, layer in lora_layers(model)}
+    sharers: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for name, module in model.named_modules():
+        for key, param in module.named_parameters(recurse=False):
+            if id(param) in wrapped:
+                sharers.setdefault(id(param), []).append((name, module, key))
+    untied = []
+    for owners in sharers.values():
+        for name, module, key in owners[1:]:  # the first keeps the original tensor
+            param = getattr(module, key)
+            setattr(module, key, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
+            untied.append(name)
+    if untied:
+        for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+            config.tie_word_embeddings = False
+    return untied
