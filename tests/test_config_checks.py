@@ -53,6 +53,17 @@ CASES = [
     (["--data.eval_file", "b.jsonl", "--data.eval_size", "0.5"], "data.eval_size: given 0.5 with data.eval_file"),
     (["--data.packing", "true", "--data.pack_length", "4"],
      "data.pack_length: given 4, shorter than data.max_length 256"),
+    # a data setting the task does not read is refused, not ignored
+    (["--task", "seq_cls", "--data.packing", "true"],
+     "data.packing: given True, which task seq_cls does not use; it applies to the text-generating tasks"),
+    (["--task", "seq_cls", "--data.template", "alpaca"], "data.template: given 'alpaca', which task seq_cls does not"),
+    (["--task", "seq_cls", "--data.hf_dataset", "x"], "data.hf_dataset: given 'x', which task seq_cls does not use"),
+    (["--task", "seq_cls", "--data.format", "instruction"],
+     "data.format: given 'instruction'; task seq_cls reads text/label records"),
+    (["--data.text_column", "sentence"],
+     "data.text_column: given 'sentence', which task causal_lm does not use; it applies to task seq_cls"),
+    (["--task", "dpo", "--data.packing", "false", "--train.max_tokens_per_forward", "0", "--data.label_names",
+      "[a, b]"], "data.label_names: given ['a', 'b'], which task dpo does not use"),
 ]
 
 

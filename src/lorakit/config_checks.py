@@ -66,6 +66,7 @@ def run_problems(run: RunConfig) -> list[str]:
     out += _split_problems(run)
     out += _size_problems(run.data)
     out += _packing_problems(run.data)
+    out += _unused_data_settings(run)
     if run.lora.init_lora_weights == "loftq" and run.quantization.bits is None:
         out.append("lora.init_lora_weights: 'loftq' needs a quantised base; set quantization.bits to 4 or 8")
     if run.lora.init_lora_weights in MOVES_BASE and run.quantization.bits is not None:
@@ -120,6 +121,25 @@ def _unused_preference_settings(run: RunConfig) -> list[str]:
             f"applies to task {' and '.join(tasks)} (leave it out)"
             for name, tasks in PREFERENCE_SETTINGS.items()
             if run.task not in tasks and getattr(run.preference, name) != getattr(defaults, name)]
+
+
+# data settings only one kind of task reads; one changed for a task that does not read it would be ignored
+CLASSIFICATION_DATA = ("text_column", "text_pair_column", "label_column", "label_names")
+SEQUENCE_DATA = ("hf_dataset", "template", "train_on", "packing", "pack_length")
+
+
+def _unused_data_settings(run: RunConfig) -> list[str]:
+    classifies = run.task == "seq_cls"
+    defaults = type(run.data)()
+    where = "task seq_cls" if not classifies else "the text-generating tasks (causal_lm, dpo, orpo)"
+    out = [f"data.{name}: given {getattr(run.data, name)!r}, which task {run.task} does not use; it applies to "
+           f"{where} (leave it out)"
+           for name in (SEQUENCE_DATA if classifies else CLASSIFICATION_DATA)
+           if getattr(run.data, name) != getattr(defaults, name)]
+    if classifies and run.data.format not in (None, "text_label"):
+        out.append(f"data.format: given {run.data.format!r}; task seq_cls reads text/label records (text_label), "
+                   "by data.text_column and data.label_column")
+    return out
 
 
 def _split_problems(run: RunConfig) -> list[str]:

@@ -13,7 +13,12 @@ import torch
 
 from lorakit.checkpoint.run_card import RUN_CARD, read_run_card, write_run_card  # noqa: F401  (RUN_CARD, read_run_card: re-exported)
 from lorakit.config import ConfigError, RunConfig, to_dict
-from lorakit.data.classification import read_classification, read_classification_test, tokenize_classification
+from lorakit.data.classification import (
+    count_truncated,
+    read_classification,
+    read_classification_test,
+    tokenize_classification,
+)
 from lorakit.data.dataset import prepare_data, prepare_preference_data
 from lorakit.infer.score import score_generations
 from lorakit.checkpoint.peft_io import load_adapter
@@ -191,8 +196,9 @@ def run_classification(run: RunConfig, echo=print, run_log: RunLog | None = None
     train_examples = tokenize_classification(tokenizer, train_records, run.data, labels)
     eval_examples = tokenize_classification(tokenizer, eval_records, run.data, labels)
     test_examples = tokenize_classification(tokenizer, test_records, run.data, labels)
+    truncated = count_truncated(tokenizer, train_records, run.data)
     echo(f"data: {len(train_examples)} train / {_eval_count(eval_examples)}{_test_count(test_examples)} examples; "
-         f"labels: {', '.join(labels.names)}")
+         f"{truncated} truncated at max_length {run.data.max_length}; labels: {', '.join(labels.names)}")
 
     lora = run.lora if run.lora.task_type else replace(run.lora, task_type="SEQ_CLS")
     inject(model, lora)

@@ -112,10 +112,11 @@ def test_packing_with_one_example_trains(toy, tmp_path):
 
 def test_a_classifier_on_four_rows_trains_on_all_of_them(toy, tmp_path, capsys):
     rows = [{"text": f"{w} film", "label": i % 2} for i, w in enumerate(["good", "bad", "fine", "poor"])]
+    rows[0]["text"] = "good " * 300 + "film"  # beyond max_length: cut, and counted
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = write_config(tmp_path / "config.yaml", toy, task="seq_cls", data={"train_file": str(tmp_path / "train.jsonl")},
                           lora={"target_modules": ["q_proj", "v_proj"]}, train={"output_dir": str(tmp_path / "run")})
     code = main(["train", str(config)])
     out = capsys.readouterr().out
-    assert code == 0 and "data: 4 train / no eval examples; labels: 0, 1" in out
+    assert code == 0 and "data: 4 train / no eval examples; 1 truncated at max_length 64; labels: 0, 1" in out
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["final_score"]["split"] is None

@@ -101,6 +101,15 @@ def tokenize_classification(tokenizer, records: list[dict], config: DataConfig, 
     return out
 
 
+def count_truncated(tokenizer, records: list[dict], config: DataConfig) -> int:
+    """How many of `records` tokenize_classification cuts at max_length."""
+    if not records:
+        return 0
+    texts = [r[config.text_column] for r in records]
+    pairs = [r[config.text_pair_column] for r in records] if config.text_pair_column else None
+    return sum(len(ids) > config.max_length for ids in tokenizer(texts, pairs, verbose=False)["input_ids"])
+
+
 def pad_classification_batch(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Pad to the longest example of this batch (not to max_length); labels as a (B,) tensor."""
     batch = pad_batch(examples, pad_token_id)
