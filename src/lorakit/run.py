@@ -164,6 +164,8 @@ def _final_causal_lm_scores(run: RunConfig, model, tokenizer, data, objective, r
         scores = evaluate_test(model, objective, data.test, run.train.batch_size)
     elif run.data.test_file:  # a test file the objective cannot score (instruction records in a dpo run)
         scores = {}
+    elif run.train.eval_strategy == "no":  # nothing chose a checkpoint: the one evaluation after the last step
+        scores = {k: v for k, v in result.final_eval.items() if k.startswith("eval_")}
     else:
         scores = _chosen_eval(result, run.train.metric_for_best)
     prefix = "test_" if run.data.test_file else "eval_"

@@ -127,6 +127,19 @@ def test_without_a_test_file_the_summary_says_the_eval_split_chose_and_scored(to
     assert json.loads((tmp_path / "summary.json").read_text())["final_score"] == final
 
 
+def test_eval_strategy_no_scores_the_eval_split_once_after_training(toy_files, tmp_path):
+    config = _run_config(toy_files, tmp_path, None, None)
+    config.train = TrainConfig(output_dir=str(tmp_path), max_steps=6, batch_size=4, lr=5e-3, eval_strategy="no",
+                               save_strategy="no", progress=False)
+    summary, lines = _run(config)
+    evals = [e for e in _events(tmp_path) if e["kind"] == "eval"]
+    assert [e["step"] for e in evals] == [6]  # none while training, one after the last step
+    final = summary["final_score"]
+    assert final["split"] == "eval" and not final["same_split_as_selection"]
+    assert final["scores"]["eval_loss"] == pytest.approx(evals[0]["eval_loss"])
+    assert "which chose nothing: eval_loss" in lines[-1]
+
+
 def test_summary_lines_for_a_run_that_evaluated_nothing():
     data, train = DataConfig(train_file="t.jsonl", eval_size=0.2), TrainConfig(eval_strategy="no")
     summary = describe_splits(data, train, None, None)

@@ -235,6 +235,8 @@ def train(
             log.warning("train.max_minutes %g reached after step %d of %d; stopping", config.max_minutes, step, total_steps)
             break
     bar.close()
+    if config.eval_strategy == "no" and eval_examples and not config.fsdp:  # the eval split, scored once at the end
+        last_eval = evaluate(step)
 
     checkpoints.restore_best(model)  # keep-best: the model leaves with the best checkpoint's adapter
     with parallel.full_params():
