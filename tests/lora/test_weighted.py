@@ -128,5 +128,21 @@ def test_dora_adapters_are_refused_by_weighted_merges():
         lorakit.add_weighted_adapter(model, ["a", "b"], [0.5, 0.5], "m", "svd")
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_adapters_whose_init_moved_part_of_w_are_refused_live(init, tmp_path, input_ids):
+    model = TINY_MODELS["llama"]()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, init_lora_weights=init), "a")
+    lorakit.inject(model, lorakit.LoraConfig(r=4), "b")
+    with pytest.raises(lorakit.ConfigError, match=f"adapters 'a' \\({init}\\) hold part of W, which their init moved"):
+        lorakit.add_weighted_adapter(model, ["a", "b"], [1.0, 1.0], "m", "cat")
+    lorakit.save_adapter(model, tmp_path / "a", "a")  # saved: relative to the original base, so it combines
+    fresh = TINY_MODELS["llama"]()
+    lorakit.load_adapter(fresh, tmp_path / "a", "a")
+    lorakit.set_adapter(model, "a")
+    expected = logits_of(model, input_ids)
+    lorakit.add_weighted_adapter(fresh, ["a"], [1.0], "m", "cat")
+    assert (logits_of(fresh, input_ids) - expected).abs().max() <= 1e-4
+
+
 def test_every_method_is_documented():
     assert all(name in weighted.__doc__ for name in COMBINATIONS)

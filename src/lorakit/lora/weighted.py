@@ -38,6 +38,7 @@ from torch import nn
 
 from lorakit.config import ConfigError, LoraConfig
 from lorakit.lora.adapters import adapter_config, lora_layers, saved_modules, set_adapter
+from lorakit.lora.inits import MOVES_BASE
 
 SIGN_METHODS = ("total", "frequency")
 
@@ -210,6 +211,10 @@ def _check(model, names, weights, new_name, method, configs, density, sign_metho
         problems.append(f"adapter '{new_name}' already exists on this model; pick another name")
     if any(c.modules_to_save for c in configs[1:]):
         problems.append("only the first adapter may carry modules_to_save (a trained head cannot be combined)")
+    moved = [f"'{n}' ({c.init_lora_weights})" for n, c in zip(names, configs) if c.init_lora_weights in MOVES_BASE]
+    if moved:
+        problems.append(f"adapters {', '.join(moved)} hold part of W, which their init moved out of the base; a "
+                        "combination would lose it: save them, then combine the saved folders on the original base")
     problems += option_problems(method, configs, density, sign_method, svd_rank, svd_clamp, weights)
     if problems:
         raise ConfigError("add_weighted_adapter: " + "; ".join(problems))
