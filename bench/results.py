@@ -21,11 +21,13 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import functools
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -225,3 +227,10 @@ def peak_rss_mb() -> float:
 def _rss_mb() -> float:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def record_name(text: str) -> str:
+    """An argparse type for --name: the NAME of a record <bench>_NAME.json kept beside the bench's main one."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]*", text):
+        raise argparse.ArgumentTypeError(f"a record name is lower-case letters, digits, '.' and '-' (got {text!r})")
+    return text

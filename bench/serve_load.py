@@ -45,7 +45,6 @@ import argparse
 import asyncio
 import json
 import random
-import re
 import sys
 import tempfile
 import time
@@ -53,7 +52,7 @@ from pathlib import Path
 
 import torch
 from load_servers import KEY, LLAMA_SERVER, Server, llama_servers, lorakit_servers
-from results import ROOT, host_speed, machine, min_median, write_result
+from results import ROOT, host_speed, machine, min_median, record_name, write_result
 from serve_variants import make_adapters
 
 from lorakit.serve.config import QUANTIZE
@@ -88,7 +87,7 @@ def parse_args() -> argparse.Namespace:
                         help="add lorakit-continuous-apart: `lorakit serve --prefill apart`")
     parser.add_argument("--quick", action="store_true", help="a smoke run: rates 1,4, K 1,4, 6 requests, 4-8 tokens")
     parser.add_argument("--results-dir", default=None, help="where serve_load.json goes (default runs/bench)")
-    parser.add_argument("--name", default=None, type=_record_name,
+    parser.add_argument("--name", default=None, type=record_name,
                         help="write serve_load_NAME.json, a record beside the main one (e.g. another host)")
     args = parser.parse_args()
     if args.quick:
@@ -324,12 +323,6 @@ def main() -> None:
         out_dir=args.results_dir,
     )  # fmt: skip
     print(f"wrote {path}")
-
-
-def _record_name(text: str) -> str:
-    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]*", text):
-        raise argparse.ArgumentTypeError(f"a record name is lower-case letters, digits, '.' and '-' (got {text!r})")
-    return text
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
                                      [--new-tokens 32] [--rank 8] [--repeats 3] [--turns 1] [--warmup 1] [--skip-peft]
                                      [--device cuda|cpu] [--results-dir DIR] [--variants merged,mixed-16]
                                      [--half-weights auto|bf16|fp16] [--quantize int8,w8a8] [--lora-dtype bf16,int8]
-                                     [--model-config qwen2.5-1.5b]
+                                     [--model-config qwen2.5-1.5b] [--name NAME]
 
 The same --requests ROS 2 prompts (left-padded, greedy, exactly --new-tokens new tokens each) in
 one batch, on the same base, with --adapters rank-r adapters on all seven projections (random
@@ -34,7 +34,8 @@ and with --lora-dtype D, D one or more of bf16 and int8 (lora/adapters.py: round
                     the same on each --quantize base
 --model-config NAME builds NAME's published shape with random weights instead (bench/model_shapes.py;
 the prompts are still tokenised by --model's tokenizer) and writes serve_throughput_NAME.json, so the
-cost of many adapters can be compared across model sizes.
+cost of many adapters can be compared across model sizes. --name NAME writes serve_throughput_NAME.json
+instead (after any --model-config part), a record kept beside the main one.
 Every variant runs --warmup times untimed, then all of them take turns in each of --repeats
 rounds (PEFT's included; --turns K: K turns a round, the round's figure over a variant's K runs),
 in --variants' order and in reverse every other turn, so that a drift of the machine's speed hits
@@ -55,7 +56,7 @@ from pathlib import Path
 
 import torch
 from model_shapes import MODEL_CONFIGS
-from results import host_speed, machine, min_median, write_result
+from results import host_speed, machine, min_median, record_name, write_result
 from serve_variants import lorakit_variants, make_adapters, peft_variants, prompts
 
 from lorakit.serve.config import QUANTIZE
@@ -178,6 +179,8 @@ def main() -> None:
                         "factors rounded to DTYPE (serve --lora-dtype)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: the GPU when there is one)")
     parser.add_argument("--results-dir", default=None, help="where serve_throughput.json goes (default runs/bench)")
+    parser.add_argument("--name", default=None, type=record_name,
+                        help="write serve_throughput_NAME.json, a record beside the main one (e.g. other settings)")
     parser.add_argument("--variants", default=None,
                         help="comma-separated labels to time, in the order they take turns, e.g. merged,mixed-16 "
                         "(default: all of them)")
@@ -224,7 +227,7 @@ def main() -> None:
     shape = f" at the {args.model_config} shape" if args.model_config else ""
     model = f"{args.model_config} shape (random weights)" if args.model_config else args.model
     path = write_result(
-        "serve_throughput" + (f"_{args.model_config}" if args.model_config else ""),
+        "serve_throughput" + "".join(f"_{part}" for part in (args.model_config, args.name) if part),
         "Serving throughput: many adapters in one batch" + shape, runs,
         description=(f"{model}: {args.requests} requests x {args.new_tokens} new tokens (greedy, every row "
                      f"exactly that long), {args.adapters} rank-{args.rank} adapters on all seven projections. "
