@@ -224,7 +224,7 @@ def main() -> None:
     print(f"\n  {'':<32} {'min':>8} {'median':>8} {'max':>8}")
     for row in summary:
         print(f"  {row['what']:<32} {row['min']:>8.2f} {row['median']:>8.2f} {row['max']:>8.2f}")
-    shape = f" at the {args.model_config} shape" if args.model_config else ""
+    shape = (f" at the {args.model_config} shape" if args.model_config else "") + (f" ({args.name})" if args.name else "")
     model = f"{args.model_config} shape (random weights)" if args.model_config else args.model
     path = write_result(
         "serve_throughput" + "".join(f"_{part}" for part in (args.model_config, args.name) if part),
