@@ -84,6 +84,18 @@ def test_bad_json_line_names_file_and_line(tmp_path):
     assert "expected one JSON object per line" in message
 
 
+@pytest.mark.parametrize(("body", "what"), [
+    (json.dumps({"instruction": "a", "output": "b"}, indent=2), "a JSON object spread over several lines (pretty-printed)"),
+    (json.dumps([{"instruction": "a", "output": "b"}], indent=2),
+     "a JSON array spread over several lines (name the file .json to read it as an array of records)"),
+    (json.dumps({"instruction": "a"}, indent=1) + json.dumps({"instruction": "b"}, indent=1),
+     "2 JSON values spread over several lines (pretty-printed)"),
+])
+def test_pretty_printed_json_in_a_jsonl_file_is_named_as_such(tmp_path, body, what):
+    path = write_file(tmp_path, "pretty.jsonl", body)
+    assert data_error_of(load_records, path) == f"{path}:1: holds {what}; expected one JSON object per line"
+
+
 def test_line_that_is_not_an_object(tmp_path):
     path = write_file(tmp_path, "bad.jsonl", '{"instruction": "a", "output": "b"}\n\n["a", "b"]\n')
     assert data_error_of(load_records, path) == f"{path}:3: expected a JSON object ({{...}}), got an array"

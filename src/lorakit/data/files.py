@@ -169,9 +169,29 @@ def _read_jsonl(text: str, source: str) -> list[dict[str, Any]]:
         try:
             value = _DECODER.decode(line)
         except (json.JSONDecodeError, _DuplicateKey, RecursionError) as err:
+            spread = _spread_over_lines(text)
+            if spread:
+                raise DataError(f"{source}:{line_no}: holds {spread}; expected one JSON object per line") from None
             raise _parse_error(err, source, line_no, "one JSON object per line") from None
         records.append(_as_record(value, source, line_no, _SURROGATE_ESCAPE.search(line) is not None))
     return records
+
+
+def _spread_over_lines(text: str) -> str | None:
+    """What a JSON Lines text that fails line by line holds, when it is valid JSON spread over lines (a
+    pretty-printed object or array); None otherwise."""
+    pos, values = _skip_ws(text, 0), []
+    while pos < len(text):
+        try:
+            value, end = _DECODER.raw_decode(text, pos)
+        except (ValueError, RecursionError):
+            return None
+        values.append(value)
+        pos = _skip_ws(text, end)
+    if len(values) == 1 and isinstance(values[0], list):
+        return "a JSON array spread over several lines (name the file .json to read it as an array of records)"
+    what = "a JSON object" if len(values) == 1 else f"{len(values)} JSON values"
+    return f"{what} spread over several lines (pretty-printed)" if values else None
 
 
 def _read_json_array(text: str, source: str) -> list[dict[str, Any]]:
