@@ -53,6 +53,10 @@ CASES = [
     (["--data.eval_file", "b.jsonl", "--data.eval_size", "0.5"], "data.eval_size: given 0.5 with data.eval_file"),
     (["--data.packing", "true", "--data.pack_length", "4"],
      "data.pack_length: given 4, shorter than data.max_length 256"),
+    (["--data.template", "'Q: {question}'"],
+     "data.template: given 'Q: {question}'; template 'custom' has unknown placeholder {question}"),
+    (["--data.template", "'Q: {instruction} A: {output}'"], "template 'custom' uses {output}"),
+    (["--data.template", "vicuna"], "data.template: given 'vicuna'; unknown template 'vicuna'; expected one of seed"),
     # a data setting the task does not read is refused, not ignored
     (["--task", "seq_cls", "--data.packing", "true"],
      "data.packing: given True, which task seq_cls does not use; it applies to the text-generating tasks"),

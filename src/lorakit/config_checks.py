@@ -67,6 +67,7 @@ def run_problems(run: RunConfig) -> list[str]:
     out += _size_problems(run.data)
     out += _packing_problems(run.data)
     out += _unused_data_settings(run)
+    out += _template_problems(run)
     if run.lora.init_lora_weights == "loftq" and run.quantization.bits is None:
         out.append("lora.init_lora_weights: 'loftq' needs a quantised base; set quantization.bits to 4 or 8")
     if run.lora.init_lora_weights in MOVES_BASE and run.quantization.bits is not None:
@@ -140,6 +141,20 @@ def _unused_data_settings(run: RunConfig) -> list[str]:
         out.append(f"data.format: given {run.data.format!r}; task seq_cls reads text/label records (text_label), "
                    "by data.text_column and data.label_column")
     return out
+
+
+def _template_problems(run: RunConfig) -> list[str]:
+    """data.template checked before the model loads (chat needs the tokenizer, and is checked with it)."""
+    from lorakit.data.formats import DataError
+    from lorakit.data.templates import get_template
+
+    if run.task == "seq_cls" or run.data.template == "chat":
+        return []
+    try:
+        get_template(run.data.template)
+    except DataError as err:
+        return [f"data.template: given {run.data.template!r}; {err}"]
+    return []
 
 
 def _split_problems(run: RunConfig) -> list[str]:
