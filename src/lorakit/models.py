@@ -115,13 +115,14 @@ def resolve_model(name_or_path: NameOrPath) -> Path | str:
     )
 
 
-def load_tokenizer(name_or_path: NameOrPath) -> PreTrainedTokenizerBase:
-    """Load a model's tokenizer; one without a pad token gets `pad_token = eos_token`.
+def load_tokenizer(name_or_path: NameOrPath, pad: bool = True) -> PreTrainedTokenizerBase:
+    """Load a model's tokenizer; one without a pad token gets `pad_token = eos_token` (unless `pad` is false: as
+    shipped).
 
     Pad and eos may then share an id: mask labels by position, not by token id.
     """
     tokenizer = _from_pretrained(AutoTokenizer, resolve_model(name_or_path), "tokenizer")
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+    if pad and tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
@@ -195,9 +196,11 @@ def _from_pretrained(auto, path: Path | str, what: str, **kwargs):
     if what == "model" and isinstance(path, Path) and not (path / "config.json").is_file():
         raise ModelNotFoundError(f"{path}: a folder without config.json; expected a model folder "
                                  "(config.json, the weights and the tokenizer files, as save_pretrained writes)")
+    from safetensors import SafetensorError
+
     try:
         return auto.from_pretrained(path, **kwargs)
-    except ValueError as err:
+    except (ValueError, SafetensorError) as err:  # SafetensorError: a damaged weights file
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelNotFoundError(f"{path}: cannot load the {what} ({first})") from None
 

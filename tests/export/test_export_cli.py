@@ -133,3 +133,45 @@ def test_an_ollama_template_it_cannot_hold_leaves_the_earlier_export_whole(llama
                            "--template", 'Q: """{instruction}""" A:')
     assert code == 2 and '"""' in one_error_line(err)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_an_lm_head_lora_on_a_tied_base_is_refused_for_gguf_lora(capsys, tmp_path):
+    folder = tiny_folder(tmp_path / "llama", "llama")  # tied: the base's GGUF has no output.weight
+    model = load_causal_lm(folder)
+    inject(model, LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    save_adapter(model, tmp_path / "adapter")
+    code, _, err = run_cli(capsys, "--model", folder, "--adapter", tmp_path / "adapter", "--format", "gguf-lora",
+                           "--output", tmp_path / "a.gguf")
+    assert code == 2 and "LoRA on the output head, which this base ties to its embeddings" in one_error_line(err)
+    assert not (tmp_path / "a.gguf").exists()
+
+
+def test_a_gguf_named_as_its_modelfile_is_refused(llama, capsys, tmp_path):
+    _, folder = llama
+    code, _, err = run_cli(capsys, "--model", folder, "--outtype", "f32", "--output", tmp_path / "Modelfile", "--ollama")
+    assert code == 2 and "is where --ollama writes the Modelfile" in one_error_line(err)
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_export_never_writes_into_lorakits_cache(llama, capsys, tmp_path, monkeypatch):
+    _, folder = llama
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "models" / "m").mkdir(parents=True)
+    (tmp_path / "cache" / "models" / "m" / "model.safetensors").write_bytes(b"weights")
+    code, _, err = run_cli(capsys, "--model", folder, "--outtype", "f32", "--force",
+                           "--output", tmp_path / "cache" / "models" / "m" / "model.safetensors")
+    assert code == 2 and "lies in lorakit's cache" in one_error_line(err)
+    assert (tmp_path / "cache" / "models" / "m" / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_a_folder_that_is_not_a_whole_model_is_one_line(llama, capsys, tmp_path):
+    import shutil
+
+    root, folder = llama
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folder, damaged)
+    (damaged / "model.safetensors").write_bytes((damaged / "model.safetensors").read_bytes()[:100])
+    for model, message in [(root / "adapter", "cannot load the tokenizer"), (damaged, "cannot load the model")]:
+        code, _, err = run_cli(capsys, "--model", model, "--outtype", "f32", "--output", tmp_path / "o.gguf")
+        assert code == 2 and message in one_error_line(err), err
+    assert not (tmp_path / "o.gguf").exists()

@@ -118,3 +118,28 @@ def test_lora_gguf_on_base_matches_merged_export(tmp_path, case):
         changed += greedy_ids(base_only, ids, 10, set()) != tokens
         assert np.abs(prompt_logits(on_base, ids) - prompt_logits(merged, ids)).max() < 1e-3
     assert changed >= len(PROMPTS) // 2  # the adapter matters, so agreement is not by default
+
+
+@pytest.mark.parametrize("trained", ["lm_head", "embed_tokens"])
+def test_a_trained_copy_of_a_tied_weight_exports_as_the_adapted_model(tmp_path, trained):
+    """modules_to_save on a weight the base ties (head and embeddings): the merged GGUF holds the two apart."""
+    folder = tiny_folder(tmp_path / "m", "llama")  # tied
+    model = load_causal_lm(folder)
+    inject(model, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=[trained]))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".adapters." in name or ".copies." in name:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.3)
+    save_adapter(model, tmp_path / "adapter")
+    out = tmp_path / "merged.gguf"
+    export(ExportConfig(model=str(folder), adapter=str(tmp_path / "adapter"), outtype="f32", output=str(out)))
+    adapted = load_causal_lm(folder)
+    load_adapter(adapted, tmp_path / "adapter")
+    adapted.eval()
+    llm = load_llama(out, logits_all=True, f32_cache=True)
+    ids = AutoTokenizer.from_pretrained(folder)(PROMPTS[0], add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        expected = adapted(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(expected - load_causal_lm(folder)(torch.tensor([ids])).logits[0].detach().numpy()).max() > 1
+    assert np.abs(prompt_logits(llm, ids) - expected).max() < 1e-3

@@ -17,7 +17,6 @@ logger = logging.getLogger(__name__)
 @register_format("gguf")
 def export_model(config: ExportConfig) -> ExportResult:
     """Merge the adapter (if any) into the base and write one GGUF file (plus a Modelfile with --ollama)."""
-    from transformers import AutoTokenizer
 
     from lorakit import load_adapter, merge_and_unload
     from lorakit.export.ollama import modelfile_path
@@ -25,10 +24,13 @@ def export_model(config: ExportConfig) -> ExportResult:
     path = config.output_path()
     check_writable(path, config.force, config.inputs())
     if config.ollama:
+        if modelfile_path(path).resolve() == path.resolve():
+            raise ExportError(f"{path}: is where --ollama writes the Modelfile; name the GGUF file otherwise "
+                              "(e.g. model.gguf)")
         check_writable(modelfile_path(path), config.force, config.inputs())
-    from lorakit.models import load_causal_lm, resolve_model
+    from lorakit.models import load_causal_lm, load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.model))  # as shipped: no pad added
+    tokenizer = load_tokenizer(config.model, pad=False)  # as shipped: no pad added
     template = resolve_template(config, tokenizer)
     model = load_causal_lm(config.model)
     if config.adapter:
@@ -47,7 +49,7 @@ def export_adapter(config: ExportConfig) -> ExportResult:
     """Write the adapter alone as a llama.cpp LoRA GGUF, to apply on the base's GGUF."""
     from lorakit import load_adapter
     from lorakit.checkpoint.peft_io import read_adapter_config
-    from lorakit.export.gguf_lora import check_llama_cpp_can_apply, write_lora_gguf
+    from lorakit.export.gguf_lora import check_head_is_apart, check_llama_cpp_can_apply, write_lora_gguf
     from lorakit.models import load_causal_lm
 
     path = config.output_path()
@@ -59,6 +61,7 @@ def export_adapter(config: ExportConfig) -> ExportResult:
         raise ExportError(f"{config.adapter}: the adapter does not name its base; give --model")
     model = load_causal_lm(base)
     load_adapter(model, config.adapter)
+    check_head_is_apart(model, Path(config.adapter))
     size = write_lora_gguf(model, lora, path, config.outtype, display_name(config))
     return ExportResult(path, size, 0.0)
 

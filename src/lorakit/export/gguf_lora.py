@@ -40,6 +40,17 @@ def check_llama_cpp_can_apply(config: LoraConfig, adapter_dir: Path) -> None:
         )
 
 
+def check_head_is_apart(model: nn.Module, adapter_dir: Path) -> None:
+    """Refuse a LoRA on the output head of a base that ties it to the embeddings: the base's GGUF then holds no
+    `output.weight` for llama.cpp to apply it to."""
+    if model.config.get_text_config().tie_word_embeddings and isinstance(model.get_output_embeddings(), LoraLayer):
+        raise ExportError(
+            f"{adapter_dir}: the adapter puts LoRA on the output head, which this base ties to its embeddings, so "
+            "the base's GGUF has no output.weight for llama.cpp to apply it to; export the merged model instead "
+            "(--format gguf)"
+        )
+
+
 def lora_pairs(model: nn.Module, adapter: str, alpha: float):
     """Yield (module path, A (r, in), B folded for llama.cpp (out, r)) for every LoRA layer of `adapter`."""
     for path, layer in model.named_modules():

@@ -18,7 +18,12 @@ from lorakit.export.errors import ExportError
 
 def check_writable(path: Path, force: bool, inputs: tuple[str | Path, ...] = ()) -> None:
     """Raise ExportError if `path` exists (without `force`), is a folder, is one of the `inputs` or a file in an input
-    folder (even with `force`: an export never writes over what it reads), or its folder is missing."""
+    folder or in lorakit's cache (even with `force`: an export never writes over what it reads), or its folder is
+    missing."""
+    from lorakit.models import cache_root
+
+    if path.expanduser().resolve().is_relative_to(cache_root().expanduser().resolve()):
+        raise ExportError(f"{path}: lies in lorakit's cache ({cache_root()}), which exports read; write it elsewhere")
     for source in inputs:
         source = Path(source).expanduser()
         if path.exists() and (os.path.samefile(source, path) or (

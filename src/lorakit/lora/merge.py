@@ -43,6 +43,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for name, wrapper in saved_modules(model):
         chosen = wrapper.copies[wrapper.active] if wrapper.active in wrapper.copies else wrapper.original_module
         model.set_submodule(name, chosen)
+    if _ties_embeddings(model) and model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+        _untie_config(model)  # a trained copy of the head or of the embeddings (modules_to_save) now stands apart
     if hasattr(model, "lora_configs"):
         del model.lora_configs
     model.requires_grad_(False)
@@ -70,6 +72,16 @@ def untie_merged(model: nn.Module) -> list[str]:
             setattr(module, key, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
             untied.append(name)
     if untied:
-        for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-            config.tie_word_embeddings = False
+        _untie_config(model)
     return untied
+
+
+def _ties_embeddings(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return bool(config is not None and config.get_text_config().tie_word_embeddings
+                and model.get_output_embeddings() is not None)
+
+
+def _untie_config(model: nn.Module) -> None:
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.tie_word_embeddings = False
