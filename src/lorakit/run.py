@@ -30,7 +30,7 @@ from lorakit.models import (
 from lorakit.quant.model import quantize_model, weight_bytes_report
 from lorakit.checkpoint.run_folder import check_output_dir
 from lorakit.track.runlog import RunLog
-from lorakit.train.checkpoints import resume_settings
+from lorakit.train.checkpoints import resume_settings, selection_settings
 from lorakit.track.samples import paired_rows
 from lorakit.train import distributed
 from lorakit.train.final_score import (
@@ -91,7 +91,8 @@ def run(config: RunConfig, echo=print) -> dict:
 
 def _run_state(run: RunConfig) -> dict:
     """What every checkpoint of the run keeps of its config: the model, and the settings a resume must give alike."""
-    return {"model": run.model, "settings": resume_settings(to_dict(run))}
+    config = to_dict(run)
+    return {"model": run.model, "settings": resume_settings(config), "selection": selection_settings(config)}
 
 
 def _silent(*args, **kwargs) -> None:
@@ -164,10 +165,8 @@ def _final_causal_lm_scores(run: RunConfig, model, tokenizer, data, objective, r
         scores = evaluate_test(model, objective, data.test, run.train.batch_size)
     elif run.data.test_file:  # a test file the objective cannot score (instruction records in a dpo run)
         scores = {}
-    elif run.train.eval_strategy == "no":  # nothing chose a checkpoint: the one evaluation after the last step
-        scores = {k: v for k, v in result.final_eval.items() if k.startswith("eval_")}
-    else:
-        scores = _chosen_eval(result, run.train.metric_for_best)
+    else:  # nothing chose a checkpoint: the evaluation of the last step, the adapter the run saved
+        scores = _chosen_eval(result, run.train.metric_for_best) or _last_step_eval(result)
     prefix = "test_" if run.data.test_file else "eval_"
     generated = {}
     records = data.test_records if run.data.test_file else data.eval_records
@@ -229,8 +228,7 @@ def run_classification(run: RunConfig, echo=print, run_log: RunLog | None = None
         if distributed.current_world().main:
             _log_final_scores(run_log, "test", {}, scores, result.steps)
     else:
-        scores = {k: v for k, v in result.final_eval.items() if k != "confusion"}
-        scores = _chosen_eval(result, run.train.metric_for_best) or scores
+        scores = _chosen_eval(result, run.train.metric_for_best) or _last_step_eval(result)
     summary["final_score"]["scores"] = scores
     _echo_result(echo, summary)
     return summary
@@ -368,6 +366,14 @@ def _chosen_eval(result, metric: str) -> dict:
     step = int(result.best_checkpoint.rsplit("-", 1)[-1])
     chosen = [e for e in result.history if e.get("kind") == "eval" and e.get("step") == step and metric in e]
     return {k: v for k, v in chosen[-1].items() if k.startswith("eval_")} if chosen else {}
+
+
+def _last_step_eval(result) -> dict:
+    """The eval metrics of the run's last step, where nothing chose a checkpoint (none when it was not evaluated)."""
+    if result.best_checkpoint is not None:
+        return {}
+    last = [e for e in result.history if e.get("kind") == "eval" and e.get("step") == result.steps]
+    return {k: v for k, v in last[-1].items() if k.startswith("eval_")} if last else {}
 
 
 def _echo_result(echo, summary: dict) -> None:

@@ -48,6 +48,14 @@ def test_every_file_is_in_the_manifest_and_a_changed_byte_is_caught(tmp_path):
     assert manifest_problem(path) == f"optimizer.pt does not match its SHA-256 in {MANIFEST_NAME}"
 
 
+@pytest.mark.parametrize("manifest", ['{"version": 1, "files": []}', '{"files": {"optimizer.pt": 5}}', "[1]", "null"])
+def test_a_manifest_of_the_wrong_shape_marks_the_checkpoint_damaged(tmp_path, manifest):
+    path = _save(tmp_path, 10, _parts())
+    (path / MANIFEST_NAME).write_text(manifest)
+    assert manifest_problem(path) == f"{MANIFEST_NAME} is not readable JSON with a 'files' mapping"
+    assert latest_good_checkpoint(tmp_path) is None
+
+
 def test_resume_skips_damaged_checkpoints_with_a_warning_naming_them(tmp_path, caplog):
     parts = _parts()
     good, truncated, unlisted = (_save(tmp_path, s, parts) for s in (10, 20, 30))

@@ -42,3 +42,11 @@ def test_a_finished_run_without_checkpoints_cannot_be_resumed_over(tmp_path):
     checkpoint(run, "step-000002")
     clear_earlier_run(run)
     assert held(run) == [] and not (run / "adapter").exists() and not (run / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("name", ["checkpoints", "adapter"])
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_file_where_the_run_keeps_a_folder_is_refused_before_anything_loads(tmp_path, name, resume):
+    (tmp_path / name).write_text("hi")
+    with pytest.raises(ConfigError, match=f"{tmp_path / name} is a file where the run keeps its {name} folder"):
+        check_output_dir(TrainConfig(output_dir=str(tmp_path), resume=resume))

@@ -1,10 +1,17 @@
-"""When evaluations and checkpoints fall due, and which way the best metric points."""
+"""When evaluations and checkpoints fall due, which way the best metric points, and what keep-best hands back."""
 
 from __future__ import annotations
 
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 
-from lorakit.config import TrainConfig
+from conftest import TOY_TARGETS, TOY_TASK, toy_model_folder
+from lorakit.config import DataConfig, LoraConfig, RunConfig, TrainConfig
+from lorakit.run import run
 from lorakit.train.checkpoints import due, greater_is_better
 
 
@@ -30,3 +37,72 @@ def test_due_follows_the_strategy(strategy, step, epoch_end, out_of_time, expect
 )
 def test_greater_is_better_is_inferred_from_the_name_unless_set(metric, explicit, expected):
     assert greater_is_better(TrainConfig(metric_for_best=metric, greater_is_better=explicit)) is expected
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("keep-best")
+    for name, records in (("train", TOY_TASK * 4), ("eval", TOY_TASK[:4]), ("other_eval", TOY_TASK[4:])):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root, toy_model_folder(root / "model")
+
+
+def _config(toy, out: Path, **train) -> RunConfig:
+    root, model = toy
+    settings = dict(output_dir=str(out), max_steps=12, batch_size=4, lr=5e-3, eval_strategy="steps", eval_steps=2,
+                    save_strategy="steps", save_steps=2, save_total_limit=None, progress=False)
+    return RunConfig(model=str(model), lora=LoraConfig(r=4, lora_alpha=8, target_modules=TOY_TARGETS),
+                     data=DataConfig(train_file=str(root / "train.jsonl"), eval_file=str(root / "eval.jsonl"),
+                                     max_length=64),
+                     train=TrainConfig(**{**settings, **train}))
+
+
+def _evals(out: Path) -> dict[int, float]:
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {e["step"]: e["eval_loss"] for e in events if e["kind"] == "eval"}
+
+
+def test_an_evaluated_last_step_is_saved_so_keep_best_weighs_it(toy, tmp_path):
+    summary = run(_config(toy, tmp_path, save_steps=5), echo=lambda line: None)  # saves 5, 10 and the last, 12
+    evals = _evals(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "step-000005", "step-000010", "step-000012"]
+    assert summary["selection"]["value"] == min(evals[10], evals[12])
+
+
+def test_without_checkpoints_the_final_score_is_the_last_steps_evaluation(toy, tmp_path):
+    summary = run(_config(toy, tmp_path, save_strategy="no"), echo=lambda line: None)
+    assert summary["final_score"]["scores"]["eval_loss"] == _evals(tmp_path)[12]
+
+
+def test_a_misspelt_metric_for_best_is_named_once(toy, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        run(_config(toy, tmp_path, metric_for_best="eval_los"), echo=lambda line: None)
+    said = [r.getMessage() for r in caplog.records if "metric_for_best" in r.getMessage()]
+    assert said == ["train.metric_for_best 'eval_los' is not among the eval metrics (eval_loss); keep-best chooses "
+                    "nothing"]
+
+
+def test_a_resume_on_another_eval_split_starts_keep_best_afresh(toy, tmp_path, caplog):
+    root, _ = toy
+    run(_config(toy, tmp_path, max_steps=6), echo=lambda line: None)
+    resumed = _config(toy, tmp_path, resume=True)
+    resumed.data = replace(resumed.data, eval_file=str(root / "other_eval.jsonl"))
+    with caplog.at_level(logging.WARNING):
+        summary = run(resumed, echo=lambda line: None)
+    assert any("was chosen with data.eval_file" in r.getMessage() for r in caplog.records)
+    evals = _evals(tmp_path)
+    assert summary["selection"]["value"] == min(evals[s] for s in (8, 10, 12))  # measured on the new split only
+
+
+def test_a_resume_names_the_model_folder_any_way_and_says_when_it_is_past_max_steps(toy, tmp_path, caplog,
+                                                                                     monkeypatch):
+    root, model = toy
+    run(_config(toy, tmp_path, max_steps=4), echo=lambda line: None)
+    monkeypatch.chdir(Path(model).parent)
+    again = _config(toy, tmp_path, max_steps=2, resume=True)
+    again.model = Path(model).name  # the same folder, by a relative path
+    with caplog.at_level(logging.WARNING):
+        summary = run(again, echo=lambda line: None)
+    assert summary["steps"] == 4
+    assert any("past this run's 2 steps" in r.getMessage() for r in caplog.records)

@@ -47,6 +47,8 @@ def manifest_problem(folder: Path) -> str | None:
     try:
         files = json.loads(target.read_text(encoding="utf-8"))["files"]
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        files = None
+    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
         return f"{MANIFEST_NAME} is not readable JSON with a 'files' mapping"
     for name, expected in sorted(files.items()):
         path = folder / name

@@ -59,15 +59,33 @@ def resume_settings(run_config: dict) -> dict:
     return found
 
 
+def selection_settings(run_config: dict) -> dict:
+    """What a run's best metric is measured and compared by: the metric, its direction and the eval split (its
+    file's SHA-256, or the hold-out and its limit). A resume that changes any of them starts keep-best afresh."""
+    train, data = run_config.get("train") or {}, run_config.get("data") or {}
+    found = {f"train.{k}": train.get(k) for k in ("metric_for_best", "greater_is_better")}
+    found.update({f"data.{k}": data.get(k) for k in ("eval_file", "eval_size", "max_eval_examples")})
+    eval_file = data.get("eval_file")
+    if eval_file and Path(eval_file).is_file():
+        found["data.eval_file"] = file_digest(Path(eval_file))  # its contents, wherever it lies
+    return found
+
+
 def check_settings(state: dict, settings: dict | None, checkpoint: Path) -> None:
     """ConfigError naming the first setting this run gives otherwise than the run that wrote `checkpoint`."""
     saved = state.get("settings")
     if not isinstance(saved, dict) or not settings:  # a checkpoint written before settings were kept
         return
     for key, value in json.loads(json.dumps(settings, default=str)).items():  # as the checkpoint's JSON holds them
-        if key in saved and saved[key] != value:
+        if key in saved and saved[key] != value and not _same_folder(saved[key], value):
             raise ConfigError(f"{checkpoint}: written with {key} {saved[key]!r}, but this run gives {value!r}; resume "
                               "with the run's own settings, or train into another output_dir")
+
+
+def _same_folder(a, b) -> bool:
+    """Two spellings of one existing folder (a model given by another relative or absolute path)."""
+    return isinstance(a, str) and isinstance(b, str) and Path(a).is_dir() and Path(b).is_dir() and (
+        Path(a).resolve() == Path(b).resolve())
 
 
 def due(strategy: str, every: int, step: int, epoch_end: bool, out_of_time: bool) -> bool:
@@ -99,6 +117,7 @@ class RunCheckpoints:
     run_state: dict | None = None  # extra entries for the checkpoint's state (the run's config, labels)
     best: float | None = None
     best_path: Path | None = None
+    metric_missing: bool = False  # train.metric_for_best was not among an evaluation's metrics
 
     def resume(self, model: nn.Module, optimizer, scheduler) -> tuple[int, dict]:
         """With `train.resume`, load the latest good checkpoint; returns (its step, its state), else (0, {}) where the
@@ -118,6 +137,7 @@ class RunCheckpoints:
         check_settings(state, (self.run_state or {}).get("settings"), path)
         self.best = state.get("best_metric")
         self.best_path = self._kept_best(state.get("best_checkpoint"))
+        self._check_selection(state.get("selection"))
         log.info("resumed from %s at step %d", path, state["step"])
         return state["step"], state
 
@@ -136,9 +156,26 @@ class RunCheckpoints:
             return None
         return path
 
+    def _check_selection(self, saved) -> None:
+        """Drop the kept best when it was measured otherwise than this run measures (another eval split, metric or
+        direction): its value cannot be compared with this run's."""
+        now = json.loads(json.dumps((self.run_state or {}).get("selection"), default=str))
+        if self.best_path is None or not isinstance(saved, dict) or not now:
+            return
+        changed = next((k for k in now if k in saved and saved[k] != now[k]), None)
+        if changed is not None:
+            log.warning("the best checkpoint so far, %s, was chosen with %s %r, but this run gives %r; keep-best "
+                        "chooses among the checkpoints from here on", self.best_path.name, changed, saved[changed],
+                        now[changed])
+            self.best, self.best_path = None, None
+
     def save(self, step: int, result: dict | None, model: nn.Module, optimizer, scheduler, guard) -> None:
         """Checkpoint `step` (its eval `result` may make it the best), then prune old checkpoints."""
         path = checkpoint_dir(self.out, step)
+        if result and self.config.metric_for_best not in result and not self.metric_missing:
+            self.metric_missing = True  # said once a run
+            log.warning("train.metric_for_best %r is not among the eval metrics (%s); keep-best chooses nothing",
+                        self.config.metric_for_best, ", ".join(sorted(k for k in result if k.startswith("eval_"))))
         value = (result or {}).get(self.config.metric_for_best)
         if value is not None and (
             self.best is None or (value > self.best if greater_is_better(self.config) else value < self.best)

@@ -177,6 +177,9 @@ def train(
 
     checkpoints = RunCheckpoints(out, config, ADAPTER, parallel, world, batches, precision.scaler, run_state)
     start_step, state = checkpoints.resume(model, optimizer, scheduler)
+    if start_step > total_steps:
+        log.warning("the checkpoint is at step %d, past this run's %d steps; nothing is trained and the run keeps "
+                    "its %d steps", start_step, total_steps, start_step)
     metrics = (run_log or RunLog(out, enabled=world.main)).open(start_step if state else None)  # rank 0 writes
     guard = DivergenceGuard(config, metrics, precision.scaler)
     guard.load_state_dict(state.get("guard", {}))
@@ -229,7 +232,9 @@ def train(
         due_eval = due(config.eval_strategy, config.eval_steps, step, epoch_end, out_of_time)
         result = evaluate(step) if due_eval and eval_examples else None
         last_eval = result or last_eval
-        if due(config.save_strategy, config.save_steps, step, epoch_end, out_of_time):
+        # an evaluated last step is saved too, so that keep-best weighs it rather than handing back an earlier one
+        if due(config.save_strategy, config.save_steps, step, epoch_end, out_of_time) or (
+                last and result is not None and config.save_strategy != "no"):
             checkpoints.save(step, result, model, optimizer, scheduler, guard)
         if out_of_time:  # train.max_minutes: a budget, not a schedule; the last step was evaluated and saved
             log.warning("train.max_minutes %g reached after step %d of %d; stopping", config.max_minutes, step, total_steps)
