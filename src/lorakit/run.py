@@ -283,7 +283,8 @@ def run_preference(run: RunConfig, echo=print, run_log: RunLog | None = None) ->
     summary.update(steps=result.steps, seconds=round(result.seconds, 1), adapter=result.adapter_dir,
                    eval=result.final_eval, best_checkpoint=result.best_checkpoint, lean_path=result.lean_path,
                    **result.peak_memory)
-    summary.update(describe_splits(run.data, run.train, result.best_metric, result.best_checkpoint))
+    summary.update(describe_splits(run.data, run.train, result.best_metric, result.best_checkpoint,
+                                   has_eval=bool(data.eval)))
     echo(trained_line(result))
     scores = _final_causal_lm_scores(run, model, tokenizer, data, objective, result, summary, echo, run_log)
     summary["final_score"]["scores"] = scores

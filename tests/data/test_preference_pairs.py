@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from conftest import TOY_TASK, tiny_tokenizer
-from lorakit.data.chat import tokenize_conversation
 from lorakit.data.files import load_records
 from lorakit.data.formats import DataError, validate_records
 from lorakit.data.labels import IGNORE_INDEX
@@ -45,6 +44,8 @@ def write(tmp_path, rows) -> str:
       "rejected": "b"}, "prefs.jsonl:2: field 'prompt' ends with an assistant message"),
     ({"prompt": "say red", "chosen": [{"role": "assistant", "content": "x"}], "rejected": "b"},
      "prefs.jsonl:2: field 'chosen' is a message list but 'prompt' is a string"),
+    ({"prompt": [{"role": "user", "content": "hi", "tool_calls": [{"x": 1}]}], "chosen": "a", "rejected": "b"},
+     "prefs.jsonl:2: field 'prompt[0].tool_calls' is not supported"),
 ])
 def test_a_bad_pair_is_one_line_naming_the_line_and_field(tmp_path, record, message):
     good = {"prompt": "say red", "chosen": "red red", "rejected": "blue blue"}
@@ -66,19 +67,32 @@ def test_plain_pairs_are_the_supervised_example_of_each_reply(tokenizer):
     assert stats.pairs == 1 and stats.dropped == 0
 
 
-def test_chat_pairs_label_the_last_reply_and_its_end_of_turn_only(tokenizer):
+def test_chat_pairs_label_what_the_template_writes_after_the_prompt_as_trl_does(tokenizer):
     prompt = [{"role": "system", "content": "be short"}, {"role": "user", "content": "say red"},
               {"role": "assistant", "content": "red red"}, {"role": "user", "content": "now blue"}]
     pair = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "blue blue"}], "rejected": "red red"}
     (example,), _ = tokenize_preferences(tokenizer, [pair], get_template("seed"), 128)
+    asked = tokenizer(tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True),
+                      add_special_tokens=False)["input_ids"]
     for prefix, reply in (("", "blue blue"), ("rejected_", "red red")):
-        expected = tokenize_conversation(tokenizer, {"messages": [*prompt, {"role": "assistant", "content": reply}]},
-                                         128, "last_assistant")
-        assert example[f"{prefix}input_ids"] == expected["input_ids"]
-        labelled = [t for t in example[f"{prefix}labels"] if t != IGNORE_INDEX]
-        end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        assert tokenizer.decode(labelled[:-1]) == reply and labelled[-1] == end
+        whole = tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": reply}], tokenize=False)
+        assert example[f"{prefix}input_ids"] == tokenizer(whole, add_special_tokens=False)["input_ids"]
+        labels = example[f"{prefix}labels"]
+        assert labels[: len(asked)] == [IGNORE_INDEX] * len(asked)
+        assert tokenizer.decode(labels[len(asked):]) == f"{reply}<|im_end|>\n"  # the newline after it too
     assert scoring_record(pair)["messages"][-1] == {"role": "assistant", "content": "blue blue"}
+
+
+def test_a_chat_pair_needs_a_chat_template_and_is_cut_as_a_plain_pair(tokenizer):
+    plain = tiny_tokenizer(["say red"])
+    pair = {"prompt": [{"role": "user", "content": "say red"}], "chosen": "red", "rejected": "blue"}
+    with pytest.raises(DataError, match="a chat pair is rendered with the tokenizer's chat template, and this "
+                                        "tokenizer has none"):
+        tokenize_preferences(plain, [{**pair, "_source": "p.jsonl", "_line": 3}], get_template("seed"), 64)
+    long = {**pair, "prompt": [{"role": "user", "content": " ".join(["say red"] * 30)}]}
+    (example,), stats = tokenize_preferences(tokenizer, [long], get_template("seed"), 24)
+    assert stats.truncated == 1 and len(example["input_ids"]) <= 24  # the prompt's start cut, not the pair dropped
+    assert tokenizer.decode([t for t in example["labels"] if t != IGNORE_INDEX]) == "red<|im_end|>\n"
 
 
 def test_a_pair_batch_is_the_chosen_rows_then_the_rejected_rows(tokenizer):

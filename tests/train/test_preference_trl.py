@@ -275,3 +275,44 @@ def test_precomputed_reference_trains_the_same(start, tokenizer, tmp_path, caplo
     assert runs[0][0] == pytest.approx(runs[1][0], abs=1e-6)
     for name, value in runs[0][1].items():
         torch.testing.assert_close(runs[1][1][name], value, rtol=0, atol=1e-6)
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_chat_pairs_train_on_the_tokens_and_loss_trl_gives_them(start, tokenizer, tmp_path):
+    """Conversational pairs: TRL scores everything the template writes after the prompt (the reply, <|im_end|> and
+    the newline after it); lorakit scores the same tokens and gets the same first-batch loss and gradient."""
+    chat_tokenizer = copy.deepcopy(tokenizer)
+    chat_tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    chat_tokenizer.chat_template = CHATML
+    pairs = [{"prompt": [{"role": "user", "content": p["prompt"]}],
+              "chosen": [{"role": "assistant", "content": p["chosen"]}],
+              "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in PAIRS]
+    base = tiny_base(chat_tokenizer)
+    base.resize_token_embeddings(len(chat_tokenizer))
+    pref = PreferenceConfig(beta=0.1)
+    args = trl.DPOConfig(beta=pref.beta, loss_type=["sigmoid"], max_length=128, pad_to_multiple_of=None,
+                         **trl_common(tmp_path))
+    trainer = trl.DPOTrainer(model=copy.deepcopy(base), peft_config=peft_lora(), args=args,
+                             train_dataset=datasets.Dataset.from_list(pairs), processing_class=chat_tokenizer)
+    trainer.model.save_pretrained(tmp_path / "trl_start", selected_adapters=["default"])
+    examples, _ = tokenize_preferences(chat_tokenizer, pairs, get_template("seed"), 128)
+    ours = [(e["input_ids"], e["labels"]) for e in examples] + [
+        (e["rejected_input_ids"], e["rejected_labels"]) for e in examples]
+    assert ours == [(list(i), list(labels)) for i, labels in trl_sequences("dpo", trainer)]
+    model = copy.deepcopy(base)
+    load_adapter(model, tmp_path / "trl_start")
+    model.train()
+    objective = DPOObjective(chat_tokenizer.pad_token_id, pref, Reference("base"))
+    batch = collate_pairs(examples, chat_tokenizer.pad_token_id)
+    loss = objective.loss_sum(model, batch) / objective.count(batch)
+    loss.backward()
+    trainer.model.train()
+    theirs_loss = trainer.compute_loss(trainer.model, trl_first_batch("dpo", trainer))
+    theirs_loss.backward()
+    assert float(loss) == pytest.approx(float(theirs_loss), abs=TOL)
+    theirs = peft_named(trainer.model)
+    for name, param in adapter_tensors(model, "default").items():
+        torch.testing.assert_close(param.grad, theirs[name].grad, rtol=0, atol=TOL, msg=name)

@@ -108,7 +108,13 @@ def tokenize_shared_prompt(
         if tokenizer.eos_token_id is None:
             raise ValueError("add_eos=True but the tokenizer has no eos_token; set one or pass add_eos=False")
         replies = [[*ids, tokenizer.eos_token_id] for ids in replies]
+    return shared_prompt_examples(prefix, body, replies, max_length)
 
+
+def shared_prompt_examples(prefix: list[int], body: list[int], replies: list[list[int]],
+                           max_length: int) -> list[dict[str, Any]]:
+    """The examples of :func:`tokenize_shared_prompt` from token ids: `prefix` (special tokens, always kept), the
+    prompt `body` (its start cut as the longest reply needs) and each labelled reply (its end cut if still needed)."""
     longest = max(map(len, replies), default=0)
     cut = len(prefix) + len(body) + longest > max_length
     if cut:

@@ -9,10 +9,12 @@ A record is plain or chat:
   the reply and the EOS appended to it. A pair longer than ``max_length`` keeps the same prompt
   tokens on both sides (cut as the longer reply needs); a reply that still does not fit loses its end.
 * chat: ``prompt`` is a list of ``{role, content}`` messages (the conversation so far) and each
-  reply is a string or a list holding one assistant message (TRL's conversational form). Both
-  conversations are rendered with the tokenizer's chat template and labelled on the last reply
-  and its end-of-turn token only (``lorakit.data.chat``, ``train_on: last_assistant``). A plain
-  record under ``template: chat`` is a one-user-turn conversation.
+  reply is a string or a list holding one assistant message (TRL's conversational form). As TRL's
+  DPOTrainer does, the prompt is the conversation rendered with the tokenizer's chat template and
+  its generation prompt, and each reply is what rendering the whole conversation adds from where
+  the two diverge: the reply, its end-of-turn token and whatever the template writes after it
+  (no EOS is appended). A long pair is cut as a plain one. A plain record under ``template: chat``
+  is a one-user-turn conversation.
 
 An example holds the chosen sequence as ``input_ids``/``labels`` and the rejected one as
 ``rejected_input_ids``/``rejected_labels``, plus ``ref_logps`` (chosen, rejected) once the
@@ -28,11 +30,19 @@ from typing import Any
 
 import torch
 
-from lorakit.data.chat import tokenize_conversation
+from lorakit.data.chat import render
 from lorakit.data.collate import pad_batch
-from lorakit.data.formats import CHAT_ROLES, LINE_KEY, SOURCE_KEY, DataError, json_type, where
+from lorakit.data.formats import (
+    CHAT_ROLES,
+    LINE_KEY,
+    SOURCE_KEY,
+    UNSUPPORTED_MESSAGE_KEYS,
+    DataError,
+    json_type,
+    where,
+)
 from lorakit.data.labels import IGNORE_INDEX
-from lorakit.data.masking import tokenize_shared_prompt
+from lorakit.data.masking import shared_prompt_examples, tokenize_shared_prompt
 from lorakit.data.templates import ChatTemplate, PromptTemplate
 
 log = logging.getLogger(__name__)
@@ -76,6 +86,9 @@ def _check_messages(messages: list, at: str) -> None:
                 not isinstance(message.get("content"), str):
             raise DataError(f"{at}: field 'prompt[{i}]' is {_describe(message)} (expected a {{role, content}} "
                             f"message, role one of {roles})")
+        for key in UNSUPPORTED_MESSAGE_KEYS.intersection(message):
+            raise DataError(f"{at}: field 'prompt[{i}].{key}' is not supported (lorakit trains on each message's "
+                            "text content; write the call into 'content' or leave the turn out)")
     if messages[-1]["role"] == "assistant":
         raise DataError(f"{at}: field 'prompt' ends with an assistant message; expected it to end before the reply")
 
@@ -120,19 +133,35 @@ def tokenize_pair(tokenizer: Any, record: dict[str, Any], template: PromptTempla
                   max_length: int) -> tuple[dict[str, Any], bool]:
     """(the pair as an example, whether either side was truncated); see the module docstring."""
     replies = [reply_text(record[key]) for key in ("chosen", "rejected")]
-    if isinstance(record["prompt"], list) or isinstance(template, ChatTemplate):  # truncation keeps the start
-        keep = {k: record[k] for k in (SOURCE_KEY, LINE_KEY) if k in record}
-        chosen, rejected = (
-            tokenize_conversation(tokenizer, {"messages": [*prompt_messages(record),
-                                                           {"role": "assistant", "content": reply}], **keep},
-                                  max_length, "last_assistant")
-            for reply in replies)
+    if isinstance(record["prompt"], list) or isinstance(template, ChatTemplate):
+        chosen, rejected = _chat_pair(tokenizer, record, replies, max_length)
     else:  # both sides keep the same prompt tokens, however long either reply
         prompt, _ = template.render({"instruction": record["prompt"], "output": replies[0]})
         chosen, rejected = tokenize_shared_prompt(tokenizer, prompt, replies, max_length)
     example = {"input_ids": chosen["input_ids"], "labels": chosen["labels"],
                "rejected_input_ids": rejected["input_ids"], "rejected_labels": rejected["labels"]}
     return example, chosen["truncated"] or rejected["truncated"]
+
+
+def _chat_pair(tokenizer: Any, record: dict[str, Any], replies: list[str], max_length: int) -> list[dict[str, Any]]:
+    """A chat pair as TRL's DPOTrainer tokenises it: the conversation rendered with the generation prompt, and each
+    reply's part of the whole conversation's rendering, from where the two diverge (the reply, its end-of-turn
+    token and whatever the template writes after it) labelled; cut as a plain pair is."""
+    at = where(record)
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{at}: a chat pair is rendered with the tokenizer's chat template, and this tokenizer has "
+                        "none; give the pair as strings (data.template renders them) or use a model with one")
+    messages = prompt_messages(record)
+    prompt = tokenizer(render(tokenizer, messages, True, at), add_special_tokens=False)["input_ids"]
+    whole = [tokenizer(render(tokenizer, [*messages, {"role": "assistant", "content": reply}], False, at),
+                       add_special_tokens=False)["input_ids"] for reply in replies]
+    start = min(_common_prefix(prompt, ids) for ids in whole)
+    prefix = prompt[:1] if prompt[:1] == [tokenizer.bos_token_id] else []  # a BOS the template writes is kept
+    return shared_prompt_examples(prefix, prompt[len(prefix):start], [ids[start:] for ids in whole], max_length)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def tokenize_preferences(tokenizer: Any, records: list[dict[str, Any]], template: PromptTemplate | ChatTemplate,
