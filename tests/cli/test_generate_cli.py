@@ -183,3 +183,27 @@ def test_an_empty_instruction_is_named_by_its_line(tmp_path, capsys):
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].endswith(f"{records}:2: field 'instruction' is empty (expected the instruction's text)"), lines
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_chat_without_a_chat_template_and_output_without_input_are_one_line(tmp_path, capsys):
+    from cli_support import cli
+
+    folder = toy_model_folder(tmp_path / "model")  # its tokenizer has no chat template
+    for argv, message in [(["--chat", "--prompt", "hi"], "--prompt: a conversation is rendered with the tokenizer's "
+                                                         "chat template, and this tokenizer has none"),
+                          (["--prompt", "hi", "--output", str(tmp_path / "o.jsonl")], "--output goes with --input")]:
+        code, lines = cli(capsys, "generate", "--model", str(folder), "--max-new-tokens", "2", *argv)
+        assert code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_inspect_shows_a_dora_adapter(tmp_path, capsys):
+    from lorakit.cli import main
+
+    folder = toy_model_folder(tmp_path / "model")
+    model = lorakit.inject(load_causal_lm(folder), lorakit.LoraConfig(r=4, use_dora=True, target_modules=["q_proj"]))
+    perturb(model)
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    assert main(["inspect", str(tmp_path / "adapter")]) == 0
+    shown = capsys.readouterr().out
+    assert "dora: True" in shown and "LoRA modules: 2   ranks: [4]" in shown

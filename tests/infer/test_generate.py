@@ -1,6 +1,9 @@
-"""Batched generation on a tiny model: beam search with left padding, n-gram blocking."""
+"""Batched generation on a tiny model: beam search with left padding, n-gram blocking, greedy as argmax."""
 
 from __future__ import annotations
+
+import torch
+from tokenizers.processors import TemplateProcessing
 
 from lorakit.infer.generate import GenerationConfig, generate
 from lorakit.models import load_causal_lm, load_tokenizer
@@ -52,3 +55,29 @@ def test_no_repeat_ngram_blocks_repeats_of_the_output_not_of_the_prompt():
     assert theirs[0, 3] == -float("inf") and ours[0, 3] == 0  # "1 2 3" is only in the prompt
     ids = torch.tensor([prompt + generated[:5]])  # now the output ends "5 6", seen before as "5 6 7"
     assert NewTokensNoRepeatNGram(3, len(prompt))(ids, scores.clone())[0, 7] == -float("inf")
+
+
+def _argmax(model, ids: list[int], steps: int) -> list[int]:
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(steps):
+            x = torch.cat([x, model(x).logits[0, -1].argmax().view(1, 1)], 1)
+    return x[0, len(ids):].tolist()
+
+
+def test_greedy_is_argmax_over_the_prompt_as_training_lays_it_out(tmp_path):
+    """A tokenizer that appends EOS to every sequence, and a generation_config.json asking for a repetition penalty
+    and sampling: the prompt is BOS + text (no EOS, as in training) and temperature 0 is still argmax."""
+    folder = toy_model_folder(tmp_path / "model")
+    tokenizer, model = load_tokenizer(folder), load_causal_lm(folder).eval()
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", tokenizer.bos_token_id), ("</s>", tokenizer.eos_token_id)])
+    model.generation_config.update(repetition_penalty=3.0, do_sample=True, top_k=2, min_new_tokens=8)
+    for prompt in PROMPTS:
+        ids = [tokenizer.bos_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+        steps = _argmax(model, ids, 8)
+        if tokenizer.eos_token_id in steps:
+            steps = steps[: steps.index(tokenizer.eos_token_id)]
+        (text,) = generate(model, tokenizer, [prompt], GenerationConfig(max_new_tokens=8))
+        assert text == tokenizer.decode(steps, skip_special_tokens=True), prompt
+    assert model.generation_config.repetition_penalty == 3.0  # the model's own config is left as it was

@@ -96,12 +96,15 @@ def run(args, _overrides) -> int:
 
     if args.input and args.output is None:
         raise DataError("--input needs --output (the JSONL file to write)")
+    if args.prompt is not None and args.output is not None:
+        raise DataError("--output goes with --input; a --prompt's completion is printed")
     if args.input:  # before the model loads
         check_new_file(args.output, "--output", [args.input], args.force)
     model, tokenizer, template = load_for_inference(args)
     if args.chat:
         records = [{"messages": [{"role": "user", "content": args.prompt}]}] if args.prompt else load_records(args.input)
-        prompts = [render_prompt(tokenizer, chat_prompt_messages(r), where(r)) for r in records]
+        prompts = [render_prompt(tokenizer, chat_prompt_messages(r), where(r) if args.input else "--prompt")
+                   for r in records]
     else:
         records = [{"instruction": args.prompt}] if args.prompt else load_records(args.input)
         for record in records:

@@ -28,7 +28,7 @@ def run(args, _overrides) -> int:
 
     config = read_adapter_config(args.adapter)
     tensors = read_adapter_weights(args.adapter)
-    lora = {k: v for k, v in tensors.items() if ".lora_" in k}
+    lora = {k: v for k, v in tensors.items() if ".lora_" in k and ".lora_magnitude_vector" not in k}  # DoRA's: 1-D
     flat = [k for k, v in lora.items() if v.dim() != 2]
     if flat:
         raise AdapterError(f"{Path(args.adapter) / WEIGHTS_NAME}: {flat[0]} has shape {tuple(lora[flat[0]].shape)}; "
@@ -39,7 +39,8 @@ def run(args, _overrides) -> int:
     size = (Path(args.adapter) / WEIGHTS_NAME).stat().st_size
     print(f"adapter: {args.adapter}")
     print(f"base model: {config.base_model_name_or_path}")
-    print(f"task: {config.task_type}   r: {config.r}   alpha: {config.lora_alpha}   rslora: {config.use_rslora}")
+    print(f"task: {config.task_type}   r: {config.r}   alpha: {config.lora_alpha}   rslora: {config.use_rslora}"
+          f"   dora: {config.use_dora}")
     print(f"target modules: {config.target_modules}   modules to save: {config.modules_to_save}")
     print(f"LoRA modules: {len(modules)}   ranks: {ranks}   tensors: {len(tensors)}")
     print(f"parameters: {sum(v.numel() for v in tensors.values()):,d}   file: {size / 1e6:.2f} MB")

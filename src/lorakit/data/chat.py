@@ -102,7 +102,10 @@ def chat_prompt_messages(record: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def render(tokenizer: Any, messages: list[dict], generation_prompt: bool, at: str = "<messages>") -> str:
-    """The chat template's text for ``messages``; a template error becomes one DataError line."""
+    """The chat template's text for ``messages``; a template error, or no template, becomes one DataError line."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{at}: a conversation is rendered with the tokenizer's chat template, and this tokenizer "
+                        "has none; use a model with one, or give the prompt as text with a template (seed, alpaca)")
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except jinja2.TemplateError as err:

@@ -7,9 +7,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import GenerationConfig as HFGenerationConfig
 from transformers import LogitsProcessor, LogitsProcessorList, NoRepeatNGramLogitsProcessor
 
 from lorakit.config import ConfigError
+from lorakit.data.masking import prompt_token_ids
 
 
 @dataclass
@@ -63,10 +65,17 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], config: Generation
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     outputs: list[str] = []
+    stops = stop_token_ids(tokenizer, model)
+    # lorakit's settings alone: transformers fills what a call leaves at its default from the model's own
+    # generation_config (a repetition_penalty, min_new_tokens, ... there would make temperature 0 other than argmax
+    # and differ from lorakit serve), so the model holds a plain one while it generates
+    shipped = getattr(model, "generation_config", None)
+    model.generation_config = HFGenerationConfig()
     try:
         for start in range(0, len(prompts), config.batch_size):
             chunk = prompts[start : start + config.batch_size]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=config.add_special_tokens).to(device)
+            enc = _left_padded([prompt_token_ids(tokenizer, p, config.add_special_tokens) for p in chunk],
+                               tokenizer.pad_token_id, device)
             sampling = config.temperature > 0
             beams = {"num_beams": config.num_beams, "length_penalty": config.length_penalty} if config.num_beams > 1 else {}
             if config.no_repeat_ngram_size > 0:
@@ -81,7 +90,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], config: Generation
                 temperature=config.temperature if sampling else None,
                 top_p=config.top_p if sampling else None,
                 top_k=None,
-                eos_token_id=stop_token_ids(tokenizer, model),
+                eos_token_id=stops,
                 pad_token_id=tokenizer.pad_token_id,
                 **beams,
             )
@@ -89,8 +98,16 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], config: Generation
             outputs += [_cut(t, config.stop) for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     finally:
         tokenizer.padding_side = side
+        model.generation_config = shipped
         model.train(was_training)
     return outputs
+
+
+def _left_padded(rows: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 class NewTokensNoRepeatNGram(LogitsProcessor):

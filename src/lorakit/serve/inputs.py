@@ -14,6 +14,7 @@ import threading
 from fastapi import Request
 
 from lorakit.data.chat import render_prompt
+from lorakit.data.masking import prompt_token_ids
 from lorakit.serve.config import ServeConfig
 from lorakit.serve.protocol import ApiError, Ask
 
@@ -79,7 +80,7 @@ class Inputs:
         param = "messages" if ask.chat else "prompt"
         limit = self.config.max_prompt_tokens
         with self._tokenizing:  # requests tokenize on worker threads; a fast tokenizer is not to be shared at once
-            prompts = [self.tokenizer(text, add_special_tokens=not ask.chat)["input_ids"] for text in ask.prompts]
+            prompts = [prompt_token_ids(self.tokenizer, text, not ask.chat) for text in ask.prompts]
         out = []
         for ids in prompts:
             if not 1 <= len(ids) <= limit:
