@@ -187,7 +187,7 @@ def _final_causal_lm_scores(run: RunConfig, model, tokenizer, data, objective, r
 
 
 def run_classification(run: RunConfig, echo=print, run_log: RunLog | None = None) -> dict:
-    """LoRA plus a fully trained head on a text/label set; keep the best checkpoint by dev accuracy."""
+    """LoRA plus a fully trained head on a text/label set; keep the best checkpoint by train.metric_for_best."""
     train_records, eval_records, labels = read_classification(run.data, run.train.seed)
     test_records = read_classification_test(run.data)
     tokenizer = load_tokenizer(run.model)
@@ -212,9 +212,9 @@ def run_classification(run: RunConfig, echo=print, run_log: RunLog | None = None
     result = train(model, train_examples, eval_examples, run.train, objective, _run_state(run),
                    on_eval=eval_printer(_above_progress_bar(echo), run.data), run_log=run_log)
     if distributed.current_world().main:
-        write_run_card(
-            result.adapter_dir, task="seq_cls", model=run.model, labels=labels.names, max_length=run.data.max_length
-        )
+        write_run_card(result.adapter_dir, task="seq_cls", model=run.model, labels=labels.names,
+                       max_length=run.data.max_length,
+                       quantization=to_dict(run.quantization) if run.quantization.bits else None)
     echo(trained_line(result))
     best = result.best_metric if result.best_metric is not None else result.final_eval.get("eval_accuracy")
     summary = {

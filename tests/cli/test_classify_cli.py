@@ -123,3 +123,21 @@ def test_batch_mode_writes_label_and_probability_beside_each_record(sst2_run, tm
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["id"] for r in out] == [1, 2] and all(0.5 <= r["probability"] <= 1 for r in out)
     assert [r["label"] for r in out] == ["positive", "negative"]
+
+
+def test_macro_f1_leaves_out_a_class_neither_labelled_nor_predicted():
+    import torch
+
+    from lorakit.train.objectives import classification_metrics
+
+    scores = classification_metrics(torch.tensor([[5, 0, 0], [0, 5, 0], [0, 0, 0]]))  # as scikit-learn averages
+    assert (scores["eval_accuracy"], scores["eval_macro_f1"]) == (1.0, 1.0)
+    assert classification_metrics(torch.tensor([[5, 0], [5, 0]]))["eval_macro_f1"] == pytest.approx(1 / 3)
+
+
+def test_labels_of_non_ascii_digits_are_text():
+    from lorakit.config import DataConfig
+    from lorakit.data.classification import label_set
+
+    labels = label_set([{"label": "1"}, {"label": "²"}, {"label": "10"}], DataConfig())
+    assert labels.values == ["1", "10", "²"]  # sorted as text: '²' is no integer

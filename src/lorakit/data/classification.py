@@ -7,6 +7,7 @@ showed is an error naming its row.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,7 +61,7 @@ def check_text_label(records: list[dict], config: DataConfig, source: str | None
 
 def label_set(records: list[dict], config: DataConfig) -> LabelSet:
     keys = {_label_key(r[config.label_column]) for r in records}
-    numeric = all(k.lstrip("-").isdigit() for k in keys)
+    numeric = all(re.fullmatch(r"-?[0-9]+", k) for k in keys)  # ASCII digits only: int() reads them all
     values = sorted(keys, key=int) if numeric else sorted(keys)
     names = config.label_names or values
     if len(names) != len(values):

@@ -33,8 +33,10 @@ def quantize_as_asked(model: nn.Module, bits: int | None, adapter: str | None) -
     if card and trained != bits:
         base, flag = (f"{trained}-bit", f"--load-in-{trained}bit") if trained else ("full-precision", "no --load-in flag")
         note = f"the adapter was trained on a {base} base; {flag} reproduces it"
-    if bits:
-        quantize_model(model, QuantizationConfig(bits=bits))
+    if bits:  # the 4-bit data type, double quantisation and compute type the adapter was trained with, if it says
+        settings = (card.get("quantization") or {}) if trained == bits else {}
+        fields = {k: settings[k] for k in ("type", "double_quant", "compute_dtype") if k in settings}
+        quantize_model(model, QuantizationConfig(bits=bits, **fields))
     return note
 
 
@@ -93,6 +95,7 @@ def load_classifier(model_name: str, adapter: str):
         raise DataError(f"{Path(adapter) / WEIGHTS_NAME}: holds no classifier head; was it trained with task seq_cls?")
     labels = card.get("labels") or [str(i) for i in range(heads[0].shape[0])]
     model = load_sequence_classifier(model_name, len(labels)).to(default_device())
+    quantize_as_asked(model, (card.get("quantization") or {}).get("bits"), adapter)  # the base it was trained on
     load_adapter(model, adapter)
     return model, load_tokenizer(model_name), labels, card.get("max_length", 128)
 

@@ -110,8 +110,9 @@ def classification_metrics(confusion: torch.Tensor) -> dict:
     precision = tp / confusion.sum(0).clamp(min=1)
     recall = tp / confusion.sum(1).clamp(min=1)
     f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
-    return {
+    seen = (confusion.sum(0) + confusion.sum(1)) > 0  # a class neither labelled nor predicted is no class here,
+    return {  # as scikit-learn's macro average leaves it out
         "eval_accuracy": (tp.sum() / confusion.sum().clamp(min=1)).item(),
-        "eval_macro_f1": f1.mean().item(),
+        "eval_macro_f1": (f1[seen].mean() if seen.any() else f1.sum()).item(),
         "confusion": confusion.tolist(),
     }
