@@ -224,3 +224,57 @@ def test_runs_a_page_cannot_show_as_is_are_answered_not_failed(tmp_path, monkeyp
             assert len(page["events"]) <= 10
             offset, seen = page["offset"], seen + len(page["events"])
         assert seen == 40
+
+
+def test_damaged_runs_never_hide_the_others_or_fail_an_answer(tmp_path):
+    """A status.json nested past what json reads, a YAML anchor that holds itself, a metric_for_best that is a list,
+    1e999 in summary.json and metrics.jsonl, NaN in samples.jsonl, a lone surrogate, !!binary in the config, scores
+    that are no mapping: every answer a 200 and every run still listed; a run compared with itself."""
+    root = tmp_path / "runs"
+    events = '{"kind": "train", "step": 1, "loss": 1.0}\n{"kind": "eval", "step": 1, "eval_loss": 0.5}\n'
+    sample = {"id": 0, "instruction": "a", "prompt": "a", "reference": "r", "base": None, "adapter": "x"}
+    files = {
+        "deep": {"status.json": "[" * 100_000 + "]" * 100_000},
+        "anchor": {"run_config.yaml": "model: tiny\nx: &a [*a]\n"},
+        "listed-metric": {"run_config.yaml": "train: {metric_for_best: [a, b]}\n"},
+        "overflow": {"summary.json": '{"steps": 3, "seconds": 1e999}',
+                     "metrics.jsonl": events + '{"kind": "train", "step": 4, "loss": 1e999}\n'},
+        "surrogate": {"metrics.jsonl": events + '{"kind": "train", "step": 4, "loss": 0.5, "note": "\\ud800"}\n'},
+        "binary": {"run_config.yaml": "model: tiny\nblob: !!binary /w==\n"},
+        "nan-scores": {"samples.jsonl": json.dumps({**sample, "adapter_scores": {"bleu": float("nan")}}) + "\n"},
+        "list-scores": {"samples.jsonl": json.dumps({**sample, "adapter_scores": [1]}) + "\n"},
+    }
+    for name, contents in files.items():
+        (root / name).mkdir(parents=True)
+        (root / name / "metrics.jsonl").write_text(events)
+        for file_name, text in contents.items():
+            (root / name / file_name).write_text(text)
+    with serving(root) as url:
+        listed = httpx.get(f"{url}/api/runs")
+        assert listed.status_code == 200, listed.text
+        assert {r["name"] for r in listed.json()["runs"]} == set(files)
+        for name in files:
+            for api in ("run", "metrics", "samples"):
+                answer = httpx.get(f"{url}/api/{api}", params={"name": name})
+                assert answer.status_code == 200, (name, api, answer.text)
+        assert httpx.get(f"{url}/api/metrics", params={"name": "overflow"}).json()["events"][-1]["loss"] is None
+        compared = httpx.get(f"{url}/api/compare", params=[("name", "nan-scores"), ("name", "list-scores")])
+        assert compared.status_code == 200, compared.text
+        same = httpx.get(f"{url}/api/diff", params={"a": "binary", "b": "binary"})
+        assert same.status_code == 200 and not any(row["differs"] for row in same.json()["rows"])
+
+
+def test_the_loopback_address_the_page_was_given_is_answered(runs):
+    """--host 127.0.0.2 is loopback: its own address in the Host header is answered, another name is not."""
+    config = DashboardConfig(host="127.0.0.2", port=free_port())
+    with serving(runs, config) as url:
+        assert httpx.get(f"{url}/api/runs", headers={"Host": f"127.0.0.2:{config.port}"}).status_code == 200
+        assert httpx.get(f"{url}/api/runs", headers={"Host": "127.0.0.3"}).status_code == 400
+
+
+@pytest.mark.parametrize("poll", [float("nan"), float("inf"), 1e-9, 0.0])
+def test_a_poll_interval_out_of_range_is_refused(poll):
+    from lorakit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--poll-seconds: given .*, expected 0.1 to 3600 seconds"):
+        DashboardConfig(poll_seconds=poll)

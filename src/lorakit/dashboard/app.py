@@ -17,6 +17,7 @@ address, the app answers only requests whose Host is a loopback name (no DNS reb
 
 from __future__ import annotations
 
+import logging
 import secrets
 from importlib import resources
 from pathlib import Path
@@ -27,8 +28,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 
 from lorakit.dashboard.config import DashboardConfig
 from lorakit.dashboard.files import contained_file, find_runs, read_events
-from lorakit.dashboard.runs import RunCache, compare_samples, config_diff, load_run, sample_rows
-from lorakit.track.samples import read_samples
+from lorakit.dashboard.runs import RunCache, compare_samples, config_diff, load_run, plain_samples, sample_rows
 
 STATIC = {name: "text/javascript" for name in ("dom.js", "charts.js", "runs.js", "run.js", "compare.js", "app.js")}
 STATIC["app.css"] = "text/css"
@@ -38,6 +38,7 @@ MAX_FILE_BYTES = 20_000_000
 COOKIE = "lorakit_dashboard_key"
 LINKED_FILES = ("curves.png", "run_config.yaml", "summary.json", "adapter/adapter_config.json")
 LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1"}
+log = logging.getLogger(__name__)
 HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
                                "frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
@@ -60,7 +61,7 @@ def build_app(runs_dir: str | Path, config: DashboardConfig | None = None) -> Fa
 async def _guard(request: Request, call_next):
     """Host check (loopback binding), then the API key (header, cookie, or /?key= once), then safety headers."""
     config: DashboardConfig = request.app.state.config
-    if config.loopback and _host_name(request.headers.get("host", "")) not in LOOPBACK_NAMES:
+    if config.loopback and _host_name(request.headers.get("host", "")) not in {*LOOPBACK_NAMES, config.host}:
         return JSONResponse({"detail": "unexpected Host header"}, status_code=400)
     if config.api_key and not _authorised(request, config.api_key):
         key = request.query_params.get("key")
@@ -100,8 +101,12 @@ def static(name: str) -> Response:
 
 @router.get("/api/runs")
 def runs(request: Request) -> dict:
-    cache = request.app.state.cache
-    rows = [load_run(name, folder, cache)["row"] for name, folder in find_runs(request.app.state.root).items()]
+    cache, rows = request.app.state.cache, []
+    for name, folder in find_runs(request.app.state.root).items():
+        try:
+            rows.append(load_run(name, folder, cache)["row"])
+        except Exception:  # noqa: BLE001 - one damaged run folder never hides the others
+            log.warning("dashboard: run %s could not be read; left out of the list", name, exc_info=True)
     return {"root": str(request.app.state.root), "runs": rows}
 
 
@@ -142,16 +147,16 @@ def compare(request: Request, name: Annotated[list[str], Query()]):
     missing = [n for n, f in folders.items() if f is None]
     if missing:
         return _not_found(missing[0])
-    return compare_samples({n: read_samples(f) for n, f in folders.items()})
+    return compare_samples({n: plain_samples(f) for n, f in folders.items()})
 
 
 @router.get("/api/diff")
 def diff(request: Request, a: str, b: str):
-    folders = {n: _folder(request, n) for n in (a, b)}
-    missing = [n for n, f in folders.items() if f is None]
+    folders = [(n, _folder(request, n)) for n in (a, b)]  # a run beside itself too
+    missing = [n for n, f in folders if f is None]
     if missing:
         return _not_found(missing[0])
-    configs = [load_run(n, f, request.app.state.cache)["config"] for n, f in folders.items()]
+    configs = [load_run(n, f, request.app.state.cache)["config"] for n, f in folders]
     return {"a": a, "b": b, "rows": config_diff(*configs)}
 
 

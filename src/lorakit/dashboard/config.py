@@ -25,8 +25,8 @@ class DashboardConfig:
         problems = []
         if not 0 <= self.port <= 65535:
             problems.append(f"--port: given {self.port}, expected 0-65535")
-        if self.poll_seconds <= 0:
-            problems.append(f"--poll-seconds: given {self.poll_seconds}, expected a positive number")
+        if not 0.1 <= self.poll_seconds <= 3600:  # NaN fails both; a page polling nonstop would load the host
+            problems.append(f"--poll-seconds: given {self.poll_seconds}, expected 0.1 to 3600 seconds")
         if not self.loopback and not self.api_key:
             problems.append(
                 f"--host {self.host}: the runs would be readable from other machines; set --api-key or LORAKIT_API_KEY"

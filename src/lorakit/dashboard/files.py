@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import yaml
@@ -85,33 +86,45 @@ def read_json(path: Path) -> dict | None:
     text = read_text(path)
     try:
         value = json.loads(text, parse_constant=_no_number) if text else None
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested past what json reads
         return None
-    return value if isinstance(value, dict) else None
+    return plain_json(value) if isinstance(value, dict) else None
 
 
 def read_yaml(path: Path) -> dict | None:
     text = read_text(path)
     try:
         value = yaml.load(text, Loader=YAML_LOADER) if text else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         return None
-    return _finite(value) if isinstance(value, dict) else None
+    return plain_json(value) if isinstance(value, dict) else None
 
 
 def _no_number(_constant: str) -> None:
     """json's NaN, Infinity and -Infinity read as null."""
 
 
-def _finite(value):
-    """`value` with every float that is NaN or infinite replaced by None, through lists and dicts."""
+def plain_json(value, depth: int = 0):
+    """`value` as a JSON answer can hold it, through lists and dicts: a NaN or infinite float (`1e999` too) and
+    anything nested past MAX_DEPTH (a YAML anchor that holds itself) as None, a lone surrogate as U+FFFD, keys and
+    other types (dates, bytes) as text."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
+    if isinstance(value, bool | int) or value is None:
+        return value
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if depth >= MAX_DEPTH:
+        return None
     if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_finite(item) for item in value]
-    return value
+        return {plain_json(str(key)): plain_json(item, depth + 1) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain_json(item, depth + 1) for item in value]
+    return plain_json(str(value))
+
+
+MAX_DEPTH = 64
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def read_events(path: Path, offset: int = 0, whole: bool = False) -> tuple[list[dict], int]:
@@ -134,8 +147,8 @@ def read_events(path: Path, offset: int = 0, whole: bool = False) -> tuple[list[
     for line in data[:end].splitlines():
         try:
             event = json.loads(line, parse_constant=_no_number)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(event, dict) and isinstance(event.get("step"), int):
-            events.append(event)
+            events.append(plain_json(event))
     return events, offset + end

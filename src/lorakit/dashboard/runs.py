@@ -13,7 +13,7 @@ import statistics
 import time
 from pathlib import Path
 
-from lorakit.dashboard.files import read_events, read_json, read_yaml
+from lorakit.dashboard.files import plain_json, read_events, read_json, read_yaml
 from lorakit.track import flatten
 from lorakit.track.samples import SAMPLES_FILE, primary_metric, read_samples
 from lorakit.track.status import STATUS_FILE, process_alive
@@ -89,7 +89,9 @@ def load_run(name: str, folder: Path, cache: RunCache) -> dict:
         "step": step,
         "total_steps": max_steps if isinstance(max_steps, int) and max_steps > 0 else (step if summary else None),
         "last_loss": train_events[-1].get("loss") if train_events else None,
-        "best": best_metric(events, train_cfg.get("metric_for_best") or "eval_loss", train_cfg.get("greater_is_better")),
+        "best": best_metric(events, _text(train_cfg.get("metric_for_best")) or "eval_loss",
+                            train_cfg.get("greater_is_better") if isinstance(train_cfg.get("greater_is_better"), bool)
+                            else None),
         "scores": task_scores(summary),
         "tokens_per_s": _median([e.get("tokens_per_s") for e in train_events]),
         "wall_seconds": wall_seconds(folder, record, summary, status),
@@ -186,8 +188,26 @@ def wall_seconds(folder: Path, record: dict | None, summary: dict | None, status
 
 
 def sample_rows(folder: Path) -> dict:
-    rows = read_samples(folder)
+    rows = plain_samples(folder)
     return {"metric": primary_metric(rows), "rows": rows}
+
+
+def plain_samples(folder: Path) -> list[dict]:
+    """samples.jsonl's rows as a JSON answer can hold them (a NaN score as null), a damaged file as none."""
+    try:
+        return [row for row in plain_json(read_samples(folder)) if isinstance(row, dict)]
+    except (ValueError, RecursionError):
+        return []
+
+
+def _text(value) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _scores(row: dict, key: str = "adapter_scores") -> dict:
+    scores = row.get(key)
+    return {k: v for k, v in scores.items() if v is None or isinstance(v, bool | int | float | str)} if isinstance(
+        scores, dict) else {}
 
 
 def compare_samples(runs: dict[str, list[dict]]) -> dict:
@@ -203,14 +223,14 @@ def compare_samples(runs: dict[str, list[dict]]) -> dict:
     out = []
     for key in common:
         rows = [table[key] for table in keyed]
-        verdicts = [(r.get("adapter_scores") or {}).get(metric) for r in rows]
+        verdicts = [_scores(r).get(metric) for r in rows]
         outputs = [" ".join(str(r.get("adapter") or "").split()) for r in rows]
         kind = "verdict" if len(set(verdicts)) > 1 else "output" if len(set(outputs)) > 1 else "same"
         base = next((r for r in rows if r.get("base") is not None), None)
         out.append({
             "instruction": rows[0].get("instruction"), "reference": rows[0].get("reference"),
             "base": base.get("base") if base else None,
-            "base_verdict": (base.get("base_scores") or {}).get(metric) if base else None,
+            "base_verdict": _scores(base, "base_scores").get(metric) if base else None,
             "outputs": [r.get("adapter") for r in rows], "verdicts": verdicts, "disagreement": kind,
         })
     rank = {"verdict": 0, "output": 1, "same": 2}
