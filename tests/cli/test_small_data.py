@@ -120,3 +120,21 @@ def test_a_classifier_on_four_rows_trains_on_all_of_them(toy, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and "data: 4 train / no eval examples; 1 truncated at max_length 64; labels: 0, 1" in out
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["final_score"]["split"] is None
+
+
+def test_a_qlora_classifier_is_classified_on_the_base_it_was_trained_on(toy, tmp_path, capsys):
+    """Its run card records the 4-bit base, and loading it for classify rebuilds that base (fp4, no double quant)."""
+    from lorakit.infer.load import load_classifier
+    from lorakit.quant.bnb import is_quantized
+
+    rows = [{"text": f"{w} film", "label": i % 2} for i, w in enumerate(["good", "bad", "fine", "poor"])]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = write_config(tmp_path / "config.yaml", toy, task="seq_cls", data={"train_file": str(tmp_path / "train.jsonl")},
+                          lora={"target_modules": ["q_proj", "v_proj"]}, train={"output_dir": str(tmp_path / "run")},
+                          quantization={"bits": 4, "type": "fp4", "double_quant": False})
+    assert main(["train", str(config)]) == 0
+    card = json.loads((tmp_path / "run" / "adapter" / "lorakit.json").read_text())
+    assert card["quantization"]["type"] == "fp4" and card["quantization"]["double_quant"] is False
+    model, _, _, _ = load_classifier(toy["model"], str(tmp_path / "run" / "adapter"))
+    quantised = [m for m in model.modules() if is_quantized(m)]
+    assert quantised and {m.weight.quant_type for m in quantised} == {"fp4"}
