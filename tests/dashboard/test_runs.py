@@ -151,6 +151,13 @@ def test_a_poll_parses_only_what_was_appended_and_a_replaced_file_afresh(tmp_pat
     assert load_run("x", tmp_path, cache)["row"]["step"] == 1 and offsets[-1] == 0
     path.write_text("")  # the same file, emptied
     assert load_run("x", tmp_path, cache)["row"]["step"] == 0
+    path.write_text(line(1, 2.0) + line(2, 0.01))
+    assert load_run("x", tmp_path, cache)["row"]["last_loss"] == 0.01
+    with path.open("r+") as fh:  # a fresh run over the folder: emptied in place, then past the old size, unpolled
+        fh.truncate(0)
+        fh.write(line(1, 9.0) + line(2, 8.0) + line(3, 7.0))
+    row = load_run("x", tmp_path, cache)["row"]
+    assert (row["step"], row["last_loss"]) == (3, 7.0) and offsets[-1] == 0  # read afresh, not appended to
 
 
 def test_find_runs_keeps_to_the_root(tmp_path):

@@ -29,7 +29,8 @@ class RunCache:
 
     def __init__(self):
         self._entries: dict[tuple[Path, str], tuple[tuple[int, int], object]] = {}
-        self._appended: dict[Path, tuple[int, int, list[dict]]] = {}  # path: (inode, bytes read, events)
+        # path: (inode, bytes read, events, the file's first bytes then)
+        self._appended: dict[Path, tuple[int, int, list[dict], bytes]] = {}
 
     def get(self, path: Path, kind: str, reader):
         try:
@@ -47,21 +48,28 @@ class RunCache:
 
     def events(self, path: Path) -> list[dict]:
         """metrics.jsonl's events, reading only the lines appended since the last call: a poll of a long running
-        run parses its new steps, not the whole file again. A file replaced (a resume rewrites it atomically) or
-        shorter than what was read is read afresh."""
+        run parses its new steps, not the whole file again. A file replaced (a resume rewrites it atomically),
+        shorter than what was read, or whose first bytes changed (a fresh run emptied it in place and wrote past
+        the old size between two polls) is read afresh."""
         try:
             stat = path.stat()
+            head = _first_bytes(path)
         except OSError:
             self._appended.pop(path, None)
             return []
-        inode, offset, events = self._appended.get(path, (None, 0, []))
-        if inode != stat.st_ino or stat.st_size < offset:
+        inode, offset, events, seen = self._appended.get(path, (None, 0, [], b""))
+        if inode != stat.st_ino or stat.st_size < offset or not head.startswith(seen):
             offset, events = 0, []
         if stat.st_size > offset:
             new, offset = read_events(path, offset, whole=True)
             events = events + new  # a new list: a request still reading the old one sees it unchanged
-        self._appended[path] = (stat.st_ino, offset, events)
+        self._appended[path] = (stat.st_ino, offset, events, head[:offset])
         return events
+
+
+def _first_bytes(path: Path, count: int = 256) -> bytes:
+    with path.open("rb") as fh:
+        return fh.read(count)
 
 
 def load_run(name: str, folder: Path, cache: RunCache) -> dict:
