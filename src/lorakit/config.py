@@ -248,8 +248,7 @@ class TrainConfig:
     optimizer: str = _help("adamw | adamw_8bit | paged_adamw_8bit", default="adamw")
     loraplus_lr_ratio: float = _help("LoRA+: B learns this many times faster than A; 1 disables", default=1.0)
     logging_steps: int = _help("log every N optimizer steps", default=10)
-    eval_strategy: str = _help("steps | epoch | no (none while training: the eval split is scored once, after the "
-                               "last step)", default="epoch")
+    eval_strategy: str = _help("steps | epoch | no (the eval split scored once, after the last step)", default="epoch")
     eval_steps: int = _help("evaluate every N steps when eval_strategy is steps", default=100)
     save_strategy: str = _help("no | steps | epoch", default="epoch")
     save_steps: int = _help("checkpoint every N steps when save_strategy is steps", default=100)

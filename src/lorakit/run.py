@@ -166,7 +166,7 @@ def _final_causal_lm_scores(run: RunConfig, model, tokenizer, data, objective, r
     elif run.data.test_file:  # a test file the objective cannot score (instruction records in a dpo run)
         scores = {}
     else:  # nothing chose a checkpoint: the evaluation of the last step, the adapter the run saved
-        scores = _chosen_eval(result, run.train.metric_for_best) or _last_step_eval(result)
+        scores = _final_eval(result, run.train.metric_for_best)
     prefix = "test_" if run.data.test_file else "eval_"
     generated = {}
     records = data.test_records if run.data.test_file else data.eval_records
@@ -228,7 +228,7 @@ def run_classification(run: RunConfig, echo=print, run_log: RunLog | None = None
         if distributed.current_world().main:
             _log_final_scores(run_log, "test", {}, scores, result.steps)
     else:
-        scores = _chosen_eval(result, run.train.metric_for_best) or _last_step_eval(result)
+        scores = _final_eval(result, run.train.metric_for_best)
     summary["final_score"]["scores"] = scores
     _echo_result(echo, summary)
     return summary
@@ -360,21 +360,14 @@ def _prefixed(prefix: str, scores: dict) -> dict:
     return {prefix + k: v for k, v in scores.items() if isinstance(v, float)}
 
 
-def _chosen_eval(result, metric: str) -> dict:
-    """The eval metrics logged with the chosen checkpoint's step (what the final eval split score is)."""
-    if result.best_checkpoint is None:
-        return {}
-    step = int(result.best_checkpoint.rsplit("-", 1)[-1])
-    chosen = [e for e in result.history if e.get("kind") == "eval" and e.get("step") == step and metric in e]
-    return {k: v for k, v in chosen[-1].items() if k.startswith("eval_")} if chosen else {}
-
-
-def _last_step_eval(result) -> dict:
-    """The eval metrics of the run's last step, where nothing chose a checkpoint (none when it was not evaluated)."""
-    if result.best_checkpoint is not None:
-        return {}
-    last = [e for e in result.history if e.get("kind") == "eval" and e.get("step") == result.steps]
-    return {k: v for k, v in last[-1].items() if k.startswith("eval_")} if last else {}
+def _final_eval(result, metric: str) -> dict:
+    """The eval metrics of the adapter the run leaves: those logged with the chosen checkpoint's step, or, where
+    nothing chose one, with the last step (none when that step was not evaluated)."""
+    chosen = result.best_checkpoint
+    step = int(chosen.rsplit("-", 1)[-1]) if chosen else result.steps
+    found = [e for e in result.history if e.get("kind") == "eval" and e.get("step") == step
+             and (not chosen or metric in e)]
+    return {k: v for k, v in found[-1].items() if k.startswith("eval_")} if found else {}
 
 
 def _echo_result(echo, summary: dict) -> None:

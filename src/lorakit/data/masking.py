@@ -221,12 +221,12 @@ def special_prefix_ids(tokenizer: Any) -> list[int]:
     return []  # the post-processor rewrites the text itself; add nothing rather than guess
 
 
-def prompt_token_ids(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
-    """A prompt's ids laid out as training lays them out: the special tokens the tokenizer puts before a sequence
-    (unless `add_special_tokens` is false: the text holds them), then the text; never the ones it puts after (an
+def prompt_token_ids(tokenizer: Any, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+    """Each prompt's ids laid out as training lays them out: the special tokens the tokenizer puts before a sequence
+    (unless `add_special_tokens` is false: the texts hold them), then the text; never the ones it puts after (an
     EOS some tokenizers append would end the prompt before the reply it asks for)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return [*special_prefix_ids(tokenizer), *ids] if add_special_tokens else ids
+    prefix = special_prefix_ids(tokenizer) if add_special_tokens and texts else []
+    return [[*prefix, *tokenizer(text, add_special_tokens=False)["input_ids"]] for text in texts]
 
 
 def _log_stats(stats: TokenizeStats, max_length: int, first_cut: str | None = None) -> None:

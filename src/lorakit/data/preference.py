@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from lorakit.data.chat import render
+from lorakit.data.chat import prompt_ids, render
 from lorakit.data.collate import pad_batch
 from lorakit.data.formats import (
     CHAT_ROLES,
@@ -152,7 +152,7 @@ def _chat_pair(tokenizer: Any, record: dict[str, Any], replies: list[str], max_l
         raise DataError(f"{at}: a chat pair is rendered with the tokenizer's chat template, and this tokenizer has "
                         "none; give the pair as strings (data.template renders them) or use a model with one")
     messages = prompt_messages(record)
-    prompt = tokenizer(render(tokenizer, messages, True, at), add_special_tokens=False)["input_ids"]
+    prompt = prompt_ids(tokenizer, messages, at)
     whole = [tokenizer(render(tokenizer, [*messages, {"role": "assistant", "content": reply}], False, at),
                        add_special_tokens=False)["input_ids"] for reply in replies]
     start = min(_common_prefix(prompt, ids) for ids in whole)

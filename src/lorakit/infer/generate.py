@@ -74,7 +74,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], config: Generation
     try:
         for start in range(0, len(prompts), config.batch_size):
             chunk = prompts[start : start + config.batch_size]
-            enc = _left_padded([prompt_token_ids(tokenizer, p, config.add_special_tokens) for p in chunk],
+            enc = _left_padded(prompt_token_ids(tokenizer, chunk, config.add_special_tokens),
                                tokenizer.pad_token_id, device)
             sampling = config.temperature > 0
             beams = {"num_beams": config.num_beams, "length_penalty": config.length_penalty} if config.num_beams > 1 else {}

@@ -80,7 +80,7 @@ class Inputs:
         param = "messages" if ask.chat else "prompt"
         limit = self.config.max_prompt_tokens
         with self._tokenizing:  # requests tokenize on worker threads; a fast tokenizer is not to be shared at once
-            prompts = [prompt_token_ids(self.tokenizer, text, not ask.chat) for text in ask.prompts]
+            prompts = prompt_token_ids(self.tokenizer, ask.prompts, not ask.chat)
         out = []
         for ids in prompts:
             if not 1 <= len(ids) <= limit:
