@@ -173,7 +173,7 @@ def _split_problems(run: RunConfig) -> list[str]:
         return [f"data.test_file: given {data.test_file!r}, expected a file path or null"]
     for name in ("train_file", "eval_file"):
         other = getattr(data, name)
-        if isinstance(other, str) and _same_path(other, data.test_file):
+        if isinstance(other, str) and same_path(other, data.test_file):
             out.append(f"data.test_file: given {data.test_file!r}, the same file as data.{name}; "
                        "expected a separate test split that no training decision sees")
     if run.train.fsdp:
@@ -203,7 +203,7 @@ def _size_problems(data: DataConfig) -> list[str]:
     return out
 
 
-def _same_path(a: str, b: str) -> bool:
+def same_path(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 

@@ -207,3 +207,17 @@ def test_inspect_shows_a_dora_adapter(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "adapter")]) == 0
     shown = capsys.readouterr().out
     assert "dora: True" in shown and "LoRA modules: 2   ranks: [4]" in shown
+
+
+def test_inspect_says_when_r_and_alpha_are_defaults_the_config_does_not_give(tmp_path, capsys):
+    from lorakit.cli import main
+
+    folder = toy_model_folder(tmp_path / "model")
+    model = lorakit.inject(load_causal_lm(folder), lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    assert main(["inspect", str(tmp_path / "adapter")]) == 0
+    assert "r: 4   alpha: 8   rslora" in capsys.readouterr().out
+    config_file.write_text(json.dumps({k: v for k, v in json.loads(config_file.read_text()).items() if k != "r"}))
+    assert main(["inspect", str(tmp_path / "adapter")]) == 0
+    assert "r: 8 (unset: the default)   alpha: 8   rslora" in capsys.readouterr().out

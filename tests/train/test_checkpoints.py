@@ -12,7 +12,7 @@ import pytest
 from conftest import TOY_TARGETS, TOY_TASK, toy_model_folder
 from lorakit.config import DataConfig, LoraConfig, RunConfig, TrainConfig
 from lorakit.run import run
-from lorakit.train.checkpoints import due, greater_is_better
+from lorakit.train.checkpoints import due, greater_is_better, unevaluated_saves
 
 
 @pytest.mark.parametrize(
@@ -37,6 +37,19 @@ def test_due_follows_the_strategy(strategy, step, epoch_end, out_of_time, expect
 )
 def test_greater_is_better_is_inferred_from_the_name_unless_set(metric, explicit, expected):
     assert greater_is_better(TrainConfig(metric_for_best=metric, greater_is_better=explicit)) is expected
+
+
+@pytest.mark.parametrize("eval_strategy, save_strategy, expected", [
+    (("steps", 5), ("steps", 3), ([3, 6, 9, 12], 1)),  # 15 is weighed; 5 and 10 are not saved, 16 not evaluated
+    (("steps", 2), ("steps", 4), ([], 4)),  # HF's rule: saves a multiple of evaluations
+    (("steps", 4), ("epoch", 0), ([6], 2)),  # epochs of 6 steps end at 6 (not evaluated) and the last, 16
+    (("epoch", 0), ("epoch", 0), ([], 3)),
+    (("no", 0), ("steps", 3), ([], 0)),  # nothing to weigh: the eval split is scored once, after training
+])
+def test_unevaluated_saves_are_the_checkpoints_keep_best_cannot_weigh(eval_strategy, save_strategy, expected):
+    config = TrainConfig(eval_strategy=eval_strategy[0], eval_steps=eval_strategy[1] or 100,
+                         save_strategy=save_strategy[0], save_steps=save_strategy[1] or 100)
+    assert unevaluated_saves(config, total_steps=16, steps_per_epoch=6) == expected
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +86,15 @@ def test_an_evaluated_last_step_is_saved_so_keep_best_weighs_it(toy, tmp_path):
 def test_without_checkpoints_the_final_score_is_the_last_steps_evaluation(toy, tmp_path):
     summary = run(_config(toy, tmp_path, save_strategy="no"), echo=lambda line: None)
     assert summary["final_score"]["scores"]["eval_loss"] == _evals(tmp_path)[12]
+
+
+def test_saves_on_unevaluated_steps_are_named_once(toy, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        run(_config(toy, tmp_path, eval_steps=4, save_steps=3), echo=lambda line: None)  # saves 3, 6, 9 and 12
+    said = [r.getMessage() for r in caplog.records if "keep-best cannot weigh" in r.getMessage()]
+    assert said == ["3 of the run's 4 checkpoints fall on steps that are not evaluated (the first at step 3): keep-best "
+                    "cannot weigh them; make train.save_steps a multiple of train.eval_steps (or both strategies "
+                    "epoch)"]
 
 
 def test_a_misspelt_metric_for_best_is_named_once(toy, tmp_path, caplog):

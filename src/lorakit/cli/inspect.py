@@ -24,7 +24,9 @@ def add_parser(commands) -> None:
 
 
 def run(args, _overrides) -> int:
-    from lorakit.checkpoint.peft_io import WEIGHTS_NAME, AdapterError, read_adapter_config, read_adapter_weights
+    from lorakit.checkpoint.peft_io import (
+        CONFIG_NAME, WEIGHTS_NAME, AdapterError, read_adapter_config, read_adapter_weights, read_json_object,
+    )
 
     config = read_adapter_config(args.adapter)
     tensors = read_adapter_weights(args.adapter)
@@ -39,8 +41,9 @@ def run(args, _overrides) -> int:
     size = (Path(args.adapter) / WEIGHTS_NAME).stat().st_size
     print(f"adapter: {args.adapter}")
     print(f"base model: {config.base_model_name_or_path}")
-    print(f"task: {config.task_type}   r: {config.r}   alpha: {config.lora_alpha}   rslora: {config.use_rslora}"
-          f"   dora: {config.use_dora}")
+    given = read_json_object(Path(args.adapter) / CONFIG_NAME, "an object of LoRA settings")
+    r, alpha = (f"{getattr(config, k)}{'' if k in given else ' (unset: the default)'}" for k in ("r", "lora_alpha"))
+    print(f"task: {config.task_type}   r: {r}   alpha: {alpha}   rslora: {config.use_rslora}   dora: {config.use_dora}")
     print(f"target modules: {config.target_modules}   modules to save: {config.modules_to_save}")
     print(f"LoRA modules: {len(modules)}   ranks: {ranks}   tensors: {len(tensors)}")
     print(f"parameters: {sum(v.numel() for v in tensors.values()):,d}   file: {size / 1e6:.2f} MB")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from lorakit.config import DataConfig
+from lorakit.config_checks import same_path
 from lorakit.data.files import load_hf_dataset, load_records
 from lorakit.data.formats import FORMATS, DataError, validate_records
 from lorakit.data.masking import TokenizeStats, tokenize_dataset
@@ -79,7 +79,7 @@ def with_eval_split(config: DataConfig, train: list[dict], check, seed: int, loa
     if config.eval_file:
         evaluation = read_field(load, config, "eval_file")
         check(evaluation, config.eval_file)
-        if config.train_file and os.path.realpath(config.eval_file) == os.path.realpath(config.train_file):
+        if config.train_file and same_path(config.eval_file, config.train_file):
             log.warning("data.eval_file %s is data.train_file: the checkpoint is chosen, and without a test file "
                         "the final score given, on records the model trains on", config.eval_file)
     else:

@@ -98,6 +98,23 @@ def due(strategy: str, every: int, step: int, epoch_end: bool, out_of_time: bool
     return strategy == "epoch" and epoch_end
 
 
+def unevaluated_saves(config: TrainConfig, total_steps: int, steps_per_epoch: int) -> tuple[list[int], int]:
+    """The steps a run saves without evaluating them, which keep-best cannot weigh (save_steps 3 with eval_steps 5),
+    and how many saved steps it can weigh (the last among them when it is evaluated, as it is then always saved);
+    both empty without an evaluation schedule or checkpoints."""
+    if "no" in (config.eval_strategy, config.save_strategy):
+        return [], 0
+    unweighed, weighed = [], 0
+    for step in range(1, total_steps + 1):
+        epoch_end = step % steps_per_epoch == 0 or step == total_steps
+        evaluated = due(config.eval_strategy, config.eval_steps, step, epoch_end, False)
+        if evaluated and (step == total_steps or due(config.save_strategy, config.save_steps, step, epoch_end, False)):
+            weighed += 1
+        elif not evaluated and due(config.save_strategy, config.save_steps, step, epoch_end, False):
+            unweighed.append(step)
+    return unweighed, weighed
+
+
 def greater_is_better(config: TrainConfig) -> bool:
     """`train.greater_is_better`, or inferred from the metric's name (losses and perplexities fall)."""
     if config.greater_is_better is not None:

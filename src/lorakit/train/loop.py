@@ -23,7 +23,7 @@ from lorakit.data.collate import split_rows
 from lorakit.models import DTYPES
 from lorakit.process_memory import peak_memory
 from lorakit.track.runlog import RunLog
-from lorakit.train.checkpoints import RunCheckpoints, due
+from lorakit.train.checkpoints import RunCheckpoints, due, unevaluated_saves
 from lorakit.train.distributed import DataParallel, World, barrier, current_world, grad_accum_for, shard
 from lorakit.train.guard import DivergenceError, DivergenceGuard
 from lorakit.train.lean import release_freed_memory, use_fused_paths
@@ -175,6 +175,11 @@ def train(
     scheduler = build_scheduler(optimizer, config, total_steps)
     lean_path = _prepare_model(model, config)
 
+    unweighed, weighed = unevaluated_saves(config, total_steps, steps_per_epoch)
+    if unweighed and world.main:
+        log.warning("%d of the run's %d checkpoints fall on steps that are not evaluated (the first at step %d): "
+                    "keep-best cannot weigh them; make train.save_steps a multiple of train.eval_steps (or both "
+                    "strategies epoch)", len(unweighed), len(unweighed) + weighed, unweighed[0])
     checkpoints = RunCheckpoints(out, config, ADAPTER, parallel, world, batches, precision.scaler, run_state)
     start_step, state = checkpoints.resume(model, optimizer, scheduler)
     if start_step > total_steps:
