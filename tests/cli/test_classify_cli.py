@@ -141,3 +141,14 @@ def test_labels_of_non_ascii_digits_are_text():
 
     labels = label_set([{"label": "1"}, {"label": "²"}, {"label": "10"}], DataConfig())
     assert labels.values == ["1", "10", "²"]  # sorted as text: '²' is no integer
+
+
+def test_one_numeric_label_written_two_ways_is_refused_by_row():
+    from lorakit.config import DataConfig
+    from lorakit.data.classification import label_set
+    from lorakit.data.formats import DataError
+
+    records = [{"label": 1, "_source": "t.jsonl", "_line": 1}, {"label": "01", "_source": "t.jsonl", "_line": 2}]
+    with pytest.raises(DataError, match=r"^t.jsonl:2: column 'label' holds '01' where t.jsonl:1 holds '1', one "
+                                        r"number written two ways"):
+        label_set(records, DataConfig())

@@ -63,10 +63,23 @@ def label_set(records: list[dict], config: DataConfig) -> LabelSet:
     keys = {_label_key(r[config.label_column]) for r in records}
     numeric = all(re.fullmatch(r"-?[0-9]+", k) for k in keys)  # ASCII digits only: int() reads them all
     values = sorted(keys, key=int) if numeric else sorted(keys)
+    if numeric:
+        _one_way(records, config.label_column)
     names = config.label_names or values
     if len(names) != len(values):
         raise DataError(f"data.label_names: {len(names)} names for {len(values)} labels ({', '.join(values)})")
     return LabelSet(values, list(names))
+
+
+def _one_way(records: list[dict], column: str) -> None:
+    """DataError naming the first record whose numeric label another record writes otherwise ('01' after 1)."""
+    first: dict[int, tuple[str, dict]] = {}
+    for record in records:
+        key = _label_key(record[column])
+        seen, earlier = first.setdefault(int(key), (key, record))
+        if seen != key:
+            raise DataError(f"{where(record)}: column '{column}' holds {key!r} where {where(earlier)} holds {seen!r}, "
+                            "one number written two ways; expected each numeric label written one way")
 
 
 def read_classification(config: DataConfig, seed: int) -> tuple[list[dict], list[dict], LabelSet]:
