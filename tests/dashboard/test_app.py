@@ -83,6 +83,27 @@ RAW_TRAVERSALS = ["/static/..%2F..%2F..%2Fconfig.py", "/static/../app.py", "/api
                   "/api/file?name=toy-r8&path=%2e%2e/%2e%2e/outside/secret.json", "/%2e%2e/outside/secret.json"]
 
 
+def test_metrics_written_afresh_in_place_past_the_old_size_are_read_afresh(tmp_path):
+    source = trained_runs(tmp_path.parent)
+    a, b = list(TRAINED)
+    run = copy_run(source / a, tmp_path / "runs" / "reused")
+    with serving(tmp_path / "runs") as url:
+        first = httpx.get(f"{url}/api/metrics", params={"name": "reused"}).json()
+        grown = httpx.get(f"{url}/api/metrics", params={"name": "reused", **_poll(first)}).json()
+        assert grown["events"] == [] and not grown["reset"] and grown["head"] == first["head"]
+        # a fresh run over the same folder empties the file in place and writes past the old size between two polls
+        newer = [dict(e, loss=e["loss"] + 1) if "loss" in e else e for e in events_of(source / b)] * 2
+        with (run / "metrics.jsonl").open("r+") as fh:
+            fh.truncate(0)
+            fh.write("".join(json.dumps(e) + "\n" for e in newer))
+        afresh = httpx.get(f"{url}/api/metrics", params={"name": "reused", **_poll(grown)}).json()
+        assert afresh["reset"] and afresh["events"] == newer
+
+
+def _poll(answer: dict) -> dict:
+    return {"offset": answer["offset"], "head": answer["head"]}
+
+
 def test_path_traversal_gets_404_or_400_and_reads_nothing_outside(runs):
     outside = str(runs.parent / "outside")
     opened: list[str] = []

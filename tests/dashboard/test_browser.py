@@ -273,6 +273,26 @@ def test_follows_a_run_in_progress_as_metrics_jsonl_grows(browser, site, gallery
     assert _console_errors(browser) == []
 
 
+def test_a_run_rewritten_in_place_then_removed_while_shown(browser, site, gallery):
+    run = copy_run(gallery / A, gallery / "reused-then-removed")
+    _open(browser, site + "/#/run?name=reused-then-removed")
+    _wait(browser, lambda d: _series(d, "loss").get("train loss") == _expected(run, "train", "loss"), what="the curve")
+    # a fresh run over the folder empties metrics.jsonl in place and writes past its old size between two polls
+    newer = [dict(e, loss=e["loss"] * 2) if "loss" in e else e for e in events_of(gallery / B) * 2]
+    with (run / "metrics.jsonl").open("r+") as fh:
+        fh.truncate(0)
+        fh.write("".join(json.dumps(e, sort_keys=True) + "\n" for e in newer))
+    want = [(e["step"], e["loss"]) for e in newer if e["kind"] == "train"]
+    _wait(browser, lambda d: _series(d, "loss").get("train loss") == want, what="the rewritten curve alone")
+    shutil.rmtree(run)
+    _wait(browser, lambda d: d.find_elements("css selector", "[data-gone]"), what="the removed run's notice")
+    assert "no longer in the runs folder" in browser.find_element("css selector", "[data-gone]").text
+    time.sleep(1.2)  # two more polls: the connection is fine
+    live = browser.find_element("css selector", "#live")
+    assert "problem" not in live.get_attribute("class") and live.text.startswith("Live: updated"), live.text
+    assert [e for e in _console_errors(browser) if "name=reused-then-removed" not in e or "404" not in e] == []
+
+
 def test_keyboard_labels_and_contrast(browser, site):
     from selenium.webdriver.common.keys import Keys
 

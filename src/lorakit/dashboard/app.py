@@ -4,7 +4,8 @@
     GET /static/NAME               its script and style sheet (a fixed list)
     GET /api/runs                  every run's row (status, model, key settings, best metric, ...)
     GET /api/run?name=N            one run: row, config, summary, checkpoints
-    GET /api/metrics?name=N&offset=B   metrics.jsonl events from byte B on (the page polls with it)
+    GET /api/metrics?name=N&offset=B&head=H   metrics.jsonl events from byte B on (the page polls with the last
+                                       answer's offset and head: the digest of the file's first bytes)
     GET /api/samples?name=N        the run's samples.jsonl rows
     GET /api/compare?name=A&name=B[&name=C]   their samples joined on the prompt, disagreements first
     GET /api/diff?a=A&b=B          the two runs' configs key by key
@@ -27,7 +28,7 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from lorakit.dashboard.config import DashboardConfig
-from lorakit.dashboard.files import contained_file, find_runs, read_events
+from lorakit.dashboard.files import contained_file, find_runs, head_digest, read_events
 from lorakit.dashboard.runs import RunCache, compare_samples, config_diff, load_run, plain_samples, sample_rows
 
 STATIC = {name: "text/javascript" for name in ("dom.js", "charts.js", "runs.js", "run.js", "compare.js", "app.js")}
@@ -121,15 +122,17 @@ def run(request: Request, name: str):
 
 
 @router.get("/api/metrics")
-def metrics(request: Request, name: str, offset: Annotated[int, Query(ge=0)] = 0):
+def metrics(request: Request, name: str, offset: Annotated[int, Query(ge=0)] = 0, head: str = ""):
     folder = _folder(request, name)
     if folder is None:
         return _not_found(name)
     path = folder / "metrics.jsonl"
     size = path.stat().st_size if path.is_file() else 0
-    reset = offset > size  # the file was started afresh or cut back (a resumed run): read it whole again
+    # the file was started afresh or cut back (a resumed run), or written afresh in place past the old size (a
+    # fresh run over an old folder; its first bytes differ): read it whole again
+    reset = offset > size or bool(offset and head and head != head_digest(path, offset))
     events, end = read_events(path, 0 if reset else offset)
-    return {"events": events, "offset": end, "reset": reset}
+    return {"events": events, "offset": end, "reset": reset, "head": head_digest(path, end)}
 
 
 @router.get("/api/samples")

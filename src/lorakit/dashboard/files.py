@@ -3,6 +3,7 @@ a half-written file: a run in progress, a crashed run or a stray folder reads as
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -125,6 +126,16 @@ def plain_json(value, depth: int = 0):
 
 MAX_DEPTH = 64
 _SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def head_digest(path: Path, length: int, count: int = 256) -> str:
+    """A digest of the file's first min(count, length) bytes ("" where it cannot be read): an answer's first bytes,
+    to tell a file written afresh in place, and past its old size, from the same file grown."""
+    try:
+        with path.open("rb") as fh:
+            return hashlib.blake2b(fh.read(min(count, length)), digest_size=8).hexdigest()
+    except OSError:
+        return ""
 
 
 def read_events(path: Path, offset: int = 0, whole: bool = False) -> tuple[list[dict], int]:

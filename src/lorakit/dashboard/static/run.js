@@ -17,7 +17,7 @@ LK.show = (v) => (v === null || v === undefined ? "null" : typeof v === "object"
 LK.runView = {
   async render(main, params) {
     const name = params.get("name");
-    if (name !== this.name) { this.events = []; this.offset = 0; this.samples = null; }
+    if (name !== this.name) { this.events = []; this.offset = 0; this.metricsHead = ""; this.samples = null; this.run = null; }
     this.drawnCount = -1; this.settingsDrawn = false; this.samplesDrawn = false; this.headKey = null;  // new panels
     this.name = name;
     this.tab = TABS.some((t) => t[0] === params.get("tab")) ? params.get("tab") : "curves";
@@ -72,12 +72,20 @@ LK.runView = {
 
   async update() {
     if (!this.name || !document.getElementById("run-head")) return;
-    const [run, metrics] = await Promise.all([
-      LK.api("/api/run", { name: this.name }),
-      LK.api("/api/metrics", { name: this.name, offset: this.offset }),
-    ]);
+    let run, metrics;
+    try {
+      [run, metrics] = await Promise.all([
+        LK.api("/api/run", { name: this.name }),
+        LK.api("/api/metrics", { name: this.name, offset: this.offset, head: this.metricsHead }),
+      ]);
+    } catch (err) {
+      if (err.status !== 404 || !this.run) throw err;
+      this.gone();  // the run folder was removed (or renamed) while shown: the connection is fine
+      return;
+    }
     this.events = metrics.reset ? metrics.events : this.events.concat(metrics.events);
     this.offset = metrics.offset;
+    this.metricsHead = metrics.head;
     const grew = this.events.length !== this.drawnCount;
     const samplesAppeared = run.row.has_samples && this.samples && !this.samples.rows.length;
     if (samplesAppeared) { this.samples = null; this.samplesDrawn = false; }
@@ -86,6 +94,16 @@ LK.runView = {
     if (this.tab === "curves" && grew) this.curves();
     if (this.tab === "settings" && !this.settingsDrawn) await this.settings();
     if (this.tab === "samples" && !this.samplesDrawn) await this.samplesPanel();
+  },
+
+  gone() {
+    const { h } = LK;
+    document.getElementById("main").replaceChildren(h("h1", { text: this.name }),
+      h("p", { class: "error", role: "alert", "data-gone": "true",
+        text: "This run is no longer in the runs folder: it was removed or renamed." }),
+      h("p", {}, h("a", { href: "#/", text: "Back to the runs" })));
+    this.name = null;
+    this.run = null;
   },
 
   fillPanel() {
