@@ -72,9 +72,13 @@ def test_one_record_with_an_explicit_eval_size_is_refused_and_the_earlier_run_ke
     assert fingerprint(run) == before
 
 
-def test_eval_size_zero_on_a_chat_file_trains_on_every_record(toy, tmp_path, capsys):
+@pytest.mark.parametrize("sharegpt", [False, True])
+def test_eval_size_zero_on_a_chat_file_trains_on_every_record(toy, tmp_path, capsys, sharegpt):
     chat = [{"messages": [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]}
             for r in TOY_TASK]
+    if sharegpt:
+        chat = [{"conversations": [{"from": {"user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]}
+                                   for m in r["messages"]]} for r in chat]
     (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
     config = write_config(tmp_path / "config.yaml", toy, data={"train_file": str(tmp_path / "chat.jsonl"), "eval_size": 0},
                           train={"output_dir": str(tmp_path / "run"), "eval_strategy": "steps", "eval_steps": 1})

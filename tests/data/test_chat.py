@@ -184,10 +184,33 @@ def test_a_conversation_that_masks_to_nothing_is_an_error_not_a_silent_example()
         "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}assistant: {% endif %}"
     )
+    tok.eos_token = None  # and no EOS to end the last reply with
     record = {"messages": [{"role": "user", "content": "stop"}, {"role": "assistant", "content": ""}],
               "_source": "chat.jsonl", "_line": 7}
     message = data_error_of(tokenize_dataset, tok, [record], "chat", 256)
     assert message.startswith("chat.jsonl:7: no token of the assistant turns carries a label")
+
+
+@pytest.mark.parametrize("record, field", [
+    ({"messages": [{"role": "user", "content": "stop"}, {"role": "assistant", "content": " \n"}]},
+     "messages[1].content"),
+    ({"conversations": [{"from": "human", "value": "stop"}, {"from": "gpt", "value": ""}]}, "conversations[1].value"),
+])
+def test_an_empty_last_reply_is_refused_as_an_empty_output_is(record, field):
+    message = data_error_of(validate_records, [dict(record, _source="c.jsonl", _line=3)], None)
+    assert message == f"c.jsonl:3: field '{field}' is empty (expected the reply to learn)"
+
+
+def test_null_tool_calls_are_no_call_and_an_empty_system_field_no_system_prompt():
+    messages = [{"role": "user", "content": "hi", "tool_calls": None, "function_call": None},
+                {"role": "assistant", "content": "hello", "tool_calls": []}]
+    assert validate_records([{"messages": messages}], None) == "chat"
+    sharegpt = {"system": "", "conversations": [{"from": "system", "value": "be brief"},
+                                                {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
+    assert validate_records([sharegpt], None) == "sharegpt"
+    assert to_messages(sharegpt)[0] == {"role": "system", "content": "be brief"}
+    called = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}]
+    assert "messages[1].tool_calls' is not supported" in data_error_of(validate_records, [{"messages": called}], None)
 
 
 def test_a_template_without_an_end_of_turn_token_ends_the_last_reply_with_eos():
@@ -196,6 +219,18 @@ def test_a_template_without_an_end_of_turn_token_ends_the_last_reply_with_eos():
                          "{% endfor %}{% if add_generation_prompt %}\nassistant: {% endif %}")
     example = tokenize_conversation(tok, {"messages": conversation(1)}, 4096)
     assert labelled_runs(example)[-1][-1] == tok.eos_token_id
+
+
+@pytest.mark.parametrize("closing", ["\n", " [END]\n"])
+def test_a_last_reply_closed_by_plain_text_is_ended_by_eos_right_after_it(closing):
+    tok = family_tokenizer("qwen2")
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}" + closing
+                         + "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    example = tokenize_conversation(tok, {"messages": conversation(1)}, 4096)
+    last = labelled_runs(example)[-1]
+    assert last[-1] == tok.eos_token_id and tok.decode(last[:-1]) == conversation(1)[-1]["content"]
+    end = example["input_ids"].index(tok.eos_token_id)
+    assert tok.decode(example["input_ids"][end + 1 :]) == closing  # the template's own closing, unlabelled, after it
 
 
 def test_truncation_keeps_the_start_and_counts_lost_labels(family):

@@ -1,5 +1,7 @@
 """Tokenising with the prompt masked by position: masking.py."""
 
+import logging
+
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
@@ -76,8 +78,15 @@ def test_eos_is_labelled_even_when_pad_equals_eos(tok):
 
 
 def test_an_eos_inside_the_response_stays_labelled(tok):
+    ex = tokenize_example(tok, PROMPT, "ros2</s> again", max_length=256)
+    assert ex["labels"].count(tok.eos_token_id) == 2 and ex["labels"][-1] == tok.eos_token_id
+
+
+def test_a_response_ending_with_the_eos_text_gets_no_second_eos(tok):
+    """As TRL's SFT and DPO trainers: data exported from chat-formatted text often carries the end marker."""
     ex = tokenize_example(tok, PROMPT, "ros2</s>", max_length=256)
-    assert ex["labels"][-2:] == [tok.eos_token_id, tok.eos_token_id]
+    assert ex["input_ids"][-2:] != [tok.eos_token_id] * 2 and ex["labels"][-1] == tok.eos_token_id
+    assert ex["input_ids"] == tokenize_example(tok, PROMPT, "ros2", max_length=256)["input_ids"]
 
 
 def test_boundary_is_by_position_even_when_the_response_repeats_the_prompt(tok):
@@ -158,15 +167,18 @@ def test_tokenize_dataset_counts_truncated_dropped_and_tokens(tok):
     assert examples[2]["labels"][-1] == tok.eos_token_id
 
 
-def test_examples_with_no_label_left_are_dropped_and_counted(tok):
+def test_examples_with_no_label_left_are_dropped_and_counted(tok, caplog):
     records = [
         {"instruction": "list the ros2 topics", "output": "ros2 topic list"},
-        {"instruction": "say nothing", "output": ""},
+        {"instruction": "say nothing", "output": "", "_source": "t.jsonl", "_line": 2},
     ]
-    examples, stats = tokenize_dataset(tok, records, "seed", max_length=64, add_eos=False)
+    with caplog.at_level(logging.WARNING):
+        examples, stats = tokenize_dataset(tok, records, "seed", max_length=64, add_eos=False)
     assert (stats.examples, stats.dropped) == (1, 1)
     assert stats.as_dict()["dropped"] == 1
     assert len(examples) == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "t.jsonl:2: 1 examples were dropped (this one first): no response token fit in max_length=64"]
 
 
 def test_all_dropped_is_an_error(tok):

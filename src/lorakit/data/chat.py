@@ -195,8 +195,9 @@ def tokenize_conversation(
         after_end = spans[n + 1].start if n + 1 < len(spans) else len(text)
         after = _ids(tokenizer, text[span.end : after_end])
         closing = after[:1] if after and after[0] in specials else []
-        if not closing and n + 1 == len(spans) and not after and tokenizer.eos_token_id is not None:
-            closing, after = [tokenizer.eos_token_id], [tokenizer.eos_token_id]
+        if not closing and n + 1 == len(spans) and tokenizer.eos_token_id is not None:
+            # the last reply, closed by no special token (nothing, or plain text such as "\n"): EOS right after it
+            closing, after = [tokenizer.eos_token_id], [tokenizer.eos_token_id, *after]
         ids += reply + after
         labels += reply + closing if span.trained else [IGNORE_INDEX] * (len(reply) + len(closing))
         labels += [IGNORE_INDEX] * (len(after) - len(closing))

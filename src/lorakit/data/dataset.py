@@ -120,7 +120,7 @@ def prepare_data(config: DataConfig, tokenizer, seed: int) -> PreparedData:
     if test_records:
         test, stats["test"] = tokenize_dataset(tokenizer, test_records, template, config.max_length,
                                                train_on=config.train_on)
-    card_template = "chat" if fmt == "chat" else config.template
+    card_template = "chat" if fmt in ("chat", "sharegpt") else config.template  # both train through the chat template
     return PreparedData(train, evaluation, eval_records, template, stats, test, test_records, card_template)
 
 

@@ -175,6 +175,11 @@ def _check_alpaca(record: dict[str, Any], at: str) -> None:
 UNSUPPORTED_MESSAGE_KEYS = frozenset({"tool_calls", "function_call"})
 
 
+def unsupported_keys(message: dict[str, Any]) -> list[str]:
+    """The tool-calling keys a message sets; null or empty ones (OpenAI's SDK writes them on every message) set none."""
+    return sorted(k for k in UNSUPPORTED_MESSAGE_KEYS.intersection(message) if message[k] not in (None, [], {}))
+
+
 def _check_chat(record: dict[str, Any], at: str) -> None:
     messages = record.get("messages")
     if messages is None:
@@ -192,7 +197,7 @@ def _check_chat(record: dict[str, Any], at: str) -> None:
             state = "missing" if "role" not in message else _describe(message["role"])
             raise DataError(f"{at}: field '{field}.role' is {state} (expected one of {roles})")
         _require_str(message, "content", at, field=f"{field}.content")
-        for key in UNSUPPORTED_MESSAGE_KEYS.intersection(message):
+        for key in unsupported_keys(message):
             raise DataError(f"{at}: field '{field}.{key}' is not supported (lorakit trains on each message's text "
                             "content; write the call into 'content' or leave the turn out)")
     if messages[-1]["role"] != "assistant":
@@ -205,6 +210,7 @@ def _check_chat(record: dict[str, Any], at: str) -> None:
             f"{at}: field 'messages' holds only the assistant's reply; "
             "expected at least one system or user message before it (the prompt)"
         )
+    _require_reply(messages[-1]["content"], f"messages[{len(messages) - 1}].content", at)
 
 
 def _check_sharegpt(record: dict[str, Any], at: str) -> None:
@@ -223,9 +229,9 @@ def _check_sharegpt(record: dict[str, Any], at: str) -> None:
             state = "missing" if "from" not in turn else _describe(turn["from"])
             raise DataError(f"{at}: field '{field}.from' is {state} (expected one of {roles})")
         _require_str(turn, "value", at, field=f"{field}.value")
-    if "system" in record:  # LLaMA-Factory's sharegpt column: the conversation's system prompt
+    if "system" in record:  # LLaMA-Factory's sharegpt column: the conversation's system prompt (empty: none)
         _require_str(record, "system", at)
-        if SHAREGPT_ROLES[turns[0]["from"]] == "system":
+        if record["system"] and SHAREGPT_ROLES[turns[0]["from"]] == "system":
             raise DataError(f"{at}: field 'system' is given and 'conversations' starts with a system turn too; "
                             "expected one system prompt")
     if SHAREGPT_ROLES[turns[-1]["from"]] != "assistant":
@@ -238,6 +244,14 @@ def _check_sharegpt(record: dict[str, Any], at: str) -> None:
             f"{at}: field 'conversations' holds only the assistant's reply; "
             "expected at least one system or human turn before it (the prompt)"
         )
+    _require_reply(turns[-1]["value"], f"conversations[{len(turns) - 1}].value", at)
+
+
+def _require_reply(text: str, field: str, at: str) -> None:
+    """The conversation's last reply, the one every example learns, holds text: an empty one would train the model
+    to answer with nothing (as an instruction record's empty output)."""
+    if not text.strip():
+        raise DataError(f"{at}: field '{field}' is empty (expected the reply to learn)")
 
 
 def _check_preference(record: dict[str, Any], at: str) -> None:

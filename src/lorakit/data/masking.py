@@ -107,7 +107,9 @@ def tokenize_shared_prompt(
     if add_eos:
         if tokenizer.eos_token_id is None:
             raise ValueError("add_eos=True but the tokenizer has no eos_token; set one or pass add_eos=False")
-        replies = [[*ids, tokenizer.eos_token_id] for ids in replies]
+        # a response that already ends with the EOS text gets no second one (as TRL's SFT and DPO trainers)
+        replies = [ids if response.endswith(tokenizer.eos_token) else [*ids, tokenizer.eos_token_id]
+                   for ids, response in zip(replies, responses)]
     return shared_prompt_examples(prefix, body, replies, max_length)
 
 
@@ -176,7 +178,7 @@ def tokenize_dataset(
     template = get_template(template, tokenizer, train_on)
     examples: list[dict[str, Any]] = []
     stats = TokenizeStats()
-    source = first_cut = None
+    source = first_cut = first_dropped = None
     for record in records:
         source = source or where(record).rsplit(":", 1)[0]
         if isinstance(template, ChatTemplate) or "messages" in record or "conversations" in record:
@@ -188,6 +190,7 @@ def tokenize_dataset(
         n_labels = sum(label != IGNORE_INDEX for label in example["labels"][1:])
         if n_labels == 0:
             stats.dropped += 1
+            first_dropped = first_dropped or where(record)
             logger.debug("%s: dropped, no response token within max_length=%d", where(record), max_length)
             continue
         examples.append(example)
@@ -197,7 +200,7 @@ def tokenize_dataset(
         first_cut = first_cut or (where(record) if example["response_truncated"] else None)
         stats.response_tokens += n_labels
         stats.prompt_tokens += len(example["labels"]) - n_labels
-    _log_stats(stats, max_length, first_cut)
+    _log_stats(stats, max_length, first_cut, first_dropped)
     if not examples and stats.dropped:
         raise DataError(
             f"{source or '<records>'}: no example has a response token left within max_length {max_length} "
@@ -229,7 +232,8 @@ def prompt_token_ids(tokenizer: Any, texts: list[str], add_special_tokens: bool 
     return [[*prefix, *tokenizer(text, add_special_tokens=False)["input_ids"]] for text in texts]
 
 
-def _log_stats(stats: TokenizeStats, max_length: int, first_cut: str | None = None) -> None:
+def _log_stats(stats: TokenizeStats, max_length: int, first_cut: str | None = None,
+               first_dropped: str | None = None) -> None:
     logger.info(
         "tokenised %d examples (%d prompt + %d response tokens); %d truncated to %d tokens, %d dropped",
         stats.examples,
@@ -248,6 +252,5 @@ def _log_stats(stats: TokenizeStats, max_length: int, first_cut: str | None = No
             max_length,
         )
     if stats.dropped:
-        logger.warning(
-            "%d examples were dropped: no response token fit in max_length=%d", stats.dropped, max_length
-        )
+        logger.warning("%s: %d examples were dropped (this one first): no response token fit in max_length=%d",
+                       first_dropped, stats.dropped, max_length)

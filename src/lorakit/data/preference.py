@@ -36,9 +36,9 @@ from lorakit.data.formats import (
     CHAT_ROLES,
     LINE_KEY,
     SOURCE_KEY,
-    UNSUPPORTED_MESSAGE_KEYS,
     DataError,
     json_type,
+    unsupported_keys,
     where,
 )
 from lorakit.data.labels import IGNORE_INDEX
@@ -86,7 +86,7 @@ def _check_messages(messages: list, at: str) -> None:
                 not isinstance(message.get("content"), str):
             raise DataError(f"{at}: field 'prompt[{i}]' is {_describe(message)} (expected a {{role, content}} "
                             f"message, role one of {roles})")
-        for key in UNSUPPORTED_MESSAGE_KEYS.intersection(message):
+        for key in unsupported_keys(message):
             raise DataError(f"{at}: field 'prompt[{i}].{key}' is not supported (lorakit trains on each message's "
                             "text content; write the call into 'content' or leave the turn out)")
     if messages[-1]["role"] == "assistant":
