@@ -7,6 +7,12 @@ import tempfile
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(path: str | Path, text: str) -> None:
     """`text` to `path` through a temporary file beside it: a crash leaves the old file or the new one, whole."""
     path = Path(path)
@@ -14,6 +20,7 @@ def write_atomically(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             out.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's own 0o600 would hide the file from a reader of another user
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from lorakit.atomic_files import write_atomically
 from lorakit.checkpoint.run_card import RUN_CARD, read_run_card, write_run_card  # noqa: F401  (RUN_CARD, read_run_card: re-exported)
 from lorakit.config import ConfigError, RunConfig, to_dict
 from lorakit.data.classification import (
@@ -82,7 +83,7 @@ def run(config: RunConfig, echo=print) -> dict:
         with run_log.running():  # status.json: running, then finished, interrupted or failed
             summary = RUNS[OBJECTIVES[config.task]](config, echo, run_log)
             if world.main:
-                (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+                write_atomically(out / "summary.json", json.dumps(summary, indent=1))  # the dashboard reads it
             run_log.log_adapter(summary.get("adapter"))
     finally:
         distributed.shutdown()

@@ -20,6 +20,7 @@ from lorakit.dashboard.config import DashboardConfig
 from lorakit.dashboard.runs import compare_samples, config_diff
 from lorakit.track.samples import read_samples
 from lorakit.track.status import read_status, write_status
+from lorakit.train.metrics import kept_events
 
 SCREENS = Path(__file__).resolve().parents[2] / "runs" / "dashboard-screens"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -284,6 +285,14 @@ def test_a_run_rewritten_in_place_then_removed_while_shown(browser, site, galler
         fh.write("".join(json.dumps(e, sort_keys=True) + "\n" for e in newer))
     want = [(e["step"], e["loss"]) for e in newer if e["kind"] == "train"]
     _wait(browser, lambda d: _series(d, "loss").get("train loss") == want, what="the rewritten curve alone")
+    # a divergence rollback from step 9 to step 4, then steps 5-10 again: the curve shows the kept timeline
+    again = [{"kind": "rollback", "step": 9, "to_step": 4, "reason": "loss is nan"}] + [
+        {"kind": "train", "step": step, "loss": 0.5 / step, "lr": 1e-4} for step in range(5, 11)]
+    with (run / "metrics.jsonl").open("a") as fh:
+        fh.write("".join(json.dumps(e, sort_keys=True) + "\n" for e in again))
+    want = [(e["step"], e["loss"]) for e in kept_events(newer + again) if e["kind"] == "train"]
+    assert len(want) < len([e for e in newer + again if e["kind"] == "train"])  # the rollback dropped some
+    _wait(browser, lambda d: _series(d, "loss").get("train loss") == want, what="the kept timeline")
     shutil.rmtree(run)
     _wait(browser, lambda d: d.find_elements("css selector", "[data-gone]"), what="the removed run's notice")
     assert "no longer in the runs folder" in browser.find_element("css selector", "[data-gone]").text

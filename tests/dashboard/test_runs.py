@@ -119,6 +119,17 @@ def test_half_written_files_read_as_what_they_hold(tmp_path):
     assert more == [{"kind": "train", "step": 3, "loss": 1.25}]
 
 
+def test_the_runs_row_reads_the_timeline_a_divergence_rollback_kept(tmp_path):
+    events = [{"kind": "train", "step": s, "loss": 3.0 - 0.1 * s} for s in range(1, 7)]
+    events += [{"kind": "eval", "step": 6, "eval_loss": 0.1},  # dropped with steps 5-7 by the rollback to step 4
+               {"kind": "rollback", "step": 7, "to_step": 4, "reason": "loss is nan"},
+               {"kind": "train", "step": 5, "loss": 2.9}, {"kind": "train", "step": 6, "loss": 2.8},
+               {"kind": "eval", "step": 6, "eval_loss": 2.7}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    row = load_run("x", tmp_path, RunCache())["row"]
+    assert row["best"] == {"metric": "eval_loss", "value": 2.7, "step": 6} and row["last_loss"] == 2.8
+
+
 def test_a_poll_parses_only_what_was_appended_and_a_replaced_file_afresh(tmp_path, monkeypatch):
     """The runs table follows a running run by reading metrics.jsonl on from where the last poll stopped; a
     resume's atomic rewrite (a new file) or a shorter file is read from the start."""

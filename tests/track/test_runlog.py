@@ -131,3 +131,134 @@ def test_a_fresh_run_over_an_earlier_one_shows_only_its_own_steps_in_tensorboard
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 5.0), (2, 4.0)]
+
+
+def _scalars(folder, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return [(e.step, round(e.value, 6)) for e in events.Scalars(tag)]
+
+
+def test_a_divergence_rollback_leaves_each_tracker_one_point_a_step(tmp_path, monkeypatch):
+    """Steps 5-6 (and the eval at 6) are logged, step 7 diverges, the run goes back to step 4 and trains 5-8 again:
+    TensorBoard drops the abandoned points, MLflow (which cannot) is not sent steps 5-6 twice, and the curves and
+    best scores read the kept timeline while metrics.jsonl keeps the record of both."""
+    from mlflow.tracking import MlflowClient
+
+    from lorakit.track.mlflow import tracking_uri
+    from lorakit.train.metrics import kept_events
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with RunLog(tmp_path, report_to=["tensorboard", "mlflow"]).running() as log:
+        log.open()
+        for step in range(1, 7):
+            log.write(kind="train", step=step, loss=float(step))
+        log.write(kind="eval", step=6, eval_loss=6.5)
+        log.write(kind="rollback", step=7, reason="loss is nan", to_step=4, lr_factor=0.1, until_step=24, in_a_row=1)
+        for step in range(5, 9):
+            log.write(kind="train", step=step, loss=10.0 + step)
+        log.write(kind="eval", step=6, eval_loss=16.5)
+        log.write(kind="eval", step=8, eval_loss=18.5)
+    kept = [(s, float(s) if s <= 4 else 10.0 + s) for s in range(1, 9)]
+    assert _scalars(tmp_path / "tensorboard", "train/loss") == kept
+    assert _scalars(tmp_path / "tensorboard", "eval/loss") == [(6, 16.5), (8, 18.5)]
+    client = MlflowClient(tracking_uri(tmp_path))
+    (mlrun,) = client.search_runs([client.get_experiment_by_name("lorakit").experiment_id])
+    history = sorted((m.step, m.value) for m in client.get_metric_history(mlrun.info.run_id, "train/loss"))
+    assert history == [(s, float(s)) for s in range(1, 7)] + [(7, 17.0), (8, 18.0)]
+    events = kept_events(json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines())
+    assert [(e["step"], e["loss"]) for e in events if e["kind"] == "train"] == kept
+    assert [(e["step"], e["eval_loss"]) for e in events if e["kind"] == "eval"] == [(6, 16.5), (8, 18.5)]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 14  # the record keeps every event
+
+
+def test_a_tracker_turned_on_at_a_resume_gets_the_kept_steps_and_an_offline_wandb_run_starts_anew(tmp_path,
+                                                                                                   monkeypatch):
+    from test_trackers import _wandb_history
+
+    from lorakit.track import remembered_id
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    first = RunLog(tmp_path, report_to=["tensorboard"]).open()
+    for step in (1, 2, 3, 4):
+        first.write(kind="train", step=step, loss=1.0 / step)
+    first._each("close", "interrupted")
+    ids = []
+    for resume, stop in ((2, 5), (4, 6)):  # W&B first asked for at the first resume, then resumed itself
+        resumed = RunLog(tmp_path, report_to=["tensorboard", "wandb"]).open(resume_step=resume)
+        for step in range(resume + 1, stop + 1):
+            resumed.write(kind="train", step=step, loss=1.0 / step)
+        with resumed.running():
+            pass
+        ids.append(remembered_id(tmp_path, "wandb"))
+    assert ids[0] != ids[1]  # W&B cannot resume an offline run: the second attempt is a run of its own
+    (folder,) = (tmp_path / "wandb").glob(f"offline-run-*-{ids[1]}")
+    (records,) = folder.glob("run-*.wandb")
+    assert sorted(int(r["global_step"]) for r in _wandb_history(records) if "train/loss" in r) == [1, 2, 3, 4, 5, 6]
+
+
+def test_mlflow_takes_a_config_whose_keys_are_patterns_and_closes_a_run_it_drops(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from lorakit.track import mlflow as tracker
+    from lorakit.track.mlflow import tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = {"lora": {"r": 4, "rank_pattern": {"q_proj$": 2}, "alpha_pattern": {"model.layers.0.q_proj": 8}}}
+    log = RunLog(tmp_path, report_to=["mlflow"], config=config).open()
+    assert list(log.trackers) == ["mlflow"]  # not dropped at log_config
+    client = MlflowClient(tracking_uri(tmp_path))
+    (mlrun,) = client.search_runs([client.get_experiment_by_name("lorakit").experiment_id])
+    params = mlrun.data.params
+    assert json.loads(params["lora.rank_pattern"]) == {"q_proj$": 2} and params["lora.r"] == "4"
+    assert json.loads(params["lora.alpha_pattern"]) == {"model.layers.0.q_proj": 8}
+    monkeypatch.setattr(tracker.Tracker, "log_metrics", lambda self, step, values: 1 / 0)
+    log.write(kind="train", step=1, loss=1.0)
+    assert log.trackers == {} and client.get_run(mlrun.info.run_id).info.status == "FAILED"  # not left RUNNING
+
+
+def test_a_tracker_failing_at_a_resume_leaves_the_tensorboard_record_as_it_was(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with RunLog(tmp_path, report_to=["tensorboard"]).running() as first:
+        first.open()
+        for step in (1, 2, 3, 4):
+            first.write(kind="train", step=step, loss=float(step))
+    files = sorted(p.name for p in (tmp_path / "tensorboard").iterdir())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "bogus://nowhere")
+    with pytest.raises(ConfigError, match="train.report_to: mlflow could not start"):
+        RunLog(tmp_path, report_to=["tensorboard", "mlflow"]).open(resume_step=2)
+    assert sorted(p.name for p in (tmp_path / "tensorboard").iterdir()) == files
+    assert _scalars(tmp_path / "tensorboard", "train/loss") == [(s, float(s)) for s in (1, 2, 3, 4)]
+
+
+@pytest.mark.parametrize("uri, said", [
+    ("http://127.0.0.1:9", "mlflow could not start"),  # nothing listens there: named in seconds, not minutes
+    ("sqlite:///{tmp}/mlflow.db", "needs SQLAlchemy, which mlflow-skinny does not install; pip install mlflow"),
+])
+def test_an_mlflow_store_that_cannot_start_is_named_at_once(tmp_path, monkeypatch, uri, said):
+    import importlib.util
+    import time
+
+    if "sqlite" in uri and importlib.util.find_spec("sqlalchemy") is not None:
+        pytest.skip("SQLAlchemy is installed: a SQLite store starts")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri.format(tmp=tmp_path))
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=said):
+        RunLog(tmp_path / "run", report_to=["mlflow"]).open()
+    assert time.monotonic() - started < 60
+
+
+def test_a_wandb_setting_it_refuses_is_named_with_its_field(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "bogus")
+    with pytest.raises(ConfigError, match=r"wandb could not start \(1 validation error for Settings: mode: Input "
+                                          r"should be 'online', 'offline'"):
+        RunLog(tmp_path, report_to=["wandb"]).open()
+
+
+def test_a_fresh_run_over_an_earlier_one_removes_what_would_read_as_its_own(tmp_path):
+    for name in ("samples.jsonl", "curves.png", "trackers.json", "summary.json"):
+        (tmp_path / name).write_text("the earlier run's")
+    RunLog(tmp_path, replace=True).open()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "status.json"]

@@ -65,6 +65,8 @@ def test_metrics_jsonl_has_every_step_and_the_task_scores(tracked_run):
     assert sorted(series["train/loss"]) == list(range(1, STEPS + 1))
     assert sorted(series["eval/loss"]) == [4, 8, 12]
     assert sorted(series["eval/exact_match"]) == [0, STEPS]  # base at step 0, adapter at the end
+    assert sorted(series["train/grad_norm"]) == list(range(1, STEPS + 1))  # as HF's Trainer logs it
+    assert all(value > 0 for value in series["train/grad_norm"].values())
 
 
 def test_tensorboard_events_equal_metrics_jsonl(tracked_run):
@@ -143,6 +145,16 @@ def _wandb_history(path: Path) -> list[dict]:
                 rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                              for item in record.history.item})
     return rows
+
+
+def test_the_run_files_are_readable_by_others_as_the_umask_allows(tracked_run):
+    import os
+    import stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("run_config.yaml", "samples.jsonl", "status.json", "summary.json", "metrics.jsonl", "trackers.json"):
+        assert stat.S_IMODE((tracked_run / name).stat().st_mode) == 0o666 & ~mask, name
 
 
 def test_samples_and_status_of_the_run(tracked_run):

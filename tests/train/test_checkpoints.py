@@ -12,7 +12,7 @@ import pytest
 from conftest import TOY_TARGETS, TOY_TASK, toy_model_folder
 from lorakit.config import DataConfig, LoraConfig, RunConfig, TrainConfig
 from lorakit.run import run
-from lorakit.train.checkpoints import due, greater_is_better, unevaluated_saves
+from lorakit.train.checkpoints import due, greater_is_better, improves, unevaluated_saves
 
 
 @pytest.mark.parametrize(
@@ -37,6 +37,15 @@ def test_due_follows_the_strategy(strategy, step, epoch_end, out_of_time, expect
 )
 def test_greater_is_better_is_inferred_from_the_name_unless_set(metric, explicit, expected):
     assert greater_is_better(TrainConfig(metric_for_best=metric, greater_is_better=explicit)) is expected
+
+
+@pytest.mark.parametrize("value, best, greater, expected", [
+    (0.5, None, False, True), (0.4, 0.5, False, True), (0.6, 0.5, False, False), (0.6, 0.5, True, True),
+    (float("nan"), None, False, False),  # chosen first, a NaN would never be beaten
+    (float("nan"), 0.5, True, False), (float("inf"), 0.5, True, False), (None, None, False, False),
+])
+def test_a_value_improves_on_the_best_only_as_a_finite_number(value, best, greater, expected):
+    assert improves(value, best, greater) is expected
 
 
 @pytest.mark.parametrize("eval_strategy, save_strategy, expected", [

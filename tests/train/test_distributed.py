@@ -215,3 +215,31 @@ def test_fewer_examples_than_processes_trains_and_evaluates(toy_config, tmp_path
     losses = [[(e["kind"], e.get("loss", e.get("eval_loss"))) for e in events] for events in runs]
     assert [kind for kind, _ in losses[1]] == ["train"] * 2 + ["eval"] + ["train"] * 2 + ["eval"]
     assert [v for _, v in losses[1]] == pytest.approx([v for _, v in losses[0]], abs=1e-4)
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def test_the_time_budget_stops_every_rank_at_the_same_step(toy_config, tmp_path):
+    """Rank 0 starts later than rank 1 (it opens the trackers), so each rank's clock reaches train.max_minutes at
+    another step; they stop together, and the last step is evaluated and saved."""
+    out = tmp_path / "budget"
+    _train([*TORCHRUN, *LORAKIT], toy_config, out, "--train.max_steps", "5000", "--train.max_minutes", "0.05",
+           "--train.eval_steps", "5000", "--train.save_steps", "5000", "--train.report_to", "mlflow")
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last = max(e["step"] for e in events if e["kind"] == "train")
+    assert last < 5000 and [e["step"] for e in events if e["kind"] == "eval"] == [last]
+    assert (out / "checkpoints" / f"step-{last:06d}").is_dir() and read_status(out)["state"] == "finished"
+
+
+def test_a_tracker_that_cannot_start_stops_every_rank_with_one_line(toy_config, tmp_path):
+    out = tmp_path / "no-tracker"
+    proc = subprocess.run([*TORCHRUN, *LORAKIT, str(toy_config), "--train.output_dir", str(out),
+                           "--train.report_to", "mlflow"], env={**ENV, "MLFLOW_TRACKING_URI": "bogus://nowhere"},
+                          capture_output=True, text=True, timeout=300, check=False)
+    said = [line for line in proc.stderr.splitlines() if line.startswith("lorakit train: error:")]
+    assert proc.returncode != 0 and "lost contact" not in proc.stderr, proc.stderr[-3000:]
+    assert len(said) == 2, proc.stderr[-3000:]  # rank 0 names the tracker, rank 1 points to it
+    assert sum("train.report_to: mlflow could not start" in line for line in said) == 1
+    assert sum("train.report_to: a tracker could not start on rank 0" in line for line in said) == 1
+    assert not (out / "status.json").exists()  # the run never began

@@ -54,7 +54,9 @@ def check_output_dir(train: TrainConfig) -> None:
 def clear_earlier_run(run_dir: str | Path) -> None:
     """Remove an earlier run's results and checkpoints (train.overwrite_output_dir, as training begins)."""
     run_dir = Path(run_dir)
-    (run_dir / SUMMARY_NAME).unlink(missing_ok=True)
+    # its results, and the files a page or a tracker would read as this run's: its samples, curves, tracker runs
+    for name in (SUMMARY_NAME, "samples.jsonl", "curves.png", "trackers.json"):
+        (run_dir / name).unlink(missing_ok=True)
     for folder in (run_dir / ADAPTER_FOLDER, run_dir / "checkpoints"):
         if folder.is_dir():
             shutil.rmtree(folder)

@@ -17,6 +17,7 @@ from lorakit.dashboard.files import plain_json, read_events, read_json, read_yam
 from lorakit.track import flatten
 from lorakit.track.samples import SAMPLES_FILE, primary_metric, read_samples
 from lorakit.track.status import STATUS_FILE, process_alive
+from lorakit.train.metrics import kept_events
 
 STALE_SECONDS = 600
 CHECKPOINT_PREFIX = "step-"
@@ -75,7 +76,7 @@ def _first_bytes(path: Path, count: int = 256) -> bytes:
 def load_run(name: str, folder: Path, cache: RunCache) -> dict:
     """Everything the page shows of one run: its row in the runs table plus config, checkpoints, summary."""
     config = cache.get(folder / "run_config.yaml", "yaml", read_yaml) or {}
-    events = cache.events(folder / "metrics.jsonl")
+    events = kept_events(cache.events(folder / "metrics.jsonl"))  # a divergence rollback's dropped steps left out
     summary = cache.get(folder / "summary.json", "json", read_json)
     record = cache.get(folder / STATUS_FILE, "json", read_json)
     checkpoints = complete_checkpoints(folder)

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from lorakit.atomic_files import write_atomically
 
 
 @dataclass(frozen=True)
@@ -74,18 +77,23 @@ def remember_id(run_dir: Path, name: str, run_id: str) -> None:
     except (OSError, ValueError):
         ids = {}
     ids[name] = run_id
-    path.write_text(json.dumps(ids, indent=1) + "\n", encoding="utf-8")
+    write_atomically(path, json.dumps(ids, indent=1) + "\n")
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, object]:
-    """{'lora': {'r': 8}} -> {'lora.r': 8}; lists and None stay values (trackers print them)."""
+    """{'lora': {'r': 8}} -> {'lora.r': 8}; lists and None stay values (trackers print them), and so does a mapping
+    whose keys are data rather than names (lora.rank_pattern's regular expressions such as 'q_proj$', which no
+    tracker takes as a name)."""
     out: dict[str, object] = {}
     for key, value in config.items():
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict) and value and all(isinstance(k, str) and _NAME.fullmatch(k) for k in value):
             out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+_NAME = re.compile(r"[A-Za-z0-9_\-]+")  # a config key: what MLflow, TensorBoard and W&B all take in a name
 
 
 def metric_values(event: dict) -> dict[str, float]:

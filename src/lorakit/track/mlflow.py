@@ -3,7 +3,7 @@
 The default store is MLflow's file store, <run>/mlruns (view with
 `MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri runs/NAME/mlruns`): it needs no database and
 starts at once, where a fresh SQLite store first runs its schema migrations. Set
-MLFLOW_TRACKING_URI (sqlite:///..., http://...) for any other store, MLFLOW_EXPERIMENT_NAME for the
+MLFLOW_TRACKING_URI (sqlite:///..., which needs the full mlflow package, http://...) for any other store, MLFLOW_EXPERIMENT_NAME for the
 experiment (default: lorakit). The config goes in as flattened params, the metrics as metrics, the
 eval samples as a table artifact (eval_samples.json, MLflow's table format) and the adapter folder
 as the artifact `adapter`. A resumed run continues its MLflow run; the steps between its checkpoint
@@ -12,6 +12,8 @@ and where it stopped, which MLflow already holds, are not logged again (MLflow c
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import os
 import time
@@ -21,6 +23,7 @@ from lorakit.track import flatten, remember_id, remembered_id
 
 FOLDER = "mlruns"
 PARAM_LIMIT = 6000  # MLflow's longest param value
+DATABASE_SCHEMES = ("sqlite:", "postgresql", "mysql", "mssql")  # SQLAlchemy stores
 END_STATES = {"finished": "FINISHED", "interrupted": "KILLED", "failed": "FAILED"}
 
 
@@ -28,11 +31,35 @@ def tracking_uri(run_dir: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or (Path(run_dir).resolve() / FOLDER).as_uri()
 
 
+# While the run starts: a server that does not answer is named within seconds, not after MLflow's default retries
+# (7, with backoff: about four minutes); the run's own requests keep the defaults (or what the environment sets).
+QUICK_START = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+@contextlib.contextmanager
+def quick_requests():
+    given = {key: os.environ.get(key) for key in QUICK_START}
+    os.environ.update({key: value for key, value in QUICK_START.items() if given[key] is None})
+    try:
+        yield
+    finally:
+        for key, value in given.items():
+            if value is None:
+                os.environ.pop(key, None)
+
+
 class Tracker:
     def __init__(self, run_dir: Path, resume_step: int | None):
         uri = tracking_uri(run_dir)
         if uri.startswith("file:"):  # MLflow 3 keeps its file store behind this opt-in
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        if uri.startswith(DATABASE_SCHEMES) and importlib.util.find_spec("sqlalchemy") is None:
+            raise RuntimeError(f"a database store ({uri.split(':', 1)[0]}) needs SQLAlchemy, which mlflow-skinny does "
+                               "not install; pip install mlflow (or sqlalchemy alembic)")
+        with quick_requests():
+            self._start(run_dir, uri, resume_step)
+
+    def _start(self, run_dir: Path, uri: str, resume_step: int | None) -> None:
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=uri)

@@ -20,7 +20,7 @@ from lorakit.config import ConfigError
 from lorakit.track import metric_values, missing, open_tracker, requested
 from lorakit.track.samples import table, write_samples
 from lorakit.track.status import write_status
-from lorakit.train.metrics import MetricsLog
+from lorakit.train.metrics import MetricsLog, kept_events
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,10 @@ class RunLog:
         self.jsonl: MetricsLog | None = None
         self.trackers: dict[str, object] = {}
         self.started = False  # training began: the folder now holds this run (see `open`)
+        self.sent_step = -1  # the highest train/eval step sent to the trackers
+        # after a divergence rollback: (the step it went back to, the highest step sent before it); the kept
+        # timeline's events for those steps go only to the trackers that dropped the old ones (`rollback`)
+        self.rolled_back: tuple[int, int] | None = None
 
     def open(self, resume_step: int | None = None) -> RunLog:
         """Training begins: run_config.yaml (the config given) and status.json (running) are written now, not
@@ -62,7 +66,9 @@ class RunLog:
 
     def _open_trackers(self, resume_step: int | None) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        for name in self.names:
+        # TensorBoard last: on a resume it drops the steps past the checkpoint as it starts, which a tracker that
+        # then failed to start would leave dropped for a resume that never happened
+        for name in sorted(self.names, key=lambda n: n == "tensorboard"):
             try:
                 self.trackers[name] = open_tracker(name, self.run_dir, resume_step)
             except Exception as err:  # noqa: BLE001 (any failure to start: an unreachable server, a refused store)
@@ -76,7 +82,7 @@ class RunLog:
         fresh = {name: t for name, t in self.trackers.items() if getattr(t, "new_record", False)}
         if not fresh:
             return
-        for event in self.jsonl.events():
+        for event in kept_events(self.jsonl.events()):  # a divergence rollback's dropped steps left out
             values = metric_values(event)
             if values and "step" in event:
                 for name, tracker in list(fresh.items()):
@@ -87,15 +93,30 @@ class RunLog:
                                     err)
                         fresh.pop(name)
                         self.trackers.pop(name, None)
+                        with contextlib.suppress(Exception):
+                            tracker.close("failed")
 
     def write(self, **event) -> None:
-        """One event (kind, step, numbers) to metrics.jsonl and, its numbers, to every tracker."""
+        """One event (kind, step, numbers) to metrics.jsonl and, its numbers, to every tracker.
+
+        After a divergence rollback (a `rollback` event) a tracker that can drop points (TensorBoard) drops the
+        steps the run abandoned and gets the kept ones; one that cannot (MLflow, W&B) keeps what it holds for those
+        steps and gets the kept timeline from the first step past them, so no tracker holds a step twice."""
         if self.jsonl is None:  # written to without the loop having opened it: append
             self.jsonl = MetricsLog(self.run_dir, resume=True, enabled=self.enabled)
         self.jsonl.write(**event)
+        if event.get("kind") == "rollback" and isinstance(event.get("to_step"), int):
+            self.rolled_back = (event["to_step"], self.sent_step)
+            self._each("rollback", event["to_step"], only=lambda tracker: hasattr(tracker, "rollback"))
         values = metric_values(event)
-        if values and "step" in event:
-            self._each("log_metrics", int(event["step"]), values)
+        if not values or "step" not in event:
+            return
+        step = int(event["step"])
+        timeline = event.get("kind") in ("train", "eval")
+        held = timeline and self.rolled_back is not None and self.rolled_back[0] < step <= self.rolled_back[1]
+        self._each("log_metrics", step, values, only=(lambda tracker: hasattr(tracker, "rollback")) if held else None)
+        if timeline:
+            self.sent_step = max(self.sent_step, step)
 
     def events(self) -> list[dict]:
         return self.jsonl.events() if self.jsonl else []
@@ -150,15 +171,27 @@ class RunLog:
         except OSError as err:  # never hide the run's own error behind this one
             log.warning("could not write %s/status.json (%s)", self.run_dir, err.strerror)
 
-    def _each(self, method: str, *args) -> None:
+    def _each(self, method: str, *args, only=None) -> None:
+        """Call `method` on every tracker (those `only` accepts); one that fails is closed (as failed) and dropped."""
         for name, tracker in list(self.trackers.items()):
+            if only is not None and not only(tracker):
+                continue
             try:
                 getattr(tracker, method)(*args)
             except Exception as err:  # noqa: BLE001 (a tracker's trouble must not cost the run)
                 log.warning("%s tracker: %s failed (%s); it logs nothing more for this run", name, method, err)
                 self.trackers.pop(name, None)
+                if method != "close":
+                    with contextlib.suppress(Exception):  # its run marked failed rather than left running
+                        tracker.close("failed")
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    """The error's first line; for a settings validation error (pydantic's, as W&B raises) the field and the reason
+    too, which its first line ("1 validation error for Settings") leaves out."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    if "validation error" in lines[0] and len(lines) > 2:
+        return f"{lines[0]}: {lines[1]}: {lines[2]}"
+    return lines[0]

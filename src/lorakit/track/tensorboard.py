@@ -40,6 +40,12 @@ class Tracker:
         head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
         self.writer.add_text("eval_samples", head + "\n".join("| " + " | ".join(map(_cell, r)) + " |" for r in data))
 
+    def rollback(self, to_step: int) -> None:
+        """A divergence rollback to `to_step`: the points past it are dropped, as a resume's purge drops them."""
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+        self.writer.file_writer.add_event(Event(step=to_step + 1, session_log=SessionLog(status=SessionLog.START)))
+
     def log_adapter(self, adapter_dir: Path) -> None:
         self.writer.add_text("adapter", f"`{adapter_dir}`")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,6 +116,14 @@ def unevaluated_saves(config: TrainConfig, total_steps: int, steps_per_epoch: in
     return unweighed, weighed
 
 
+def improves(value, best: float | None, greater: bool) -> bool:
+    """Whether an evaluation's `value` of the best metric beats `best` (None: nothing chosen yet). A value that is no
+    finite number (a NaN eval loss of a diverging step) never does: a NaN chosen first would never be beaten."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    return best is None or (value > best if greater else value < best)
+
+
 def greater_is_better(config: TrainConfig) -> bool:
     """`train.greater_is_better`, or inferred from the metric's name (losses and perplexities fall)."""
     if config.greater_is_better is not None:
@@ -194,9 +203,7 @@ class RunCheckpoints:
             log.warning("train.metric_for_best %r is not among the eval metrics (%s); keep-best chooses nothing",
                         self.config.metric_for_best, ", ".join(sorted(k for k in result if k.startswith("eval_"))))
         value = (result or {}).get(self.config.metric_for_best)
-        if value is not None and (
-            self.best is None or (value > self.best if greater_is_better(self.config) else value < self.best)
-        ):
+        if improves(value, self.best, greater_is_better(self.config)):
             self.best, self.best_path = value, path
         state = {
             "best_metric": self.best, "best_checkpoint": self.best_path.name if self.best_path else None,

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from lorakit.allocator import release_free_memory
 from lorakit.checkpoint.peft_io import save_adapter
-from lorakit.config import TrainConfig
+from lorakit.config import ConfigError, TrainConfig
 from lorakit.data.collate import split_rows
 from lorakit.models import DTYPES
 from lorakit.process_memory import peak_memory
@@ -185,7 +185,7 @@ def train(
     if start_step > total_steps:
         log.warning("the checkpoint is at step %d, past this run's %d steps; nothing is trained and the run keeps "
                     "its %d steps", start_step, total_steps, start_step)
-    metrics = (run_log or RunLog(out, enabled=world.main)).open(start_step if state else None)  # rank 0 writes
+    metrics = _open_run_log(run_log or RunLog(out, enabled=world.main), start_step if state else None, parallel)
     guard = DivergenceGuard(config, metrics, precision.scaler)
     guard.load_state_dict(state.get("guard", {}))
     guard.remember(start_step, model, optimizer, scheduler)
@@ -222,13 +222,14 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         guard.accept(step, step_loss)
 
-        out_of_time = deadline is not None and time.time() >= deadline and step < total_steps
+        out_of_time = deadline is not None and step < total_steps and _any_rank(time.time() >= deadline, parallel)
         last = step == total_steps or out_of_time
         if step % config.logging_steps == 0 or last:
             elapsed = time.time() - window_start
             lr = scheduler.get_last_lr()[0] * guard.lr_factor(step + 1)
             speed = parallel.sum(window_tokens)[0] / max(elapsed, 1e-9)
-            metrics.write(kind="train", step=step, loss=step_loss, lr=lr, tokens_per_s=speed, **objective.train_metrics())
+            metrics.write(kind="train", step=step, loss=step_loss, lr=lr, grad_norm=grad_norm, tokens_per_s=speed,
+                          **objective.train_metrics())
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
             window_tokens, window_start = 0, time.time()
         bar.update(1)
@@ -280,6 +281,25 @@ def _prepare_model(model: nn.Module, config: TrainConfig) -> dict:
     if config.release_memory:
         release_freed_memory()
     return applied
+
+
+def _any_rank(flag: bool, parallel: DataParallel) -> bool:
+    """Whether `flag` holds on any process: a decision every rank must take alike (stop at the time budget: each
+    rank's clock and start differ, and a rank that stopped alone would leave the others waiting on it)."""
+    return parallel.sum(float(flag))[0] > 0 if parallel.world.size > 1 else flag
+
+
+def _open_run_log(run_log: RunLog, resume_step: int | None, parallel: DataParallel) -> RunLog:
+    """`run_log` opened (its trackers start on rank 0, which writes): every rank stops with the same one-line error
+    when a tracker cannot start, rather than the others waiting on rank 0 until they lose contact with it."""
+    try:
+        run_log.open(resume_step)
+        failed = None
+    except ConfigError as err:
+        failed = err
+    if _any_rank(failed is not None, parallel):
+        raise failed or ConfigError("train.report_to: a tracker could not start on rank 0 (its message says why)")
+    return run_log
 
 
 def _roll_back(step: int, problem: str, guard: DivergenceGuard, precision: Precision, model: nn.Module,

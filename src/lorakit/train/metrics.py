@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from lorakit.atomic_files import write_atomically
@@ -57,7 +58,7 @@ class MetricsLog:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        events = self.events()
+        events = kept_events(self.events())
         train = [(e["step"], e["loss"]) for e in events if e.get("kind") == "train"]
         evals = [e for e in events if e.get("kind") == "eval"]
         others = sorted(
@@ -85,9 +86,27 @@ class MetricsLog:
             ax2.legend()
         fig.tight_layout()
         out = Path(path) if path else self.path.with_name("curves.png")
-        fig.savefig(out, dpi=100)
-        plt.close(fig)
+        tmp = out.with_name(f".{out.name}-{os.getpid()}.png")  # the dashboard serves it while a run redraws it
+        try:
+            fig.savefig(tmp, dpi=100)
+            os.replace(tmp, out)
+        finally:
+            plt.close(fig)
+            tmp.unlink(missing_ok=True)
         return out
+
+
+def kept_events(events: list[dict]) -> list[dict]:
+    """The events of the timeline a run kept: the train and eval events a divergence rollback dropped (logged before
+    it, for the steps after the one it went back to, up to the one that diverged) are left out. metrics.jsonl keeps
+    them, and the rollback event, as the record of what happened; curves and best scores read this."""
+    out: list[dict] = []
+    for event in events:
+        if event.get("kind") == "rollback" and _number(event.get("to_step")) and _number(event.get("step")):
+            out = [e for e in out if e.get("kind") not in ("train", "eval") or not _number(e.get("step"))
+                   or not event["to_step"] < e["step"] <= event["step"]]
+        out.append(event)
+    return out
 
 
 def _number(value) -> bool:

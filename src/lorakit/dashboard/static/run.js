@@ -12,6 +12,20 @@ LK.flatten = function (value, prefix, out) {
   return out;
 };
 
+// The events of the timeline a run kept: train and eval events that a divergence rollback dropped (logged before it,
+// after the step it went back to, up to the one that diverged) are left out, as lorakit.train.metrics.kept_events does.
+LK.keptEvents = function (events) {
+  let out = [];
+  for (const e of events) {
+    if (e.kind === "rollback" && typeof e.step === "number" && typeof e.to_step === "number") {
+      out = out.filter((x) => (x.kind !== "train" && x.kind !== "eval") || typeof x.step !== "number"
+        || !(e.to_step < x.step && x.step <= e.step));
+    }
+    out.push(e);
+  }
+  return out;
+};
+
 LK.show = (v) => (v === null || v === undefined ? "null" : typeof v === "object" ? JSON.stringify(v) : String(v));
 
 LK.runView = {
@@ -144,8 +158,8 @@ LK.runView = {
 
   curves() {
     const panel = document.getElementById("panel-curves");
-    const ev = this.events;
-    this.drawnCount = ev.length;
+    const ev = LK.keptEvents(this.events);
+    this.drawnCount = this.events.length;
     const series = (kind, key, name, dots) => ({
       name, dots, points: ev.filter((e) => e.kind === kind && typeof e[key] === "number").map((e) => [e.step, e[key]]),
     });
