@@ -39,7 +39,7 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 def test_json_scores_against_the_official_test_set_by_default(capsys, subset, monkeypatch):
     monkeypatch.setenv("PATH", "")  # no Java: METEOR, ROUGE-L and CIDEr are n/a with the reason
-    code, out, _ = run(capsys, "--task", "e2e", "--predictions", str(subset), "--json")
+    code, out, _ = run(capsys, "--task", "e2e", "--predictions", str(subset), "--json", "--allow-subset")
     assert code == 0
     scores = json.loads(out)
     bleu, nist = expected_mteval(subset)
@@ -53,7 +53,8 @@ def test_json_scores_against_the_official_test_set_by_default(capsys, subset, mo
 @pytest.mark.slow
 @pytest.mark.skipif(coco_unavailable() is not None, reason=str(coco_unavailable()))
 def test_prints_the_five_challenge_metrics(capsys, subset):
-    code, out, err = run(capsys, "--task", "e2e", "--predictions", str(subset), "--references", str(TEST_SET))
+    code, out, err = run(capsys, "--task", "e2e", "--predictions", str(subset), "--references", str(TEST_SET),
+                         "--allow-subset")
     assert code == 0
     printed = dict(line.split(None, 1) for line in out.splitlines() if line.startswith("  ") and ":" not in line)
     assert list(printed) == ["BLEU", "NIST", "METEOR", "ROUGE-L", "CIDEr"]
@@ -62,6 +63,13 @@ def test_prints_the_five_challenge_metrics(capsys, subset):
     assert 30 < float(printed["METEOR"]) < 60 and 50 < float(printed["ROUGE-L"]) < 90 and float(printed["CIDEr"]) > 1
     assert "40 of the 630 MRs" in out and "sacreBLEU" in out
     assert "590 MRs of the references have no output" in err
+
+
+def test_outputs_for_some_of_the_mrs_are_refused_unless_a_subset_is_asked_for(capsys, subset):
+    code, out, err = run(capsys, "--task", "e2e", "--predictions", str(subset), "--references", str(TEST_SET))
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert f"{subset}: outputs for 40 of the 630 MRs of {TEST_SET} (the first without one: " in err
+    assert err.rstrip().endswith("expected one output per MR, or --allow-subset to score the given ones only")
 
 
 @pytest.mark.parametrize(
@@ -106,3 +114,24 @@ def test_inconsistent_flags_are_usage_errors(capsys, argv):
         main(["eval", *argv])
     assert exit_info.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_eval_reads_the_challenge_csv_with_format_e2e_and_hints_at_it_without(capsys, tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from conftest import toy_model_folder
+
+    lines = TEST_SET.read_text(encoding="utf-8").splitlines()
+    rows = lines[:1] + [line for line in lines[1:] if line.startswith('"name[Blue Spice], eatType[coffee shop]')][:6]
+    (tmp_path / "refs.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    model = toy_model_folder(tmp_path / "model")
+    capsys.readouterr()  # its own progress bar
+    argv = ["--model", str(model), "--data", str(tmp_path / "refs.csv"), "--template", "seed", "--task", "e2e",
+            "--max-new-tokens", "4"]
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.rstrip().endswith("an E2E challenge CSV (mr, ref) is read with data.format e2e (lorakit eval --format e2e)")
+    code, out, _ = run(capsys, *argv, "--format", "e2e")
+    scores = json.loads(out)
+    assert code == 0 and {"bleu", "nist"} <= set(scores) and 0 <= scores["bleu"] <= 1

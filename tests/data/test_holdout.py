@@ -62,3 +62,19 @@ def test_eval_size_out_of_range_is_a_config_problem(size):
 def test_example_limits_must_be_positive(name):
     with pytest.raises(ConfigError, match=rf"data.{name}: given -1, expected a positive integer or null"):
         RunConfig(data=DataConfig(train_file="t.jsonl", **{name: -1}))
+
+
+def test_e2e_data_holds_out_whole_meaning_representations():
+    """The E2E training CSV holds several references per MR: a per-record hold-out scored the checkpoint on MRs it
+    trained on (all of them, on part 1); whole MRs are held out instead, a tenth of them."""
+    from pathlib import Path
+
+    from lorakit.data.dataset import read_records
+
+    part = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "e2e" / "original" / "trainset.part1of3.csv"
+    train, evaluation, _ = read_records(DataConfig(train_file=str(part), format="e2e"), seed=0)
+    train_mrs, eval_mrs = {r["mr"] for r in train}, {r["mr"] for r in evaluation}
+    assert eval_mrs and not train_mrs & eval_mrs
+    assert len(eval_mrs) == round(0.1 * len(train_mrs | eval_mrs))
+    again, _, _ = read_records(DataConfig(train_file=str(part), format="e2e"), seed=0)
+    assert again == train  # seeded: the same split every time

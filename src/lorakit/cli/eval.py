@@ -8,6 +8,7 @@ import sys
 
 from lorakit.cli.generate import add_model_arguments, load_for_inference
 from lorakit.cli.parsing import non_empty, positive_int, subcommand
+from lorakit.data.formats import FORMATS
 from lorakit.tasks import TASKS
 
 EXAMPLES = """examples:
@@ -31,7 +32,10 @@ def add_parser(commands) -> None:
     add_model_arguments(parser, model_required=False)
     parser.add_argument("--data", type=non_empty,
                         help="JSONL/JSON/CSV file of instruction/output records (with --model)")
-    parser.add_argument("--task", choices=list(TASKS), help="task scorer (default: exact match only)")
+    parser.add_argument("--format", choices=list(FORMATS), help="the --data file's record format, as data.format "
+                        "(default: told from its fields; e2e reads the challenge's mr,ref CSVs)")
+    parser.add_argument("--task", choices=list(TASKS),
+                        help="task scorer (default: the adapter run card's task, else exact match only)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     parser.add_argument("--batch-size", type=positive_int, default=32)
     saved = parser.add_argument_group("scoring saved E2E outputs (--task e2e)")
@@ -39,6 +43,8 @@ def add_parser(commands) -> None:
     saved.add_argument("--references", help="E2E CSV (mr,ref) with every reference of each MR; "
                        "default: the official test set, ../shared/data/e2e/original/testset_w_refs.csv")
     saved.add_argument("--json", action="store_true", help="print the scores as JSON")
+    saved.add_argument("--allow-subset", action="store_true",
+                       help="score outputs for only some of the references' MRs (else refused: a cut file)")
     parser.set_defaults(run=run, parser=parser)
 
 
@@ -48,14 +54,15 @@ def run(args, _overrides) -> int:
     if not args.model or not args.data:
         args.parser.error("--model and --data are required (or --task e2e --predictions FILE to score saved outputs)")
     from lorakit.config import EvalConfig
-    from lorakit.data.files import load_records
+    from lorakit.data.dataset import file_reader
     from lorakit.data.formats import validate_records
     from lorakit.infer.score import score_generations
     from lorakit.checkpoint.run_card import read_run_card
 
+    read, fmt = file_reader(args.format)
+    records = read(args.data)  # before the model loads: a bad file is named at once
+    validate_records(records, fmt, args.data)
     model, tokenizer, template = load_for_inference(args)
-    records = load_records(args.data)
-    validate_records(records, None, args.data)
     task = args.task or read_run_card(args.adapter).get("task")
     config = EvalConfig(task=task, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, samples=3)
     scores = score_generations(model, tokenizer, records, template, config)
@@ -71,7 +78,7 @@ def run_saved(args) -> int:
         args.parser.error("--predictions scores saved outputs: drop --model/--data (or drop --predictions to generate)")
     from lorakit.tasks.e2e import LABELS, METRICS, SACREBLEU_LABEL, SCORER, score_files
 
-    scores = score_files(args.predictions, args.references)
+    scores = score_files(args.predictions, args.references, allow_subset=args.allow_subset)
     if args.json:
         print(json.dumps({"scorer": SCORER, **scores}, indent=1, ensure_ascii=False))
         return 0

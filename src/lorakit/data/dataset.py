@@ -83,7 +83,8 @@ def with_eval_split(config: DataConfig, train: list[dict], check, seed: int, loa
             log.warning("data.eval_file %s is data.train_file: the checkpoint is chosen, and without a test file "
                         "the final score given, on records the model trains on", config.eval_file)
     else:
-        split = hold_out(train, config.eval_size, seed, str(config.train_file or config.hf_dataset))
+        split = hold_out(train, config.eval_size, seed, str(config.train_file or config.hf_dataset),
+                         group_by="mr" if config.format == "e2e" else None)  # an MR's references stay together
         train, evaluation = split.train, split.eval
     if config.max_train_examples and config.max_train_examples < len(train):
         train = train_test_split(train, config.max_train_examples, seed)[1]

@@ -92,6 +92,8 @@ def detect_format(record: dict[str, Any]) -> str:
         f"{where(record)}: cannot tell the record format from its fields ({fields}); expected "
         "instruction+output (instruction), instruction+input+output (alpaca), messages (chat), "
         "conversations (sharegpt), prompt+chosen+rejected (preference) or text+label (text_label)"
+        + ("; an E2E challenge CSV (mr, ref) is read with data.format e2e (lorakit eval --format e2e)"
+           if {"mr", "ref"} <= set(record) else "")
     )
 
 

@@ -32,8 +32,11 @@ class Holdout:
     note: str | None = None  # why there is no eval split, when there is none
 
 
-def hold_out(records: list, eval_size: float | None, seed: int, source: str) -> Holdout:
+def hold_out(records: list, eval_size: float | None, seed: int, source: str, group_by: str | None = None) -> Holdout:
     """Split `records` (from `source`, for messages) into train and eval as `data.eval_size` says.
+
+    With `group_by` (a record field: the E2E meaning representation, `mr`) whole groups are held out, so no
+    group has records on both sides, and eval_size counts groups: an MR's references all train or all evaluate.
 
     Raises:
         DataError: an explicit eval_size that would leave no training record.
@@ -58,8 +61,18 @@ def hold_out(records: list, eval_size: float | None, seed: int, source: str) -> 
             f"leaves none to train on; expected a smaller data.eval_size, 0 to train on all of them without "
             "evaluation, or a separate data.eval_file"
         )
+    if group_by is not None:
+        return _hold_out_groups(records, eval_size, seed, group_by)
     train, evaluation = train_test_split(records, count, seed)
     return Holdout(train, evaluation)
+
+
+def _hold_out_groups(records: list, eval_size: float, seed: int, field: str) -> Holdout:
+    """Whole groups of records sharing `field` held out, eval_size of the groups; both parts in the records' order."""
+    groups = list(dict.fromkeys(r.get(field) for r in records))
+    _, held = train_test_split(groups, min(eval_count(eval_size, len(groups)), len(groups) - 1), seed)
+    held = set(held)
+    return Holdout([r for r in records if r.get(field) not in held], [r for r in records if r.get(field) in held])
 
 
 def eval_count(eval_size: float, n: int) -> int:

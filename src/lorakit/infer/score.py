@@ -52,8 +52,11 @@ def score_generations(
 
 
 def row_scores(scorer, prediction: str, reference) -> dict[str, float]:
-    """The task scorer's numbers for one output alone (exact_match 0/1 for ros2; sentence BLEU for e2e)."""
-    return {k: v for k, v in scorer([prediction], [reference]).items() if isinstance(v, float)}
+    """The task scorer's numbers for one output alone (exact_match 0/1 for ros2; smoothed sentence BLEU for e2e, its
+    `row` scorer)."""
+    row = getattr(scorer, "row", None)
+    scores = row(prediction, reference) if row is not None else scorer([prediction], [reference])
+    return {k: v for k, v in scores.items() if isinstance(v, float)}
 
 
 def _group_by_prompt(pairs: list[tuple[str, str]], records: list[dict]) -> tuple[list, list[dict]]:

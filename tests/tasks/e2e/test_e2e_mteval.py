@@ -72,3 +72,22 @@ def test_every_output_needs_references():
         bleu(["a"], [["a"], ["b"]])
     with pytest.raises(DataError, match="at least one reference"):
         nist(["a"], [[]])
+
+
+def test_sentence_bleu_is_the_challenges_add_one_sentbleu():
+    from lorakit.tasks.e2e.mteval import sentence_bleu
+
+    # no hit at any order: (0+1)/(5+1), 1/(4+1), 1/(3+1), 1/(2+1); as long as the reference, no brevity penalty
+    assert sentence_bleu("x y z w v", ["a pub near it ."]) == pytest.approx((1 / 6 * 1 / 5 * 1 / 4 * 1 / 3) ** 0.25)
+    assert sentence_bleu("A pub.", ["a pub ."]) == pytest.approx(1.0)  # corpus BLEU of it alone: near 0
+    assert bleu(["A pub."], [["a pub ."]]) < 0.05
+    # shorter than 4 words: counts of 0, not below 0 (which gave 25.35 here)
+    assert sentence_bleu("x y", ["a pub near it ."]) == pytest.approx(
+        math.exp(1 - 5 / 2) * (1 / 3 * 1 / 2 * 1 * 1) ** 0.25)
+
+
+def test_a_sample_rows_e2e_verdict_is_its_sentence_bleu():
+    from lorakit.infer.score import row_scores
+    from lorakit.tasks.e2e import score
+
+    assert row_scores(score, "Blue Spice is a pub.", ["blue spice is a pub .", "A pub."]) == {"bleu": pytest.approx(1.0)}

@@ -11,7 +11,8 @@ tuetschek/e2e-metrics' ``measure_scores.py``; this package follows it:
 * :mod:`.scorer`: :func:`score_challenge` and :func:`score_files`, and :func:`score`, the quick
   (BLEU, NIST) scorer that ``eval.task: e2e`` runs during training.
 
-BLEU, METEOR and ROUGE-L are on a 0-100 scale (as the papers' tables), NIST and CIDEr as they come.
+In :func:`score_challenge` BLEU, METEOR and ROUGE-L are on a 0-100 scale (as the papers' tables), NIST and CIDEr
+as they come; the training-time :func:`score` gives BLEU as a fraction, like every task score.
 ``tests/tasks/e2e`` reproduces two challenge systems' official scores.
 """
 

@@ -116,15 +116,20 @@ class CorpusStats:
         self.closest_ref_length += min(lengths, key=lambda k: (abs(k - len(hyp)), k))
         self.mean_ref_length += sum(lengths) / len(lengths)
 
-    def bleu(self) -> float:
+    def bleu(self, smoothing: float = 0.0) -> float:
+        """BLEU; `smoothing` is added to every order's hits and counts (MT-Eval's sentBLEU adds 1), the counts of an
+        output shorter than the order taken as 0 then (MT-Eval's below-zero counts would give 25 for 'x y')."""
         hits = [sum(segment.total() for segment in self.hits[n]) for n in range(1, BLEU_ORDER + 1)]
         counts = self.counts[1 : BLEU_ORDER + 1]
+        if smoothing:
+            counts = [max(c, 0) for c in counts]
         output_length = counts[0]
         if output_length > self.closest_ref_length:
             penalty = 1.0
         else:
             penalty = math.exp(1.0 - self.closest_ref_length / (output_length or 1e-5))
-        log_precision = sum(math.log(max(h, _TINY_HITS) / max(c, _SMALL_COUNT)) for h, c in zip(hits, counts))
+        log_precision = sum(math.log(max(h + smoothing, _TINY_HITS) / max(c + smoothing, _SMALL_COUNT))
+                            for h, c in zip(hits, counts))
         return penalty * math.exp(log_precision / BLEU_ORDER)
 
     def nist(self) -> float:
@@ -148,6 +153,14 @@ def bleu(outputs: list[str], references: list[list[str]]) -> float:
         references: every reference of each segment.
     """
     return CorpusStats.of(outputs, references).bleu()
+
+
+def sentence_bleu(output: str, references: list[str]) -> float:
+    """One output's BLEU (0-1) with add-one smoothing, as the challenge's per-segment sentBLEU
+    (``BLEUScore(smoothing=1.0)`` in its MT-Eval) but for outputs shorter than 4 words, whose n-gram counts it
+    takes as 0 rather than below 0 (which gave scores above 1): corpus BLEU of one short segment is near 0 even
+    when it equals a reference, for want of 4-gram hits."""
+    return CorpusStats.of([output], [references]).bleu(smoothing=1.0)
 
 
 def nist(outputs: list[str], references: list[list[str]]) -> float:

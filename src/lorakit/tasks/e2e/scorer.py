@@ -71,13 +71,16 @@ def score_challenge(outputs: list[str], references: list[list[str]], coco: CocoS
     return scores
 
 
-def score_files(predictions: str | Path, references: str | Path | None = None, coco: CocoScorers | None = None) -> dict:
+def score_files(predictions: str | Path, references: str | Path | None = None, coco: CocoScorers | None = None,
+                allow_subset: bool = False) -> dict:
     """Score a challenge-style output file (``MR<TAB>output``) against a reference CSV (``mr,ref``).
 
     Args:
         predictions: the system's outputs, one line per MR after the header.
         references: the references; the official test set (:func:`default_references`) when None.
         coco: a :class:`CocoScorers` to reuse.
+        allow_subset: score outputs for only some of the reference file's MRs (else that is an error: a cut
+            output file, scored as it stands, would read as a whole system's scores).
 
     Returns:
         :func:`score_challenge`'s dict plus ``predictions``, ``references_file`` and
@@ -85,12 +88,20 @@ def score_files(predictions: str | Path, references: str | Path | None = None, c
 
     Raises:
         FileNotFoundError: a file is missing.
-        DataError: a malformed file, or an MR without references (the message names file and line).
+        DataError: a malformed file, an MR without references (the message names file and line), or outputs for
+            only some of the MRs without `allow_subset`.
     """
     references = Path(references) if references is not None else default_references()
     outputs = read_outputs(predictions)
     by_mr = read_references(references)
-    scores = score_challenge(outputs.outputs, references_for(outputs, by_mr, str(references)), coco)
+    grouped = references_for(outputs, by_mr, str(references))
+    given = set(outputs.mrs)
+    missing = [mr for mr in by_mr if mr not in given]
+    if missing and not allow_subset:
+        raise DataError(f"{predictions}: outputs for {len(by_mr) - len(missing)} of the {len(by_mr)} MRs of {references} "
+                        f"(the first without one: {missing[0][:80]!r}); expected one output per MR, or --allow-subset "
+                        "to score the given ones only")
+    scores = score_challenge(outputs.outputs, grouped, coco)
     return {**scores, "predictions": str(predictions), "references_file": str(references), "reference_mrs": len(by_mr)}
 
 
@@ -106,4 +117,12 @@ def score(preds: list[str], refs: list[list[str]] | list[str]) -> dict[str, floa
     return {"bleu": bleu, "nist": nist}
 
 
+def row_score(prediction: str, references: list[str] | str) -> dict[str, float]:
+    """One output's verdict (samples.jsonl, the dashboard): the challenge's per-segment sentBLEU (smoothed) as a
+    fraction; corpus BLEU and NIST mean little on one segment."""
+    grouped = [references] if isinstance(references, str) else list(references)
+    return {"bleu": mteval.sentence_bleu(prediction, grouped)}
+
+
 score.multi_reference = True  # score_generations generates each distinct prompt once and passes all its references
+score.row = row_score  # the verdict on one output alone
