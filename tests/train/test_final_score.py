@@ -204,3 +204,10 @@ def test_a_run_trained_on_a_half_base_is_scored_on_the_fp32_base(toy_files, tmp_
         expected = CausalLMObjective(tokenizer.pad_token_id).evaluate(model.eval(), examples, 4, "cpu")["eval_loss"]
     assert summary["final_score"]["scores"]["test_loss"] == pytest.approx(expected, rel=1e-6)
     assert any("final scores load the saved adapter onto the fp32 base" in line for line in lines)
+
+
+def test_the_final_line_shows_a_count_as_a_count():
+    data, train = DataConfig(train_file="t.jsonl", eval_file="v.jsonl", test_file="x.jsonl"), TrainConfig()
+    summary = describe_splits(data, train, 0.5, "checkpoints/step-000010")
+    summary["final_score"]["scores"] = {"test_loss": 0.25, "test_exact_match": 0.855, "test_n": 200}
+    assert final_score_line(summary).endswith("test_loss 0.2500, test_exact_match 85.5%, test_n 200")

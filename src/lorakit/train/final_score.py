@@ -104,6 +104,8 @@ def final_score_line(summary: dict) -> str:
 
 
 def _shown(key: str, value: float) -> str:
+    if isinstance(value, int):  # a count (the scored examples, n), not a score
+        return f"{key} {value:,d}"
     percent = any(word in key for word in ("accuracy", "exact_match", "valid_rate", "f1"))
     return f"{key} {value:.1%}" if percent else f"{key} {value:.4f}"
 
