@@ -346,3 +346,67 @@ def test_a_stream_can_end_with_its_usage(client):
     last = chunks[-1]
     assert last.choices == [] and 1 <= last.usage.completion_tokens <= 5
     assert last.usage.total_tokens == last.usage.prompt_tokens + last.usage.completion_tokens > 0
+
+
+def test_openai_details_seeds_content_parts_and_errors(server, client):
+    """Without a seed each request samples afresh (a seed repeats); text content parts are joined as vLLM joins
+    them, other parts named; stream_options and logprobs 0 are refused, not ignored; errors take OpenAI's shape."""
+    ask = {"model": "a", "prompt": "say", "max_tokens": 12, "temperature": 1.0}
+    unseeded = {client.completions.create(**ask).choices[0].text for _ in range(4)}
+    seeded = {client.completions.create(**ask, seed=7).choices[0].text for _ in range(2)}
+    assert len(unseeded) > 1 and len(seeded) == 1
+    parts = [{"type": "text", "text": "say"}, {"type": "text", "text": "red"}]
+    as_parts = client.chat.completions.create(model="a", messages=[{"role": "user", "content": parts}], max_tokens=8,
+                                              temperature=0)
+    as_text = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "say\nred"}],
+                                             max_tokens=8, temperature=0)
+    assert as_parts.choices[0].message.content == as_text.choices[0].message.content
+    image = [*parts, {"type": "image_url", "image_url": {"url": "data:,"}}]
+    with pytest.raises(openai.BadRequestError, match=r"'messages\[0\].content\[2\]' is a 'image_url' part"):
+        client.chat.completions.create(model="a", messages=[{"role": "user", "content": image}], max_tokens=4)
+    for fields, param in [({"stream_options": {"include_usage": True}}, "stream_options"), ({"logprobs": 0}, "logprobs")]:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model="a", prompt="say red", max_tokens=4, extra_body=fields)
+        assert err.value.body["param"] == param, fields
+    with pytest.raises(openai.NotFoundError) as err:
+        client.completions.create(model="nope", prompt="say red", max_tokens=4)
+    assert (err.value.body["type"], err.value.body["code"]) == ("invalid_request_error", "model_not_found")
+    with pytest.raises(openai.BadRequestError, match=r"'max_tokens' must be an integer \(got a string\)"):
+        client.completions.create(model="a", prompt="say red", extra_body={"max_tokens": "4"})
+    chunks = list(client.completions.create(model="a", prompt="say red", max_tokens=20, stream=True, temperature=0))
+    assert len({c.created for c in chunks}) == 1 and len({c.id for c in chunks}) == 1
+
+
+def test_a_default_max_tokens_is_cut_to_the_room_the_prompt_leaves(toy):
+    from lorakit.serve.inputs import Inputs
+    from lorakit.serve.protocol import ApiError, parse_ask
+
+    folder, _ = toy
+    tokenizer = load_tokenizer(folder)
+    inputs = Inputs(ServeConfig(max_kv_tokens=30, max_tokens=40), tokenizer, context=128)
+    body = {"model": "toy", "messages": [{"role": "user", "content": "say red"}]}
+    ask = parse_ask(body, True, inputs.config, lambda messages: "### user:\nsay red\n\n### assistant:\n")
+    (ids,) = inputs.tokenize(ask)
+    assert ask.max_tokens == 30 - len(ids)  # not a refusal naming a max_tokens the client never sent
+    given = parse_ask({**body, "max_tokens": 30}, True, inputs.config, lambda messages: "say red")
+    with pytest.raises(ApiError, match=r"\+ max_tokens \(30\) is over the server's --max-kv-tokens of 30 tokens") as err:
+        inputs.tokenize(given)
+    assert err.value.code == "context_length_exceeded"
+
+
+def test_a_stream_that_fails_ends_with_done():
+    import asyncio
+
+    from lorakit.serve.app import stream
+    from lorakit.serve.protocol import parse_ask
+    from lorakit.serve.scheduler import Job
+
+    async def run():
+        job = Job(request=None, loop=asyncio.get_running_loop())
+        job.events.put_nowait(("error", (404, "adapter 'd' was unloaded before the request ran")))
+        ask = parse_ask({"model": "d", "prompt": "hi", "max_tokens": 2, "stream": True}, False, ServeConfig(), None)
+        return [piece async for piece in stream(ask, "cmpl-1", [job])]
+
+    pieces = asyncio.run(run())
+    assert json.loads(pieces[0][6:])["error"]["message"].startswith("adapter 'd' was unloaded")
+    assert pieces[-1] == "data: [DONE]\n\n"

@@ -227,8 +227,9 @@ async def stream(ask: Ask, rid: str, jobs: list[Job]):
                     yield _sse(chunk(ask, rid, index, None, reason=value.finish_reason))
                     done.append(value)
                     break
-                else:
+                else:  # the error, then the end of the stream, as vLLM ends one (SSE clients wait for [DONE])
                     yield _sse(ApiError(*value).body())
+                    yield "data: [DONE]\n\n"
                     return
         if ask.include_usage:
             yield _sse(usage_chunk(ask, rid, done))

@@ -76,28 +76,26 @@ class Inputs:
             raise ApiError(400, f"the chat template rejected the messages: {err}", "messages") from None
 
     def tokenize(self, ask: Ask) -> list[list[int]]:
-        """Each prompt's ids, within max_prompt_tokens and, with max_tokens, within the model's context."""
+        """Each prompt's ids, within max_prompt_tokens and, with max_tokens, within the model's context and the
+        server's --max-kv-tokens. A max_tokens the client did not send (the default) is cut to the room the longest
+        prompt leaves, as vLLM does, rather than refused for a value no one asked for."""
         param = "messages" if ask.chat else "prompt"
         limit = self.config.max_prompt_tokens
         with self._tokenizing:  # requests tokenize on worker threads; a fast tokenizer is not to be shared at once
             prompts = prompt_token_ids(self.tokenizer, ask.prompts, not ask.chat)
-        out = []
+        bounds = [(self.config.max_kv_tokens, "the server's --max-kv-tokens of")]
+        if self.context:
+            bounds.insert(0, (self.context, "the model's context of"))
         for ids in prompts:
             if not 1 <= len(ids) <= limit:
                 raise ApiError(400, f"the prompt has {len(ids)} tokens; allowed: 1 to {limit}", param)
-            if self.context and len(ids) + ask.max_tokens > self.context:
-                raise ApiError(
-                    400,
-                    f"prompt ({len(ids)} tokens) + max_tokens ({ask.max_tokens}) is over the model's "
-                    f"context of {self.context} tokens",
-                    param,
-                )
-            if len(ids) + ask.max_tokens > self.config.max_kv_tokens:
-                raise ApiError(
-                    400,
-                    f"prompt ({len(ids)} tokens) + max_tokens ({ask.max_tokens}) is over the server's "
-                    f"--max-kv-tokens of {self.config.max_kv_tokens}",
-                    param,
-                )
-            out.append(ids)
-        return out
+        if not ask.max_tokens_given:
+            room = min(bound for bound, _ in bounds) - max(map(len, prompts))
+            ask.max_tokens = max(1, min(ask.max_tokens, room))  # none left: refused below, naming the bound
+        for ids in prompts:
+            for bound, what in bounds:
+                if len(ids) + ask.max_tokens > bound:
+                    given = f"max_tokens ({ask.max_tokens})" if ask.max_tokens_given else "at least 1 new token"
+                    raise ApiError(400, f"prompt ({len(ids)} tokens) + {given} is over {what} {bound} tokens",
+                                   param, "context_length_exceeded")
+        return prompts

@@ -10,9 +10,10 @@ tokens (for benchmarks).
 
 from __future__ import annotations
 
+import secrets
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from lorakit.infer.multi_adapter import Completion, Request
@@ -26,7 +27,7 @@ class ApiError(Exception):
         400: "invalid_request_error",
         401: "authentication_error",
         403: "permission_error",
-        404: "not_found_error",
+        404: "invalid_request_error",  # as OpenAI's (an unknown model: code model_not_found)
         405: "invalid_request_error",
         409: "invalid_request_error",
         413: "invalid_request_error",
@@ -52,10 +53,12 @@ class Ask:
     max_tokens: int
     temperature: float
     top_p: float
-    seed: int
+    seed: int | None  # None: each prompt samples from a seed of its own, drawn at random (as OpenAI, vLLM)
     stop: tuple[str, ...]
     ignore_eos: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage, as OpenAI sends
+    max_tokens_given: bool = True  # False: the default, cut to the room the prompt leaves (serve/inputs.py)
+    created: int = field(default_factory=lambda: int(time.time()))  # one stamp for every piece of the reply
 
 
 MAX_SEED = 2**63 - 1  # a generator's seed (PyTorch takes 64-bit seeds)
@@ -85,9 +88,9 @@ def parse_ask(body, chat: bool, limits: ServeConfig, render_chat) -> Ask:
     if chat:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(_is_message(m) for m in messages):
-            raise ApiError(400, "'messages' must be a non-empty list of {role, content: string}, each role one of "
-                           f"{', '.join(ROLES)}", "messages")
-        prompts = [render_chat(messages)]
+            raise ApiError(400, "'messages' must be a non-empty list of {role, content: a string or a list of text "
+                           f"parts}}, each role one of {', '.join(ROLES)}", "messages")
+        prompts = [render_chat([{"role": m["role"], "content": _text(m["content"], i)} for i, m in enumerate(messages)])]
     else:
         prompt = body.get("prompt")
         prompts = [prompt] if isinstance(prompt, str) else prompt
@@ -95,13 +98,14 @@ def parse_ask(body, chat: bool, limits: ServeConfig, render_chat) -> Ask:
             raise ApiError(400, "'prompt' must be a string or a non-empty list of strings", "prompt")
     if _get(body, "n", int, default=1) != 1:
         raise ApiError(400, "only n=1 is supported", "n")
-    if body.get("logprobs") not in (None, False, 0):
+    if body.get("logprobs") is not None and body.get("logprobs") is not False:  # 0 asks for the chosen token's
         raise ApiError(400, "logprobs are not supported", "logprobs")
     limit_key = (
         "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     )
     default = min(256 if chat else 16, limits.max_tokens)  # OpenAI's defaults, within the server's limit
     max_tokens = _get(body, limit_key, int, default=default)
+    max_tokens_given = body.get(limit_key) is not None
     if not 1 <= max_tokens <= limits.max_tokens:
         raise ApiError(
             400, f"'{limit_key}' must be between 1 and {limits.max_tokens} (got {max_tokens})", limit_key
@@ -116,8 +120,8 @@ def parse_ask(body, chat: bool, limits: ServeConfig, render_chat) -> Ask:
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop")
-    seed = _get(body, "seed", int, default=0)
-    if not 0 <= seed <= MAX_SEED:
+    seed = _get(body, "seed", int)
+    if seed is not None and not 0 <= seed <= MAX_SEED:
         raise ApiError(400, f"'seed' must be an integer from 0 to {MAX_SEED} (got {seed})", "seed")
     for key, honoured in UNHONOURED.items():
         if key in body and not honoured(body[key]):
@@ -126,11 +130,14 @@ def parse_ask(body, chat: bool, limits: ServeConfig, render_chat) -> Ask:
     if stream_options is not None and not (isinstance(stream_options, dict) and set(stream_options) <= {"include_usage"}
                                            and isinstance(stream_options.get("include_usage", False), bool)):
         raise ApiError(400, "'stream_options' may hold only include_usage: true or false", "stream_options")
+    streamed = bool(_get(body, "stream", bool, default=False))
+    if stream_options is not None and not streamed:  # as OpenAI and vLLM answer
+        raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options")
     return Ask(
         model=model,
         prompts=prompts,
         chat=chat,
-        stream=bool(_get(body, "stream", bool, default=False)),
+        stream=streamed,
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=top_p,
@@ -138,6 +145,7 @@ def parse_ask(body, chat: bool, limits: ServeConfig, render_chat) -> Ask:
         stop=tuple(stop),
         ignore_eos=_get(body, "ignore_eos", bool, default=False),
         include_usage=bool((stream_options or {}).get("include_usage", False)),
+        max_tokens_given=max_tokens_given,
     )
 
 
@@ -148,18 +156,43 @@ def _get(body: dict, key: str, kind, default=None, required: bool = False):
             raise ApiError(400, f"'{key}' is required", key)
         return default
     if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
-        names = kind.__name__ if isinstance(kind, type) else "number"
-        raise ApiError(400, f"'{key}' must be a {names} (got {type(value).__name__})", key)
+        raise ApiError(400, f"'{key}' must be {JSON_TYPES.get(kind, 'a number')} (got {_json_type(value)})", key)
     return value
 
 
+JSON_TYPES = {int: "an integer", str: "a string", bool: "a boolean"}
+
+
+def _json_type(value) -> str:
+    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array", dict: "an object"}
+    return kinds.get(type(value), type(value).__name__)
+
+
 def _is_message(m) -> bool:
-    return isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
+    content = m.get("content") if isinstance(m, dict) else None
+    return isinstance(m, dict) and m.get("role") in ROLES and (
+        isinstance(content, str) or isinstance(content, list) and all(isinstance(p, dict) for p in content))
+
+
+def _text(content: str | list[dict], index: int) -> str:
+    """A message's content as text: a string, or OpenAI's list of content parts, whose text parts are joined with
+    newlines (as vLLM joins them); a part of another type (an image, audio) is refused naming it."""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for k, part in enumerate(content):
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise ApiError(400, f"'messages[{index}].content[{k}]' is a {part.get('type')!r} part; only text parts "
+                           "({type: text, text}) are supported", "messages")
+        texts.append(part["text"])
+    return "\n".join(texts)
 
 
 def to_requests(ask: Ask, adapter: str | None, prompt_ids: list[list[int]]) -> list[Request]:
+    """One request per prompt; without a seed in the body each samples from a seed of its own, drawn at random."""
     return [
-        Request(ids, adapter, ask.max_tokens, ask.temperature, ask.top_p, ask.seed, ask.stop, ask.ignore_eos)
+        Request(ids, adapter, ask.max_tokens, ask.temperature, ask.top_p,
+                ask.seed if ask.seed is not None else secrets.randbits(63), ask.stop, ask.ignore_eos)
         for ids in prompt_ids
     ]
 
@@ -192,7 +225,7 @@ def reply(ask: Ask, rid: str, completions: list[Completion]) -> dict:
     return {
         "id": rid,
         "object": "chat.completion" if ask.chat else "text_completion",
-        "created": int(time.time()),
+        "created": ask.created,
         "model": ask.model,
         "choices": choices,
         "usage": usage(completions),
@@ -208,7 +241,7 @@ def usage(completions: list[Completion]) -> dict:
 def usage_chunk(ask: Ask, rid: str, completions: list[Completion]) -> dict:
     """The last streamed piece with stream_options.include_usage: no choices, the whole request's usage."""
     return {"id": rid, "object": "chat.completion.chunk" if ask.chat else "text_completion",
-            "created": int(time.time()), "model": ask.model, "choices": [], "usage": usage(completions)}
+            "created": ask.created, "model": ask.model, "choices": [], "usage": usage(completions)}
 
 
 def chunk(
@@ -223,7 +256,7 @@ def chunk(
     return {
         "id": rid,
         "object": "chat.completion.chunk" if ask.chat else "text_completion",
-        "created": int(time.time()),
+        "created": ask.created,
         "model": ask.model,
         "choices": [choice],
     }
