@@ -246,7 +246,8 @@ class TrainConfig:
     scheduler: str = _help("cosine | linear | constant", default="cosine")
     max_grad_norm: float = _help("gradient clipping norm; 0 disables", default=1.0)
     optimizer: str = _help("adamw | adamw_8bit | paged_adamw_8bit", default="adamw")
-    loraplus_lr_ratio: float = _help("LoRA+: B learns this many times faster than A; 1 disables", default=1.0)
+    loraplus_lr_ratio: float = _help("LoRA+: B learns this many times faster than A (an embedding's B too; biases at"
+                                     " lr); 1 disables", default=1.0)
     logging_steps: int = _help("log every N optimizer steps", default=10)
     eval_strategy: str = _help("steps | epoch | no (the eval split scored once, after the last step)", default="epoch")
     eval_steps: int = _help("evaluate every N steps when eval_strategy is steps", default=100)

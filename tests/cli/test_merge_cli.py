@@ -107,3 +107,28 @@ def test_a_merge_that_unties_the_head_says_so(tmp_path, capsys):
     assert "the merged model keeps them apart (tie_word_embeddings false)" in capsys.readouterr().err
     weights = load_file(tmp_path / "merged" / "model.safetensors")
     assert not weights["lm_head.weight"].equal(weights["model.embed_tokens.weight"])  # the head is the base's
+
+
+def test_a_half_precision_base_is_merged_in_fp32_and_saved_in_its_own_type(toy, tmp_path, capsys):
+    import json
+
+    import torch
+
+    folder, adapter = toy
+    half = load_causal_lm(folder).to(torch.bfloat16)
+    half.config.dtype = torch.bfloat16
+    half.save_pretrained(tmp_path / "bf16")
+    (tmp_path / "bf16" / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes())
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (folder / name).is_file():
+            (tmp_path / "bf16" / name).write_bytes((folder / name).read_bytes())
+    capsys.readouterr()
+    assert _merge((tmp_path / "bf16", adapter), tmp_path / "merged") == 0
+    assert "the merged model is saved in bfloat16, as the base is stored" in capsys.readouterr().err
+    weights = load_file(tmp_path / "merged" / "model.safetensors")
+    assert {w.dtype for w in weights.values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
+    # the same merge as on the fp32 base, rounded once to bf16
+    assert _merge(toy, tmp_path / "merged32") == 0
+    full = load_file(tmp_path / "merged32" / "model.safetensors")
+    assert all(weights[k].float().sub(full[k]).abs().max() <= full[k].abs().max() / 64 for k in full)

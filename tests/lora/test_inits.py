@@ -56,3 +56,35 @@ def test_init_names_come_from_the_registry_and_moves_need_a_float_base():
         lorakit.LoraConfig(init_lora_weights="qr")
     with pytest.raises(ConfigError, match="'olora' moves part of W into the adapter, which needs a float base"):
         RunConfig(lora=lorakit.LoraConfig(init_lora_weights="olora"), quantization=QuantizationConfig(bits=4))
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_an_embedding_under_a_base_moving_init_starts_as_peft_does_and_saves(init, tmp_path, input_ids):
+    """PEFT gives an embedding the default start under PiSSA/OLoRA and leaves its weight; saving such an adapter
+    (its factors under lora_embedding_A/B) once failed."""
+    fields = dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], init_lora_weights=init)
+    base = TINY_MODELS["qwen2"]()
+    model = lorakit.inject(TINY_MODELS["qwen2"](), lorakit.LoraConfig(**fields))
+    embed = model.get_submodule("model.embed_tokens")
+    assert not embed.adapters["default"].A.any() and embed.base_layer.weight.equal(base.model.embed_tokens.weight)
+    assert (logits_of(model, input_ids) - logits_of(base, input_ids)).abs().max() <= TOL
+    perturb(model, std=0.05)
+    expected = logits_of(model, input_ids)
+    lorakit.save_adapter(model, tmp_path)
+    peft_model = PeftModel.from_pretrained(TINY_MODELS["qwen2"](), tmp_path).eval()
+    assert (logits_of(peft_model, input_ids) - expected).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_base_moving_init_on_a_tied_head_leaves_the_embeddings_as_they_were(init, tmp_path, input_ids):
+    base = TINY_MODELS["llama"]()
+    assert base.lm_head.weight is base.model.embed_tokens.weight  # tied
+    model = lorakit.inject(TINY_MODELS["llama"](), lorakit.LoraConfig(r=4, target_modules=["lm_head", "q_proj"],
+                                                                      init_lora_weights=init))
+    assert model.model.embed_tokens.weight.equal(base.model.embed_tokens.weight)
+    assert (logits_of(model, input_ids) - logits_of(base, input_ids)).abs().max() <= TOL  # PEFT: off by 0.29
+    perturb(model, std=0.05)
+    expected = logits_of(model, input_ids)
+    lorakit.save_adapter(model, tmp_path)
+    peft_model = PeftModel.from_pretrained(TINY_MODELS["llama"](), tmp_path).eval()  # on the original, tied base
+    assert (logits_of(peft_model, input_ids) - expected).abs().max().item() <= TOL

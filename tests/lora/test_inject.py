@@ -92,3 +92,20 @@ def test_seq_cls_task_trains_and_saves_the_head():
     head = model.classifier
     assert all(p.requires_grad for p in head.copies["default"].parameters())
     assert not any(p.requires_grad for p in head.original_module.parameters())
+
+
+def test_pattern_keys_keep_their_order_through_a_save(tmp_path):
+    """The first matching key wins, in lorakit and PEFT alike: a saved adapter keeps the keys in their order (sorted,
+    '.*down_proj' would come first and give layer 1's down_proj alpha 4 after a reload)."""
+    pattern = {"layers.1.mlp.down_proj": 32, ".*down_proj": 4}
+    config = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["down_proj"], alpha_pattern=pattern)
+    model = lorakit.inject(TINY_MODELS["llama"](), config)
+    for _, layer in lora_layers(model):
+        torch.nn.init.normal_(layer.adapters["default"].B, std=0.05)
+    ids = torch.arange(12).view(1, 12)
+    lorakit.save_adapter(model, tmp_path)
+    again = TINY_MODELS["llama"]()
+    lorakit.load_adapter(again, tmp_path)
+    scales = {name: layer.adapters["default"].scaling for name, layer in lora_layers(again)}
+    assert scales["model.layers.1.mlp.down_proj"] == 8.0 and scales["model.layers.0.mlp.down_proj"] == 1.0
+    assert (logits_of(again, ids) - logits_of(model, ids)).abs().max() <= 1e-6

@@ -43,7 +43,10 @@ def run(args, _overrides) -> int:
     import sys
 
     from lorakit.config import ConfigError
+    import torch
+
     from lorakit.infer.load import load_merged
+    from lorakit.models import stored_dtype
     from lorakit.output_folders import check_new_folder, move_into_place, staging_folder
     from lorakit.quant.merge import GAP_PROMPTS
 
@@ -51,6 +54,12 @@ def run(args, _overrides) -> int:
         raise ConfigError("--base-full-precision compares against a quantised base: add --load-in-4bit or --load-in-8bit")
     output = check_new_folder(args.output, "--output", [args.model, args.adapter], args.force)
     merged, tokenizer, gaps, note = load_merged(args.model, args.adapter, args.bits, args.base_full_precision)
+    stored = stored_dtype(args.model)
+    if stored != torch.float32:  # merged in fp32; saved as the base is stored (as PEFT's merge keeps the base's type)
+        merged.to(stored)
+        merged.config.dtype = stored
+        saved = f"the merged model is saved in {str(stored).removeprefix('torch.')}, as the base is stored"
+        note = f"{note}; {saved}" if note else saved
     if note:
         print(f"note: {note}", file=sys.stderr)
     if gaps:

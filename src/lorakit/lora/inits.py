@@ -40,8 +40,11 @@ def pissa(layer, adapter) -> None:
 
     W = U S V^T. With s = scaling, B = U_r sqrt(S_r / s), A = sqrt(S_r / s) V_r^T, so s B A is the
     best rank-r approximation of W, and W - s B A (the residual) stays frozen in the base. The
-    output is unchanged at start, but training moves the principal directions.
+    output is unchanged at start, but training moves the principal directions. An embedding starts as
+    the default does and keeps its weight, as in PEFT.
     """
+    if layer.kind == "embedding":
+        return kaiming(layer, adapter)
     U, S, Vh = torch.linalg.svd(layer.weight_as_out_in().float(), full_matrices=False)
     root = torch.sqrt(S[: adapter.r] / adapter.scaling)
     adapter.B.copy_(U[:, : adapter.r] * root)
@@ -50,7 +53,10 @@ def pissa(layer, adapter) -> None:
 
 
 def olora(layer, adapter) -> None:
-    """OLoRA: W = Q R; B = Q_r (orthonormal columns), A = R_r (its first r rows); the base keeps W - s B A."""
+    """OLoRA: W = Q R; B = Q_r (orthonormal columns), A = R_r (its first r rows); the base keeps W - s B A. An
+    embedding starts as the default does (as in PEFT)."""
+    if layer.kind == "embedding":
+        return kaiming(layer, adapter)
     Q, R = torch.linalg.qr(layer.weight_as_out_in().float())
     adapter.B.copy_(Q[:, : adapter.r])
     adapter.A.copy_(R[: adapter.r])

@@ -12,6 +12,7 @@ from torch import nn
 from lorakit.config import ConfigError, LoraConfig
 from lorakit.lora.adapters import set_adapter
 from lorakit.lora.base import layer_kind
+from lorakit.lora.inits import MOVES_BASE
 from lorakit.lora.layer import LoraLayer, SavedModule
 from lorakit.lora.variants import variant_for
 
@@ -127,6 +128,7 @@ def inject(model: nn.Module, config: LoraConfig | None = None, adapter_name: str
                 f"lora.target_modules: '{name}' is a {kind} layer; {variant.__name__} sits on "
                 f"{', '.join(variant.KINDS)} layers only; leave it out of target_modules"
             )
+    _untie_moved_weights(model, names, config)
     for name in names:
         module = model.get_submodule(name)
         layer = module if isinstance(module, LoraLayer) else LoraLayer(module)
@@ -141,6 +143,33 @@ def inject(model: nn.Module, config: LoraConfig | None = None, adapter_name: str
     model.lora_configs = {**configs, adapter_name: config}
     set_adapter(model, adapter_name)
     return model
+
+
+def _untie_moved_weights(model: nn.Module, names: list[str], config: LoraConfig) -> list[str]:
+    """PiSSA and OLoRA take part of a target's weight into the adapter: a target that shares its weight with another
+    module (a head tied to the embeddings) gets its own copy first, so the other module is left as it was and the
+    model's output is unchanged at start (PEFT changes the embeddings there). Returns the targets untied."""
+    if config.init_lora_weights not in MOVES_BASE:
+        return []
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners[id(param)] = owners.get(id(param), 0) + 1
+    untied = []
+    for name in names:
+        module = model.get_submodule(name)
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        weight = getattr(base, "weight", None)
+        if layer_kind(base) == "embedding" or weight is None or owners.get(id(weight), 0) < 2:
+            continue
+        base.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        untied.append(name)
+    if untied:
+        for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+            cfg.tie_word_embeddings = False
+        log.info("lora.init_lora_weights %s moves part of %s's weight into the adapter: it no longer shares that "
+                 "weight with the embeddings", config.init_lora_weights, ", ".join(untied))
+    return untied
 
 
 def _wrap_saved_modules(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
