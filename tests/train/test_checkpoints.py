@@ -137,3 +137,16 @@ def test_a_resume_names_the_model_folder_any_way_and_says_when_it_is_past_max_st
         summary = run(again, echo=lambda line: None)
     assert summary["steps"] == 4
     assert any("past this run's 2 steps" in r.getMessage() for r in caplog.records)
+
+
+def test_the_logged_loss_is_the_mean_since_the_last_log_and_the_rate_the_step_took(toy, tmp_path):
+    """As transformers' Trainer logs them: loss averaged over the logging window, lr as applied at the step."""
+    run(_config(toy, tmp_path / "every", logging_steps=1), echo=lambda line: None)
+    run(_config(toy, tmp_path / "fourth", logging_steps=4), echo=lambda line: None)
+    every, fourth = ({e["step"]: e for e in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
+                      if e["kind"] == "train"} for name in ("every", "fourth"))
+    assert sorted(fourth) == [4, 8, 12]
+    for step in fourth:
+        assert fourth[step]["loss"] == pytest.approx(sum(every[s]["loss"] for s in range(step - 3, step + 1)) / 4)
+        assert fourth[step]["lr"] == every[step]["lr"]
+    assert every[1]["lr"] == 5e-3 and every[12]["lr"] > 0  # the first step at the peak (no warm-up), the last not 0

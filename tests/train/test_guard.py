@@ -77,13 +77,13 @@ def test_a_nan_rolls_back_lowers_the_lr_recovers_and_finishes(toy, tmp_path):
     [rollback] = _events(run, "rollback")
     assert rollback["step"] == 12 and rollback["to_step"] == 10 and rollback["reason"] == "loss is nan"
     assert rollback["until_step"] == 15 and _events(run, "recovered")[0]["step"] == 16
-    logged = [(e["step"], e["lr"]) for e in _events(run, "train")]  # each the rate of the step after
+    logged = [(e["step"], e["lr"]) for e in _events(run, "train")]  # each the rate its step took
     assert [s for s, _ in logged] == [*range(1, 12), *range(11, 51)]  # step 11 ran twice
     clean = {e["step"]: e["lr"] for e in _events(tmp_path / "clean", "train")}
     first, replay = dict(logged[:11]), dict(logged[11:])
     assert first[11] == pytest.approx(clean[11])  # before the fault
-    assert replay[11] == pytest.approx(0.1 * clean[11]) and replay[14] == pytest.approx(0.1 * clean[14])
-    assert replay[15] == pytest.approx(clean[15]) and replay[30] == pytest.approx(clean[30])  # restored
+    assert replay[11] == pytest.approx(0.1 * clean[11]) and replay[15] == pytest.approx(0.1 * clean[15])
+    assert replay[16] == pytest.approx(clean[16]) and replay[30] == pytest.approx(clean[30])  # restored
 
     loss, reference = faulty.final_eval["eval_loss"], reference_run.final_eval["eval_loss"]
     assert math.isfinite(loss) and abs(loss - reference) <= 0.05 * reference, (loss, reference)

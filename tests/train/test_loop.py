@@ -73,11 +73,36 @@ def test_accumulated_micro_batches_give_the_big_batch_gradient():
 def test_schedule_warms_up_then_decays():
     total, warm = 100, 10
     cosine = [lr_factor(s, total, warm, "cosine") for s in range(total)]
-    assert cosine[0] < cosine[5] < cosine[9] <= 1.0
+    assert cosine[0] == 0.0 < cosine[5] < cosine[9] <= 1.0  # from 0, as transformers' warm-up
     assert cosine[warm] == pytest.approx(1.0) and cosine[-1] < 0.01
     assert all(a >= b for a, b in zip(cosine[warm:], cosine[warm + 1 :]))
     assert lr_factor(55, total, warm, "linear") == pytest.approx(0.5)
     assert lr_factor(99, total, warm, "constant") == 1.0
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+@pytest.mark.parametrize("total, ratio", [(30, 0.03), (7, 0.1), (10, 0.25), (375, 0.05), (20, 0.0)])
+def test_the_schedule_is_transformers_one_step_for_step(kind, total, ratio):
+    """The rate each step takes equals transformers' get_scheduler with TrainingArguments' warm-up steps (rounded up:
+    a warm-up ratio of 0.03 over 30 steps is one step, not none)."""
+    import math
+
+    from transformers import get_scheduler
+
+    from lorakit.train.optim import build_scheduler
+
+    rates = []
+    for make in (lambda o: build_scheduler(o, TrainConfig(lr=1.0, warmup_ratio=ratio, scheduler=kind), total),
+                 lambda o: get_scheduler(kind, o, num_warmup_steps=math.ceil(ratio * total),
+                                         num_training_steps=total)):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler, taken = make(optimizer), []
+        for _ in range(total):
+            taken.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        rates.append(taken)
+    assert rates[0] == pytest.approx(rates[1], abs=1e-12)
 
 
 def test_a_toy_task_is_learned_and_generation_stops_at_eos(tmp_path):

@@ -29,6 +29,21 @@ def test_the_shares_of_the_processes_are_the_global_batch_of_one_process(batch_s
         assert len({len(s.ids(step)) for s in shards}) == 1  # every process runs the same micro-batch count
 
 
+@pytest.mark.parametrize("batch_size, accum, processes", [(2, 2, 2), (3, 1, 4), (1, 4, 3)])
+def test_length_grouped_steps_are_the_same_on_any_process_count(batch_size, accum, processes):
+    """group_by_length groups by the global batch: a step holds the same examples on 1 process as on N, so a run (and
+    a resume on another process count) neither repeats nor skips examples."""
+    global_batch = batch_size * accum * processes
+    one = Batches(EXAMPLES, batch_size, accum * processes, list, seed=5, group_by_length=True)
+    shards = [Batches(EXAMPLES, batch_size, accum, list, seed=5, world=World(r, processes), group_by_length=True)
+              for r in range(processes)]
+    for step in range(3 * one.steps_per_epoch):
+        whole = [i for micro in one.ids(step) for i in micro]
+        assert sorted(i for s in shards for micro in s.ids(step) for i in micro) == sorted(whole), step
+    lengths = [len(EXAMPLES[i]["input_ids"]) for i in one.ids(0)[0]]
+    assert max(lengths) - min(lengths) <= 1 and global_batch <= len(EXAMPLES)  # grouped by length still
+
+
 def test_a_process_with_nothing_in_a_micro_batch_gets_a_weightless_stand_in():
     shards = [Batches(EXAMPLES, 2, 1, list, seed=0, world=World(r, 2)) for r in range(2)]
     last = shards[0].steps_per_epoch - 1  # 29 = 7 x 4 + 1: one example for two processes

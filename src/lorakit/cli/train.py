@@ -45,17 +45,21 @@ def run(args, overrides: list[str]) -> int:
     from lorakit.config import ConfigError
     from lorakit.config_loading import load_run_config
     from lorakit.run import run as run_training
-    from lorakit.train.distributed import ProcessLost, is_lost_contact, launched_world, short_reason
+    from lorakit.train.distributed import (
+        ProcessLost, World, grad_accum_for, is_lost_contact, launched_world, short_reason,
+    )
 
     if args.nproc < 1:
         raise ConfigError(f"--nproc: given {args.nproc}, expected a positive number of processes")
-    if args.nproc > 1 and launched_world().size == 1:
-        return _exec_torchrun(args, overrides)
+    given = overrides
     if args.resume:
         overrides = [*overrides, "--train.resume", "true"]
     if args.bits:
         overrides = [*overrides, "--quantization.bits", str(args.bits)]
-    config = load_run_config(args.config, overrides)
+    config = load_run_config(args.config, overrides)  # checked here, before torchrun starts N processes on it
+    if args.nproc > 1 and launched_world().size == 1:
+        grad_accum_for(config.train, World(size=args.nproc))  # the global batch must split over the processes
+        return _exec_torchrun(args, given)
     rank = launched_world().rank
     try:
         run_training(config)
@@ -81,7 +85,8 @@ def run(args, overrides: list[str]) -> int:
 
 def _exec_torchrun(args, overrides: list[str]) -> int:
     """Replace this process by torchrun running the same command once per process (never returns)."""
-    command = ["train", args.config, *(["--resume"] if args.resume else []), *overrides]
+    command = ["train", args.config, *(["--resume"] if args.resume else []), *overrides,
+               *(["--quantization.bits", str(args.bits)] if args.bits else [])]
     if args.verbose:
         command.insert(0, "--verbose")
     if args.debug:

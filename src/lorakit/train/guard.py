@@ -46,6 +46,7 @@ class Snapshot:
     scaler: dict | None
     rng: tuple
     losses: list[float]
+    unlogged: list[float]
 
 
 class DivergenceGuard:
@@ -54,6 +55,7 @@ class DivergenceGuard:
     def __init__(self, config: TrainConfig, metrics=None, scaler=None):
         self.config, self.metrics, self.scaler = config, metrics, scaler
         self.losses: deque[float] = deque(maxlen=config.spike_window)
+        self.unlogged: list[float] = []  # the losses of the steps taken since the last logged one
         self.in_a_row = 0
         self.lowered_until = 0  # the LR is multiplied by rollback_lr_factor for steps <= this
         self.diverged_at = 0
@@ -88,12 +90,21 @@ class DivergenceGuard:
     def accept(self, step: int, loss: float) -> None:
         """A healthy step was taken: remember its loss; past the trouble, the count starts over."""
         self.losses.append(loss)
+        self.unlogged.append(loss)
         if self.in_a_row and step > max(self.diverged_at, self.lowered_until):
             log.info("recovered: step %d passed the divergence at step %d", step, self.diverged_at)
             self._event(kind="recovered", step=step, lr_factor=1.0)
             self.in_a_row = 0
         elif step == self.lowered_until:
             self._event(kind="lr_restored", step=step)
+
+    def logged_loss(self) -> float:
+        """The mean loss of the steps since the last logged one, as transformers' Trainer logs it (not the last
+        step's alone); the next log starts afresh. Kept with the snapshots and checkpoints, so a rollback or a
+        resume logs what an uninterrupted run logs."""
+        mean = sum(self.unlogged) / len(self.unlogged) if self.unlogged else float("nan")
+        self.unlogged = []
+        return mean
 
     @torch.no_grad()
     def remember(self, step: int, model: nn.Module, optimizer, scheduler) -> None:
@@ -106,6 +117,7 @@ class DivergenceGuard:
             scaler=copy.deepcopy(self.scaler.state_dict()) if self.scaler else None,
             rng=_rng_state(),
             losses=list(self.losses),
+            unlogged=list(self.unlogged),
         )
 
     @torch.no_grad()
@@ -127,6 +139,7 @@ class DivergenceGuard:
             self.scaler.load_state_dict(copy.deepcopy(good.scaler))
         _set_rng_state(good.rng)
         self.losses = deque(good.losses, maxlen=self.config.spike_window)
+        self.unlogged = list(good.unlogged)
         if self.in_a_row >= self.config.max_rollbacks:
             self._event(kind="stopped", step=step, reason=problem, to_step=good.step)
             raise DivergenceError(
@@ -149,12 +162,13 @@ class DivergenceGuard:
 
     def state_dict(self) -> dict:
         return {
-            "losses": list(self.losses), "in_a_row": self.in_a_row,
+            "losses": list(self.losses), "unlogged": list(self.unlogged), "in_a_row": self.in_a_row,
             "lowered_until": self.lowered_until, "diverged_at": self.diverged_at,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.losses = deque(state.get("losses", []), maxlen=self.config.spike_window)
+        self.unlogged = list(state.get("unlogged", []))
         self.in_a_row = state.get("in_a_row", 0)
         self.lowered_until = state.get("lowered_until", 0)
         self.diverged_at = state.get("diverged_at", 0)

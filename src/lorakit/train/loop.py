@@ -217,6 +217,7 @@ def train(
             bar.n = step
             continue
         guard.scale_lr(optimizer, step)
+        lr = scheduler.get_last_lr()[0] * guard.lr_factor(step)  # the rate this step takes (logged as HF logs it)
         precision.apply(optimizer)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -226,11 +227,11 @@ def train(
         last = step == total_steps or out_of_time
         if step % config.logging_steps == 0 or last:
             elapsed = time.time() - window_start
-            lr = scheduler.get_last_lr()[0] * guard.lr_factor(step + 1)
             speed = parallel.sum(window_tokens)[0] / max(elapsed, 1e-9)
-            metrics.write(kind="train", step=step, loss=step_loss, lr=lr, grad_norm=grad_norm, tokens_per_s=speed,
+            loss = guard.logged_loss()  # the mean since the last log
+            metrics.write(kind="train", step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=speed,
                           **objective.train_metrics())
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
             window_tokens, window_start = 0, time.time()
         bar.update(1)
 

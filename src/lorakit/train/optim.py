@@ -66,9 +66,10 @@ def build_8bit_optimizer(groups: list[dict], config: TrainConfig) -> torch.optim
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
-    """Multiplier of the peak rate at `step`: linear warm-up, then cosine, linear or constant."""
+    """Multiplier of the peak rate at `step` (0-based): a linear warm-up from 0, then cosine, linear or constant, as
+    transformers' schedules (get_cosine_schedule_with_warmup, ...)."""
     if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
+        return step / warmup_steps
     if kind == "constant":
         return 1.0
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
@@ -78,7 +79,7 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> floa
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
-    warmup = int(config.warmup_ratio * total_steps)
+    warmup = math.ceil(config.warmup_ratio * total_steps)  # as TrainingArguments.get_warmup_steps
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, warmup, config.scheduler)
     )

@@ -57,8 +57,9 @@ class Batches:
         size = self.batch_size * self.world.size
         if epoch not in self._orders:
             order = epoch_order(len(self.examples), self.seed, epoch)
-            if self.lengths is not None:  # similar lengths in each micro-batch group, on every process
-                order = length_grouped(order, self.lengths, size, self.seed * 100_003 + epoch)
+            if self.lengths is not None:  # similar lengths in each step, grouped by the global batch: the same
+                # order on any process count (a resume on another count neither repeats nor skips examples)
+                order = length_grouped(order, self.lengths, self.global_batch, self.seed * 100_003 + epoch)
             self._orders = {epoch: order}
         step_ids = self._orders[epoch][within * self.global_batch : (within + 1) * self.global_batch]
         return [step_ids[i : i + size] for i in range(0, len(step_ids), size)]
