@@ -265,3 +265,35 @@ def test_an_fp32_load_of_a_bf16_checkpoint_never_holds_the_file_and_the_fp32_mod
                              text=True, timeout=300, check=True)
         peaks[loader] = int(out.stdout.strip().splitlines()[-1])
     assert peaks["lorakit"] <= peaks["transformers"] - size / 2, (peaks, size)
+
+
+def test_a_classifier_loads_without_transformers_report_of_its_new_head(tmp_path):
+    """transformers calls the fresh head missing and asks for training: lorakit trains it or loads it from the
+    adapter, so the report is not shown (a process of its own: the tests' transformers logging is set elsewhere)."""
+    import subprocess
+
+    from conftest import tiny_bert_classifier
+
+    tiny_bert_classifier().bert.save_pretrained(tmp_path / "encoder")  # a base without a classifier head
+    code = ("import sys; from lorakit.models import load_sequence_classifier; "
+            "print(load_sequence_classifier(sys.argv[1], num_labels=3).classifier.out_features)")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "encoder")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "3", proc.stderr[-2000:]
+    assert "LOAD REPORT" not in proc.stderr
+
+
+def test_an_adapter_names_a_built_in_base_by_its_name_not_this_machines_folder(tmp_path, monkeypatch):
+    import lorakit
+    from conftest import TOY_TARGETS, tiny_llama
+    from lorakit.models import cache_root, portable_name
+
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    folder = cache_root() / "models" / "smollm2-135m-instruct"
+    folder.mkdir(parents=True)
+    model = tiny_llama()
+    model.config.name_or_path = str(folder)  # as a built-in loads: from its folder in the cache
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=TOY_TARGETS))
+    assert model.lora_configs["default"].base_model_name_or_path == "smollm2-135m-instruct"
+    assert portable_name(str(tmp_path / "smollm2-135m-instruct")) == str(tmp_path / "smollm2-135m-instruct")
+    assert portable_name("owner/model") == "owner/model" and portable_name(None) is None

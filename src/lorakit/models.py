@@ -115,6 +115,16 @@ def resolve_model(name_or_path: NameOrPath) -> Path | str:
     )
 
 
+def portable_name(name_or_path: str | None) -> str | None:
+    """A built-in model's name where `name_or_path` is its folder in lorakit's cache, so that an adapter names a base
+    every lorakit install has (not a folder of the machine it was made on); anything else as given."""
+    if name_or_path:
+        path = Path(str(name_or_path)).expanduser()
+        if path.name in BUILTIN_MODELS and path.parent.resolve() == (cache_root() / "models").resolve():
+            return path.name
+    return name_or_path
+
+
 def load_tokenizer(name_or_path: NameOrPath, pad: bool = True) -> PreTrainedTokenizerBase:
     """Load a model's tokenizer; one without a pad token gets `pad_token = eos_token` (unless `pad` is false: as
     shipped).
@@ -211,10 +221,19 @@ def load_sequence_classifier(
     """Load a model with a fresh `num_labels`-way classification head (`AutoModelForSequenceClassification`).
 
     A config without `pad_token_id` gets the tokenizer's, since decoder classifiers need it to find
-    the last real token of each padded row.
+    the last real token of each padded row. transformers' load report, which calls the new head missing and asks
+    for training, is not shown: lorakit trains the head, or loads it from the adapter.
     """
+    from transformers.utils import logging as transformers_logging
+
     path = resolve_model(name_or_path)
-    model = _from_pretrained(AutoModelForSequenceClassification, path, "model", num_labels=num_labels, dtype=dtype)
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        model = _from_pretrained(AutoModelForSequenceClassification, path, "model", num_labels=num_labels,
+                                 dtype=dtype)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = load_tokenizer(path).pad_token_id
     return model

@@ -28,6 +28,13 @@ def test_only_results_and_checkpoints_count(tmp_path):
         check_output_dir(TrainConfig(output_dir=str(run)))
 
 
+def test_a_resume_into_a_folder_without_checkpoints_is_refused(tmp_path):
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    for folder in (tmp_path / "misspelt", tmp_path / "empty"):
+        with pytest.raises(ConfigError, match=r"^train.resume: .* holds no checkpoint to continue"):
+            check_output_dir(TrainConfig(output_dir=str(folder), resume=True))
+
+
 def test_a_finished_run_without_checkpoints_cannot_be_resumed_over(tmp_path):
     run = tmp_path / "run"
     (run / "adapter").mkdir(parents=True)
@@ -35,6 +42,11 @@ def test_a_finished_run_without_checkpoints_cannot_be_resumed_over(tmp_path):
     (run / "summary.json").write_text("{}")
     with pytest.raises(ConfigError) as refused:
         check_output_dir(TrainConfig(output_dir=str(run), resume=True))
+    assert str(refused.value) == (
+        f"train.resume: {run} holds no checkpoint to continue ({run / 'checkpoints'} has none); train without "
+        "--resume to start it")
+    with pytest.raises(ConfigError) as refused:
+        check_output_dir(TrainConfig(output_dir=str(run)))
     assert str(refused.value) == (
         f"train.output_dir: {run} holds a finished run (summary.json) and a trained adapter (adapter/); another "
         "train.output_dir keeps it, train.overwrite_output_dir: true replaces it")

@@ -272,3 +272,19 @@ def test_a_full_disk_during_a_save_is_one_line_and_earlier_checkpoints_stay_whol
     assert "adapter_model.safetensors: could not be written (" in lines[0] and "File too large" in lines[0]
     assert_intact(run_dir, before)
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_sigterm_ends_a_lone_run_as_interrupted(toy, tmp_path):
+    """A run stopped by SIGTERM (timeout, kill, a job scheduler) ends as Ctrl-C does; its status was left 'running'."""
+    from lorakit.track.status import read_status
+
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "config.yaml", toy, train={"output_dir": str(run), "max_steps": 400})
+    proc = subprocess.Popen(lorakit_process("train", str(config)), stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (run / "metrics.jsonl").is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.terminate()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert "lorakit train: interrupted;" in err and read_status(run)["state"] == "interrupted"

@@ -270,3 +270,13 @@ def test_a_moved_run_resumes_with_its_own_best_and_damage_is_named(tmp_path, cap
                       "--train.max_steps", "6")
     assert code == 2 and len(lines) == 1 and "train.resume: no checkpoint in" in lines[0], lines
     assert "step-000004: " in lines[0] and tree_fingerprint(moved) == before
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--load-in-4bit", "--quantization.bits", "8"], "--load-in-4bit and --quantization.bits both set the base's bits"),
+    (["--resume"], "holds no checkpoint to continue"),  # a misspelt output_dir would quietly start afresh
+])
+def test_flags_that_contradict_or_find_nothing_are_one_line(toy_run, tmp_path, capsys, argv, said):
+    code, lines = cli(capsys, "train", str(toy_run), "--train.output_dir", str(tmp_path / "new"), *argv)
+    assert code == 2 and len(lines) == 1 and said in lines[0], lines
+    assert not (tmp_path / "new").exists()

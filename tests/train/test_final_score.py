@@ -12,7 +12,7 @@ from conftest import TOY_TARGETS, TOY_TASK, toy_model_folder
 from lorakit.config import ConfigError, DataConfig, EvalConfig, LoraConfig, RunConfig, TrainConfig
 from lorakit.config_loading import load_run_config
 from lorakit.run import run
-from lorakit.train.final_score import describe_splits, final_score_line, selection_line
+from lorakit.train.final_score import describe_splits, eval_printer, final_score_line, selection_line
 
 EVAL, TEST = TOY_TASK[:4], TOY_TASK[4:]  # disjoint, so their losses differ
 
@@ -211,3 +211,10 @@ def test_the_final_line_shows_a_count_as_a_count():
     summary = describe_splits(data, train, 0.5, "checkpoints/step-000010")
     summary["final_score"]["scores"] = {"test_loss": 0.25, "test_exact_match": 0.855, "test_n": 200}
     assert final_score_line(summary).endswith("test_loss 0.2500, test_exact_match 85.5%, test_n 200")
+
+
+def test_an_evaluation_line_shows_scores_as_the_final_line_does():
+    said = []
+    eval_printer(said.append, DataConfig(train_file="t.jsonl", eval_file="v.jsonl"))(
+        10, {"eval_loss": 0.25, "eval_accuracy": 0.640625, "eval_n": 64})
+    assert said == ["step 10 | eval split (v.jsonl): eval_accuracy 64.1%, eval_loss 0.2500, eval_n 64"]

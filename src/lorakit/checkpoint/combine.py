@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from lorakit.models import portable_name
 from lorakit.checkpoint.peft_io import AdapterError, load_adapter, read_adapter_config, read_adapter_weights, save_adapter
 from lorakit.checkpoint.run_card import read_run_card, write_run_card
 from lorakit.config import ConfigError, LoraConfig
@@ -77,7 +78,8 @@ def _folder_problems(folders, configs: list[LoraConfig], model_name: str | None)
     problems += [f"{folder}: made for {c.base_model_name_or_path}, the first adapter for {first}; adapters combine on "
                  "one base (give it with --model if these are the same model)"
                  for folder, c in zip(folders[1:], configs[1:])
-                 if model_name is None and first and c.base_model_name_or_path and c.base_model_name_or_path != first]
+                 if model_name is None and first and c.base_model_name_or_path
+                 and portable_name(c.base_model_name_or_path) != portable_name(first)]  # a built-in by name or folder
     return problems
 
 

@@ -34,14 +34,18 @@ def held(run_dir: str | Path) -> list[str]:
 
 def check_output_dir(train: TrainConfig) -> None:
     """ConfigError where this run would write over an earlier one in train.output_dir without being asked to:
-    a fresh run into a folder `held` finds anything in, or a resumed one into a folder without checkpoints that
-    holds a finished run; or where a file stands in the place of the run's checkpoints or adapter folder."""
+    a fresh run into a folder `held` finds anything in; or where a resumed one finds no checkpoint to continue; or
+    where a file stands in the place of the run's checkpoints or adapter folder."""
     for name in ("checkpoints", ADAPTER_FOLDER):
         if (Path(train.output_dir) / name).exists() and not (Path(train.output_dir) / name).is_dir():
             raise ConfigError(f"train.output_dir: {Path(train.output_dir) / name} is a file where the run keeps its "
                               f"{name} folder; move it away or choose another train.output_dir")
     if train.overwrite_output_dir:
         return
+    if train.resume and not list_checkpoints(train.output_dir):  # as transformers' Trainer: a resume that would
+        # quietly start afresh (a misspelt output_dir) is refused
+        raise ConfigError(f"train.resume: {train.output_dir} holds no checkpoint to continue "
+                          f"({Path(train.output_dir) / 'checkpoints'} has none); train without --resume to start it")
     found = held(train.output_dir)
     resumable = any(phrase.startswith("checkpoints") for phrase in found)
     if not found or (train.resume and resumable):

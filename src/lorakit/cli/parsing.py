@@ -6,10 +6,21 @@ import argparse
 import math
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The examples as written, and each option's default where it has one worth saying (not None, False or a
+    default its help already names)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (text and default not in (None, False, argparse.SUPPRESS) and action.option_strings
+                and "default" not in text and not isinstance(default, (list, tuple))):
+            text += " (default: %(default)s)"
+        return text
+
+
 def subcommand(commands, name: str, help: str, description: str, examples: str) -> argparse.ArgumentParser:
-    parser = commands.add_parser(
-        name, help=help, description=description, epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = commands.add_parser(name, help=help, description=description, epilog=examples, formatter_class=HelpFormatter)
     # SUPPRESS: without the flag here, `lorakit --debug COMMAND` keeps the value the top level set.
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="print the traceback of an error")

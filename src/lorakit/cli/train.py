@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 
 from lorakit.cli.parsing import add_quantization_flags, non_empty, subcommand
 
 EXAMPLES = """examples:
   lorakit train examples/ros2/config.yaml
   lorakit train examples/ros2/config.yaml --train.lr 5e-4 --lora.r 16
-  lorakit train examples/ros2/config.yaml --train.resume true     # continue from the last checkpoint
+  lorakit train examples/ros2/config.yaml --resume                 # continue from the last checkpoint
   lorakit train examples/ros2/config.yaml --nproc 2                # data parallel: runs torchrun for you
   torchrun --nproc_per_node 2 -m lorakit train examples/ros2/config.yaml       # the same
   accelerate launch --multi_gpu --num_processes 2 -m lorakit train examples/ros2/config.yaml
@@ -29,7 +31,8 @@ def add_parser(commands) -> None:
         examples=EXAMPLES,
     )
     parser.add_argument("config", type=non_empty,
-                        help="YAML run config (sections: model, task, lora, data, train, eval)")
+                        help="YAML run config (sections: model, task, lora, quantization, data, preference, train, "
+                        "eval)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     parser.add_argument(
         "--nproc",
@@ -52,6 +55,8 @@ def run(args, overrides: list[str]) -> int:
     if args.nproc < 1:
         raise ConfigError(f"--nproc: given {args.nproc}, expected a positive number of processes")
     given = overrides
+    if args.bits and any(o.split("=", 1)[0] == "--quantization.bits" for o in overrides):
+        raise ConfigError(f"--load-in-{args.bits}bit and --quantization.bits both set the base's bits; give one")
     if args.resume:
         overrides = [*overrides, "--train.resume", "true"]
     if args.bits:
@@ -61,6 +66,10 @@ def run(args, overrides: list[str]) -> int:
         grad_accum_for(config.train, World(size=args.nproc))  # the global batch must split over the processes
         return _exec_torchrun(args, given)
     rank = launched_world().rank
+    alone = launched_world().size == 1 and threading.current_thread() is threading.main_thread()
+    # a lone run stopped with SIGTERM (timeout, kill, a job scheduler) ends as Ctrl-C does: status interrupted;
+    # under a launcher, SIGTERM means another process failed (train/distributed.py)
+    previous = signal.signal(signal.SIGTERM, _interrupted) if alone else None
     try:
         run_training(config)
     except KeyboardInterrupt:
@@ -80,7 +89,14 @@ def run(args, overrides: list[str]) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _exec_torchrun(args, overrides: list[str]) -> int:

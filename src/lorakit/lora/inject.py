@@ -115,7 +115,10 @@ def inject(model: nn.Module, config: LoraConfig | None = None, adapter_name: str
         heads = [h for h in CLASSIFIER_HEADS if any(n.split(".")[-1] == h for n, _ in model.named_modules())]
         config.modules_to_save = heads or None
     if config.base_model_name_or_path is None:
-        config.base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
+        from lorakit.models import portable_name
+
+        config.base_model_name_or_path = portable_name(getattr(getattr(model, "config", None), "name_or_path", None)
+                                                       or None)
     if not configs:  # the first adapter freezes the base; later ones find it frozen already
         model.requires_grad_(False)
 

@@ -120,7 +120,8 @@ class AdapterRegistry:
             raise RegistryError(400, f"path '{path}' is outside the adapters root", "path")
         if not folder.is_dir():
             raise RegistryError(
-                400, f"path '{path}' is not an adapter folder under the adapters root", "path"
+                400, f"path '{path}' is not an adapter folder under the adapters root (a path is taken from the "
+                "root: 'ros2-demo/adapter' for ROOT/ros2-demo/adapter)", "path"
             )
         escaping = next((f.name for f in folder.iterdir() if not f.resolve().is_relative_to(self.root)), None)
         if escaping is not None:  # a file of the folder linked from elsewhere: read only what the root holds

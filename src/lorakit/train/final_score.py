@@ -71,7 +71,7 @@ def eval_printer(echo: Callable[[str], None], data: DataConfig) -> Callable[[int
     source = selection_source(data)
 
     def on_eval(step: int, result: dict) -> None:
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(result.items()) if _is_number(v))
+        shown = ", ".join(_shown(k, v) for k, v in sorted(result.items()) if _is_number(v))  # as the final line
         echo(f"step {step} | eval split ({source}): {shown}")
 
     return on_eval
