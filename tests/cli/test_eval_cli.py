@@ -131,7 +131,8 @@ def test_eval_reads_the_challenge_csv_with_format_e2e_and_hints_at_it_without(ca
             "--max-new-tokens", "4"]
     code, _, err = run(capsys, *argv)
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert err.rstrip().endswith("an E2E challenge CSV (mr, ref) is read with data.format e2e (lorakit eval --format e2e)")
+    assert err.rstrip().endswith(
+        "an E2E challenge CSV (mr, ref) is read with data.format e2e (lorakit eval --format e2e)")
     code, out, _ = run(capsys, *argv, "--format", "e2e")
     scores = json.loads(out)
     assert code == 0 and {"bleu", "nist"} <= set(scores) and 0 <= scores["bleu"] <= 1

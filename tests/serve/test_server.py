@@ -364,7 +364,8 @@ def test_openai_details_seeds_content_parts_and_errors(server, client):
     image = [*parts, {"type": "image_url", "image_url": {"url": "data:,"}}]
     with pytest.raises(openai.BadRequestError, match=r"'messages\[0\].content\[2\]' is a 'image_url' part"):
         client.chat.completions.create(model="a", messages=[{"role": "user", "content": image}], max_tokens=4)
-    for fields, param in [({"stream_options": {"include_usage": True}}, "stream_options"), ({"logprobs": 0}, "logprobs")]:
+    for fields, param in [({"stream_options": {"include_usage": True}}, "stream_options"),
+                          ({"logprobs": 0}, "logprobs")]:
         with pytest.raises(openai.BadRequestError) as err:
             client.completions.create(model="a", prompt="say red", max_tokens=4, extra_body=fields)
         assert err.value.body["param"] == param, fields
@@ -389,7 +390,8 @@ def test_a_default_max_tokens_is_cut_to_the_room_the_prompt_leaves(toy):
     (ids,) = inputs.tokenize(ask)
     assert ask.max_tokens == 30 - len(ids)  # not a refusal naming a max_tokens the client never sent
     given = parse_ask({**body, "max_tokens": 30}, True, inputs.config, lambda messages: "say red")
-    with pytest.raises(ApiError, match=r"\+ max_tokens \(30\) is over the server's --max-kv-tokens of 30 tokens") as err:
+    over = r"\+ max_tokens \(30\) is over the server's --max-kv-tokens of 30 tokens"
+    with pytest.raises(ApiError, match=over) as err:
         inputs.tokenize(given)
     assert err.value.code == "context_length_exceeded"
 

@@ -101,9 +101,9 @@ def test_saves_on_unevaluated_steps_are_named_once(toy, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         run(_config(toy, tmp_path, eval_steps=4, save_steps=3), echo=lambda line: None)  # saves 3, 6, 9 and 12
     said = [r.getMessage() for r in caplog.records if "keep-best cannot weigh" in r.getMessage()]
-    assert said == ["3 of the run's 4 checkpoints fall on steps that are not evaluated (the first at step 3): keep-best "
-                    "cannot weigh them; make train.save_steps a multiple of train.eval_steps (or both strategies "
-                    "epoch)"]
+    assert said == ["3 of the run's 4 checkpoints fall on steps that are not evaluated (the first at step 3): "
+                    "keep-best cannot weigh them; make train.save_steps a multiple of train.eval_steps (or both "
+                    "strategies epoch)"]
 
 
 def test_a_misspelt_metric_for_best_is_named_once(toy, tmp_path, caplog):
@@ -143,10 +143,14 @@ def test_the_logged_loss_is_the_mean_since_the_last_log_and_the_rate_the_step_to
     """As transformers' Trainer logs them: loss averaged over the logging window, lr as applied at the step."""
     run(_config(toy, tmp_path / "every", logging_steps=1), echo=lambda line: None)
     run(_config(toy, tmp_path / "fourth", logging_steps=4), echo=lambda line: None)
-    every, fourth = ({e["step"]: e for e in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
-                      if e["kind"] == "train"} for name in ("every", "fourth"))
+    every, fourth = ({e["step"]: e for e in _all_events(tmp_path / name) if e["kind"] == "train"}
+                     for name in ("every", "fourth"))
     assert sorted(fourth) == [4, 8, 12]
     for step in fourth:
         assert fourth[step]["loss"] == pytest.approx(sum(every[s]["loss"] for s in range(step - 3, step + 1)) / 4)
         assert fourth[step]["lr"] == every[step]["lr"]
     assert every[1]["lr"] == 5e-3 and every[12]["lr"] > 0  # the first step at the peak (no warm-up), the last not 0
+
+
+def _all_events(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

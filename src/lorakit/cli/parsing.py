@@ -20,7 +20,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def subcommand(commands, name: str, help: str, description: str, examples: str) -> argparse.ArgumentParser:
-    parser = commands.add_parser(name, help=help, description=description, epilog=examples, formatter_class=HelpFormatter)
+    parser = commands.add_parser(name, help=help, description=description, epilog=examples,
+                                 formatter_class=HelpFormatter)
     # SUPPRESS: without the flag here, `lorakit --debug COMMAND` keeps the value the top level set.
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="print the traceback of an error")

@@ -90,7 +90,8 @@ def parse_ask(body, chat: bool, limits: ServeConfig, render_chat) -> Ask:
         if not isinstance(messages, list) or not messages or not all(_is_message(m) for m in messages):
             raise ApiError(400, "'messages' must be a non-empty list of {role, content: a string or a list of text "
                            f"parts}}, each role one of {', '.join(ROLES)}", "messages")
-        prompts = [render_chat([{"role": m["role"], "content": _text(m["content"], i)} for i, m in enumerate(messages)])]
+        texts = [{"role": m["role"], "content": _text(m["content"], i)} for i, m in enumerate(messages)]
+        prompts = [render_chat(texts)]
     else:
         prompt = body.get("prompt")
         prompts = [prompt] if isinstance(prompt, str) else prompt
@@ -164,7 +165,8 @@ JSON_TYPES = {int: "an integer", str: "a string", bool: "a boolean"}
 
 
 def _json_type(value) -> str:
-    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array", dict: "an object"}
+    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+             dict: "an object"}
     return kinds.get(type(value), type(value).__name__)
 
 

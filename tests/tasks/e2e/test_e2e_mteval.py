@@ -90,4 +90,5 @@ def test_a_sample_rows_e2e_verdict_is_its_sentence_bleu():
     from lorakit.infer.score import row_scores
     from lorakit.tasks.e2e import score
 
-    assert row_scores(score, "Blue Spice is a pub.", ["blue spice is a pub .", "A pub."]) == {"bleu": pytest.approx(1.0)}
+    verdict = row_scores(score, "Blue Spice is a pub.", ["blue spice is a pub .", "A pub."])
+    assert verdict == {"bleu": pytest.approx(1.0)}

@@ -31,7 +31,9 @@ LK.show = (v) => (v === null || v === undefined ? "null" : typeof v === "object"
 LK.runView = {
   async render(main, params) {
     const name = params.get("name");
-    if (name !== this.name) { this.events = []; this.offset = 0; this.metricsHead = ""; this.samples = null; this.run = null; }
+    if (name !== this.name) {
+      this.events = []; this.offset = 0; this.metricsHead = ""; this.samples = null; this.run = null;
+    }
     this.drawnCount = -1; this.settingsDrawn = false; this.samplesDrawn = false; this.headKey = null;  // new panels
     this.name = name;
     this.tab = TABS.some((t) => t[0] === params.get("tab")) ? params.get("tab") : "curves";

@@ -98,9 +98,9 @@ def score_files(predictions: str | Path, references: str | Path | None = None, c
     given = set(outputs.mrs)
     missing = [mr for mr in by_mr if mr not in given]
     if missing and not allow_subset:
-        raise DataError(f"{predictions}: outputs for {len(by_mr) - len(missing)} of the {len(by_mr)} MRs of {references} "
-                        f"(the first without one: {missing[0][:80]!r}); expected one output per MR, or --allow-subset "
-                        "to score the given ones only")
+        raise DataError(f"{predictions}: outputs for {len(by_mr) - len(missing)} of the {len(by_mr)} MRs of "
+                        f"{references} (the first without one: {missing[0][:80]!r}); expected one output per MR, or "
+                        "--allow-subset to score the given ones only")
     scores = score_challenge(outputs.outputs, grouped, coco)
     return {**scores, "predictions": str(predictions), "references_file": str(references), "reference_mrs": len(by_mr)}
 
