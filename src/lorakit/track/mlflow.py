@@ -4,8 +4,8 @@ The default store is MLflow's file store, <run>/mlruns (view with
 `MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri runs/NAME/mlruns`): it needs no database and
 starts at once, where a fresh SQLite store first runs its schema migrations. Set
 MLFLOW_TRACKING_URI (sqlite:///..., which needs the full mlflow package, http://...) for any other
-store, MLFLOW_EXPERIMENT_NAME for the
-experiment (default: lorakit). The config goes in as flattened params, the metrics as metrics, the
+store, MLFLOW_EXPERIMENT_NAME for the experiment (default: lorakit). The config goes in as flattened
+params (a mapping whose keys are patterns, such as lora.rank_pattern, as one), the metrics as metrics, the
 eval samples as a table artifact (eval_samples.json, MLflow's table format) and the adapter folder
 as the artifact `adapter`. A resumed run continues its MLflow run; the steps between its checkpoint
 and where it stopped, which MLflow already holds, are not logged again (MLflow cannot delete points).
