@@ -242,7 +242,8 @@ class TrainConfig:
     )
     lr: float = _help("peak learning rate", default=2e-4)
     weight_decay: float = _help("AdamW weight decay (not applied to biases and norms)", default=0.0)
-    warmup_ratio: float = _help("share of steps spent warming the learning rate up from 0", default=0.0)
+    warmup_ratio: float = _help("share of steps (at least one when above 0) spent warming the learning rate up: "
+                                "linearly, step k of w at k/(w+1) of the peak", default=0.0)
     scheduler: str = _help("cosine | linear | constant", default="cosine")
     max_grad_norm: float = _help("gradient clipping norm; 0 disables", default=1.0)
     optimizer: str = _help("adamw | adamw_8bit | paged_adamw_8bit", default="adamw")

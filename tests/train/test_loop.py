@@ -73,7 +73,7 @@ def test_accumulated_micro_batches_give_the_big_batch_gradient():
 def test_schedule_warms_up_then_decays():
     total, warm = 100, 10
     cosine = [lr_factor(s, total, warm, "cosine") for s in range(total)]
-    assert cosine[0] == 0.0 < cosine[5] < cosine[9] <= 1.0  # from 0, as transformers' warm-up
+    assert cosine[0] == pytest.approx(1 / 11) and cosine[0] < cosine[5] < cosine[9] < 1.0  # no step at rate 0
     assert cosine[warm] == pytest.approx(1.0) and cosine[-1] < 0.01
     assert all(a >= b for a, b in zip(cosine[warm:], cosine[warm + 1 :]))
     assert lr_factor(55, total, warm, "linear") == pytest.approx(0.5)
@@ -81,20 +81,17 @@ def test_schedule_warms_up_then_decays():
 
 
 @pytest.mark.parametrize("kind", ["cosine", "linear"])
-@pytest.mark.parametrize("total, ratio", [(30, 0.03), (7, 0.1), (10, 0.25), (375, 0.05), (20, 0.0)])
-def test_the_schedule_is_transformers_one_step_for_step(kind, total, ratio):
-    """The rate each step takes equals transformers' get_scheduler with TrainingArguments' warm-up steps (rounded up:
-    a warm-up ratio of 0.03 over 30 steps is one step, not none)."""
-    import math
-
+@pytest.mark.parametrize("total, ratio, warm", [(30, 0.03, 1), (7, 0.1, 1), (10, 0.25, 2), (375, 0.05, 18), (20, 0.0, 0)])
+def test_the_schedule_after_the_warm_up_is_transformers_one(kind, total, ratio, warm):
+    """Past its warm-up the rate each step takes equals transformers' get_scheduler with the same warm-up steps; a
+    ratio above 0 warms up at least one step (0.03 of 30 steps rounded down to none)."""
     from transformers import get_scheduler
 
     from lorakit.train.optim import build_scheduler
 
     rates = []
     for make in (lambda o: build_scheduler(o, TrainConfig(lr=1.0, warmup_ratio=ratio, scheduler=kind), total),
-                 lambda o: get_scheduler(kind, o, num_warmup_steps=math.ceil(ratio * total),
-                                         num_training_steps=total)):
+                 lambda o: get_scheduler(kind, o, num_warmup_steps=warm, num_training_steps=total)):
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
         scheduler, taken = make(optimizer), []
         for _ in range(total):
@@ -102,7 +99,9 @@ def test_the_schedule_is_transformers_one_step_for_step(kind, total, ratio):
             optimizer.step()
             scheduler.step()
         rates.append(taken)
-    assert rates[0] == pytest.approx(rates[1], abs=1e-12)
+    ours, theirs = rates
+    assert ours[warm:] == pytest.approx(theirs[warm:], abs=1e-12)
+    assert ours[:warm] == pytest.approx([(k + 1) / (warm + 1) for k in range(warm)])  # from above 0, never at 0
 
 
 def test_a_toy_task_is_learned_and_generation_stops_at_eos(tmp_path):

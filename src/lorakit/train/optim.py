@@ -66,10 +66,11 @@ def build_8bit_optimizer(groups: list[dict], config: TrainConfig) -> torch.optim
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
-    """Multiplier of the peak rate at `step` (0-based): a linear warm-up from 0, then cosine, linear or constant, as
-    transformers' schedules (get_cosine_schedule_with_warmup, ...)."""
+    """Multiplier of the peak rate at `step` (0-based): a linear warm-up, then cosine, linear or constant, as
+    transformers' schedules after the warm-up. The warm-up's steps run at 1/(w+1), ..., w/(w+1) of the peak, where
+    transformers' run at 0, 1/w, ...: its first step, at rate 0, does nothing."""
     if step < warmup_steps:
-        return step / warmup_steps
+        return (step + 1) / (warmup_steps + 1)
     if kind == "constant":
         return 1.0
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
@@ -79,7 +80,9 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> floa
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
-    warmup = math.ceil(config.warmup_ratio * total_steps)  # as TrainingArguments.get_warmup_steps
+    # the ratio's share of the steps, rounded down (transformers rounds up), and at least one step when the ratio
+    # asks for a warm-up (0.03 of 30 steps rounded down to none)
+    warmup = max(1, int(config.warmup_ratio * total_steps)) if config.warmup_ratio > 0 else 0
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, warmup, config.scheduler)
     )
