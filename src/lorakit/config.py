@@ -206,7 +206,8 @@ class DataConfig:
     max_length: int = _help("longest sequence in tokens; longer examples are truncated and counted", default=256)
     eval_size: float | None = _help(
         "share (or count, if >= 1) of the training file held out when no eval_file; 0: train on all of it without "
-        "evaluation; unset: 10% when the file has at least 10 records, else none (a warning says so)",
+        "evaluation; unset: 10% when the file has at least 10 records, else none (a warning says so); E2E data "
+        "(format e2e) is held out by whole MRs, and the share or count is of its MRs",
         default=None,
     )
     text_column: str = _help("text column of a text/label set", default="text")

@@ -78,3 +78,11 @@ def test_e2e_data_holds_out_whole_meaning_representations():
     assert len(eval_mrs) == round(0.1 * len(train_mrs | eval_mrs))
     again, _, _ = read_records(DataConfig(train_file=str(part), format="e2e"), seed=0)
     assert again == train  # seeded: the same split every time
+
+
+def test_a_grouped_hold_out_counts_groups_and_refuses_one_that_leaves_none():
+    records = [{"mr": f"m{k}", "ref": j} for k in range(50) for j in range(8)]
+    split = hold_out(records, 5, seed=0, source="e2e.csv", group_by="mr")  # five MRs, their 40 records
+    assert len({r["mr"] for r in split.eval}) == 5 and len(split.eval) == 40 and len(split.train) == 360
+    with pytest.raises(DataError, match="e2e.csv: data.eval_size 50 holds out 50 of its 50 MRs and leaves none"):
+        hold_out(records, 50, seed=0, source="e2e.csv", group_by="mr")

@@ -262,3 +262,19 @@ def test_a_fresh_run_over_an_earlier_one_removes_what_would_read_as_its_own(tmp_
         (tmp_path / name).write_text("the earlier run's")
     RunLog(tmp_path, replace=True).open()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "status.json"]
+
+
+def test_a_resume_between_a_rollback_and_its_divergence_keeps_the_rollback(tmp_path):
+    """Steps 4-6 logged, a rollback at step 7 to step 3, step 4 again, a checkpoint there (a time budget), a resume:
+    the abandoned step 4 must stay marked, or the curves read two values for it."""
+    from lorakit.train.metrics import kept_events
+
+    log = RunLog(tmp_path).open()
+    for step in (1, 2, 3, 4, 5, 6):
+        log.write(kind="train", step=step, loss=float(step))
+    log.write(kind="rollback", step=7, reason="loss is nan", to_step=3, lr_factor=0.1, until_step=23, in_a_row=1)
+    log.write(kind="train", step=4, loss=40.0)
+    resumed = RunLog(tmp_path).open(resume_step=4)
+    resumed.write(kind="train", step=5, loss=50.0)
+    kept = [(e["step"], e["loss"]) for e in kept_events(resumed.events()) if e["kind"] == "train"]
+    assert kept == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]

@@ -72,9 +72,9 @@ def run(args, overrides: list[str]) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupted) if alone else None
     try:
         run_training(config)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         print(f"lorakit train: interrupted; {_where_to_resume(config.train.output_dir)}", file=sys.stderr)
-        return 130
+        return 143 if isinstance(stop, Terminated) else 130  # 128 + the signal, as a shell reports it
     except (ProcessLost, RuntimeError) as err:
         if not (isinstance(err, ProcessLost) or is_lost_contact(err)):
             raise
@@ -95,8 +95,12 @@ def run(args, overrides: list[str]) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, met as Ctrl-C is (the run's status says interrupted) but told apart by its exit code."""
+
+
 def _interrupted(signum, frame):
-    raise KeyboardInterrupt
+    raise Terminated
 
 
 def _exec_torchrun(args, overrides: list[str]) -> int:

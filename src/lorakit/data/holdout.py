@@ -54,25 +54,20 @@ def hold_out(records: list, eval_size: float | None, seed: int, source: str, gro
         note = f"data.eval_size 0: training on all {n} records of {source} without evaluation"
         log.info(note)
         return Holdout(list(records), [], note)
-    count = eval_count(eval_size, n)
-    if count >= n:
+    units = list(dict.fromkeys(r.get(group_by) for r in records)) if group_by is not None else list(range(n))
+    kind = "MR" if group_by == "mr" else "group" if group_by is not None else "record"
+    count = eval_count(eval_size, len(units))
+    if count >= len(units):
         raise DataError(
-            f"{source}: data.eval_size {eval_size:g} holds out {count} of its {n} record{'s' if n != 1 else ''} and "
-            f"leaves none to train on; expected a smaller data.eval_size, 0 to train on all of them without "
-            "evaluation, or a separate data.eval_file"
+            f"{source}: data.eval_size {eval_size:g} holds out {count} of its {len(units)} {kind}"
+            f"{'s' if len(units) != 1 else ''} and leaves none to train on; expected a smaller data.eval_size, 0 to "
+            "train on all of them without evaluation, or a separate data.eval_file"
         )
-    if group_by is not None:
-        return _hold_out_groups(records, eval_size, seed, group_by)
-    train, evaluation = train_test_split(records, count, seed)
-    return Holdout(train, evaluation)
-
-
-def _hold_out_groups(records: list, eval_size: float, seed: int, field: str) -> Holdout:
-    """Whole groups of records sharing `field` held out, eval_size of the groups; both parts in the records' order."""
-    groups = list(dict.fromkeys(r.get(field) for r in records))
-    _, held = train_test_split(groups, min(eval_count(eval_size, len(groups)), len(groups) - 1), seed)
-    held = set(held)
-    return Holdout([r for r in records if r.get(field) not in held], [r for r in records if r.get(field) in held])
+    if group_by is None:
+        train, evaluation = train_test_split(records, count, seed)
+        return Holdout(train, evaluation)
+    held = set(train_test_split(units, count, seed)[1])  # whole groups: every record of a held-out one evaluates
+    return Holdout([r for r in records if r.get(group_by) not in held], [r for r in records if r.get(group_by) in held])
 
 
 def eval_count(eval_size: float, n: int) -> int:

@@ -43,10 +43,19 @@ class MetricsLog:
         return events
 
     def truncate_after(self, step: int) -> None:
-        """Drop events past `step`, so a resumed run does not log the same steps twice."""
+        """Drop events past `step`, so a resumed run does not log the same steps twice. A divergence rollback to a step
+        at or before `step` stays (stamped with the later step that diverged): it still marks the events before it
+        that the run abandoned, for `kept_events`."""
         if not self.enabled:
             return
-        kept = [e for e in self.events() if not isinstance(e.get("step", 0), (int, float)) or e.get("step", 0) <= step]
+
+        def kept(e: dict) -> bool:
+            at = e.get("step", 0)
+            back = e.get("to_step")
+            return (not _number(at) or at <= step
+                    or e.get("kind") == "rollback" and _number(back) and back <= step)
+
+        kept = [e for e in self.events() if kept(e)]
         write_atomically(self.path, "".join(json.dumps(e, sort_keys=True) + "\n" for e in kept))
 
     def plot(self, path: str | Path | None = None) -> Path | None:
