@@ -81,7 +81,8 @@ def test_schedule_warms_up_then_decays():
 
 
 @pytest.mark.parametrize("kind", ["cosine", "linear"])
-@pytest.mark.parametrize("total, ratio, warm", [(30, 0.03, 1), (7, 0.1, 1), (10, 0.25, 2), (375, 0.05, 18), (20, 0.0, 0)])
+@pytest.mark.parametrize("total, ratio, warm",
+                         [(30, 0.03, 1), (7, 0.1, 1), (10, 0.25, 2), (375, 0.05, 18), (20, 0.0, 0)])
 def test_the_schedule_after_the_warm_up_is_transformers_one(kind, total, ratio, warm):
     """Past its warm-up the rate each step takes equals transformers' get_scheduler with the same warm-up steps; a
     ratio above 0 warms up at least one step (0.03 of 30 steps rounded down to none)."""
