@@ -34,11 +34,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for split, path in write_splits(args.out_dir, args.n_train, args.n_test, args.seed, args.n_valid).items():
-        print(f"{split}: {path}")
-    sizes = {split: getattr(args, f"chat_{split}") for split in DEFAULT_CHAT_SIZES}
-    for split, path in write_chat_splits(args.out_dir, sizes, args.seed).items():
-        print(f"chat {split}: {path}")
+    write_splits(args.out_dir, args.n_train, args.n_test, args.seed, args.n_valid)  # each split logs its line
+    write_chat_splits(args.out_dir, {split: getattr(args, f"chat_{split}") for split in DEFAULT_CHAT_SIZES}, args.seed)
 
 
 if __name__ == "__main__":
