@@ -7,7 +7,8 @@ import tempfile
 from pathlib import Path
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's file-mode mask (read by setting it and setting it back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -20,7 +21,7 @@ def write_atomically(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             out.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's own 0o600 would hide the file from a reader of another user
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp's own 0o600 would hide the file from a reader of another user
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

@@ -243,13 +243,11 @@ class TrainConfig:
     )
     lr: float = _help("peak learning rate", default=2e-4)
     weight_decay: float = _help("AdamW weight decay (not applied to biases and norms)", default=0.0)
-    warmup_ratio: float = _help("share of steps (at least one when above 0) spent warming the learning rate up: "
-                                "linearly, step k of w at k/(w+1) of the peak", default=0.0)
+    warmup_ratio: float = _help("share of steps (1+ if above 0) warming up: step k of w at k/(w+1) of lr", default=0.0)
     scheduler: str = _help("cosine | linear | constant", default="cosine")
     max_grad_norm: float = _help("gradient clipping norm; 0 disables", default=1.0)
     optimizer: str = _help("adamw | adamw_8bit | paged_adamw_8bit", default="adamw")
-    loraplus_lr_ratio: float = _help("LoRA+: B learns this many times faster than A (an embedding's B too; biases at"
-                                     " lr); 1 disables", default=1.0)
+    loraplus_lr_ratio: float = _help("LoRA+: every B (embeddings' too) learns this x faster; 1 disables", default=1.0)
     logging_steps: int = _help("log every N optimizer steps", default=10)
     eval_strategy: str = _help("steps | epoch | no (the eval split scored once, after the last step)", default="epoch")
     eval_steps: int = _help("evaluate every N steps when eval_strategy is steps", default=100)

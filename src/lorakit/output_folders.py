@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from lorakit.atomic_files import umask
 from lorakit.config import ConfigError
 from lorakit.models import cache_root
 
@@ -76,9 +77,7 @@ def staging_folder(output: Path) -> Path:
     """A new, empty folder beside `output` (its parents made), readable as a folder made by hand would be."""
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp's own 0o700 would hide a merged model from other users
+    staging.chmod(0o777 & ~umask())  # mkdtemp's own 0o700 would hide a merged model from other users
     return staging
 
 

@@ -147,21 +147,17 @@ def _as_lora_on_original_base(model, name, tensors, config):
 
     The base now holds W - s B0 A0; with trained A, B the model computes W + s (B A - B0 A0), which
     is a plain LoRA of rank 2r: A' = [A; A0], B' = [B, -B0], same scale s. (A DoRA adapter's weight
-    W - s B0 A0 + s B A is the same matrix, so its magnitude carries over unchanged.) A layer whose base the
-    init left as it was (an embedding, which starts as the default does) gets zero ranks, A' = [A; 0],
-    B' = [B, 0], so every layer has the rank 2r the config then says.
+    W - s B0 A0 + s B A is the same matrix, so its magnitude carries over unchanged.) A layer the init left alone
+    (an embedding) gets zero ranks, A' = [A; 0], B' = [B, 0]: every layer has the rank 2r the config then says.
     """
     for path, layer in lora_layers(model):
         adapter = layer.adapters[name] if name in layer.adapters else None
         if adapter is None:
             continue
-        a_key, b_key = (f"{PREFIX}{path}.lora_embedding_A", f"{PREFIX}{path}.lora_embedding_B") if (
-            layer.kind == "embedding") else (f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight")
-        moved = hasattr(adapter, "A0")
-        A0 = adapter.A0.cpu() if moved else torch.zeros_like(tensors[a_key])
-        B0 = adapter.B0.cpu() if moved else torch.zeros_like(tensors[b_key])
-        tensors[a_key] = torch.cat([tensors[a_key], A0], dim=0)
-        tensors[b_key] = torch.cat([tensors[b_key], -B0], dim=1)
+        a_key, b_key = (f"{PREFIX}{path}.{peft_key(layer.kind, p, adapter)}" for p in ("A", "B"))
+        A0, B0 = (adapter.A0.cpu(), adapter.B0.cpu()) if hasattr(adapter, "A0") else map(torch.zeros_like, (
+            tensors[a_key], tensors[b_key]))
+        tensors[a_key], tensors[b_key] = torch.cat([tensors[a_key], A0]), torch.cat([tensors[b_key], -B0], dim=1)
     grow = math.sqrt(2) if config["use_rslora"] else 2.0  # keeps alpha / r (or / sqrt r) unchanged
     config = {
         **config,

@@ -128,12 +128,18 @@ MAX_DEPTH = 64
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def head_digest(path: Path, length: int, count: int = 256) -> str:
-    """A digest of the file's first min(count, length) bytes ("" where it cannot be read): an answer's first bytes,
-    to tell a file written afresh in place, and past its old size, from the same file grown."""
+HEAD_BYTES = 256  # the first bytes of metrics.jsonl that tell a file written afresh in place from the same file grown
+
+
+def first_bytes(path: Path, count: int = HEAD_BYTES) -> bytes:
+    with path.open("rb") as fh:
+        return fh.read(count)
+
+
+def head_digest(path: Path, length: int) -> str:
+    """A digest of the file's first min(HEAD_BYTES, length) bytes ("" where it cannot be read), for the page."""
     try:
-        with path.open("rb") as fh:
-            return hashlib.blake2b(fh.read(min(count, length)), digest_size=8).hexdigest()
+        return hashlib.blake2b(first_bytes(path, min(HEAD_BYTES, length)), digest_size=8).hexdigest()
     except OSError:
         return ""
 

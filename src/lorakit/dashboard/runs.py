@@ -13,7 +13,7 @@ import statistics
 import time
 from pathlib import Path
 
-from lorakit.dashboard.files import plain_json, read_events, read_json, read_yaml
+from lorakit.dashboard.files import first_bytes, plain_json, read_events, read_json, read_yaml
 from lorakit.track import flatten
 from lorakit.track.samples import SAMPLES_FILE, primary_metric, read_samples
 from lorakit.track.status import STATUS_FILE, process_alive
@@ -54,7 +54,7 @@ class RunCache:
         the old size between two polls) is read afresh."""
         try:
             stat = path.stat()
-            head = _first_bytes(path)
+            head = first_bytes(path)
         except OSError:
             self._appended.pop(path, None)
             return []
@@ -66,11 +66,6 @@ class RunCache:
             events = events + new  # a new list: a request still reading the old one sees it unchanged
         self._appended[path] = (stat.st_ino, offset, events, head[:offset])
         return events
-
-
-def _first_bytes(path: Path, count: int = 256) -> bytes:
-    with path.open("rb") as fh:
-        return fh.read(count)
 
 
 def load_run(name: str, folder: Path, cache: RunCache) -> dict:

@@ -13,6 +13,7 @@ from lorakit.config import ConfigError, LoraConfig
 from lorakit.lora.adapters import set_adapter
 from lorakit.lora.base import layer_kind
 from lorakit.lora.inits import MOVES_BASE
+from lorakit.lora.merge import untie_weights
 from lorakit.lora.layer import LoraLayer, SavedModule
 from lorakit.lora.variants import variant_for
 
@@ -150,28 +151,16 @@ def inject(model: nn.Module, config: LoraConfig | None = None, adapter_name: str
 
 def _untie_moved_weights(model: nn.Module, names: list[str], config: LoraConfig) -> list[str]:
     """PiSSA and OLoRA take part of a target's weight into the adapter: a target that shares its weight with another
-    module (a head tied to the embeddings) gets its own copy first, so the other module is left as it was and the
-    model's output is unchanged at start (PEFT changes the embeddings there). Returns the targets untied."""
+    module (a head tied to the embeddings) is untied from it first, so the other module is left as it was and the
+    model's output is unchanged at start (PEFT changes the embeddings there). Returns the modules untied."""
     if config.init_lora_weights not in MOVES_BASE:
         return []
-    owners: dict[int, int] = {}
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            owners[id(param)] = owners.get(id(param), 0) + 1
-    untied = []
-    for name in names:
-        module = model.get_submodule(name)
-        base = module.base_layer if isinstance(module, LoraLayer) else module
-        weight = getattr(base, "weight", None)
-        if layer_kind(base) == "embedding" or weight is None or owners.get(id(weight), 0) < 2:
-            continue
-        base.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
-        untied.append(name)
+    bases = [m.base_layer if isinstance(m, LoraLayer) else m for m in map(model.get_submodule, names)]
+    moved = {id(b.weight) for b in bases if layer_kind(b) != "embedding" and getattr(b, "weight", None) is not None}
+    untied = untie_weights(model, moved)
     if untied:
-        for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-            cfg.tie_word_embeddings = False
-        log.info("lora.init_lora_weights %s moves part of %s's weight into the adapter: it no longer shares that "
-                 "weight with the embeddings", config.init_lora_weights, ", ".join(untied))
+        log.info("lora.init_lora_weights %s changes a tied weight: %s now holds a copy of its own",
+                 config.init_lora_weights, ", ".join(untied))
     return untied
 
 

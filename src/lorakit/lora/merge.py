@@ -59,11 +59,16 @@ def untie_merged(model: nn.Module) -> list[str]:
     adapted model's outputs, and the config no longer says the weights are tied, so a saved model
     loads the two apart.
     """
-    wrapped = {id(layer.base_layer.weight) for _, layer in lora_layers(model)}
+    return untie_weights(model, {id(layer.base_layer.weight) for _, layer in lora_layers(model)})
+
+
+def untie_weights(model: nn.Module, weights: set[int]) -> list[str]:
+    """Give each module but the first that holds one of `weights` (parameter ids) its own copy; return their
+    names. The config then no longer says the weights are tied."""
     sharers: dict[int, list[tuple[str, nn.Module, str]]] = {}
     for name, module in model.named_modules():
         for key, param in module.named_parameters(recurse=False):
-            if id(param) in wrapped:
+            if id(param) in weights:
                 sharers.setdefault(id(param), []).append((name, module, key))
     untied = []
     for owners in sharers.values():

@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from lorakit.data.formats import json_type
 from lorakit.infer.multi_adapter import Completion, Request
 from lorakit.serve.config import ServeConfig
 
@@ -157,17 +158,11 @@ def _get(body: dict, key: str, kind, default=None, required: bool = False):
             raise ApiError(400, f"'{key}' is required", key)
         return default
     if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
-        raise ApiError(400, f"'{key}' must be {JSON_TYPES.get(kind, 'a number')} (got {_json_type(value)})", key)
+        raise ApiError(400, f"'{key}' must be {JSON_TYPES.get(kind, 'a number')} (got {json_type(value)})", key)
     return value
 
 
 JSON_TYPES = {int: "an integer", str: "a string", bool: "a boolean"}
-
-
-def _json_type(value) -> str:
-    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
-             dict: "an object"}
-    return kinds.get(type(value), type(value).__name__)
 
 
 def _is_message(m) -> bool:
