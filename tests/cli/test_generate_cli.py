@@ -221,3 +221,19 @@ def test_inspect_says_when_r_and_alpha_are_defaults_the_config_does_not_give(tmp
     config_file.write_text(json.dumps({k: v for k, v in json.loads(config_file.read_text()).items() if k != "r"}))
     assert main(["inspect", str(tmp_path / "adapter")]) == 0
     assert "r: 8 (unset: the default)   alpha: 8   rslora" in capsys.readouterr().out
+
+
+def test_transformers_progress_bars_show_only_with_verbose(tmp_path):
+    folder = toy_model_folder(tmp_path / "model")
+    (tmp_path / "in.jsonl").write_text(json.dumps({"instruction": "say red 1"}) + "\n")
+
+    def stderr(*flags):
+        return subprocess.run(
+            [sys.executable, "-m", "lorakit", *flags, "generate", "--model", str(folder), "--template", "seed",
+             "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"), "--force",
+             "--max-new-tokens", "2"],
+            check=True, capture_output=True, text=True,
+        ).stderr
+
+    assert "Loading weights" not in stderr()  # lorakit's own lines say what happened
+    assert "Loading weights" in stderr("-v")

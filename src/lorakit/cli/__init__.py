@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 from lorakit.cli.failures import USER_ERRORS, report
 
@@ -36,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     level = logging.INFO if args.verbose or args.debug else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if level == logging.WARNING and os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") is None:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # its loading and saving bars: lorakit says what it did
     try:
         return args.run(args, extra) or 0
     except (Exception, KeyboardInterrupt) as err:  # SystemExit passes: it carries its own code
