@@ -20,7 +20,7 @@ from lorakit.data.classification import (
     read_classification_test,
     tokenize_classification,
 )
-from lorakit.data.dataset import prepare_data, prepare_preference_data
+from lorakit.data.dataset import prepare_data, prepare_preference_data, require_train_data
 from lorakit.infer.score import score_generations
 from lorakit.checkpoint.peft_io import load_adapter
 from lorakit.lora.adapters import disable_adapters, set_adapter
@@ -66,6 +66,7 @@ def run(config: RunConfig, echo=print) -> dict:
 
     Under torchrun or accelerate launch every process runs this; rank 0 alone prints and writes.
     """
+    require_train_data(config.data)
     world = distributed.init_from_env(config.train.ddp_timeout)
     echo = echo if world.main else _silent
     out = Path(config.train.output_dir)

@@ -116,6 +116,24 @@ def test_yaml_with_unknown_keys_names_each(toy, tmp_path, capsys):
                      lines[0]), lines
 
 
+def test_a_config_with_no_training_data_is_refused_before_the_model_loads(tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text(f"# nothing set but a model that is not there\nmodel: {tmp_path / 'no-model'}\n")
+    expected = "lorakit train: error: data.train_file: not set; give a JSONL/JSON/CSV/TSV file (or data.hf_dataset)"
+    code, lines = cli(capsys, "train", str(config))
+    assert code == 2 and lines == [expected], lines  # not the missing model: nothing was loaded
+    # --nproc 2 replaces its process with torchrun's, so it runs in its own; refused before torchrun starts
+    done = subprocess.run(lorakit_process("train", str(config), "--nproc", "2"), capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.splitlines() == [expected], done.stderr
+    from lorakit.config import RunConfig, TrainConfig
+    from lorakit.data.formats import DataError
+    from lorakit.run import run
+
+    with pytest.raises(DataError, match="data.train_file: not set"):  # the library's entry point, likewise
+        run(RunConfig(model=str(tmp_path / "no-model"), train=TrainConfig(output_dir=str(tmp_path / "runs"))))
+    assert not (tmp_path / "runs").exists()
+
+
 def test_wrong_target_module_names(toy, run_dir, tmp_path, capsys):
     before = fingerprint(run_dir)
     config = write_config(tmp_path / "config.yaml", toy, train={"output_dir": str(run_dir)})

@@ -47,6 +47,7 @@ def add_parser(commands) -> None:
 def run(args, overrides: list[str]) -> int:
     from lorakit.config import ConfigError
     from lorakit.config_loading import load_run_config
+    from lorakit.data.dataset import require_train_data
     from lorakit.run import run as run_training
     from lorakit.train.distributed import (
         ProcessLost, World, grad_accum_for, is_lost_contact, launched_world, short_reason,
@@ -62,6 +63,7 @@ def run(args, overrides: list[str]) -> int:
     if args.bits:
         overrides = [*overrides, "--quantization.bits", str(args.bits)]
     config = load_run_config(args.config, overrides)  # checked here, before torchrun starts N processes on it
+    require_train_data(config.data)
     if args.nproc > 1 and launched_world().size == 1:
         grad_accum_for(config.train, World(size=args.nproc))  # the global batch must split over the processes
         return _exec_torchrun(args, given)

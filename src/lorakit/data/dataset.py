@@ -33,15 +33,20 @@ class PreparedData:
     card_template: str | None = None
 
 
+def require_train_data(config: DataConfig) -> None:
+    """Refuse a run with nothing to train on (an empty config, say), before anything is loaded."""
+    if not (config.train_file or config.hf_dataset):
+        raise DataError("data.train_file: not set; give a JSONL/JSON/CSV/TSV file (or data.hf_dataset)")
+
+
 def read_records(config: DataConfig, seed: int) -> tuple[list[dict], list[dict], str]:
     """Raw (train, eval) records and their format, with the split and size limits applied."""
     load, fmt = file_reader(config.format)
     if config.hf_dataset:
         train = load_hf_dataset(config.hf_dataset, "train")
-    elif config.train_file:
-        train = read_field(load, config, "train_file")
     else:
-        raise DataError("data.train_file: not set; give a JSONL/JSON/CSV/TSV file (or data.hf_dataset)")
+        require_train_data(config)
+        train = read_field(load, config, "train_file")
     fmt = validate_records(train, fmt, config.train_file)
 
     def check(records: list[dict], source: str) -> None:
