@@ -70,6 +70,15 @@ def test_each_problem_names_the_line_of_its_key_or_its_override(tmp_path):
         load_run_config(path, ["--train.lr", "-1", "--lora.r", "2", "--train.epochs", "1"])
 
 
+def test_a_problem_in_a_section_an_override_made_or_set_whole_names_that_override(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\n")
+    with pytest.raises(ConfigError, match=r"^--nosuch\.key: nosuch: unknown key; known: data, "):
+        load_run_config(path, ["--nosuch.key", "1"])
+    with pytest.raises(ConfigError, match=r"^--preference: preference\.gamma: unknown key; known: beta, "):
+        load_run_config(path, ["--preference", "{beta: 0.3, gamma: 1}"])
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

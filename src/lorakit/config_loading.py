@@ -62,6 +62,10 @@ def _locate(problem: str, path: Path | None, lines: KeyLines, overridden: set[st
     key = match.group() if match else ""
     if key in overridden:
         return f"--{problem}"
+    # an override that made the section (--nosuch.key) or set it whole (--preference '{gamma: 1}')
+    given = sorted(o for o in overridden if key and (o.startswith(f"{key}.") or key.startswith(f"{o}.")))
+    if given:
+        return f"--{given[0]}: {problem}"
     line = lines.get(tuple(key.split("."))) if key else None
     where = f"{path}:{line}" if path is not None and line else str(path or "config")
     return f"{where}: {problem}"
