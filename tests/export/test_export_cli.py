@@ -146,6 +146,17 @@ def test_an_lm_head_lora_on_a_tied_base_is_refused_for_gguf_lora(capsys, tmp_pat
     assert not (tmp_path / "a.gguf").exists()
 
 
+def test_an_embedding_lora_on_a_tied_base_is_refused_for_gguf_lora(capsys, tmp_path):
+    folder = tiny_folder(tmp_path / "llama", "llama")  # tied: llama.cpp would apply the pair to the head too
+    model = load_causal_lm(folder)
+    inject(model, LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
+    save_adapter(model, tmp_path / "adapter")
+    code, _, err = run_cli(capsys, "--model", folder, "--adapter", tmp_path / "adapter", "--format", "gguf-lora",
+                           "--output", tmp_path / "a.gguf")
+    assert code == 2 and "LoRA on the embeddings, which this base ties to its output head" in one_error_line(err)
+    assert not (tmp_path / "a.gguf").exists()
+
+
 def test_a_gguf_named_as_its_modelfile_is_refused(llama, capsys, tmp_path):
     _, folder = llama
     code, _, err = run_cli(capsys, "--model", folder, "--outtype", "f32", "--output", tmp_path / "Modelfile", "--ollama")

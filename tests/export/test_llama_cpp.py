@@ -83,12 +83,14 @@ LORA_CASES = {
         r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
         rank_pattern={"k_proj": 4, "down_proj": 2}, alpha_pattern={"v_proj": 4.0},
     ),
+    # on a base whose head is its own (a tied one is refused): llama.cpp looks the token's row up in A^T
+    "embeddings": LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head", "q_proj"]),
 }
 
 
 @pytest.mark.parametrize("case", LORA_CASES)
 def test_lora_gguf_on_base_matches_merged_export(tmp_path, case):
-    folder = tiny_folder(tmp_path / "m", "llama")
+    folder = tiny_folder(tmp_path / "m", "llama", tie=case != "embeddings")
     model = load_causal_lm(folder)
     inject(model, LORA_CASES[case])
     generator = torch.Generator().manual_seed(0)
