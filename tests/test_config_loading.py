@@ -79,6 +79,29 @@ def test_a_problem_in_a_section_an_override_made_or_set_whole_names_that_overrid
         load_run_config(path, ["--preference", "{beta: 0.3, gamma: 1}"])
 
 
+def test_a_boolean_becomes_a_word_only_where_that_word_is_a_choice(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  save_strategy: false\n  half_base: false\n")
+    config = load_run_config(path)
+    assert (config.train.save_strategy, config.train.half_base) == ("no", "off")
+    path.write_text("train:\n  output_dir: false\n  metric_for_best: true\n")
+    with pytest.raises(ConfigError) as err:  # not a folder named 'no', or a metric named 'yes'
+        load_run_config(path)
+    assert sorted(err.value.problems) == [f"{path}:2: train.output_dir: given False, expected str",
+                                          f"{path}:3: train.metric_for_best: given True, expected str"]
+    with pytest.raises(ConfigError, match=r"^--lora\.target_modules: given False, expected a list"):
+        load_run_config(None, ["--lora.target_modules", "false"])
+
+
+def test_an_override_of_a_text_setting_is_the_text_typed(tmp_path):
+    config = load_run_config(None, ["--data.template", "Q: {instruction}\nA: ", "--train.output_dir", "2024",
+                                    "--eval.task", "ros2"])
+    assert (config.data.template, config.train.output_dir) == ("Q: {instruction}\nA: ", "2024")
+    assert load_run_config(None, ["--data.template", "{instruction}"]).data.template == "{instruction}"
+    assert load_run_config(None, ["--lora.target_modules", "[q_proj, v_proj]"]).lora.target_modules == [
+        "q_proj", "v_proj"]  # a setting that takes a list still reads one
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -86,6 +109,8 @@ def test_a_problem_in_a_section_an_override_made_or_set_whole_names_that_overrid
         ("train:\n  lr: .nan\n", ":2: train.lr: given nan, expected a finite number"),
         ("train:\n  epochs: .inf\n", ":2: train.epochs: given inf, expected a finite number"),
         ("lora:\n  rank_pattern: [1, 2]\n", ":2: lora.rank_pattern: given [1, 2], expected a mapping"),
+        ("lora:\n  rank_pattern: {q_proj: x}\n",
+         ":2: lora.rank_pattern: given {'q_proj': 'x'}, expected a mapping of str to int"),
         ("train:\n  lr: 1\x00\n", ":2: not valid YAML (character #x0000 is not allowed)"),
         ("a: " + "[" * 5000 + "]" * 5000 + "\n", ": YAML nested too deeply to read"),
         ("- a\n- b\n", ":1: expected a mapping of sections (model, lora, data, train, eval), given list"),

@@ -31,8 +31,8 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         raw, lines = read_yaml_mapping(path)
-    overridden: set[str] = set()
-    for key, value in parse_overrides(overrides or []):
+    overridden: dict[str, str] = {}  # key -> the text given on the command line
+    for key, value, text in _overrides(overrides or []):
         node = raw
         *parents, leaf = key.split(".")
         for part in parents:
@@ -40,9 +40,9 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
             if not isinstance(node, dict):
                 raise ConfigError(f"--{key}: '{part}' is not a section")
         node[leaf] = value
-        overridden.add(key)
+        overridden[key] = text
     problems: list[str] = []
-    kwargs = _typed_fields(RunConfig, raw, "", problems)  # leaves out what is mistyped: defaults stand in
+    kwargs = _typed_fields(RunConfig, raw, "", problems, overridden)  # leaves out what is mistyped: defaults stand in
     try:
         config = RunConfig(**kwargs)
     except ConfigError as err:
@@ -56,7 +56,7 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
 _KEY = re.compile(r"[A-Za-z_][\w.]*")
 
 
-def _locate(problem: str, path: Path | None, lines: KeyLines, overridden: set[str]) -> str:
+def _locate(problem: str, path: Path | None, lines: KeyLines, overridden: dict[str, str]) -> str:
     """'train.lr: ...' as 'FILE:LINE: train.lr: ...', or '--train.lr: ...' when an override set it."""
     match = _KEY.match(problem)
     key = match.group() if match else ""
@@ -73,6 +73,11 @@ def _locate(problem: str, path: Path | None, lines: KeyLines, overridden: set[st
 
 def parse_overrides(args: list[str]) -> list[tuple[str, object]]:
     """['--train.lr', '0.01', '--lora.r=4'] -> [('train.lr', 0.01), ('lora.r', 4)]; values read as YAML."""
+    return [(key, value) for key, value, _ in _overrides(args)]
+
+
+def _overrides(args: list[str]) -> list[tuple[str, object, str]]:
+    """parse_overrides' (key, value) pairs, each with the value's text as given."""
     out, i = [], 0
     while i < len(args):
         arg = args[i]
@@ -86,7 +91,7 @@ def parse_overrides(args: list[str]) -> list[tuple[str, object]]:
             i += 2
         else:
             raise ConfigError(f"override {arg}: missing its value")
-        out.append((key.replace("-", "_"), _override_value(key, value)))
+        out.append((key.replace("-", "_"), _override_value(key, value), value))
     return out
 
 
@@ -105,7 +110,9 @@ def _override_value(key: str, text: str):
     return value
 
 
-def _typed_fields(cls, raw: dict, prefix: str, problems: list[str]) -> dict:
+def _typed_fields(cls, raw: dict, prefix: str, problems: list[str], overridden: dict[str, str] | None = None) -> dict:
+    from lorakit.config_checks import CHOICES  # it imports the task registry: read when a config is
+
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     for key in raw:
@@ -120,13 +127,16 @@ def _typed_fields(cls, raw: dict, prefix: str, problems: list[str]) -> dict:
             if not isinstance(value, dict):
                 problems.append(f"{where}: expected a mapping, given {_shown(value)}")
                 continue
-            sub = _typed_fields(hint, value, f"{where}.", problems)
+            sub = _typed_fields(hint, value, f"{where}.", problems, overridden)
             try:
                 out[name] = hint(**sub)
             except ConfigError as err:
                 problems.extend(err.problems)
             continue
-        value = _coerce(value, hint)
+        value = _coerce(value, hint, CHOICES.get((cls.__name__, name), ()))
+        text = (overridden or {}).get(where)
+        if text is not None and _text_only(hint) and not isinstance(value, (bool, type(None), str)):
+            value = text  # typed for a text setting, which YAML read as a number or a mapping ('{instruction}')
         if not _matches(value, hint):  # left out: later checks never see a value of the wrong type
             problems.append(f"{where}: given {_shown(value)}, expected {_type_name(hint)}")
         elif isinstance(value, float) and not math.isfinite(value):
@@ -161,11 +171,13 @@ NULLS = ("", "~", "null", "Null", "NULL")
 BOOLEAN_WORDS = {"yes": True, "no": False, "on": True, "off": False, "y": True, "n": False}  # YAML 1.1's, for bools
 
 
-def _coerce(value, hint):
-    """A number given as a string ('1e-3' quoted) where a float is expected, a boolean where only a word fits (false is
-    'no', e.g. `save_strategy: false`), and yes/no/on/off where a boolean is expected."""
-    if isinstance(value, bool) and not _matches(value, hint) and _matches("no", hint):
-        return "yes" if value else "no"
+def _coerce(value, hint, choices=()):
+    """A number given as a string ('1e-3' quoted) where a float is expected, a boolean where one of the setting's
+    `choices` is its word (false is 'no' or 'off', e.g. `save_strategy: false`), and yes/no/on/off where a boolean is
+    expected."""
+    if isinstance(value, bool) and not _matches(value, hint):
+        word = next((w for w in (("yes", "on") if value else ("no", "off")) if w in choices), None)
+        return value if word is None else word
     if isinstance(value, str) and value.lower() in BOOLEAN_WORDS and not _matches(value, hint) and _matches(True, hint):
         return BOOLEAN_WORDS[value.lower()]
     if isinstance(value, str) and _matches(1.0, hint) and not _matches(value, hint):
@@ -176,6 +188,11 @@ def _coerce(value, hint):
     if isinstance(value, int) and not isinstance(value, bool) and hint is float:
         return float(value)
     return value
+
+
+def _text_only(hint) -> bool:
+    """Whether a setting takes text and nothing else (null aside): str, or str | None."""
+    return hint is str or set(typing.get_args(hint)) == {str, type(None)}
 
 
 def _matches(value, hint) -> bool:
@@ -201,4 +218,6 @@ def _type_name(hint) -> str:
         return " or ".join(_type_name(a) for a in args)
     if hint is type(None):
         return "null"
+    if typing.get_origin(hint) is dict:
+        return f"a mapping of {_type_name(args[0])} to {_type_name(args[1])}"
     return getattr(hint, "__name__", str(hint)).replace("list", "a list").replace("dict", "a mapping")

@@ -86,8 +86,11 @@ def test_the_command_writes_pairs_whole_and_refuses_bad_input_in_one_line(toy, t
     assert err.startswith("lorakit mine-preferences: error: ") and len(err.strip().splitlines()) == 1
     assert "train.jsonl:1: expected an instruction record" in err
     assert out.read_bytes() == before and not list(tmp_path.glob("*.partial"))
-    assert main([*args[:-2], "--temperature", "0", "--output", str(tmp_path / "x.jsonl")]) == 2
-    assert "--temperature: given 0, expected a number above 0" in capsys.readouterr().err
+    for temperature in ("0", "nan", "inf"):
+        assert main([*args[:-2], "--temperature", temperature, "--output", str(tmp_path / "x.jsonl")]) == 2
+        err = capsys.readouterr().err
+        assert f"--temperature: given {temperature}, expected a finite number above 0" in err, err
+        assert len(err.strip().splitlines()) == 1
 
 
 def test_conversations_are_checked_as_training_checks_them_before_the_model_loads(tmp_path, capsys):

@@ -8,6 +8,9 @@ A record is plain or chat:
   after it as in supervised training (``lorakit.data.masking.tokenize_shared_prompt``): labels on
   the reply and the EOS appended to it. A pair longer than ``max_length`` keeps the same prompt
   tokens on both sides (cut as the longer reply needs); a reply that still does not fit loses its end.
+  TRL tokenises prompt and reply as one text instead, so where a template ends in a space
+  (``"A: "``) TRL's reply tokens take that space (``" red"``) and lorakit's prompt keeps it, as
+  lorakit's SFT and generation do.
 * chat: ``prompt`` is a list of ``{role, content}`` messages (the conversation so far) and each
   reply is a string or a list holding one assistant message (TRL's conversational form). As TRL's
   DPOTrainer does, the prompt is the conversation rendered with the tokenizer's chat template and

@@ -11,6 +11,7 @@ worth pushing down. Prompts the model always gets right give no pair.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -40,8 +41,8 @@ class MineConfig:
         out = []
         if self.samples < 1:
             out.append(f"--samples: given {self.samples}, expected a positive integer")
-        if self.temperature <= 0:
-            out.append(f"--temperature: given {self.temperature:g}, expected a number above 0 (mining samples)")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            out.append(f"--temperature: given {self.temperature:g}, expected a finite number above 0 (mining samples)")
         if not 0 < self.top_p <= 1:
             out.append(f"--top-p: given {self.top_p:g}, expected a number in (0, 1]")
         for name in ("max_new_tokens", "batch_size"):
