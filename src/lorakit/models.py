@@ -125,6 +125,15 @@ def portable_name(name_or_path: str | None) -> str | None:
     return name_or_path
 
 
+def same_model(a: str, b: str) -> bool:
+    """Whether two names or paths give one model: a built-in by name or by its cached folder, one folder however
+    spelt."""
+    if portable_name(a) == portable_name(b):
+        return True
+    first, second = Path(str(a)).expanduser(), Path(str(b)).expanduser()
+    return first.exists() and second.exists() and first.resolve() == second.resolve()
+
+
 def load_tokenizer(name_or_path: NameOrPath, pad: bool = True) -> PreTrainedTokenizerBase:
     """Load a model's tokenizer; one without a pad token gets `pad_token = eos_token` (unless `pad` is false: as
     shipped).

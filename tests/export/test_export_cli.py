@@ -157,6 +157,22 @@ def test_an_embedding_lora_on_a_tied_base_is_refused_for_gguf_lora(capsys, tmp_p
     assert not (tmp_path / "a.gguf").exists()
 
 
+@pytest.mark.parametrize("format", ["gguf", "gguf-lora"])
+def test_a_base_other_than_the_one_the_adapter_names_is_warned_of(llama, capsys, caplog, tmp_path, format):
+    import shutil
+
+    root, folder = llama
+    other = shutil.copytree(folder, tmp_path / "other")  # the same shapes: the adapter loads on it
+    for model, warned in [(other, True), (f"{folder}/.", False)]:
+        caplog.clear()
+        code, _, err = run_cli(capsys, "--model", model, "--adapter", root / "adapter", "--format", format,
+                               "--outtype", "f32", "--output", tmp_path / "a.gguf", "--force")
+        assert code == 0, err
+        named = [r.getMessage() for r in caplog.records if "is not the base" in r.getMessage()]
+        assert named == ([f"--model {other} is not the base {root / 'adapter'} names ({folder}); exporting the "
+                          f"adapter on {other}"] if warned else []), named
+
+
 def test_a_gguf_named_as_its_modelfile_is_refused(llama, capsys, tmp_path):
     _, folder = llama
     code, _, err = run_cli(capsys, "--model", folder, "--outtype", "f32", "--output", tmp_path / "Modelfile", "--ollama")

@@ -60,3 +60,34 @@ def test_export_writes_modelfile_beside_the_gguf(tmp_path):
     assert render_template(parsed.template, "go") == seed.render({"instruction": "go", "output": ""})[0]
     with pytest.raises(ExportError, match="already exists; pass --force"):
         export(ExportConfig(model=str(folder), adapter=str(adapter), output=str(tmp_path / "other.gguf"), ollama=True))
+
+
+def test_a_chat_template_that_writes_the_bos_gives_ollama_one_bos(tmp_path):
+    """A Llama-3-style tokenizer adds BOS and its chat template writes it too: the GGUF says add_bos, so Ollama (as
+    llama.cpp) puts BOS in front of the TEMPLATE itself; the TEMPLATE must not hold a second one."""
+    import torch
+    from llama_cpp import Llama
+    from tokenizers import processors
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = styled_tokenizer("smollm")
+    tokenizer.bos_token = "<|endoftext|>"
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", tokenizer.bos_token_id)])
+    tokenizer.chat_template = "{{ bos_token }}" + tokenizer.chat_template
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    result = export(ExportConfig(model=str(tmp_path / "m"), outtype="f32", output=str(tmp_path / "m.gguf"),
+                                 ollama=True))
+    template = parse_modelfile(result.modelfile.read_text()).template
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "m")
+    chat = get_template("chat", tokenizer)
+    prompt = chat.render({"instruction": "hi there", "output": ""})[0]
+    ours = tokenizer(prompt, add_special_tokens=not chat.special_tokens_in_prompt)["input_ids"]
+    assert ours[0] == tokenizer.bos_token_id and ours[1] != tokenizer.bos_token_id  # lorakit's prompt: one BOS
+    llama = Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=64, verbose=False, n_threads=1)
+    assert llama.tokenize(render_template(template, "hi there").encode(), add_bos=True, special=True) == ours

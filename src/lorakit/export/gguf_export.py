@@ -34,6 +34,7 @@ def export_model(config: ExportConfig) -> ExportResult:
     template = resolve_template(config, tokenizer)
     model = load_causal_lm(config.model)
     if config.adapter:
+        warn_if_another_base(config.model, config.adapter)
         load_adapter(model, config.adapter)
         model = merge_and_unload(model)
     # the Modelfile is made (and a template it cannot hold refused) before any file is written
@@ -59,11 +60,24 @@ def export_adapter(config: ExportConfig) -> ExportResult:
     base = config.model or lora.base_model_name_or_path
     if not base:
         raise ExportError(f"{config.adapter}: the adapter does not name its base; give --model")
+    warn_if_another_base(base, config.adapter)
     model = load_causal_lm(base)
     load_adapter(model, config.adapter)
     check_head_is_apart(model, Path(config.adapter))
     size = write_lora_gguf(model, lora, path, config.outtype, display_name(config))
     return ExportResult(path, size, 0.0)
+
+
+def warn_if_another_base(model: str, adapter: str) -> None:
+    """Warn where --model is not the base the adapter names: an adapter loads on any base of its shapes, and is
+    then exported for that one (for another architecture, its q/k rows in another order)."""
+    from lorakit.checkpoint.peft_io import read_adapter_config
+    from lorakit.models import same_model
+
+    named = read_adapter_config(adapter).base_model_name_or_path
+    if named and not same_model(model, named):
+        logger.warning("--model %s is not the base %s names (%s); exporting the adapter on %s", model, adapter,
+                       named, model)
 
 
 def display_name(config: ExportConfig) -> str:
@@ -96,11 +110,15 @@ def prompt_info(config: ExportConfig, template: Any) -> PromptInfo:
 
 def modelfile_text(path: Path, template: Any, tokenizer: Any, model: Any, config: ExportConfig) -> str:
     """The Ollama Modelfile for the GGUF at `path` (ExportError for a template it cannot hold)."""
+    from lorakit.export.gguf_vocab import added_special_tokens
     from lorakit.export.ollama import PLACEHOLDER, modelfile_for
     from lorakit.infer.generate import stop_token_ids
     from lorakit.run import read_run_card
 
     rendered = template.render({"instruction": PLACEHOLDER, "output": ""})[0]
+    bos = tokenizer.bos_token
+    if bos and rendered.startswith(bos) and added_special_tokens(tokenizer)[0]:
+        rendered = rendered[len(bos):]  # the GGUF says add_bos: Ollama puts BOS in front itself, and twice is wrong
     stop = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer, model)]
     greedy = bool(read_run_card(config.adapter).get("task"))
     return modelfile_for(path.name, rendered, stop, greedy).text()

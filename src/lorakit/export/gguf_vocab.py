@@ -100,7 +100,7 @@ def vocab_from_tokenizer(tokenizer: Any, vocab_size: int) -> Vocab:
         for kind in ("bos", "eos", "unk", "pad")
         if (token_id := getattr(tokenizer, f"{kind}_token_id", None)) is not None
     }
-    add_bos, add_eos = _added_special_tokens(tokenizer)
+    add_bos, add_eos = added_special_tokens(tokenizer)
     template = getattr(tokenizer, "chat_template", None)
     return Vocab(
         tokens=tokens,
@@ -185,7 +185,7 @@ def _tokens(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def _added_special_tokens(tokenizer: Any) -> tuple[bool, bool]:
+def added_special_tokens(tokenizer: Any) -> tuple[bool, bool]:
     """Whether encoding a text adds BOS in front and EOS at the end, as the tokenizer really does."""
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     full = tokenizer("a", add_special_tokens=True)["input_ids"]
