@@ -134,6 +134,16 @@ def same_model(a: str, b: str) -> bool:
     return first.exists() and second.exists() and first.resolve() == second.resolve()
 
 
+def load_config(name_or_path: NameOrPath):
+    """A model's transformers config alone (`AutoConfig`), to check what a model is before loading its weights."""
+    from transformers import AutoConfig
+
+    path = resolve_model(name_or_path)
+    if isinstance(path, Path) and not (path / "config.json").is_file():
+        return _from_pretrained(AutoConfig, path, "model")  # names the folder without config.json
+    return _from_pretrained(AutoConfig, path, "config")
+
+
 def load_tokenizer(name_or_path: NameOrPath, pad: bool = True) -> PreTrainedTokenizerBase:
     """Load a model's tokenizer; one without a pad token gets `pad_token = eos_token` (unless `pad` is false: as
     shipped).

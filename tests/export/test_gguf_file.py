@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
+
 import gguf
 import numpy as np
 import pytest
 import torch
-from export_models import ARCHS, tiny_folder
+from export_models import ARCHS, styled_tokenizer, tiny_folder
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorakit.export import ExportConfig, ExportError, export
@@ -111,3 +114,44 @@ def test_unsupported_architecture_is_one_line(tmp_path):
     message = str(info.value)
     assert "OPTForCausalLM" in message and "LlamaForCausalLM" in message and "\n" not in message
     assert not list(tmp_path.glob("*.gguf*"))
+
+
+def test_named_chat_templates_and_a_bos_only_the_config_names_are_written(tmp_path):
+    """Several named templates: each is written, the default as tokenizer.chat_template (as llama.cpp's converter
+    writes them); a tokenizer without a BOS (Qwen2's) takes the config's, so llama.cpp does not fall back to its own."""
+    from lorakit.export.gguf_vocab import vocab_from_tokenizer
+
+    tokenizer = styled_tokenizer("qwen2")
+    tokenizer.bos_token = None
+    tokenizer.chat_template = {"default": "{{ messages }}", "tool_use": "{{ tools }}"}
+    vocab = vocab_from_tokenizer(tokenizer, len(tokenizer), SimpleNamespace(bos_token_id=0, eos_token_id=[7, 8]))
+    assert vocab.special_ids["bos"] == 0 and vocab.special_ids["eos"] == tokenizer.eos_token_id
+    writer = gguf.GGUFWriter(tmp_path / "v.gguf", arch="qwen2")
+    vocab.write(writer)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    written = fields(gguf.GGUFReader(tmp_path / "v.gguf"))
+    assert written["tokenizer.chat_template"] == "{{ messages }}"
+    assert written["tokenizer.chat_template.tool_use"] == "{{ tools }}"
+    assert written["tokenizer.ggml.bos_token_id"] == 0
+
+
+def test_what_the_config_tells_is_refused_before_the_weights_load(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "lorakit", "export", "--model", "minilm-l6", "--output",
+                           str(tmp_path / "x.gguf")], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.splitlines() == [
+        "lorakit export: error: GGUF export does not support BertModel; supported: GPT2LMHeadModel, LlamaForCausalLM, "
+        "MistralForCausalLM, Qwen2ForCausalLM"], done.stderr  # not transformers' load report first
+
+
+def test_a_gguf_model_names_the_export_without_its_suffix(tmp_path):
+    from lorakit.export import ExportConfig
+
+    assert ExportConfig(model="models/base.gguf").output_path() == Path("base-f16.gguf")
+    run = tmp_path / "my-run" / "adapter"
+    run.mkdir(parents=True)
+    assert ExportConfig(model="m", adapter=str(run), outtype="q8_0").output_path() == Path("my-run-q8_0.gguf")

@@ -33,7 +33,7 @@ class ExportConfig:
     format: str = _help("gguf (one file for llama.cpp / Ollama) or gguf-lora (llama.cpp's LoRA adapter)",
                         default="gguf")
     outtype: str = _help("tensor storage: f32, f16 or q8_0 (norms and biases stay f32)", default="f16")
-    output: str | None = _help("the file to write; default <adapter or model>-<outtype>.gguf", default=None)
+    output: str | None = _help("the file to write; default <run or model>-<outtype>.gguf", default=None)
     force: bool = _help("overwrite an existing output file", default=False)
     ollama: bool = _help("gguf: also write an Ollama Modelfile beside the file", default=False)
     template: str | None = _help("the prompt template (seed, alpaca, chat, a format string); default the "
@@ -63,12 +63,20 @@ class ExportConfig:
         """The files and folders the export reads that exist here (a Hub id or a built-in name is neither)."""
         return tuple(str(p) for p in (self.model, self.adapter) if p and Path(p).expanduser().exists())
 
+    def stem(self) -> str:
+        """The export's name: the adapter's run (its folder, or the run folder holding `adapter/`), else the model
+        (a .gguf file's name without the suffix)."""
+        if self.adapter:
+            folder = Path(self.adapter).resolve()
+            return folder.parent.name if folder.name == "adapter" else folder.name
+        model = Path(str(self.model))
+        return model.stem if model.suffix == ".gguf" else model.name
+
     def output_path(self) -> Path:
         if self.output:
             return Path(self.output)
-        stem = Path(self.adapter).resolve().name if self.adapter else Path(str(self.model)).name
         kind = "-lora" if self.format == "gguf-lora" else ""
-        return Path(f"{stem}{kind}-{self.outtype}.gguf")
+        return Path(f"{self.stem()}{kind}-{self.outtype}.gguf")
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Any
 
 from lorakit.export.errors import ExportError
 from lorakit.export.formats import ExportConfig, ExportResult, register_format
-from lorakit.export.gguf_file import PromptInfo, write_model_gguf
+from lorakit.export.gguf_file import PromptInfo, check_exportable, write_model_gguf
 from lorakit.export.output import check_writable, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -28,10 +28,11 @@ def export_model(config: ExportConfig) -> ExportResult:
             raise ExportError(f"{path}: is where --ollama writes the Modelfile; name the GGUF file otherwise "
                               "(e.g. model.gguf)")
         check_writable(modelfile_path(path), config.force, config.inputs())
-    from lorakit.models import load_causal_lm, load_tokenizer
+    from lorakit.models import load_causal_lm, load_config, load_tokenizer
 
     tokenizer = load_tokenizer(config.model, pad=False)  # as shipped: no pad added
     template = resolve_template(config, tokenizer)
+    check_exportable(load_config(config.model), tokenizer)  # before the weights load
     model = load_causal_lm(config.model)
     if config.adapter:
         warn_if_another_base(config.model, config.adapter)
@@ -51,7 +52,7 @@ def export_adapter(config: ExportConfig) -> ExportResult:
     from lorakit import load_adapter
     from lorakit.checkpoint.peft_io import read_adapter_config
     from lorakit.export.gguf_lora import check_head_is_apart, check_llama_cpp_can_apply, write_lora_gguf
-    from lorakit.models import load_causal_lm
+    from lorakit.models import load_causal_lm, load_config
 
     path = config.output_path()
     check_writable(path, config.force, config.inputs())
@@ -61,6 +62,7 @@ def export_adapter(config: ExportConfig) -> ExportResult:
     if not base:
         raise ExportError(f"{config.adapter}: the adapter does not name its base; give --model")
     warn_if_another_base(base, config.adapter)
+    check_exportable(load_config(base))  # before the weights load
     model = load_causal_lm(base)
     load_adapter(model, config.adapter)
     check_head_is_apart(model, Path(config.adapter))
@@ -81,11 +83,9 @@ def warn_if_another_base(model: str, adapter: str) -> None:
 
 
 def display_name(config: ExportConfig) -> str:
-    """`general.name`: the run's name for an adapter (its folder, or the run folder holding `adapter/`)."""
-    if not config.adapter:
-        return Path(str(config.model)).name
-    folder = Path(config.adapter).resolve()
-    return folder.parent.name if folder.name == "adapter" else folder.name
+    """`general.name`: the run's name for an adapter (its folder, or the run folder holding `adapter/`), else the
+    model's (a .gguf file's without the suffix)."""
+    return config.stem()
 
 
 def resolve_template(config: ExportConfig, tokenizer: Any):

@@ -43,6 +43,19 @@ class PromptInfo:
                 writer.add_string(key, value)
 
 
+def check_exportable(config: Any, tokenizer: Any = None) -> None:
+    """What write_model_gguf refuses that a model's config (and tokenizer) already tell, checked before its weights
+    load: the architecture, its RoPE settings, the tokenizer.
+
+    Raises:
+        UnsupportedArchitectureError, UnsupportedTokenizerError: as write_model_gguf would.
+    """
+    arch = architecture_for(config)
+    arch.write_hparams(gguf.GGUFWriter(path=None, arch=arch.gguf_arch), config)  # refuses RoPE it cannot hold
+    if tokenizer is not None:
+        vocab_from_tokenizer(tokenizer, config.vocab_size, config)
+
+
 def write_model_gguf(
     model: torch.nn.Module, tokenizer: Any, path: Path, outtype: str, name: str, prompt: PromptInfo | None = None
 ) -> int:
@@ -61,11 +74,11 @@ def write_model_gguf(
     arch = architecture_for(config)
     file_type = OUTTYPES[outtype][1]
     writer = gguf.GGUFWriter(path=None, arch=arch.gguf_arch)
+    vocab = vocab_from_tokenizer(tokenizer, config.vocab_size, config)  # checked before any tensor is converted
     state = {k: v for k, v in model.state_dict().items()}
     for tensor_name, tensor in arch.tensors(state, config):
         data, qtype = encode(tensor_name, tensor, outtype)
         writer.add_tensor(tensor_name, data, raw_dtype=qtype)
-    vocab = vocab_from_tokenizer(tokenizer, config.vocab_size)  # checked before anything is written
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
     total, shared, expert, experts = writer.get_total_parameter_count()

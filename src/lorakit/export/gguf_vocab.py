@@ -55,7 +55,7 @@ class Vocab:
     special_ids: dict[str, int] = field(default_factory=dict)  # bos, eos, unk, pad
     add_bos: bool = False
     add_eos: bool = False
-    chat_template: str | None = None
+    chat_template: str | list[dict[str, str]] | None = None  # the list: named templates, "default" first
 
     def write(self, writer: gguf.GGUFWriter) -> None:
         writer.add_tokenizer_model("gpt2")
@@ -72,8 +72,11 @@ class Vocab:
             writer.add_chat_template(self.chat_template)
 
 
-def vocab_from_tokenizer(tokenizer: Any, vocab_size: int) -> Vocab:
+def vocab_from_tokenizer(tokenizer: Any, vocab_size: int, config: Any = None) -> Vocab:
     """Read a fast (tokenizers-backed) byte-level BPE tokenizer into a `Vocab` of `vocab_size` entries.
+
+    A special token the tokenizer does not name (Qwen2's has no BOS) is taken from the model's `config`, as
+    llama.cpp's converter takes it; several named chat templates are all written, the default as the chat template.
 
     Raises:
         UnsupportedTokenizerError: not a fast tokenizer, not byte-level BPE, a pre-tokenizer or
@@ -98,10 +101,13 @@ def vocab_from_tokenizer(tokenizer: Any, vocab_size: int) -> Vocab:
     special_ids = {
         kind: token_id
         for kind in ("bos", "eos", "unk", "pad")
-        if (token_id := getattr(tokenizer, f"{kind}_token_id", None)) is not None
+        if (token_id := _special_id(tokenizer, config, kind)) is not None
     }
     add_bos, add_eos = added_special_tokens(tokenizer)
     template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = [{"name": name, "template": text}
+                    for name, text in sorted(template.items(), key=lambda item: item[0] != "default")]
     return Vocab(
         tokens=tokens,
         types=types,
@@ -110,8 +116,17 @@ def vocab_from_tokenizer(tokenizer: Any, vocab_size: int) -> Vocab:
         special_ids=special_ids,
         add_bos=add_bos,
         add_eos=add_eos,
-        chat_template=template if isinstance(template, str) else None,
+        chat_template=template if isinstance(template, (str, list)) else None,
     )
+
+
+def _special_id(tokenizer: Any, config: Any, kind: str) -> int | None:
+    """The tokenizer's id of a special token, else the model config's (the first of a list)."""
+    token_id = getattr(tokenizer, f"{kind}_token_id", None)
+    if token_id is None and config is not None:
+        token_id = getattr(config, f"{kind}_token_id", None)
+        token_id = token_id[0] if isinstance(token_id, list) and token_id else token_id
+    return token_id if isinstance(token_id, int) and not isinstance(token_id, bool) else None
 
 
 def pre_tokenizer_name(spec: dict, cleans_spaces: bool = False) -> str:
