@@ -202,3 +202,24 @@ def test_a_folder_that_is_not_a_whole_model_is_one_line(llama, capsys, tmp_path)
         code, _, err = run_cli(capsys, "--model", model, "--outtype", "f32", "--output", tmp_path / "o.gguf")
         assert code == 2 and message in one_error_line(err), err
     assert not (tmp_path / "o.gguf").exists()
+
+
+def test_sigterm_mid_write_leaves_the_earlier_file_and_no_temporary_one(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "keep.gguf"
+    out.write_bytes(b"the earlier export")
+    process = subprocess.Popen([sys.executable, "-m", "lorakit", "export", "--model", "smollm2-135m-instruct",
+                                "--outtype", "f32", "--output", str(out), "--force"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".keep.gguf.tmp-*")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert process.poll() is None, "the export ended before its file was being written"
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143 and err.splitlines() == ["lorakit export: interrupted"], err
+    assert out.read_bytes() == b"the earlier export" and sorted(p.name for p in tmp_path.iterdir()) == ["keep.gguf"]

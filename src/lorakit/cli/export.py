@@ -35,13 +35,15 @@ def add_parser(commands) -> None:
 
 
 def run(args, _overrides) -> int:
+    from lorakit.cli.failures import sigterm_as_interrupt
     from lorakit.export import ExportConfig, export
 
     config = ExportConfig(
         model=args.model, adapter=args.adapter, format=args.format, outtype=args.outtype, output=args.output,
         force=args.force, ollama=args.ollama, template=args.template,
     )
-    result = export(config)
+    with sigterm_as_interrupt():  # a stopped export removes its half-written file, as Ctrl-C does
+        result = export(config)
     print(f"wrote {result.path} ({result.bytes / 2**20:.1f} MiB, {config.format} {config.outtype}) "
           f"in {result.seconds:.1f} s")
     if result.modelfile:

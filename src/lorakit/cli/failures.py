@@ -8,12 +8,16 @@ Exit codes:
 * 1: an internal error: an exception lorakit did not expect, i.e. a bug (or a process of a
   data-parallel run that was lost). The line gives the exception's type and message and asks for
   a re-run with --debug, which prints the traceback.
-* 130: interrupted (Ctrl-C); `lorakit train` says where it can resume from.
+* 130: interrupted (Ctrl-C); `lorakit train` says where it can resume from. 143: stopped by SIGTERM, where a
+  command turns it into `Terminated` (train, export) so that it ends as Ctrl-C does.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
 import traceback
 
 from lorakit.checkpoint.peft_io import AdapterError
@@ -31,6 +35,31 @@ INTERRUPTED_CODE = 130
 MAX_MESSAGE_CHARS = 1000  # a message quoting a whole file or tensor is cut, so the line stays readable
 
 
+TERMINATED_CODE = 143  # 128 + SIGTERM, as a shell reports it
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, met as Ctrl-C is (a run's status says interrupted, a half-written file is removed) but told apart by
+    its exit code."""
+
+
+def _terminated(signum, frame):
+    raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """While in the block, SIGTERM raises Terminated (in the main thread; elsewhere it is left as it is)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def one_line(message: str) -> str:
     """The message with every run of whitespace (newlines included) made one space, and cut if very long."""
     text = " ".join(message.split())
@@ -43,7 +72,7 @@ def report(err: BaseException, command: str, debug: bool) -> int:
         traceback.print_exception(err, file=sys.stderr)
     if isinstance(err, KeyboardInterrupt):
         print(f"lorakit {command}: interrupted", file=sys.stderr)
-        return INTERRUPTED_CODE
+        return TERMINATED_CODE if isinstance(err, Terminated) else INTERRUPTED_CODE
     if isinstance(err, USER_ERRORS):
         print(f"lorakit {command}: error: {one_line(str(err))}", file=sys.stderr)
         return USER_ERROR_CODE

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import signal
 import sys
 import threading
 
+from lorakit.cli.failures import INTERRUPTED_CODE, TERMINATED_CODE, Terminated, sigterm_as_interrupt
 from lorakit.cli.parsing import add_quantization_flags, non_empty, subcommand
 
 EXAMPLES = """examples:
@@ -71,12 +72,12 @@ def run(args, overrides: list[str]) -> int:
     alone = launched_world().size == 1 and threading.current_thread() is threading.main_thread()
     # a lone run stopped with SIGTERM (timeout, kill, a job scheduler) ends as Ctrl-C does: status interrupted;
     # under a launcher, SIGTERM means another process failed (train/distributed.py)
-    previous = signal.signal(signal.SIGTERM, _interrupted) if alone else None
     try:
-        run_training(config)
+        with sigterm_as_interrupt() if alone else contextlib.nullcontext():
+            run_training(config)
     except KeyboardInterrupt as stop:
         print(f"lorakit train: interrupted; {_where_to_resume(config.train.output_dir)}", file=sys.stderr)
-        return 143 if isinstance(stop, Terminated) else 130  # 128 + the signal, as a shell reports it
+        return TERMINATED_CODE if isinstance(stop, Terminated) else INTERRUPTED_CODE
     except (ProcessLost, RuntimeError) as err:
         if not (isinstance(err, ProcessLost) or is_lost_contact(err)):
             raise
@@ -91,18 +92,7 @@ def run(args, overrides: list[str]) -> int:
             file=sys.stderr,
         )
         return 1
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
     return 0
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, met as Ctrl-C is (the run's status says interrupted) but told apart by its exit code."""
-
-
-def _interrupted(signum, frame):
-    raise Terminated
 
 
 def _exec_torchrun(args, overrides: list[str]) -> int:
