@@ -97,7 +97,12 @@ def test_an_override_of_a_text_setting_is_the_text_typed(tmp_path):
     config = load_run_config(None, ["--data.template", "Q: {instruction}\nA: ", "--train.output_dir", "2024",
                                     "--eval.task", "ros2"])
     assert (config.data.template, config.train.output_dir) == ("Q: {instruction}\nA: ", "2024")
-    assert load_run_config(None, ["--data.template", "{instruction}"]).data.template == "{instruction}"
+    for typed in ["{instruction}", "[INST] {instruction} [/INST]", "{instruction} -> ", "Q: {instruction}: A:",
+                  "'{instruction}' means", "Answer {instruction} "]:  # not YAML, or YAML that drops a space
+        assert load_run_config(None, ["--data.template", typed]).data.template == typed
+    assert load_run_config(None, ["--data.template", "'Q: {instruction} '"]).data.template == "Q: {instruction} "
+    with pytest.raises(ConfigError, match=r"^--train\.output_dir: given True, expected str$"):
+        load_run_config(None, ["--train.output_dir", "true"])  # booleans and null keep their YAML meaning
     assert load_run_config(None, ["--lora.target_modules", "[q_proj, v_proj]"]).lora.target_modules == [
         "q_proj", "v_proj"]  # a setting that takes a list still reads one
 

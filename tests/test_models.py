@@ -297,3 +297,21 @@ def test_an_adapter_names_a_built_in_base_by_its_name_not_this_machines_folder(t
     assert model.lora_configs["default"].base_model_name_or_path == "smollm2-135m-instruct"
     assert portable_name(str(tmp_path / "smollm2-135m-instruct")) == str(tmp_path / "smollm2-135m-instruct")
     assert portable_name("owner/model") == "owner/model" and portable_name(None) is None
+
+
+def test_maybe_same_model_is_false_only_where_two_models_surely_differ(tmp_path):
+    from lorakit.models import _gguf_cache_name, cache_root, maybe_same_model
+
+    one, other = tmp_path / "one", tmp_path / "other"
+    one.mkdir()
+    other.mkdir()
+    gguf_file = tmp_path / "base.gguf"
+    gguf_file.write_bytes(b"GGUF")
+    assert maybe_same_model("smollm2-135m-instruct", str(cache_root() / "models" / "smollm2-135m-instruct"))
+    assert maybe_same_model(str(gguf_file), str(cache_root() / "models" / _gguf_cache_name(gguf_file)))
+    assert maybe_same_model(str(one), f"{one}/.")
+    assert not maybe_same_model(str(one), str(other))
+    assert not maybe_same_model(str(one), "smollm2-135m-instruct")
+    assert maybe_same_model(str(one), "models/elsewhere")  # a folder named relative to another working folder
+    assert maybe_same_model(str(one), "owner/name")  # a Hub id beside what may be its local copy
+    assert not maybe_same_model("owner/name", "owner/other")

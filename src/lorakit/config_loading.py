@@ -73,11 +73,22 @@ def _locate(problem: str, path: Path | None, lines: KeyLines, overridden: dict[s
 
 def parse_overrides(args: list[str]) -> list[tuple[str, object]]:
     """['--train.lr', '0.01', '--lora.r=4'] -> [('train.lr', 0.01), ('lora.r', 4)]; values read as YAML."""
-    return [(key, value) for key, value, _ in _overrides(args)]
+    out = []
+    for key, value, _ in _overrides(args):
+        if isinstance(value, NotYaml):
+            raise ConfigError(f"--{key}: {value}")
+        out.append((key, value))
+    return out
+
+
+class NotYaml(str):
+    """An override's value that YAML cannot read: what is wrong with it, kept until the setting's type is known (a
+    text setting takes the text as typed anyway)."""
 
 
 def _overrides(args: list[str]) -> list[tuple[str, object, str]]:
-    """parse_overrides' (key, value) pairs, each with the value's text as given."""
+    """parse_overrides' (key, value) pairs, each with the value's text as given; a value YAML cannot read is a
+    NotYaml."""
     out, i = [], 0
     while i < len(args):
         arg = args[i]
@@ -99,11 +110,11 @@ def _override_value(key: str, text: str):
     try:
         value = yaml.load(text, Loader=ConfigLoader)  # noqa: S506 (a safe loader: SafeLoader's subclass)
     except yaml.YAMLError as err:
-        raise ConfigError(f"--{key}: {text!r} is not a valid YAML value ({yaml_problem(err)})") from None
+        return NotYaml(f"{text!r} is not a valid YAML value ({yaml_problem(err)})")
     except RecursionError:
-        raise ConfigError(f"--{key}: the value is nested too deeply to read") from None
+        return NotYaml("the value is nested too deeply to read")
     except TAG_ERRORS:
-        raise ConfigError(f"--{key}: {text[:80]!r} is not a valid YAML value (a tagged value that cannot be read)") from None
+        return NotYaml(f"{text[:80]!r} is not a valid YAML value (a tagged value that cannot be read)")
     if (value is None or isinstance(value, str)) and value != text.strip() and text.strip() not in NULLS \
             and not text.lstrip().startswith(("'", '"', "[", "{")):
         return text  # a word or sentence as written: on the command line '#' starts no comment ('### Answer:')
@@ -123,6 +134,13 @@ def _typed_fields(cls, raw: dict, prefix: str, problems: list[str], overridden: 
     out = {}
     for name in known & set(raw):
         hint, value, where = hints[name], raw[name], f"{prefix}{name}"
+        text = (overridden or {}).get(where)
+        if text is not None and _text_only(hint) and text.strip().lower() not in YAML_WORDS \
+                and not (isinstance(value, str) and not isinstance(value, NotYaml) and text.lstrip()[:1] in "'\""):
+            value = text  # a text setting on the command line: the text as typed ('[INST] {instruction} [/INST]')
+        elif isinstance(value, NotYaml):
+            problems.append(f"{where}: {value}")
+            continue
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 problems.append(f"{where}: expected a mapping, given {_shown(value)}")
@@ -134,9 +152,6 @@ def _typed_fields(cls, raw: dict, prefix: str, problems: list[str], overridden: 
                 problems.extend(err.problems)
             continue
         value = _coerce(value, hint, CHOICES.get((cls.__name__, name), ()))
-        text = (overridden or {}).get(where)
-        if text is not None and _text_only(hint) and not isinstance(value, (bool, type(None), str)):
-            value = text  # typed for a text setting, which YAML read as a number or a mapping ('{instruction}')
         if not _matches(value, hint):  # left out: later checks never see a value of the wrong type
             problems.append(f"{where}: given {_shown(value)}, expected {_type_name(hint)}")
         elif isinstance(value, float) and not math.isfinite(value):
@@ -168,6 +183,8 @@ def _shown(value) -> str:
 
 
 NULLS = ("", "~", "null", "Null", "NULL")
+# what an override of a text setting still means as YAML: null, and the booleans (refused there, as in a file)
+YAML_WORDS = {w.lower() for w in NULLS} | {"true", "false", "yes", "no", "on", "off"}
 BOOLEAN_WORDS = {"yes": True, "no": False, "on": True, "off": False, "y": True, "n": False}  # YAML 1.1's, for bools
 
 

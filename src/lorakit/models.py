@@ -125,13 +125,27 @@ def portable_name(name_or_path: str | None) -> str | None:
     return name_or_path
 
 
-def same_model(a: str, b: str) -> bool:
-    """Whether two names or paths give one model: a built-in by name or by its cached folder, one folder however
-    spelt."""
+def maybe_same_model(a: str, b: str) -> bool:
+    """False only where two names or paths surely give different models: both on this machine (a built-in, a .gguf
+    file, a folder: compared as the folder each loads from) and not the same, or both elsewhere (Hub ids) and named
+    apart. A folder named relative to another working folder, or a Hub id beside a local copy, may be either."""
     if portable_name(a) == portable_name(b):
         return True
-    first, second = Path(str(a)).expanduser(), Path(str(b)).expanduser()
-    return first.exists() and second.exists() and first.resolve() == second.resolve()
+    first, second = _local(a), _local(b)
+    if first is not None and second is not None:
+        return first == second
+    return first is not None or second is not None or str(a) == str(b)
+
+
+def _local(name_or_path: str) -> Path | None:
+    """Where a model is on this machine (without converting or extracting anything), or None."""
+    name = str(name_or_path)
+    if name in BUILTIN_MODELS:
+        return (cache_root() / "models" / name).resolve()
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return (cache_root() / "models" / _gguf_cache_name(path)).resolve()
+    return path.resolve() if path.is_dir() else None
 
 
 def load_config(name_or_path: NameOrPath):

@@ -237,3 +237,17 @@ def test_transformers_progress_bars_show_only_with_verbose(tmp_path):
 
     assert "Loading weights" not in stderr()  # lorakit's own lines say what happened
     assert "Loading weights" in stderr("-v")
+
+
+def test_hiding_transformers_bars_leaves_the_hubs_download_bars_on():
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    from lorakit.cli import main
+
+    try:
+        assert main(["inspect", "/nonexistent-adapter"]) == 2
+        assert not transformers_logging.is_progress_bar_enabled() and not are_progress_bars_disabled()
+    finally:  # as the rest of the test session had it
+        transformers_logging.enable_progress_bar()
+        enable_progress_bars()

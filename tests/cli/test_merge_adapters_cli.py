@@ -71,8 +71,9 @@ def test_ties_merge_writes_an_adapter_peft_loads(adapters, tmp_path, capsys):
     "argv, message",
     [
         (["a", "b", "--weights", "0.5"], "--weights: 1 given for 2 adapters"),
-        (["a", "c", "--weights", "1", "1", "--method", "ties", "--density", "0.5"], "the adapters need one rank"),
-        (["a", "b", "--weights", "1", "1", "--method", "dare_ties"], "--density: given None; 'dare_ties' needs"),
+        (["a", "c", "--weights", "1", "1", "--method", "ties", "--density", "0.5"],
+         "--method 'ties' combines A's and B's entry by entry, so the adapters need one rank"),
+        (["a", "b", "--weights", "1", "1", "--method", "dare_ties"], "--density: not given; 'dare_ties' needs"),
         (["a", "b", "--weights", "1", "1", "--method", "ties", "--density", "1.5"], "--density: given 1.5"),
         (["a", "nope", "--weights", "1", "1"], "nope/adapter_config.json: not found"),
         (["a", "b", "--weights", "nan", "0.5"], "--weights: given nan, expected a finite number"),

@@ -135,6 +135,8 @@ def test_named_chat_templates_and_a_bos_only_the_config_names_are_written(tmp_pa
     assert written["tokenizer.chat_template"] == "{{ messages }}"
     assert written["tokenizer.chat_template.tool_use"] == "{{ tools }}"
     assert written["tokenizer.ggml.bos_token_id"] == 0
+    for outside in (-1, len(tokenizer)):  # a config's -1, or an id past the vocabulary: skipped, as by SpecialVocab
+        assert "bos" not in vocab_from_tokenizer(tokenizer, len(tokenizer), SimpleNamespace(bos_token_id=outside)).special_ids
 
 
 def test_what_the_config_tells_is_refused_before_the_weights_load(tmp_path):
@@ -152,6 +154,8 @@ def test_a_gguf_model_names_the_export_without_its_suffix(tmp_path):
     from lorakit.export import ExportConfig
 
     assert ExportConfig(model="models/base.gguf").output_path() == Path("base-f16.gguf")
+    (tmp_path / "here").mkdir()
+    assert ExportConfig(model=str(tmp_path / "here" / ".")).output_path() == Path("here-f16.gguf")
     run = tmp_path / "my-run" / "adapter"
     run.mkdir(parents=True)
     assert ExportConfig(model="m", adapter=str(run), outtype="q8_0").output_path() == Path("my-run-q8_0.gguf")

@@ -81,13 +81,16 @@ def test_a_chat_template_that_writes_the_bos_gives_ollama_one_bos(tmp_path):
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     LlamaForCausalLM(config).save_pretrained(tmp_path / "m")
     tokenizer.save_pretrained(tmp_path / "m")
-    result = export(ExportConfig(model=str(tmp_path / "m"), outtype="f32", output=str(tmp_path / "m.gguf"),
-                                 ollama=True))
-    template = parse_modelfile(result.modelfile.read_text()).template
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "m")
-    chat = get_template("chat", tokenizer)
-    prompt = chat.render({"instruction": "hi there", "output": ""})[0]
-    ours = tokenizer(prompt, add_special_tokens=not chat.special_tokens_in_prompt)["input_ids"]
-    assert ours[0] == tokenizer.bos_token_id and ours[1] != tokenizer.bos_token_id  # lorakit's prompt: one BOS
-    llama = Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=64, verbose=False, n_threads=1)
-    assert llama.tokenize(render_template(template, "hi there").encode(), add_bos=True, special=True) == ours
+    # a format template writing the BOS text is tokenised with the BOS added as well, by lorakit as by Ollama
+    for spec, bos_count in [("chat", 1), ("<|endoftext|>Q: {instruction}\nA:", 2)]:
+        result = export(ExportConfig(model=str(tmp_path / "m"), outtype="f32", output=str(tmp_path / "m.gguf"),
+                                     ollama=True, force=True, template=spec))
+        template = parse_modelfile(result.modelfile.read_text()).template
+        chosen = get_template(spec, tokenizer)
+        prompt = chosen.render({"instruction": "hi there", "output": ""})[0]
+        ours = tokenizer(prompt, add_special_tokens=not chosen.special_tokens_in_prompt)["input_ids"]
+        assert ours[:bos_count + 1].count(tokenizer.bos_token_id) == bos_count, (spec, ours)
+        llama = Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=64, verbose=False, n_threads=1)
+        assert llama.tokenize(render_template(template, "hi there").encode(), add_bos=True, special=True) == ours
+        del llama

@@ -53,7 +53,7 @@ def combine_adapter_folders(
         problems += unused_options(method, density, majority_sign_method, svd_rank, svd_clamp)
     problems += _folder_problems(folders, configs, model_name)
     if problems:  # before the base is loaded
-        raise ConfigError("; ".join(_as_flag(problem) for problem in problems))
+        raise ConfigError.of(problems)
     model_name = model_name or configs[0].base_model_name_or_path
     if not model_name:
         raise ConfigError(f"{folders[0]}: names no base model (base_model_name_or_path); give it with --model")
@@ -67,16 +67,6 @@ def combine_adapter_folders(
     )
     _write_whole(output, model, folders, weights, combination_type)
     return config
-
-
-_FLAGS = {"combination_type": "--method", "density": "--density", "majority_sign_method": "--majority-sign",
-          "svd_rank": "--svd-rank", "svd_clamp": "--svd-clamp", "weights": "--weights"}
-
-
-def _as_flag(problem: str) -> str:
-    """A problem that names an add_weighted_adapter parameter, naming `lorakit merge-adapters`' flag instead."""
-    name, colon, rest = problem.partition(":")
-    return f"{_FLAGS[name]}{colon}{rest}" if name in _FLAGS else problem
 
 
 def _folder_problems(folders, configs: list[LoraConfig], model_name: str | None) -> list[str]:

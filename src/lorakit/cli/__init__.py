@@ -38,9 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.INFO if args.verbose or args.debug else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if level == logging.WARNING and os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") is None:
+        from huggingface_hub.utils import enable_progress_bars
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # its loading and saving bars: lorakit says what it did
+        enable_progress_bars()  # which turned the Hub's off too: a download still shows its progress
     try:
         return args.run(args, extra) or 0
     except (Exception, KeyboardInterrupt) as err:  # SystemExit passes: it carries its own code

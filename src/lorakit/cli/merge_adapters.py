@@ -43,6 +43,20 @@ def add_parser(commands) -> None:
     parser.set_defaults(run=run)
 
 
+# add_weighted_adapter's parameters, as this command's flags
+FLAGS = {"combination_type": "--method", "density": "--density", "majority_sign_method": "--majority-sign",
+         "svd_rank": "--svd-rank", "svd_clamp": "--svd-clamp", "weights": "--weights"}
+
+
+def as_flags(problem: str) -> str:
+    """A problem that names an add_weighted_adapter parameter, naming this command's flag instead ('density: given
+    None' -> '--density: not given')."""
+    name = problem.split(":", 1)[0].split(" ", 1)[0]
+    if name not in FLAGS:
+        return problem
+    return FLAGS[name] + problem[len(name):].replace(": given None;", ": not given;", 1)
+
+
 def run(args, _overrides) -> int:
     from lorakit.checkpoint.combine import combine_adapter_folders
     from lorakit.config import ConfigError
@@ -52,10 +66,13 @@ def run(args, _overrides) -> int:
         raise ConfigError(f"--seed: given {args.seed}, which '{args.method}' does not use (it seeds the dare_* "
                           "methods' masks)")
     check_new_folder(args.output, "--output", [*args.adapters, *([args.model] if args.model else [])])
-    config = combine_adapter_folders(
-        args.adapters, args.weights, args.output, args.method, args.model, density=args.density,
-        majority_sign_method=args.majority_sign, svd_rank=args.svd_rank, svd_clamp=args.svd_clamp,
-        seed=args.seed or 0,
-    )
+    try:
+        config = combine_adapter_folders(
+            args.adapters, args.weights, args.output, args.method, args.model, density=args.density,
+            majority_sign_method=args.majority_sign, svd_rank=args.svd_rank, svd_clamp=args.svd_clamp,
+            seed=args.seed or 0,
+        )
+    except ConfigError as err:
+        raise ConfigError.of([as_flags(problem) for problem in err.problems]) from None
     print(f"{args.method} of {len(args.adapters)} adapters (rank {config.r}) written to {args.output}")
     return 0

@@ -69,7 +69,8 @@ class ExportConfig:
         if self.adapter:
             folder = Path(self.adapter).resolve()
             return folder.parent.name if folder.name == "adapter" else folder.name
-        model = Path(str(self.model))
+        model = Path(str(self.model)).expanduser()
+        model = model.resolve() if model.is_dir() else model  # '.' names its folder
         return model.stem if model.suffix == ".gguf" else model.name
 
     def output_path(self) -> Path:

@@ -74,10 +74,10 @@ def warn_if_another_base(model: str, adapter: str) -> None:
     """Warn where --model is not the base the adapter names: an adapter loads on any base of its shapes, and is
     then exported for that one (for another architecture, its q/k rows in another order)."""
     from lorakit.checkpoint.peft_io import read_adapter_config
-    from lorakit.models import same_model
+    from lorakit.models import maybe_same_model
 
     named = read_adapter_config(adapter).base_model_name_or_path
-    if named and not same_model(model, named):
+    if named and not maybe_same_model(model, named):
         logger.warning("--model %s is not the base %s names (%s); exporting the adapter on %s", model, adapter,
                        named, model)
 
@@ -117,8 +117,9 @@ def modelfile_text(path: Path, template: Any, tokenizer: Any, model: Any, config
 
     rendered = template.render({"instruction": PLACEHOLDER, "output": ""})[0]
     bos = tokenizer.bos_token
-    if bos and rendered.startswith(bos) and added_special_tokens(tokenizer)[0]:
-        rendered = rendered[len(bos):]  # the GGUF says add_bos: Ollama puts BOS in front itself, and twice is wrong
+    if template.special_tokens_in_prompt and bos and rendered.startswith(bos) and added_special_tokens(tokenizer)[0]:
+        # lorakit tokenises this prompt without adding a BOS, where the GGUF's add_bos has Ollama put one in front
+        rendered = rendered[len(bos):]
     stop = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer, model)]
     greedy = bool(read_run_card(config.adapter).get("task"))
     return modelfile_for(path.name, rendered, stop, greedy).text()

@@ -101,7 +101,7 @@ def vocab_from_tokenizer(tokenizer: Any, vocab_size: int, config: Any = None) ->
     special_ids = {
         kind: token_id
         for kind in ("bos", "eos", "unk", "pad")
-        if (token_id := _special_id(tokenizer, config, kind)) is not None
+        if (token_id := _special_id(tokenizer, config, kind, vocab_size)) is not None
     }
     add_bos, add_eos = added_special_tokens(tokenizer)
     template = getattr(tokenizer, "chat_template", None)
@@ -120,13 +120,15 @@ def vocab_from_tokenizer(tokenizer: Any, vocab_size: int, config: Any = None) ->
     )
 
 
-def _special_id(tokenizer: Any, config: Any, kind: str) -> int | None:
-    """The tokenizer's id of a special token, else the model config's (the first of a list)."""
+def _special_id(tokenizer: Any, config: Any, kind: str, vocab_size: int) -> int | None:
+    """The tokenizer's id of a special token, else the model config's (the first of a list); None for one outside
+    the vocabulary (a config's -1), which llama.cpp's converter skips too."""
     token_id = getattr(tokenizer, f"{kind}_token_id", None)
     if token_id is None and config is not None:
         token_id = getattr(config, f"{kind}_token_id", None)
         token_id = token_id[0] if isinstance(token_id, list) and token_id else token_id
-    return token_id if isinstance(token_id, int) and not isinstance(token_id, bool) else None
+    usable = isinstance(token_id, int) and not isinstance(token_id, bool) and 0 <= token_id < vocab_size
+    return token_id if usable else None
 
 
 def pre_tokenizer_name(spec: dict, cleans_spaces: bool = False) -> str:
