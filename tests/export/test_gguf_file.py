@@ -150,12 +150,13 @@ def test_what_the_config_tells_is_refused_before_the_weights_load(tmp_path):
         "MistralForCausalLM, Qwen2ForCausalLM"], done.stderr  # not transformers' load report first
 
 
-def test_a_gguf_model_names_the_export_without_its_suffix(tmp_path):
+def test_a_gguf_model_names_the_export_without_its_suffix(tmp_path, monkeypatch):
     from lorakit.export import ExportConfig
 
     assert ExportConfig(model="models/base.gguf").output_path() == Path("base-f16.gguf")
     (tmp_path / "here").mkdir()
-    assert ExportConfig(model=str(tmp_path / "here" / ".")).output_path() == Path("here-f16.gguf")
+    monkeypatch.chdir(tmp_path / "here")
+    assert ExportConfig(model=".").output_path() == Path("here-f16.gguf")  # not '-f16.gguf'
     run = tmp_path / "my-run" / "adapter"
     run.mkdir(parents=True)
     assert ExportConfig(model="m", adapter=str(run), outtype="q8_0").output_path() == Path("my-run-q8_0.gguf")
