@@ -135,25 +135,18 @@ def test_an_ollama_template_it_cannot_hold_leaves_the_earlier_export_whole(llama
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
-def test_an_lm_head_lora_on_a_tied_base_is_refused_for_gguf_lora(capsys, tmp_path):
-    folder = tiny_folder(tmp_path / "llama", "llama")  # tied: the base's GGUF has no output.weight
+@pytest.mark.parametrize("module, message", [
+    ("lm_head", "LoRA on the output head, which this base ties to its embeddings"),  # its GGUF has no output.weight
+    ("embed_tokens", "LoRA on the embeddings, which this base ties to its output head"),  # llama.cpp: on the head too
+])
+def test_a_lora_on_a_tied_head_or_embedding_is_refused_for_gguf_lora(capsys, tmp_path, module, message):
+    folder = tiny_folder(tmp_path / "llama", "llama")  # tied
     model = load_causal_lm(folder)
-    inject(model, LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    inject(model, LoraConfig(r=4, target_modules=["q_proj", module]))
     save_adapter(model, tmp_path / "adapter")
     code, _, err = run_cli(capsys, "--model", folder, "--adapter", tmp_path / "adapter", "--format", "gguf-lora",
                            "--output", tmp_path / "a.gguf")
-    assert code == 2 and "LoRA on the output head, which this base ties to its embeddings" in one_error_line(err)
-    assert not (tmp_path / "a.gguf").exists()
-
-
-def test_an_embedding_lora_on_a_tied_base_is_refused_for_gguf_lora(capsys, tmp_path):
-    folder = tiny_folder(tmp_path / "llama", "llama")  # tied: llama.cpp would apply the pair to the head too
-    model = load_causal_lm(folder)
-    inject(model, LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
-    save_adapter(model, tmp_path / "adapter")
-    code, _, err = run_cli(capsys, "--model", folder, "--adapter", tmp_path / "adapter", "--format", "gguf-lora",
-                           "--output", tmp_path / "a.gguf")
-    assert code == 2 and "LoRA on the embeddings, which this base ties to its output head" in one_error_line(err)
+    assert code == 2 and message in one_error_line(err)
     assert not (tmp_path / "a.gguf").exists()
 
 

@@ -136,7 +136,8 @@ def test_named_chat_templates_and_a_bos_only_the_config_names_are_written(tmp_pa
     assert written["tokenizer.chat_template.tool_use"] == "{{ tools }}"
     assert written["tokenizer.ggml.bos_token_id"] == 0
     for outside in (-1, len(tokenizer)):  # a config's -1, or an id past the vocabulary: skipped, as by SpecialVocab
-        assert "bos" not in vocab_from_tokenizer(tokenizer, len(tokenizer), SimpleNamespace(bos_token_id=outside)).special_ids
+        config = SimpleNamespace(bos_token_id=outside)
+        assert "bos" not in vocab_from_tokenizer(tokenizer, len(tokenizer), config).special_ids
 
 
 def test_what_the_config_tells_is_refused_before_the_weights_load(tmp_path):
