@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import threading
 
 from lorakit.cli.failures import INTERRUPTED_CODE, TERMINATED_CODE, Terminated, sigterm_as_interrupt
 from lorakit.cli.parsing import add_quantization_flags, non_empty, subcommand
@@ -69,7 +68,7 @@ def run(args, overrides: list[str]) -> int:
         grad_accum_for(config.train, World(size=args.nproc))  # the global batch must split over the processes
         return _exec_torchrun(args, given)
     rank = launched_world().rank
-    alone = launched_world().size == 1 and threading.current_thread() is threading.main_thread()
+    alone = launched_world().size == 1  # sigterm_as_interrupt leaves a thread other than the main one alone
     # a lone run stopped with SIGTERM (timeout, kill, a job scheduler) ends as Ctrl-C does: status interrupted;
     # under a launcher, SIGTERM means another process failed (train/distributed.py)
     try:

@@ -32,7 +32,7 @@ def export_model(config: ExportConfig) -> ExportResult:
 
     tokenizer = load_tokenizer(config.model, pad=False)  # as shipped: no pad added
     template = resolve_template(config, tokenizer)
-    check_exportable(load_config(config.model), tokenizer)  # before the weights load
+    vocab = check_exportable(load_config(config.model), tokenizer)  # before the weights load
     model = load_causal_lm(config.model)
     if config.adapter:
         warn_if_another_base(config.model, config.adapter)
@@ -40,7 +40,8 @@ def export_model(config: ExportConfig) -> ExportResult:
         model = merge_and_unload(model)
     # the Modelfile is made (and a template it cannot hold refused) before any file is written
     modelfile = modelfile_text(path, template, tokenizer, model, config) if config.ollama else None
-    size = write_model_gguf(model, tokenizer, path, config.outtype, display_name(config), prompt_info(config, template))
+    size = write_model_gguf(model, tokenizer, path, config.outtype, display_name(config), prompt_info(config, template),
+                            vocab)
     if modelfile is not None:
         write_text_atomic(modelfile_path(path), modelfile)
     return ExportResult(path, size, 0.0, modelfile_path(path) if config.ollama else None)

@@ -18,7 +18,7 @@ import torch
 
 from lorakit.export.arch import architecture_for
 from lorakit.export.gguf_tensors import OUTTYPES, encode
-from lorakit.export.gguf_vocab import vocab_from_tokenizer
+from lorakit.export.gguf_vocab import Vocab, vocab_from_tokenizer
 from lorakit.export.output import write_with
 
 logger = logging.getLogger(__name__)
@@ -43,21 +43,21 @@ class PromptInfo:
                 writer.add_string(key, value)
 
 
-def check_exportable(config: Any, tokenizer: Any = None) -> None:
+def check_exportable(config: Any, tokenizer: Any = None) -> Vocab | None:
     """What write_model_gguf refuses that a model's config (and tokenizer) already tell, checked before its weights
-    load: the architecture, its RoPE settings, the tokenizer.
+    load: the architecture, its RoPE settings, the tokenizer. Returns the tokenizer's Vocab (for write_model_gguf).
 
     Raises:
         UnsupportedArchitectureError, UnsupportedTokenizerError: as write_model_gguf would.
     """
     arch = architecture_for(config)
     arch.write_hparams(gguf.GGUFWriter(path=None, arch=arch.gguf_arch), config)  # refuses RoPE it cannot hold
-    if tokenizer is not None:
-        vocab_from_tokenizer(tokenizer, config.vocab_size, config)
+    return None if tokenizer is None else vocab_from_tokenizer(tokenizer, config.vocab_size, config)
 
 
 def write_model_gguf(
-    model: torch.nn.Module, tokenizer: Any, path: Path, outtype: str, name: str, prompt: PromptInfo | None = None
+    model: torch.nn.Module, tokenizer: Any, path: Path, outtype: str, name: str, prompt: PromptInfo | None = None,
+    vocab: Vocab | None = None,
 ) -> int:
     """Write `model` and `tokenizer` to `path` (atomically) as a GGUF file; returns its size in bytes.
 
@@ -66,6 +66,7 @@ def write_model_gguf(
         outtype: "f32", "f16" or "q8_0".
         name: `general.name`.
         prompt: the training prompt format, stored under `lorakit.*` keys.
+        vocab: the tokenizer's, where check_exportable read it already.
 
     Raises:
         UnsupportedArchitectureError, UnsupportedTokenizerError: llama.cpp would not run it as trained.
@@ -74,7 +75,8 @@ def write_model_gguf(
     arch = architecture_for(config)
     file_type = OUTTYPES[outtype][1]
     writer = gguf.GGUFWriter(path=None, arch=arch.gguf_arch)
-    vocab = vocab_from_tokenizer(tokenizer, config.vocab_size, config)  # checked before any tensor is converted
+    if vocab is None:  # checked before any tensor is converted
+        vocab = vocab_from_tokenizer(tokenizer, config.vocab_size, config)
     state = {k: v for k, v in model.state_dict().items()}
     for tensor_name, tensor in arch.tensors(state, config):
         data, qtype = encode(tensor_name, tensor, outtype)
